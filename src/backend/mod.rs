@@ -1,0 +1,119 @@
+//! Where repository objects live.
+//!
+//! # Rules every backend follows
+//! - **Objects are immutable.** A name, once written, always holds the same
+//!   bytes. [`Backend::put`] never overwrites: if the name exists it fails with
+//!   [`BackendError::AlreadyExists`] and leaves the existing object untouched.
+//! - **Written once, visible atomically.** A reader sees either no object or
+//!   the whole object, never a prefix (the local backend writes a temporary
+//!   file, fsyncs it, then links it into place).
+//! - **Durable on return.** When `put` returns `Ok`, the object survives a
+//!   crash of this process and of the machine (fsync of file and directory).
+//! - **Deleting is the only mutation**, and only prune does it.
+//! - Names are `/`-separated relative paths made of `[0-9a-z._-]`.
+//!
+//! Errors say which object failed and whether retrying can help.
+
+pub mod fs;
+
+use crate::error::ExitCode;
+use std::sync::Arc;
+
+/// One object in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub name: String,
+    pub size: u64,
+}
+
+/// A failed backend operation, naming the object.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("object {name} does not exist in the repository")]
+    NotFound { name: String },
+    #[error("object {name} already exists; repository objects are never overwritten")]
+    AlreadyExists { name: String },
+    #[error("object {name}: asked for bytes {offset}..{end} but it holds only {size} bytes (truncated object?)")]
+    ShortRead {
+        name: String,
+        offset: u64,
+        end: u64,
+        size: u64,
+    },
+    #[error("storage error on {name}: {source}")]
+    Io {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl BackendError {
+    /// Whether retrying the same call may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            BackendError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::WouldBlock
+            ),
+            _ => false,
+        }
+    }
+
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            BackendError::NotFound { .. } | BackendError::ShortRead { .. } => ExitCode::Integrity,
+            BackendError::AlreadyExists { .. } => ExitCode::Refused,
+            BackendError::Io { .. } => ExitCode::Storage,
+        }
+    }
+}
+
+pub type BackendResult<T> = std::result::Result<T, BackendError>;
+
+/// Storage for repository objects. See the module docs for the rules.
+pub trait Backend: Send + Sync {
+    /// A human description (URL) of where the objects live; no secrets.
+    fn location(&self) -> String;
+    /// Writes a new object. Fails with `AlreadyExists` if `name` exists.
+    fn put(&self, name: &str, data: &[u8]) -> BackendResult<()>;
+    /// Reads a whole object.
+    fn get(&self, name: &str) -> BackendResult<Vec<u8>>;
+    /// Reads `len` bytes at `offset`; a short object is `ShortRead`.
+    fn get_range(&self, name: &str, offset: u64, len: u64) -> BackendResult<Vec<u8>>;
+    /// Calls `f` for each object whose name starts with `prefix`.
+    fn list(&self, prefix: &str, f: &mut dyn FnMut(ObjectInfo)) -> BackendResult<()>;
+    /// The size of an object, or `None` when it does not exist.
+    fn stat(&self, name: &str) -> BackendResult<Option<u64>>;
+    /// Removes an object (prune only). Removing a missing object is not an error.
+    fn delete(&self, name: &str) -> BackendResult<()>;
+}
+
+/// Opens the backend for a repository URL: `/path`, `file:///path` or `local:path`.
+///
+/// # Errors
+/// A usage error for an unsupported scheme.
+pub fn open(url: &str) -> crate::error::Result<Arc<dyn Backend>> {
+    if let Some(path) = url.strip_prefix("file://") {
+        return Ok(Arc::new(fs::FsBackend::new(path)));
+    }
+    if let Some(path) = url.strip_prefix("local:") {
+        return Ok(Arc::new(fs::FsBackend::new(path)));
+    }
+    if url.contains("://") {
+        let scheme = url.split("://").next().unwrap_or_default();
+        return Err(crate::error::LabError::usage(format!(
+            "repository URL scheme '{scheme}://' is not supported by this build; use a local path or file:///path"
+        ))
+        .into());
+    }
+    if url.is_empty() {
+        return Err(crate::error::LabError::usage(
+            "no repository given: pass --repo <url> or set LABCTL_REPO",
+        )
+        .into());
+    }
+    Ok(Arc::new(fs::FsBackend::new(url)))
+}

@@ -1,0 +1,407 @@
+//! The local catalog: a SQLite cache of the repository, on disk.
+//!
+//! Holds the index working copy (which blob is in which pack), the snapshot
+//! list and the file cache used to skip unchanged files. It is only a cache:
+//! `labctl catalog rebuild` deletes it and recreates it from the repository,
+//! and every fact in it can be re-derived from index fragments, pack
+//! trailers and snapshots. Lookups go to SQLite on disk, never to an in-memory
+//! copy, so memory does not grow with repository size. Schema versioned,
+//! WAL mode, busy timeout (several labctl processes may share it).
+
+use crate::repo::blob::BlobKind;
+use crate::repo::pack::PackEntry;
+use crate::repo::Id;
+use anyhow::Context;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::{Path, PathBuf};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS packs(id BLOB PRIMARY KEY, size INTEGER NOT NULL, index_id BLOB) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs(id BLOB PRIMARY KEY, pack BLOB NOT NULL, kind INTEGER NOT NULL,
+    offset INTEGER NOT NULL, length INTEGER NOT NULL, raw_len INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
+CREATE TABLE IF NOT EXISTS index_files(id BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshots(id BLOB PRIMARY KEY, time TEXT NOT NULL, kind TEXT NOT NULL,
+    name TEXT NOT NULL, host TEXT NOT NULL, tags TEXT NOT NULL, json TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS file_cache(source TEXT NOT NULL, path BLOB NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, content BLOB NOT NULL,
+    run INTEGER NOT NULL, PRIMARY KEY(source, path)) WITHOUT ROWID;
+";
+
+/// Where a blob is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobLocation {
+    pub pack: Id,
+    pub kind: BlobKind,
+    pub offset: u32,
+    pub length: u32,
+    pub raw_len: u32,
+}
+
+/// A file-cache entry: the stat facts that must match, and the content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileFacts {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+}
+
+/// A snapshot row.
+#[derive(Debug, Clone)]
+pub struct SnapshotRow {
+    pub id: Id,
+    pub json: String,
+}
+
+pub struct Catalog {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn id_of(v: Vec<u8>) -> Id {
+    Id::from_slice(&v).unwrap_or(Id([0; 32]))
+}
+
+impl Catalog {
+    /// Opens (creating if needed) the catalog at `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be opened or has a newer schema.
+    pub fn open(path: &Path) -> anyhow::Result<Catalog> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating catalog directory {}", dir.display()))?;
+        }
+        let conn = Connection::open(path)
+            .with_context(|| format!("opening catalog {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        let v: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key='schema'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match v {
+            None => {
+                conn.execute("INSERT INTO meta(key,value) VALUES('schema',?1)", [SCHEMA_VERSION.to_string()])?;
+            }
+            Some(v) if v == SCHEMA_VERSION.to_string() => {}
+            Some(v) => anyhow::bail!(
+                "catalog {} has schema {v}, this labctl knows {SCHEMA_VERSION}; run `labctl catalog rebuild`",
+                path.display()
+            ),
+        }
+        Ok(Catalog {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn begin(&self) -> anyhow::Result<()> {
+        self.conn.execute_batch("BEGIN")?;
+        Ok(())
+    }
+    pub fn commit(&self) -> anyhow::Result<()> {
+        self.conn.execute_batch("COMMIT")?;
+        Ok(())
+    }
+
+    pub fn get_meta(&self, key: &str) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key=?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+    pub fn set_meta(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO meta(key,value) VALUES(?1,?2)",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Records a pack and its blobs (in the caller's transaction, if any).
+    pub fn add_pack(
+        &self,
+        pack: &Id,
+        size: u64,
+        index_id: Option<&Id>,
+        entries: &[PackEntry],
+    ) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT INTO packs(id,size,index_id) VALUES(?1,?2,?3)
+             ON CONFLICT(id) DO UPDATE SET index_id=COALESCE(excluded.index_id, packs.index_id)",
+            params![&pack.0[..], size as i64, index_id.map(|i| i.0.to_vec())],
+        )?;
+        let mut st = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO blobs(id,pack,kind,offset,length,raw_len) VALUES(?1,?2,?3,?4,?5,?6)",
+        )?;
+        for e in entries {
+            st.execute(params![
+                &e.id.0[..],
+                &pack.0[..],
+                e.kind as u8,
+                e.offset,
+                e.length,
+                e.raw_len
+            ])?;
+        }
+        Ok(())
+    }
+
+    pub fn has_blob(&self, id: &Id) -> anyhow::Result<bool> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT 1 FROM blobs WHERE id=?1")?;
+        Ok(st.exists([&id.0[..]])?)
+    }
+
+    pub fn blob(&self, id: &Id) -> anyhow::Result<Option<BlobLocation>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT pack,kind,offset,length,raw_len FROM blobs WHERE id=?1")?;
+        Ok(st
+            .query_row([&id.0[..]], |r| {
+                Ok(BlobLocation {
+                    pack: id_of(r.get(0)?),
+                    kind: BlobKind::from_u8(r.get(1)?).unwrap_or(BlobKind::Data),
+                    offset: r.get(2)?,
+                    length: r.get(3)?,
+                    raw_len: r.get(4)?,
+                })
+            })
+            .optional()?)
+    }
+
+    /// All packs: (id, size, indexed?).
+    pub fn packs(&self) -> anyhow::Result<Vec<(Id, u64, bool)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id,size,index_id IS NOT NULL FROM packs")?;
+        let rows = st.query_map([], |r| {
+            Ok((id_of(r.get(0)?), r.get::<_, i64>(1)? as u64, r.get(2)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn has_pack(&self, id: &Id) -> anyhow::Result<bool> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT 1 FROM packs WHERE id=?1")?;
+        Ok(st.exists([&id.0[..]])?)
+    }
+
+    /// Blobs stored in one pack.
+    pub fn pack_entries(&self, pack: &Id) -> anyhow::Result<Vec<PackEntry>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT id,kind,offset,length,raw_len FROM blobs WHERE pack=?1 ORDER BY offset",
+        )?;
+        let rows = st.query_map([&pack.0[..]], |r| {
+            Ok(PackEntry {
+                id: id_of(r.get(0)?),
+                kind: BlobKind::from_u8(r.get(1)?).unwrap_or(BlobKind::Data),
+                offset: r.get(2)?,
+                length: r.get(3)?,
+                raw_len: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Packs not yet listed in any index fragment.
+    pub fn unindexed_packs(&self) -> anyhow::Result<Vec<(Id, u64)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id,size FROM packs WHERE index_id IS NULL")?;
+        let rows = st.query_map([], |r| Ok((id_of(r.get(0)?), r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn mark_indexed(&self, packs: &[Id], index_id: &Id) -> anyhow::Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached("UPDATE packs SET index_id=?1 WHERE id=?2")?;
+        for p in packs {
+            st.execute(params![&index_id.0[..], &p.0[..]])?;
+        }
+        Ok(())
+    }
+
+    pub fn has_index_file(&self, id: &Id) -> anyhow::Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM index_files WHERE id=?1")?
+            .exists([&id.0[..]])?)
+    }
+    pub fn add_index_file(&self, id: &Id) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO index_files(id) VALUES(?1)",
+            [&id.0[..]],
+        )?;
+        Ok(())
+    }
+    pub fn index_files(&self) -> anyhow::Result<Vec<Id>> {
+        let mut st = self.conn.prepare("SELECT id FROM index_files")?;
+        let rows = st.query_map([], |r| Ok(id_of(r.get(0)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets the whole index working copy (before reloading it).
+    pub fn clear_index(&self) -> anyhow::Result<()> {
+        self.conn
+            .execute_batch("DELETE FROM blobs; DELETE FROM packs; DELETE FROM index_files;")?;
+        Ok(())
+    }
+
+    pub fn add_snapshot(
+        &self,
+        id: &Id,
+        snap: &crate::repo::snapshot::Snapshot,
+    ) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO snapshots(id,time,kind,name,host,tags,json) VALUES(?1,?2,?3,?4,?5,?6,?7)",
+            params![
+                &id.0[..],
+                snap.time,
+                snap.source.kind,
+                snap.source.name,
+                snap.host,
+                snap.tags.join(","),
+                serde_json::to_string(snap)?
+            ],
+        )?;
+        Ok(())
+    }
+    pub fn remove_snapshot(&self, id: &Id) -> anyhow::Result<()> {
+        self.conn
+            .execute("DELETE FROM snapshots WHERE id=?1", [&id.0[..]])?;
+        Ok(())
+    }
+    pub fn snapshot_ids(&self) -> anyhow::Result<Vec<Id>> {
+        let mut st = self.conn.prepare("SELECT id FROM snapshots")?;
+        let rows = st.query_map([], |r| Ok(id_of(r.get(0)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+    /// Snapshots, oldest first.
+    pub fn snapshots(&self) -> anyhow::Result<Vec<SnapshotRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id,json FROM snapshots ORDER BY time, id")?;
+        let rows = st.query_map([], |r| {
+            Ok(SnapshotRow {
+                id: id_of(r.get(0)?),
+                json: r.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn file_cache_get(
+        &self,
+        source: &str,
+        path: &[u8],
+    ) -> anyhow::Result<Option<(FileFacts, Vec<u8>)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT size,mtime_ns,ctime_ns,ino,content FROM file_cache WHERE source=?1 AND path=?2",
+        )?;
+        Ok(st
+            .query_row(params![source, path], |r| {
+                Ok((
+                    FileFacts {
+                        size: r.get::<_, i64>(0)? as u64,
+                        mtime_ns: r.get(1)?,
+                        ctime_ns: r.get(2)?,
+                        ino: r.get::<_, i64>(3)? as u64,
+                    },
+                    r.get(4)?,
+                ))
+            })
+            .optional()?)
+    }
+    pub fn file_cache_put(
+        &self,
+        source: &str,
+        path: &[u8],
+        f: &FileFacts,
+        content: &[u8],
+        run: i64,
+    ) -> anyhow::Result<()> {
+        let mut st = self.conn.prepare_cached(
+            "INSERT OR REPLACE INTO file_cache(source,path,size,mtime_ns,ctime_ns,ino,content,run) VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
+        )?;
+        st.execute(params![
+            source,
+            path,
+            f.size as i64,
+            f.mtime_ns,
+            f.ctime_ns,
+            f.ino as i64,
+            content,
+            run
+        ])?;
+        Ok(())
+    }
+    pub fn file_cache_touch(&self, source: &str, path: &[u8], run: i64) -> anyhow::Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached("UPDATE file_cache SET run=?3 WHERE source=?1 AND path=?2")?;
+        st.execute(params![source, path, run])?;
+        Ok(())
+    }
+    /// Drops cache entries for files not seen in run `run`.
+    pub fn file_cache_prune(&self, source: &str, run: i64) -> anyhow::Result<()> {
+        self.conn.execute(
+            "DELETE FROM file_cache WHERE source=?1 AND run<>?2",
+            params![source, run],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packs_blobs_and_file_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.db")).unwrap();
+        let e = PackEntry {
+            kind: BlobKind::Data,
+            id: Id([1; 32]),
+            offset: 8,
+            length: 10,
+            raw_len: 20,
+        };
+        c.add_pack(&Id([9; 32]), 100, None, &[e]).unwrap();
+        assert!(c.has_blob(&Id([1; 32])).unwrap());
+        assert_eq!(c.blob(&Id([1; 32])).unwrap().unwrap().pack, Id([9; 32]));
+        assert_eq!(c.unindexed_packs().unwrap().len(), 1);
+        c.mark_indexed(&[Id([9; 32])], &Id([5; 32])).unwrap();
+        assert!(c.unindexed_packs().unwrap().is_empty());
+        let f = FileFacts {
+            size: 1,
+            mtime_ns: 2,
+            ctime_ns: 3,
+            ino: 4,
+        };
+        c.file_cache_put("s", b"a/b", &f, b"xx", 1).unwrap();
+        assert_eq!(c.file_cache_get("s", b"a/b").unwrap().unwrap().0, f);
+        c.file_cache_prune("s", 2).unwrap();
+        assert!(c.file_cache_get("s", b"a/b").unwrap().is_none());
+        drop(c);
+        // Reopen keeps data.
+        let c = Catalog::open(&dir.path().join("c.db")).unwrap();
+        assert!(c.has_blob(&Id([1; 32])).unwrap());
+    }
+}

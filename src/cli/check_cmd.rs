@@ -1,0 +1,106 @@
+//! `labctl check` and `labctl catalog`.
+
+use super::{print_json, GlobalArgs};
+use crate::error::{ExitCode, LabError};
+use crate::repo::check::{self, ReadData};
+use clap::{Args, Subcommand};
+
+#[derive(Args, Debug)]
+pub struct CheckCmd {
+    /// Download every pack, decrypt and re-hash every blob (needs the restore key).
+    #[arg(long, conflicts_with = "read_data_subset")]
+    pub read_data: bool,
+    /// Like --read-data for a share of the packs, e.g. 10% (chosen anew each day).
+    #[arg(long, value_name = "N%")]
+    pub read_data_subset: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CatalogCmd {
+    /// Recreate the local catalog from the repository (index, snapshots, pack trailers).
+    Rebuild,
+}
+
+fn parse_percent(s: &str) -> anyhow::Result<f64> {
+    let v: f64 = s.trim_end_matches('%').parse().map_err(|_| {
+        LabError::usage(format!(
+            "--read-data-subset {s}: expected a percentage like 10%"
+        ))
+    })?;
+    if !(0.0..=100.0).contains(&v) || v == 0.0 {
+        return Err(
+            LabError::usage("--read-data-subset must be between 0% (exclusive) and 100%").into(),
+        );
+    }
+    Ok(v)
+}
+
+pub fn run_check(g: &GlobalArgs, c: CheckCmd) -> anyhow::Result<ExitCode> {
+    let read = match (&c.read_data, &c.read_data_subset) {
+        (true, _) => ReadData::All,
+        (false, Some(s)) => ReadData::Subset(parse_percent(s)?),
+        _ => ReadData::None,
+    };
+    let repo = g.open(read != ReadData::None)?;
+    let report = check::check(&repo, read)?;
+    if g.json {
+        print_json(&report)?;
+    } else {
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
+        for e in &report.errors {
+            eprintln!("error: {e}");
+        }
+        for d in &report.damage {
+            eprintln!("error: pack {} is damaged: {}", d.pack, d.problem);
+            for b in &d.blobs {
+                eprintln!("  damaged blob {b}");
+            }
+            for (snap, files) in &d.affected {
+                eprintln!("  snapshot {snap} affected:");
+                for f in files {
+                    eprintln!("    {f}");
+                }
+            }
+        }
+        if !g.quiet {
+            println!(
+                "checked {} pack(s), {} index file(s), {} snapshot(s); read {} pack(s), verified {} blob(s): {}",
+                report.packs,
+                report.index_files,
+                report.snapshots,
+                report.packs_read,
+                report.blobs_verified,
+                if report.is_clean() { "no errors" } else { "ERRORS FOUND" }
+            );
+        }
+    }
+    Ok(if report.is_clean() {
+        ExitCode::Success
+    } else {
+        ExitCode::Integrity
+    })
+}
+
+pub fn run_catalog(g: &GlobalArgs, c: CatalogCmd) -> anyhow::Result<ExitCode> {
+    match c {
+        CatalogCmd::Rebuild => {
+            let repo = g.open(false)?;
+            check::rebuild_catalog(&repo)?;
+            let packs = repo.catalog.packs()?.len();
+            let snaps = repo.catalog.snapshots()?.len();
+            if g.json {
+                print_json(
+                    &serde_json::json!({"catalog": repo.catalog.path(), "packs": packs, "snapshots": snaps}),
+                )?;
+            } else if !g.quiet {
+                println!(
+                    "rebuilt catalog {}: {packs} pack(s), {snaps} snapshot(s)",
+                    repo.catalog.path().display()
+                );
+            }
+            Ok(ExitCode::Success)
+        }
+    }
+}

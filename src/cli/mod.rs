@@ -1,0 +1,229 @@
+//! The command line: clap definitions (one source for `--help`, man pages and
+//! completions) and dispatch. Each command lives in its own file and calls
+//! the library; nothing here is needed by the daemon.
+
+mod backup_cmd;
+mod check_cmd;
+mod repo_cmd;
+mod restore_cmd;
+mod snapshots_cmd;
+
+use crate::backend;
+use crate::error::LabError;
+use crate::repo::keys::{KeyRole, Keys};
+use crate::repo::{self, Repository};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+const AFTER_HELP: &str = "\
+Environment:
+  LABCTL_REPO          repository URL (same as --repo)
+  LABCTL_KEY           backup key file (same as --key)
+  LABCTL_RESTORE_KEY   restore key file (same as --restore-key)
+  LABCTL_CACHE_DIR     where catalogs live (default ~/.cache/labctl)
+
+Exit codes:
+  0 success                      4 integrity problem (check failed, data damaged)
+  1 unexpected failure           5 key problem (wrong key, too-open key file, role)
+  2 usage (flags, arguments)     6 refused (non-empty target, existing object)
+  3 backup incomplete: some      7 repository storage unreachable or failing
+    source files were unreadable
+
+Quick start:
+  labctl demo                                    # everything on a local sample
+  labctl repo init --repo /srv/backup --backup-key backup.key --restore-key restore.key \\
+      --passphrase-file admin.pass
+  LABCTL_REPO=/srv/backup LABCTL_KEY=backup.key labctl backup path /data --tag nightly
+  LABCTL_REPO=/srv/backup LABCTL_RESTORE_KEY=restore.key labctl restore latest --target /tmp/r";
+
+/// labctl: provision, back up, restore and govern the lab's ML platform.
+///
+/// The backup repository is encrypted and deduplicated. Two key files exist:
+/// the BACKUP key (for backup hosts: back up, list, check, never decrypt data)
+/// and the RESTORE key (for administrators: everything, including restore).
+#[derive(Parser, Debug)]
+#[command(name = "labctl", version, about, long_about, after_help = AFTER_HELP, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command accepts.
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// Repository URL: a local path or file:///path.
+    #[arg(long, global = true, env = "LABCTL_REPO", value_name = "URL")]
+    pub repo: Option<String>,
+    /// Backup key file (META identity; cannot decrypt backed-up data).
+    #[arg(long, global = true, env = "LABCTL_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Restore key file (adds the DATA identity; needed to restore and read-verify).
+    #[arg(long, global = true, env = "LABCTL_RESTORE_KEY", value_name = "FILE")]
+    pub restore_key: Option<PathBuf>,
+    /// Directory for the local catalog cache.
+    #[arg(long, global = true, env = "LABCTL_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Machine-readable JSON on stdout; no progress display.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Only errors on stderr; no progress display.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create and inspect repositories.
+    #[command(subcommand)]
+    Repo(repo_cmd::RepoCmd),
+    /// Back up a directory tree or a stream.
+    #[command(subcommand)]
+    Backup(backup_cmd::BackupCmd),
+    /// List snapshots, newest last.
+    Snapshots(snapshots_cmd::SnapshotsCmd),
+    /// List the files in a snapshot (needs the restore key).
+    Ls(snapshots_cmd::LsCmd),
+    /// Restore a snapshot into a directory or to stdout (needs the restore key).
+    Restore(restore_cmd::RestoreCmd),
+    /// Verify the repository: structure, or with --read-data every byte.
+    Check(check_cmd::CheckCmd),
+    /// Manage the local catalog cache.
+    #[command(subcommand)]
+    Catalog(check_cmd::CatalogCmd),
+    /// Recover key files from the escrow copies in the repository.
+    #[command(subcommand)]
+    Key(repo_cmd::KeyCmd),
+    /// Run the main job end to end on a local sample: init, back up, restore, verify.
+    Demo(repo_cmd::DemoCmd),
+    /// Write the man pages (one per command) into a directory.
+    #[command(hide = true)]
+    GenerateMan {
+        /// Output directory.
+        dir: PathBuf,
+    },
+}
+
+/// Runs a parsed command line.
+///
+/// # Errors
+/// Any failure, classified for the exit code (see [`crate::error`]).
+pub fn run(cli: Cli) -> anyhow::Result<crate::error::ExitCode> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Repo(c) => repo_cmd::run_repo(g, c),
+        Command::Backup(c) => backup_cmd::run(g, c),
+        Command::Snapshots(c) => snapshots_cmd::run_snapshots(g, c),
+        Command::Ls(c) => snapshots_cmd::run_ls(g, c),
+        Command::Restore(c) => restore_cmd::run(g, c),
+        Command::Check(c) => check_cmd::run_check(g, c),
+        Command::Catalog(c) => check_cmd::run_catalog(g, c),
+        Command::Key(c) => repo_cmd::run_key(g, c),
+        Command::Demo(c) => repo_cmd::run_demo(g, c),
+        Command::GenerateMan { dir } => {
+            write_man_pages(&dir)?;
+            Ok(crate::error::ExitCode::Success)
+        }
+    }
+}
+
+/// Writes one man page per command and subcommand into `dir`.
+///
+/// # Errors
+/// I/O errors.
+pub fn write_man_pages(dir: &Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let cmd = Cli::command();
+    write_man_rec(dir, cmd, "labctl")
+}
+
+fn write_man_rec(dir: &Path, cmd: clap::Command, name: &str) -> anyhow::Result<()> {
+    let cmd = cmd.name(name.to_string());
+    let mut buf = vec![];
+    clap_mangen::Man::new(cmd.clone()).render(&mut buf)?;
+    std::fs::write(dir.join(format!("{name}.1")), buf)?;
+    for sub in cmd.get_subcommands() {
+        if sub.is_hide_set() || sub.get_name() == "help" {
+            continue;
+        }
+        write_man_rec(dir, sub.clone(), &format!("{name}-{}", sub.get_name()))?;
+    }
+    Ok(())
+}
+
+impl GlobalArgs {
+    fn repo_url(&self) -> anyhow::Result<&str> {
+        self.repo.as_deref().ok_or_else(|| {
+            LabError::usage("no repository given: pass --repo <url> or set LABCTL_REPO").into()
+        })
+    }
+
+    fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(repo::default_cache_dir)
+    }
+
+    fn progress_enabled(&self) -> bool {
+        !self.json && !self.quiet
+    }
+
+    /// Loads the key for a command: the restore key when `need_data`,
+    /// otherwise the backup key (or the restore key when that is all there is).
+    fn load_keys(&self, need_data: bool) -> anyhow::Result<Keys> {
+        if need_data {
+            if let Some(p) = &self.restore_key {
+                return Ok(Keys::load(p)?);
+            }
+            if let Some(p) = &self.key {
+                let k = Keys::load(p)?;
+                if k.role == KeyRole::Restore {
+                    return Ok(k);
+                }
+                return Err(LabError::key(format!(
+                    "{} is a backup key, which cannot decrypt backed-up data; this command needs the restore key (--restore-key or LABCTL_RESTORE_KEY)",
+                    p.display()
+                ))
+                .into());
+            }
+            return Err(LabError::key("this command needs the restore key: pass --restore-key <file> or set LABCTL_RESTORE_KEY").into());
+        }
+        match (&self.key, &self.restore_key) {
+            (Some(p), _) | (None, Some(p)) => Ok(Keys::load(p)?),
+            (None, None) => Err(LabError::key(
+                "no key given: pass --key <backup key file> or set LABCTL_KEY",
+            )
+            .into()),
+        }
+    }
+
+    fn open(&self, need_data: bool) -> anyhow::Result<Repository> {
+        let keys = self.load_keys(need_data)?;
+        let backend = backend::open(self.repo_url()?)?;
+        Repository::open(backend, keys, &self.cache_dir())
+    }
+}
+
+/// Prints `value` as pretty JSON on stdout.
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Human-readable byte counts.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,93 @@
+//! `labctl restore`.
+
+use super::{human_bytes, print_json, GlobalArgs};
+use crate::error::{ExitCode, LabError};
+use crate::progress::Progress;
+use crate::repo::restore::{self, RestoreOptions};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("dest").required(true).args(["target", "stdout"])))]
+pub struct RestoreCmd {
+    /// Snapshot ID (or a unique prefix), or `latest`.
+    pub snapshot: String,
+    /// Directory to restore into (created if missing; must be empty unless --overwrite).
+    #[arg(long, value_name = "DIR")]
+    pub target: Option<PathBuf>,
+    /// Write one file to stdout: a stream snapshot's data, or the file named by --path.
+    #[arg(long)]
+    pub stdout: bool,
+    /// Restore only this path (and what is below it); repeatable. With --stdout: the file to write.
+    #[arg(long = "path", value_name = "PATH")]
+    pub paths: Vec<String>,
+    /// Allow a non-empty target. Existing files are replaced whole (written
+    /// to a temporary name, then renamed), never half-overwritten.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Fetch threads (0 = default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+pub fn run(g: &GlobalArgs, c: RestoreCmd) -> anyhow::Result<ExitCode> {
+    let repo = g.open(true)?;
+    let id = repo.resolve_snapshot(&c.snapshot)?;
+    if c.stdout {
+        if c.paths.len() > 1 {
+            return Err(
+                LabError::usage("--stdout writes one file: give at most one --path").into(),
+            );
+        }
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
+        let n = restore::restore_to_writer(
+            &repo,
+            &id,
+            c.paths.first().map(|s| s.as_str()),
+            &mut out,
+            c.threads,
+        )?;
+        if !g.quiet && !g.json {
+            eprintln!("restored {} from snapshot {}", human_bytes(n), id.short());
+        }
+        return Ok(ExitCode::Success);
+    }
+    let target = c.target.expect("clap requires --target or --stdout");
+    let opts = RestoreOptions {
+        include: c.paths,
+        overwrite: c.overwrite,
+        threads: c.threads,
+    };
+    let (snap, _) = repo.load_snapshot(&id)?;
+    let progress = Progress::bytes(
+        g.progress_enabled(),
+        "restore",
+        Some(snap.summary.bytes_total),
+    );
+    let started = std::time::Instant::now();
+    let summary = restore::restore_to_dir(&repo, &id, &target, &opts, progress)?;
+    if g.json {
+        print_json(
+            &serde_json::json!({"snapshot": id.hex(), "target": target, "summary": summary, "seconds": started.elapsed().as_secs_f64()}),
+        )?;
+    } else if !g.quiet {
+        eprintln!(
+            "restored snapshot {} into {}: {} files, {} dirs, {} symlinks, {} in {:.1}s",
+            id.short(),
+            target.display(),
+            summary.files,
+            summary.dirs,
+            summary.symlinks,
+            human_bytes(summary.bytes),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    for f in &summary.failed {
+        eprintln!("error: {f}");
+    }
+    Ok(if summary.failed.is_empty() {
+        ExitCode::Success
+    } else {
+        ExitCode::Integrity
+    })
+}

@@ -1,0 +1,93 @@
+//! Error kinds that map to documented exit codes.
+//!
+//! Library modules return typed errors that carry the object that failed; the
+//! CLI wraps them with context (anyhow) and `main` maps the innermost
+//! [`LabError`] found in the chain to an [`ExitCode`]. The table below is the
+//! contract documented in the README and the man pages; do not renumber.
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | unexpected failure (a bug or an unclassified I/O error) |
+//! | 2 | usage: a wrong flag, argument or configuration value |
+//! | 3 | backup finished, but some source files could not be read (snapshot written, incomplete) |
+//! | 4 | integrity: check found problems, or data is corrupted, truncated or missing |
+//! | 5 | key: wrong key, unreadable or too-open key file, or the key lacks the role needed |
+//! | 6 | refused: the restore target is not empty (use `--overwrite`), or the object exists |
+//! | 7 | repository storage unreachable or failing (I/O on the backend) |
+
+use std::fmt;
+
+/// Documented process exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    Success = 0,
+    Failure = 1,
+    Usage = 2,
+    PartialBackup = 3,
+    Integrity = 4,
+    Key = 5,
+    Refused = 6,
+    Storage = 7,
+}
+
+impl ExitCode {
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+}
+
+/// A classified error: what went wrong, on which object, and what to do.
+#[derive(Debug)]
+pub struct LabError {
+    pub kind: ExitCode,
+    pub message: String,
+}
+
+impl LabError {
+    pub fn new(kind: ExitCode, message: impl Into<String>) -> Self {
+        LabError {
+            kind,
+            message: message.into(),
+        }
+    }
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self::new(ExitCode::Usage, message)
+    }
+    pub fn integrity(message: impl Into<String>) -> Self {
+        Self::new(ExitCode::Integrity, message)
+    }
+    pub fn key(message: impl Into<String>) -> Self {
+        Self::new(ExitCode::Key, message)
+    }
+    pub fn refused(message: impl Into<String>) -> Self {
+        Self::new(ExitCode::Refused, message)
+    }
+    pub fn storage(message: impl Into<String>) -> Self {
+        Self::new(ExitCode::Storage, message)
+    }
+}
+
+impl fmt::Display for LabError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for LabError {}
+
+/// Finds the exit code for an error chain: the first classified error wins.
+pub fn exit_code_for(err: &anyhow::Error) -> ExitCode {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<LabError>() {
+            return e.kind;
+        }
+        if let Some(e) = cause.downcast_ref::<crate::backend::BackendError>() {
+            return e.exit_code();
+        }
+    }
+    ExitCode::Failure
+}
+
+/// Shorthand for results whose errors carry context chains.
+pub type Result<T> = anyhow::Result<T>;

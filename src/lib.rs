@@ -1,0 +1,19 @@
+//! labctl: provision, back up, restore and govern a university ML lab platform.
+//!
+//! The library holds all behaviour; `main.rs` only parses the command line,
+//! calls [`cli::run`] and maps errors to exit codes (see [`error::ExitCode`]).
+//!
+//! Module map (one concern each):
+//! - [`repo`]: the encrypted, deduplicated repository (format, chunker, blobs,
+//!   packs, index, snapshots, keys, backup, restore, check).
+//! - [`backend`]: where repository objects live (local filesystem today).
+//! - [`catalog`]: the local SQLite cache of the index, snapshots and file cache.
+//! - [`cli`]: the clap definitions and one file per command.
+
+pub mod backend;
+pub mod catalog;
+pub mod cli;
+pub mod demo;
+pub mod error;
+pub mod progress;
+pub mod repo;

@@ -1,0 +1,827 @@
+//! Backups of directory trees and streams.
+//!
+//! # Pipeline
+//! The calling thread reads the source, cuts chunks, computes chunk IDs and
+//! decides deduplication (catalog lookup plus the set of chunks pending in
+//! this run): being the only thread that decides, no chunk is stored twice by
+//! one run. New chunks go to encoder threads (zstd + age, one per core) and
+//! then to the packer thread, which fills ~32 MiB packs and writes them.
+//! Written packs come back to the calling thread, which records them in the
+//! catalog. Queues are bounded, so memory is bounded by the configuration
+//! (queue depth × max chunk size + two packs), not by the data.
+//!
+//! # Crash safety
+//! Write order: packs, then an index fragment, then the snapshot. A killed
+//! backup leaves packs that no index lists; the next backup lists packs,
+//! reads the trailers of unknown ones (META key only), indexes them and
+//! re-uses their chunks.
+
+use crate::catalog::{Catalog, FileFacts};
+use crate::error::LabError;
+use crate::progress::Progress;
+use crate::repo::blob::{self, BlobKind};
+use crate::repo::chunker::{Chunker, ChunkerKind, Piece};
+use crate::repo::index::IndexedPack;
+use crate::repo::pack::{self, PackBuilder, PackEntry};
+use crate::repo::snapshot::{BackupSummary, Snapshot, Source};
+use crate::repo::tree::{ContentRef, Node, NodeType, Tree};
+use crate::repo::{crypto, format, index, snapshot, Id, Repository};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use std::collections::{BTreeSet, HashSet};
+use std::fs;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// How files are chunked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkerChoice {
+    /// Fixed chunks for disk images (by extension), FastCDC for the rest.
+    Auto,
+    Cdc,
+    Fixed,
+}
+
+/// Extensions treated as raw disk images by [`ChunkerChoice::Auto`].
+pub const IMAGE_EXTENSIONS: &[&str] = &["img", "raw", "qcow2", "vmdk", "vdi", "vhd", "vhdx"];
+
+impl ChunkerChoice {
+    fn for_path(self, path: &Path) -> ChunkerKind {
+        match self {
+            ChunkerChoice::Cdc => ChunkerKind::Cdc,
+            ChunkerChoice::Fixed => ChunkerKind::Fixed,
+            ChunkerChoice::Auto => {
+                let ext = path
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .unwrap_or("")
+                    .to_ascii_lowercase();
+                if IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+                    ChunkerKind::Fixed
+                } else {
+                    ChunkerKind::Cdc
+                }
+            }
+        }
+    }
+}
+
+/// Options common to every backup.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub tags: Vec<String>,
+    pub host: String,
+    pub chunker: ChunkerChoice,
+    pub restore_point: Option<String>,
+    pub facts: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Encoder threads; 0 = one per core.
+    pub threads: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            tags: vec![],
+            host: gethostname::gethostname().to_string_lossy().to_string(),
+            chunker: ChunkerChoice::Auto,
+            restore_point: None,
+            facts: Default::default(),
+            threads: 0,
+        }
+    }
+}
+
+/// The result of a backup.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BackupOutcome {
+    pub snapshot_id: Id,
+    pub summary: BackupSummary,
+}
+
+struct EncodeJob {
+    kind: BlobKind,
+    id: Id,
+    data: Vec<u8>,
+}
+
+struct Encoded {
+    kind: BlobKind,
+    id: Id,
+    cipher: Vec<u8>,
+    raw_len: u32,
+}
+
+struct PackDone {
+    id: Id,
+    size: u64,
+    entries: Vec<PackEntry>,
+}
+
+/// The encoder and packer threads of one backup run.
+struct Uploader {
+    jobs: Option<Sender<EncodeJob>>,
+    done: Receiver<PackDone>,
+    threads: Vec<JoinHandle<()>>,
+    failure: Arc<Mutex<Option<anyhow::Error>>>,
+}
+
+impl Uploader {
+    fn start(repo: &Repository, threads: usize) -> Uploader {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        } else {
+            threads
+        };
+        let (job_tx, job_rx) = bounded::<EncodeJob>(threads * 2);
+        let (enc_tx, enc_rx) = bounded::<Encoded>(threads * 2);
+        let (done_tx, done_rx) = unbounded::<PackDone>();
+        let failure = Arc::new(Mutex::new(None));
+        let mut handles = vec![];
+        for _ in 0..threads {
+            let (rx, tx) = (job_rx.clone(), enc_tx.clone());
+            let recipients = repo.keys.data_recipients.clone();
+            let level = repo.config.compression_level;
+            handles.push(std::thread::spawn(move || {
+                for job in rx {
+                    let level = if job.kind == BlobKind::Tree {
+                        level.max(3)
+                    } else {
+                        level
+                    };
+                    let cipher = blob::encode(&job.data, level, &recipients);
+                    let enc = Encoded {
+                        kind: job.kind,
+                        id: job.id,
+                        cipher,
+                        raw_len: job.data.len() as u32,
+                    };
+                    if tx.send(enc).is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        drop(enc_tx);
+        let backend = repo.backend.clone();
+        let meta = repo.keys.meta_recipient();
+        let pack_size = repo.config.pack_size as usize;
+        let fail = failure.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut builder = PackBuilder::new();
+            let mut failed = false;
+            let flush = |b: PackBuilder, failed: &mut bool| {
+                if *failed || b.is_empty() {
+                    return;
+                }
+                let (id, bytes, entries) = b.finish(&meta);
+                match backend.put(&format::pack_name(&id), &bytes) {
+                    Ok(()) | Err(crate::backend::BackendError::AlreadyExists { .. }) => {
+                        let _ = done_tx.send(PackDone {
+                            id,
+                            size: bytes.len() as u64,
+                            entries,
+                        });
+                    }
+                    Err(e) => {
+                        *fail.lock().unwrap() = Some(
+                            anyhow::Error::new(e).context(format!("writing pack {}", id.short())),
+                        );
+                        *failed = true;
+                    }
+                }
+            };
+            for enc in enc_rx {
+                if failed {
+                    continue; // drain so encoders never block
+                }
+                builder.add(enc.kind, enc.id, &enc.cipher, enc.raw_len);
+                if builder.len() >= pack_size {
+                    flush(std::mem::take(&mut builder), &mut failed);
+                }
+            }
+            flush(builder, &mut failed);
+        }));
+        Uploader {
+            jobs: Some(job_tx),
+            done: done_rx,
+            threads: handles,
+            failure,
+        }
+    }
+
+    fn check_failure(&self) -> anyhow::Result<()> {
+        if let Some(e) = self.failure.lock().unwrap().take() {
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Closes the queues and waits for every pack to be written.
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            t.join()
+                .map_err(|_| anyhow::anyhow!("a backup worker thread panicked"))?;
+        }
+        self.check_failure()
+    }
+}
+
+/// State of one backup run.
+pub struct BackupRun<'r> {
+    repo: &'r Repository,
+    up: Uploader,
+    pending: HashSet<Id>,
+    referenced: BTreeSet<Id>,
+    written: Vec<IndexedPack>,
+    summary: BackupSummary,
+    progress: Progress,
+}
+
+const INDEX_FLUSH_PACKS: usize = 32;
+
+impl<'r> BackupRun<'r> {
+    /// Starts a run: indexes packs left by interrupted runs, starts threads.
+    ///
+    /// # Errors
+    /// Storage or key errors while listing or reading pack trailers.
+    pub fn start(repo: &'r Repository, threads: usize, progress: Progress) -> anyhow::Result<Self> {
+        adopt_orphan_packs(repo)?;
+        Ok(BackupRun {
+            repo,
+            up: Uploader::start(repo, threads),
+            pending: HashSet::new(),
+            referenced: BTreeSet::new(),
+            written: vec![],
+            summary: BackupSummary::default(),
+            progress,
+        })
+    }
+
+    fn catalog(&self) -> &Catalog {
+        &self.repo.catalog
+    }
+
+    /// Records packs the packer has written.
+    fn collect_done(&mut self) -> anyhow::Result<()> {
+        let mut got = false;
+        while let Ok(done) = self.up.done.try_recv() {
+            if !got {
+                self.catalog().begin()?;
+                got = true;
+            }
+            self.catalog()
+                .add_pack(&done.id, done.size, None, &done.entries)?;
+            for e in &done.entries {
+                self.pending.remove(&e.id);
+            }
+            self.summary.bytes_added += done.size;
+            self.summary.packs_written += 1;
+            self.written.push(IndexedPack {
+                id: done.id,
+                size: done.size,
+                entries: done.entries,
+            });
+        }
+        if got {
+            self.catalog().commit()?;
+        }
+        if self.written.len() >= INDEX_FLUSH_PACKS {
+            self.write_index()?;
+        }
+        self.up.check_failure()
+    }
+
+    /// Writes an index fragment for the packs written so far (and any
+    /// unindexed ones adopted at start).
+    fn write_index(&mut self) -> anyhow::Result<()> {
+        let mut packs = std::mem::take(&mut self.written);
+        let listed: HashSet<Id> = packs.iter().map(|p| p.id).collect();
+        for (id, size) in self.catalog().unindexed_packs()? {
+            if !listed.contains(&id) {
+                packs.push(IndexedPack {
+                    id,
+                    size,
+                    entries: self.catalog().pack_entries(&id)?,
+                });
+            }
+        }
+        if packs.is_empty() {
+            return Ok(());
+        }
+        let (id, bytes) = index::encode(&packs, &self.repo.keys.meta_recipient());
+        self.repo
+            .backend
+            .put(&format::index_name(&id), &bytes)
+            .context_obj("writing index", &id)?;
+        let ids: Vec<Id> = packs.iter().map(|p| p.id).collect();
+        self.catalog().begin()?;
+        self.catalog().mark_indexed(&ids, &id)?;
+        self.catalog().add_index_file(&id)?;
+        self.catalog().commit()?;
+        Ok(())
+    }
+
+    /// Adds one chunk: deduplicates, else queues it for encoding.
+    ///
+    /// # Errors
+    /// A failure of the packer (storage) or the catalog.
+    pub fn add_chunk(&mut self, kind: BlobKind, data: Vec<u8>) -> anyhow::Result<Id> {
+        let id = crypto::chunk_id(&self.repo.keys.dedup_key, &data);
+        self.referenced.insert(id);
+        self.collect_done()?;
+        if self.pending.contains(&id) || self.catalog().has_blob(&id)? {
+            return Ok(id);
+        }
+        self.pending.insert(id);
+        self.summary.chunks_new += 1;
+        self.summary.bytes_new_raw += data.len() as u64;
+        let jobs = self.up.jobs.as_ref().expect("uploader running");
+        if jobs.send(EncodeJob { kind, id, data }).is_err() {
+            self.up.check_failure()?;
+            anyhow::bail!("backup workers stopped unexpectedly");
+        }
+        Ok(id)
+    }
+
+    /// Chunks a reader into content references.
+    ///
+    /// # Errors
+    /// Read errors of the source (wrapped with `what`) and storage errors.
+    pub fn add_stream(
+        &mut self,
+        reader: impl Read,
+        kind: ChunkerKind,
+        what: &str,
+    ) -> anyhow::Result<Vec<ContentRef>> {
+        let mut chunker = Chunker::new(reader, kind, &self.repo.cdc, &self.repo.config.chunker);
+        let mut content: Vec<ContentRef> = vec![];
+        loop {
+            let piece = chunker
+                .next_piece()
+                .map_err(|e| SourceError(format!("{what}: {e}")))?;
+            match piece {
+                None => break,
+                Some(Piece::Zero(n)) => {
+                    self.summary.bytes_read += n;
+                    self.progress.add(n);
+                    if let Some(ContentRef::Zero { zero }) = content.last_mut() {
+                        *zero += n;
+                    } else {
+                        content.push(ContentRef::Zero { zero: n });
+                    }
+                }
+                Some(Piece::Data(d)) => {
+                    self.summary.bytes_read += d.len() as u64;
+                    self.progress.add(d.len() as u64);
+                    let id = self.add_chunk(BlobKind::Data, d)?;
+                    content.push(ContentRef::Chunk(id));
+                }
+            }
+        }
+        Ok(content)
+    }
+
+    /// Stores a tree, returning its chunk list.
+    fn add_tree(&mut self, tree: &Tree) -> anyhow::Result<Vec<Id>> {
+        let json = serde_json::to_vec(tree)?;
+        let mut chunker = Chunker::new(
+            &json[..],
+            ChunkerKind::Cdc,
+            &self.repo.cdc,
+            &self.repo.config.chunker,
+        );
+        let mut ids = vec![];
+        while let Some(Piece::Data(d)) = chunker.next_piece()? {
+            ids.push(self.add_chunk(BlobKind::Tree, d)?);
+        }
+        if ids.is_empty() {
+            ids.push(self.add_chunk(BlobKind::Tree, vec![])?);
+        }
+        Ok(ids)
+    }
+
+    /// Flushes everything and writes the snapshot.
+    ///
+    /// # Errors
+    /// Storage errors; nothing is half-written (the snapshot comes last).
+    pub fn finish(
+        mut self,
+        source: Source,
+        root: Vec<Id>,
+        opts: &BackupOptions,
+        started: Instant,
+    ) -> anyhow::Result<BackupOutcome> {
+        self.up.finish()?;
+        self.collect_done()?;
+        self.write_index()?;
+        if let Some(id) = self.pending.iter().next() {
+            anyhow::bail!(
+                "internal error: chunk {} was queued but never written",
+                id.short()
+            );
+        }
+        self.summary.duration_ms = started.elapsed().as_millis() as u64;
+        let snap = Snapshot {
+            version: 1,
+            time: super::now_rfc3339(),
+            source,
+            host: opts.host.clone(),
+            tags: opts.tags.clone(),
+            restore_point: opts.restore_point.clone(),
+            facts: opts.facts.clone(),
+            root,
+            summary: self.summary.clone(),
+            labctl_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let chunks: Vec<Id> = self.referenced.iter().copied().collect();
+        let (id, bytes) = snapshot::encode(&snap, &chunks, &self.repo.keys.meta_recipient());
+        self.repo
+            .backend
+            .put(&format::snapshot_name(&id), &bytes)
+            .context_obj("writing snapshot", &id)?;
+        self.catalog().add_snapshot(&id, &snap)?;
+        self.progress.finish();
+        Ok(BackupOutcome {
+            snapshot_id: id,
+            summary: self.summary,
+        })
+    }
+}
+
+/// A source read error (the backup continues without that file).
+#[derive(Debug)]
+struct SourceError(String);
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for SourceError {}
+
+trait ContextObj<T> {
+    fn context_obj(self, what: &str, id: &Id) -> anyhow::Result<T>;
+}
+impl<T, E: std::error::Error + Send + Sync + 'static> ContextObj<T> for Result<T, E> {
+    fn context_obj(self, what: &str, id: &Id) -> anyhow::Result<T> {
+        self.map_err(|e| anyhow::Error::new(e).context(format!("{what} {}", id.short())))
+    }
+}
+
+/// Indexes packs in the backend that no index fragment or catalog entry
+/// knows (left by a killed backup), so their chunks are re-used.
+///
+/// # Errors
+/// Storage or key errors; a pack whose trailer is unreadable is skipped
+/// (check reports it).
+pub fn adopt_orphan_packs(repo: &Repository) -> anyhow::Result<usize> {
+    let mut orphans = vec![];
+    let cat = &repo.catalog;
+    let mut err = None;
+    repo.backend.list("packs/", &mut |o| {
+        let Some(id) = o.name.rsplit('/').next().and_then(Id::from_hex) else {
+            return;
+        };
+        match cat.has_pack(&id) {
+            Ok(true) => {}
+            Ok(false) => orphans.push((id, o.size)),
+            Err(e) => err = Some(e),
+        }
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    let mut adopted = 0;
+    for (id, size) in orphans {
+        if let Ok(entries) = read_pack_trailer(repo, &id, size) {
+            cat.begin()?;
+            cat.add_pack(&id, size, None, &entries)?;
+            cat.commit()?;
+            adopted += 1;
+        }
+    }
+    Ok(adopted)
+}
+
+/// Reads a pack's trailer with the META key (two range reads at most).
+///
+/// # Errors
+/// Storage, key or integrity errors naming the pack.
+pub fn read_pack_trailer(repo: &Repository, id: &Id, size: u64) -> anyhow::Result<Vec<PackEntry>> {
+    let name = format::pack_name(id);
+    let mut want = size.min(64 * 1024);
+    loop {
+        let tail = repo.backend.get_range(&name, size - want, want)?;
+        match pack::parse_trailer(&tail, size, &repo.keys.meta_identity, &name)? {
+            Ok(entries) => return Ok(entries),
+            Err(need) if (need as u64) > want && (need as u64) <= size => want = need as u64,
+            Err(_) => return Err(LabError::integrity(format!("{name}: bad trailer length")).into()),
+        }
+    }
+}
+
+/// Backs up a directory tree.
+///
+/// # Errors
+/// Storage or catalog errors. Unreadable files do not fail the backup: they
+/// are listed in `summary.errors` (exit code 3 at the CLI).
+pub fn backup_path(
+    repo: &Repository,
+    dir: &Path,
+    opts: &BackupOptions,
+    progress: Progress,
+) -> anyhow::Result<BackupOutcome> {
+    let started = Instant::now();
+    let abs = fs::canonicalize(dir)
+        .map_err(|e| LabError::usage(format!("cannot back up {}: {e}", dir.display())))?;
+    if !abs.is_dir() {
+        return Err(LabError::usage(format!(
+            "{} is not a directory; use `labctl backup stream` for a single stream",
+            abs.display()
+        ))
+        .into());
+    }
+    let source_key = abs.to_string_lossy().to_string();
+    let run_id: i64 = repo
+        .catalog
+        .get_meta("last-run")?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+        + 1;
+    repo.catalog.set_meta("last-run", &run_id.to_string())?;
+    let mut run = BackupRun::start(repo, opts.threads, progress)?;
+    let mut walker = TreeWalker {
+        source: &source_key,
+        run: &mut run,
+        run_id,
+        choice: opts.chunker,
+    };
+    let root = walker.dir(&abs, b"")?;
+    run.catalog().file_cache_prune(&source_key, run_id)?;
+    run.finish(
+        Source {
+            kind: "path".into(),
+            name: source_key.clone(),
+        },
+        root,
+        opts,
+        started,
+    )
+}
+
+/// Backs up one stream (stdin, a command's stdout) as a single file node.
+///
+/// # Errors
+/// Read errors of the stream fail the backup (nothing is committed).
+pub fn backup_stream(
+    repo: &Repository,
+    name: &str,
+    reader: impl Read,
+    opts: &BackupOptions,
+    progress: Progress,
+) -> anyhow::Result<BackupOutcome> {
+    let started = Instant::now();
+    let mut run = BackupRun::start(repo, opts.threads, progress)?;
+    let kind = match opts.chunker {
+        ChunkerChoice::Fixed => ChunkerKind::Fixed,
+        _ => ChunkerKind::Cdc,
+    };
+    let content = run
+        .add_stream(reader, kind, &format!("stream {name}"))
+        .map_err(|e| {
+            LabError::new(
+                crate::error::ExitCode::Failure,
+                format!("reading the stream failed, nothing was committed: {e}"),
+            )
+        })?;
+    let size = run.summary.bytes_read;
+    run.summary.bytes_total = size;
+    run.summary.files_new = 1;
+    let mut node = Node {
+        name: String::new(),
+        name_hex: false,
+        node_type: NodeType::File,
+        mode: 0o100600,
+        uid: unsafe { libc::getuid() },
+        gid: unsafe { libc::getgid() },
+        mtime_ns: time::OffsetDateTime::now_utc().unix_timestamp_nanos(),
+        size,
+        content,
+        subtree: None,
+        target: None,
+        target_hex: false,
+    };
+    node.set_name(name.as_bytes());
+    let root = run.add_tree(&Tree {
+        v: 1,
+        nodes: vec![node],
+    })?;
+    run.finish(
+        Source {
+            kind: "stream".into(),
+            name: name.into(),
+        },
+        root,
+        opts,
+        started,
+    )
+}
+
+struct TreeWalker<'a, 'r> {
+    source: &'a str,
+    run: &'a mut BackupRun<'r>,
+    run_id: i64,
+    choice: ChunkerChoice,
+}
+
+fn mtime_ns(m: &fs::Metadata) -> i128 {
+    m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
+}
+
+impl TreeWalker<'_, '_> {
+    fn dir(&mut self, abs: &Path, rel: &[u8]) -> anyhow::Result<Vec<Id>> {
+        let mut entries: Vec<_> =
+            match fs::read_dir(abs).and_then(|rd| rd.collect::<Result<Vec<_>, _>>()) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.run
+                        .summary
+                        .errors
+                        .push(format!("{}: {e}", abs.display()));
+                    vec![]
+                }
+            };
+        entries.sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
+        let mut nodes = vec![];
+        for entry in entries {
+            let path = entry.path();
+            let name = entry.file_name();
+            let mut child_rel = rel.to_vec();
+            if !child_rel.is_empty() {
+                child_rel.push(b'/');
+            }
+            child_rel.extend_from_slice(name.as_bytes());
+            match self.node(&path, &child_rel, name.as_bytes()) {
+                Ok(Some(n)) => nodes.push(n),
+                Ok(None) => {}
+                Err(e)
+                    if e.downcast_ref::<SourceError>().is_some()
+                        || e.downcast_ref::<std::io::Error>().is_some() =>
+                {
+                    self.run
+                        .summary
+                        .errors
+                        .push(format!("{}: {e}", path.display()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.run.add_tree(&Tree { v: 1, nodes })
+    }
+
+    fn node(&mut self, path: &Path, rel: &[u8], name: &[u8]) -> anyhow::Result<Option<Node>> {
+        let meta = fs::symlink_metadata(path)?;
+        let ft = meta.file_type();
+        let mut node = Node {
+            name: String::new(),
+            name_hex: false,
+            node_type: NodeType::File,
+            mode: meta.mode(),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mtime_ns: mtime_ns(&meta),
+            size: 0,
+            content: vec![],
+            subtree: None,
+            target: None,
+            target_hex: false,
+        };
+        node.set_name(name);
+        if ft.is_dir() {
+            node.node_type = NodeType::Dir;
+            node.subtree = Some(self.dir(path, rel)?);
+            self.run.summary.dirs += 1;
+        } else if ft.is_symlink() {
+            node.node_type = NodeType::Symlink;
+            node.set_target(fs::read_link(path)?.as_os_str().as_bytes());
+            self.run.summary.symlinks += 1;
+        } else if ft.is_file() {
+            node.size = meta.len();
+            node.content = self.file(path, rel, &meta)?;
+            self.run.summary.bytes_total += meta.len();
+        } else {
+            self.run.summary.errors.push(format!(
+                "{}: special file (device, socket or fifo) skipped",
+                path.display()
+            ));
+            return Ok(None);
+        }
+        Ok(Some(node))
+    }
+
+    fn file(
+        &mut self,
+        path: &Path,
+        rel: &[u8],
+        meta: &fs::Metadata,
+    ) -> anyhow::Result<Vec<ContentRef>> {
+        let facts = FileFacts {
+            size: meta.len(),
+            mtime_ns: mtime_ns(meta) as i64,
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            ino: meta.ino(),
+        };
+        let cached = self.run.catalog().file_cache_get(self.source, rel)?;
+        if let Some((old, blob)) = &cached {
+            if *old == facts {
+                if let Some(content) = decode_content(blob) {
+                    if self.all_present(&content)? {
+                        self.run
+                            .catalog()
+                            .file_cache_touch(self.source, rel, self.run_id)?;
+                        for c in &content {
+                            if let ContentRef::Chunk(id) = c {
+                                self.run.referenced.insert(*id);
+                            }
+                        }
+                        self.run.summary.files_unchanged += 1;
+                        self.run.progress.add(facts.size);
+                        return Ok(content);
+                    }
+                }
+            }
+        }
+        let f = fs::File::open(path).map_err(|e| SourceError(format!("cannot open: {e}")))?;
+        let kind = self.choice.for_path(path);
+        let content = self.run.add_stream(f, kind, "read error")?;
+        if cached.is_some() {
+            self.run.summary.files_changed += 1;
+        } else {
+            self.run.summary.files_new += 1;
+        }
+        self.run.catalog().file_cache_put(
+            self.source,
+            rel,
+            &facts,
+            &encode_content(&content),
+            self.run_id,
+        )?;
+        Ok(content)
+    }
+
+    fn all_present(&self, content: &[ContentRef]) -> anyhow::Result<bool> {
+        for c in content {
+            if let ContentRef::Chunk(id) = c {
+                if !self.run.pending.contains(id) && !self.run.catalog().has_blob(id)? {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// File-cache content encoding: `0 id[32]` or `1 u64le(zero run)` per element.
+fn encode_content(content: &[ContentRef]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(content.len() * 33);
+    for c in content {
+        match c {
+            ContentRef::Chunk(id) => {
+                out.push(0);
+                out.extend_from_slice(&id.0);
+            }
+            ContentRef::Zero { zero } => {
+                out.push(1);
+                out.extend_from_slice(&zero.to_le_bytes());
+            }
+        }
+    }
+    out
+}
+
+fn decode_content(mut b: &[u8]) -> Option<Vec<ContentRef>> {
+    let mut out = vec![];
+    while let Some((&tag, rest)) = b.split_first() {
+        match tag {
+            0 if rest.len() >= 32 => {
+                out.push(ContentRef::Chunk(Id::from_slice(&rest[..32])?));
+                b = &rest[32..];
+            }
+            1 if rest.len() >= 8 => {
+                out.push(ContentRef::Zero {
+                    zero: u64::from_le_bytes(rest[..8].try_into().ok()?),
+                });
+                b = &rest[8..];
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}

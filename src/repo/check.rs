@@ -1,0 +1,348 @@
+//! Repository checks.
+//!
+//! `check` (backup key is enough): every index fragment decrypts; every
+//! indexed pack exists with the recorded size; every chunk referenced by a
+//! snapshot is indexed and its pack exists; the catalog agrees with the
+//! index; packs no index lists are reported (left by interrupted backups).
+//!
+//! `check --read-data[-subset]` (restore key): downloads packs, verifies the
+//! pack hash, then decrypts, decompresses and re-hashes every blob. Damage is
+//! reported by pack and blob, and mapped to the snapshots and files it affects.
+
+use crate::repo::blob::{self, BlobKind};
+use crate::repo::pack::PackEntry;
+use crate::repo::tree::{ContentRef, NodeType};
+use crate::repo::{format, index, Id, Repository};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+/// Which packs to read with `--read-data`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ReadData {
+    None,
+    All,
+    /// A percentage of packs (deterministic per day, so repeated runs cover others).
+    Subset(f64),
+}
+
+/// One damaged pack and what it affects.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Damage {
+    pub pack: String,
+    pub problem: String,
+    pub blobs: Vec<String>,
+    /// snapshot id → affected file paths (or directories whose listing is lost).
+    pub affected: BTreeMap<String, Vec<String>>,
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CheckReport {
+    pub packs: u64,
+    pub index_files: u64,
+    pub snapshots: u64,
+    pub packs_read: u64,
+    pub blobs_verified: u64,
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+    pub damage: Vec<Damage>,
+}
+
+impl CheckReport {
+    pub fn is_clean(&self) -> bool {
+        self.errors.is_empty() && self.damage.is_empty()
+    }
+}
+
+/// Runs the check.
+///
+/// # Errors
+/// Storage errors that stop the check itself, or a key error for
+/// `--read-data` without the restore key. Problems found are in the report.
+pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
+    if read != ReadData::None {
+        repo.keys.data_identity("check --read-data")?;
+    }
+    let mut rep = CheckReport::default();
+    let mut listed: HashMap<Id, u64> = HashMap::new();
+    repo.backend.list("packs/", &mut |o| {
+        if let Some(id) = o.name.rsplit('/').next().and_then(Id::from_hex) {
+            listed.insert(id, o.size);
+        }
+    })?;
+    rep.packs = listed.len() as u64;
+
+    // Index fragments against the listing.
+    let mut index_ids = vec![];
+    repo.backend.list("index/", &mut |o| {
+        if let Some(id) = o.name.strip_prefix("index/").and_then(Id::from_hex) {
+            index_ids.push(id);
+        }
+    })?;
+    rep.index_files = index_ids.len() as u64;
+    let mut indexed_packs: HashMap<Id, Vec<PackEntry>> = HashMap::new();
+    for id in &index_ids {
+        let name = format::index_name(id);
+        let bytes = match repo.backend.get(&name) {
+            Ok(b) => b,
+            Err(e) => {
+                rep.errors.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        if Id::of_object(&bytes) != *id {
+            rep.errors.push(format!(
+                "{name}: content does not match its name (corrupted)"
+            ));
+            continue;
+        }
+        match index::decode(&bytes, &repo.keys.meta_identity, &name) {
+            Ok(packs) => {
+                for p in packs {
+                    match listed.get(&p.id) {
+                        None => rep.errors.push(format!("pack {} is listed in {name} but missing from storage", p.id.hex())),
+                        Some(&s) if s != p.size => rep.errors.push(format!(
+                            "pack {} has {s} bytes in storage but {} in the index (truncated or damaged)",
+                            p.id.hex(),
+                            p.size
+                        )),
+                        _ => {}
+                    }
+                    indexed_packs.insert(p.id, p.entries);
+                }
+            }
+            Err(e) => rep.errors.push(e.to_string()),
+        }
+    }
+    for id in listed.keys() {
+        if !indexed_packs.contains_key(id) {
+            rep.warnings.push(format!(
+                "pack {} is not in any index (left by an interrupted backup; the next backup indexes and re-uses it, prune removes it)",
+                id.hex()
+            ));
+        }
+    }
+    // Catalog against index.
+    for (id, size, indexed) in repo.catalog.packs()? {
+        if indexed && !indexed_packs.contains_key(&id) {
+            rep.errors.push(format!(
+                "catalog lists pack {} that no index fragment holds; run `labctl catalog rebuild`",
+                id.hex()
+            ));
+        }
+        if !listed.contains_key(&id) && indexed_packs.contains_key(&id) {
+            continue; // already reported as missing
+        }
+        if !listed.contains_key(&id) {
+            rep.errors.push(format!(
+                "catalog lists pack {} ({size} bytes) that is missing from storage",
+                id.hex()
+            ));
+        }
+    }
+    let mut blob_home: HashMap<Id, Id> = HashMap::new();
+    for (pack, entries) in &indexed_packs {
+        for e in entries {
+            blob_home.entry(e.id).or_insert(*pack);
+        }
+    }
+
+    // Snapshots reference only indexed, present chunks.
+    let snaps = repo.catalog.snapshots()?;
+    rep.snapshots = snaps.len() as u64;
+    let mut snap_chunks: Vec<(Id, HashSet<Id>)> = vec![];
+    for row in &snaps {
+        let (_, chunks) = match repo.load_snapshot(&row.id) {
+            Ok(x) => x,
+            Err(e) => {
+                rep.errors.push(format!("snapshot {}: {e:#}", row.id.hex()));
+                continue;
+            }
+        };
+        let mut missing = 0;
+        for c in &chunks {
+            match blob_home.get(c) {
+                Some(p) if listed.contains_key(p) => {}
+                _ => missing += 1,
+            }
+        }
+        if missing > 0 {
+            rep.errors.push(format!(
+                "snapshot {} references {missing} chunk(s) whose data is missing from the repository",
+                row.id.hex()
+            ));
+        }
+        if read != ReadData::None {
+            snap_chunks.push((row.id, chunks.into_iter().collect()));
+        }
+    }
+
+    if read != ReadData::None {
+        read_packs(repo, read, &indexed_packs, &listed, &snap_chunks, &mut rep)?;
+    }
+    Ok(rep)
+}
+
+fn selected(id: &Id, read: ReadData) -> bool {
+    match read {
+        ReadData::None => false,
+        ReadData::All => true,
+        ReadData::Subset(pct) => {
+            let day = (time::OffsetDateTime::now_utc().unix_timestamp() / 86400) as u64;
+            let mut h = blake3::Hasher::new();
+            h.update(&day.to_le_bytes());
+            h.update(&id.0);
+            let v = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap());
+            (v as f64 / u64::MAX as f64) * 100.0 < pct
+        }
+    }
+}
+
+fn read_packs(
+    repo: &Repository,
+    read: ReadData,
+    indexed: &HashMap<Id, Vec<PackEntry>>,
+    listed: &HashMap<Id, u64>,
+    snaps: &[(Id, HashSet<Id>)],
+    rep: &mut CheckReport,
+) -> anyhow::Result<()> {
+    let identity = repo.keys.data_identity("check --read-data")?;
+    let mut ids: Vec<&Id> = indexed
+        .keys()
+        .filter(|id| listed.contains_key(id))
+        .collect();
+    ids.sort();
+    for pack in ids.into_iter().filter(|id| selected(id, read)) {
+        let name = format::pack_name(pack);
+        let bytes = match repo.backend.get(&name) {
+            Ok(b) => b,
+            Err(e) => {
+                rep.errors.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        rep.packs_read += 1;
+        let mut problems = vec![];
+        if Id::of_object(&bytes) != *pack {
+            problems.push("content does not match its name (pack hash mismatch)".to_string());
+        }
+        let mut bad_blobs = vec![];
+        for e in &indexed[pack] {
+            let end = e.offset as usize + e.length as usize;
+            let what = format!("blob {} in pack {}", e.id.short(), pack.short());
+            let ok = bytes.get(e.offset as usize..end).map(|c| {
+                blob::decode(
+                    c,
+                    identity,
+                    &repo.keys.dedup_key,
+                    &e.id,
+                    e.raw_len as usize,
+                    &what,
+                )
+            });
+            match ok {
+                Some(Ok(_)) => rep.blobs_verified += 1,
+                Some(Err(err)) if err.kind == crate::error::ExitCode::Key => return Err(err.into()),
+                _ => bad_blobs.push(*e),
+            }
+        }
+        if !bad_blobs.is_empty() {
+            problems.push(format!(
+                "{} blob(s) fail to decrypt or verify",
+                bad_blobs.len()
+            ));
+        }
+        if problems.is_empty() {
+            continue;
+        }
+        let bad: HashSet<Id> = bad_blobs.iter().map(|e| e.id).collect();
+        let mut affected = BTreeMap::new();
+        for (snap, chunks) in snaps {
+            if chunks.iter().any(|c| bad.contains(c)) {
+                affected.insert(snap.hex(), affected_files(repo, snap, &bad));
+            }
+        }
+        rep.damage.push(Damage {
+            pack: pack.hex(),
+            problem: problems.join("; "),
+            blobs: bad_blobs
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{} ({})",
+                        e.id.hex(),
+                        if e.kind == BlobKind::Tree {
+                            "tree"
+                        } else {
+                            "data"
+                        }
+                    )
+                })
+                .collect(),
+            affected,
+        });
+    }
+    Ok(())
+}
+
+/// Paths in a snapshot whose data or listing uses one of `bad`.
+fn affected_files(repo: &Repository, snap: &Id, bad: &HashSet<Id>) -> Vec<String> {
+    let mut out = BTreeSet::new();
+    let Ok((s, _)) = repo.load_snapshot(snap) else {
+        return vec!["(snapshot unreadable)".into()];
+    };
+    let mut stack = vec![(String::new(), s.root)];
+    while let Some((prefix, ids)) = stack.pop() {
+        if ids.iter().any(|i| bad.contains(i)) {
+            out.insert(format!(
+                "{}/ (directory listing)",
+                if prefix.is_empty() { "." } else { &prefix }
+            ));
+            continue;
+        }
+        let Ok(tree) = repo.read_tree(&ids) else {
+            out.insert(format!("{prefix}/ (directory listing unreadable)"));
+            continue;
+        };
+        for n in tree.nodes {
+            let path = if prefix.is_empty() {
+                n.name.clone()
+            } else {
+                format!("{prefix}/{}", n.name)
+            };
+            match n.node_type {
+                NodeType::Dir => {
+                    if let Some(sub) = n.subtree {
+                        stack.push((path, sub));
+                    }
+                }
+                NodeType::File => {
+                    if n.content
+                        .iter()
+                        .any(|c| matches!(c, ContentRef::Chunk(id) if bad.contains(id)))
+                    {
+                        out.insert(path);
+                    }
+                }
+                NodeType::Symlink => {}
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Deletes the catalog and reloads it from the repository.
+///
+/// # Errors
+/// Storage, key or integrity errors.
+pub fn rebuild_catalog(repo: &Repository) -> anyhow::Result<()> {
+    repo.catalog.clear_index()?;
+    for id in repo.catalog.snapshot_ids()? {
+        repo.catalog.remove_snapshot(&id)?;
+    }
+    repo.sync_catalog()?;
+    crate::repo::backup::adopt_orphan_packs(repo)?;
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! Index fragments: which blobs are in which pack.
+//!
+//! Each backup writes one or more fragments (`index/<id>`): header
+//! `"LCINDX" u16le(1)`, then an age message (META) whose plaintext is
+//! `u32le(pack count)` followed, per pack, by `pack id [32] | u64le(pack
+//! size)` and an entry table (see [`crate::repo::pack`]). Fragments are never
+//! rewritten; prune may write new ones and delete superseded ones.
+
+use crate::error::LabError;
+use crate::repo::format::{self, MAGIC_INDEX};
+use crate::repo::pack::{decode_entries, encode_entries, PackEntry};
+use crate::repo::{crypto, Id};
+
+/// One pack as an index fragment records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexedPack {
+    pub id: Id,
+    pub size: u64,
+    pub entries: Vec<PackEntry>,
+}
+
+/// Serialises and encrypts an index fragment; returns (id, object bytes).
+pub fn encode(packs: &[IndexedPack], meta: &age::x25519::Recipient) -> (Id, Vec<u8>) {
+    let mut plain = vec![];
+    plain.extend_from_slice(&(packs.len() as u32).to_le_bytes());
+    for p in packs {
+        plain.extend_from_slice(&p.id.0);
+        plain.extend_from_slice(&p.size.to_le_bytes());
+        encode_entries(&p.entries, &mut plain);
+    }
+    let mut out = format::header(MAGIC_INDEX).to_vec();
+    out.extend_from_slice(&crypto::encrypt(std::slice::from_ref(meta), &plain));
+    (Id::of_object(&out), out)
+}
+
+/// Decrypts and parses an index fragment.
+///
+/// # Errors
+/// Integrity or key errors naming `what`.
+pub fn decode(
+    bytes: &[u8],
+    meta: &age::x25519::Identity,
+    what: &str,
+) -> Result<Vec<IndexedPack>, LabError> {
+    let body = format::strip_header(bytes, MAGIC_INDEX, what)?;
+    let plain = crypto::decrypt(meta, body, what)?;
+    let bad = || LabError::integrity(format!("{what}: malformed index"));
+    if plain.len() < 4 {
+        return Err(bad());
+    }
+    let n = u32::from_le_bytes(plain[..4].try_into().unwrap()) as usize;
+    let mut rest = &plain[4..];
+    let mut out = Vec::with_capacity(n.min(1 << 16));
+    for _ in 0..n {
+        if rest.len() < 40 {
+            return Err(bad());
+        }
+        let id = Id::from_slice(&rest[..32]).unwrap();
+        let size = u64::from_le_bytes(rest[32..40].try_into().unwrap());
+        let (entries, r) = decode_entries(&rest[40..], what)?;
+        rest = r;
+        out.push(IndexedPack { id, size, entries });
+    }
+    if !rest.is_empty() {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::blob::BlobKind;
+
+    #[test]
+    fn round_trip() {
+        let meta = age::x25519::Identity::generate();
+        let packs = vec![IndexedPack {
+            id: Id([9; 32]),
+            size: 1234,
+            entries: vec![PackEntry {
+                kind: BlobKind::Data,
+                id: Id([1; 32]),
+                offset: 8,
+                length: 100,
+                raw_len: 200,
+            }],
+        }];
+        let (id, bytes) = encode(&packs, &meta.to_public());
+        assert_eq!(id, Id::of_object(&bytes));
+        assert_eq!(&bytes[..8], b"LCINDX\x01\x00");
+        assert_eq!(decode(&bytes, &meta, "i").unwrap(), packs);
+    }
+}

@@ -1,0 +1,376 @@
+//! The encrypted, deduplicated repository.
+//!
+//! Pipeline: chunk → keyed hash → zstd → age → pack → index → snapshot.
+//! Layout in the backend: `config`, `keys/<id>`, `packs/<2 hex>/<id>`,
+//! `index/<id>`, `snapshots/<id>`. Objects are written once and never
+//! modified; the write order (packs, then index fragments, then the
+//! snapshot) means a crash at any point leaves a consistent repository: at
+//! worst unindexed packs, which the next backup indexes and re-uses.
+//! No lock is taken on the backup path. See `docs/FORMAT.md`.
+
+pub mod backup;
+pub mod blob;
+pub mod check;
+pub mod chunker;
+pub mod config;
+pub mod crypto;
+pub mod format;
+pub mod id;
+pub mod index;
+pub mod keys;
+pub mod pack;
+pub mod restore;
+pub mod snapshot;
+pub mod tree;
+
+pub use id::{ChunkId, Id, PackId, SnapshotId};
+
+use crate::backend::{Backend, BackendError};
+use crate::catalog::Catalog;
+use crate::error::LabError;
+use anyhow::Context;
+use chunker::{Cdc, ChunkerParams};
+use config::RepoConfig;
+use keys::Keys;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Options for `repo init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub chunker: ChunkerParams,
+    pub compression_level: i32,
+    pub pack_size: u32,
+    /// Escrow copies of the restore key: admin age recipients.
+    pub admin_recipients: Vec<age::x25519::Recipient>,
+    /// Escrow copy of the restore key under a passphrase (age scrypt).
+    pub passphrase: Option<String>,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunker: ChunkerParams::default(),
+            compression_level: 3,
+            pack_size: 32 << 20,
+            admin_recipients: vec![],
+            passphrase: None,
+        }
+    }
+}
+
+/// Creates a new repository and returns its (restore) keys.
+///
+/// # Errors
+/// Refused when a repository (a `config`) already exists there.
+pub fn init(backend: &dyn Backend, opts: &InitOptions) -> anyhow::Result<Keys> {
+    opts.chunker.validate().map_err(LabError::usage)?;
+    if !(0..=19).contains(&opts.compression_level) {
+        return Err(LabError::usage("compression level must be 0 (off) to 19").into());
+    }
+    if backend.stat(format::CONFIG_NAME)?.is_some() {
+        return Err(LabError::refused(format!(
+            "a repository already exists at {}; labctl never overwrites one",
+            backend.location()
+        ))
+        .into());
+    }
+    let repo_id = hex::encode(rand::random::<[u8; 16]>());
+    let keys = Keys::generate(&repo_id);
+    let config = RepoConfig {
+        repo_id: repo_id.clone(),
+        created: now_rfc3339(),
+        chunker: opts.chunker,
+        compression_level: opts.compression_level,
+        pack_size: opts.pack_size,
+        meta_recipient: keys.meta_recipient().to_string(),
+        data_recipients: keys.data_recipients.iter().map(|r| r.to_string()).collect(),
+    };
+    // Escrow first: a config without its key copies would be a repository
+    // nobody can recover.
+    let plain = keys.to_json();
+    if !opts.admin_recipients.is_empty() {
+        let mut obj = format::header(format::MAGIC_KEY).to_vec();
+        obj.extend_from_slice(&crypto::encrypt(&opts.admin_recipients, plain.as_bytes()));
+        backend.put(&format!("keys/{}", Id::of_object(&obj).hex()), &obj)?;
+    }
+    if let Some(p) = &opts.passphrase {
+        let mut obj = format::header(format::MAGIC_KEY).to_vec();
+        obj.extend_from_slice(&crypto::encrypt_passphrase(p, plain.as_bytes()));
+        backend.put(&format!("keys/{}", Id::of_object(&obj).hex()), &obj)?;
+    }
+    backend.put(format::CONFIG_NAME, &config.encode())?;
+    Ok(keys)
+}
+
+/// Recovers the restore key from an escrow copy under `keys/`.
+///
+/// # Errors
+/// A key error when no escrow copy opens with what was given.
+pub fn recover_key(
+    backend: &dyn Backend,
+    passphrase: Option<&str>,
+    identity: Option<&age::x25519::Identity>,
+) -> anyhow::Result<Keys> {
+    let mut names = vec![];
+    backend.list("keys/", &mut |o| names.push(o.name))?;
+    if names.is_empty() {
+        return Err(LabError::key("the repository holds no escrowed keys (keys/ is empty)").into());
+    }
+    for name in &names {
+        let bytes = backend.get(name)?;
+        let body = format::strip_header(&bytes, format::MAGIC_KEY, name)?;
+        if let Ok(plain) = crypto::decrypt_escrow(body, passphrase, identity, name) {
+            let text = String::from_utf8(plain)
+                .map_err(|_| LabError::integrity(format!("{name}: not text")))?;
+            return Ok(Keys::from_json(&text, name)?);
+        }
+    }
+    Err(LabError::key(format!(
+        "none of the {} escrowed key(s) opens with the given passphrase or identity",
+        names.len()
+    ))
+    .into())
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("formatting a time")
+}
+
+/// The default directory for catalogs: `$LABCTL_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/labctl`, else `~/.cache/labctl`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LABCTL_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("labctl");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache/labctl"),
+        None => PathBuf::from("/var/cache/labctl"),
+    }
+}
+
+/// An open repository: backend, config, keys and the synced catalog.
+pub struct Repository {
+    pub backend: Arc<dyn Backend>,
+    pub config: RepoConfig,
+    pub keys: Keys,
+    pub catalog: Catalog,
+    pub cdc: Cdc,
+}
+
+impl Repository {
+    /// Opens a repository, checks the key belongs to it, and syncs the catalog.
+    ///
+    /// # Errors
+    /// Key errors when the key is for another repository; storage errors.
+    pub fn open(
+        backend: Arc<dyn Backend>,
+        keys: Keys,
+        cache_dir: &Path,
+    ) -> anyhow::Result<Repository> {
+        let bytes = match backend.get(format::CONFIG_NAME) {
+            Ok(b) => b,
+            Err(BackendError::NotFound { .. }) => return Err(LabError::usage(format!(
+                "no labctl repository at {} (no config object); create one with `labctl repo init`",
+                backend.location()
+            ))
+            .into()),
+            Err(e) => return Err(e.into()),
+        };
+        let config = RepoConfig::decode(&bytes)?;
+        if config.repo_id != keys.repo_id {
+            return Err(LabError::key(format!(
+                "the key is for repository {} but {} is repository {}: wrong key file",
+                keys.repo_id,
+                backend.location(),
+                config.repo_id
+            ))
+            .into());
+        }
+        let recips: Vec<String> = keys.data_recipients.iter().map(|r| r.to_string()).collect();
+        if config.meta_recipient != keys.meta_recipient().to_string()
+            || config.data_recipients != recips
+        {
+            return Err(LabError::key(
+                "the repository config names other recipients than the key file: config tampered with, or wrong key",
+            )
+            .into());
+        }
+        let catalog = Catalog::open(&cache_dir.join(&config.repo_id).join("catalog.db"))?;
+        let cdc = Cdc::new(&keys.chunker_seed, &config.chunker);
+        let repo = Repository {
+            backend,
+            config,
+            keys,
+            catalog,
+            cdc,
+        };
+        repo.sync_catalog()?;
+        Ok(repo)
+    }
+
+    /// Loads index fragments and snapshots the catalog has not seen yet, and
+    /// forgets snapshots that are gone. Streams into SQLite.
+    ///
+    /// # Errors
+    /// Storage, key or integrity errors naming the object.
+    pub fn sync_catalog(&self) -> anyhow::Result<()> {
+        let mut index_ids = vec![];
+        self.backend.list("index/", &mut |o| {
+            if let Some(id) = o.name.strip_prefix("index/").and_then(Id::from_hex) {
+                index_ids.push(id)
+            }
+        })?;
+        let known = self.catalog.index_files()?;
+        let present: std::collections::HashSet<Id> = index_ids.iter().copied().collect();
+        if known.iter().any(|k| !present.contains(k)) {
+            // An index fragment vanished (prune replaced it): reload everything.
+            self.catalog.clear_index()?;
+        }
+        for id in &index_ids {
+            if self.catalog.has_index_file(id)? {
+                continue;
+            }
+            let name = format::index_name(id);
+            let bytes = self.backend.get(&name)?;
+            let packs = index::decode(&bytes, &self.keys.meta_identity, &name)?;
+            self.catalog.begin()?;
+            for p in &packs {
+                self.catalog.add_pack(&p.id, p.size, Some(id), &p.entries)?;
+            }
+            self.catalog.add_index_file(id)?;
+            self.catalog.commit()?;
+        }
+        let mut snap_ids = vec![];
+        self.backend.list("snapshots/", &mut |o| {
+            if let Some(id) = o.name.strip_prefix("snapshots/").and_then(Id::from_hex) {
+                snap_ids.push(id)
+            }
+        })?;
+        let present: std::collections::HashSet<Id> = snap_ids.iter().copied().collect();
+        for known in self.catalog.snapshot_ids()? {
+            if !present.contains(&known) {
+                self.catalog.remove_snapshot(&known)?;
+            }
+        }
+        let known: std::collections::HashSet<Id> =
+            self.catalog.snapshot_ids()?.into_iter().collect();
+        for id in snap_ids.iter().filter(|i| !known.contains(i)) {
+            let (snap, _) = self.load_snapshot(id)?;
+            self.catalog.add_snapshot(id, &snap)?;
+        }
+        Ok(())
+    }
+
+    /// Reads and decrypts a snapshot manifest.
+    ///
+    /// # Errors
+    /// Storage, key or integrity errors naming the snapshot.
+    pub fn load_snapshot(&self, id: &Id) -> anyhow::Result<(snapshot::Snapshot, Vec<Id>)> {
+        let name = format::snapshot_name(id);
+        let bytes = self.backend.get(&name)?;
+        Ok(snapshot::decode(&bytes, &self.keys.meta_identity, &name)?)
+    }
+
+    /// Resolves `latest`, a full ID or a unique prefix of at least 4 hex digits.
+    ///
+    /// # Errors
+    /// A usage error when nothing or more than one snapshot matches.
+    pub fn resolve_snapshot(&self, spec: &str) -> anyhow::Result<Id> {
+        let rows = self.catalog.snapshots()?;
+        if spec == "latest" {
+            return rows
+                .last()
+                .map(|r| r.id)
+                .ok_or_else(|| LabError::usage("the repository has no snapshots yet").into());
+        }
+        if spec.len() < 4 {
+            return Err(LabError::usage(format!(
+                "snapshot '{spec}': give at least 4 hex digits or 'latest'"
+            ))
+            .into());
+        }
+        let matches: Vec<Id> = rows
+            .iter()
+            .map(|r| r.id)
+            .filter(|id| id.hex().starts_with(spec))
+            .collect();
+        match matches.len() {
+            1 => Ok(matches[0]),
+            0 => Err(LabError::usage(format!(
+                "no snapshot matches '{spec}'; list them with `labctl snapshots`"
+            ))
+            .into()),
+            n => Err(
+                LabError::usage(format!("'{spec}' matches {n} snapshots; give more digits")).into(),
+            ),
+        }
+    }
+
+    /// Fetches and decodes one blob (needs the DATA identity).
+    ///
+    /// # Errors
+    /// Missing blob, storage, key or integrity errors naming pack and blob.
+    pub fn read_blob(&self, id: &Id) -> anyhow::Result<Vec<u8>> {
+        let loc = self.catalog.blob(id)?.ok_or_else(|| {
+            LabError::integrity(format!(
+                "blob {} is not in the index (missing data)",
+                id.short()
+            ))
+        })?;
+        read_blob_at(&*self.backend, &self.keys, id, &loc)
+    }
+
+    /// Reads a tree (directory listing) by its chunk list.
+    ///
+    /// # Errors
+    /// As [`Repository::read_blob`], or a malformed tree.
+    pub fn read_tree(&self, chunks: &[Id]) -> anyhow::Result<tree::Tree> {
+        let mut json = vec![];
+        for c in chunks {
+            json.extend_from_slice(&self.read_blob(c)?);
+        }
+        serde_json::from_slice(&json).map_err(|e| {
+            LabError::integrity(format!(
+                "tree {}: malformed ({e})",
+                chunks.first().map(|c| c.short()).unwrap_or_default()
+            ))
+            .into()
+        })
+    }
+}
+
+/// Fetches one blob at a known location and decodes it (usable from worker threads).
+///
+/// # Errors
+/// Storage, key or integrity errors naming pack and blob.
+pub fn read_blob_at(
+    backend: &dyn Backend,
+    keys: &Keys,
+    id: &Id,
+    loc: &catalog_loc::BlobLocation,
+) -> anyhow::Result<Vec<u8>> {
+    let identity = keys.data_identity("reading backed-up data")?;
+    let name = format::pack_name(&loc.pack);
+    let cipher = backend
+        .get_range(&name, loc.offset as u64, loc.length as u64)
+        .with_context(|| format!("reading blob {} from pack {}", id.short(), loc.pack.short()))?;
+    let what = format!("blob {} in pack {}", id.short(), loc.pack.hex());
+    Ok(blob::decode(
+        &cipher,
+        identity,
+        &keys.dedup_key,
+        id,
+        loc.raw_len as usize,
+        &what,
+    )?)
+}
+
+mod catalog_loc {
+    pub use crate::catalog::BlobLocation;
+}

@@ -1,0 +1,610 @@
+//! Restores snapshots into a directory or to a stream.
+//!
+//! # Pipeline
+//! The calling thread walks the snapshot's trees and emits ordered
+//! operations. Chunk fetches (range read, decrypt, decompress, re-hash) run on
+//! worker threads; a writer thread applies operations strictly in order from
+//! a bounded reorder window, so memory is bounded by the window × chunk size.
+//!
+//! # Safety of the target
+//! Without `overwrite`, a non-empty target is refused before anything is
+//! written. Every file is written to a temporary name in its directory and
+//! renamed into place only when complete and verified, so an existing file is
+//! either left as it was or replaced whole — never half-overwritten. A file
+//! whose data cannot be read (corrupted or missing pack) is reported and
+//! skipped; the others are restored.
+
+use crate::catalog::BlobLocation;
+use crate::error::{ExitCode, LabError};
+use crate::progress::Progress;
+use crate::repo::tree::{ContentRef, Node, NodeType};
+use crate::repo::{read_blob_at, Id, Repository};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// Options for a restore into a directory.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Restore only these paths (relative, `/`-separated) and what is below them.
+    pub include: Vec<String>,
+    /// Allow a non-empty target; existing files are replaced whole.
+    pub overwrite: bool,
+    /// Fetch threads; 0 = default (4 per core, at least 4).
+    pub threads: usize,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RestoreSummary {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    /// Files that could not be restored, with the reason.
+    pub failed: Vec<String>,
+}
+
+enum Op {
+    FileStart { path: PathBuf, node: Box<Node> },
+    Data(anyhow::Result<Vec<u8>>),
+    Zero(u64),
+    FileEnd,
+}
+
+/// The fetch pool and ordered writer shared by both restore kinds.
+struct Pipeline {
+    seq: u64,
+    credits: Receiver<()>,
+    fetch_tx: Option<Sender<(u64, Id, BlobLocation)>>,
+    ops_tx: Option<Sender<(u64, Op)>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Pipeline {
+    fn start(
+        repo: &Repository,
+        threads: usize,
+        ops_tx: Sender<(u64, Op)>,
+        credits: Receiver<()>,
+    ) -> Pipeline {
+        let threads = if threads == 0 {
+            (std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                * 2)
+            .max(4)
+        } else {
+            threads
+        };
+        let (fetch_tx, fetch_rx) = bounded::<(u64, Id, BlobLocation)>(threads * 2);
+        let mut workers = vec![];
+        for _ in 0..threads {
+            let rx = fetch_rx.clone();
+            let tx = ops_tx.clone();
+            let backend = repo.backend.clone();
+            let keys = repo.keys.clone();
+            workers.push(std::thread::spawn(move || {
+                for (seq, id, loc) in rx {
+                    let r = read_blob_at(&*backend, &keys, &id, &loc);
+                    if tx.send((seq, Op::Data(r))).is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        Pipeline {
+            seq: 0,
+            credits,
+            fetch_tx: Some(fetch_tx),
+            ops_tx: Some(ops_tx),
+            workers,
+        }
+    }
+
+    fn next_seq(&mut self) -> anyhow::Result<u64> {
+        self.credits
+            .recv()
+            .map_err(|_| anyhow::anyhow!("restore writer stopped"))?;
+        self.seq += 1;
+        Ok(self.seq - 1)
+    }
+
+    fn op(&mut self, op: Op) -> anyhow::Result<()> {
+        let s = self.next_seq()?;
+        self.ops_tx
+            .as_ref()
+            .unwrap()
+            .send((s, op))
+            .map_err(|_| anyhow::anyhow!("restore writer stopped"))?;
+        Ok(())
+    }
+
+    fn content(&mut self, repo: &Repository, content: &[ContentRef]) -> anyhow::Result<()> {
+        for c in content {
+            match c {
+                ContentRef::Zero { zero } => self.op(Op::Zero(*zero))?,
+                ContentRef::Chunk(id) => match repo.catalog.blob(id)? {
+                    Some(loc) => {
+                        let s = self.next_seq()?;
+                        self.fetch_tx
+                            .as_ref()
+                            .unwrap()
+                            .send((s, *id, loc))
+                            .map_err(|_| anyhow::anyhow!("restore workers stopped"))?;
+                    }
+                    None => self.op(Op::Data(Err(LabError::integrity(format!(
+                        "chunk {} is not in the index (its pack is missing)",
+                        id.short()
+                    ))
+                    .into())))?,
+                },
+            }
+        }
+        Ok(())
+    }
+
+    fn close(mut self) {
+        self.fetch_tx = None;
+        self.ops_tx = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+const WINDOW: usize = 24;
+
+fn credit_channel() -> (Sender<()>, Receiver<()>) {
+    let (tx, rx) = bounded(WINDOW);
+    for _ in 0..WINDOW {
+        tx.send(()).unwrap();
+    }
+    (tx, rx)
+}
+
+/// Applies ops in sequence order.
+fn run_writer<F: FnMut(Op) -> anyhow::Result<()>>(
+    rx: Receiver<(u64, Op)>,
+    credits: Sender<()>,
+    mut apply: F,
+) -> anyhow::Result<()> {
+    let mut next = 0u64;
+    let mut held: BTreeMap<u64, Op> = BTreeMap::new();
+    for (seq, op) in rx {
+        held.insert(seq, op);
+        while let Some(op) = held.remove(&next) {
+            next += 1;
+            let r = apply(op);
+            let _ = credits.send(());
+            r?;
+        }
+    }
+    Ok(())
+}
+
+fn target_is_empty(target: &Path) -> anyhow::Result<bool> {
+    match fs::read_dir(target) {
+        Ok(mut rd) => Ok(rd.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(LabError::usage(format!("restore target {}: {e}", target.display())).into()),
+    }
+}
+
+fn included(rel: &str, include: &[String]) -> (bool, bool) {
+    // (restore this node, descend into it)
+    if include.is_empty() {
+        return (true, true);
+    }
+    let mut take = false;
+    let mut descend = false;
+    for inc in include {
+        let inc = inc.trim_matches('/');
+        if rel == inc || rel.starts_with(&format!("{inc}/")) {
+            take = true;
+            descend = true;
+        } else if inc.starts_with(&format!("{rel}/")) {
+            descend = true;
+        }
+    }
+    (take, descend)
+}
+
+/// Restores a snapshot into `target`.
+///
+/// # Errors
+/// Refused for a non-empty target without `overwrite`; key errors without
+/// the DATA identity. Files whose data is damaged are listed in
+/// `summary.failed` (the CLI exits with code 4) while the rest restore.
+pub fn restore_to_dir(
+    repo: &Repository,
+    snap_id: &Id,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: Progress,
+) -> anyhow::Result<RestoreSummary> {
+    repo.keys.data_identity("restore")?;
+    if !opts.overwrite && !target_is_empty(target)? {
+        return Err(LabError::refused(format!(
+            "restore target {} is not empty; choose an empty directory or pass --overwrite (existing files are then replaced whole, never half-written)",
+            target.display()
+        ))
+        .into());
+    }
+    let (snap, _) = repo.load_snapshot(snap_id)?;
+    fs::create_dir_all(target).map_err(|e| {
+        LabError::usage(format!(
+            "cannot create restore target {}: {e}",
+            target.display()
+        ))
+    })?;
+    let root_tree = repo.read_tree(&snap.root)?;
+    let (ops_tx, ops_rx) = bounded::<(u64, Op)>(WINDOW * 2);
+    let (credit_tx, credit_rx) = credit_channel();
+    let mut pipe = Pipeline::start(repo, opts.threads, ops_tx, credit_rx);
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let writer_progress = progress.clone();
+    let writer = std::thread::spawn(move || {
+        let mut w = DirWriter {
+            current: None,
+            summary: RestoreSummary::default(),
+            is_root,
+            progress: writer_progress,
+        };
+        let r = run_writer(ops_rx, credit_tx, |op| w.apply(op));
+        w.abort_current();
+        r.map(|_| w.summary)
+    });
+    let mut walk = DirWalk {
+        repo,
+        opts,
+        dirs: vec![],
+        summary: RestoreSummary::default(),
+    };
+    let walk_result = walk.tree(&mut pipe, root_tree.nodes, target, "");
+    pipe.close();
+    let mut summary = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("restore writer panicked"))??;
+    walk_result?;
+    // Directory metadata last, deepest first, so file writes do not disturb mtimes.
+    for (path, node) in walk.dirs.iter().rev() {
+        apply_meta(path, node, is_root, false);
+    }
+    summary.dirs = walk.summary.dirs;
+    summary.symlinks = walk.summary.symlinks;
+    summary.failed.extend(walk.summary.failed);
+    progress.finish();
+    Ok(summary)
+}
+
+struct DirWalk<'a> {
+    repo: &'a Repository,
+    opts: &'a RestoreOptions,
+    dirs: Vec<(PathBuf, Node)>,
+    summary: RestoreSummary,
+}
+
+impl DirWalk<'_> {
+    fn tree(
+        &mut self,
+        pipe: &mut Pipeline,
+        nodes: Vec<Node>,
+        dir: &Path,
+        rel: &str,
+    ) -> anyhow::Result<()> {
+        for node in nodes {
+            let name_bytes = node.name_bytes();
+            if name_bytes.is_empty()
+                || name_bytes.contains(&b'/')
+                || name_bytes == b"."
+                || name_bytes == b".."
+            {
+                self.summary
+                    .failed
+                    .push(format!("{rel}: unsafe name {:?} skipped", node.name));
+                continue;
+            }
+            let name = OsStr::from_bytes(&name_bytes);
+            let path = dir.join(name);
+            let child_rel = if rel.is_empty() {
+                node.name.clone()
+            } else {
+                format!("{rel}/{}", node.name)
+            };
+            let (take, descend) = included(&child_rel, &self.opts.include);
+            match node.node_type {
+                NodeType::Dir => {
+                    if !descend {
+                        continue;
+                    }
+                    match fs::symlink_metadata(&path) {
+                        Ok(m) if m.is_dir() => {}
+                        Ok(_) => {
+                            self.summary.failed.push(format!(
+                                "{child_rel}: exists and is not a directory; left as it is"
+                            ));
+                            continue;
+                        }
+                        Err(_) => fs::create_dir(&path).map_err(|e| {
+                            LabError::storage(format!("creating {}: {e}", path.display()))
+                        })?,
+                    }
+                    // Owner-writable while restoring; the real mode is applied at the end.
+                    let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o700));
+                    let sub = match node.subtree.as_deref() {
+                        Some(ids) => self.repo.read_tree(ids),
+                        None => Err(anyhow::anyhow!("directory without a tree")),
+                    };
+                    match sub {
+                        Ok(t) => self.tree(pipe, t.nodes, &path, &child_rel)?,
+                        Err(e) => self
+                            .summary
+                            .failed
+                            .push(format!("{child_rel}/: directory listing unreadable: {e:#}")),
+                    }
+                    if take {
+                        self.summary.dirs += 1;
+                        self.dirs.push((path, node));
+                    }
+                }
+                NodeType::Symlink if take => {
+                    let target = node.target_bytes().unwrap_or_default();
+                    if let Ok(m) = fs::symlink_metadata(&path) {
+                        if m.is_dir() {
+                            self.summary.failed.push(format!("{child_rel}: a directory is in the way of a symlink; left as it is"));
+                            continue;
+                        }
+                    }
+                    let tmp = temp_name(&path);
+                    std::os::unix::fs::symlink(OsStr::from_bytes(&target), &tmp)
+                        .and_then(|_| fs::rename(&tmp, &path))
+                        .map_err(|e| {
+                            LabError::storage(format!("creating symlink {}: {e}", path.display()))
+                        })?;
+                    apply_meta(&path, &node, unsafe { libc::geteuid() } == 0, true);
+                    self.summary.symlinks += 1;
+                }
+                NodeType::File if take => {
+                    let content = node.content.clone();
+                    pipe.op(Op::FileStart {
+                        path,
+                        node: Box::new(node),
+                    })?;
+                    pipe.content(self.repo, &content)?;
+                    pipe.op(Op::FileEnd)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn temp_name(path: &Path) -> PathBuf {
+    let mut name = b".labctl-restore-".to_vec();
+    name.extend_from_slice(format!("{:08x}-", rand::random::<u32>()).as_bytes());
+    name.extend_from_slice(path.file_name().map(|n| n.as_bytes()).unwrap_or(b"x"));
+    name.truncate(240);
+    path.with_file_name(OsStr::from_bytes(&name))
+}
+
+struct OpenFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    node: Box<Node>,
+    file: fs::File,
+    error: Option<String>,
+}
+
+struct DirWriter {
+    current: Option<OpenFile>,
+    summary: RestoreSummary,
+    is_root: bool,
+    progress: Progress,
+}
+
+impl DirWriter {
+    fn apply(&mut self, op: Op) -> anyhow::Result<()> {
+        match op {
+            Op::FileStart { path, node } => {
+                let tmp = temp_name(&path);
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)
+                    .map_err(|e| LabError::storage(format!("creating {}: {e}", tmp.display())))?;
+                self.current = Some(OpenFile {
+                    tmp,
+                    path,
+                    node,
+                    file,
+                    error: None,
+                });
+            }
+            Op::Data(r) => {
+                let cur = self.current.as_mut().expect("data inside a file");
+                if cur.error.is_some() {
+                    return Ok(());
+                }
+                match r {
+                    Ok(d) => {
+                        cur.file.write_all(&d).map_err(|e| {
+                            LabError::storage(format!("writing {}: {e}", cur.tmp.display()))
+                        })?;
+                        self.progress.add(d.len() as u64);
+                        self.summary.bytes += d.len() as u64;
+                    }
+                    Err(e) => cur.error = Some(format!("{e:#}")),
+                }
+            }
+            Op::Zero(n) => {
+                let cur = self.current.as_mut().expect("zero run inside a file");
+                cur.file.seek(SeekFrom::Current(n as i64))?;
+                self.summary.bytes += n;
+            }
+            Op::FileEnd => {
+                let cur = self.current.take().expect("file end after start");
+                self.finish_file(cur)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_file(&mut self, cur: OpenFile) -> anyhow::Result<()> {
+        if let Some(err) = cur.error {
+            let _ = fs::remove_file(&cur.tmp);
+            self.summary
+                .failed
+                .push(format!("{}: not restored: {err}", cur.path.display()));
+            return Ok(());
+        }
+        cur.file
+            .set_len(cur.node.size)
+            .map_err(|e| LabError::storage(format!("{}: {e}", cur.tmp.display())))?;
+        drop(cur.file);
+        if let Ok(m) = fs::symlink_metadata(&cur.path) {
+            if m.is_dir() {
+                let _ = fs::remove_file(&cur.tmp);
+                self.summary.failed.push(format!(
+                    "{}: a directory is in the way; left as it is",
+                    cur.path.display()
+                ));
+                return Ok(());
+            }
+        }
+        apply_meta(&cur.tmp, &cur.node, self.is_root, false);
+        fs::rename(&cur.tmp, &cur.path)
+            .map_err(|e| LabError::storage(format!("renaming into {}: {e}", cur.path.display())))?;
+        self.summary.files += 1;
+        Ok(())
+    }
+
+    fn abort_current(&mut self) {
+        if let Some(cur) = self.current.take() {
+            let _ = fs::remove_file(&cur.tmp);
+        }
+    }
+}
+
+/// Sets owner (as root), mode and mtime. Failures are ignored: a restore
+/// by a normal user cannot chown.
+fn apply_meta(path: &Path, node: &Node, is_root: bool, symlink: bool) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("no NUL in paths");
+    if is_root {
+        unsafe { libc::lchown(c.as_ptr(), node.uid, node.gid) };
+    }
+    if !symlink {
+        let _ = fs::set_permissions(path, fs::Permissions::from_mode(node.mode & 0o7777));
+    }
+    let secs = node.mtime_ns.div_euclid(1_000_000_000) as i64;
+    let nanos = node.mtime_ns.rem_euclid(1_000_000_000) as u32;
+    let t = filetime::FileTime::from_unix_time(secs, nanos);
+    let _ = filetime::set_symlink_file_times(path, t, t);
+}
+
+/// Restores one file of a snapshot (a stream snapshot's only file when
+/// `path` is `None`) to `out`.
+///
+/// # Errors
+/// Usage errors for a missing path; key, storage and integrity errors.
+pub fn restore_to_writer(
+    repo: &Repository,
+    snap_id: &Id,
+    path: Option<&str>,
+    out: &mut (dyn Write + Send),
+    threads: usize,
+) -> anyhow::Result<u64> {
+    repo.keys.data_identity("restore")?;
+    let (snap, _) = repo.load_snapshot(snap_id)?;
+    let node = find_file(repo, &snap.root, path)?;
+    let (ops_tx, ops_rx) = bounded::<(u64, Op)>(WINDOW * 2);
+    let (credit_tx, credit_rx) = credit_channel();
+    let mut pipe = Pipeline::start(repo, threads, ops_tx, credit_rx);
+    let mut written = 0u64;
+    let result = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            run_writer(ops_rx, credit_tx, |op| {
+                match op {
+                    Op::Data(r) => {
+                        let d = r?;
+                        out.write_all(&d)?;
+                        written += d.len() as u64;
+                    }
+                    Op::Zero(n) => {
+                        let zeros = vec![0u8; 1 << 16];
+                        let mut left = n;
+                        while left > 0 {
+                            let k = left.min(zeros.len() as u64) as usize;
+                            out.write_all(&zeros[..k])?;
+                            left -= k as u64;
+                        }
+                        written += n;
+                    }
+                    _ => {}
+                }
+                Ok(())
+            })
+        });
+        let r = pipe.content(repo, &node.content);
+        pipe.close();
+        let w = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("restore writer panicked"))?;
+        w.and(r)
+    });
+    result?;
+    out.flush()?;
+    if written != node.size {
+        return Err(LabError::integrity(format!(
+            "restored {written} bytes but the snapshot records {}",
+            node.size
+        ))
+        .into());
+    }
+    Ok(written)
+}
+
+fn find_file(repo: &Repository, root: &[Id], path: Option<&str>) -> anyhow::Result<Node> {
+    let mut tree = repo.read_tree(root)?;
+    let Some(path) = path else {
+        let files: Vec<_> = tree
+            .nodes
+            .into_iter()
+            .filter(|n| n.node_type == NodeType::File)
+            .collect();
+        if files.len() == 1 {
+            return Ok(files.into_iter().next().unwrap());
+        }
+        return Err(LabError::usage(
+            "this snapshot holds a directory tree; name the file to write with --path",
+        )
+        .into());
+    };
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let node = tree
+            .nodes
+            .into_iter()
+            .find(|n| n.name == *part)
+            .ok_or_else(|| LabError::usage(format!("path {path} is not in the snapshot")))?;
+        if i + 1 == parts.len() {
+            if node.node_type != NodeType::File {
+                return Err(LabError::usage(format!("{path} is not a regular file")).into());
+            }
+            return Ok(node);
+        }
+        let sub = node
+            .subtree
+            .ok_or_else(|| LabError::usage(format!("{part} in {path} is not a directory")))?;
+        tree = repo.read_tree(&sub)?;
+    }
+    Err(LabError::new(ExitCode::Usage, "empty path").into())
+}

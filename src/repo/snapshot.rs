@@ -1,0 +1,114 @@
+//! Snapshot manifests (`snapshots/<id>`), readable with the META identity.
+//!
+//! Header `"LCSNAP" u16le(1)`, then an age message (META) whose plaintext is
+//! `u32le(json length) | JSON | u64le(n) | n × chunk id [32]`. The JSON holds
+//! what the design lists (source kind and name, host, time, tags, restore
+//! point, source facts, root tree, summary); the trailing list names every
+//! chunk the snapshot references, sorted and unique, so prune and check need
+//! only META.
+
+use crate::error::LabError;
+use crate::repo::format::{self, MAGIC_SNAPSHOT};
+use crate::repo::{crypto, Id};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What was backed up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Source {
+    /// `path`, `stream`, later `etcd`, `pvc`, `kube`, `mlflow`, `kubeflow`, `proxmox-vm`.
+    pub kind: String,
+    pub name: String,
+}
+
+/// Counters of one backup run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct BackupSummary {
+    pub files_new: u64,
+    pub files_changed: u64,
+    pub files_unchanged: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes_read: u64,
+    pub bytes_total: u64,
+    pub chunks_new: u64,
+    pub bytes_new_raw: u64,
+    /// Bytes added to the repository (compressed, encrypted, in packs).
+    pub bytes_added: u64,
+    pub packs_written: u64,
+    pub errors: Vec<String>,
+    pub duration_ms: u64,
+}
+
+/// The snapshot JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Snapshot {
+    pub version: u32,
+    pub time: String,
+    pub source: Source,
+    pub host: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_point: Option<String>,
+    #[serde(default)]
+    pub facts: BTreeMap<String, serde_json::Value>,
+    /// Chunks of the root tree.
+    pub root: Vec<Id>,
+    pub summary: BackupSummary,
+    pub labctl_version: String,
+}
+
+/// Encrypts a snapshot; returns (id, bytes).
+pub fn encode(snap: &Snapshot, chunks: &[Id], meta: &age::x25519::Recipient) -> (Id, Vec<u8>) {
+    let json = serde_json::to_vec(snap).expect("serializable");
+    let mut plain = Vec::with_capacity(json.len() + 12 + chunks.len() * 32);
+    plain.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    plain.extend_from_slice(&json);
+    plain.extend_from_slice(&(chunks.len() as u64).to_le_bytes());
+    for c in chunks {
+        plain.extend_from_slice(&c.0);
+    }
+    let mut out = format::header(MAGIC_SNAPSHOT).to_vec();
+    out.extend_from_slice(&crypto::encrypt(std::slice::from_ref(meta), &plain));
+    (Id::of_object(&out), out)
+}
+
+/// Decrypts a snapshot; returns the JSON part and the referenced chunks.
+///
+/// # Errors
+/// Integrity or key errors naming `what`.
+pub fn decode(
+    bytes: &[u8],
+    meta: &age::x25519::Identity,
+    what: &str,
+) -> Result<(Snapshot, Vec<Id>), LabError> {
+    let body = format::strip_header(bytes, MAGIC_SNAPSHOT, what)?;
+    let plain = crypto::decrypt(meta, body, what)?;
+    let bad = || LabError::integrity(format!("{what}: malformed snapshot"));
+    if plain.len() < 4 {
+        return Err(bad());
+    }
+    let jl = u32::from_le_bytes(plain[..4].try_into().unwrap()) as usize;
+    let json = plain.get(4..4 + jl).ok_or_else(bad)?;
+    let snap: Snapshot = serde_json::from_slice(json)
+        .map_err(|e| LabError::integrity(format!("{what}: malformed snapshot ({e})")))?;
+    let rest = &plain[4 + jl..];
+    if rest.len() < 8 {
+        return Err(bad());
+    }
+    let n = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+    let ids = &rest[8..];
+    if ids.len() != n.checked_mul(32).ok_or_else(bad)? {
+        return Err(bad());
+    }
+    Ok((
+        snap,
+        ids.chunks_exact(32)
+            .map(|c| Id::from_slice(c).unwrap())
+            .collect(),
+    ))
+}
