@@ -35,9 +35,13 @@ pub struct InitCmd {
     /// Create the repository without any escrow copy of the restore key.
     #[arg(long)]
     pub no_escrow: bool,
-    /// zstd level for data (0 stores raw).
+    /// zstd level for files, streams and trees (0 stores raw).
     #[arg(long, default_value_t = 3)]
     pub compression: i32,
+    /// zstd level for fixed-size disk image chunks (0 stores raw). Random
+    /// regions are detected by a quick probe and stored raw at any level.
+    #[arg(long, default_value_t = 3)]
+    pub image_compression: i32,
     /// Fixed chunk size for disk images, in KiB (power of two).
     #[arg(long, default_value_t = 256, value_name = "KIB")]
     pub fixed_chunk_kib: u32,
@@ -138,6 +142,7 @@ fn init(g: &GlobalArgs, c: InitCmd) -> anyhow::Result<ExitCode> {
             fixed_size: c.fixed_chunk_kib * 1024,
         },
         compression_level: c.compression,
+        image_compression_level: c.image_compression,
         pack_size: c.pack_mib << 20,
         admin_recipients,
         passphrase,

@@ -107,6 +107,7 @@ struct EncodeJob {
     kind: BlobKind,
     id: Id,
     data: Vec<u8>,
+    level: i32,
 }
 
 struct Encoded {
@@ -141,21 +142,16 @@ impl Uploader {
         };
         let (job_tx, job_rx) = bounded::<EncodeJob>(threads * 2);
         let (enc_tx, enc_rx) = bounded::<Encoded>(threads * 2);
+        let (put_tx, put_rx) = bounded::<(Id, Vec<u8>, Vec<PackEntry>)>(1);
         let (done_tx, done_rx) = unbounded::<PackDone>();
         let failure = Arc::new(Mutex::new(None));
         let mut handles = vec![];
         for _ in 0..threads {
             let (rx, tx) = (job_rx.clone(), enc_tx.clone());
-            let recipients = repo.keys.data_recipients.clone();
-            let level = repo.config.compression_level;
+            let mut encoder = blob::BlobEncoder::new(repo.keys.data_recipients.clone());
             handles.push(std::thread::spawn(move || {
                 for job in rx {
-                    let level = if job.kind == BlobKind::Tree {
-                        level.max(3)
-                    } else {
-                        level
-                    };
-                    let cipher = blob::encode(&job.data, level, &recipients);
+                    let cipher = encoder.encode(&job.data, job.level);
                     let enc = Encoded {
                         kind: job.kind,
                         id: job.id,
@@ -169,18 +165,31 @@ impl Uploader {
             }));
         }
         drop(enc_tx);
-        let backend = repo.backend.clone();
+        // Packer: fills packs; the writer thread below stores them, so
+        // encoding goes on while a pack is being written and synced.
         let meta = repo.keys.meta_recipient();
         let pack_size = repo.config.pack_size as usize;
+        handles.push(std::thread::spawn(move || {
+            let capacity = pack_size + (8 << 20);
+            let mut builder = PackBuilder::with_capacity(capacity);
+            for enc in enc_rx {
+                builder.add(enc.kind, enc.id, &enc.cipher, enc.raw_len);
+                if builder.len() >= pack_size {
+                    let full =
+                        std::mem::replace(&mut builder, PackBuilder::with_capacity(capacity));
+                    if put_tx.send(full.finish(&meta)).is_err() {
+                        return; // the writer failed; encoders drain via closed channels
+                    }
+                }
+            }
+            if !builder.is_empty() {
+                let _ = put_tx.send(builder.finish(&meta));
+            }
+        }));
+        let backend = repo.backend.clone();
         let fail = failure.clone();
         handles.push(std::thread::spawn(move || {
-            let mut builder = PackBuilder::new();
-            let mut failed = false;
-            let flush = |b: PackBuilder, failed: &mut bool| {
-                if *failed || b.is_empty() {
-                    return;
-                }
-                let (id, bytes, entries) = b.finish(&meta);
+            for (id, bytes, entries) in put_rx {
                 match backend.put(&format::pack_name(&id), &bytes) {
                     Ok(()) | Err(crate::backend::BackendError::AlreadyExists { .. }) => {
                         let _ = done_tx.send(PackDone {
@@ -193,20 +202,10 @@ impl Uploader {
                         *fail.lock().unwrap() = Some(
                             anyhow::Error::new(e).context(format!("writing pack {}", id.short())),
                         );
-                        *failed = true;
+                        return;
                     }
                 }
-            };
-            for enc in enc_rx {
-                if failed {
-                    continue; // drain so encoders never block
-                }
-                builder.add(enc.kind, enc.id, &enc.cipher, enc.raw_len);
-                if builder.len() >= pack_size {
-                    flush(std::mem::take(&mut builder), &mut failed);
-                }
             }
-            flush(builder, &mut failed);
         }));
         Uploader {
             jobs: Some(job_tx),
@@ -243,6 +242,7 @@ pub struct BackupRun<'r> {
     written: Vec<IndexedPack>,
     summary: BackupSummary,
     progress: Progress,
+    chunk_buf: Vec<u8>,
 }
 
 const INDEX_FLUSH_PACKS: usize = 32;
@@ -262,6 +262,7 @@ impl<'r> BackupRun<'r> {
             written: vec![],
             summary: BackupSummary::default(),
             progress,
+            chunk_buf: Vec::new(),
         })
     }
 
@@ -333,7 +334,7 @@ impl<'r> BackupRun<'r> {
     ///
     /// # Errors
     /// A failure of the packer (storage) or the catalog.
-    pub fn add_chunk(&mut self, kind: BlobKind, data: Vec<u8>) -> anyhow::Result<Id> {
+    pub fn add_chunk(&mut self, kind: BlobKind, data: Vec<u8>, level: i32) -> anyhow::Result<Id> {
         let id = crypto::chunk_id(&self.repo.keys.dedup_key, &data);
         self.referenced.insert(id);
         self.collect_done()?;
@@ -344,7 +345,15 @@ impl<'r> BackupRun<'r> {
         self.summary.chunks_new += 1;
         self.summary.bytes_new_raw += data.len() as u64;
         let jobs = self.up.jobs.as_ref().expect("uploader running");
-        if jobs.send(EncodeJob { kind, id, data }).is_err() {
+        if jobs
+            .send(EncodeJob {
+                kind,
+                id,
+                data,
+                level,
+            })
+            .is_err()
+        {
             self.up.check_failure()?;
             anyhow::bail!("backup workers stopped unexpectedly");
         }
@@ -361,12 +370,22 @@ impl<'r> BackupRun<'r> {
         kind: ChunkerKind,
         what: &str,
     ) -> anyhow::Result<Vec<ContentRef>> {
-        let mut chunker = Chunker::new(reader, kind, &self.repo.cdc, &self.repo.config.chunker);
+        let buf = std::mem::take(&mut self.chunk_buf);
+        let mut chunker =
+            Chunker::with_buffer(reader, kind, &self.repo.cdc, &self.repo.config.chunker, buf);
+        let level = match kind {
+            ChunkerKind::Fixed => self.repo.config.image_compression_level,
+            ChunkerKind::Cdc => self.repo.config.compression_level,
+        };
         let mut content: Vec<ContentRef> = vec![];
         loop {
-            let piece = chunker
-                .next_piece()
-                .map_err(|e| SourceError(format!("{what}: {e}")))?;
+            let piece = match chunker.next_piece() {
+                Ok(p) => p,
+                Err(e) => {
+                    self.chunk_buf = chunker.into_buffer();
+                    return Err(SourceError(format!("{what}: {e}")).into());
+                }
+            };
             match piece {
                 None => break,
                 Some(Piece::Zero(n)) => {
@@ -381,11 +400,12 @@ impl<'r> BackupRun<'r> {
                 Some(Piece::Data(d)) => {
                     self.summary.bytes_read += d.len() as u64;
                     self.progress.add(d.len() as u64);
-                    let id = self.add_chunk(BlobKind::Data, d)?;
+                    let id = self.add_chunk(BlobKind::Data, d, level)?;
                     content.push(ContentRef::Chunk(id));
                 }
             }
         }
+        self.chunk_buf = chunker.into_buffer();
         Ok(content)
     }
 
@@ -400,10 +420,10 @@ impl<'r> BackupRun<'r> {
         );
         let mut ids = vec![];
         while let Some(Piece::Data(d)) = chunker.next_piece()? {
-            ids.push(self.add_chunk(BlobKind::Tree, d)?);
+            ids.push(self.add_chunk(BlobKind::Tree, d, self.repo.config.compression_level)?);
         }
         if ids.is_empty() {
-            ids.push(self.add_chunk(BlobKind::Tree, vec![])?);
+            ids.push(self.add_chunk(BlobKind::Tree, vec![], 0)?);
         }
         Ok(ids)
     }

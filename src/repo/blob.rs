@@ -29,28 +29,89 @@ impl BlobKind {
     }
 }
 
-/// Compresses (when it helps) and encrypts one chunk.
-pub fn encode(plain: &[u8], level: i32, recipients: &[age::x25519::Recipient]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(plain.len() + 1);
-    if level > 0 {
-        body.push(BLOB_ZSTD);
-        let bound = zstd::zstd_safe::compress_bound(plain.len());
-        body.reserve(bound);
-        let mut c = zstd::bulk::Compressor::new(level).expect("valid zstd level");
-        let spare = body.capacity() - 1;
-        body.resize(1 + spare, 0);
-        match c.compress_to_buffer(plain, &mut body[1..]) {
-            Ok(n) if n < plain.len() => body.truncate(1 + n),
-            _ => {
-                body.clear();
-            }
+/// Compresses (when it helps) and encrypts chunks; one per worker thread,
+/// so zstd contexts and buffers are reused instead of re-created per blob.
+pub struct BlobEncoder {
+    recipients: Vec<age::x25519::Recipient>,
+    contexts: Vec<(i32, zstd::bulk::Compressor<'static>)>,
+    scratch: Vec<u8>,
+}
+
+impl BlobEncoder {
+    pub fn new(recipients: Vec<age::x25519::Recipient>) -> Self {
+        BlobEncoder {
+            recipients,
+            contexts: vec![],
+            scratch: vec![],
         }
     }
-    if body.is_empty() {
-        body.push(BLOB_RAW);
-        body.extend_from_slice(plain);
+
+    fn compressor(&mut self, level: i32) -> &mut zstd::bulk::Compressor<'static> {
+        let i = match self.contexts.iter().position(|(l, _)| *l == level) {
+            Some(i) => i,
+            None => {
+                let c = zstd::bulk::Compressor::new(level).expect("valid zstd level");
+                self.contexts.push((level, c));
+                self.contexts.len() - 1
+            }
+        };
+        &mut self.contexts[i].1
     }
-    crypto::encrypt(recipients, &body)
+
+    /// Whether a quick zstd-1 pass over four 8 KiB samples (at 0, 1/4, 1/2
+    /// and 3/4 of the chunk) shrinks any of them by at least 2%. Random or
+    /// already-compressed chunks fail this and are stored raw without a full
+    /// compression pass.
+    fn looks_compressible(&mut self, plain: &[u8]) -> bool {
+        const SAMPLE: usize = 8 * 1024;
+        if plain.len() < 16 * SAMPLE {
+            return true;
+        }
+        let q = plain.len() / 4;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut result = false;
+        for at in [0, q, 2 * q, 3 * q] {
+            let sample = &plain[at..at + SAMPLE];
+            scratch.clear();
+            scratch.reserve(zstd::zstd_safe::compress_bound(SAMPLE));
+            if let Ok(n) = self.compressor(1).compress_to_buffer(sample, &mut scratch) {
+                if n * 100 < SAMPLE * 98 {
+                    result = true;
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+        result
+    }
+
+    /// Encodes one chunk at zstd `level` (0 = store raw).
+    pub fn encode(&mut self, plain: &[u8], level: i32) -> Vec<u8> {
+        let mut compressed = false;
+        if level > 0 && !plain.is_empty() && self.looks_compressible(plain) {
+            let mut scratch = std::mem::take(&mut self.scratch);
+            scratch.clear();
+            scratch.reserve(zstd::zstd_safe::compress_bound(plain.len()));
+            if let Ok(n) = self
+                .compressor(level)
+                .compress_to_buffer(plain, &mut scratch)
+            {
+                compressed = n < plain.len();
+            }
+            self.scratch = scratch;
+        }
+        let (header, body): (u8, &[u8]) = if compressed {
+            (BLOB_ZSTD, &self.scratch)
+        } else {
+            (BLOB_RAW, plain)
+        };
+        crypto::encrypt_parts(&self.recipients, &[&[header], body])
+    }
+}
+
+/// Compresses (when it helps) and encrypts one chunk (convenience form).
+pub fn encode(plain: &[u8], level: i32, recipients: &[age::x25519::Recipient]) -> Vec<u8> {
+    BlobEncoder::new(recipients.to_vec()).encode(plain, level)
 }
 
 /// Decrypts, decompresses and verifies a blob.

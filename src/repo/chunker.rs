@@ -108,7 +108,7 @@ impl Gear {
 /// FastCDC 2020 cut-point search over a buffer.
 #[derive(Clone)]
 pub struct Cdc {
-    gear: Gear,
+    gear: std::sync::Arc<Gear>,
     min: usize,
     avg: usize,
     max: usize,
@@ -120,7 +120,7 @@ impl Cdc {
     pub fn new(seed: &[u8; 32], p: &ChunkerParams) -> Cdc {
         let bits = p.cdc_avg.trailing_zeros();
         Cdc {
-            gear: Gear::new(seed),
+            gear: std::sync::Arc::new(Gear::new(seed)),
             min: p.cdc_min as usize,
             avg: p.cdc_avg as usize,
             max: p.cdc_max as usize,
@@ -197,13 +197,29 @@ pub struct Chunker<R: Read> {
 
 impl<R: Read> Chunker<R> {
     pub fn new(reader: R, kind: ChunkerKind, cdc: &Cdc, params: &ChunkerParams) -> Self {
+        Self::with_buffer(reader, kind, cdc, params, Vec::new())
+    }
+
+    /// Like [`Chunker::new`], re-using `buf` (from [`Chunker::into_buffer`])
+    /// so that chunking many small files does not allocate and zero a
+    /// large buffer for each.
+    pub fn with_buffer(
+        reader: R,
+        kind: ChunkerKind,
+        cdc: &Cdc,
+        params: &ChunkerParams,
+        mut buf: Vec<u8>,
+    ) -> Self {
         let cap = (params.cdc_max as usize).max(params.fixed_size as usize) * 2;
+        if buf.len() < cap {
+            buf.resize(cap, 0);
+        }
         Chunker {
             reader,
             kind,
             cdc: cdc.clone(),
             fixed: params.fixed_size as usize,
-            buf: vec![0u8; cap],
+            buf,
             start: 0,
             end: 0,
             eof: false,
@@ -232,6 +248,11 @@ impl<R: Read> Chunker<R> {
             self.end += n;
         }
         Ok(())
+    }
+
+    /// Gives back the buffer for re-use.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
     }
 
     /// The next piece, or `None` at end of input.

@@ -17,8 +17,10 @@ pub struct RepoConfig {
     pub repo_id: String,
     pub created: String,
     pub chunker: ChunkerParams,
-    /// zstd level for file and stream data (0 = store raw).
+    /// zstd level for file and stream data and trees (0 = store raw).
     pub compression_level: i32,
+    /// zstd level for fixed-size chunks of disk images (0 = store raw).
+    pub image_compression_level: i32,
     /// Target pack size in bytes.
     pub pack_size: u32,
     pub meta_recipient: String,

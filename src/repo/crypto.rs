@@ -19,11 +19,20 @@ pub fn chunk_id(dedup_key: &[u8; 32], data: &[u8]) -> Id {
 
 /// Encrypts `plain` to `recipients` as one age message.
 pub fn encrypt(recipients: &[age::x25519::Recipient], plain: &[u8]) -> Vec<u8> {
+    encrypt_parts(recipients, &[plain])
+}
+
+/// Encrypts the concatenation of `parts` as one age message (no copy to join them).
+pub fn encrypt_parts(recipients: &[age::x25519::Recipient], parts: &[&[u8]]) -> Vec<u8> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
     let enc = age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
         .expect("at least one recipient");
-    let mut out = Vec::with_capacity(plain.len() + 256 + 200 * recipients.len());
+    // age adds a 16-byte tag per 64 KiB chunk plus a header of ~200 bytes per recipient.
+    let mut out = Vec::with_capacity(len + len / 4096 + 64 + 200 * recipients.len());
     let mut w = enc.wrap_output(&mut out).expect("writing to a Vec");
-    w.write_all(plain).expect("writing to a Vec");
+    for p in parts {
+        w.write_all(p).expect("writing to a Vec");
+    }
     w.finish().expect("writing to a Vec");
     out
 }

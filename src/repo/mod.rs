@@ -40,6 +40,7 @@ use std::sync::Arc;
 pub struct InitOptions {
     pub chunker: ChunkerParams,
     pub compression_level: i32,
+    pub image_compression_level: i32,
     pub pack_size: u32,
     /// Escrow copies of the restore key: admin age recipients.
     pub admin_recipients: Vec<age::x25519::Recipient>,
@@ -52,6 +53,7 @@ impl Default for InitOptions {
         InitOptions {
             chunker: ChunkerParams::default(),
             compression_level: 3,
+            image_compression_level: 3,
             pack_size: 32 << 20,
             admin_recipients: vec![],
             passphrase: None,
@@ -65,7 +67,9 @@ impl Default for InitOptions {
 /// Refused when a repository (a `config`) already exists there.
 pub fn init(backend: &dyn Backend, opts: &InitOptions) -> anyhow::Result<Keys> {
     opts.chunker.validate().map_err(LabError::usage)?;
-    if !(0..=19).contains(&opts.compression_level) {
+    if !(0..=19).contains(&opts.compression_level)
+        || !(0..=19).contains(&opts.image_compression_level)
+    {
         return Err(LabError::usage("compression level must be 0 (off) to 19").into());
     }
     if backend.stat(format::CONFIG_NAME)?.is_some() {
@@ -82,6 +86,7 @@ pub fn init(backend: &dyn Backend, opts: &InitOptions) -> anyhow::Result<Keys> {
         created: now_rfc3339(),
         chunker: opts.chunker,
         compression_level: opts.compression_level,
+        image_compression_level: opts.image_compression_level,
         pack_size: opts.pack_size,
         meta_recipient: keys.meta_recipient().to_string(),
         data_recipients: keys.data_recipients.iter().map(|r| r.to_string()).collect(),
@@ -175,11 +180,13 @@ impl Repository {
     ) -> anyhow::Result<Repository> {
         let bytes = match backend.get(format::CONFIG_NAME) {
             Ok(b) => b,
-            Err(BackendError::NotFound { .. }) => return Err(LabError::usage(format!(
+            Err(BackendError::NotFound { .. }) => {
+                return Err(LabError::usage(format!(
                 "no labctl repository at {} (no config object); create one with `labctl repo init`",
                 backend.location()
             ))
-            .into()),
+                .into())
+            }
             Err(e) => return Err(e.into()),
         };
         let config = RepoConfig::decode(&bytes)?;
