@@ -1,1 +1,15 @@
+//! labctl's integration tests: one binary, one module per area.
+//!
+//! Tests drive the real `labctl` binary in temporary directories with a
+//! cleared environment (so they can never touch a real repository), or the
+//! library directly where many cases are needed (property tests).
 
+mod common;
+
+mod cli;
+mod damage;
+mod dedup;
+mod fixture;
+mod keys;
+mod killed;
+mod roundtrip;

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs (idempotently) and runs all of it:
+# formatting, lints, unit tests, the integration suite.
+# Usage: scripts/test-all.sh        (CI runs exactly this via .ci/run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v setpriv >/dev/null || need_apt+=(util-linux)   # unprivileged-user test as root
+command -v cc >/dev/null || need_apt+=(gcc)                # rusqlite bundles SQLite (C)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  else
+    echo "missing packages: ${need_apt[*]} (install them, or run as root)" >&2
+    exit 1
+  fi
+fi
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --locked --all-targets
+echo "== doc tests"
+cargo test --locked --doc

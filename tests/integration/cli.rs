@@ -1,0 +1,244 @@
+//! The command-line surface: usage errors, help, man pages, exit codes.
+
+use crate::common::*;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+#[test]
+fn wrong_flag_is_a_usage_error() {
+    let env = Env::empty();
+    let out = env
+        .cmd()
+        .args(["backup", "path", "--no-such-flag", "/tmp"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--no-such-flag"), "{}", stderr(&out));
+}
+
+#[test]
+fn missing_repository_says_what_to_do() {
+    let env = Env::empty();
+    let out = env
+        .cmd()
+        .env_remove("LABCTL_REPO")
+        .args(["snapshots"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out)); // no key given comes first
+    let out = env
+        .cmd()
+        .env("LABCTL_KEY", env.path("nokey"))
+        .args(["snapshots"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    assert!(stderr(&out).contains("nokey"), "{}", stderr(&out));
+}
+
+#[test]
+fn no_repository_at_path_is_a_usage_error() {
+    let env = Env::new();
+    let out = env
+        .cmd()
+        .env("LABCTL_KEY", &env.backup_key)
+        .env("LABCTL_REPO", env.path("elsewhere"))
+        .args(["snapshots"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("repo init"), "{}", stderr(&out));
+}
+
+#[test]
+fn init_refuses_existing_repository_and_key_files() {
+    let env = Env::new();
+    let out = env.run(&[
+        "repo",
+        "init",
+        "--no-escrow",
+        "--backup-key",
+        env.path("b2").to_str().unwrap(),
+        "--restore-key",
+        env.path("r2").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let other = Env::empty();
+    let out = other.run(&[
+        "repo",
+        "init",
+        "--no-escrow",
+        "--backup-key",
+        env.backup_key.to_str().unwrap(),
+        "--restore-key",
+        other.restore_key.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    // Without escrow choice, init explains the choice.
+    let out = other.run(&[
+        "repo",
+        "init",
+        "--backup-key",
+        other.backup_key.to_str().unwrap(),
+        "--restore-key",
+        other.restore_key.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--no-escrow"));
+}
+
+#[test]
+fn init_writes_private_key_files_and_says_where_they_go() {
+    let env = Env::empty();
+    let out = env.ok(&[
+        "repo",
+        "init",
+        "--no-escrow",
+        "--backup-key",
+        env.backup_key.to_str().unwrap(),
+        "--restore-key",
+        env.restore_key.to_str().unwrap(),
+    ]);
+    for k in [&env.backup_key, &env.restore_key] {
+        assert_eq!(fs::metadata(k).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let text = stdout(&out);
+    assert!(
+        text.contains("backup host") && text.contains("offline"),
+        "{text}"
+    );
+}
+
+#[test]
+fn key_file_readable_by_others_is_refused() {
+    let env = Env::new();
+    fs::set_permissions(&env.backup_key, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = env.run(&["snapshots"]);
+    assert_eq!(out.status.code(), Some(5));
+    let err = stderr(&out);
+    assert!(err.contains("chmod 600"), "{err}");
+    // The error never shows key material.
+    assert!(!err.contains("AGE-SECRET-KEY"), "{err}");
+}
+
+#[test]
+fn help_teaches_and_lists_exit_codes() {
+    let env = Env::empty();
+    let out = env.cmd().arg("--help").output().unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains("Exit codes")
+            && text.contains("LABCTL_RESTORE_KEY")
+            && text.contains("labctl demo"),
+        "{text}"
+    );
+}
+
+#[test]
+fn man_pages_are_current() {
+    let dir = tempfile::tempdir().unwrap();
+    labctl::cli::write_man_pages(dir.path()).unwrap();
+    let man = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("man");
+    let names = |d: &std::path::Path| {
+        let mut v: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names(dir.path()),
+        names(&man),
+        "man/ is stale: run `cargo run -- generate-man man`"
+    );
+    for name in names(dir.path()) {
+        assert_eq!(
+            fs::read(dir.path().join(&name)).unwrap(),
+            fs::read(man.join(&name)).unwrap(),
+            "man/{name} is stale: run `cargo run -- generate-man man`"
+        );
+    }
+}
+
+#[test]
+fn json_outputs_parse() {
+    let env = Env::new();
+    let src = env.path("src");
+    write(&src.join("a.txt"), b"hello");
+    let summary = env.backup(&src);
+    assert_eq!(summary["summary"]["files-new"], 1);
+    let snaps: serde_json::Value =
+        serde_json::from_slice(&env.ok(&["--json", "snapshots"]).stdout).unwrap();
+    assert_eq!(snaps.as_array().unwrap().len(), 1);
+    assert_eq!(snaps[0]["id"], summary["snapshot-id"]);
+    let ls: serde_json::Value =
+        serde_json::from_slice(&env.ok_restore(&["--json", "ls", "latest"]).stdout).unwrap();
+    assert_eq!(ls[0]["path"], "a.txt");
+    let check: serde_json::Value =
+        serde_json::from_slice(&env.ok(&["--json", "check"]).stdout).unwrap();
+    assert_eq!(check["errors"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn snapshot_filters() {
+    let env = Env::new();
+    let a = env.path("a");
+    let b = env.path("b");
+    write(&a.join("f"), b"1");
+    write(&b.join("f"), b"2");
+    env.ok(&[
+        "backup",
+        "path",
+        a.to_str().unwrap(),
+        "--tag",
+        "nightly",
+        "--host",
+        "h1",
+    ]);
+    env.ok(&[
+        "backup",
+        "path",
+        b.to_str().unwrap(),
+        "--tag",
+        "weekly",
+        "--host",
+        "h2",
+    ]);
+    let count = |args: &[&str]| {
+        let mut all = vec!["--json", "snapshots"];
+        all.extend_from_slice(args);
+        let v: serde_json::Value = serde_json::from_slice(&env.ok(&all).stdout).unwrap();
+        v.as_array().unwrap().len()
+    };
+    assert_eq!(count(&[]), 2);
+    assert_eq!(count(&["--tag", "nightly"]), 1);
+    assert_eq!(count(&["--host", "h2"]), 1);
+    assert_eq!(
+        count(&["--source", fs::canonicalize(&a).unwrap().to_str().unwrap()]),
+        1
+    );
+    assert_eq!(count(&["--tag", "none"]), 0);
+}
+
+#[test]
+fn demo_runs_the_main_job() {
+    let env = Env::empty();
+    let state = env.path("state");
+    let out = env
+        .cmd()
+        .args([
+            "--json",
+            "demo",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--sample-mib",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert_success(&out, &["demo"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verified"], true);
+    assert_same_tree(&state.join("sample"), &state.join("staging"));
+}

@@ -1,0 +1,172 @@
+//! Shared helpers: a scratch environment, running the binary, tree builders.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_labctl");
+
+/// A scratch directory with a repository, key files and a cache.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub repo: PathBuf,
+    pub backup_key: PathBuf,
+    pub restore_key: PathBuf,
+    pub cache: PathBuf,
+}
+
+impl Env {
+    /// A scratch dir without a repository.
+    pub fn empty() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let p = dir.path().to_path_buf();
+        Env {
+            repo: p.join("repo"),
+            backup_key: p.join("backup.key"),
+            restore_key: p.join("restore.key"),
+            cache: p.join("cache"),
+            dir,
+        }
+    }
+
+    /// A scratch dir with an initialised repository (small packs so tests
+    /// produce several of them).
+    pub fn new() -> Env {
+        let env = Env::empty();
+        env.ok(&[
+            "repo",
+            "init",
+            "--no-escrow",
+            "--pack-mib",
+            "1",
+            "--backup-key",
+            env.backup_key.to_str().unwrap(),
+            "--restore-key",
+            env.restore_key.to_str().unwrap(),
+        ]);
+        env
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// A command with a cleared environment, the repository and cache set,
+    /// and no key (tests pass keys explicitly).
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", self.dir.path())
+            .env("LABCTL_REPO", &self.repo)
+            .env("LABCTL_CACHE_DIR", &self.cache)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs labctl with the backup key.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd()
+            .env("LABCTL_KEY", &self.backup_key)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs labctl with the restore key only.
+    pub fn run_restore(&self, args: &[&str]) -> Output {
+        self.cmd()
+            .env("LABCTL_RESTORE_KEY", &self.restore_key)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs with the backup key and asserts success.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let out = self.run(args);
+        assert_success(&out, args);
+        out
+    }
+
+    pub fn ok_restore(&self, args: &[&str]) -> Output {
+        let out = self.run_restore(args);
+        assert_success(&out, args);
+        out
+    }
+
+    /// Backs up `dir` and returns the JSON summary.
+    pub fn backup(&self, dir: &Path) -> serde_json::Value {
+        let out = self.ok(&["--json", "backup", "path", dir.to_str().unwrap()]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn packs(&self) -> Vec<PathBuf> {
+        list_files(&self.repo.join("packs"))
+    }
+}
+
+pub fn assert_success(out: &Output, args: &[&str]) {
+    assert!(
+        out.status.success(),
+        "labctl {args:?} failed with {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// All regular files below `dir`, sorted.
+pub fn list_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    h.finalize_xof().fill(&mut out);
+    out
+}
+
+/// Writes a file, creating parent directories.
+pub fn write(path: &Path, data: &[u8]) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, data).unwrap();
+}
+
+/// Compares two trees (content, modes, mtimes, symlinks); panics with the differences.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let diffs = labctl::demo::compare_trees(a, b).unwrap();
+    assert!(diffs.is_empty(), "trees differ:\n{}", diffs.join("\n"));
+}
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}

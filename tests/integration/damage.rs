@@ -1,0 +1,274 @@
+//! Bad input and damage: clear errors, documented exit codes, nothing else harmed.
+
+use crate::common::*;
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+
+/// A repository with several files spread over several 1 MiB packs.
+fn populated() -> (Env, std::path::PathBuf) {
+    let env = Env::new();
+    let src = env.path("src");
+    for i in 0..8u64 {
+        write(&src.join(format!("dir/file{i}.bin")), &noise(700_000, i));
+    }
+    write(&src.join("small.txt"), b"small file");
+    env.backup(&src);
+    assert!(env.packs().len() >= 4, "want several packs");
+    (env, src)
+}
+
+fn pack_holding_most(env: &Env) -> std::path::PathBuf {
+    env.packs()
+        .into_iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap()
+}
+
+#[test]
+fn corrupted_pack_is_named_with_blobs_snapshots_and_files_and_others_restore() {
+    let (env, src) = populated();
+    let victim = pack_holding_most(&env);
+    let pack_id = victim.file_name().unwrap().to_string_lossy().to_string();
+    {
+        let mut f = fs::OpenOptions::new().write(true).open(&victim).unwrap();
+        f.seek(SeekFrom::Start(2000)).unwrap();
+        f.write_all(b"CORRUPTION").unwrap();
+    }
+    // The structural check cannot see inside packs; read-data does.
+    let out = env.run_restore(&["check", "--read-data"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains(&pack_id), "names the pack: {err}");
+    assert!(err.contains("damaged blob"), "names the blobs: {err}");
+    assert!(
+        err.contains("snapshot") && err.contains("dir/file"),
+        "names snapshots and files: {err}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&env.run_restore(&["--json", "check", "--read-data"]).stdout)
+            .unwrap();
+    let damage = &json["damage"][0];
+    assert_eq!(damage["pack"], pack_id.as_str());
+    let affected: Vec<String> = damage["affected"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(!affected.is_empty());
+    // Restore: the damaged files are reported, every other file restores intact.
+    let out_dir = env.path("restored");
+    let out = env.run_restore(&["restore", "latest", "--target", out_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let mut intact = 0;
+    for i in 0..8u64 {
+        let rel = format!("dir/file{i}.bin");
+        let restored = out_dir.join(&rel);
+        if affected.contains(&rel) {
+            assert!(!restored.exists(), "{rel} must not be half-written");
+            assert!(stderr(&out).contains(&rel), "{}", stderr(&out));
+        } else {
+            assert_eq!(
+                fs::read(&restored).unwrap(),
+                fs::read(src.join(&rel)).unwrap(),
+                "{rel}"
+            );
+            intact += 1;
+        }
+    }
+    assert!(intact > 0);
+    assert_eq!(fs::read(out_dir.join("small.txt")).unwrap(), b"small file");
+    // No temporary files are left behind.
+    assert!(list_files(&out_dir)
+        .iter()
+        .all(|p| !p.to_string_lossy().contains(".labctl-restore-")));
+}
+
+#[test]
+fn truncated_pack_fails_check_naming_it() {
+    let (env, _) = populated();
+    let victim = pack_holding_most(&env);
+    let len = fs::metadata(&victim).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let out = env.run(&["check"]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&victim.file_name().unwrap().to_string_lossy().to_string())
+            && err.contains("truncated"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_pack_fails_check_and_names_snapshot() {
+    let (env, _) = populated();
+    let victim = pack_holding_most(&env);
+    fs::remove_file(&victim).unwrap();
+    let out = env.run(&["check"]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = stderr(&out);
+    assert!(
+        err.contains("missing")
+            && err.contains(&victim.file_name().unwrap().to_string_lossy().to_string()),
+        "{err}"
+    );
+    assert!(err.contains("snapshot"), "{err}");
+}
+
+#[test]
+fn missing_snapshot_object_is_an_integrity_error() {
+    let (env, _) = populated();
+    // A damaged snapshot object is named.
+    let snap = list_files(&env.repo.join("snapshots")).pop().unwrap();
+    let mut bytes = fs::read(&snap).unwrap();
+    let n = bytes.len() - 5;
+    bytes[n] ^= 0xff;
+    fs::write(&snap, bytes).unwrap();
+    fs::remove_dir_all(&env.cache).unwrap();
+    let out = env.run(&["snapshots"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&snap.file_name().unwrap().to_string_lossy().to_string()),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn wrong_key_is_refused_with_key_exit_code() {
+    let (env, _) = populated();
+    let other = Env::new();
+    let out = env
+        .cmd()
+        .env("LABCTL_KEY", &other.backup_key)
+        .args(["snapshots"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    assert!(stderr(&out).contains("wrong key"), "{}", stderr(&out));
+    let out = env
+        .cmd()
+        .env("LABCTL_RESTORE_KEY", &other.restore_key)
+        .args([
+            "restore",
+            "latest",
+            "--target",
+            env.path("x").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    assert!(!env.path("x").exists(), "nothing written");
+}
+
+#[test]
+fn non_empty_target_is_refused_and_left_alone() {
+    let (env, _) = populated();
+    let target = env.path("target");
+    write(&target.join("keep.txt"), b"precious");
+    let out = env.run_restore(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(6));
+    assert!(stderr(&out).contains("--overwrite"), "{}", stderr(&out));
+    assert_eq!(list_files(&target), vec![target.join("keep.txt")]);
+    // With --overwrite the snapshot lands beside the existing file.
+    env.ok_restore(&[
+        "restore",
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+        "--overwrite",
+    ]);
+    assert_eq!(fs::read(target.join("keep.txt")).unwrap(), b"precious");
+    assert_eq!(fs::read(target.join("small.txt")).unwrap(), b"small file");
+}
+
+#[test]
+fn unreadable_source_file_is_reported_and_the_rest_backed_up() {
+    // Root reads everything, so the backup runs as an unprivileged user then.
+    let env = Env::empty();
+    let src = env.path("src");
+    write(&src.join("ok.txt"), b"fine");
+    write(&src.join("secret.txt"), b"no access");
+    let run_as = |args: &[&str]| {
+        let mut c = if is_root() {
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+            c
+        } else {
+            std::process::Command::new(BIN)
+        };
+        c.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", env.dir.path())
+            .env("LABCTL_REPO", &env.repo)
+            .env("LABCTL_CACHE_DIR", &env.cache)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    if is_root() {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        for p in [&src, &src.join("ok.txt")] {
+            std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(src.join("secret.txt"), fs::Permissions::from_mode(0o000)).unwrap();
+    let (b, r) = (
+        env.backup_key.to_str().unwrap(),
+        env.restore_key.to_str().unwrap(),
+    );
+    let out = run_as(&[
+        "repo",
+        "init",
+        "--no-escrow",
+        "--backup-key",
+        b,
+        "--restore-key",
+        r,
+    ]);
+    assert_success(&out, &["init"]);
+    let out = run_as(&[
+        "--key",
+        b,
+        "--json",
+        "backup",
+        "path",
+        src.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let errors = v["summary"]["errors"].to_string();
+    assert!(errors.contains("secret.txt"), "{errors}");
+    assert_eq!(v["summary"]["files-new"], 1);
+    // The snapshot exists and holds the readable file.
+    let out = run_as(&["--restore-key", r, "--json", "ls", "latest"]);
+    assert_success(&out, &["ls"]);
+    assert!(stdout(&out).contains("ok.txt") && !stdout(&out).contains("secret.txt"));
+}
+
+#[test]
+fn unsupported_repository_scheme_is_a_usage_error() {
+    let env = Env::new();
+    let out = env
+        .cmd()
+        .env("LABCTL_KEY", &env.backup_key)
+        .env("LABCTL_REPO", "s3://bucket/prefix")
+        .args(["snapshots"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not supported"), "{}", stderr(&out));
+}
