@@ -14,6 +14,7 @@ pub mod backend;
 pub mod catalog;
 pub mod cli;
 pub mod demo;
+pub mod directio;
 pub mod error;
 pub mod progress;
 pub mod repo;

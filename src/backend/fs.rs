@@ -6,15 +6,13 @@
 //! replaced, even by a racing writer), removes the temporary name and fsyncs
 //! the directory. Readers therefore see whole objects or none.
 //!
-//! Objects of 1 MiB and more (packs) are written with `O_DIRECT` through an
-//! aligned bounce buffer where the filesystem allows it: a nightly backup
-//! then neither evicts the host's page cache nor pays the kernel's copy into
-//! it. The unaligned tail is written after clearing `O_DIRECT`. Filesystems
-//! that refuse `O_DIRECT` (tmpfs) get ordinary buffered writes.
+//! Objects of 1 MiB and more (packs) are written with `O_DIRECT` where the
+//! filesystem allows it (see [`crate::directio`]).
 
 use super::{Backend, BackendError, BackendResult, ObjectInfo};
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use crate::directio::DirectWriter;
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 pub struct FsBackend {
@@ -51,18 +49,9 @@ impl FsBackend {
         fs::create_dir_all(dir)?;
         let tmp = dir.join(format!(".tmp-{:016x}", rand::random::<u64>()));
         let result = (|| {
-            let mut f = match direct::open(&tmp, data.len()) {
-                Some(f) => {
-                    direct::write_all(&f, data)?;
-                    f
-                }
-                None => {
-                    let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-                    f.write_all(data)?;
-                    f
-                }
-            };
-            f.flush()?;
+            let mut w = DirectWriter::create_new(&tmp, data.len() as u64)?;
+            w.write(data)?;
+            let f = w.finish(data.len() as u64)?;
             f.sync_all()?;
             drop(f);
             match fs::hard_link(&tmp, &path) {
@@ -171,79 +160,6 @@ impl Backend for FsBackend {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Self::io(name, e)),
         }
-    }
-}
-
-/// `O_DIRECT` writes through an aligned bounce buffer.
-mod direct {
-    use std::fs::{File, OpenOptions};
-    use std::io::Write;
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    use std::os::unix::io::AsRawFd;
-    use std::path::Path;
-
-    const ALIGN: usize = 4096;
-    const BLOCK: usize = 4 << 20;
-    const MIN_SIZE: usize = 1 << 20;
-
-    /// A 4 KiB-aligned heap buffer.
-    struct Aligned {
-        ptr: *mut u8,
-        layout: std::alloc::Layout,
-    }
-    impl Aligned {
-        fn new(len: usize) -> Aligned {
-            let layout = std::alloc::Layout::from_size_align(len, ALIGN).expect("valid layout");
-            let ptr = unsafe { std::alloc::alloc(layout) };
-            assert!(!ptr.is_null(), "out of memory");
-            Aligned { ptr, layout }
-        }
-        fn slice(&mut self, len: usize) -> &mut [u8] {
-            unsafe { std::slice::from_raw_parts_mut(self.ptr, len) }
-        }
-    }
-    impl Drop for Aligned {
-        fn drop(&mut self) {
-            unsafe { std::alloc::dealloc(self.ptr, self.layout) }
-        }
-    }
-
-    /// Opens `path` for direct writes when `len` is large enough and the
-    /// filesystem supports it.
-    pub fn open(path: &Path, len: usize) -> Option<File> {
-        if len < MIN_SIZE {
-            return None;
-        }
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok()
-    }
-
-    /// Writes `data`: aligned blocks directly, then the tail buffered.
-    pub fn write_all(f: &File, data: &[u8]) -> std::io::Result<()> {
-        let aligned_len = data.len() / ALIGN * ALIGN;
-        let mut buf = Aligned::new(BLOCK);
-        let mut off = 0;
-        while off < aligned_len {
-            let n = (aligned_len - off).min(BLOCK);
-            let b = buf.slice(n);
-            b.copy_from_slice(&data[off..off + n]);
-            f.write_all_at(b, off as u64)?;
-            off += n;
-        }
-        if off < data.len() {
-            let fd = f.as_raw_fd();
-            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-            if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            f.write_all_at(&data[off..], off as u64)?;
-        }
-        let mut f = f;
-        f.flush()
     }
 }
 

@@ -15,6 +15,7 @@
 //! skipped; the others are restored.
 
 use crate::catalog::BlobLocation;
+use crate::directio::DirectWriter;
 use crate::error::{ExitCode, LabError};
 use crate::progress::Progress;
 use crate::repo::tree::{ContentRef, Node, NodeType};
@@ -23,7 +24,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -399,7 +400,7 @@ struct OpenFile {
     tmp: PathBuf,
     path: PathBuf,
     node: Box<Node>,
-    file: fs::File,
+    file: DirectWriter,
     error: Option<String>,
 }
 
@@ -415,10 +416,7 @@ impl DirWriter {
         match op {
             Op::FileStart { path, node } => {
                 let tmp = temp_name(&path);
-                let file = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&tmp)
+                let file = DirectWriter::create_new(&tmp, node.size)
                     .map_err(|e| LabError::storage(format!("creating {}: {e}", tmp.display())))?;
                 self.current = Some(OpenFile {
                     tmp,
@@ -435,7 +433,7 @@ impl DirWriter {
                 }
                 match r {
                     Ok(d) => {
-                        cur.file.write_all(&d).map_err(|e| {
+                        cur.file.write(&d).map_err(|e| {
                             LabError::storage(format!("writing {}: {e}", cur.tmp.display()))
                         })?;
                         self.progress.add(d.len() as u64);
@@ -446,7 +444,9 @@ impl DirWriter {
             }
             Op::Zero(n) => {
                 let cur = self.current.as_mut().expect("zero run inside a file");
-                cur.file.seek(SeekFrom::Current(n as i64))?;
+                cur.file.zeros(n).map_err(|e| {
+                    LabError::storage(format!("writing {}: {e}", cur.tmp.display()))
+                })?;
                 self.summary.bytes += n;
             }
             Op::FileEnd => {
@@ -465,10 +465,11 @@ impl DirWriter {
                 .push(format!("{}: not restored: {err}", cur.path.display()));
             return Ok(());
         }
-        cur.file
-            .set_len(cur.node.size)
-            .map_err(|e| LabError::storage(format!("{}: {e}", cur.tmp.display())))?;
-        drop(cur.file);
+        let file = cur
+            .file
+            .finish(cur.node.size)
+            .map_err(|e| LabError::storage(format!("writing {}: {e}", cur.tmp.display())))?;
+        drop(file);
         if let Ok(m) = fs::symlink_metadata(&cur.path) {
             if m.is_dir() {
                 let _ = fs::remove_file(&cur.tmp);

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""labctl vs restic vs borg on the same data, in one run.
+
+Generates a reproducible mixed dataset (examples/benchdata.rs: a VM-image-like
+file with zero runs, random, text and repeated blocks, large files and a tree
+of small files), then for each tool: first backup, second backup after
+scattered 64 KiB writes to ~2% of the image plus an insertion near the start
+of a large file, and a restore of the second snapshot. Reports wall time,
+throughput, repository size, growth and peak RSS (from wait4 rusage of each
+tool process). Needs restic and borg (Debian packages restic, borgbackup).
+
+    python3 benches/run.py --size-mib 1024 [--tools labctl,restic,borg] [--json out.json]
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def du(path):
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(d, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def run(cmd, env=None, cwd=None, stdin=None):
+    """Runs cmd; returns (seconds, peak RSS in MiB)."""
+    start = time.monotonic()
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=stdin)
+    _, status, usage = os.wait4(p.pid, 0)
+    secs = time.monotonic() - start
+    err = p.stderr.read().decode(errors="replace")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({code}):\n{err}")
+    return secs, usage.ru_maxrss / 1024.0
+
+
+class Labctl:
+    name = "labctl"
+
+    def __init__(self, work, binary):
+        self.bin = binary
+        self.repo = os.path.join(work, "repo-labctl")
+        self.keys = os.path.join(work, "keys-labctl")
+        os.makedirs(self.keys, exist_ok=True)
+        self.env = dict(os.environ, LABCTL_REPO=self.repo, LABCTL_CACHE_DIR=os.path.join(work, "cache-labctl"),
+                        LABCTL_KEY=os.path.join(self.keys, "b.key"), LABCTL_RESTORE_KEY=os.path.join(self.keys, "r.key"))
+
+    def init(self):
+        run([self.bin, "-q", "repo", "init", "--no-escrow", "--backup-key", self.env["LABCTL_KEY"],
+             "--restore-key", self.env["LABCTL_RESTORE_KEY"]], env=self.env)
+
+    def backup(self, data):
+        return run([self.bin, "-q", "backup", "path", data], env=self.env)
+
+    def restore(self, target):
+        env = dict(self.env)
+        del env["LABCTL_KEY"]
+        return run([self.bin, "-q", "restore", "latest", "--target", target], env=env)
+
+
+class Restic:
+    name = "restic"
+
+    def __init__(self, work, _):
+        self.repo = os.path.join(work, "repo-restic")
+        self.env = dict(os.environ, RESTIC_REPOSITORY=self.repo, RESTIC_PASSWORD="bench-password",
+                        RESTIC_CACHE_DIR=os.path.join(work, "cache-restic"))
+
+    def init(self):
+        run(["restic", "init", "-q"], env=self.env)
+
+    def backup(self, data):
+        return run(["restic", "backup", "-q", data], env=self.env)
+
+    def restore(self, target):
+        return run(["restic", "restore", "-q", "latest", "--target", target], env=self.env)
+
+
+class Borg:
+    name = "borg"
+
+    def __init__(self, work, _):
+        self.repo = os.path.join(work, "repo-borg")
+        self.env = dict(os.environ, BORG_REPO=self.repo, BORG_PASSPHRASE="bench-password",
+                        BORG_BASE_DIR=os.path.join(work, "base-borg"), BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
+        self.n = 0
+
+    def init(self):
+        run(["borg", "init", "--encryption=repokey-blake2"], env=self.env)
+
+    def backup(self, data):
+        self.n += 1
+        return run(["borg", "create", "--compression", "zstd,3", f"::s{self.n}", data], env=self.env)
+
+    def restore(self, target):
+        os.makedirs(target, exist_ok=True)
+        return run(["borg", "extract", f"::s{self.n}"], env=self.env, cwd=target)
+
+
+def fmt(rows, size):
+    mib = size / 2**20
+    head = ("tool", "1st backup s", "MB/s", "RSS MiB", "repo MiB", "2nd backup s", "RSS MiB", "growth MiB", "restore s", "MB/s", "RSS MiB")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["tool"], f"{r['first_s']:.2f}", f"{size / r['first_s'] / 1e6:.0f}", f"{r['first_rss']:.0f}",
+            f"{r['repo_after_first'] / 2**20:.1f}", f"{r['second_s']:.2f}", f"{r['second_rss']:.0f}",
+            f"{r['growth'] / 2**20:.1f}", f"{r['restore_s']:.2f}", f"{size / r['restore_s'] / 1e6:.0f}",
+            f"{r['restore_rss']:.0f}"]) + " |")
+    return f"dataset: {mib:.0f} MiB\n" + "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--tools", default="labctl,restic,borg")
+    ap.add_argument("--work", default=os.path.join(ROOT, "bench-work"))
+    ap.add_argument("--json", help="also write results here")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args()
+
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "labctl", "--example", "benchdata"], cwd=ROOT, check=True)
+    binary = os.path.join(ROOT, "target/release/labctl")
+    gen = os.path.join(ROOT, "target/release/examples/benchdata")
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
+    data = os.path.join(args.work, "data")
+    subprocess.run([gen, "generate", data, str(args.size_mib)], check=True)
+    size = du(data)
+    tools = {"labctl": Labctl, "restic": Restic, "borg": Borg}
+    chosen = [tools[t](args.work, binary) for t in args.tools.split(",")]
+    results = {t.name: {"tool": t.name} for t in chosen}
+    for t in chosen:
+        t.init()
+        s, rss = t.backup(data)
+        results[t.name].update(first_s=s, first_rss=rss, repo_after_first=du(t.repo))
+        print(f"{t.name}: first backup {s:.2f}s, {rss:.0f} MiB RSS", file=sys.stderr)
+    subprocess.run([gen, "mutate", data], check=True)
+    for t in chosen:
+        s, rss = t.backup(data)
+        r = results[t.name]
+        r.update(second_s=s, second_rss=rss, repo_after_second=du(t.repo))
+        r["growth"] = r["repo_after_second"] - r["repo_after_first"]
+        print(f"{t.name}: second backup {s:.2f}s, growth {r['growth'] / 2**20:.1f} MiB", file=sys.stderr)
+    for t in chosen:
+        target = os.path.join(args.work, f"restore-{t.name}")
+        s, rss = t.restore(target)
+        results[t.name].update(restore_s=s, restore_rss=rss)
+        print(f"{t.name}: restore {s:.2f}s", file=sys.stderr)
+        shutil.rmtree(target, ignore_errors=True)
+    rows = [results[t.name] for t in chosen]
+    print(fmt(rows, size))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"size": size, "results": rows}, f, indent=2)
+    if not args.keep:
+        shutil.rmtree(args.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
