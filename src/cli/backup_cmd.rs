@@ -122,6 +122,9 @@ fn report(g: &GlobalArgs, o: &BackupOutcome) -> anyhow::Result<()> {
             s.duration_ms as f64 / 1000.0
         );
     }
+    for e in &s.skipped {
+        eprintln!("note: skipped {e}");
+    }
     for e in &s.errors {
         eprintln!("warning: not backed up: {e}");
     }

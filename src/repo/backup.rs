@@ -243,7 +243,12 @@ pub struct BackupRun<'r> {
     summary: BackupSummary,
     progress: Progress,
     chunk_buf: Vec<u8>,
+    /// Catalog writes are batched in transactions of up to [`TX_OPS`] rows.
+    in_tx: bool,
+    tx_ops: usize,
 }
+
+const TX_OPS: usize = 512;
 
 const INDEX_FLUSH_PACKS: usize = 32;
 
@@ -263,6 +268,8 @@ impl<'r> BackupRun<'r> {
             summary: BackupSummary::default(),
             progress,
             chunk_buf: Vec::new(),
+            in_tx: false,
+            tx_ops: 0,
         })
     }
 
@@ -270,12 +277,39 @@ impl<'r> BackupRun<'r> {
         &self.repo.catalog
     }
 
+    fn tx_begin(&mut self) -> anyhow::Result<()> {
+        if !self.in_tx {
+            self.repo.catalog.begin()?;
+            self.in_tx = true;
+        }
+        Ok(())
+    }
+
+    fn tx_commit(&mut self) -> anyhow::Result<()> {
+        if self.in_tx {
+            self.repo.catalog.commit()?;
+            self.in_tx = false;
+            self.tx_ops = 0;
+        }
+        Ok(())
+    }
+
+    /// Counts one catalog write in the current batch, committing full batches.
+    fn tx_op(&mut self) -> anyhow::Result<()> {
+        self.tx_begin()?;
+        self.tx_ops += 1;
+        if self.tx_ops >= TX_OPS {
+            self.tx_commit()?;
+        }
+        Ok(())
+    }
+
     /// Records packs the packer has written.
     fn collect_done(&mut self) -> anyhow::Result<()> {
         let mut got = false;
         while let Ok(done) = self.up.done.try_recv() {
             if !got {
-                self.catalog().begin()?;
+                self.tx_begin()?;
                 got = true;
             }
             self.catalog()
@@ -292,7 +326,7 @@ impl<'r> BackupRun<'r> {
             });
         }
         if got {
-            self.catalog().commit()?;
+            self.tx_commit()?;
         }
         if self.written.len() >= INDEX_FLUSH_PACKS {
             self.write_index()?;
@@ -323,10 +357,10 @@ impl<'r> BackupRun<'r> {
             .put(&format::index_name(&id), &bytes)
             .context_obj("writing index", &id)?;
         let ids: Vec<Id> = packs.iter().map(|p| p.id).collect();
-        self.catalog().begin()?;
+        self.tx_begin()?;
         self.catalog().mark_indexed(&ids, &id)?;
         self.catalog().add_index_file(&id)?;
-        self.catalog().commit()?;
+        self.tx_commit()?;
         Ok(())
     }
 
@@ -442,6 +476,7 @@ impl<'r> BackupRun<'r> {
         self.up.finish()?;
         self.collect_done()?;
         self.write_index()?;
+        self.tx_commit()?;
         if let Some(id) = self.pending.iter().next() {
             anyhow::bail!(
                 "internal error: chunk {} was queued but never written",
@@ -737,8 +772,8 @@ impl TreeWalker<'_, '_> {
             node.content = self.file(path, rel, &meta)?;
             self.run.summary.bytes_total += meta.len();
         } else {
-            self.run.summary.errors.push(format!(
-                "{}: special file (device, socket or fifo) skipped",
+            self.run.summary.skipped.push(format!(
+                "{}: special file (device, socket or fifo)",
                 path.display()
             ));
             return Ok(None);
@@ -763,6 +798,7 @@ impl TreeWalker<'_, '_> {
             if *old == facts {
                 if let Some(content) = decode_content(blob) {
                     if self.all_present(&content)? {
+                        self.run.tx_op()?;
                         self.run
                             .catalog()
                             .file_cache_touch(self.source, rel, self.run_id)?;
@@ -786,6 +822,7 @@ impl TreeWalker<'_, '_> {
         } else {
             self.run.summary.files_new += 1;
         }
+        self.run.tx_op()?;
         self.run.catalog().file_cache_put(
             self.source,
             rel,

@@ -125,8 +125,19 @@ impl Keys {
         let bad =
             |field: &str| LabError::key(format!("key file {what}: field '{field}' is malformed"));
         let f: KeyFileV1 = serde_json::from_str(text).map_err(|e| {
-            // serde_json errors quote only field names and positions, not values.
-            LabError::key(format!("key file {what} is not a labctl key file: {e}"))
+            // serde_json's message can quote the offending value, which may be
+            // secret: report only the position and the kind of problem.
+            let kind = match e.classify() {
+                serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                    "not valid JSON"
+                }
+                _ => "a missing, unknown or malformed field",
+            };
+            LabError::key(format!(
+                "key file {what} is not a labctl key file: {kind} at line {}, column {}",
+                e.line(),
+                e.column()
+            ))
         })?;
         if f.labctl_key != 1 {
             return Err(LabError::key(format!(
@@ -273,6 +284,19 @@ mod tests {
             b.data_identity("restore").err().map(|e| e.kind),
             Some(crate::error::ExitCode::Key)
         );
+    }
+
+    #[test]
+    fn parse_errors_never_quote_values() {
+        let k = Keys::generate("r");
+        let secret = crypto::identity_to_string(k.data_identity.as_ref().unwrap());
+        let text = k.to_json().replace(
+            "\"data-recipients\": [",
+            &format!("\"data-recipients\": \"{secret}\", \"x\": ["),
+        );
+        let err = Keys::from_json(&text, "k").unwrap_err();
+        assert!(!err.message.contains(&secret), "{}", err.message);
+        assert!(err.message.contains("line"), "{}", err.message);
     }
 
     #[test]

@@ -38,7 +38,11 @@ pub struct BackupSummary {
     /// Bytes added to the repository (compressed, encrypted, in packs).
     pub bytes_added: u64,
     pub packs_written: u64,
+    /// Files that could not be read (the backup is incomplete: exit code 3).
     pub errors: Vec<String>,
+    /// Special files (sockets, FIFOs, devices) deliberately not backed up.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
     pub duration_ms: u64,
 }
 

@@ -272,3 +272,88 @@ fn unsupported_repository_scheme_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("not supported"), "{}", stderr(&out));
 }
+
+/// A small tmpfs mounted for one test (root only: CI runs as root).
+struct SmallDisk(std::path::PathBuf);
+impl SmallDisk {
+    fn mount(path: std::path::PathBuf, size: &str) -> Option<SmallDisk> {
+        if !is_root() {
+            eprintln!("full-disk test needs root to mount a small tmpfs; skipped");
+            return None;
+        }
+        fs::create_dir_all(&path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                path.to_str().unwrap(),
+            ])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mounting a tmpfs failed");
+        Some(SmallDisk(path))
+    }
+}
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_disk_fails_cleanly_for_backup_and_restore() {
+    let env = Env::empty();
+    let Some(_disk) = SmallDisk::mount(env.repo.clone(), "3m") else {
+        return;
+    };
+    env.ok(&[
+        "repo",
+        "init",
+        "--no-escrow",
+        "--pack-mib",
+        "1",
+        "--backup-key",
+        env.backup_key.to_str().unwrap(),
+        "--restore-key",
+        env.restore_key.to_str().unwrap(),
+    ]);
+    let src = env.path("src");
+    write(&src.join("big.bin"), &noise(8 << 20, 1));
+    let out = env.run(&["backup", "path", src.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("pack") && stderr(&out).to_lowercase().contains("space"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(list_files(&env.repo.join("snapshots")).is_empty());
+    // The repository is still consistent.
+    env.ok(&["check"]);
+
+    // Restore onto a full disk: clean failure, no partial or temporary files.
+    let env2 = Env::new();
+    write(&env2.path("src/big.bin"), &noise(8 << 20, 2));
+    env2.backup(&env2.path("src"));
+    let target = env2.path("target");
+    let Some(_t) = SmallDisk::mount(target.clone(), "3m") else {
+        return;
+    };
+    fs::write(target.join("existing.txt"), b"keep me").unwrap();
+    let out = env2.run_restore(&[
+        "restore",
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+        "--overwrite",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert_eq!(
+        list_files(&target),
+        vec![target.join("existing.txt")],
+        "no partial or temporary files"
+    );
+    assert_eq!(fs::read(target.join("existing.txt")).unwrap(), b"keep me");
+}

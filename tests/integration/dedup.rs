@@ -72,3 +72,19 @@ fn changed_image_grows_by_touched_fixed_chunks_only() {
     env.ok_restore(&["restore", "latest", "--target", out.to_str().unwrap()]);
     assert_eq!(std::fs::read(out.join("disk.img")).unwrap(), img);
 }
+
+#[test]
+fn special_files_are_skipped_not_errors() {
+    let env = Env::new();
+    let src = env.path("src");
+    write(&src.join("a.txt"), b"a");
+    let sock = std::os::unix::net::UnixListener::bind(src.join("daemon.sock")).unwrap();
+    let out = env.ok(&["--json", "backup", "path", src.to_str().unwrap()]);
+    drop(sock);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["summary"]["skipped"].to_string().contains("daemon.sock"),
+        "{v}"
+    );
+    assert_eq!(v["summary"]["errors"].as_array().unwrap().len(), 0);
+}
