@@ -9,12 +9,13 @@ of a large file, and a restore of the second snapshot. Reports wall time,
 throughput, repository size, growth and peak RSS (from wait4 rusage of each
 tool process). Needs restic and borg (Debian packages restic, borgbackup).
 
-    python3 benches/run.py --size-mib 1024 [--tools labctl,restic,borg] [--json out.json]
+    python3 benches/run.py --size-mib 1024 [--tools labctl,restic,borg] [--repeat 3] [--json out.json]
 """
 import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -129,11 +130,32 @@ def main():
     ap.add_argument("--work", default=os.path.join(ROOT, "bench-work"))
     ap.add_argument("--json", help="also write results here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds (fresh repositories and data each time); the table shows medians")
     args = ap.parse_args()
 
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "labctl", "--example", "benchdata"], cwd=ROOT, check=True)
     binary = os.path.join(ROOT, "target/release/labctl")
     gen = os.path.join(ROOT, "target/release/examples/benchdata")
+    rounds = [one_round(args, binary, gen) for _ in range(args.repeat)]
+    size = rounds[0][0]
+    names = args.tools.split(",")
+    rows = []
+    for name in names:
+        per = [r[1][name] for r in rounds]
+        row = {"tool": name}
+        for key in per[0]:
+            if key != "tool":
+                row[key] = statistics.median(p[key] for p in per)
+        row["rounds"] = per
+        rows.append(row)
+    print(fmt(rows, size) + (f"\n(medians of {args.repeat} rounds)" if args.repeat > 1 else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"size": size, "results": rows}, f, indent=2)
+
+
+def one_round(args, binary, gen):
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
     data = os.path.join(args.work, "data")
@@ -160,13 +182,9 @@ def main():
         results[t.name].update(restore_s=s, restore_rss=rss)
         print(f"{t.name}: restore {s:.2f}s", file=sys.stderr)
         shutil.rmtree(target, ignore_errors=True)
-    rows = [results[t.name] for t in chosen]
-    print(fmt(rows, size))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"size": size, "results": rows}, f, indent=2)
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
+    return size, results
 
 
 if __name__ == "__main__":

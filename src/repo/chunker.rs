@@ -129,6 +129,36 @@ impl Cdc {
         }
     }
 
+    /// Rolls the gear hash two bytes per step over `buf[2*i..2*end]`,
+    /// returning the first cut point where `hash & mask == 0`.
+    #[inline(always)]
+    fn scan(
+        &self,
+        buf: &[u8],
+        i: &mut usize,
+        end: usize,
+        mask: u64,
+        hash: &mut u64,
+    ) -> Option<usize> {
+        let (gear, gear_ls) = (&self.gear.table, &self.gear.table_ls);
+        let mask_ls = mask << 1;
+        let mut h = *hash;
+        while *i < end {
+            let a = *i * 2;
+            h = (h << 2).wrapping_add(gear_ls[buf[a] as usize]);
+            if h & mask_ls == 0 {
+                return Some(a);
+            }
+            h = h.wrapping_add(gear[buf[a + 1] as usize]);
+            if h & mask == 0 {
+                return Some(a + 1);
+            }
+            *i += 1;
+        }
+        *hash = h;
+        None
+    }
+
     /// Length of the first chunk of `buf`. When `buf` is shorter than the
     /// maximum and not at end of input, the caller must supply more data.
     pub fn cut(&self, buf: &[u8]) -> usize {
@@ -142,34 +172,14 @@ impl Cdc {
         } else if remaining < center {
             center = remaining;
         }
-        let (gear, gear_ls) = (&self.gear.table, &self.gear.table_ls);
-        let (mask_s, mask_s_ls) = (self.mask_s, self.mask_s << 1);
-        let (mask_l, mask_l_ls) = (self.mask_l, self.mask_l << 1);
+        // Stricter mask up to the average size, looser after it.
         let mut hash: u64 = 0;
         let mut i = self.min / 2;
-        while i < center / 2 {
-            let a = i * 2;
-            hash = (hash << 2).wrapping_add(gear_ls[buf[a] as usize]);
-            if hash & mask_s_ls == 0 {
-                return a;
-            }
-            hash = hash.wrapping_add(gear[buf[a + 1] as usize]);
-            if hash & mask_s == 0 {
-                return a + 1;
-            }
-            i += 1;
+        if let Some(cut) = self.scan(buf, &mut i, center / 2, self.mask_s, &mut hash) {
+            return cut;
         }
-        while i < remaining / 2 {
-            let a = i * 2;
-            hash = (hash << 2).wrapping_add(gear_ls[buf[a] as usize]);
-            if hash & mask_l_ls == 0 {
-                return a;
-            }
-            hash = hash.wrapping_add(gear[buf[a + 1] as usize]);
-            if hash & mask_l == 0 {
-                return a + 1;
-            }
-            i += 1;
+        if let Some(cut) = self.scan(buf, &mut i, remaining / 2, self.mask_l, &mut hash) {
+            return cut;
         }
         remaining
     }
@@ -305,7 +315,16 @@ mod tests {
     }
 
     fn cut_all(data: &[u8], kind: ChunkerKind, p: &ChunkerParams) -> Vec<usize> {
-        let cdc = Cdc::new(&[1u8; 32], p);
+        cut_all_seeded(data, kind, p, [1u8; 32])
+    }
+
+    fn cut_all_seeded(
+        data: &[u8],
+        kind: ChunkerKind,
+        p: &ChunkerParams,
+        seed: [u8; 32],
+    ) -> Vec<usize> {
+        let cdc = Cdc::new(&seed, p);
         let mut c = Chunker::new(data, kind, &cdc, p);
         let mut out = vec![];
         while let Some(piece) = c.next_piece().unwrap() {
@@ -347,26 +366,8 @@ mod tests {
     fn seed_changes_boundaries() {
         let p = ChunkerParams::default();
         let data = pseudo_random(8 << 20, 7);
-        let a: Vec<usize> = {
-            let cdc = Cdc::new(&[1u8; 32], &p);
-            let mut c = Chunker::new(&data[..], ChunkerKind::Cdc, &cdc, &p);
-            std::iter::from_fn(|| c.next_piece().unwrap())
-                .map(|x| match x {
-                    Piece::Data(d) => d.len(),
-                    _ => 0,
-                })
-                .collect()
-        };
-        let b: Vec<usize> = {
-            let cdc = Cdc::new(&[2u8; 32], &p);
-            let mut c = Chunker::new(&data[..], ChunkerKind::Cdc, &cdc, &p);
-            std::iter::from_fn(|| c.next_piece().unwrap())
-                .map(|x| match x {
-                    Piece::Data(d) => d.len(),
-                    _ => 0,
-                })
-                .collect()
-        };
+        let a = cut_all_seeded(&data, ChunkerKind::Cdc, &p, [1u8; 32]);
+        let b = cut_all_seeded(&data, ChunkerKind::Cdc, &p, [2u8; 32]);
         assert_ne!(a, b);
     }
 

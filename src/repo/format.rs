@@ -54,6 +54,32 @@ pub fn strip_header<'a>(
     Ok(&bytes[HEADER_LEN..])
 }
 
+/// Seals a META object: header, then `plain` as one age message to the META
+/// recipient. Returns (id, object bytes); the id is the BLAKE3 of the bytes.
+pub fn seal_meta(
+    magic: &[u8; 6],
+    plain: &[u8],
+    meta: &age::x25519::Recipient,
+) -> (super::Id, Vec<u8>) {
+    let mut out = header(magic).to_vec();
+    out.extend_from_slice(&super::crypto::encrypt(std::slice::from_ref(meta), plain));
+    (super::Id::of_object(&out), out)
+}
+
+/// Opens an object sealed by [`seal_meta`].
+///
+/// # Errors
+/// Integrity errors (wrong kind, version, damage) or key errors, naming `what`.
+pub fn open_meta(
+    bytes: &[u8],
+    magic: &[u8; 6],
+    meta: &age::x25519::Identity,
+    what: &str,
+) -> Result<Vec<u8>, LabError> {
+    let body = strip_header(bytes, magic, what)?;
+    super::crypto::decrypt(meta, body, what)
+}
+
 /// Object names in the repository.
 pub fn pack_name(id: &super::Id) -> String {
     let h = id.hex();

@@ -9,7 +9,7 @@
 use crate::error::LabError;
 use crate::repo::format::{self, MAGIC_INDEX};
 use crate::repo::pack::{decode_entries, encode_entries, PackEntry};
-use crate::repo::{crypto, Id};
+use crate::repo::Id;
 
 /// One pack as an index fragment records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,9 +28,7 @@ pub fn encode(packs: &[IndexedPack], meta: &age::x25519::Recipient) -> (Id, Vec<
         plain.extend_from_slice(&p.size.to_le_bytes());
         encode_entries(&p.entries, &mut plain);
     }
-    let mut out = format::header(MAGIC_INDEX).to_vec();
-    out.extend_from_slice(&crypto::encrypt(std::slice::from_ref(meta), &plain));
-    (Id::of_object(&out), out)
+    format::seal_meta(MAGIC_INDEX, &plain, meta)
 }
 
 /// Decrypts and parses an index fragment.
@@ -42,8 +40,7 @@ pub fn decode(
     meta: &age::x25519::Identity,
     what: &str,
 ) -> Result<Vec<IndexedPack>, LabError> {
-    let body = format::strip_header(bytes, MAGIC_INDEX, what)?;
-    let plain = crypto::decrypt(meta, body, what)?;
+    let plain = format::open_meta(bytes, MAGIC_INDEX, meta, what)?;
     let bad = || LabError::integrity(format!("{what}: malformed index"));
     if plain.len() < 4 {
         return Err(bad());

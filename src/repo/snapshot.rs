@@ -9,7 +9,7 @@
 
 use crate::error::LabError;
 use crate::repo::format::{self, MAGIC_SNAPSHOT};
-use crate::repo::{crypto, Id};
+use crate::repo::Id;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -76,9 +76,7 @@ pub fn encode(snap: &Snapshot, chunks: &[Id], meta: &age::x25519::Recipient) -> 
     for c in chunks {
         plain.extend_from_slice(&c.0);
     }
-    let mut out = format::header(MAGIC_SNAPSHOT).to_vec();
-    out.extend_from_slice(&crypto::encrypt(std::slice::from_ref(meta), &plain));
-    (Id::of_object(&out), out)
+    format::seal_meta(MAGIC_SNAPSHOT, &plain, meta)
 }
 
 /// Decrypts a snapshot; returns the JSON part and the referenced chunks.
@@ -90,8 +88,7 @@ pub fn decode(
     meta: &age::x25519::Identity,
     what: &str,
 ) -> Result<(Snapshot, Vec<Id>), LabError> {
-    let body = format::strip_header(bytes, MAGIC_SNAPSHOT, what)?;
-    let plain = crypto::decrypt(meta, body, what)?;
+    let plain = format::open_meta(bytes, MAGIC_SNAPSHOT, meta, what)?;
     let bad = || LabError::integrity(format!("{what}: malformed snapshot"));
     if plain.len() < 4 {
         return Err(bad());

@@ -75,14 +75,7 @@ fn init_refuses_existing_repository_and_key_files() {
     ]);
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     // Without escrow choice, init explains the choice.
-    let out = other.run(&[
-        "repo",
-        "init",
-        "--backup-key",
-        other.backup_key.to_str().unwrap(),
-        "--restore-key",
-        other.restore_key.to_str().unwrap(),
-    ]);
+    let out = other.init(&[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--no-escrow"));
 }
@@ -90,15 +83,8 @@ fn init_refuses_existing_repository_and_key_files() {
 #[test]
 fn init_writes_private_key_files_and_says_where_they_go() {
     let env = Env::empty();
-    let out = env.ok(&[
-        "repo",
-        "init",
-        "--no-escrow",
-        "--backup-key",
-        env.backup_key.to_str().unwrap(),
-        "--restore-key",
-        env.restore_key.to_str().unwrap(),
-    ]);
+    let out = env.init(&["--no-escrow"]);
+    assert_success(&out, &["repo", "init"]);
     for k in [&env.backup_key, &env.restore_key] {
         assert_eq!(fs::metadata(k).unwrap().permissions().mode() & 0o777, 0o600);
     }

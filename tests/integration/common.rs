@@ -37,18 +37,25 @@ impl Env {
     /// produce several of them).
     pub fn new() -> Env {
         let env = Env::empty();
-        env.ok(&[
+        assert_success(
+            &env.init(&["--no-escrow", "--pack-mib", "1"]),
+            &["repo", "init"],
+        );
+        env
+    }
+
+    /// Runs `repo init` writing this env's key files, with `extra` flags.
+    pub fn init(&self, extra: &[&str]) -> Output {
+        let mut args = vec![
             "repo",
             "init",
-            "--no-escrow",
-            "--pack-mib",
-            "1",
             "--backup-key",
-            env.backup_key.to_str().unwrap(),
+            self.backup_key.to_str().unwrap(),
             "--restore-key",
-            env.restore_key.to_str().unwrap(),
-        ]);
-        env
+            self.restore_key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        self.run(&args)
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {

@@ -309,17 +309,10 @@ fn full_disk_fails_cleanly_for_backup_and_restore() {
     let Some(_disk) = SmallDisk::mount(env.repo.clone(), "3m") else {
         return;
     };
-    env.ok(&[
-        "repo",
-        "init",
-        "--no-escrow",
-        "--pack-mib",
-        "1",
-        "--backup-key",
-        env.backup_key.to_str().unwrap(),
-        "--restore-key",
-        env.restore_key.to_str().unwrap(),
-    ]);
+    assert_success(
+        &env.init(&["--no-escrow", "--pack-mib", "1"]),
+        &["repo", "init"],
+    );
     let src = env.path("src");
     write(&src.join("big.bin"), &noise(8 << 20, 1));
     let out = env.run(&["backup", "path", src.to_str().unwrap()]);

@@ -85,16 +85,10 @@ fn escrowed_restore_key_recovers_with_passphrase() {
     let pass = env.path("pass");
     fs::write(&pass, "correct horse battery staple\n").unwrap();
     fs::set_permissions(&pass, fs::Permissions::from_mode(0o600)).unwrap();
-    env.ok(&[
-        "repo",
-        "init",
-        "--passphrase-file",
-        pass.to_str().unwrap(),
-        "--backup-key",
-        env.backup_key.to_str().unwrap(),
-        "--restore-key",
-        env.restore_key.to_str().unwrap(),
-    ]);
+    assert_success(
+        &env.init(&["--passphrase-file", pass.to_str().unwrap()]),
+        &["repo", "init"],
+    );
     let src = env.path("src");
     write(&src.join("x"), b"recover me");
     env.backup(&src);
@@ -157,16 +151,10 @@ fn escrowed_restore_key_recovers_with_admin_identity() {
     .unwrap();
     fs::set_permissions(&id_file, fs::Permissions::from_mode(0o600)).unwrap();
     let recipient = admin.to_public().to_string();
-    env.ok(&[
-        "repo",
-        "init",
-        "--admin-recipient",
-        &recipient,
-        "--backup-key",
-        env.backup_key.to_str().unwrap(),
-        "--restore-key",
-        env.restore_key.to_str().unwrap(),
-    ]);
+    assert_success(
+        &env.init(&["--admin-recipient", &recipient]),
+        &["repo", "init"],
+    );
     let out_key = env.path("r.key");
     env.ok(&[
         "key",
