@@ -35,7 +35,9 @@ def du(path):
 
 
 def run(cmd, env=None, cwd=None, stdin=None):
-    """Runs cmd; returns (seconds, peak RSS in MiB)."""
+    """Runs cmd; returns (seconds, peak RSS in MiB). Dirty pages left by the
+    previous step are flushed first, so no tool pays for another's writeback."""
+    os.sync()
     start = time.monotonic()
     p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=stdin)
     _, status, usage = os.wait4(p.pid, 0)
@@ -137,7 +139,14 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "labctl", "--example", "benchdata"], cwd=ROOT, check=True)
     binary = os.path.join(ROOT, "target/release/labctl")
     gen = os.path.join(ROOT, "target/release/examples/benchdata")
-    rounds = [one_round(args, binary, gen) for _ in range(args.repeat)]
+    shutil.rmtree(args.work, ignore_errors=True)
+    # Nothing is deleted until all rounds are done: on ext4, creating files
+    # right after deleting thousands makes the inode allocator skip the
+    # recently freed ones, which would penalise whichever tool runs next.
+    # The tool order also rotates each round.
+    rounds = [one_round(args, binary, gen, i) for i in range(args.repeat)]
+    if not args.keep:
+        shutil.rmtree(args.work, ignore_errors=True)
     size = rounds[0][0]
     names = args.tools.split(",")
     rows = []
@@ -155,14 +164,16 @@ def main():
             json.dump({"size": size, "results": rows}, f, indent=2)
 
 
-def one_round(args, binary, gen):
-    shutil.rmtree(args.work, ignore_errors=True)
-    os.makedirs(args.work)
-    data = os.path.join(args.work, "data")
+def one_round(args, binary, gen, index):
+    work = os.path.join(args.work, f"round-{index}")
+    os.makedirs(work)
+    data = os.path.join(work, "data")
     subprocess.run([gen, "generate", data, str(args.size_mib)], check=True)
     size = du(data)
     tools = {"labctl": Labctl, "restic": Restic, "borg": Borg}
-    chosen = [tools[t](args.work, binary) for t in args.tools.split(",")]
+    names = args.tools.split(",")
+    names = names[index % len(names):] + names[:index % len(names)]
+    chosen = [tools[t](work, binary) for t in names]
     results = {t.name: {"tool": t.name} for t in chosen}
     for t in chosen:
         t.init()
@@ -177,13 +188,10 @@ def one_round(args, binary, gen):
         r["growth"] = r["repo_after_second"] - r["repo_after_first"]
         print(f"{t.name}: second backup {s:.2f}s, growth {r['growth'] / 2**20:.1f} MiB", file=sys.stderr)
     for t in chosen:
-        target = os.path.join(args.work, f"restore-{t.name}")
+        target = os.path.join(work, f"restore-{t.name}")
         s, rss = t.restore(target)
         results[t.name].update(restore_s=s, restore_rss=rss)
         print(f"{t.name}: restore {s:.2f}s", file=sys.stderr)
-        shutil.rmtree(target, ignore_errors=True)
-    if not args.keep:
-        shutil.rmtree(args.work, ignore_errors=True)
     return size, results
 
 

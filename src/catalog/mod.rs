@@ -15,13 +15,14 @@ use anyhow::Context;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS packs(id BLOB PRIMARY KEY, size INTEGER NOT NULL, index_id BLOB) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS blobs(id BLOB PRIMARY KEY, pack BLOB NOT NULL, kind INTEGER NOT NULL,
-    offset INTEGER NOT NULL, length INTEGER NOT NULL, raw_len INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs(id BLOB NOT NULL, pack BLOB NOT NULL, kind INTEGER NOT NULL,
+    offset INTEGER NOT NULL, length INTEGER NOT NULL, raw_len INTEGER NOT NULL, PRIMARY KEY(id, pack)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS marked_packs(id BLOB PRIMARY KEY) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
 CREATE TABLE IF NOT EXISTS index_files(id BLOB PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots(id BLOB PRIMARY KEY, time TEXT NOT NULL, kind TEXT NOT NULL,
@@ -81,22 +82,31 @@ impl Catalog {
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        )?;
         let v: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key='schema'", [], |r| {
                 r.get(0)
             })
             .optional()?;
-        match v {
-            None => {
-                conn.execute("INSERT INTO meta(key,value) VALUES('schema',?1)", [SCHEMA_VERSION.to_string()])?;
-            }
-            Some(v) if v == SCHEMA_VERSION.to_string() => {}
-            Some(v) => anyhow::bail!(
-                "catalog {} has schema {v}, this labctl knows {SCHEMA_VERSION}; run `labctl catalog rebuild`",
-                path.display()
-            ),
+        if v.as_deref() != Some(SCHEMA_VERSION.to_string().as_str()) {
+            // Another schema (or none): it is only a cache, so start afresh;
+            // the next sync reloads it from the repository.
+            conn.execute_batch(
+                "DROP TABLE IF EXISTS packs; DROP TABLE IF EXISTS blobs; DROP TABLE IF EXISTS index_files;
+                 DROP TABLE IF EXISTS snapshots; DROP TABLE IF EXISTS file_cache; DROP TABLE IF EXISTS marked_packs;
+                 DELETE FROM meta;",
+            )?;
+            conn.execute(
+                "INSERT INTO meta(key,value) VALUES('schema',?1)",
+                [SCHEMA_VERSION.to_string()],
+            )?;
         }
+        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS used(id BLOB PRIMARY KEY) WITHOUT ROWID;",
+        )?;
         Ok(Catalog {
             conn,
             path: path.to_path_buf(),
@@ -159,17 +169,21 @@ impl Catalog {
         Ok(())
     }
 
+    /// Whether a blob is stored in a pack that is not marked for deletion
+    /// (backups deduplicate only against those).
     pub fn has_blob(&self, id: &Id) -> anyhow::Result<bool> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT 1 FROM blobs WHERE id=?1")?;
+        let mut st = self.conn.prepare_cached(
+            "SELECT 1 FROM blobs WHERE id=?1 AND pack NOT IN (SELECT id FROM marked_packs)",
+        )?;
         Ok(st.exists([&id.0[..]])?)
     }
 
     pub fn blob(&self, id: &Id) -> anyhow::Result<Option<BlobLocation>> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT pack,kind,offset,length,raw_len FROM blobs WHERE id=?1")?;
+        // Any copy will do; prefer one in a pack not marked for deletion.
+        let mut st = self.conn.prepare_cached(
+            "SELECT pack,kind,offset,length,raw_len FROM blobs WHERE id=?1
+             ORDER BY pack IN (SELECT id FROM marked_packs), pack LIMIT 1",
+        )?;
         Ok(st
             .query_row([&id.0[..]], |r| {
                 Ok(BlobLocation {
@@ -261,6 +275,102 @@ impl Catalog {
         self.conn
             .execute_batch("DELETE FROM blobs; DELETE FROM packs; DELETE FROM index_files;")?;
         Ok(())
+    }
+
+    pub fn remove_index_file(&self, id: &Id) -> anyhow::Result<()> {
+        self.conn
+            .execute("DELETE FROM index_files WHERE id=?1", [&id.0[..]])?;
+        Ok(())
+    }
+
+    /// Forgets packs (after prune deleted them).
+    pub fn remove_packs(&self, packs: &[Id]) -> anyhow::Result<()> {
+        self.begin()?;
+        for p in packs {
+            self.conn
+                .execute("DELETE FROM blobs WHERE pack=?1", [&p.0[..]])?;
+            self.conn
+                .execute("DELETE FROM packs WHERE id=?1", [&p.0[..]])?;
+        }
+        self.commit()
+    }
+
+    /// Packs whose (first) index fragment is one of `files`, with sizes.
+    pub fn packs_in_index_files(&self, files: &[Id]) -> anyhow::Result<Vec<(Id, u64)>> {
+        let set: std::collections::HashSet<Id> = files.iter().copied().collect();
+        let mut st = self
+            .conn
+            .prepare("SELECT id,size,index_id FROM packs WHERE index_id IS NOT NULL")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                id_of(r.get(0)?),
+                r.get::<_, i64>(1)? as u64,
+                id_of(r.get(2)?),
+            ))
+        })?;
+        let mut out = vec![];
+        for row in rows {
+            let (id, size, index) = row?;
+            if set.contains(&index) {
+                out.push((id, size));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replaces the set of packs marked for deletion.
+    pub fn set_marks(&self, packs: &[Id]) -> anyhow::Result<()> {
+        self.begin()?;
+        self.conn.execute("DELETE FROM marked_packs", [])?;
+        for p in packs {
+            self.conn.execute(
+                "INSERT OR IGNORE INTO marked_packs(id) VALUES(?1)",
+                [&p.0[..]],
+            )?;
+        }
+        self.commit()
+    }
+
+    /// Empties the (per-connection, temporary) set of used chunks.
+    pub fn used_reset(&self) -> anyhow::Result<()> {
+        self.conn.execute("DELETE FROM temp.used", [])?;
+        Ok(())
+    }
+    pub fn used_add(&self, ids: &[Id]) -> anyhow::Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO temp.used(id) VALUES(?1)")?;
+        for id in ids {
+            st.execute([&id.0[..]])?;
+        }
+        Ok(())
+    }
+    pub fn is_used(&self, id: &Id) -> anyhow::Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM temp.used WHERE id=?1")?
+            .exists([&id.0[..]])?)
+    }
+
+    /// The pack whose copy of a blob prune keeps: the first unmarked pack
+    /// holding it, else the first pack at all.
+    pub fn keeper(&self, id: &Id) -> anyhow::Result<Option<Id>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT pack FROM blobs WHERE id=?1 ORDER BY pack IN (SELECT id FROM marked_packs), pack LIMIT 1",
+        )?;
+        Ok(st
+            .query_row([&id.0[..]], |r| Ok(id_of(r.get(0)?)))
+            .optional()?)
+    }
+
+    /// Whether `pack` holds a used blob that no unmarked pack also holds.
+    pub fn pack_holds_needed_blob(&self, pack: &Id) -> anyhow::Result<bool> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT 1 FROM blobs b WHERE b.pack=?1 AND b.id IN (SELECT id FROM temp.used)
+             AND NOT EXISTS (SELECT 1 FROM blobs o WHERE o.id=b.id AND o.pack<>b.pack
+                             AND o.pack NOT IN (SELECT id FROM marked_packs))",
+        )?;
+        Ok(st.exists([&pack.0[..]])?)
     }
 
     pub fn add_snapshot(

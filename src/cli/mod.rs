@@ -4,6 +4,7 @@
 
 mod backup_cmd;
 mod check_cmd;
+mod prune_cmd;
 mod repo_cmd;
 mod restore_cmd;
 mod snapshots_cmd;
@@ -89,6 +90,16 @@ pub enum Command {
     Restore(restore_cmd::RestoreCmd),
     /// Verify the repository: structure, or with --read-data every byte.
     Check(check_cmd::CheckCmd),
+    /// Remove snapshots by retention rules (per source); --dry-run explains each decision.
+    Forget(prune_cmd::ForgetCmd),
+    /// Free the space of forgotten data: mark unused packs, delete them after a grace period.
+    Prune {
+        #[command(flatten)]
+        args: prune_cmd::PruneCmd,
+        /// Show what would be marked, repacked and deleted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Manage the local catalog cache.
     #[command(subcommand)]
     Catalog(check_cmd::CatalogCmd),
@@ -119,6 +130,8 @@ pub fn run(cli: Cli) -> anyhow::Result<crate::error::ExitCode> {
         Command::Restore(c) => restore_cmd::run(g, c),
         Command::Check(c) => check_cmd::run_check(g, c),
         Command::Catalog(c) => check_cmd::run_catalog(g, c),
+        Command::Forget(c) => prune_cmd::run_forget(g, c),
+        Command::Prune { args, dry_run } => prune_cmd::run_prune(g, args, dry_run),
         Command::Key(c) => repo_cmd::run_key(g, c),
         Command::Demo(c) => repo_cmd::run_demo(g, c),
         Command::GenerateMan { dir } => {

@@ -14,6 +14,7 @@ pub const MAGIC_PACK: &[u8; 6] = b"LCPACK";
 pub const MAGIC_PACK_TRAILER: &[u8; 6] = b"LCPTRL";
 pub const MAGIC_INDEX: &[u8; 6] = b"LCINDX";
 pub const MAGIC_SNAPSHOT: &[u8; 6] = b"LCSNAP";
+pub const MAGIC_PRUNE: &[u8; 6] = b"LCPRUN";
 /// The current version of every object kind.
 pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 8;

@@ -14,11 +14,13 @@ pub mod check;
 pub mod chunker;
 pub mod config;
 pub mod crypto;
+pub mod forget;
 pub mod format;
 pub mod id;
 pub mod index;
 pub mod keys;
 pub mod pack;
+pub mod prune;
 pub mod restore;
 pub mod snapshot;
 pub mod tree;
@@ -265,6 +267,9 @@ impl Repository {
                 self.catalog.remove_snapshot(&known)?;
             }
         }
+        let (_, marks) = prune::load_marks(self)?;
+        self.catalog
+            .set_marks(&marks.keys().copied().collect::<Vec<_>>())?;
         let known: std::collections::HashSet<Id> =
             self.catalog.snapshot_ids()?.into_iter().collect();
         for id in snap_ids.iter().filter(|i| !known.contains(i)) {

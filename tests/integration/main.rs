@@ -12,4 +12,5 @@ mod dedup;
 mod fixture;
 mod keys;
 mod killed;
+mod prune;
 mod roundtrip;

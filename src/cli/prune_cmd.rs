@@ -1,0 +1,262 @@
+//! `labctl forget` and `labctl prune`.
+
+use super::{human_bytes, print_json, GlobalArgs};
+use crate::error::{ExitCode, LabError};
+use crate::repo::forget::{self, Candidate, KeepPolicy};
+use crate::repo::prune::{self, PruneOptions};
+use crate::repo::snapshot::Snapshot;
+use crate::repo::{format, Repository};
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct ForgetCmd {
+    /// Keep the N newest snapshots of each group.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent hours.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent days.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent ISO weeks.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent months.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent years.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Keep every snapshot within this long of the group's newest (7d, 2w, 1y6m, 36h).
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<String>,
+    /// What makes a group, comma-separated: source (kind and name), host, tags.
+    #[arg(long, default_value = "source", value_name = "KEYS")]
+    pub group_by: String,
+    /// Only consider snapshots of this source name (or kind:name).
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Only consider snapshots with this tag; repeatable.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Only consider snapshots taken on this host.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Show what would be removed and why each kept snapshot stays; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run `prune` afterwards.
+    #[arg(long)]
+    pub prune: bool,
+    #[command(flatten)]
+    pub prune_args: PruneCmd,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneCmd {
+    /// Delete a marked pack only after its mark is this old. Must exceed the
+    /// longest backup: shorter values can delete data a running backup uses.
+    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    pub grace: String,
+    /// Repack packs whose unused share reaches this percentage.
+    #[arg(long, default_value = "25%", value_name = "PCT")]
+    pub repack_threshold: String,
+    /// Show what prune would do; change nothing. (With forget: applies to both.)
+    #[arg(long = "prune-dry-run", hide = true)]
+    pub prune_dry_run: bool,
+}
+
+fn group_key(snap: &Snapshot, by: &[&str]) -> String {
+    let mut parts = vec![];
+    for k in by {
+        match *k {
+            "source" => parts.push(format!("{}:{}", snap.source.kind, snap.source.name)),
+            "host" => parts.push(format!("host={}", snap.host)),
+            "tags" => {
+                let mut t = snap.tags.clone();
+                t.sort();
+                parts.push(format!("tags={}", t.join(",")));
+            }
+            _ => {}
+        }
+    }
+    parts.join(" ")
+}
+
+pub fn run_forget(g: &GlobalArgs, c: ForgetCmd) -> anyhow::Result<ExitCode> {
+    let policy = KeepPolicy {
+        last: c.keep_last,
+        hourly: c.keep_hourly,
+        daily: c.keep_daily,
+        weekly: c.keep_weekly,
+        monthly: c.keep_monthly,
+        yearly: c.keep_yearly,
+        within: c
+            .keep_within
+            .as_deref()
+            .map(forget::parse_duration)
+            .transpose()?,
+    };
+    if policy.is_empty() {
+        return Err(LabError::usage(
+            "give at least one --keep-* rule; forget refuses to remove every snapshot",
+        )
+        .into());
+    }
+    let by: Vec<&str> = c.group_by.split(',').map(|s| s.trim()).collect();
+    if let Some(bad) = by.iter().find(|k| !["source", "host", "tags"].contains(k)) {
+        return Err(LabError::usage(format!(
+            "--group-by: unknown key '{bad}' (use source, host, tags)"
+        ))
+        .into());
+    }
+    let repo = g.open(false)?;
+    let mut candidates = vec![];
+    for row in repo.catalog.snapshots()? {
+        let snap: Snapshot = serde_json::from_str(&row.json)?;
+        if let Some(src) = &c.source {
+            if *src != snap.source.name
+                && *src != format!("{}:{}", snap.source.kind, snap.source.name)
+            {
+                continue;
+            }
+        }
+        if !c.tags.iter().all(|t| snap.tags.contains(t))
+            || c.host.as_ref().is_some_and(|h| *h != snap.host)
+        {
+            continue;
+        }
+        let time =
+            time::OffsetDateTime::parse(&snap.time, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| {
+                    LabError::integrity(format!(
+                        "snapshot {}: bad time {}",
+                        row.id.short(),
+                        snap.time
+                    ))
+                })?;
+        candidates.push(Candidate {
+            id: row.id,
+            time,
+            group: group_key(&snap, &by),
+        });
+    }
+    let decisions = forget::decide(candidates, &policy);
+    let removed: Vec<_> = decisions.iter().filter(|d| !d.keep).collect();
+    if !c.dry_run {
+        for d in &removed {
+            repo.backend.delete(&format::snapshot_name(&d.id))?;
+            repo.catalog.remove_snapshot(&d.id)?;
+        }
+    }
+    if g.json {
+        print_json(&serde_json::json!({"dry-run": c.dry_run, "decisions": decisions}))?;
+    } else if !g.quiet {
+        let mut group = "";
+        for d in &decisions {
+            if d.group != group {
+                println!("{}:", d.group);
+                group = &d.group;
+            }
+            if d.keep {
+                println!(
+                    "  keep   {} {}  ({})",
+                    d.id.short(),
+                    d.time,
+                    d.reasons.join(", ")
+                );
+            } else {
+                println!(
+                    "  {} {} {}",
+                    if c.dry_run { "would remove" } else { "remove" },
+                    d.id.short(),
+                    d.time
+                );
+            }
+        }
+        println!(
+            "{} snapshot(s) kept, {} {}",
+            decisions.len() - removed.len(),
+            removed.len(),
+            if c.dry_run {
+                "would be removed (dry run)"
+            } else {
+                "removed; run `labctl prune` to free their data"
+            }
+        );
+    }
+    if c.prune && !c.dry_run {
+        return prune_with(g, &repo, &c.prune_args, false);
+    }
+    Ok(ExitCode::Success)
+}
+
+fn parse_percent(s: &str) -> anyhow::Result<f64> {
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| LabError::usage(format!("'{s}' is not a percentage like 25%")))?;
+    if !(0.0..=100.0).contains(&v) {
+        return Err(LabError::usage(format!("'{s}' must be between 0% and 100%")).into());
+    }
+    Ok(v / 100.0)
+}
+
+pub fn run_prune(g: &GlobalArgs, c: PruneCmd, dry_run: bool) -> anyhow::Result<ExitCode> {
+    let repo = g.open(false)?;
+    prune_with(g, &repo, &c, dry_run)
+}
+
+fn prune_with(
+    g: &GlobalArgs,
+    repo: &Repository,
+    c: &PruneCmd,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    let grace = forget::parse_duration(&c.grace)?;
+    if grace < time::Duration::hours(24) && !g.quiet {
+        eprintln!("warning: grace period {} is under 24h: a backup running longer than that can lose data it deduplicated", c.grace);
+    }
+    let opts = PruneOptions {
+        grace,
+        repack_threshold: parse_percent(&c.repack_threshold)?,
+        dry_run: dry_run || c.prune_dry_run,
+        ..Default::default()
+    };
+    let r = prune::prune(repo, &opts)?;
+    if g.json {
+        print_json(&r)?;
+    } else if !g.quiet {
+        let verb = if r.dry_run { "would" } else { "did" };
+        println!(
+            "{} snapshot(s), {} pack(s) in use or marked",
+            r.snapshots, r.packs
+        );
+        println!(
+            "{verb} mark {} pack(s) as unused ({} repacked into {} new)",
+            r.packs_marked.len(),
+            r.packs_repacked.len(),
+            r.packs_written.len()
+        );
+        println!(
+            "{verb} delete {} pack(s) marked at least {} ago, freeing {}",
+            r.packs_deleted.len(),
+            c.grace,
+            human_bytes(r.bytes_deleted)
+        );
+        if !r.packs_unmarked.is_empty() {
+            println!(
+                "unmarked {} pack(s) a snapshot needs again",
+                r.packs_unmarked.len()
+            );
+        }
+        if let Some(next) = r.packs_waiting.iter().map(|(_, t)| t).min() {
+            println!(
+                "{} marked pack(s) wait for their grace period; the first can go after {next}",
+                r.packs_waiting.len()
+            );
+        }
+    }
+    Ok(ExitCode::Success)
+}

@@ -1,0 +1,365 @@
+//! Garbage collection: two-phase, lock-free, with a grace period.
+//!
+//! # Phases
+//! 1. **Mark.** Packs whose blobs no snapshot references are marked for
+//!    deletion. Packs with a large unused share are first **repacked**: their
+//!    used blobs are copied as ciphertext into new packs (only the META key is
+//!    needed: trailers and index are META, blobs are copied unread). Marks
+//!    are stored in `prune/<id>` objects (META-sealed JSON: pack and time).
+//! 2. **Sweep**, on a later run: a pack marked at least `grace` ago is deleted
+//!    if it still holds no blob a snapshot needs; otherwise it is unmarked.
+//!
+//! # Why this is safe next to running backups
+//! Backups never deduplicate against marked packs (the catalog loads marks
+//! at open). A backup that deduplicated against a pack *before* it was marked
+//! writes its snapshot before the grace period ends (backups must be shorter
+//! than the grace period, 24 h by default), and the sweep recomputes the used
+//! set from all snapshots, so that pack is unmarked instead of deleted.
+//! Index fragments written by backups during a prune are never deleted: only
+//! fragments listed when the prune started are consolidated.
+//!
+//! # Crash safety (kill -9 at any point)
+//! Order: new packs → their index fragment → consolidated index → delete old
+//! fragments → delete packs → write new marks → delete old marks. Each prefix
+//! leaves a repository that passes `check` (at worst with unindexed packs,
+//! which are warnings, or marks for packs already gone, which are dropped).
+
+use crate::error::LabError;
+use crate::repo::format::{self, MAGIC_PRUNE};
+use crate::repo::index::IndexedPack;
+use crate::repo::pack::{PackBuilder, PackEntry};
+use crate::repo::{index, Id, Repository};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use time::OffsetDateTime;
+
+/// Options for `labctl prune`.
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// How long a mark must stand before the pack is deleted.
+    pub grace: time::Duration,
+    /// Repack a pack when at least this share of its bytes is unused (0..=1).
+    pub repack_threshold: f64,
+    pub dry_run: bool,
+    pub now: OffsetDateTime,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions {
+            grace: time::Duration::hours(24),
+            repack_threshold: 0.25,
+            dry_run: false,
+            now: OffsetDateTime::now_utc(),
+        }
+    }
+}
+
+/// What a prune did (or would do, with `dry_run`).
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PruneReport {
+    pub snapshots: u64,
+    pub packs: u64,
+    pub packs_marked: Vec<String>,
+    pub packs_repacked: Vec<String>,
+    pub packs_written: Vec<String>,
+    pub packs_deleted: Vec<String>,
+    pub packs_unmarked: Vec<String>,
+    /// Packs marked earlier whose grace period has not ended: (pack, deletable after).
+    pub packs_waiting: Vec<(String, String)>,
+    pub bytes_deleted: u64,
+    pub bytes_repacked: u64,
+    pub index_files_replaced: u64,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Mark {
+    pack: Id,
+    marked_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct MarkFile {
+    version: u32,
+    marks: Vec<Mark>,
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Reads every `prune/` object: (object names, pack → earliest mark time).
+///
+/// # Errors
+/// Storage, key or integrity errors naming the object.
+pub fn load_marks(
+    repo: &Repository,
+) -> anyhow::Result<(Vec<String>, BTreeMap<Id, OffsetDateTime>)> {
+    let mut names = vec![];
+    repo.backend.list("prune/", &mut |o| names.push(o.name))?;
+    let mut marks: BTreeMap<Id, OffsetDateTime> = BTreeMap::new();
+    for name in &names {
+        let bytes = match repo.backend.get(name) {
+            Ok(b) => b,
+            // Deleted by a concurrent prune after we listed it.
+            Err(crate::backend::BackendError::NotFound { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let plain = format::open_meta(&bytes, MAGIC_PRUNE, &repo.keys.meta_identity, name)?;
+        let file: MarkFile = serde_json::from_slice(&plain)
+            .map_err(|e| LabError::integrity(format!("{name}: malformed ({e})")))?;
+        for m in file.marks {
+            let t =
+                OffsetDateTime::parse(&m.marked_at, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| {
+                        LabError::integrity(format!("{name}: bad time {}", m.marked_at))
+                    })?;
+            let e = marks.entry(m.pack).or_insert(t);
+            if t < *e {
+                *e = t;
+            }
+        }
+    }
+    Ok((names, marks))
+}
+
+/// Runs prune.
+///
+/// # Errors
+/// Storage, key or integrity errors. A failure leaves the repository
+/// consistent (see the module docs); running prune again continues.
+pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneReport> {
+    if !(0.0..=1.0).contains(&opts.repack_threshold) {
+        return Err(LabError::usage("the repack threshold must be between 0% and 100%").into());
+    }
+    let mut report = PruneReport {
+        dry_run: opts.dry_run,
+        ..Default::default()
+    };
+    let cat = &repo.catalog;
+    let (old_mark_names, mut marks) = load_marks(repo)?;
+    let mut start_index = vec![];
+    repo.backend.list("index/", &mut |o| {
+        if let Some(id) = o.name.strip_prefix("index/").and_then(Id::from_hex) {
+            start_index.push(id);
+        }
+    })?;
+    let mut listed: HashSet<Id> = HashSet::new();
+    repo.backend.list("packs/", &mut |o| {
+        if let Some(id) = o.name.rsplit('/').next().and_then(Id::from_hex) {
+            listed.insert(id);
+        }
+    })?;
+
+    // The used set, from every snapshot's chunk list (META only), on disk.
+    cat.used_reset()?;
+    let mut snap_ids = vec![];
+    repo.backend.list("snapshots/", &mut |o| {
+        if let Some(id) = o.name.strip_prefix("snapshots/").and_then(Id::from_hex) {
+            snap_ids.push(id);
+        }
+    })?;
+    for id in &snap_ids {
+        let (_, chunks) = repo.load_snapshot(id)?;
+        cat.begin()?;
+        cat.used_add(&chunks)?;
+        cat.commit()?;
+    }
+    report.snapshots = snap_ids.len() as u64;
+    let packs: Vec<(Id, u64)> = cat
+        .packs()?
+        .into_iter()
+        .filter(|(_, _, indexed)| *indexed)
+        .map(|(id, size, _)| (id, size))
+        .collect();
+    report.packs = packs.len() as u64;
+
+    // Sweep: marks past the grace period.
+    let mut delete: Vec<(Id, u64)> = vec![];
+    let sizes: BTreeMap<Id, u64> = packs.iter().copied().collect();
+    for (pack, at) in marks.clone() {
+        if !listed.contains(&pack) {
+            marks.remove(&pack); // already gone
+            continue;
+        }
+        if at + opts.grace > opts.now {
+            report
+                .packs_waiting
+                .push((pack.hex(), rfc3339(at + opts.grace)));
+            continue;
+        }
+        if cat.pack_holds_needed_blob(&pack)? {
+            marks.remove(&pack);
+            report.packs_unmarked.push(pack.hex());
+        } else {
+            delete.push((pack, sizes.get(&pack).copied().unwrap_or(0)));
+        }
+    }
+
+    // Mark: unused packs, and repack mostly-unused ones.
+    let mut repack_out: Vec<IndexedPack> = vec![];
+    let mut builder = PackBuilder::new();
+    for (pack, _) in &packs {
+        if marks.contains_key(pack) || !listed.contains(pack) {
+            continue;
+        }
+        let entries = cat.pack_entries(pack)?;
+        let mut used: Vec<PackEntry> = vec![];
+        let (mut total, mut unused) = (0u64, 0u64);
+        for e in &entries {
+            total += e.length as u64;
+            if cat.is_used(&e.id)? && cat.keeper(&e.id)? == Some(*pack) {
+                used.push(*e);
+            } else {
+                unused += e.length as u64;
+            }
+        }
+        if used.is_empty() {
+            marks.insert(*pack, opts.now);
+            report.packs_marked.push(pack.hex());
+            continue;
+        }
+        if total == 0 || (unused as f64 / total as f64) < opts.repack_threshold || unused == 0 {
+            continue;
+        }
+        report.packs_repacked.push(pack.hex());
+        report.bytes_repacked += used.iter().map(|e| e.length as u64).sum::<u64>();
+        if !opts.dry_run {
+            let name = format::pack_name(pack);
+            for e in &used {
+                let cipher = repo
+                    .backend
+                    .get_range(&name, e.offset as u64, e.length as u64)?;
+                builder.add(e.kind, e.id, &cipher, e.raw_len);
+                if builder.len() >= repo.config.pack_size as usize {
+                    repack_out.push(write_pack(repo, std::mem::take(&mut builder))?);
+                }
+            }
+        }
+        marks.insert(*pack, opts.now);
+        report.packs_marked.push(pack.hex());
+    }
+    if !builder.is_empty() && !opts.dry_run {
+        repack_out.push(write_pack(repo, builder)?);
+    }
+    report.packs_written = repack_out.iter().map(|p| p.id.hex()).collect();
+    report.packs_deleted = delete.iter().map(|(p, _)| p.hex()).collect();
+    report.bytes_deleted = delete.iter().map(|(_, s)| s).sum();
+    if opts.dry_run {
+        cat.used_reset()?;
+        return Ok(report);
+    }
+
+    // The repacked copies become visible before anything is marked or deleted.
+    if !repack_out.is_empty() {
+        let (id, bytes) = index::encode(&repack_out, &repo.keys.meta_recipient());
+        repo.backend.put(&format::index_name(&id), &bytes)?;
+        cat.begin()?;
+        for p in &repack_out {
+            cat.add_pack(&p.id, p.size, Some(&id), &p.entries)?;
+        }
+        cat.add_index_file(&id)?;
+        cat.commit()?;
+    }
+    if !delete.is_empty() {
+        report.index_files_replaced = consolidate_index(repo, &start_index, &delete)?;
+        for (pack, _) in &delete {
+            repo.backend.delete(&format::pack_name(pack))?;
+            marks.remove(pack);
+        }
+        cat.remove_packs(&delete.iter().map(|(p, _)| *p).collect::<Vec<_>>())?;
+    }
+    // New marks first, then drop the old mark objects.
+    let file = MarkFile {
+        version: 1,
+        marks: marks
+            .iter()
+            .map(|(p, t)| Mark {
+                pack: *p,
+                marked_at: rfc3339(*t),
+            })
+            .collect(),
+    };
+    let mut new_name = None;
+    if !file.marks.is_empty() {
+        let (id, bytes) = format::seal_meta(
+            MAGIC_PRUNE,
+            &serde_json::to_vec(&file)?,
+            &repo.keys.meta_recipient(),
+        );
+        let name = format!("prune/{}", id.hex());
+        if !old_mark_names.contains(&name) {
+            repo.backend.put(&name, &bytes)?;
+        }
+        new_name = Some(name);
+    }
+    for name in &old_mark_names {
+        if Some(name) != new_name.as_ref() {
+            repo.backend.delete(name)?;
+        }
+    }
+    cat.set_marks(&marks.keys().copied().collect::<Vec<_>>())?;
+    cat.used_reset()?;
+    Ok(report)
+}
+
+fn write_pack(repo: &Repository, builder: PackBuilder) -> anyhow::Result<IndexedPack> {
+    let (id, bytes, entries) = builder.finish(&repo.keys.meta_recipient());
+    match repo.backend.put(&format::pack_name(&id), &bytes) {
+        Ok(()) | Err(crate::backend::BackendError::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(IndexedPack {
+        id,
+        size: bytes.len() as u64,
+        entries,
+    })
+}
+
+/// Replaces the index fragments listed at the start with one fragment that
+/// lists their packs minus the deleted ones. Returns how many were replaced.
+fn consolidate_index(repo: &Repository, start: &[Id], delete: &[(Id, u64)]) -> anyhow::Result<u64> {
+    let cat = &repo.catalog;
+    let gone: HashSet<Id> = delete.iter().map(|(p, _)| *p).collect();
+    let mut keep = vec![];
+    for (pack, size) in cat.packs_in_index_files(start)? {
+        if !gone.contains(&pack) {
+            keep.push(IndexedPack {
+                id: pack,
+                size,
+                entries: cat.pack_entries(&pack)?,
+            });
+        }
+    }
+    let new_id = if keep.is_empty() {
+        None
+    } else {
+        let (id, bytes) = index::encode(&keep, &repo.keys.meta_recipient());
+        repo.backend
+            .put(&format::index_name(&id), &bytes)
+            .or_else(|e| match e {
+                crate::backend::BackendError::AlreadyExists { .. } => Ok(()),
+                e => Err(e),
+            })?;
+        cat.begin()?;
+        cat.add_index_file(&id)?;
+        cat.mark_indexed(&keep.iter().map(|p| p.id).collect::<Vec<_>>(), &id)?;
+        cat.commit()?;
+        Some(id)
+    };
+    let mut replaced = 0;
+    for id in start {
+        if Some(*id) == new_id {
+            continue;
+        }
+        repo.backend.delete(&format::index_name(id))?;
+        cat.remove_index_file(id)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
