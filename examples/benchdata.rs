@@ -63,7 +63,11 @@ impl Rng {
             b[i..i + n].copy_from_slice(&w[..n]);
             i += n;
             if i < b.len() {
-                b[i] = if self.next() % 10 == 0 { b'\n' } else { b' ' };
+                b[i] = if self.next().is_multiple_of(10) {
+                    b'\n'
+                } else {
+                    b' '
+                };
                 i += 1;
             }
         }

@@ -193,7 +193,11 @@ pub fn generate_sample(dir: &Path, mib: u64) -> anyhow::Result<u64> {
         let size = 1000 + (rng.next() % 200_000) as usize;
         while s.len() < size {
             s.push_str(words[(rng.next() % words.len() as u64) as usize]);
-            s.push(if rng.next() % 12 == 0 { '\n' } else { ' ' });
+            s.push(if rng.next().is_multiple_of(12) {
+                '\n'
+            } else {
+                ' '
+            });
         }
         let sub = if n % 3 == 0 {
             "mlflow/artifacts/run-1"

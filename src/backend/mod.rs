@@ -15,6 +15,7 @@
 //! Errors say which object failed and whether retrying can help.
 
 pub mod fs;
+pub mod s3;
 
 use crate::error::ExitCode;
 use std::sync::Arc;
@@ -89,6 +90,32 @@ pub trait Backend: Send + Sync {
     fn stat(&self, name: &str) -> BackendResult<Option<u64>>;
     /// Removes an object (prune only). Removing a missing object is not an error.
     fn delete(&self, name: &str) -> BackendResult<()>;
+    /// How many requests to keep in flight for good throughput.
+    fn parallelism(&self) -> usize {
+        4
+    }
+    /// Sets Object Lock retention for objects written from now on.
+    ///
+    /// # Errors
+    /// A usage error where the backend has no Object Lock.
+    fn set_object_lock(&self, lock: s3::ObjectLock) -> crate::error::Result<()> {
+        let _ = lock;
+        Err(crate::error::LabError::usage(format!(
+            "{} does not support Object Lock; use an S3 bucket created with Object Lock enabled",
+            self.location()
+        ))
+        .into())
+    }
+    /// Until when an object is locked against deletion, if at all.
+    fn locked_until(&self, name: &str) -> BackendResult<Option<time::OffsetDateTime>> {
+        let _ = name;
+        Ok(None)
+    }
+    /// Renews an object's lock (objects still referenced stay protected).
+    fn extend_lock(&self, name: &str) -> BackendResult<()> {
+        let _ = name;
+        Ok(())
+    }
 }
 
 /// Opens the backend for a repository URL: `/path`, `file:///path` or `local:path`.
@@ -101,6 +128,9 @@ pub fn open(url: &str) -> crate::error::Result<Arc<dyn Backend>> {
     }
     if let Some(path) = url.strip_prefix("local:") {
         return Ok(Arc::new(fs::FsBackend::new(path)));
+    }
+    if url.starts_with("s3://") {
+        return Ok(Arc::new(s3::S3Backend::open(url)?));
     }
     if url.contains("://") {
         let scheme = url.split("://").next().unwrap_or_default();

@@ -144,11 +144,27 @@ pub fn run_forget(g: &GlobalArgs, c: ForgetCmd) -> anyhow::Result<ExitCode> {
     }
     let decisions = forget::decide(candidates, &policy);
     let removed: Vec<_> = decisions.iter().filter(|d| !d.keep).collect();
+    let mut locked = vec![];
     if !c.dry_run {
         for d in &removed {
-            repo.backend.delete(&format::snapshot_name(&d.id))?;
+            let name = format::snapshot_name(&d.id);
+            // Object Lock: a locked snapshot stays until its retention ends.
+            if let Some(until) = repo
+                .backend
+                .locked_until(&name)?
+                .filter(|t| *t > time::OffsetDateTime::now_utc())
+            {
+                locked.push(format!("{} (locked until {until})", d.id.short()));
+                continue;
+            }
+            repo.backend.delete(&name)?;
             repo.catalog.remove_snapshot(&d.id)?;
         }
+    }
+    for l in &locked {
+        eprintln!(
+            "note: snapshot {l} is protected by Object Lock and stays; a later forget removes it"
+        );
     }
     if g.json {
         print_json(&serde_json::json!({"dry-run": c.dry_run, "decisions": decisions}))?;

@@ -48,6 +48,13 @@ pub struct InitCmd {
     /// Average content-defined chunk size, in KiB (min = avg/4, max = avg*4).
     #[arg(long, default_value_t = 1024, value_name = "KIB")]
     pub cdc_avg_kib: u32,
+    /// Write every object with S3 Object Lock retention of N days (the bucket
+    /// must have Object Lock enabled; init fails otherwise).
+    #[arg(long, value_name = "N")]
+    pub object_lock_days: Option<u32>,
+    /// Object Lock mode: compliance (nobody can shorten it) or governance.
+    #[arg(long, default_value = "compliance", value_parser = ["compliance", "governance"])]
+    pub object_lock_mode: String,
     /// Target pack size, in MiB.
     #[arg(long, default_value_t = 32, value_name = "MIB")]
     pub pack_mib: u32,
@@ -146,6 +153,12 @@ fn init(g: &GlobalArgs, c: InitCmd) -> anyhow::Result<ExitCode> {
         pack_size: c.pack_mib << 20,
         admin_recipients,
         passphrase,
+        object_lock: c
+            .object_lock_days
+            .map(|days| crate::repo::config::ObjectLockConfig {
+                days,
+                mode: c.object_lock_mode.clone(),
+            }),
     };
     let backend = backend::open(g.repo_url()?)?;
     let keys = repo::init(&*backend, &opts)?;

@@ -25,6 +25,26 @@ pub struct RepoConfig {
     pub pack_size: u32,
     pub meta_recipient: String,
     pub data_recipients: Vec<String>,
+    /// S3 Object Lock retention for new objects (absent: no lock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<ObjectLockConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ObjectLockConfig {
+    pub days: u32,
+    /// `compliance` (nobody can shorten it) or `governance`.
+    pub mode: String,
+}
+
+impl ObjectLockConfig {
+    pub fn to_lock(&self) -> crate::backend::s3::ObjectLock {
+        crate::backend::s3::ObjectLock {
+            days: self.days,
+            compliance: self.mode != "governance",
+        }
+    }
 }
 
 impl RepoConfig {

@@ -48,6 +48,8 @@ pub struct InitOptions {
     pub admin_recipients: Vec<age::x25519::Recipient>,
     /// Escrow copy of the restore key under a passphrase (age scrypt).
     pub passphrase: Option<String>,
+    /// S3 Object Lock for every object written (checked against the bucket).
+    pub object_lock: Option<config::ObjectLockConfig>,
 }
 
 impl Default for InitOptions {
@@ -59,6 +61,7 @@ impl Default for InitOptions {
             pack_size: 32 << 20,
             admin_recipients: vec![],
             passphrase: None,
+            object_lock: None,
         }
     }
 }
@@ -81,6 +84,16 @@ pub fn init(backend: &dyn Backend, opts: &InitOptions) -> anyhow::Result<Keys> {
         ))
         .into());
     }
+    if let Some(lock) = &opts.object_lock {
+        if lock.days == 0 || !(lock.mode == "compliance" || lock.mode == "governance") {
+            return Err(LabError::usage(
+                "object lock needs days > 0 and mode compliance or governance",
+            )
+            .into());
+        }
+        // Fails clearly on a store without Object Lock, before anything is written.
+        backend.set_object_lock(lock.to_lock())?;
+    }
     let repo_id = hex::encode(rand::random::<[u8; 16]>());
     let keys = Keys::generate(&repo_id);
     let config = RepoConfig {
@@ -92,6 +105,7 @@ pub fn init(backend: &dyn Backend, opts: &InitOptions) -> anyhow::Result<Keys> {
         pack_size: opts.pack_size,
         meta_recipient: keys.meta_recipient().to_string(),
         data_recipients: keys.data_recipients.iter().map(|r| r.to_string()).collect(),
+        object_lock: opts.object_lock.clone(),
     };
     // Escrow first: a config without its key copies would be a repository
     // nobody can recover.
@@ -209,6 +223,9 @@ impl Repository {
                 "the repository config names other recipients than the key file: config tampered with, or wrong key",
             )
             .into());
+        }
+        if let Some(lock) = &config.object_lock {
+            backend.set_object_lock(lock.to_lock())?;
         }
         let catalog = Catalog::open(&cache_dir.join(&config.repo_id).join("catalog.db"))?;
         let cdc = Cdc::new(&keys.chunker_seed, &config.chunker);

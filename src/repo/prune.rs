@@ -71,6 +71,10 @@ pub struct PruneReport {
     pub bytes_deleted: u64,
     pub bytes_repacked: u64,
     pub index_files_replaced: u64,
+    /// Marked packs kept because Object Lock still protects them (or an index fragment listing them).
+    pub packs_locked: Vec<(String, String)>,
+    /// Object Lock retention renewed on objects still referenced.
+    pub locks_extended: u64,
     pub dry_run: bool,
 }
 
@@ -179,6 +183,17 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
         .collect();
     report.packs = packs.len() as u64;
 
+    // Object Lock: locked objects are never deleted, and a pack stays while
+    // a locked index fragment still lists it.
+    let locked_index = locked_fragments(repo, &start_index, opts.now)?;
+    let mut pinned: HashSet<Id> = HashSet::new();
+    for id in &locked_index {
+        let name = format::index_name(id);
+        for p in index::decode(&repo.backend.get(&name)?, &repo.keys.meta_identity, &name)? {
+            pinned.insert(p.id);
+        }
+    }
+
     // Sweep: marks past the grace period.
     let mut delete: Vec<(Id, u64)> = vec![];
     let sizes: BTreeMap<Id, u64> = packs.iter().copied().collect();
@@ -196,6 +211,12 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
         if cat.pack_holds_needed_blob(&pack)? {
             marks.remove(&pack);
             report.packs_unmarked.push(pack.hex());
+        } else if let Some(until) = locked_until(repo, &format::pack_name(&pack), opts.now)? {
+            report.packs_locked.push((pack.hex(), rfc3339(until)));
+        } else if pinned.contains(&pack) {
+            report
+                .packs_locked
+                .push((pack.hex(), "listed in a locked index fragment".into()));
         } else {
             delete.push((pack, sizes.get(&pack).copied().unwrap_or(0)));
         }
@@ -266,8 +287,12 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
         cat.add_index_file(&id)?;
         cat.commit()?;
     }
+    if let Some(lock) = &repo.config.object_lock {
+        report.locks_extended = extend_locks(repo, &packs, &marks, &snap_ids, lock.days, opts.now)?;
+    }
     if !delete.is_empty() {
-        report.index_files_replaced = consolidate_index(repo, &start_index, &delete)?;
+        report.index_files_replaced =
+            consolidate_index(repo, &start_index, &delete, &locked_index)?;
         for (pack, _) in &delete {
             repo.backend.delete(&format::pack_name(pack))?;
             marks.remove(pack);
@@ -323,7 +348,12 @@ fn write_pack(repo: &Repository, builder: PackBuilder) -> anyhow::Result<Indexed
 
 /// Replaces the index fragments listed at the start with one fragment that
 /// lists their packs minus the deleted ones. Returns how many were replaced.
-fn consolidate_index(repo: &Repository, start: &[Id], delete: &[(Id, u64)]) -> anyhow::Result<u64> {
+fn consolidate_index(
+    repo: &Repository,
+    start: &[Id],
+    delete: &[(Id, u64)],
+    locked: &HashSet<Id>,
+) -> anyhow::Result<u64> {
     let cat = &repo.catalog;
     let gone: HashSet<Id> = delete.iter().map(|(p, _)| *p).collect();
     let mut keep = vec![];
@@ -354,7 +384,7 @@ fn consolidate_index(repo: &Repository, start: &[Id], delete: &[(Id, u64)]) -> a
     };
     let mut replaced = 0;
     for id in start {
-        if Some(*id) == new_id {
+        if Some(*id) == new_id || locked.contains(id) {
             continue;
         }
         repo.backend.delete(&format::index_name(id))?;
@@ -362,4 +392,58 @@ fn consolidate_index(repo: &Repository, start: &[Id], delete: &[(Id, u64)]) -> a
         replaced += 1;
     }
     Ok(replaced)
+}
+
+/// The lock end of an object when it is still in the future.
+fn locked_until(
+    repo: &Repository,
+    name: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<Option<OffsetDateTime>> {
+    Ok(repo.backend.locked_until(name)?.filter(|t| *t > now))
+}
+
+fn locked_fragments(
+    repo: &Repository,
+    start: &[Id],
+    now: OffsetDateTime,
+) -> anyhow::Result<HashSet<Id>> {
+    let mut out = HashSet::new();
+    if repo.config.object_lock.is_none() {
+        return Ok(out);
+    }
+    for id in start {
+        if locked_until(repo, &format::index_name(id), now)?.is_some() {
+            out.insert(*id);
+        }
+    }
+    Ok(out)
+}
+
+/// Renews the lock of packs still in use and of snapshots when less than
+/// half of the retention is left, so what is referenced stays protected.
+fn extend_locks(
+    repo: &Repository,
+    packs: &[(Id, u64)],
+    marks: &BTreeMap<Id, OffsetDateTime>,
+    snaps: &[Id],
+    days: u32,
+    now: OffsetDateTime,
+) -> anyhow::Result<u64> {
+    let threshold = now + time::Duration::days(days as i64) / 2;
+    let mut names: Vec<String> = packs
+        .iter()
+        .filter(|(p, _)| !marks.contains_key(p))
+        .map(|(p, _)| format::pack_name(p))
+        .collect();
+    names.extend(snaps.iter().map(format::snapshot_name));
+    let mut extended = 0;
+    for name in names {
+        let until = repo.backend.locked_until(&name)?;
+        if until.is_none_or(|t| t < threshold) {
+            repo.backend.extend_lock(&name)?;
+            extended += 1;
+        }
+    }
+    Ok(extended)
 }

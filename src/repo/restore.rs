@@ -76,11 +76,7 @@ impl Pipeline {
         credits: Receiver<()>,
     ) -> Pipeline {
         let threads = if threads == 0 {
-            (std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-                * 2)
-            .max(4)
+            repo.backend.parallelism().max(4)
         } else {
             threads
         };

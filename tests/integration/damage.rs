@@ -265,7 +265,7 @@ fn unsupported_repository_scheme_is_a_usage_error() {
     let out = env
         .cmd()
         .env("LABCTL_KEY", &env.backup_key)
-        .env("LABCTL_REPO", "s3://bucket/prefix")
+        .env("LABCTL_REPO", "gs://bucket/prefix")
         .args(["snapshots"])
         .output()
         .unwrap();

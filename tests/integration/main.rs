@@ -14,3 +14,4 @@ mod keys;
 mod killed;
 mod prune;
 mod roundtrip;
+mod s3;

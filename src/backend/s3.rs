@@ -1,0 +1,455 @@
+//! S3-compatible backend (aws-sdk-s3), behind the same [`Backend`] rules.
+//!
+//! URL: `s3://bucket/prefix`. Configuration comes from the standard AWS
+//! environment and files, with no labctl config needed: `AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`, profiles and
+//! `AWS_SHARED_CREDENTIALS_FILE` (refused when other users can read it).
+//! A custom endpoint switches to path-style addressing. Secrets are never
+//! taken from the URL or from process arguments.
+//!
+//! # Write once
+//! `put` first asks whether the object exists (HEAD) and refuses if so, then
+//! writes with `If-None-Match: *`, so a store that honours the header refuses
+//! a racing second writer (412) and one that ignores it is still never asked
+//! to replace an object labctl saw. Objects are content-addressed except
+//! `config`, so even a lost race rewrites identical bytes.
+//!
+//! # Faults
+//! The SDK retries throttling (503 SlowDown), 5xx, timeouts and reset
+//! connections with exponential backoff and jitter; labctl additionally
+//! retries body reads that end early (truncated responses) and stalls
+//! (a per-attempt timeout; `LABCTL_S3_TIMEOUT_SECS`, default 30 s without
+//! progress). A failure after the retries names the object.
+
+use super::{Backend, BackendError, BackendResult, ObjectInfo};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::ObjectLockMode;
+use aws_sdk_s3::Client;
+use std::time::Duration;
+
+/// Object Lock settings for new objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    pub days: u32,
+    pub compliance: bool,
+}
+
+pub struct S3Backend {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    rt: tokio::runtime::Runtime,
+    lock: std::sync::OnceLock<ObjectLock>,
+}
+
+const ATTEMPTS: u32 = 8;
+/// Seconds without progress before a request counts as stalled and is
+/// retried (`LABCTL_S3_TIMEOUT_SECS`, default 30; whole attempts get 4×).
+fn stall_timeout() -> Duration {
+    let secs = std::env::var("LABCTL_S3_TIMEOUT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30u64);
+    Duration::from_secs(secs.max(1))
+}
+
+fn io_err(name: &str, msg: String) -> BackendError {
+    BackendError::Io {
+        name: name.to_string(),
+        source: std::io::Error::other(msg),
+    }
+}
+
+/// Describes an SDK error without secrets: code, message, HTTP status.
+fn describe<E: ProvideErrorMetadata + std::fmt::Debug>(e: &SdkError<E>) -> String {
+    match e {
+        SdkError::ServiceError(s) => {
+            let status = s.raw().status().as_u16();
+            format!(
+                "HTTP {status} {}: {}",
+                s.err().code().unwrap_or("error"),
+                s.err().message().unwrap_or("(no message)")
+            )
+        }
+        SdkError::TimeoutError(_) => "timed out (after retries)".into(),
+        SdkError::DispatchFailure(d) => format!("connection failed (after retries): {d:?}"),
+        SdkError::ResponseError(_) => "malformed response (after retries)".into(),
+        other => format!("{other}"),
+    }
+}
+
+fn status<E>(e: &SdkError<E>) -> Option<u16> {
+    match e {
+        SdkError::ServiceError(s) => Some(s.raw().status().as_u16()),
+        SdkError::ResponseError(r) => Some(r.raw().status().as_u16()),
+        _ => None,
+    }
+}
+
+impl S3Backend {
+    /// Opens `s3://bucket/prefix` with the standard AWS configuration.
+    ///
+    /// # Errors
+    /// A usage error for a malformed URL; a key error for a credentials file
+    /// other users can read.
+    pub fn open(url: &str) -> anyhow::Result<S3Backend> {
+        let rest = url.strip_prefix("s3://").expect("an s3:// URL");
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(crate::error::LabError::usage(format!(
+                "'{url}': expected s3://bucket/prefix"
+            ))
+            .into());
+        }
+        if let Some(f) = std::env::var_os("AWS_SHARED_CREDENTIALS_FILE") {
+            let p = std::path::PathBuf::from(f);
+            if let Ok(meta) = std::fs::metadata(&p) {
+                crate::repo::keys::check_private(&p, &meta)?;
+            }
+        } else if let Some(home) = std::env::var_os("HOME") {
+            let p = std::path::PathBuf::from(home).join(".aws/credentials");
+            if let Ok(meta) = std::fs::metadata(&p) {
+                crate::repo::keys::check_private(&p, &meta)?;
+            }
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let client = rt.block_on(async {
+            let retry = aws_config::retry::RetryConfig::standard()
+                .with_max_attempts(ATTEMPTS)
+                .with_initial_backoff(Duration::from_millis(100))
+                .with_max_backoff(Duration::from_secs(10));
+            let timeouts = aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .operation_attempt_timeout(stall_timeout() * 4)
+                .read_timeout(stall_timeout())
+                .build();
+            let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .retry_config(retry)
+                .timeout_config(timeouts)
+                .load()
+                .await;
+            let mut b = aws_sdk_s3::config::Builder::from(&shared);
+            if shared.endpoint_url().is_some() {
+                b = b.force_path_style(true);
+            }
+            if shared.region().is_none() {
+                b = b.region(aws_sdk_s3::config::Region::new("us-east-1"));
+            }
+            Client::from_conf(b.build())
+        });
+        Ok(S3Backend {
+            client,
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            rt,
+            lock: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}/{name}", self.prefix)
+        }
+    }
+
+    /// Whether the bucket has Object Lock enabled.
+    ///
+    /// # Errors
+    /// Storage errors other than "no lock configuration".
+    pub fn object_lock_enabled(&self) -> BackendResult<bool> {
+        self.rt.block_on(async {
+            match self
+                .client
+                .get_object_lock_configuration()
+                .bucket(&self.bucket)
+                .send()
+                .await
+            {
+                Ok(out) => Ok(out
+                    .object_lock_configuration()
+                    .and_then(|c| c.object_lock_enabled())
+                    .is_some_and(|e| e.as_str() == "Enabled")),
+                Err(e) if matches!(status(&e), Some(404) | Some(400)) => Ok(false),
+                Err(e) => Err(io_err(&self.bucket, describe(&e))),
+            }
+        })
+    }
+
+    /// The retain-until time of an object, if it is locked (from HEAD).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn retention(&self, name: &str) -> BackendResult<Option<time::OffsetDateTime>> {
+        let key = self.key(name);
+        self.rt.block_on(async {
+            match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .send()
+                .await
+            {
+                Ok(out) => Ok(out
+                    .object_lock_retain_until_date()
+                    .and_then(|d| time::OffsetDateTime::from_unix_timestamp(d.secs()).ok())),
+                Err(e) if matches!(status(&e), Some(404)) => Ok(None),
+                Err(e) => Err(io_err(name, describe(&e))),
+            }
+        })
+    }
+
+    /// Extends an object's retention to `days` from now.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn extend_retention(&self, name: &str, lock: ObjectLock) -> BackendResult<()> {
+        let key = self.key(name);
+        let until = retain_until(lock.days);
+        self.rt.block_on(async {
+            let retention = aws_sdk_s3::types::ObjectLockRetention::builder()
+                .mode(if lock.compliance {
+                    aws_sdk_s3::types::ObjectLockRetentionMode::Compliance
+                } else {
+                    aws_sdk_s3::types::ObjectLockRetentionMode::Governance
+                })
+                .retain_until_date(until)
+                .build();
+            self.client
+                .put_object_retention()
+                .bucket(&self.bucket)
+                .key(&key)
+                .retention(retention)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| io_err(name, describe(&e)))
+        })
+    }
+
+    async fn read_body(&self, name: &str, range: Option<(u64, u64)>) -> BackendResult<Vec<u8>> {
+        let key = self.key(name);
+        let mut last = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+            let mut req = self.client.get_object().bucket(&self.bucket).key(&key);
+            if let Some((off, len)) = range {
+                req = req.range(format!("bytes={}-{}", off, off + len - 1));
+            }
+            let out = match req.send().await {
+                Ok(o) => o,
+                Err(e) => {
+                    if matches!(status(&e), Some(404)) {
+                        return Err(BackendError::NotFound {
+                            name: name.to_string(),
+                        });
+                    }
+                    if matches!(status(&e), Some(416)) {
+                        return Err(BackendError::ShortRead {
+                            name: name.to_string(),
+                            offset: range.map(|r| r.0).unwrap_or(0),
+                            end: range.map(|r| r.0 + r.1).unwrap_or(0),
+                            size: 0,
+                        });
+                    }
+                    return Err(io_err(name, describe(&e)));
+                }
+            };
+            let expected = out.content_length().map(|l| l as u64);
+            match tokio::time::timeout(stall_timeout() * 4, out.body.collect()).await {
+                Ok(Ok(data)) => {
+                    let data = data.into_bytes().to_vec();
+                    if expected.is_some_and(|e| e != data.len() as u64) {
+                        last = format!(
+                            "body ended after {} of {} bytes",
+                            data.len(),
+                            expected.unwrap_or(0)
+                        );
+                        continue;
+                    }
+                    if let Some((off, len)) = range {
+                        if (data.len() as u64) < len {
+                            return Err(BackendError::ShortRead {
+                                name: name.to_string(),
+                                offset: off,
+                                end: off + len,
+                                size: off + data.len() as u64,
+                            });
+                        }
+                    }
+                    return Ok(data);
+                }
+                Ok(Err(e)) => last = format!("reading the body failed: {e}"),
+                Err(_) => {
+                    last = format!(
+                        "reading the body stalled for {}s",
+                        (stall_timeout() * 4).as_secs()
+                    )
+                }
+            }
+        }
+        Err(io_err(name, format!("{last} (after {ATTEMPTS} attempts)")))
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = 100u64 << attempt.min(7);
+    Duration::from_millis(base / 2 + rand::random::<u64>() % (base / 2 + 1))
+}
+
+fn retain_until(days: u32) -> aws_smithy_types::DateTime {
+    let secs = time::OffsetDateTime::now_utc().unix_timestamp() + days as i64 * 86400;
+    aws_smithy_types::DateTime::from_secs(secs)
+}
+
+impl Backend for S3Backend {
+    fn location(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+
+    fn put(&self, name: &str, data: &[u8]) -> BackendResult<()> {
+        if self.stat(name)?.is_some() {
+            return Err(BackendError::AlreadyExists {
+                name: name.to_string(),
+            });
+        }
+        let key = self.key(name);
+        self.rt.block_on(async {
+            let mut req = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .if_none_match("*")
+                .body(ByteStream::from(data.to_vec()));
+            // Prune marks are operational state, never locked.
+            if let Some(lock) = self.lock.get().filter(|_| !name.starts_with("prune/")) {
+                req = req
+                    .object_lock_mode(if lock.compliance {
+                        ObjectLockMode::Compliance
+                    } else {
+                        ObjectLockMode::Governance
+                    })
+                    .object_lock_retain_until_date(retain_until(lock.days));
+            }
+            match req.send().await {
+                Ok(_) => Ok(()),
+                Err(e) if matches!(status(&e), Some(412)) => Err(BackendError::AlreadyExists {
+                    name: name.to_string(),
+                }),
+                Err(e) => Err(io_err(name, describe(&e))),
+            }
+        })
+    }
+
+    fn get(&self, name: &str) -> BackendResult<Vec<u8>> {
+        self.rt.block_on(self.read_body(name, None))
+    }
+
+    fn get_range(&self, name: &str, offset: u64, len: u64) -> BackendResult<Vec<u8>> {
+        if len == 0 {
+            return Ok(vec![]);
+        }
+        self.rt.block_on(self.read_body(name, Some((offset, len))))
+    }
+
+    fn list(&self, prefix: &str, f: &mut dyn FnMut(ObjectInfo)) -> BackendResult<()> {
+        let full = self.key(prefix);
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        self.rt.block_on(async {
+            let mut pages = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| io_err(prefix, describe(&e)))?;
+                for o in page.contents() {
+                    if let Some(k) = o.key() {
+                        f(ObjectInfo {
+                            name: k[strip..].to_string(),
+                            size: o.size().unwrap_or(0) as u64,
+                        });
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn stat(&self, name: &str) -> BackendResult<Option<u64>> {
+        let key = self.key(name);
+        self.rt.block_on(async {
+            match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .send()
+                .await
+            {
+                Ok(o) => Ok(Some(o.content_length().unwrap_or(0) as u64)),
+                Err(e) if matches!(status(&e), Some(404)) => Ok(None),
+                Err(e) => Err(io_err(name, describe(&e))),
+            }
+        })
+    }
+
+    fn delete(&self, name: &str) -> BackendResult<()> {
+        let key = self.key(name);
+        self.rt.block_on(async {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| io_err(name, describe(&e)))
+        })
+    }
+
+    fn parallelism(&self) -> usize {
+        16
+    }
+
+    fn set_object_lock(&self, lock: ObjectLock) -> crate::error::Result<()> {
+        if !self.object_lock_enabled()? {
+            return Err(crate::error::LabError::usage(format!(
+                "bucket {} does not have Object Lock enabled; create it with Object Lock (it cannot be added to most existing buckets), or drop --object-lock-days",
+                self.bucket
+            ))
+            .into());
+        }
+        let _ = self.lock.set(lock);
+        Ok(())
+    }
+
+    fn locked_until(&self, name: &str) -> BackendResult<Option<time::OffsetDateTime>> {
+        if self.lock.get().is_none() {
+            return Ok(None);
+        }
+        self.retention(name)
+    }
+
+    fn extend_lock(&self, name: &str) -> BackendResult<()> {
+        match self.lock.get() {
+            Some(lock) => self.extend_retention(name, *lock),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The repository on a real S3-compatible server (moto's server mode,
+//! installed into `target/test-venv` by `scripts/test-all.sh`), directly and
+//! through a fault-injecting proxy.
+
+use crate::common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The moto server's port, started once for the whole test binary.
+pub fn moto_port() -> u16 {
+    static PORT: OnceLock<u16> = OnceLock::new();
+    *PORT.get_or_init(|| {
+        let server =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/moto_server");
+        assert!(
+            server.exists(),
+            "moto is not installed: run scripts/test-all.sh (it creates target/test-venv)"
+        );
+        let port = free_port();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // A thread that lives as long as the process: moto gets SIGKILL when it ends.
+        std::thread::spawn(move || {
+            use std::os::unix::process::CommandExt;
+            let mut cmd = Command::new(server);
+            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let mut child = cmd.spawn().expect("starting moto_server");
+            tx.send(()).unwrap();
+            // Lives until the process ends (then PDEATHSIG kills moto).
+            let _ = child.wait();
+        });
+        rx.recv().unwrap();
+        for _ in 0..200 {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("moto_server did not start on port {port}");
+    })
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Creates a bucket with a raw HTTP request (moto does not check signatures).
+pub fn create_bucket(port: u16, name: &str, object_lock: bool) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let lock = if object_lock {
+        "x-amz-bucket-object-lock-enabled: true\r\n"
+    } else {
+        ""
+    };
+    write!(s, "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{lock}Content-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "creating bucket {name}: {resp}"
+    );
+}
+
+/// An S3 repository environment: a fresh bucket on moto (optionally behind a proxy port).
+pub struct S3Env {
+    pub env: Env,
+    pub url: String,
+    pub endpoint: String,
+}
+
+impl S3Env {
+    pub fn new(object_lock: bool) -> S3Env {
+        Self::with_endpoint_port(object_lock, None)
+    }
+
+    /// `via`: a proxy port to talk through instead of moto directly.
+    pub fn with_endpoint_port(object_lock: bool, via: Option<u16>) -> S3Env {
+        let port = moto_port();
+        let bucket = format!("lab-{:016x}", rand::random::<u64>());
+        create_bucket(port, &bucket, object_lock);
+        S3Env {
+            env: Env::empty(),
+            url: format!("s3://{bucket}/repo"),
+            endpoint: format!("http://127.0.0.1:{}", via.unwrap_or(port)),
+        }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = self.env.cmd();
+        c.env("LABCTL_REPO", &self.url)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("LABCTL_S3_TIMEOUT_SECS", "3");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd()
+            .env("LABCTL_KEY", &self.env.backup_key)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let out = self.run(args);
+        assert_success(&out, args);
+        out
+    }
+    pub fn ok_restore(&self, args: &[&str]) -> Output {
+        let out = self
+            .cmd()
+            .env("LABCTL_RESTORE_KEY", &self.env.restore_key)
+            .args(args)
+            .output()
+            .unwrap();
+        assert_success(&out, args);
+        out
+    }
+    pub fn init(&self, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "repo",
+            "init",
+            "--pack-mib",
+            "1",
+            "--backup-key",
+            self.env.backup_key.to_str().unwrap(),
+            "--restore-key",
+            self.env.restore_key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+    pub fn backup(&self, dir: &std::path::Path) -> serde_json::Value {
+        serde_json::from_slice(
+            &self
+                .ok(&["--json", "backup", "path", dir.to_str().unwrap()])
+                .stdout,
+        )
+        .unwrap()
+    }
+}
+
+fn tree(env: &Env, n: u64, size: usize, seed: u64) -> PathBuf {
+    let src = env.path(&format!("src{seed}"));
+    for i in 0..n {
+        write(
+            &src.join(format!("d{}/f{i:03}", i % 4)),
+            &noise(size, seed * 1000 + i),
+        );
+    }
+    write(
+        &src.join("text.txt"),
+        "kubeflow mlflow ".repeat(20_000).as_bytes(),
+    );
+    std::os::unix::fs::symlink("text.txt", src.join("link")).unwrap();
+    src
+}
+
+#[test]
+fn s3_backup_restore_check_forget_prune() {
+    let s = S3Env::new(false);
+    assert_success(&s.init(&["--no-escrow"]), &["init"]);
+    let src = tree(&s.env, 12, 300_000, 1);
+    let first = s.backup(&src);
+    assert!(
+        first["summary"]["packs-written"].as_u64().unwrap() >= 3,
+        "{first}"
+    );
+    let second = s.backup(&src);
+    assert_eq!(
+        second["summary"]["packs-written"], 0,
+        "unchanged data writes no pack: {second}"
+    );
+    let out = s.env.path("out");
+    s.ok_restore(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    assert_same_tree(&src, &out);
+    s.ok_restore(&["check", "--read-data"]);
+    // Retention and garbage collection on S3.
+    let other = tree(&s.env, 4, 200_000, 2);
+    s.backup(&other);
+    s.ok(&["forget", "--keep-last", "1", "--group-by", "tags"]);
+    let r: serde_json::Value = serde_json::from_slice(&s.ok(&["--json", "prune"]).stdout).unwrap();
+    assert!(!r["packs-marked"].as_array().unwrap().is_empty(), "{r}");
+    let r: serde_json::Value =
+        serde_json::from_slice(&s.ok(&["--json", "prune", "--grace", "0s"]).stdout).unwrap();
+    assert!(!r["packs-deleted"].as_array().unwrap().is_empty(), "{r}");
+    s.ok_restore(&["check", "--read-data"]);
+    let out2 = s.env.path("out2");
+    s.ok_restore(&["restore", "latest", "--target", out2.to_str().unwrap()]);
+    assert_same_tree(&other, &out2);
+    // Streams too.
+    let mut child = s
+        .cmd()
+        .env("LABCTL_KEY", &s.env.backup_key)
+        .args(["backup", "stream", "--name", "db"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let data = noise(2 << 20, 3);
+    child.stdin.take().unwrap().write_all(&data).unwrap();
+    assert!(child.wait().unwrap().success());
+    let out = s.ok_restore(&["restore", "latest", "--stdout"]);
+    assert!(out.stdout == data);
+}
+
+#[test]
+fn s3_write_once_never_overwrites() {
+    let s = S3Env::new(false);
+    assert_success(&s.init(&["--no-escrow"]), &["init"]);
+    // A second init on the same prefix is refused, the config untouched.
+    let again = s.init(&["--no-escrow"]);
+    assert_eq!(again.status.code(), Some(6), "{}", stderr(&again));
+    s.ok(&["snapshots"]);
+}
+
+#[test]
+fn s3_kill_during_backup_then_resume() {
+    let s = S3Env::new(false);
+    assert_success(&s.init(&["--no-escrow"]), &["init"]);
+    let src = tree(&s.env, 24, 1 << 20, 4);
+    let mut child = s
+        .cmd()
+        .env("LABCTL_KEY", &s.env.backup_key)
+        .args([
+            "-q",
+            "backup",
+            "path",
+            src.to_str().unwrap(),
+            "--threads",
+            "1",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let finished = child.try_wait().unwrap().is_some();
+    let _ = child.kill();
+    child.wait().unwrap();
+    s.ok(&["check"]);
+    let v = s.backup(&src);
+    if !finished {
+        assert!(
+            v["summary"]["bytes-new-raw"].as_u64().unwrap() < 24 << 20,
+            "re-used uploaded packs: {v}"
+        );
+    }
+    s.ok_restore(&["check", "--read-data"]);
+    let out = s.env.path("out");
+    s.ok_restore(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    assert_same_tree(&src, &out);
+}
+
+#[test]
+fn object_lock_needs_a_lock_enabled_bucket() {
+    let s = S3Env::new(false);
+    let out = s.init(&["--no-escrow", "--object-lock-days", "7"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("Object Lock"), "{}", stderr(&out));
+    assert!(!s.env.backup_key.exists(), "nothing written");
+}
+
+#[test]
+fn object_lock_protects_packs_from_prune() {
+    let s = S3Env::new(true);
+    assert_success(
+        &s.init(&["--no-escrow", "--object-lock-days", "3"]),
+        &["init"],
+    );
+    let a = tree(&s.env, 4, 300_000, 5);
+    s.backup(&a);
+    let b = tree(&s.env, 2, 10_000, 6);
+    s.backup(&b);
+    let out = s.ok(&["forget", "--keep-last", "1", "--group-by", "tags"]);
+    assert!(
+        stderr(&out).contains("Object Lock"),
+        "locked snapshot stays: {}",
+        stderr(&out)
+    );
+    s.ok(&["--json", "prune"]);
+    let r: serde_json::Value =
+        serde_json::from_slice(&s.ok(&["--json", "prune", "--grace", "0s"]).stdout).unwrap();
+    assert!(
+        r["packs-deleted"].as_array().unwrap().is_empty(),
+        "locked packs are never deleted: {r}"
+    );
+    s.ok_restore(&["check", "--read-data"]);
+    let out = s.env.path("out");
+    s.ok_restore(&["restore", "latest", "--target", out.to_str().unwrap()]);
+}
