@@ -4,7 +4,8 @@
 //! environment and files, with no labctl config needed: `AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`, profiles and
 //! `AWS_SHARED_CREDENTIALS_FILE` (refused when other users can read it).
-//! A custom endpoint switches to path-style addressing. Secrets are never
+//! A custom endpoint switches to path-style addressing; `LABCTL_S3_CA_FILE`
+//! (or `AWS_CA_BUNDLE`) adds a private CA to the trusted roots. Secrets are never
 //! taken from the URL or from process arguments.
 //!
 //! # Write once
@@ -127,11 +128,13 @@ impl S3Backend {
                 .operation_attempt_timeout(stall_timeout() * 4)
                 .read_timeout(stall_timeout())
                 .build();
-            let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
                 .retry_config(retry)
-                .timeout_config(timeouts)
-                .load()
-                .await;
+                .timeout_config(timeouts);
+            if let Some(http) = ca_http_client()? {
+                loader = loader.http_client(http);
+            }
+            let shared = loader.load().await;
             let mut b = aws_sdk_s3::config::Builder::from(&shared);
             if shared.endpoint_url().is_some() {
                 b = b.force_path_style(true);
@@ -139,8 +142,8 @@ impl S3Backend {
             if shared.region().is_none() {
                 b = b.region(aws_sdk_s3::config::Region::new("us-east-1"));
             }
-            Client::from_conf(b.build())
-        });
+            Ok::<_, anyhow::Error>(Client::from_conf(b.build()))
+        })?;
         Ok(S3Backend {
             client,
             bucket: bucket.to_string(),
@@ -300,6 +303,45 @@ impl S3Backend {
     }
 }
 
+/// An HTTPS client that also trusts the CA in `LABCTL_S3_CA_FILE` (or the
+/// AWS-standard `AWS_CA_BUNDLE`), for stores with a private CA.
+fn ca_http_client() -> anyhow::Result<Option<aws_smithy_runtime_api_http::SharedHttpClient>> {
+    use aws_smithy_http_client::tls;
+    let Some(path) =
+        std::env::var_os("LABCTL_S3_CA_FILE").or_else(|| std::env::var_os("AWS_CA_BUNDLE"))
+    else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(&path).map_err(|e| {
+        crate::error::LabError::usage(format!(
+            "CA file {}: {e}",
+            std::path::Path::new(&path).display()
+        ))
+    })?;
+    let trust = tls::TrustStore::default().with_pem_certificate(pem);
+    let ctx = tls::TlsContext::builder()
+        .with_trust_store(trust)
+        .build()
+        .map_err(|e| {
+            crate::error::LabError::usage(format!(
+                "CA file {}: {e}",
+                std::path::Path::new(&path).display()
+            ))
+        })?;
+    Ok(Some(
+        aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::AwsLc,
+            ))
+            .tls_context(ctx)
+            .build_https(),
+    ))
+}
+
+mod aws_smithy_runtime_api_http {
+    pub use aws_sdk_s3::config::SharedHttpClient;
+}
+
 fn backoff(attempt: u32) -> Duration {
     let base = 100u64 << attempt.min(7);
     Duration::from_millis(base / 2 + rand::random::<u64>() % (base / 2 + 1))
@@ -423,8 +465,14 @@ impl Backend for S3Backend {
         })
     }
 
+    /// `LABCTL_S3_REQUESTS` (default 16): ranged reads in flight on restore;
+    /// a quarter of it (at most 3) pack uploads in flight on backup.
     fn parallelism(&self) -> usize {
-        16
+        std::env::var("LABCTL_S3_REQUESTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16usize)
+            .clamp(1, 64)
     }
 
     fn set_object_lock(&self, lock: ObjectLock) -> crate::error::Result<()> {

@@ -304,3 +304,228 @@ fn object_lock_protects_packs_from_prune() {
     let out = s.env.path("out");
     s.ok_restore(&["restore", "latest", "--target", out.to_str().unwrap()]);
 }
+
+#[test]
+fn tls_with_a_private_ca_file() {
+    // A TLS moto server with a certificate from a private CA made here.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=labctl test CA",
+    ]);
+    sh(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(d.join("ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n").unwrap();
+    sh(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+    let port = free_port();
+    let server = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/moto_server");
+    let mut moto = Command::new(server)
+        .args([
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-c",
+            d.join("srv.pem").to_str().unwrap(),
+            "-k",
+            d.join("srv.key").to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(&mut moto);
+    for _ in 0..200 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let env = Env::empty();
+    let run = |ca: bool, args: &[&str]| {
+        let mut c = env.cmd();
+        c.env("LABCTL_REPO", "s3://tls-bucket/repo")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT_URL", format!("https://127.0.0.1:{port}"))
+            .env("LABCTL_S3_TIMEOUT_SECS", "2");
+        if ca {
+            c.env("LABCTL_S3_CA_FILE", d.join("ca.pem"));
+        }
+        c.args(args).output().unwrap()
+    };
+    let (b, r) = (
+        env.backup_key.to_str().unwrap(),
+        env.restore_key.to_str().unwrap(),
+    );
+    // Without the CA the server is not trusted: a storage error, nothing written.
+    let out = run(
+        false,
+        &[
+            "repo",
+            "init",
+            "--no-escrow",
+            "--backup-key",
+            b,
+            "--restore-key",
+            r,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert!(!env.backup_key.exists());
+    // With it, everything works over TLS. (The bucket is made over TLS too.)
+    let ok = Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python"))
+        .args(["-c", &format!("import boto3; boto3.client('s3', endpoint_url='https://127.0.0.1:{port}', aws_access_key_id='t', aws_secret_access_key='t', region_name='us-east-1', verify='{}').create_bucket(Bucket='tls-bucket')", d.join("ca.pem").display())])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out = run(
+        true,
+        &[
+            "repo",
+            "init",
+            "--no-escrow",
+            "--backup-key",
+            b,
+            "--restore-key",
+            r,
+        ],
+    );
+    assert_success(&out, &["init over TLS"]);
+    let src = env.path("src");
+    write(&src.join("a"), b"over tls");
+    assert_success(
+        &run(true, &["--key", b, "backup", "path", src.to_str().unwrap()]),
+        &["backup"],
+    );
+    let out = run(
+        true,
+        &[
+            "--restore-key",
+            r,
+            "restore",
+            "latest",
+            "--stdout",
+            "--path",
+            "a",
+        ],
+    );
+    assert_success(&out, &["restore"]);
+    assert_eq!(out.stdout, b"over tls");
+}
+
+#[test]
+fn credentials_file_readable_by_others_is_refused() {
+    let s = S3Env::new(false);
+    let creds = s.env.path("credentials");
+    std::fs::write(
+        &creds,
+        "[default]\naws_access_key_id = testing\naws_secret_access_key = s3cr3t-value\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = s
+        .cmd()
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("AWS_SHARED_CREDENTIALS_FILE", &creds)
+        .args([
+            "repo",
+            "init",
+            "--no-escrow",
+            "--backup-key",
+            s.env.backup_key.to_str().unwrap(),
+            "--restore-key",
+            s.env.restore_key.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("chmod 600") && !stderr(&out).contains("s3cr3t"),
+        "{}",
+        stderr(&out)
+    );
+    // Private, it is used (credentials from the file alone, none inline).
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = s
+        .cmd()
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("AWS_SHARED_CREDENTIALS_FILE", &creds)
+        .args([
+            "repo",
+            "init",
+            "--no-escrow",
+            "--backup-key",
+            s.env.backup_key.to_str().unwrap(),
+            "--restore-key",
+            s.env.restore_key.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_success(&out, &["init with a credentials file"]);
+}
