@@ -49,20 +49,79 @@ def run(cmd, env=None, cwd=None, stdin=None):
     return secs, usage.ru_maxrss / 1024.0
 
 
+S3 = None  # (endpoint, bucket) when --s3 is given
+
+
+def s3_env():
+    endpoint, _ = S3
+    return dict(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_REGION="us-east-1",
+                AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1")
+
+
+def start_moto(work):
+    """Starts moto's S3 server (from target/test-venv) and makes a bucket."""
+    import socket
+    import urllib.request
+    venv = os.path.join(ROOT, "target/test-venv/bin")
+    if not os.path.exists(os.path.join(venv, "moto_server")):
+        sys.exit("moto is not installed: run scripts/test-all.sh once (it creates target/test-venv)")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([os.path.join(venv, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except Exception:
+            time.sleep(0.1)
+    return proc, endpoint
+
+
+def make_bucket(endpoint, name):
+    import urllib.request
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{name}", method="PUT"), timeout=10).read()
+
+
+def du_s3(prefix):
+    """Total size of objects under s3 prefix (bucket/prefix) via ListObjectsV2."""
+    import urllib.request
+    import xml.etree.ElementTree as ET
+    endpoint, bucket = S3
+    total, token = 0, None
+    while True:
+        url = f"{endpoint}/{bucket}?list-type=2&prefix={prefix}/"
+        if token:
+            url += "&continuation-token=" + urllib.request.quote(token)
+        root = ET.fromstring(urllib.request.urlopen(url, timeout=30).read())
+        ns = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""
+        total += sum(int(e.text) for e in root.iter(ns + "Size"))
+        t = root.find(ns + "NextContinuationToken")
+        if t is None:
+            return total
+        token = t.text
+
+
 class Labctl:
     name = "labctl"
 
     def __init__(self, work, binary):
         self.bin = binary
         self.repo = os.path.join(work, "repo-labctl")
+        self.prefix = f"{os.path.basename(work)}-labctl"
         self.keys = os.path.join(work, "keys-labctl")
         os.makedirs(self.keys, exist_ok=True)
-        self.env = dict(os.environ, LABCTL_REPO=self.repo, LABCTL_CACHE_DIR=os.path.join(work, "cache-labctl"),
+        repo_url = f"s3://{S3[1]}/{self.prefix}" if S3 else self.repo
+        self.env = dict(os.environ, **(s3_env() if S3 else {}), LABCTL_REPO=repo_url, LABCTL_CACHE_DIR=os.path.join(work, "cache-labctl"),
                         LABCTL_KEY=os.path.join(self.keys, "b.key"), LABCTL_RESTORE_KEY=os.path.join(self.keys, "r.key"))
 
     def init(self):
+        extra = os.environ.get("LABCTL_BENCH_INIT_ARGS", "").split()
         run([self.bin, "-q", "repo", "init", "--no-escrow", "--backup-key", self.env["LABCTL_KEY"],
-             "--restore-key", self.env["LABCTL_RESTORE_KEY"]], env=self.env)
+             "--restore-key", self.env["LABCTL_RESTORE_KEY"], *extra], env=self.env)
 
     def backup(self, data):
         return run([self.bin, "-q", "backup", "path", data], env=self.env)
@@ -78,7 +137,9 @@ class Restic:
 
     def __init__(self, work, _):
         self.repo = os.path.join(work, "repo-restic")
-        self.env = dict(os.environ, RESTIC_REPOSITORY=self.repo, RESTIC_PASSWORD="bench-password",
+        self.prefix = f"{os.path.basename(work)}-restic"
+        repo_url = f"s3:{S3[0]}/{S3[1]}/{self.prefix}" if S3 else self.repo
+        self.env = dict(os.environ, **(s3_env() if S3 else {}), RESTIC_REPOSITORY=repo_url, RESTIC_PASSWORD="bench-password",
                         RESTIC_CACHE_DIR=os.path.join(work, "cache-restic"))
 
     def init(self):
@@ -132,6 +193,8 @@ def main():
     ap.add_argument("--work", default=os.path.join(ROOT, "bench-work"))
     ap.add_argument("--json", help="also write results here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--s3", action="store_true",
+                    help="repositories on a local moto S3 server instead of local disk (tools: labctl,restic)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds (fresh repositories and data each time); the table shows medians")
     args = ap.parse_args()
@@ -140,11 +203,22 @@ def main():
     binary = os.path.join(ROOT, "target/release/labctl")
     gen = os.path.join(ROOT, "target/release/examples/benchdata")
     shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
+    global S3
+    moto = None
+    if args.s3:
+        moto, endpoint = start_moto(args.work)
+        S3 = (endpoint, "bench")
+        make_bucket(endpoint, "bench")
     # Nothing is deleted until all rounds are done: on ext4, creating files
     # right after deleting thousands makes the inode allocator skip the
     # recently freed ones, which would penalise whichever tool runs next.
     # The tool order also rotates each round.
-    rounds = [one_round(args, binary, gen, i) for i in range(args.repeat)]
+    try:
+        rounds = [one_round(args, binary, gen, i) for i in range(args.repeat)]
+    finally:
+        if moto:
+            moto.kill()
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
     size = rounds[0][0]
@@ -166,7 +240,7 @@ def main():
 
 def one_round(args, binary, gen, index):
     work = os.path.join(args.work, f"round-{index}")
-    os.makedirs(work)
+    os.makedirs(work, exist_ok=True)
     data = os.path.join(work, "data")
     subprocess.run([gen, "generate", data, str(args.size_mib)], check=True)
     size = du(data)
@@ -178,13 +252,13 @@ def one_round(args, binary, gen, index):
     for t in chosen:
         t.init()
         s, rss = t.backup(data)
-        results[t.name].update(first_s=s, first_rss=rss, repo_after_first=du(t.repo))
+        results[t.name].update(first_s=s, first_rss=rss, repo_after_first=du_s3(t.prefix) if S3 else du(t.repo))
         print(f"{t.name}: first backup {s:.2f}s, {rss:.0f} MiB RSS", file=sys.stderr)
     subprocess.run([gen, "mutate", data], check=True)
     for t in chosen:
         s, rss = t.backup(data)
         r = results[t.name]
-        r.update(second_s=s, second_rss=rss, repo_after_second=du(t.repo))
+        r.update(second_s=s, second_rss=rss, repo_after_second=du_s3(t.prefix) if S3 else du(t.repo))
         r["growth"] = r["repo_after_second"] - r["repo_after_first"]
         print(f"{t.name}: second backup {s:.2f}s, growth {r['growth'] / 2**20:.1f} MiB", file=sys.stderr)
     for t in chosen:

@@ -59,28 +59,149 @@ enum Op {
     FileEnd,
 }
 
+/// Blobs fetched with one ranged read: neighbours in one pack.
+type FetchGroup = Vec<(u64, Id, BlobLocation)>;
+
+/// Most blobs and bytes one ranged read covers (with the 64 MiB window, about
+/// 16 ranged reads are in flight).
+const GROUP_BLOBS: usize = 512;
+const GROUP_BYTES: u64 = 4 << 20;
+
+/// The restore window, in two budgets: decoded chunk bytes in flight (in
+/// units of 64 KiB; this bounds memory) and cheap control operations.
+const UNIT: u64 = 64 << 10;
+const DATA_UNITS: usize = 1024; // 64 MiB
+const CTL_UNITS: usize = 8192;
+
+/// What an operation holds of the window until the writer has applied it.
+#[derive(Debug, Clone, Copy)]
+enum Tok {
+    Ctl,
+    Data(u32),
+}
+
+fn units(loc: &BlobLocation) -> u32 {
+    (loc.raw_len as u64).div_ceil(UNIT).max(1) as u32
+}
+
+/// The writer's side of the window: gives tokens back.
+struct Giver {
+    data: Sender<()>,
+    ctl: Sender<()>,
+}
+
+impl Giver {
+    fn give(&self, tok: Tok) {
+        match tok {
+            Tok::Ctl => {
+                let _ = self.ctl.send(());
+            }
+            Tok::Data(n) => {
+                for _ in 0..n {
+                    let _ = self.data.send(());
+                }
+            }
+        }
+    }
+}
+
+fn window() -> (Giver, Receiver<()>, Receiver<()>) {
+    let (dtx, drx) = bounded(DATA_UNITS);
+    let (ctx, crx) = bounded(CTL_UNITS);
+    for _ in 0..DATA_UNITS {
+        dtx.send(()).unwrap();
+    }
+    for _ in 0..CTL_UNITS {
+        ctx.send(()).unwrap();
+    }
+    (
+        Giver {
+            data: dtx,
+            ctl: ctx,
+        },
+        drx,
+        crx,
+    )
+}
+
+type OpMsg = (u64, Op, Tok);
+/// Largest hole between neighbouring blobs still read through.
+const GROUP_GAP: u64 = 64 << 10;
+
 /// The fetch pool and ordered writer shared by both restore kinds.
+///
+/// Chunks that sit next to each other in a pack (as a backup wrote them)
+/// are fetched with one ranged read — for object stores that is far fewer
+/// requests than one per blob — and split and decoded by the worker.
 struct Pipeline {
     seq: u64,
-    credits: Receiver<()>,
-    fetch_tx: Option<Sender<(u64, Id, BlobLocation)>>,
-    ops_tx: Option<Sender<(u64, Op)>>,
+    data_credits: Receiver<()>,
+    ctl_credits: Receiver<()>,
+    fetch_tx: Option<Sender<FetchGroup>>,
+    ops_tx: Option<Sender<OpMsg>>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    group: FetchGroup,
+}
+
+fn fetch_group(
+    backend: &dyn crate::backend::Backend,
+    keys: &crate::repo::keys::Keys,
+    group: &FetchGroup,
+) -> Vec<(u64, anyhow::Result<Vec<u8>>)> {
+    let first = group[0].2;
+    let last = group[group.len() - 1].2;
+    if group.len() == 1 {
+        return vec![(group[0].0, read_blob_at(backend, keys, &group[0].1, &first))];
+    }
+    let start = first.offset as u64;
+    let end = last.offset as u64 + last.length as u64;
+    let name = crate::repo::format::pack_name(&first.pack);
+    match backend.get_range(&name, start, end - start) {
+        Ok(bytes) => group
+            .iter()
+            .map(|(seq, id, loc)| {
+                let from = (loc.offset as u64 - start) as usize;
+                let cipher = &bytes[from..from + loc.length as usize];
+                let r = match keys.data_identity("restore") {
+                    Ok(identity) => {
+                        let what = format!("blob {} in pack {}", id.short(), loc.pack.hex());
+                        crate::repo::blob::decode(
+                            cipher,
+                            identity,
+                            &keys.dedup_key,
+                            id,
+                            loc.raw_len as usize,
+                            &what,
+                        )
+                        .map_err(anyhow::Error::from)
+                    }
+                    Err(e) => Err(e.into()),
+                };
+                (*seq, r)
+            })
+            .collect(),
+        // Fall back to blob-by-blob so one bad range names exactly the bad blobs.
+        Err(_) => group
+            .iter()
+            .map(|(seq, id, loc)| (*seq, read_blob_at(backend, keys, id, loc)))
+            .collect(),
+    }
 }
 
 impl Pipeline {
     fn start(
         repo: &Repository,
         threads: usize,
-        ops_tx: Sender<(u64, Op)>,
-        credits: Receiver<()>,
+        ops_tx: Sender<OpMsg>,
+        data_credits: Receiver<()>,
+        ctl_credits: Receiver<()>,
     ) -> Pipeline {
         let threads = if threads == 0 {
             repo.backend.parallelism().max(4)
         } else {
             threads
         };
-        let (fetch_tx, fetch_rx) = bounded::<(u64, Id, BlobLocation)>(threads * 2);
+        let (fetch_tx, fetch_rx) = bounded::<FetchGroup>(threads);
         let mut workers = vec![];
         for _ in 0..threads {
             let rx = fetch_rx.clone();
@@ -88,38 +209,85 @@ impl Pipeline {
             let backend = repo.backend.clone();
             let keys = repo.keys.clone();
             workers.push(std::thread::spawn(move || {
-                for (seq, id, loc) in rx {
-                    let r = read_blob_at(&*backend, &keys, &id, &loc);
-                    if tx.send((seq, Op::Data(r))).is_err() {
-                        return;
+                for group in rx {
+                    let toks: Vec<u32> = group.iter().map(|(_, _, loc)| units(loc)).collect();
+                    for ((seq, r), n) in fetch_group(&*backend, &keys, &group).into_iter().zip(toks)
+                    {
+                        if tx.send((seq, Op::Data(r), Tok::Data(n))).is_err() {
+                            return;
+                        }
                     }
                 }
             }));
         }
         Pipeline {
             seq: 0,
-            credits,
+            data_credits,
+            ctl_credits,
             fetch_tx: Some(fetch_tx),
             ops_tx: Some(ops_tx),
             workers,
+            group: vec![],
         }
     }
 
-    fn next_seq(&mut self) -> anyhow::Result<u64> {
-        self.credits
-            .recv()
-            .map_err(|_| anyhow::anyhow!("restore writer stopped"))?;
+    fn flush_group(&mut self) -> anyhow::Result<()> {
+        if self.group.is_empty() {
+            return Ok(());
+        }
+        let group = std::mem::take(&mut self.group);
+        self.fetch_tx
+            .as_ref()
+            .unwrap()
+            .send(group)
+            .map_err(|_| anyhow::anyhow!("restore workers stopped"))
+    }
+
+    /// Takes `tok` from the window. When the window is full, the pending
+    /// group goes out first: the writer may be waiting for it.
+    fn take(&mut self, tok: Tok) -> anyhow::Result<u64> {
+        let (rx, n) = match tok {
+            Tok::Ctl => (self.ctl_credits.clone(), 1),
+            Tok::Data(n) => (self.data_credits.clone(), n),
+        };
+        for _ in 0..n {
+            if rx.try_recv().is_err() {
+                self.flush_group()?;
+                rx.recv()
+                    .map_err(|_| anyhow::anyhow!("restore writer stopped"))?;
+            }
+        }
         self.seq += 1;
         Ok(self.seq - 1)
     }
 
     fn op(&mut self, op: Op) -> anyhow::Result<()> {
-        let s = self.next_seq()?;
+        let s = self.take(Tok::Ctl)?;
         self.ops_tx
             .as_ref()
             .unwrap()
-            .send((s, op))
+            .send((s, op, Tok::Ctl))
             .map_err(|_| anyhow::anyhow!("restore writer stopped"))?;
+        Ok(())
+    }
+
+    /// Queues a chunk fetch, joining the pending group when it is the next
+    /// neighbour in the same pack.
+    fn fetch(&mut self, id: Id, loc: BlobLocation) -> anyhow::Result<()> {
+        let s = self.take(Tok::Data(units(&loc)))?;
+        if let (Some(first), Some(last)) = (self.group.first(), self.group.last()) {
+            let (first, last) = (first.2, last.2);
+            let last_end = last.offset as u64 + last.length as u64;
+            let fits = loc.pack == last.pack
+                && loc.offset as u64 >= last_end
+                && loc.offset as u64 - last_end <= GROUP_GAP
+                && (loc.offset as u64 + loc.length as u64) - first.offset as u64 <= GROUP_BYTES
+                && self.group.len() < GROUP_BLOBS;
+            if !fits {
+                self.flush_group()?;
+            }
+        }
+        self.group.push((s, id, loc));
         Ok(())
     }
 
@@ -128,14 +296,7 @@ impl Pipeline {
             match c {
                 ContentRef::Zero { zero } => self.op(Op::Zero(*zero))?,
                 ContentRef::Chunk(id) => match repo.catalog.blob(id)? {
-                    Some(loc) => {
-                        let s = self.next_seq()?;
-                        self.fetch_tx
-                            .as_ref()
-                            .unwrap()
-                            .send((s, *id, loc))
-                            .map_err(|_| anyhow::anyhow!("restore workers stopped"))?;
-                    }
+                    Some(loc) => self.fetch(*id, loc)?,
                     None => self.op(Op::Data(Err(LabError::integrity(format!(
                         "chunk {} is not in the index (its pack is missing)",
                         id.short()
@@ -148,6 +309,7 @@ impl Pipeline {
     }
 
     fn close(mut self) {
+        let _ = self.flush_group();
         self.fetch_tx = None;
         self.ops_tx = None;
         for w in self.workers.drain(..) {
@@ -156,30 +318,19 @@ impl Pipeline {
     }
 }
 
-const WINDOW: usize = 24;
-
-fn credit_channel() -> (Sender<()>, Receiver<()>) {
-    let (tx, rx) = bounded(WINDOW);
-    for _ in 0..WINDOW {
-        tx.send(()).unwrap();
-    }
-    (tx, rx)
-}
-
-/// Applies ops in sequence order.
 fn run_writer<F: FnMut(Op) -> anyhow::Result<()>>(
-    rx: Receiver<(u64, Op)>,
-    credits: Sender<()>,
+    rx: Receiver<OpMsg>,
+    giver: Giver,
     mut apply: F,
 ) -> anyhow::Result<()> {
     let mut next = 0u64;
-    let mut held: BTreeMap<u64, Op> = BTreeMap::new();
-    for (seq, op) in rx {
-        held.insert(seq, op);
-        while let Some(op) = held.remove(&next) {
+    let mut held: BTreeMap<u64, (Op, Tok)> = BTreeMap::new();
+    for (seq, op, tok) in rx {
+        held.insert(seq, (op, tok));
+        while let Some((op, tok)) = held.remove(&next) {
             next += 1;
             let r = apply(op);
-            let _ = credits.send(());
+            giver.give(tok);
             r?;
         }
     }
@@ -242,9 +393,9 @@ pub fn restore_to_dir(
         ))
     })?;
     let root_tree = repo.read_tree(&snap.root)?;
-    let (ops_tx, ops_rx) = bounded::<(u64, Op)>(WINDOW * 2);
-    let (credit_tx, credit_rx) = credit_channel();
-    let mut pipe = Pipeline::start(repo, opts.threads, ops_tx, credit_rx);
+    let (ops_tx, ops_rx) = crossbeam_channel::unbounded::<OpMsg>();
+    let (giver, data_credits, ctl_credits) = window();
+    let mut pipe = Pipeline::start(repo, opts.threads, ops_tx, data_credits, ctl_credits);
     let is_root = unsafe { libc::geteuid() } == 0;
     let writer_progress = progress.clone();
     let writer = std::thread::spawn(move || {
@@ -254,7 +405,7 @@ pub fn restore_to_dir(
             is_root,
             progress: writer_progress,
         };
-        let r = run_writer(ops_rx, credit_tx, |op| w.apply(op));
+        let r = run_writer(ops_rx, giver, |op| w.apply(op));
         w.abort_current();
         r.map(|_| w.summary)
     });
@@ -296,6 +447,7 @@ impl DirWalk<'_> {
         dir: &Path,
         rel: &str,
     ) -> anyhow::Result<()> {
+        let mut subtrees = prefetch_subtrees(self.repo, &nodes, &self.opts.include, rel);
         for node in nodes {
             let name_bytes = node.name_bytes();
             if name_bytes.is_empty()
@@ -336,7 +488,10 @@ impl DirWalk<'_> {
                     // Owner-writable while restoring; the real mode is applied at the end.
                     let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o700));
                     let sub = match node.subtree.as_deref() {
-                        Some(ids) => self.repo.read_tree(ids),
+                        Some(ids) => subtrees
+                            .remove(ids)
+                            .map(Ok)
+                            .unwrap_or_else(|| self.repo.read_tree(ids)),
                         None => Err(anyhow::anyhow!("directory without a tree")),
                     };
                     match sub {
@@ -382,6 +537,78 @@ impl DirWalk<'_> {
         }
         Ok(())
     }
+}
+
+/// Reads the trees of a directory's subdirectories in parallel (one round
+/// trip per level instead of one per directory, which matters on object
+/// stores). Only the subdirectories the restore descends into.
+fn prefetch_subtrees(
+    repo: &Repository,
+    nodes: &[Node],
+    include: &[String],
+    rel: &str,
+) -> std::collections::HashMap<Vec<Id>, crate::repo::tree::Tree> {
+    let wanted: Vec<&Vec<Id>> = nodes
+        .iter()
+        .filter(|n| n.node_type == NodeType::Dir)
+        .filter(|n| {
+            let child = if rel.is_empty() {
+                n.name.clone()
+            } else {
+                format!("{rel}/{}", n.name)
+            };
+            included(&child, include).1
+        })
+        .filter_map(|n| n.subtree.as_ref())
+        .collect();
+    let mut out = std::collections::HashMap::new();
+    if wanted.len() < 2 {
+        return out;
+    }
+    let width = repo.backend.parallelism().clamp(1, 16);
+    let (backend, keys) = (&*repo.backend, &repo.keys);
+    for batch in wanted.chunks(width) {
+        // Locations come from the catalog here; the reads run in parallel.
+        let mut located = vec![];
+        for ids in batch {
+            let locs: Option<Vec<(Id, BlobLocation)>> = ids
+                .iter()
+                .map(|id| repo.catalog.blob(id).ok().flatten().map(|l| (*id, l)))
+                .collect();
+            // A missing blob is left to read_tree, which reports it during the walk.
+            if let Some(l) = locs {
+                located.push(((*ids).clone(), l));
+            }
+        }
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = located
+                .iter()
+                .map(|(_, locs)| {
+                    s.spawn(move || -> anyhow::Result<crate::repo::tree::Tree> {
+                        let mut json = vec![];
+                        for (id, loc) in locs {
+                            json.extend_from_slice(&read_blob_at(backend, keys, id, loc)?);
+                        }
+                        Ok(serde_json::from_slice(&json)?)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("tree reader panicked")))
+                })
+                .collect()
+        });
+        for ((ids, _), r) in located.into_iter().zip(results) {
+            // Errors are left to read_tree, which names the object.
+            if let Ok(tree) = r {
+                out.insert(ids, tree);
+            }
+        }
+    }
+    out
 }
 
 fn temp_name(path: &Path) -> PathBuf {
@@ -522,13 +749,13 @@ pub fn restore_to_writer(
     repo.keys.data_identity("restore")?;
     let (snap, _) = repo.load_snapshot(snap_id)?;
     let node = find_file(repo, &snap.root, path)?;
-    let (ops_tx, ops_rx) = bounded::<(u64, Op)>(WINDOW * 2);
-    let (credit_tx, credit_rx) = credit_channel();
-    let mut pipe = Pipeline::start(repo, threads, ops_tx, credit_rx);
+    let (ops_tx, ops_rx) = crossbeam_channel::unbounded::<OpMsg>();
+    let (giver, data_credits, ctl_credits) = window();
+    let mut pipe = Pipeline::start(repo, threads, ops_tx, data_credits, ctl_credits);
     let mut written = 0u64;
     let result = std::thread::scope(|s| {
         let writer = s.spawn(|| {
-            run_writer(ops_rx, credit_tx, |op| {
+            run_writer(ops_rx, giver, |op| {
                 match op {
                     Op::Data(r) => {
                         let d = r?;
