@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v setpriv >/dev/null || need_apt+=(util-linux)   # unprivileged-user test as root
 command -v cc >/dev/null || need_apt+=(gcc)                # rusqlite bundles SQLite (C)
+command -v openssl >/dev/null || need_apt+=(openssl)       # the TLS test makes a private CA
+command -v mount >/dev/null || need_apt+=(mount)           # the full-disk test mounts a small tmpfs
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

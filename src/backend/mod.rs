@@ -80,6 +80,11 @@ pub trait Backend: Send + Sync {
     fn location(&self) -> String;
     /// Writes a new object. Fails with `AlreadyExists` if `name` exists.
     fn put(&self, name: &str, data: &[u8]) -> BackendResult<()>;
+    /// Like [`Backend::put`], taking the buffer (lets a network backend send
+    /// it without a copy).
+    fn put_owned(&self, name: &str, data: Vec<u8>) -> BackendResult<()> {
+        self.put(name, &data)
+    }
     /// Reads a whole object.
     fn get(&self, name: &str) -> BackendResult<Vec<u8>>;
     /// Reads `len` bytes at `offset`; a short object is `ShortRead`.

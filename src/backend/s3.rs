@@ -358,12 +358,18 @@ impl Backend for S3Backend {
     }
 
     fn put(&self, name: &str, data: &[u8]) -> BackendResult<()> {
+        self.put_owned(name, data.to_vec())
+    }
+
+    fn put_owned(&self, name: &str, data: Vec<u8>) -> BackendResult<()> {
         if self.stat(name)?.is_some() {
             return Err(BackendError::AlreadyExists {
                 name: name.to_string(),
             });
         }
         let key = self.key(name);
+        // One shared buffer for every retry attempt: no copy of the pack.
+        let body = bytes::Bytes::from(data);
         self.rt.block_on(async {
             let mut req = self
                 .client
@@ -371,7 +377,7 @@ impl Backend for S3Backend {
                 .bucket(&self.bucket)
                 .key(&key)
                 .if_none_match("*")
-                .body(ByteStream::from(data.to_vec()));
+                .body(ByteStream::from(body));
             // Prune marks are operational state, never locked.
             if let Some(lock) = self.lock.get().filter(|_| !name.starts_with("prune/")) {
                 req = req
@@ -466,7 +472,7 @@ impl Backend for S3Backend {
     }
 
     /// `LABCTL_S3_REQUESTS` (default 16): ranged reads in flight on restore;
-    /// a quarter of it (at most 3) pack uploads in flight on backup.
+    /// an eighth of it (at most 2) pack uploads in flight on backup.
     fn parallelism(&self) -> usize {
         std::env::var("LABCTL_S3_REQUESTS")
             .ok()

@@ -186,22 +186,19 @@ impl Uploader {
                 let _ = put_tx.send(builder.finish(&meta));
             }
         }));
-        // Pack writers: one for local disks, up to three in flight for object
-        // stores (each holds a ~33 MiB pack, which bounds memory).
-        let writers = (repo.backend.parallelism() / 4).clamp(1, 3);
+        // Pack writers: one for local disks, two in flight for object stores
+        // (each holds a ~33 MiB pack, which bounds memory).
+        let writers = (repo.backend.parallelism() / 8).clamp(1, 2);
         for _ in 0..writers {
             let (put_rx, done_tx) = (put_rx.clone(), done_tx.clone());
             let backend = repo.backend.clone();
             let fail = failure.clone();
             handles.push(std::thread::spawn(move || {
                 for (id, bytes, entries) in put_rx {
-                    match backend.put(&format::pack_name(&id), &bytes) {
+                    let size = bytes.len() as u64;
+                    match backend.put_owned(&format::pack_name(&id), bytes) {
                         Ok(()) | Err(crate::backend::BackendError::AlreadyExists { .. }) => {
-                            let _ = done_tx.send(PackDone {
-                                id,
-                                size: bytes.len() as u64,
-                                entries,
-                            });
+                            let _ = done_tx.send(PackDone { id, size, entries });
                         }
                         Err(e) => {
                             *fail.lock().unwrap() = Some(
