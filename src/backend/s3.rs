@@ -184,11 +184,11 @@ impl S3Backend {
         })
     }
 
-    /// The retain-until time of an object, if it is locked (from HEAD).
-    ///
-    /// # Errors
-    /// Storage errors.
-    pub fn retention(&self, name: &str) -> BackendResult<Option<time::OffsetDateTime>> {
+    /// HEAD of an object; `None` when it does not exist.
+    fn head(
+        &self,
+        name: &str,
+    ) -> BackendResult<Option<aws_sdk_s3::operation::head_object::HeadObjectOutput>> {
         let key = self.key(name);
         self.rt.block_on(async {
             match self
@@ -199,13 +199,22 @@ impl S3Backend {
                 .send()
                 .await
             {
-                Ok(out) => Ok(out
-                    .object_lock_retain_until_date()
-                    .and_then(|d| time::OffsetDateTime::from_unix_timestamp(d.secs()).ok())),
+                Ok(out) => Ok(Some(out)),
                 Err(e) if matches!(status(&e), Some(404)) => Ok(None),
                 Err(e) => Err(io_err(name, describe(&e))),
             }
         })
+    }
+
+    /// The retain-until time of an object, if it is locked (from HEAD).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn retention(&self, name: &str) -> BackendResult<Option<time::OffsetDateTime>> {
+        Ok(self
+            .head(name)?
+            .and_then(|out| out.object_lock_retain_until_date().copied())
+            .and_then(|d| time::OffsetDateTime::from_unix_timestamp(d.secs()).ok()))
     }
 
     /// Extends an object's retention to `days` from now.
@@ -440,21 +449,9 @@ impl Backend for S3Backend {
     }
 
     fn stat(&self, name: &str) -> BackendResult<Option<u64>> {
-        let key = self.key(name);
-        self.rt.block_on(async {
-            match self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(&key)
-                .send()
-                .await
-            {
-                Ok(o) => Ok(Some(o.content_length().unwrap_or(0) as u64)),
-                Err(e) if matches!(status(&e), Some(404)) => Ok(None),
-                Err(e) => Err(io_err(name, describe(&e))),
-            }
-        })
+        Ok(self
+            .head(name)?
+            .map(|o| o.content_length().unwrap_or(0) as u64))
     }
 
     fn delete(&self, name: &str) -> BackendResult<()> {

@@ -34,15 +34,8 @@ pub struct ForgetCmd {
     /// What makes a group, comma-separated: source (kind and name), host, tags.
     #[arg(long, default_value = "source", value_name = "KEYS")]
     pub group_by: String,
-    /// Only consider snapshots of this source name (or kind:name).
-    #[arg(long)]
-    pub source: Option<String>,
-    /// Only consider snapshots with this tag; repeatable.
-    #[arg(long = "tag")]
-    pub tags: Vec<String>,
-    /// Only consider snapshots taken on this host.
-    #[arg(long)]
-    pub host: Option<String>,
+    #[command(flatten)]
+    pub filter: super::snapshots_cmd::SnapshotFilter,
     /// Show what would be removed and why each kept snapshot stays; change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -115,16 +108,7 @@ pub fn run_forget(g: &GlobalArgs, c: ForgetCmd) -> anyhow::Result<ExitCode> {
     let mut candidates = vec![];
     for row in repo.catalog.snapshots()? {
         let snap: Snapshot = serde_json::from_str(&row.json)?;
-        if let Some(src) = &c.source {
-            if *src != snap.source.name
-                && *src != format!("{}:{}", snap.source.kind, snap.source.name)
-            {
-                continue;
-            }
-        }
-        if !c.tags.iter().all(|t| snap.tags.contains(t))
-            || c.host.as_ref().is_some_and(|h| *h != snap.host)
-        {
+        if !c.filter.matches(&snap) {
             continue;
         }
         let time =

@@ -9,6 +9,13 @@ use clap::Args;
 
 #[derive(Args, Debug)]
 pub struct SnapshotsCmd {
+    #[command(flatten)]
+    pub filter: SnapshotFilter,
+}
+
+/// Which snapshots a command looks at (shared by `snapshots` and `forget`).
+#[derive(Args, Debug)]
+pub struct SnapshotFilter {
     /// Only snapshots of this source name (or kind:name).
     #[arg(long)]
     pub source: Option<String>,
@@ -18,6 +25,17 @@ pub struct SnapshotsCmd {
     /// Only snapshots taken on this host.
     #[arg(long)]
     pub host: Option<String>,
+}
+
+impl SnapshotFilter {
+    pub fn matches(&self, snap: &Snapshot) -> bool {
+        let source_ok = self.source.as_ref().is_none_or(|src| {
+            *src == snap.source.name || *src == format!("{}:{}", snap.source.kind, snap.source.name)
+        });
+        source_ok
+            && self.tags.iter().all(|t| snap.tags.contains(t))
+            && self.host.as_ref().is_none_or(|h| *h == snap.host)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -41,16 +59,7 @@ pub fn run_snapshots(g: &GlobalArgs, c: SnapshotsCmd) -> anyhow::Result<ExitCode
     let mut out = vec![];
     for row in repo.catalog.snapshots()? {
         let snap: Snapshot = serde_json::from_str(&row.json)?;
-        if let Some(src) = &c.source {
-            let full = format!("{}:{}", snap.source.kind, snap.source.name);
-            if *src != snap.source.name && *src != full {
-                continue;
-            }
-        }
-        if !c.tags.iter().all(|t| snap.tags.contains(t)) {
-            continue;
-        }
-        if c.host.as_ref().is_some_and(|h| *h != snap.host) {
+        if !c.filter.matches(&snap) {
             continue;
         }
         out.push(Listed {
