@@ -38,7 +38,7 @@ impl FsBackend {
         } else {
             BackendError::Io {
                 name: name.to_string(),
-                source,
+                cause: source,
             }
         }
     }
@@ -81,7 +81,7 @@ impl Backend for FsBackend {
             }),
             Err(e) => Err(BackendError::Io {
                 name: name.to_string(),
-                source: e,
+                cause: e,
             }),
         }
     }

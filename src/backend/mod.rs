@@ -41,20 +41,18 @@ pub enum BackendError {
         end: u64,
         size: u64,
     },
-    #[error("storage error on {name}: {source}")]
-    Io {
-        name: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The cause is part of the message, not a chained source, so the
+    // printed error chain does not repeat it.
+    #[error("storage error on {name}: {cause}")]
+    Io { name: String, cause: std::io::Error },
 }
 
 impl BackendError {
     /// Whether retrying the same call may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            BackendError::Io { source, .. } => matches!(
-                source.kind(),
+            BackendError::Io { cause, .. } => matches!(
+                cause.kind(),
                 std::io::ErrorKind::Interrupted
                     | std::io::ErrorKind::TimedOut
                     | std::io::ErrorKind::WouldBlock

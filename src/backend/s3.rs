@@ -58,7 +58,7 @@ fn stall_timeout() -> Duration {
 fn io_err(name: &str, msg: String) -> BackendError {
     BackendError::Io {
         name: name.to_string(),
-        source: std::io::Error::other(msg),
+        cause: std::io::Error::other(msg),
     }
 }
 
