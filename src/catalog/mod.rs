@@ -331,6 +331,13 @@ impl Catalog {
         self.commit()
     }
 
+    pub fn is_marked(&self, pack: &Id) -> anyhow::Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM marked_packs WHERE id=?1")?
+            .exists([&pack.0[..]])?)
+    }
+
     /// Empties the (per-connection, temporary) set of used chunks.
     pub fn used_reset(&self) -> anyhow::Result<()> {
         self.conn.execute("DELETE FROM temp.used", [])?;

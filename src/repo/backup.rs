@@ -548,7 +548,13 @@ pub fn adopt_orphan_packs(repo: &Repository) -> anyhow::Result<usize> {
         let Some(id) = o.name.rsplit('/').next().and_then(Id::from_hex) else {
             return;
         };
-        match cat.has_pack(&id) {
+        // A marked pack is on its way out: a prune may be between deleting
+        // the index fragments that list it and deleting the pack itself.
+        // Adopting it would leave an index entry pointing at nothing.
+        match cat
+            .has_pack(&id)
+            .and_then(|known| Ok(known || cat.is_marked(&id)?))
+        {
             Ok(true) => {}
             Ok(false) => orphans.push((id, o.size)),
             Err(e) => err = Some(e),

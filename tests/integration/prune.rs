@@ -263,3 +263,42 @@ fn kill_during_prune_leaves_a_repository_that_passes_check() {
     env.ok_restore(&["restore", "latest", "--target", out.to_str().unwrap()]);
     assert_same_tree(&src, &out);
 }
+
+#[test]
+fn backups_never_adopt_packs_a_prune_is_deleting() {
+    // The window inside a prune after the old index fragments are gone and
+    // before the marked packs are: simulate it by removing the index.
+    let env = Env::new();
+    let a = env.path("a");
+    files(&a, 3, 300_000, 11);
+    env.backup(&a);
+    let b = env.path("b");
+    write(&b.join("x"), b"x");
+    env.backup(&b);
+    env.ok(&["forget", "--keep-last", "1", "--group-by", "tags"]);
+    let r = prune(&env, &[]);
+    let marked: Vec<String> = r["packs-marked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    assert!(!marked.is_empty());
+    // b's index survives; every fragment listing a marked pack goes, as in the sweep.
+    for f in list_files(&env.repo.join("index")) {
+        fs::remove_file(f).unwrap();
+    }
+    fs::remove_dir_all(&env.cache).unwrap();
+    let c = env.path("c");
+    write(&c.join("y"), b"y");
+    env.backup(&c); // must not adopt the marked packs
+    let out = env.ok(&["--json", "check"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings = v["warnings"].to_string();
+    for p in &marked {
+        assert!(
+            warnings.contains(p.as_str()),
+            "marked pack {p} stays unindexed (not adopted): {warnings}"
+        );
+    }
+}
