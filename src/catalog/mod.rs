@@ -331,6 +331,22 @@ impl Catalog {
         self.commit()
     }
 
+    /// The packs holding a copy of a blob.
+    pub fn blob_packs(&self, id: &Id) -> anyhow::Result<Vec<Id>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT pack FROM blobs WHERE id=?1")?;
+        let rows = st.query_map([&id.0[..]], |r| Ok(id_of(r.get(0)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn pack_blob_count(&self, pack: &Id) -> anyhow::Result<usize> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM blobs WHERE pack=?1")?
+            .query_row([&pack.0[..]], |r| r.get::<_, i64>(0))? as usize)
+    }
+
     pub fn is_marked(&self, pack: &Id) -> anyhow::Result<bool> {
         Ok(self
             .conn

@@ -66,6 +66,8 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
         repo.keys.data_identity("check --read-data")?;
     }
     let mut rep = CheckReport::default();
+    // Per-pack facts only; per-blob lookups go to the on-disk catalog, so
+    // memory does not grow with the number of blobs.
     let mut listed: HashMap<Id, u64> = HashMap::new();
     repo.backend.list("packs/", &mut |o| {
         if let Some(id) = o.name.rsplit('/').next().and_then(Id::from_hex) {
@@ -74,7 +76,7 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
     })?;
     rep.packs = listed.len() as u64;
 
-    // Index fragments against the listing.
+    // Index fragments against the listing: (pack size, blob count) per pack.
     let mut index_ids = vec![];
     repo.backend.list("index/", &mut |o| {
         if let Some(id) = o.name.strip_prefix("index/").and_then(Id::from_hex) {
@@ -82,7 +84,7 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
         }
     })?;
     rep.index_files = index_ids.len() as u64;
-    let mut indexed_packs: HashMap<Id, Vec<PackEntry>> = HashMap::new();
+    let mut indexed: HashMap<Id, (u64, usize)> = HashMap::new();
     for id in &index_ids {
         let name = format::index_name(id);
         let bytes = match repo.backend.get(&name) {
@@ -110,49 +112,61 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
                         )),
                         _ => {}
                     }
-                    indexed_packs.insert(p.id, p.entries);
+                    indexed.insert(p.id, (p.size, p.entries.len()));
                 }
             }
             Err(e) => rep.errors.push(e.to_string()),
         }
     }
     for id in listed.keys() {
-        if !indexed_packs.contains_key(id) {
+        if indexed.contains_key(id) {
+            continue;
+        }
+        if repo.catalog.is_marked(id)? {
+            rep.warnings.push(format!(
+                "pack {} is not in any index: prune marked it and is deleting it",
+                id.hex()
+            ));
+        } else {
             rep.warnings.push(format!(
                 "pack {} is not in any index (left by an interrupted backup; the next backup indexes and re-uses it, prune removes it)",
                 id.hex()
             ));
         }
     }
-    // Catalog against index.
-    for (id, size, indexed) in repo.catalog.packs()? {
-        if indexed && !indexed_packs.contains_key(&id) {
-            rep.errors.push(format!(
+    // Catalog against index, pack by pack.
+    let mut in_catalog = std::collections::HashSet::new();
+    for (id, size, is_indexed) in repo.catalog.packs()? {
+        in_catalog.insert(id);
+        match indexed.get(&id) {
+            Some(&(_, count)) if repo.catalog.pack_blob_count(&id)? != count => {
+                rep.errors.push(format!(
+                "catalog and index disagree on the blobs of pack {}; run `labctl catalog rebuild`",
+                id.hex()
+            ))
+            }
+            Some(_) => {}
+            None if is_indexed => rep.errors.push(format!(
                 "catalog lists pack {} that no index fragment holds; run `labctl catalog rebuild`",
                 id.hex()
-            ));
-        }
-        if !listed.contains_key(&id) && indexed_packs.contains_key(&id) {
-            continue; // already reported as missing
-        }
-        if !listed.contains_key(&id) {
-            rep.errors.push(format!(
+            )),
+            None if !listed.contains_key(&id) => rep.errors.push(format!(
                 "catalog lists pack {} ({size} bytes) that is missing from storage",
                 id.hex()
-            ));
+            )),
+            None => {}
         }
     }
-    let mut blob_home: HashMap<Id, Id> = HashMap::new();
-    for (pack, entries) in &indexed_packs {
-        for e in entries {
-            blob_home.entry(e.id).or_insert(*pack);
-        }
+    for id in indexed.keys().filter(|id| !in_catalog.contains(id)) {
+        rep.errors.push(format!(
+            "the catalog lacks indexed pack {}; run `labctl catalog rebuild`",
+            id.hex()
+        ));
     }
 
-    // Snapshots reference only indexed, present chunks.
+    // Snapshots reference only indexed chunks whose pack is present.
     let snaps = repo.catalog.snapshots()?;
     rep.snapshots = snaps.len() as u64;
-    let mut snap_chunks: Vec<(Id, HashSet<Id>)> = vec![];
     for row in &snaps {
         let (_, chunks) = match repo.load_snapshot(&row.id) {
             Ok(x) => x,
@@ -163,9 +177,13 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
         };
         let mut missing = 0;
         for c in &chunks {
-            match blob_home.get(c) {
-                Some(p) if listed.contains_key(p) => {}
-                _ => missing += 1,
+            if !repo
+                .catalog
+                .blob_packs(c)?
+                .iter()
+                .any(|p| listed.contains_key(p))
+            {
+                missing += 1;
             }
         }
         if missing > 0 {
@@ -174,13 +192,10 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
                 row.id.hex()
             ));
         }
-        if read != ReadData::None {
-            snap_chunks.push((row.id, chunks.into_iter().collect()));
-        }
     }
 
     if read != ReadData::None {
-        read_packs(repo, read, &indexed_packs, &listed, &snap_chunks, &mut rep)?;
+        read_packs(repo, read, &indexed, &listed, &mut rep)?;
     }
     Ok(rep)
 }
@@ -203,19 +218,21 @@ fn selected(id: &Id, read: ReadData) -> bool {
 fn read_packs(
     repo: &Repository,
     read: ReadData,
-    indexed: &HashMap<Id, Vec<PackEntry>>,
+    indexed: &HashMap<Id, (u64, usize)>,
     listed: &HashMap<Id, u64>,
-    snaps: &[(Id, HashSet<Id>)],
     rep: &mut CheckReport,
 ) -> anyhow::Result<()> {
     let identity = repo.keys.data_identity("check --read-data")?;
-    let mut ids: Vec<&Id> = indexed
+    let mut ids: Vec<Id> = indexed
         .keys()
         .filter(|id| listed.contains_key(id))
+        .copied()
         .collect();
     ids.sort();
+    // (pack, problems, damaged blobs)
+    let mut damaged: Vec<(Id, Vec<String>, Vec<PackEntry>)> = vec![];
     for pack in ids.into_iter().filter(|id| selected(id, read)) {
-        let name = format::pack_name(pack);
+        let name = format::pack_name(&pack);
         let bytes = match repo.backend.get(&name) {
             Ok(b) => b,
             Err(e) => {
@@ -225,11 +242,11 @@ fn read_packs(
         };
         rep.packs_read += 1;
         let mut problems = vec![];
-        if Id::of_object(&bytes) != *pack {
+        if Id::of_object(&bytes) != pack {
             problems.push("content does not match its name (pack hash mismatch)".to_string());
         }
         let mut bad_blobs = vec![];
-        for e in &indexed[pack] {
+        for e in repo.catalog.pack_entries(&pack)? {
             let end = e.offset as usize + e.length as usize;
             let what = format!("blob {} in pack {}", e.id.short(), pack.short());
             let ok = bytes.get(e.offset as usize..end).map(|c| {
@@ -245,7 +262,7 @@ fn read_packs(
             match ok {
                 Some(Ok(_)) => rep.blobs_verified += 1,
                 Some(Err(err)) if err.kind == crate::error::ExitCode::Key => return Err(err.into()),
-                _ => bad_blobs.push(*e),
+                _ => bad_blobs.push(e),
             }
         }
         if !bad_blobs.is_empty() {
@@ -254,16 +271,30 @@ fn read_packs(
                 bad_blobs.len()
             ));
         }
-        if problems.is_empty() {
-            continue;
+        if !problems.is_empty() {
+            damaged.push((pack, problems, bad_blobs));
         }
-        let bad: HashSet<Id> = bad_blobs.iter().map(|e| e.id).collect();
-        let mut affected = BTreeMap::new();
-        for (snap, chunks) in snaps {
+    }
+    if damaged.is_empty() {
+        return Ok(());
+    }
+    // What the damage touches, one snapshot's chunk list at a time.
+    let bad_sets: Vec<HashSet<Id>> = damaged
+        .iter()
+        .map(|(_, _, b)| b.iter().map(|e| e.id).collect())
+        .collect();
+    let mut affected: Vec<BTreeMap<String, Vec<String>>> = vec![BTreeMap::new(); damaged.len()];
+    for row in repo.catalog.snapshots()? {
+        let Ok((_, chunks)) = repo.load_snapshot(&row.id) else {
+            continue;
+        };
+        for (i, bad) in bad_sets.iter().enumerate() {
             if chunks.iter().any(|c| bad.contains(c)) {
-                affected.insert(snap.hex(), affected_files(repo, snap, &bad));
+                affected[i].insert(row.id.hex(), affected_files(repo, &row.id, bad));
             }
         }
+    }
+    for ((pack, problems, bad_blobs), affected) in damaged.into_iter().zip(affected) {
         rep.damage.push(Damage {
             pack: pack.hex(),
             problem: problems.join("; "),
