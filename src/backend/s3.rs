@@ -314,7 +314,7 @@ impl S3Backend {
 
 /// An HTTPS client that also trusts the CA in `LABCTL_S3_CA_FILE` (or the
 /// AWS-standard `AWS_CA_BUNDLE`), for stores with a private CA.
-fn ca_http_client() -> anyhow::Result<Option<aws_smithy_runtime_api_http::SharedHttpClient>> {
+fn ca_http_client() -> anyhow::Result<Option<aws_sdk_s3::config::SharedHttpClient>> {
     use aws_smithy_http_client::tls;
     let Some(path) =
         std::env::var_os("LABCTL_S3_CA_FILE").or_else(|| std::env::var_os("AWS_CA_BUNDLE"))
@@ -345,10 +345,6 @@ fn ca_http_client() -> anyhow::Result<Option<aws_smithy_runtime_api_http::Shared
             .tls_context(ctx)
             .build_https(),
     ))
-}
-
-mod aws_smithy_runtime_api_http {
-    pub use aws_sdk_s3::config::SharedHttpClient;
 }
 
 fn backoff(attempt: u32) -> Duration {

@@ -382,7 +382,7 @@ pub fn read_blob_at(
     backend: &dyn Backend,
     keys: &Keys,
     id: &Id,
-    loc: &catalog_loc::BlobLocation,
+    loc: &crate::catalog::BlobLocation,
 ) -> anyhow::Result<Vec<u8>> {
     let identity = keys.data_identity("reading backed-up data")?;
     let name = format::pack_name(&loc.pack);
@@ -398,8 +398,4 @@ pub fn read_blob_at(
         loc.raw_len as usize,
         &what,
     )?)
-}
-
-mod catalog_loc {
-    pub use crate::catalog::BlobLocation;
 }
