@@ -117,6 +117,22 @@ impl Env {
     }
 }
 
+/// Starts a slow (one encoder thread) quiet backup of `dir` with `cmd`'s
+/// environment and the given backup key, for tests that act during it.
+pub fn spawn_backup(mut cmd: Command, key: &Path, dir: &Path) -> std::process::Child {
+    cmd.env("LABCTL_KEY", key)
+        .args([
+            "-q",
+            "backup",
+            "path",
+            dir.to_str().unwrap(),
+            "--threads",
+            "1",
+        ])
+        .spawn()
+        .unwrap()
+}
+
 pub fn assert_success(out: &Output, args: &[&str]) {
     assert!(
         out.status.success(),

@@ -11,19 +11,7 @@ fn kill_during_backup_then_check_and_resume() {
     for i in 0..12u64 {
         write(&src.join(format!("f{i:02}.bin")), &noise(4 << 20, 100 + i));
     }
-    let mut child = env
-        .cmd()
-        .env("LABCTL_KEY", &env.backup_key)
-        .args([
-            "-q",
-            "backup",
-            "path",
-            src.to_str().unwrap(),
-            "--threads",
-            "1",
-        ])
-        .spawn()
-        .unwrap();
+    let mut child = spawn_backup(env.cmd(), &env.backup_key, &src);
     let started = Instant::now();
     // Kill as soon as a few packs are stored, well before the end.
     while env.packs().len() < 4 {

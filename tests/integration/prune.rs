@@ -197,19 +197,7 @@ fn prune_concurrent_with_backup_loses_nothing() {
     prune(&env, &[]); // marks old's packs before the backup starts
     let src = env.path("src");
     files(&src, 16, 2 << 20, 8);
-    let mut child = env
-        .cmd()
-        .env("LABCTL_KEY", &env.backup_key)
-        .args([
-            "-q",
-            "backup",
-            "path",
-            src.to_str().unwrap(),
-            "--threads",
-            "1",
-        ])
-        .spawn()
-        .unwrap();
+    let mut child = spawn_backup(env.cmd(), &env.backup_key, &src);
     let started = Instant::now();
     let mut rounds = 0;
     while child.try_wait().unwrap().is_none() {

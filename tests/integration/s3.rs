@@ -236,19 +236,7 @@ fn s3_kill_during_backup_then_resume() {
     let s = S3Env::new(false);
     assert_success(&s.init(&["--no-escrow"]), &["init"]);
     let src = tree(&s.env, 24, 1 << 20, 4);
-    let mut child = s
-        .cmd()
-        .env("LABCTL_KEY", &s.env.backup_key)
-        .args([
-            "-q",
-            "backup",
-            "path",
-            src.to_str().unwrap(),
-            "--threads",
-            "1",
-        ])
-        .spawn()
-        .unwrap();
+    let mut child = spawn_backup(s.cmd(), &s.env.backup_key, &src);
     std::thread::sleep(Duration::from_millis(1500));
     let finished = child.try_wait().unwrap().is_some();
     let _ = child.kill();
@@ -487,22 +475,25 @@ fn credentials_file_readable_by_others_is_refused() {
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = s
-        .cmd()
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env("AWS_SHARED_CREDENTIALS_FILE", &creds)
-        .args([
-            "repo",
-            "init",
-            "--no-escrow",
-            "--backup-key",
-            s.env.backup_key.to_str().unwrap(),
-            "--restore-key",
-            s.env.restore_key.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    // Credentials only from the file (none in the environment or flags).
+    let init = || {
+        s.cmd()
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("AWS_SHARED_CREDENTIALS_FILE", &creds)
+            .args([
+                "repo",
+                "init",
+                "--no-escrow",
+                "--backup-key",
+                s.env.backup_key.to_str().unwrap(),
+                "--restore-key",
+                s.env.restore_key.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = init();
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("chmod 600") && !stderr(&out).contains("s3cr3t"),
@@ -511,21 +502,6 @@ fn credentials_file_readable_by_others_is_refused() {
     );
     // Private, it is used (credentials from the file alone, none inline).
     std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = s
-        .cmd()
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env("AWS_SHARED_CREDENTIALS_FILE", &creds)
-        .args([
-            "repo",
-            "init",
-            "--no-escrow",
-            "--backup-key",
-            s.env.backup_key.to_str().unwrap(),
-            "--restore-key",
-            s.env.restore_key.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let out = init();
     assert_success(&out, &["init with a credentials file"]);
 }
