@@ -54,7 +54,8 @@ pub struct Cli {
 /// Options every command accepts.
 #[derive(Args, Debug, Clone)]
 pub struct GlobalArgs {
-    /// Repository URL: a local path or file:///path.
+    /// Repository URL: a local path, file:///path, or s3://bucket/prefix (credentials and
+    /// endpoint from the standard AWS environment).
     #[arg(long, global = true, env = "LABCTL_REPO", value_name = "URL")]
     pub repo: Option<String>,
     /// Backup key file (META identity; cannot decrypt backed-up data).
@@ -76,7 +77,7 @@ pub struct GlobalArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Create and inspect repositories.
+    /// Create a repository and its two key files.
     #[command(subcommand)]
     Repo(repo_cmd::RepoCmd),
     /// Back up a directory tree or a stream.
