@@ -250,3 +250,25 @@ fn catalog_rebuild_recreates_everything_from_the_repository() {
     assert_eq!(env.packs(), packs);
     env.ok(&["check"]);
 }
+
+#[test]
+fn read_data_subset_reads_a_share_of_packs() {
+    let env = Env::new();
+    let src = env.path("src");
+    for i in 0..10u64 {
+        write(&src.join(format!("f{i}")), &noise(600_000, 70 + i));
+    }
+    env.backup(&src);
+    let packs = env.packs().len() as u64;
+    let read = |pct: &str| {
+        let out = env.ok_restore(&["--json", "check", "--read-data-subset", pct]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["packs-read"].as_u64().unwrap()
+    };
+    assert_eq!(read("100%"), packs);
+    assert!(read("0.001%") < packs);
+    for bad in ["abc", "0%", "150%"] {
+        let out = env.run_restore(&["check", "--read-data-subset", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", stderr(&out));
+    }
+}
