@@ -16,6 +16,8 @@ pub struct Env {
     pub backup_key: PathBuf,
     pub restore_key: PathBuf,
     pub cache: PathBuf,
+    /// More environment for every command (an S3 repository's settings).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl Env {
@@ -29,6 +31,7 @@ impl Env {
             backup_key: p.join("backup.key"),
             restore_key: p.join("restore.key"),
             cache: p.join("cache"),
+            extra_env: vec![],
             dir,
         }
     }
@@ -71,6 +74,7 @@ impl Env {
             .env("HOME", self.dir.path())
             .env("LABCTL_REPO", &self.repo)
             .env("LABCTL_CACHE_DIR", &self.cache)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         c
     }

@@ -79,8 +79,6 @@ pub fn create_bucket(port: u16, name: &str, object_lock: bool) {
 /// An S3 repository environment: a fresh bucket on moto (optionally behind a proxy port).
 pub struct S3Env {
     pub env: Env,
-    pub url: String,
-    pub endpoint: String,
 }
 
 impl S3Env {
@@ -93,67 +91,37 @@ impl S3Env {
         let port = moto_port();
         let bucket = format!("lab-{:016x}", rand::random::<u64>());
         create_bucket(port, &bucket, object_lock);
-        S3Env {
-            env: Env::empty(),
-            url: format!("s3://{bucket}/repo"),
-            endpoint: format!("http://127.0.0.1:{}", via.unwrap_or(port)),
-        }
+        let url = format!("s3://{bucket}/repo");
+        let endpoint = format!("http://127.0.0.1:{}", via.unwrap_or(port));
+        let mut env = Env::empty();
+        env.extra_env = [
+            ("LABCTL_REPO", url.as_str()),
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ENDPOINT_URL", endpoint.as_str()),
+            ("LABCTL_S3_TIMEOUT_SECS", "3"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        S3Env { env }
     }
 
-    pub fn cmd(&self) -> Command {
-        let mut c = self.env.cmd();
-        c.env("LABCTL_REPO", &self.url)
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ENDPOINT_URL", &self.endpoint)
-            .env("LABCTL_S3_TIMEOUT_SECS", "3");
-        c
-    }
-
-    pub fn run(&self, args: &[&str]) -> Output {
-        self.cmd()
-            .env("LABCTL_KEY", &self.env.backup_key)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-    pub fn ok(&self, args: &[&str]) -> Output {
-        let out = self.run(args);
-        assert_success(&out, args);
-        out
-    }
-    pub fn ok_restore(&self, args: &[&str]) -> Output {
-        let out = self
-            .cmd()
-            .env("LABCTL_RESTORE_KEY", &self.env.restore_key)
-            .args(args)
-            .output()
-            .unwrap();
-        assert_success(&out, args);
-        out
-    }
+    /// `repo init` with small packs, so tests produce several.
     pub fn init(&self, extra: &[&str]) -> Output {
-        let mut args = vec![
-            "repo",
-            "init",
-            "--pack-mib",
-            "1",
-            "--backup-key",
-            self.env.backup_key.to_str().unwrap(),
-            "--restore-key",
-            self.env.restore_key.to_str().unwrap(),
-        ];
+        let mut args = vec!["--pack-mib", "1"];
         args.extend_from_slice(extra);
-        self.run(&args)
+        self.env.init(&args)
     }
-    pub fn backup(&self, dir: &std::path::Path) -> serde_json::Value {
-        serde_json::from_slice(
-            &self
-                .ok(&["--json", "backup", "path", dir.to_str().unwrap()])
-                .stdout,
-        )
-        .unwrap()
+}
+
+/// Everything else (cmd, run, ok, ok_restore, backup) is [`Env`]'s, with the
+/// S3 settings in its extra environment.
+impl std::ops::Deref for S3Env {
+    type Target = Env;
+    fn deref(&self) -> &Env {
+        &self.env
     }
 }
 
