@@ -76,6 +76,46 @@ impl fmt::Display for LabError {
 
 impl std::error::Error for LabError {}
 
+/// Work stopped because it was asked to (a timeout or shutdown); what was
+/// already written stays consistent and is re-used by the next run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancelled;
+
+impl fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("cancelled before it finished; nothing was committed")
+    }
+}
+
+impl std::error::Error for Cancelled {}
+
+/// A shared flag that asks long work to stop at its next check.
+#[derive(Debug, Clone, Default)]
+pub struct CancelFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl CancelFlag {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// `Err(Cancelled)` once cancelled.
+    ///
+    /// # Errors
+    /// [`Cancelled`].
+    pub fn check(&self) -> std::result::Result<(), Cancelled> {
+        if self.is_cancelled() {
+            Err(Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// Finds the exit code for an error chain: the first classified error wins.
 pub fn exit_code_for(err: &anyhow::Error) -> ExitCode {
     for cause in err.chain() {

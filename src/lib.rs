@@ -8,13 +8,17 @@
 //!   packs, index, snapshots, keys, backup, restore, check).
 //! - [`backend`]: where repository objects live (local filesystem today).
 //! - [`catalog`]: the local SQLite cache of the index, snapshots and file cache.
+//! - [`config`]: `labctl.toml`, the daemon's configuration.
+//! - [`schedule`]: the daemon (cron jobs, history, metrics, webhooks).
 //! - [`cli`]: the clap definitions and one file per command.
 
 pub mod backend;
 pub mod catalog;
 pub mod cli;
+pub mod config;
 pub mod demo;
 pub mod directio;
 pub mod error;
 pub mod progress;
 pub mod repo;
+pub mod schedule;

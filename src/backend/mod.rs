@@ -121,11 +121,28 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// Settings a configuration file can give instead of the environment.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// AWS shared-credentials file for `s3://` (refused when others can read it).
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// PEM CA file trusted for the S3 endpoint.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
 /// Opens the backend for a repository URL: `/path`, `file:///path` or `local:path`.
 ///
 /// # Errors
 /// A usage error for an unsupported scheme.
 pub fn open(url: &str) -> crate::error::Result<Arc<dyn Backend>> {
+    open_with(url, &OpenOptions::default())
+}
+
+/// [`open`] with settings from a configuration file.
+///
+/// # Errors
+/// As [`open`]; a key error for a credentials file other users can read.
+pub fn open_with(url: &str, opts: &OpenOptions) -> crate::error::Result<Arc<dyn Backend>> {
     if let Some(path) = url.strip_prefix("file://") {
         return Ok(Arc::new(fs::FsBackend::new(path)));
     }
@@ -133,7 +150,7 @@ pub fn open(url: &str) -> crate::error::Result<Arc<dyn Backend>> {
         return Ok(Arc::new(fs::FsBackend::new(path)));
     }
     if url.starts_with("s3://") {
-        return Ok(Arc::new(s3::S3Backend::open(url)?));
+        return Ok(Arc::new(s3::S3Backend::open_with(url, opts)?));
     }
     if url.contains("://") {
         let scheme = url.split("://").next().unwrap_or_default();

@@ -95,6 +95,15 @@ impl S3Backend {
     /// A usage error for a malformed URL; a key error for a credentials file
     /// other users can read.
     pub fn open(url: &str) -> anyhow::Result<S3Backend> {
+        Self::open_with(url, &super::OpenOptions::default())
+    }
+
+    /// [`S3Backend::open`] with a credentials file and CA file from a config
+    /// file (each overrides its environment variable).
+    ///
+    /// # Errors
+    /// As [`S3Backend::open`].
+    pub fn open_with(url: &str, opts: &super::OpenOptions) -> anyhow::Result<S3Backend> {
         let rest = url.strip_prefix("s3://").expect("an s3:// URL");
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
@@ -103,7 +112,12 @@ impl S3Backend {
             ))
             .into());
         }
-        if let Some(f) = std::env::var_os("AWS_SHARED_CREDENTIALS_FILE") {
+        if let Some(p) = &opts.credentials_file {
+            let meta = std::fs::metadata(p).map_err(|e| {
+                crate::error::LabError::usage(format!("credentials file {}: {e}", p.display()))
+            })?;
+            crate::repo::keys::check_private(p, &meta)?;
+        } else if let Some(f) = std::env::var_os("AWS_SHARED_CREDENTIALS_FILE") {
             let p = std::path::PathBuf::from(f);
             if let Ok(meta) = std::fs::metadata(&p) {
                 crate::repo::keys::check_private(&p, &meta)?;
@@ -131,8 +145,19 @@ impl S3Backend {
             let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
                 .retry_config(retry)
                 .timeout_config(timeouts);
-            if let Some(http) = ca_http_client()? {
+            if let Some(http) = ca_http_client(opts.ca_file.as_deref())? {
                 loader = loader.http_client(http);
+            }
+            if let Some(p) = &opts.credentials_file {
+                use aws_runtime::env_config::file::{
+                    EnvConfigFileKind as ProfileFileKind, EnvConfigFiles as ProfileFiles,
+                };
+                loader = loader.profile_files(
+                    ProfileFiles::builder()
+                        .include_default_config_file(true)
+                        .with_file(ProfileFileKind::Credentials, p)
+                        .build(),
+                );
             }
             let shared = loader.load().await;
             let mut b = aws_sdk_s3::config::Builder::from(&shared);
@@ -314,11 +339,13 @@ impl S3Backend {
 
 /// An HTTPS client that also trusts the CA in `LABCTL_S3_CA_FILE` (or the
 /// AWS-standard `AWS_CA_BUNDLE`), for stores with a private CA.
-fn ca_http_client() -> anyhow::Result<Option<aws_sdk_s3::config::SharedHttpClient>> {
+fn ca_http_client(
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<aws_sdk_s3::config::SharedHttpClient>> {
     use aws_smithy_http_client::tls;
-    let Some(path) =
+    let Some(path) = file.map(|p| p.as_os_str().to_owned()).or_else(|| {
         std::env::var_os("LABCTL_S3_CA_FILE").or_else(|| std::env::var_os("AWS_CA_BUNDLE"))
-    else {
+    }) else {
         return Ok(None);
     };
     let pem = std::fs::read(&path).map_err(|e| {

@@ -7,6 +7,11 @@
 //! trailers and snapshots. Lookups go to SQLite on disk, never to an in-memory
 //! copy, so memory does not grow with repository size. Schema versioned,
 //! WAL mode, busy timeout (several labctl processes may share it).
+//!
+//! Beside it, in the same directory, `jobs.db` ([`JobHistory`]) holds the
+//! daemon's job history: the one part of the catalog that is not derived from
+//! the repository, so it lives in its own file that cache resets never touch
+//! (and a backup's open transaction on the cache never blocks it).
 
 use crate::repo::blob::BlobKind;
 use crate::repo::pack::PackEntry;
@@ -30,6 +35,14 @@ CREATE TABLE IF NOT EXISTS snapshots(id BLOB PRIMARY KEY, time TEXT NOT NULL, ki
 CREATE TABLE IF NOT EXISTS file_cache(source TEXT NOT NULL, path BLOB NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, content BLOB NOT NULL,
     run INTEGER NOT NULL, PRIMARY KEY(source, path)) WITHOUT ROWID;
+";
+
+const JOBS_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS job_runs(id INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL,
+    trigger TEXT NOT NULL, scheduled_ms INTEGER, started_ms INTEGER NOT NULL, finished_ms INTEGER,
+    outcome TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, bytes_read INTEGER NOT NULL DEFAULT 0,
+    bytes_added INTEGER NOT NULL DEFAULT 0, snapshots TEXT NOT NULL DEFAULT '', error TEXT);
+CREATE INDEX IF NOT EXISTS job_runs_by_job ON job_runs(job, id);
 ";
 
 /// Where a blob is stored.
@@ -499,6 +512,169 @@ impl Catalog {
         )?;
         Ok(())
     }
+}
+
+/// The daemon's job history (`jobs.db` beside the catalog).
+pub struct JobHistory {
+    conn: Connection,
+}
+
+impl JobHistory {
+    /// Opens (creating if needed) the history database at `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be opened.
+    pub fn open(path: &Path) -> anyhow::Result<JobHistory> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating catalog directory {}", dir.display()))?;
+        }
+        let conn = Connection::open(path)
+            .with_context(|| format!("opening job history {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.execute_batch(JOBS_SCHEMA)?;
+        Ok(JobHistory { conn })
+    }
+
+    /// Records the start of a job run (outcome `running`); returns its row id.
+    pub fn job_run_start(
+        &self,
+        job: &str,
+        trigger: &str,
+        scheduled_ms: Option<i64>,
+        started_ms: i64,
+    ) -> anyhow::Result<i64> {
+        self.conn.execute(
+            "INSERT INTO job_runs(job,trigger,scheduled_ms,started_ms,outcome) VALUES(?1,?2,?3,?4,'running')",
+            params![job, trigger, scheduled_ms, started_ms],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Records how a job run ended.
+    pub fn job_run_finish(&self, id: i64, r: &JobRun) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE job_runs SET finished_ms=?2, outcome=?3, attempts=?4, bytes_read=?5, bytes_added=?6,
+             snapshots=?7, error=?8 WHERE id=?1",
+            params![
+                id,
+                r.finished_ms,
+                r.outcome,
+                r.attempts,
+                r.bytes_read as i64,
+                r.bytes_added as i64,
+                r.snapshots.join(","),
+                r.error
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Marks `running` rows of `job` as `interrupted` (their process died).
+    pub fn job_runs_interrupted(&self, job: &str, now_ms: i64) -> anyhow::Result<usize> {
+        Ok(self.conn.execute(
+            "UPDATE job_runs SET outcome='interrupted', finished_ms=?2,
+             error='the process running it stopped before it finished' WHERE job=?1 AND outcome='running'",
+            params![job, now_ms],
+        )?)
+    }
+
+    fn job_rows(&self, sql: &str, args: impl rusqlite::Params) -> anyhow::Result<Vec<JobRun>> {
+        let mut st = self.conn.prepare_cached(sql)?;
+        let rows = st.query_map(args, |r| {
+            let snaps: String = r.get(10)?;
+            Ok(JobRun {
+                id: r.get(0)?,
+                job: r.get(1)?,
+                trigger: r.get(2)?,
+                scheduled_ms: r.get(3)?,
+                started_ms: r.get(4)?,
+                finished_ms: r.get(5)?,
+                outcome: r.get(6)?,
+                attempts: r.get(7)?,
+                bytes_read: r.get::<_, i64>(8)? as u64,
+                bytes_added: r.get::<_, i64>(9)? as u64,
+                snapshots: snaps
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect(),
+                error: r.get(11)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest runs of a job (all jobs with `None`), newest first.
+    pub fn job_runs(&self, job: Option<&str>, limit: usize) -> anyhow::Result<Vec<JobRun>> {
+        const COLS: &str = "id,job,trigger,scheduled_ms,started_ms,finished_ms,outcome,attempts,bytes_read,bytes_added,snapshots,error";
+        match job {
+            Some(j) => self.job_rows(
+                &format!("SELECT {COLS} FROM job_runs WHERE job=?1 ORDER BY id DESC LIMIT ?2"),
+                params![j, limit as i64],
+            ),
+            None => self.job_rows(
+                &format!("SELECT {COLS} FROM job_runs ORDER BY id DESC LIMIT ?1"),
+                params![limit as i64],
+            ),
+        }
+    }
+
+    /// The newest finished run of a job with one of `outcomes`.
+    pub fn job_last_with(&self, job: &str, outcomes: &[&str]) -> anyhow::Result<Option<JobRun>> {
+        const COLS: &str = "id,job,trigger,scheduled_ms,started_ms,finished_ms,outcome,attempts,bytes_read,bytes_added,snapshots,error";
+        let list = outcomes
+            .iter()
+            .map(|o| format!("'{}'", o.replace('\'', "")))
+            .collect::<Vec<_>>()
+            .join(",");
+        Ok(self
+            .job_rows(
+                &format!("SELECT {COLS} FROM job_runs WHERE job=?1 AND outcome IN ({list}) ORDER BY id DESC LIMIT 1"),
+                params![job],
+            )?
+            .pop())
+    }
+
+    /// The latest scheduled time the daemon handled for a job (ran or skipped).
+    pub fn job_last_scheduled(&self, job: &str) -> anyhow::Result<Option<i64>> {
+        Ok(self.conn.query_row(
+            "SELECT MAX(scheduled_ms) FROM job_runs WHERE job=?1",
+            [job],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// How many runs of a job ended with each outcome.
+    pub fn job_outcome_counts(&self, job: &str) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT outcome, COUNT(*) FROM job_runs WHERE job=?1 AND outcome<>'running' GROUP BY outcome",
+        )?;
+        let rows = st.query_map([job], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// One row of job history.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobRun {
+    pub id: i64,
+    pub job: String,
+    /// `schedule`, `missed` (run at start-up for a time that passed) or `manual`.
+    pub trigger: String,
+    pub scheduled_ms: Option<i64>,
+    pub started_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// `running`, `success`, `partial`, `failure`, `timeout`, `cancelled`,
+    /// `skipped` or `interrupted`.
+    pub outcome: String,
+    pub attempts: u32,
+    pub bytes_read: u64,
+    pub bytes_added: u64,
+    pub snapshots: Vec<String>,
+    pub error: Option<String>,
 }
 
 #[cfg(test)]

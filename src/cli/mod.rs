@@ -4,6 +4,7 @@
 
 mod backup_cmd;
 mod check_cmd;
+mod daemon_cmd;
 mod prune_cmd;
 mod repo_cmd;
 mod restore_cmd;
@@ -107,6 +108,17 @@ pub enum Command {
     /// Recover key files from the escrow copies in the repository.
     #[command(subcommand)]
     Key(repo_cmd::KeyCmd),
+    /// Run the scheduled jobs of labctl.toml: backups, retention, prune, check;
+    /// Prometheus metrics, webhooks. SIGTERM stops gracefully, SIGHUP reloads.
+    Daemon(daemon_cmd::DaemonCmd),
+    /// Check the daemon configuration file.
+    #[command(subcommand)]
+    Config(daemon_cmd::ConfigCmd),
+    /// Each configured job's last run, outcome, next run and backup age.
+    Status(daemon_cmd::StatusCmd),
+    /// Run a configured job now, or show job history.
+    #[command(subcommand)]
+    Jobs(daemon_cmd::JobsCmd),
     /// Run the main job end to end on a local sample: init, back up, restore, verify.
     Demo(repo_cmd::DemoCmd),
     /// Write the man pages (one per command) into a directory.
@@ -135,6 +147,10 @@ pub fn run(cli: Cli) -> anyhow::Result<crate::error::ExitCode> {
         Command::Prune { args, dry_run } => prune_cmd::run_prune(g, args, dry_run),
         Command::Key(c) => repo_cmd::run_key(g, c),
         Command::Demo(c) => repo_cmd::run_demo(g, c),
+        Command::Daemon(c) => daemon_cmd::run_daemon(g, c),
+        Command::Config(c) => daemon_cmd::run_config(g, c),
+        Command::Status(c) => daemon_cmd::run_status(g, c),
+        Command::Jobs(c) => daemon_cmd::run_jobs(g, c),
         Command::GenerateMan { dir } => {
             write_man_pages(&dir)?;
             Ok(crate::error::ExitCode::Success)
@@ -227,6 +243,21 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 }
 
 /// Human-readable byte counts.
+/// Parses a percentage like `25%` (or `25`) into 0.0–1.0.
+///
+/// # Errors
+/// A usage error naming the text.
+pub fn parse_percent(s: &str) -> anyhow::Result<f64> {
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| LabError::usage(format!("'{s}' is not a percentage like 25%")))?;
+    if !(0.0..=100.0).contains(&v) {
+        return Err(LabError::usage(format!("'{s}' must be between 0% and 100%")).into());
+    }
+    Ok(v / 100.0)
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;

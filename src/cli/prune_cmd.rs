@@ -2,10 +2,9 @@
 
 use super::{human_bytes, print_json, GlobalArgs};
 use crate::error::{ExitCode, LabError};
-use crate::repo::forget::{self, Candidate, KeepPolicy};
+use crate::repo::forget::{self, KeepPolicy};
 use crate::repo::prune::{self, PruneOptions};
-use crate::repo::snapshot::Snapshot;
-use crate::repo::{format, Repository};
+use crate::repo::Repository;
 use clap::Args;
 
 #[derive(Args, Debug)]
@@ -60,23 +59,6 @@ pub struct PruneCmd {
     pub prune_dry_run: bool,
 }
 
-fn group_key(snap: &Snapshot, by: &[&str]) -> String {
-    let mut parts = vec![];
-    for k in by {
-        match *k {
-            "source" => parts.push(format!("{}:{}", snap.source.kind, snap.source.name)),
-            "host" => parts.push(format!("host={}", snap.host)),
-            "tags" => {
-                let mut t = snap.tags.clone();
-                t.sort();
-                parts.push(format!("tags={}", t.join(",")));
-            }
-            _ => {}
-        }
-    }
-    parts.join(" ")
-}
-
 pub fn run_forget(g: &GlobalArgs, c: ForgetCmd) -> anyhow::Result<ExitCode> {
     let policy = KeepPolicy {
         last: c.keep_last,
@@ -105,46 +87,9 @@ pub fn run_forget(g: &GlobalArgs, c: ForgetCmd) -> anyhow::Result<ExitCode> {
         .into());
     }
     let repo = g.open(false)?;
-    let mut candidates = vec![];
-    for row in repo.catalog.snapshots()? {
-        let snap: Snapshot = serde_json::from_str(&row.json)?;
-        if !c.filter.matches(&snap) {
-            continue;
-        }
-        let time =
-            time::OffsetDateTime::parse(&snap.time, &time::format_description::well_known::Rfc3339)
-                .map_err(|_| {
-                    LabError::integrity(format!(
-                        "snapshot {}: bad time {}",
-                        row.id.short(),
-                        snap.time
-                    ))
-                })?;
-        candidates.push(Candidate {
-            id: row.id,
-            time,
-            group: group_key(&snap, &by),
-        });
-    }
-    let decisions = forget::decide(candidates, &policy);
+    let report = forget::apply(&repo, &policy, &by, |s| c.filter.matches(s), c.dry_run)?;
+    let (decisions, locked) = (report.decisions, report.locked);
     let removed: Vec<_> = decisions.iter().filter(|d| !d.keep).collect();
-    let mut locked = vec![];
-    if !c.dry_run {
-        for d in &removed {
-            let name = format::snapshot_name(&d.id);
-            // Object Lock: a locked snapshot stays until its retention ends.
-            if let Some(until) = repo
-                .backend
-                .locked_until(&name)?
-                .filter(|t| *t > time::OffsetDateTime::now_utc())
-            {
-                locked.push(format!("{} (locked until {until})", d.id.short()));
-                continue;
-            }
-            repo.backend.delete(&name)?;
-            repo.catalog.remove_snapshot(&d.id)?;
-        }
-    }
     for l in &locked {
         eprintln!(
             "note: snapshot {l} is protected by Object Lock and stays; a later forget removes it"
@@ -192,17 +137,6 @@ pub fn run_forget(g: &GlobalArgs, c: ForgetCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::Success)
 }
 
-fn parse_percent(s: &str) -> anyhow::Result<f64> {
-    let v: f64 = s
-        .trim_end_matches('%')
-        .parse()
-        .map_err(|_| LabError::usage(format!("'{s}' is not a percentage like 25%")))?;
-    if !(0.0..=100.0).contains(&v) {
-        return Err(LabError::usage(format!("'{s}' must be between 0% and 100%")).into());
-    }
-    Ok(v / 100.0)
-}
-
 pub fn run_prune(g: &GlobalArgs, c: PruneCmd, dry_run: bool) -> anyhow::Result<ExitCode> {
     let repo = g.open(false)?;
     prune_with(g, &repo, &c, dry_run)
@@ -220,7 +154,7 @@ fn prune_with(
     }
     let opts = PruneOptions {
         grace,
-        repack_threshold: parse_percent(&c.repack_threshold)?,
+        repack_threshold: super::parse_percent(&c.repack_threshold)?,
         dry_run: dry_run || c.prune_dry_run,
         ..Default::default()
     };

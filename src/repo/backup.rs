@@ -80,6 +80,8 @@ pub struct BackupOptions {
     pub facts: std::collections::BTreeMap<String, serde_json::Value>,
     /// Encoder threads; 0 = one per core.
     pub threads: usize,
+    /// Stops the backup at the next file or chunk (no snapshot is written).
+    pub cancel: Option<crate::error::CancelFlag>,
 }
 
 impl Default for BackupOptions {
@@ -91,6 +93,7 @@ impl Default for BackupOptions {
             restore_point: None,
             facts: Default::default(),
             threads: 0,
+            cancel: None,
         }
     }
 }
@@ -250,6 +253,7 @@ pub struct BackupRun<'r> {
     /// Catalog writes are batched in transactions of up to [`TX_OPS`] rows.
     in_tx: bool,
     tx_ops: usize,
+    cancel: Option<crate::error::CancelFlag>,
 }
 
 const TX_OPS: usize = 512;
@@ -274,7 +278,20 @@ impl<'r> BackupRun<'r> {
             chunk_buf: Vec::new(),
             in_tx: false,
             tx_ops: 0,
+            cancel: None,
         })
+    }
+
+    /// Makes the run stop with [`crate::error::Cancelled`] once `flag` is set.
+    pub fn set_cancel(&mut self, flag: Option<crate::error::CancelFlag>) {
+        self.cancel = flag;
+    }
+
+    fn check_cancel(&self) -> anyhow::Result<()> {
+        if let Some(c) = &self.cancel {
+            c.check()?;
+        }
+        Ok(())
     }
 
     fn catalog(&self) -> &Catalog {
@@ -417,6 +434,10 @@ impl<'r> BackupRun<'r> {
         };
         let mut content: Vec<ContentRef> = vec![];
         loop {
+            if let Err(e) = self.check_cancel() {
+                self.chunk_buf = chunker.into_buffer();
+                return Err(e);
+            }
             let piece = match chunker.next_piece() {
                 Ok(p) => p,
                 Err(e) => {
@@ -477,6 +498,8 @@ impl<'r> BackupRun<'r> {
         opts: &BackupOptions,
         started: Instant,
     ) -> anyhow::Result<BackupOutcome> {
+        // A cancelled run never commits a snapshot.
+        self.check_cancel()?;
         self.up.finish()?;
         self.collect_done()?;
         self.write_index()?;
@@ -622,6 +645,7 @@ pub fn backup_path(
         + 1;
     repo.catalog.set_meta("last-run", &run_id.to_string())?;
     let mut run = BackupRun::start(repo, opts.threads, progress)?;
+    run.set_cancel(opts.cancel.clone());
     let mut walker = TreeWalker {
         source: &source_key,
         run: &mut run,
@@ -654,6 +678,7 @@ pub fn backup_stream(
 ) -> anyhow::Result<BackupOutcome> {
     let started = Instant::now();
     let mut run = BackupRun::start(repo, opts.threads, progress)?;
+    run.set_cancel(opts.cancel.clone());
     let kind = match opts.chunker {
         ChunkerChoice::Fixed => ChunkerKind::Fixed,
         _ => ChunkerKind::Cdc,
@@ -661,10 +686,14 @@ pub fn backup_stream(
     let content = run
         .add_stream(reader, kind, &format!("stream {name}"))
         .map_err(|e| {
+            if e.downcast_ref::<crate::error::Cancelled>().is_some() {
+                return e;
+            }
             LabError::new(
                 crate::error::ExitCode::Failure,
                 format!("reading the stream failed, nothing was committed: {e}"),
             )
+            .into()
         })?;
     let size = run.summary.bytes_read;
     run.summary.bytes_total = size;
@@ -752,6 +781,7 @@ impl TreeWalker<'_, '_> {
     }
 
     fn node(&mut self, path: &Path, rel: &[u8], name: &[u8]) -> anyhow::Result<Option<Node>> {
+        self.run.check_cancel()?;
         let meta = fs::symlink_metadata(path)?;
         let ft = meta.file_type();
         let mut node = Node {

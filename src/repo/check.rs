@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 pub enum ReadData {
     None,
     All,
-    /// A percentage of packs (deterministic per day, so repeated runs cover others).
+    /// A percentage (0–100] of packs (deterministic per day, so repeated runs cover others).
     Subset(f64),
 }
 

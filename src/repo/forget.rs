@@ -265,3 +265,89 @@ mod tests {
         assert!(parse_duration("").is_err());
     }
 }
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForgetReport {
+    pub decisions: Vec<Decision>,
+    /// Snapshots that should go but are protected by Object Lock (short id and until when).
+    pub locked: Vec<String>,
+}
+
+/// The group a snapshot belongs to under `by` (source, host, tags).
+pub fn group_key(snap: &crate::repo::snapshot::Snapshot, by: &[&str]) -> String {
+    let mut parts = vec![];
+    for k in by {
+        match *k {
+            "source" => parts.push(format!("{}:{}", snap.source.kind, snap.source.name)),
+            "host" => parts.push(format!("host={}", snap.host)),
+            "tags" => {
+                let mut t = snap.tags.clone();
+                t.sort();
+                parts.push(format!("tags={}", t.join(",")));
+            }
+            _ => {}
+        }
+    }
+    parts.join(" ")
+}
+
+/// Applies `policy` to the snapshots `filter` selects, grouped by `by`, and
+/// (unless `dry_run`) deletes the snapshot manifests it does not keep.
+/// Snapshots under Object Lock stay and are listed in `locked`.
+///
+/// # Errors
+/// Storage errors; an integrity error for a snapshot with a bad time.
+pub fn apply(
+    repo: &crate::repo::Repository,
+    policy: &KeepPolicy,
+    by: &[&str],
+    filter: impl Fn(&crate::repo::snapshot::Snapshot) -> bool,
+    dry_run: bool,
+) -> anyhow::Result<ForgetReport> {
+    if policy.is_empty() {
+        return Err(LabError::usage(
+            "give at least one keep rule; forget refuses to remove every snapshot",
+        )
+        .into());
+    }
+    let mut candidates = vec![];
+    for row in repo.catalog.snapshots()? {
+        let snap: crate::repo::snapshot::Snapshot = serde_json::from_str(&row.json)?;
+        if !filter(&snap) {
+            continue;
+        }
+        let time =
+            OffsetDateTime::parse(&snap.time, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| {
+                    LabError::integrity(format!(
+                        "snapshot {}: bad time {}",
+                        row.id.short(),
+                        snap.time
+                    ))
+                })?;
+        candidates.push(Candidate {
+            id: row.id,
+            time,
+            group: group_key(&snap, by),
+        });
+    }
+    let decisions = decide(candidates, policy);
+    let mut locked = vec![];
+    if !dry_run {
+        for d in decisions.iter().filter(|d| !d.keep) {
+            let name = crate::repo::format::snapshot_name(&d.id);
+            if let Some(until) = repo
+                .backend
+                .locked_until(&name)?
+                .filter(|t| *t > OffsetDateTime::now_utc())
+            {
+                locked.push(format!("{} (locked until {until})", d.id.short()));
+                continue;
+            }
+            repo.backend.delete(&name)?;
+            repo.catalog.remove_snapshot(&d.id)?;
+        }
+    }
+    Ok(ForgetReport { decisions, locked })
+}

@@ -7,6 +7,7 @@
 mod common;
 
 mod cli;
+mod daemon;
 mod damage;
 mod dedup;
 mod faultproxy;

@@ -473,3 +473,62 @@ fn credentials_file_readable_by_others_is_refused() {
     let out = init();
     assert_success(&out, &["init with a credentials file"]);
 }
+
+#[test]
+fn daemon_job_uses_the_credentials_file_named_in_the_config() {
+    let s = S3Env::new(false);
+    assert_success(&s.init(&["--no-escrow"]), &["repo", "init"]);
+    let src = s.env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), "from the daemon config").unwrap();
+    let creds = s.env.path("s3-credentials");
+    std::fs::write(
+        &creds,
+        "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let url = &s
+        .env
+        .extra_env
+        .iter()
+        .find(|(k, _)| k == "LABCTL_REPO")
+        .unwrap()
+        .1;
+    let config = s.env.path("labctl.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[repository]\nurl = \"{url}\"\nbackup_key = \"{}\"\ncredentials_file = \"{}\"\ncache_dir = \"{}\"\n\n[[job]]\nname = \"s3-nightly\"\nschedule = \"0 2 * * *\"\nbackup = {{ source = \"path\", path = \"{}\" }}\n",
+            s.env.backup_key.display(),
+            creds.display(),
+            s.env.cache.display(),
+            src.display()
+        ),
+    )
+    .unwrap();
+    // No credentials in the environment: only the file named in the config.
+    let run = || {
+        s.cmd()
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .args(["--json", "jobs", "run", "s3-nightly", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert_success(&out, &["jobs", "run"]);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["outcome"], "success", "{r}");
+    let out = s.ok(&["--json", "snapshots"]);
+    let snaps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(snaps.len(), 1);
+    // A credentials file others can read fails the run (recorded, exit 1) and
+    // the message says why without printing the secret.
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+}

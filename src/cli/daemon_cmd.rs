@@ -1,0 +1,340 @@
+//! `labctl daemon`, `labctl config validate`, `labctl status`, `labctl jobs`.
+
+use super::{human_bytes, print_json, GlobalArgs};
+use crate::config;
+use crate::error::{ExitCode, LabError};
+use crate::schedule::{self, clock::SystemClock, Control, DaemonOptions, JobContext, LockMode};
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Where the configuration file is.
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// The daemon configuration (labctl.toml; see deploy/labctl.toml).
+    #[arg(
+        long,
+        env = "LABCTL_CONFIG",
+        default_value = "/etc/labctl/labctl.toml",
+        value_name = "FILE"
+    )]
+    pub config: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct DaemonCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Check a configuration file: syntax, unknown keys, schedules, key and
+    /// webhook files; print each job's next run. Exit code 2 names the file,
+    /// line and field of the first problem.
+    Validate {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct StatusCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobsCmd {
+    /// Run one job now, through the same code path as the daemon (lock,
+    /// timeout, retries, history, notification). Waits if the job is running
+    /// elsewhere, unless --no-wait. Exit 0 success, 3 partial backup, 6
+    /// skipped (locked), 1 failure, timeout or cancel.
+    Run {
+        /// The job's name in the configuration.
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Skip (exit 6) instead of waiting when the job is already running.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show the job history (newest first).
+    History {
+        /// Only this job.
+        name: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// How many runs.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+pub fn run_config(g: &GlobalArgs, c: ConfigCmd) -> anyhow::Result<ExitCode> {
+    let ConfigCmd::Validate { config } = c;
+    let loaded = config::load(&config.config)?;
+    // The key file must be there and private, as the daemon will need it.
+    let repo_id = schedule::runner::repo_id(&loaded.raw.repository)?;
+    if let Some(k) = &loaded.raw.repository.restore_key {
+        crate::repo::keys::Keys::load(k)?;
+    }
+    let now = chrono::Utc::now();
+    let local = loaded.settings.timezone == config::TimeZone::Local;
+    let jobs: Vec<_> = loaded
+        .jobs
+        .iter()
+        .map(|j| {
+            serde_json::json!({
+                "job": j.name,
+                "kind": j.action.kind(),
+                "schedule": j.schedule_text,
+                "next-run": j.schedule.next_after(now, local).map(|t| t.to_rfc3339()),
+            })
+        })
+        .collect();
+    if g.json {
+        print_json(&serde_json::json!({
+            "config": config.config,
+            "valid": true,
+            "repository-id": repo_id,
+            "jobs": jobs,
+            "warnings": loaded.warnings,
+        }))?;
+    } else {
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
+        }
+        if !g.quiet {
+            println!(
+                "{}: valid, repository {repo_id}, {} job(s)",
+                config.config.display(),
+                loaded.jobs.len()
+            );
+            for j in &jobs {
+                println!(
+                    "  {:<20} {:<7} {:<20} next {}",
+                    j["job"].as_str().unwrap_or_default(),
+                    j["kind"].as_str().unwrap_or_default(),
+                    j["schedule"].as_str().unwrap_or_default(),
+                    j["next-run"].as_str().unwrap_or("never")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::Success)
+}
+
+fn age(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}min", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+pub fn run_status(g: &GlobalArgs, c: StatusCmd) -> anyhow::Result<ExitCode> {
+    let loaded = config::load_without_secrets(&c.config.config)?;
+    let st = schedule::status(&loaded, chrono::Utc::now())?;
+    if g.json {
+        print_json(&st)?;
+        return Ok(ExitCode::Success);
+    }
+    println!(
+        "{:<20} {:<7} {:<10} {:<21} {:<14} {:<21}",
+        "JOB", "KIND", "LAST", "LAST RUN", "LAST SUCCESS", "NEXT RUN"
+    );
+    for s in &st {
+        let last = s.last_run.as_ref();
+        let when = last
+            .and_then(|r| chrono::DateTime::from_timestamp_millis(r.started_ms))
+            .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+            .unwrap_or_else(|| "never".into());
+        println!(
+            "{:<20} {:<7} {:<10} {:<21} {:<14} {:<21}",
+            s.job,
+            s.kind,
+            if s.running {
+                "running".to_string()
+            } else {
+                last.map_or("-".into(), |r| r.outcome.clone())
+            },
+            when,
+            s.last_success_age_seconds
+                .map_or("never".into(), |a| format!("{} ago", age(a))),
+            s.next_run.as_deref().unwrap_or("never"),
+        );
+        if let Some(e) = last.and_then(|r| r.error.as_ref()) {
+            println!("    last error: {e}");
+        }
+    }
+    Ok(ExitCode::Success)
+}
+
+fn context(loaded: &config::Loaded, stop: tokio::sync::watch::Receiver<bool>) -> JobContext {
+    JobContext {
+        repo: loaded.raw.repository.clone(),
+        notify: loaded.settings.notify.clone(),
+        clock: Arc::new(SystemClock),
+        events: tokio::sync::broadcast::channel(64).0,
+        metrics: Default::default(),
+        stop,
+        permits: Arc::new(tokio::sync::Semaphore::new(1)),
+        host: gethostname::gethostname().to_string_lossy().to_string(),
+        log: false,
+        executor: schedule::runner::execute,
+    }
+}
+
+pub fn run_jobs(g: &GlobalArgs, c: JobsCmd) -> anyhow::Result<ExitCode> {
+    match c {
+        JobsCmd::Run {
+            name,
+            config: cfg,
+            no_wait,
+        } => {
+            let loaded = config::load(&cfg.config)?;
+            let job = loaded
+                .jobs
+                .iter()
+                .find(|j| j.name == name)
+                .cloned()
+                .ok_or_else(|| {
+                    let names: Vec<_> = loaded.jobs.iter().map(|j| j.name.as_str()).collect();
+                    LabError::usage(format!(
+                        "no job '{name}' in {} (jobs: {})",
+                        cfg.config.display(),
+                        names.join(", ")
+                    ))
+                })?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let run = rt.block_on(async {
+                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                let ctx = context(&loaded, stop_rx);
+                tokio::spawn(async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        eprintln!(
+                            "labctl: interrupted; cancelling the job (nothing half-written stays)"
+                        );
+                        let _ = stop_tx.send(true);
+                    }
+                });
+                let mode = if no_wait {
+                    LockMode::Skip
+                } else {
+                    LockMode::Wait
+                };
+                schedule::run_job(&ctx, &job, "manual", None, mode).await
+            })?;
+            if g.json {
+                print_json(&run)?;
+            } else if !g.quiet {
+                println!(
+                    "job {}: {} after {} attempt(s); read {}, added {}{}",
+                    run.job,
+                    run.outcome,
+                    run.attempts,
+                    human_bytes(run.bytes_read),
+                    human_bytes(run.bytes_added),
+                    run.snapshots
+                        .first()
+                        .map(|s| format!("; snapshot {}", &s[..s.len().min(12)]))
+                        .unwrap_or_default()
+                );
+            }
+            if let Some(e) = &run.error {
+                eprintln!("{}: {e}", run.outcome);
+            }
+            Ok(match run.outcome.as_str() {
+                "success" => ExitCode::Success,
+                "partial" => ExitCode::PartialBackup,
+                "skipped" => ExitCode::Refused,
+                _ => ExitCode::Failure,
+            })
+        }
+        JobsCmd::History {
+            name,
+            config: cfg,
+            limit,
+        } => {
+            let loaded = config::load_without_secrets(&cfg.config)?;
+            let cat = crate::catalog::JobHistory::open(&schedule::runner::history_path(
+                &loaded.raw.repository,
+            )?)?;
+            let runs = cat.job_runs(name.as_deref(), limit)?;
+            if g.json {
+                print_json(&runs)?;
+                return Ok(ExitCode::Success);
+            }
+            for r in &runs {
+                let t = chrono::DateTime::from_timestamp_millis(r.started_ms)
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+                    .unwrap_or_default();
+                let dur = r
+                    .finished_ms
+                    .map(|f| format!("{:.1}s", (f - r.started_ms) as f64 / 1000.0))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{t}  {:<16} {:<9} {:<11} {:>7}  added {:>10}  {}",
+                    r.job,
+                    r.trigger,
+                    r.outcome,
+                    dur,
+                    human_bytes(r.bytes_added),
+                    r.error.as_deref().unwrap_or("")
+                );
+            }
+            Ok(ExitCode::Success)
+        }
+    }
+}
+
+pub fn run_daemon(_g: &GlobalArgs, c: DaemonCmd) -> anyhow::Result<ExitCode> {
+    let path = c.config.config;
+    let loaded = config::load(&path)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (ctl_tx, ctl_rx) = tokio::sync::mpsc::channel(8);
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = term.recv() => Control::Shutdown,
+                    _ = int.recv() => Control::Shutdown,
+                    _ = hup.recv() => Control::Reload,
+                };
+                if ctl_tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+        schedule::run_daemon(
+            loaded,
+            DaemonOptions {
+                config_path: path,
+                clock: Arc::new(SystemClock),
+                events: tokio::sync::broadcast::channel(256).0,
+                metrics: Default::default(),
+                serve_metrics: true,
+                log: true,
+                executor: schedule::runner::execute,
+            },
+            ctl_rx,
+        )
+        .await
+    })?;
+    Ok(ExitCode::Success)
+}

@@ -1,0 +1,360 @@
+//! Running one attempt of a job, synchronously, on the calling thread: open
+//! the repository from the configuration, do the action, apply retention.
+//! The same function serves the daemon and `labctl jobs run`.
+
+use crate::config::{Action, Job, RepositoryConfig};
+use crate::error::{CancelFlag, Cancelled, LabError};
+use crate::repo::keys::Keys;
+use crate::repo::Repository;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+/// What one successful (or partial) attempt did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RunFacts {
+    pub bytes_read: u64,
+    pub bytes_added: u64,
+    pub snapshots: Vec<String>,
+    /// The backup finished but some files could not be read.
+    pub partial: bool,
+    /// One line for logs and notifications.
+    pub detail: String,
+}
+
+/// The catalog/cache directory for a configuration.
+pub fn cache_dir(repo: &RepositoryConfig) -> PathBuf {
+    repo.cache_dir
+        .clone()
+        .unwrap_or_else(crate::repo::default_cache_dir)
+}
+
+/// The repository ID, read from the backup key file (no storage access).
+///
+/// # Errors
+/// Key errors (missing, unreadable, too open).
+pub fn repo_id(repo: &RepositoryConfig) -> anyhow::Result<String> {
+    Ok(Keys::load(&repo.backup_key)?.repo_id)
+}
+
+/// Where the job history lives (beside the catalog).
+///
+/// # Errors
+/// As [`repo_id`].
+pub fn history_path(repo: &RepositoryConfig) -> anyhow::Result<PathBuf> {
+    Ok(cache_dir(repo).join(repo_id(repo)?).join("jobs.db"))
+}
+
+fn open_repo(cfg: &RepositoryConfig, need_data: bool) -> anyhow::Result<Repository> {
+    let key = if need_data {
+        cfg.restore_key.as_ref().ok_or_else(|| {
+            LabError::key("this job reads data and needs repository.restore_key in the config")
+        })?
+    } else {
+        &cfg.backup_key
+    };
+    let keys = Keys::load(key)?;
+    let backend = crate::backend::open_with(
+        &cfg.url,
+        &crate::backend::OpenOptions {
+            credentials_file: cfg.credentials_file.clone(),
+            ca_file: cfg.ca_file.clone(),
+        },
+    )?;
+    Repository::open(backend, keys, &cache_dir(cfg))
+}
+
+/// Runs one attempt of `job`.
+///
+/// # Errors
+/// Whatever stopped the job ([`Cancelled`] when `cancel` was set).
+pub fn execute(cfg: &RepositoryConfig, job: &Job, cancel: &CancelFlag) -> anyhow::Result<RunFacts> {
+    cancel.check()?;
+    let need_data =
+        matches!(&job.action, Action::Check(r) if *r != crate::repo::check::ReadData::None);
+    let repo = open_repo(cfg, need_data)?;
+    cancel.check()?;
+    match &job.action {
+        Action::BackupPath { path, chunker } => {
+            let opts = backup_options(job, *chunker, cancel);
+            let out = crate::repo::backup::backup_path(
+                &repo,
+                path,
+                &opts,
+                crate::progress::Progress::hidden(),
+            )?;
+            finish_backup(&repo, job, out)
+        }
+        Action::BackupStream {
+            name,
+            command,
+            chunker,
+        } => {
+            let opts = backup_options(job, *chunker, cancel);
+            let reader = CommandReader::spawn(command, cancel)?;
+            let out = crate::repo::backup::backup_stream(
+                &repo,
+                name,
+                reader,
+                &opts,
+                crate::progress::Progress::hidden(),
+            )?;
+            finish_backup(&repo, job, out)
+        }
+        Action::Forget(policy) => {
+            let r = crate::repo::forget::apply(&repo, policy, &["source"], |_| true, false)?;
+            let removed = r.decisions.iter().filter(|d| !d.keep).count();
+            Ok(RunFacts {
+                detail: format!(
+                    "forget: kept {}, removed {removed}{}",
+                    r.decisions.len() - removed,
+                    if r.locked.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({} held by Object Lock)", r.locked.len())
+                    }
+                ),
+                ..Default::default()
+            })
+        }
+        Action::Prune {
+            grace,
+            repack_threshold,
+        } => {
+            let r = crate::repo::prune::prune(
+                &repo,
+                &crate::repo::prune::PruneOptions {
+                    grace: *grace,
+                    repack_threshold: *repack_threshold,
+                    ..Default::default()
+                },
+            )?;
+            Ok(RunFacts {
+                detail: format!(
+                    "prune: marked {} pack(s), repacked {}, deleted {} ({} bytes)",
+                    r.packs_marked.len(),
+                    r.packs_repacked.len(),
+                    r.packs_deleted.len(),
+                    r.bytes_deleted
+                ),
+                ..Default::default()
+            })
+        }
+        Action::Check(read) => {
+            let r = crate::repo::check::check(&repo, *read)?;
+            if !r.is_clean() {
+                let mut problems = r.errors.clone();
+                problems.extend(
+                    r.damage
+                        .iter()
+                        .map(|d| format!("pack {}: {}", d.pack, d.problem)),
+                );
+                return Err(LabError::integrity(format!(
+                    "check found {} problem(s): {}",
+                    problems.len(),
+                    problems.join("; ")
+                ))
+                .into());
+            }
+            Ok(RunFacts {
+                bytes_read: 0,
+                detail: format!(
+                    "check: {} pack(s), {} snapshot(s), {} pack(s) read, clean",
+                    r.packs, r.snapshots, r.packs_read
+                ),
+                ..Default::default()
+            })
+        }
+    }
+}
+
+fn backup_options(
+    job: &Job,
+    chunker: crate::repo::backup::ChunkerChoice,
+    cancel: &CancelFlag,
+) -> crate::repo::backup::BackupOptions {
+    let mut facts = std::collections::BTreeMap::new();
+    facts.insert(
+        "job".to_string(),
+        serde_json::Value::String(job.name.clone()),
+    );
+    crate::repo::backup::BackupOptions {
+        tags: job.tags.clone(),
+        chunker,
+        facts,
+        cancel: Some(cancel.clone()),
+        ..Default::default()
+    }
+}
+
+fn finish_backup(
+    repo: &Repository,
+    job: &Job,
+    out: crate::repo::backup::BackupOutcome,
+) -> anyhow::Result<RunFacts> {
+    let s = &out.summary;
+    let mut facts = RunFacts {
+        bytes_read: s.bytes_read,
+        bytes_added: s.bytes_added,
+        snapshots: vec![out.snapshot_id.to_string()],
+        partial: !s.errors.is_empty(),
+        detail: format!(
+            "snapshot {}: {} new, {} changed, {} unchanged file(s); read {} bytes, added {}",
+            out.snapshot_id.short(),
+            s.files_new,
+            s.files_changed,
+            s.files_unchanged,
+            s.bytes_read,
+            s.bytes_added
+        ),
+    };
+    if facts.partial {
+        facts.detail.push_str(&format!(
+            "; {} file(s) could not be read: {}",
+            s.errors.len(),
+            s.errors
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    if let Some(policy) = &job.retention {
+        // Retention for this job's own source only (other sources are
+        // other jobs' business).
+        let snap = repo.load_snapshot(&out.snapshot_id)?.0;
+        let (kind, name) = (snap.source.kind.clone(), snap.source.name.clone());
+        let r = crate::repo::forget::apply(
+            repo,
+            policy,
+            &["source"],
+            |s| s.source.kind == kind && s.source.name == name,
+            false,
+        )?;
+        let removed = r.decisions.iter().filter(|d| !d.keep).count() - r.locked.len();
+        facts
+            .detail
+            .push_str(&format!("; retention removed {removed} snapshot(s)"));
+    }
+    Ok(facts)
+}
+
+/// A command's stdout as a reader. At end of output it waits for the
+/// command, and turns a non-zero exit into a read error (so the backup
+/// commits nothing). Cancelling kills the command.
+struct CommandReader {
+    child: Arc<Mutex<Child>>,
+    stdout: std::process::ChildStdout,
+    stderr_tail: Arc<Mutex<Vec<u8>>>,
+    program: String,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    cancel: CancelFlag,
+}
+
+impl CommandReader {
+    fn spawn(command: &[String], cancel: &CancelFlag) -> anyhow::Result<CommandReader> {
+        use std::os::unix::process::CommandExt;
+        // Its own process group, so cancelling kills what it started too
+        // (a shell's children would otherwise keep the pipe open).
+        let mut child = Command::new(&command[0])
+            .args(&command[1..])
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| LabError::usage(format!("cannot start `{}`: {e}", command[0])))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let tail = Arc::new(Mutex::new(Vec::new()));
+        let t2 = tail.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut t = t2.lock().expect("stderr tail");
+                t.extend_from_slice(&buf[..n]);
+                let excess = t.len().saturating_sub(2048);
+                t.drain(..excess);
+            }
+        });
+        let child = Arc::new(Mutex::new(child));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Kill the command when the job is cancelled (a command that blocks
+        // without writing would otherwise hold the job forever).
+        let (c2, d2, flag) = (child.clone(), done.clone(), cancel.clone());
+        std::thread::spawn(move || loop {
+            if d2.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            if flag.is_cancelled() {
+                let c = c2.lock().expect("child");
+                // SAFETY: kill(2) on the command's own process group.
+                unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        });
+        Ok(CommandReader {
+            child,
+            stdout,
+            stderr_tail: tail,
+            program: command[0].clone(),
+            done,
+            cancel: cancel.clone(),
+        })
+    }
+}
+
+impl Read for CommandReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.stdout.read(buf)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        let status = self.child.lock().expect("child").wait()?;
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        if self.cancel.is_cancelled() {
+            return Err(std::io::Error::other(Cancelled.to_string()));
+        }
+        if status.success() {
+            return Ok(0);
+        }
+        let tail = String::from_utf8_lossy(&self.stderr_tail.lock().expect("tail"))
+            .trim()
+            .to_string();
+        let last = tail.lines().last().unwrap_or("").to_string();
+        Err(std::io::Error::other(format!(
+            "`{}` exited with {status}{}",
+            self.program,
+            if last.is_empty() {
+                String::new()
+            } else {
+                format!(": {last}")
+            }
+        )))
+    }
+}
+
+impl Drop for CommandReader {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut c) = self.child.lock() {
+            if c.try_wait().ok().flatten().is_none() {
+                // SAFETY: kill(2) on the command's own process group.
+                unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// True when `e` (or its cause) is a cancellation.
+pub fn is_cancelled(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<Cancelled>().is_some())
+}
