@@ -646,6 +646,16 @@ impl JobHistory {
         )?)
     }
 
+    /// Keeps only the newest `keep` runs of a job.
+    pub fn job_runs_trim(&self, job: &str, keep: usize) -> anyhow::Result<()> {
+        self.conn.execute(
+            "DELETE FROM job_runs WHERE job=?1 AND id < (SELECT MIN(id) FROM
+             (SELECT id FROM job_runs WHERE job=?1 ORDER BY id DESC LIMIT ?2))",
+            params![job, keep as i64],
+        )?;
+        Ok(())
+    }
+
     /// How many runs of a job ended with each outcome.
     pub fn job_outcome_counts(&self, job: &str) -> anyhow::Result<Vec<(String, u64)>> {
         let mut st = self.conn.prepare_cached(
@@ -712,5 +722,42 @@ mod tests {
         // Reopen keeps data.
         let c = Catalog::open(&dir.path().join("c.db")).unwrap();
         assert!(c.has_blob(&Id([1; 32])).unwrap());
+    }
+
+    #[test]
+    fn job_history_records_and_trims() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = JobHistory::open(&dir.path().join("jobs.db")).unwrap();
+        for i in 0..5i64 {
+            let id = h
+                .job_run_start("a", "schedule", Some(i * 1000), i * 1000)
+                .unwrap();
+            let outcome = if i == 3 { "failure" } else { "success" };
+            h.job_run_finish(
+                id,
+                &JobRun {
+                    finished_ms: Some(i * 1000 + 10),
+                    outcome: outcome.into(),
+                    attempts: 1,
+                    snapshots: vec![format!("s{i}")],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        }
+        h.job_run_start("a", "manual", None, 9000).unwrap();
+        assert_eq!(h.job_last_scheduled("a").unwrap(), Some(4000));
+        let last_fail = h.job_last_with("a", &["failure"]).unwrap().unwrap();
+        assert_eq!(last_fail.snapshots, ["s3"]);
+        assert_eq!(h.job_runs_interrupted("a", 9500).unwrap(), 1);
+        let counts: std::collections::BTreeMap<_, _> =
+            h.job_outcome_counts("a").unwrap().into_iter().collect();
+        assert_eq!(counts["success"], 4);
+        assert_eq!(counts["interrupted"], 1);
+        h.job_runs_trim("a", 2).unwrap();
+        let left = h.job_runs(Some("a"), 10).unwrap();
+        assert_eq!(left.len(), 2);
+        assert_eq!(left[0].outcome, "interrupted");
+        assert_eq!(left[1].snapshots, ["s4"]);
     }
 }

@@ -172,8 +172,12 @@ pub fn run_status(g: &GlobalArgs, c: StatusCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::Success)
 }
 
-fn context(loaded: &config::Loaded, stop: tokio::sync::watch::Receiver<bool>) -> JobContext {
-    JobContext {
+fn context(
+    loaded: &config::Loaded,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<JobContext> {
+    Ok(JobContext {
+        state_dir: schedule::runner::state_dir(&loaded.raw.repository)?,
         repo: loaded.raw.repository.clone(),
         notify: loaded.settings.notify.clone(),
         clock: Arc::new(SystemClock),
@@ -184,7 +188,7 @@ fn context(loaded: &config::Loaded, stop: tokio::sync::watch::Receiver<bool>) ->
         host: gethostname::gethostname().to_string_lossy().to_string(),
         log: false,
         executor: schedule::runner::execute,
-    }
+    })
 }
 
 pub fn run_jobs(g: &GlobalArgs, c: JobsCmd) -> anyhow::Result<ExitCode> {
@@ -214,7 +218,7 @@ pub fn run_jobs(g: &GlobalArgs, c: JobsCmd) -> anyhow::Result<ExitCode> {
                 .build()?;
             let run = rt.block_on(async {
                 let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-                let ctx = context(&loaded, stop_rx);
+                let ctx = context(&loaded, stop_rx)?;
                 tokio::spawn(async move {
                     if tokio::signal::ctrl_c().await.is_ok() {
                         eprintln!(

@@ -89,6 +89,9 @@ pub enum DaemonEvent {
     Stopped,
 }
 
+/// Runs of each job kept in the history (older ones are dropped).
+pub const HISTORY_KEEP: usize = 2000;
+
 /// How a run deals with a lock another run holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockMode {
@@ -100,6 +103,10 @@ pub enum LockMode {
 #[derive(Clone)]
 pub struct JobContext {
     pub repo: RepositoryConfig,
+    /// [`runner::state_dir`] of `repo`, resolved once (so a key file that
+    /// later becomes unreadable fails runs visibly, recorded and notified,
+    /// instead of failing before a run can be recorded).
+    pub state_dir: PathBuf,
     pub notify: Option<Notify>,
     pub clock: Arc<dyn Clock>,
     pub events: broadcast::Sender<DaemonEvent>,
@@ -134,14 +141,11 @@ impl JobContext {
     }
 
     fn catalog(&self) -> anyhow::Result<JobHistory> {
-        JobHistory::open(&runner::history_path(&self.repo)?)
+        JobHistory::open(&self.state_dir.join("jobs.db"))
     }
 
     fn lock_path(&self, job: &str) -> anyhow::Result<PathBuf> {
-        Ok(runner::cache_dir(&self.repo)
-            .join(runner::repo_id(&self.repo)?)
-            .join("locks")
-            .join(format!("{job}.lock")))
+        Ok(self.state_dir.join("locks").join(format!("{job}.lock")))
     }
 }
 
@@ -191,8 +195,8 @@ pub fn log_event(now: &DateTime<Utc>, ev: &DaemonEvent) {
     eprintln!("{t} labctl: {line}");
 }
 
-/// An exclusive, non-blocking (or blocking) flock on a job's lock file.
-fn take_lock(path: &Path, wait: bool) -> anyhow::Result<Option<std::fs::File>> {
+/// An exclusive, non-blocking flock on a job's lock file (`None`: held elsewhere).
+fn take_lock(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
@@ -201,11 +205,7 @@ fn take_lock(path: &Path, wait: bool) -> anyhow::Result<Option<std::fs::File>> {
         .truncate(false)
         .write(true)
         .open(path)?;
-    let op = if wait {
-        libc::LOCK_EX
-    } else {
-        libc::LOCK_EX | libc::LOCK_NB
-    };
+    let op = libc::LOCK_EX | libc::LOCK_NB;
     // SAFETY: flock on a valid, owned file descriptor.
     let rc = unsafe { libc::flock(f.as_raw_fd(), op) };
     if rc == 0 {
@@ -220,7 +220,7 @@ fn take_lock(path: &Path, wait: bool) -> anyhow::Result<Option<std::fs::File>> {
 
 /// Whether a job's lock is free right now (so no process runs it).
 fn lock_is_free(path: &Path) -> bool {
-    matches!(take_lock(path, false), Ok(Some(_)))
+    matches!(take_lock(path), Ok(Some(_)))
 }
 
 fn update_metrics(ctx: &JobContext, job: &Job, f: impl FnOnce(&mut metrics::JobMetrics)) {
@@ -261,7 +261,7 @@ async fn run_job_marking(
         }
     };
     let lock_path = ctx.lock_path(&job.name)?;
-    let held = match take_lock(&lock_path, false)? {
+    let held = match take_lock(&lock_path)? {
         Some(f) => f,
         None if lock == LockMode::Skip => {
             let now = ms(ctx.clock.now());
@@ -294,10 +294,18 @@ async fn run_job_marking(
                 "labctl: job {} is running elsewhere; waiting for it to finish",
                 job.name
             );
-            let p = lock_path.clone();
-            tokio::task::spawn_blocking(move || take_lock(&p, true))
-                .await??
-                .expect("a blocking lock")
+            let mut stop = ctx.stop.clone();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = stop.wait_for(|s| *s) => {
+                        return Err(crate::error::Cancelled.into());
+                    }
+                }
+                if let Some(f) = take_lock(&lock_path)? {
+                    break f;
+                }
+            }
         }
     };
     let _permit = ctx.permits.clone().acquire_owned().await?;
@@ -370,7 +378,9 @@ async fn run_job_marking(
     run.bytes_read = facts.bytes_read;
     run.bytes_added = facts.bytes_added;
     run.snapshots = facts.snapshots.clone();
-    ctx.catalog()?.job_run_finish(id, &run)?;
+    let history = ctx.catalog()?;
+    history.job_run_finish(id, &run)?;
+    history.job_runs_trim(&job.name, HISTORY_KEEP)?;
     drop(held);
     let duration = (finished - started).num_milliseconds() as f64 / 1000.0;
     update_metrics(ctx, job, |m| {
@@ -615,6 +625,7 @@ pub async fn run_daemon(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut loaded = loaded;
     let mut ctx = JobContext {
+        state_dir: runner::state_dir(&loaded.raw.repository)?,
         repo: loaded.raw.repository.clone(),
         notify: loaded.settings.notify.clone(),
         clock: opts.clock.clone(),
@@ -626,8 +637,6 @@ pub async fn run_daemon(
         log: opts.log,
         executor: opts.executor,
     };
-    // Fail early and clearly on a bad key or catalog.
-    runner::history_path(&ctx.repo)?;
     let now = ctx.clock.now();
     opts.metrics.lock().expect("metrics").started = Some(now);
     let mut slots: BTreeMap<String, Slot> = BTreeMap::new();
@@ -742,6 +751,14 @@ pub async fn run_daemon(
                     Ok(new) => {
                         if new.settings.metrics_listen != loaded.settings.metrics_listen {
                             eprintln!("labctl: daemon.metrics_listen changed; it takes effect at the next restart");
+                        }
+                        match runner::state_dir(&new.raw.repository) {
+                            Ok(d) => ctx.state_dir = d,
+                            Err(e) => {
+                                ctx.metrics.lock().expect("metrics").reloads_failed += 1;
+                                ctx.emit(DaemonEvent::ReloadFailed(format!("{e:#}")));
+                                continue;
+                            }
                         }
                         ctx.repo = new.raw.repository.clone();
                         ctx.notify = new.settings.notify.clone();

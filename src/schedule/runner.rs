@@ -39,12 +39,21 @@ pub fn repo_id(repo: &RepositoryConfig) -> anyhow::Result<String> {
     Ok(Keys::load(&repo.backup_key)?.repo_id)
 }
 
+/// The repository's directory in the cache: catalog, `jobs.db` (job
+/// history) and `locks/`.
+///
+/// # Errors
+/// As [`repo_id`].
+pub fn state_dir(repo: &RepositoryConfig) -> anyhow::Result<PathBuf> {
+    Ok(cache_dir(repo).join(repo_id(repo)?))
+}
+
 /// Where the job history lives (beside the catalog).
 ///
 /// # Errors
 /// As [`repo_id`].
 pub fn history_path(repo: &RepositoryConfig) -> anyhow::Result<PathBuf> {
-    Ok(cache_dir(repo).join(repo_id(repo)?).join("jobs.db"))
+    Ok(state_dir(repo)?.join("jobs.db"))
 }
 
 fn open_repo(cfg: &RepositoryConfig, need_data: bool) -> anyhow::Result<Repository> {

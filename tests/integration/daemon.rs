@@ -1065,3 +1065,34 @@ fn forget_prune_and_read_data_check_jobs_run() {
         r.stop().await;
     });
 }
+
+#[test]
+fn a_key_file_that_becomes_readable_by_others_fails_runs_visibly() {
+    let d = DEnv::new();
+    let loaded = d.write(&format!(
+        "{}{}",
+        d.header("", ""),
+        backup_job(&d, "k", "0 2 * * *", "")
+    ));
+    let clock = ManualClock::new(t("2026-01-01T01:59:00Z"));
+    rt().block_on(async {
+        let mut r = start(loaded, &d.config, &clock);
+        r.expect("ready", |e| matches!(e, DaemonEvent::Ready { .. }))
+            .await;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&d.env.backup_key, std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        clock.advance(Duration::from_secs(60));
+        let run = r.finished("k").await;
+        assert_eq!(run.outcome, "failure");
+        assert!(
+            run.error.as_deref().unwrap().contains("chmod 600"),
+            "{run:?}"
+        );
+        assert!(run.id > 0, "the failure is in the history");
+        r.stop().await;
+    });
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&d.env.backup_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(d.history("k")[0].outcome, "failure");
+}
