@@ -10,6 +10,8 @@
 //! - [`catalog`]: the local SQLite cache of the index, snapshots and file cache.
 //! - [`config`]: `labctl.toml`, the daemon's configuration.
 //! - [`schedule`]: the daemon (cron jobs, history, metrics, webhooks).
+//! - [`provision`]: `labctl provision` (platform.yaml, plan, apply, destroy).
+//! - [`proxmox`]: the PVE API client.
 //! - [`cli`]: the clap definitions and one file per command.
 
 pub mod backend;
@@ -20,5 +22,7 @@ pub mod demo;
 pub mod directio;
 pub mod error;
 pub mod progress;
+pub mod provision;
+pub mod proxmox;
 pub mod repo;
 pub mod schedule;

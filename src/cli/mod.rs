@@ -5,6 +5,7 @@
 mod backup_cmd;
 mod check_cmd;
 mod daemon_cmd;
+mod provision_cmd;
 mod prune_cmd;
 mod repo_cmd;
 mod restore_cmd;
@@ -119,6 +120,9 @@ pub enum Command {
     /// Run a configured job now, or show job history.
     #[command(subcommand)]
     Jobs(daemon_cmd::JobsCmd),
+    /// Provision the platform's VMs on Proxmox VE from deploy/platform.yaml.
+    #[command(subcommand)]
+    Provision(provision_cmd::ProvisionCmd),
     /// Run the main job end to end on a local sample: init, back up, restore, verify.
     Demo(repo_cmd::DemoCmd),
     /// Write the man pages (one per command) into a directory.
@@ -148,6 +152,7 @@ pub fn run(cli: Cli) -> anyhow::Result<crate::error::ExitCode> {
         Command::Key(c) => repo_cmd::run_key(g, c),
         Command::Demo(c) => repo_cmd::run_demo(g, c),
         Command::Daemon(c) => daemon_cmd::run_daemon(g, c),
+        Command::Provision(c) => provision_cmd::run(g, c),
         Command::Config(c) => daemon_cmd::run_config(g, c),
         Command::Status(c) => daemon_cmd::run_status(g, c),
         Command::Jobs(c) => daemon_cmd::run_jobs(g, c),

@@ -14,6 +14,8 @@ mod faultproxy;
 mod fixture;
 mod keys;
 mod killed;
+mod provision;
 mod prune;
+mod pve_sim;
 mod roundtrip;
 pub mod s3;

@@ -1,0 +1,880 @@
+//! `labctl provision`: the platform's VMs on Proxmox VE, declaratively.
+//!
+//! `plan` compares `deploy/platform.yaml` with `/cluster/resources` and each
+//! VM's config: create, update (field: old → new), unchanged, or a conflict
+//! (the VMID belongs to a VM labctl does not manage, a disk would shrink, the
+//! VM sits on another node). `apply` executes the plan, VMs in parallel up
+//! to `proxmox.parallelism`; one VM failing does not stop the others.
+//! Every VM labctl creates carries the tag `labctl-managed`; only such VMs
+//! are updated or destroyed.
+
+pub mod audit;
+pub mod bootstrap;
+pub mod platform;
+
+use crate::proxmox::{Client, Ctx, PveError};
+use platform::{Platform, Vm, MANAGED_TAG};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A VM as `/cluster/resources` lists it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LiveVm {
+    pub vmid: u32,
+    pub name: String,
+    pub node: String,
+    pub status: String,
+    pub tags: BTreeSet<String>,
+    pub pool: Option<String>,
+    pub template: bool,
+}
+
+/// One field to change.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Change {
+    pub field: String,
+    pub old: String,
+    pub new: String,
+}
+
+/// What `apply` would do to one VM.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum Step {
+    Create {
+        name: String,
+        vmid: u32,
+        node: String,
+    },
+    Update {
+        name: String,
+        vmid: u32,
+        node: String,
+        changes: Vec<Change>,
+        /// Config keys to set (PVE names and values).
+        #[serde(skip)]
+        set: Vec<(String, String)>,
+        /// Disks to grow: slot → absolute size.
+        #[serde(skip)]
+        grow: Vec<(String, String)>,
+        #[serde(skip)]
+        digest: Option<String>,
+        start: bool,
+    },
+    Unchanged {
+        name: String,
+        vmid: u32,
+        node: String,
+    },
+    /// Cannot be applied; `reason` says what to fix.
+    Conflict {
+        name: String,
+        vmid: u32,
+        reason: String,
+    },
+}
+
+impl Step {
+    pub fn name(&self) -> &str {
+        match self {
+            Step::Create { name, .. }
+            | Step::Update { name, .. }
+            | Step::Unchanged { name, .. }
+            | Step::Conflict { name, .. } => name,
+        }
+    }
+}
+
+/// The plan for the whole platform.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    /// Managed VMs the platform file no longer lists (left alone; `destroy` removes them).
+    pub orphans: Vec<LiveVm>,
+}
+
+impl Plan {
+    pub fn conflicts(&self) -> Vec<&Step> {
+        self.steps
+            .iter()
+            .filter(|s| matches!(s, Step::Conflict { .. }))
+            .collect()
+    }
+    pub fn is_noop(&self) -> bool {
+        self.steps
+            .iter()
+            .all(|s| matches!(s, Step::Unchanged { .. }))
+    }
+}
+
+/// Connects to the first endpoint that answers `/version`.
+///
+/// # Errors
+/// The last endpoint's error.
+pub async fn connect(p: &Platform) -> anyhow::Result<Client> {
+    let token = p.token()?;
+    let mut last = None;
+    for e in &p.endpoints {
+        let c = Client::new(
+            e,
+            &token,
+            crate::proxmox::Options {
+                trust: p.trust.clone(),
+                task_timeout: p.task_timeout,
+                ..Default::default()
+            },
+        )?;
+        match c.get("/version", &[], &Ctx::default()).await {
+            Ok(_) => return Ok(c),
+            Err(err) if err.status == 401 || err.status == 403 => return Err(err.into_lab()),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.expect("at least one endpoint").into_lab())
+}
+
+fn tags_of(v: &Value) -> BTreeSet<String> {
+    v.as_str()
+        .unwrap_or("")
+        .split([';', ',', ' '])
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Lists the cluster's VMs.
+///
+/// # Errors
+/// PVE errors.
+pub async fn live_vms(c: &Client) -> Result<BTreeMap<u32, LiveVm>, PveError> {
+    let v = c
+        .get(
+            "/cluster/resources",
+            &[("type", "vm".into())],
+            &Ctx::default(),
+        )
+        .await?;
+    let mut out = BTreeMap::new();
+    for r in v.as_array().cloned().unwrap_or_default() {
+        if r.get("type").and_then(Value::as_str) != Some("qemu") {
+            continue;
+        }
+        let vmid = r.get("vmid").and_then(Value::as_u64).unwrap_or(0) as u32;
+        out.insert(
+            vmid,
+            LiveVm {
+                vmid,
+                name: r.get("name").and_then(Value::as_str).unwrap_or("").into(),
+                node: r.get("node").and_then(Value::as_str).unwrap_or("").into(),
+                status: r.get("status").and_then(Value::as_str).unwrap_or("").into(),
+                tags: tags_of(r.get("tags").unwrap_or(&Value::Null)),
+                pool: r.get("pool").and_then(Value::as_str).map(String::from),
+                template: r.get("template").and_then(Value::as_u64) == Some(1),
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn s(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::Bool(b)) => u8::from(*b).to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Parses a PVE property string into (positional, key → value).
+fn prop(v: &str) -> (String, BTreeMap<String, String>) {
+    let mut first = String::new();
+    let mut map = BTreeMap::new();
+    for (i, part) in v.split(',').enumerate() {
+        match part.split_once('=') {
+            Some((k, val)) => {
+                map.insert(k.to_string(), val.to_string());
+            }
+            None if i == 0 => first = part.to_string(),
+            None => {}
+        }
+    }
+    (first, map)
+}
+
+/// The config values labctl sets, as PVE stores them.
+pub fn desired_config(vm: &Vm) -> Vec<(String, String)> {
+    let mut v = vec![
+        ("cores".to_string(), vm.cores.to_string()),
+        ("sockets".to_string(), vm.sockets.to_string()),
+        ("cpu".to_string(), vm.cpu.clone()),
+        ("memory".to_string(), vm.memory_mib.to_string()),
+        ("scsihw".to_string(), vm.scsihw.clone()),
+        ("onboot".to_string(), u8::from(vm.onboot).to_string()),
+        ("agent".to_string(), u8::from(vm.agent).to_string()),
+        (
+            "tags".to_string(),
+            vm.tags.iter().cloned().collect::<Vec<_>>().join(";"),
+        ),
+    ];
+    if let Some(ip) = &vm.ipconfig {
+        v.push(("ipconfig0".into(), ip.clone()));
+    }
+    for (k, val) in [
+        ("nameserver", &vm.nameserver),
+        ("searchdomain", &vm.searchdomain),
+        ("ciuser", &vm.ciuser),
+    ] {
+        if let Some(x) = val {
+            v.push((k.into(), x.clone()));
+        }
+    }
+    if !vm.ssh_keys.is_empty() {
+        // PVE wants the keys URL-encoded with %20 for spaces — never '+',
+        // which it would keep literally and break every key.
+        v.push((
+            "sshkeys".into(),
+            urlencoding::encode(&vm.ssh_keys.join("\n")).into_owned(),
+        ));
+    }
+    for (slot, val) in &vm.networks {
+        v.push((slot.clone(), val.clone()));
+    }
+    v
+}
+
+fn same(key: &str, old: &str, new: &str) -> bool {
+    match key {
+        "cpu" => prop(old).0 == new || prop(old).1.get("cputype").is_some_and(|c| c == new),
+        "agent" => {
+            let (first, m) = prop(old);
+            let on = if first.is_empty() {
+                m.get("enabled").cloned().unwrap_or_default()
+            } else {
+                first
+            };
+            on == new
+        }
+        "memory" => prop(old).0 == new || prop(old).1.get("current").is_some_and(|c| c == new),
+        "tags" => tags_of(&Value::String(old.into())) == tags_of(&Value::String(new.into())),
+        "sshkeys" => {
+            let dec = |x: &str| {
+                urlencoding::decode(x)
+                    .map(|c| c.trim().to_string())
+                    .unwrap_or_default()
+            };
+            dec(old) == dec(new)
+        }
+        k if k.starts_with("net") => {
+            // Compare model, bridge and VLAN; the MAC address is PVE's.
+            let norm = |x: &str| {
+                let mut model = String::new();
+                let mut rest = BTreeMap::new();
+                for part in x.split(',') {
+                    let (k, v) = part.split_once('=').unwrap_or((part, ""));
+                    if ["virtio", "e1000", "rtl8139", "vmxnet3"].contains(&k) {
+                        model = k.to_string();
+                    } else if ["bridge", "tag"].contains(&k) {
+                        rest.insert(k.to_string(), v.to_string());
+                    }
+                }
+                (model, rest)
+            };
+            norm(old) == norm(new)
+        }
+        _ => old == new,
+    }
+}
+
+fn with_mac(old: &str, new: &str) -> String {
+    // Keep the VM's MAC address when changing a NIC.
+    let mac = old.split(',').find_map(|p| {
+        p.split_once('=')
+            .filter(|(k, v)| v.contains(':') && k.len() < 10)
+            .map(|(_, v)| v.to_string())
+    });
+    match (mac, new.split_once(',')) {
+        (Some(m), Some((model, rest))) => format!("{model}={m},{rest}"),
+        _ => new.to_string(),
+    }
+}
+
+/// Plans one VM that exists.
+async fn plan_existing(c: &Client, vm: &Vm, live: &LiveVm) -> Result<Step, PveError> {
+    let ctx = Ctx::vm(&live.node, vm.vmid);
+    if !live.tags.contains(MANAGED_TAG) {
+        return Ok(Step::Conflict {
+            name: vm.name.clone(),
+            vmid: vm.vmid,
+            reason: format!(
+                "VMID {} is already used by '{}' on {}, which labctl does not manage (no '{MANAGED_TAG}' tag): choose another vmid, or tag that VM '{MANAGED_TAG}' if labctl should adopt it",
+                vm.vmid, live.name, live.node
+            ),
+        });
+    }
+    if live.node != vm.node {
+        return Ok(Step::Conflict {
+            name: vm.name.clone(),
+            vmid: vm.vmid,
+            reason: format!(
+                "the VM runs on {} but the platform file says {}: migrate it (qm migrate) or change `node`; labctl does not migrate",
+                live.node, vm.node
+            ),
+        });
+    }
+    let cfg = c
+        .get(
+            &format!("/nodes/{}/qemu/{}/config", live.node, vm.vmid),
+            &[],
+            &ctx,
+        )
+        .await?;
+    let mut changes = vec![];
+    let mut set = vec![];
+    if live.name != vm.name {
+        changes.push(Change {
+            field: "name".into(),
+            old: live.name.clone(),
+            new: vm.name.clone(),
+        });
+        set.push(("name".into(), vm.name.clone()));
+    }
+    for (k, new) in desired_config(vm) {
+        let old = s(cfg.get(&k));
+        if !same(&k, &old, &new) {
+            let shown = |x: &str| {
+                if k == "sshkeys" {
+                    urlencoding::decode(x)
+                        .map(|c| c.replace('\n', " | "))
+                        .unwrap_or_default()
+                } else {
+                    x.to_string()
+                }
+            };
+            changes.push(Change {
+                field: k.clone(),
+                old: shown(&old),
+                new: shown(&new),
+            });
+            let value = if k.starts_with("net") {
+                with_mac(&old, &new)
+            } else {
+                new
+            };
+            set.push((k, value));
+        }
+    }
+    let mut grow = vec![];
+    for (slot, storage, bytes, text, iothread) in &vm.disks {
+        let cur = s(cfg.get(slot));
+        if cur.is_empty() {
+            changes.push(Change {
+                field: slot.clone(),
+                old: "(none)".into(),
+                new: format!("{storage}, {text}"),
+            });
+            let gib = bytes.div_ceil(1 << 30);
+            let mut v = format!("{storage}:{gib}");
+            if *iothread {
+                v.push_str(",iothread=1");
+            }
+            set.push((slot.clone(), v));
+            continue;
+        }
+        let (_, m) = prop(&cur);
+        let have = m
+            .get("size")
+            .map(|s| platform::parse_size(s).unwrap_or(0))
+            .unwrap_or(0);
+        if *bytes < have {
+            return Ok(Step::Conflict {
+                name: vm.name.clone(),
+                vmid: vm.vmid,
+                reason: format!(
+                    "{slot} is {} but the platform file asks for {text}: disks only grow (PVE cannot shrink them); restore the size in the file",
+                    m.get("size").cloned().unwrap_or_default()
+                ),
+            });
+        }
+        if *bytes > have {
+            changes.push(Change {
+                field: format!("{slot}.size"),
+                old: m.get("size").cloned().unwrap_or_default(),
+                new: text.clone(),
+            });
+            grow.push((slot.clone(), text.clone()));
+        }
+        let has_io = m.get("iothread").is_some_and(|v| v == "1");
+        if *iothread != has_io {
+            changes.push(Change {
+                field: format!("{slot}.iothread"),
+                old: u8::from(has_io).to_string(),
+                new: u8::from(*iothread).to_string(),
+            });
+            let mut parts: Vec<String> = cur
+                .split(',')
+                .filter(|p| !p.starts_with("iothread="))
+                .map(String::from)
+                .collect();
+            if *iothread {
+                parts.push("iothread=1".into());
+            }
+            set.push((slot.clone(), parts.join(",")));
+        }
+    }
+    let start = live.status != "running";
+    if changes.is_empty() && !start {
+        return Ok(Step::Unchanged {
+            name: vm.name.clone(),
+            vmid: vm.vmid,
+            node: live.node.clone(),
+        });
+    }
+    if start {
+        changes.push(Change {
+            field: "status".into(),
+            old: live.status.clone(),
+            new: "running".into(),
+        });
+    }
+    Ok(Step::Update {
+        name: vm.name.clone(),
+        vmid: vm.vmid,
+        node: live.node.clone(),
+        changes,
+        set,
+        grow,
+        digest: cfg.get("digest").and_then(Value::as_str).map(String::from),
+        start,
+    })
+}
+
+/// Computes the plan.
+///
+/// # Errors
+/// PVE errors.
+pub async fn plan(c: &Client, p: &Platform) -> anyhow::Result<Plan> {
+    let live = live_vms(c).await.map_err(PveError::into_lab)?;
+    let mut steps = vec![];
+    for vm in &p.vms {
+        let step = match live.get(&vm.vmid) {
+            Some(l) => plan_existing(c, vm, l).await.map_err(PveError::into_lab)?,
+            None => {
+                if let Some(other) = live.values().find(|l| l.name == vm.name) {
+                    Step::Conflict {
+                        name: vm.name.clone(),
+                        vmid: vm.vmid,
+                        reason: format!(
+                            "a VM named '{}' already exists as VMID {} on {}: change the vmid in the file to {} or rename one of them",
+                            vm.name, other.vmid, other.node, other.vmid
+                        ),
+                    }
+                } else if !live.contains_key(&vm.template.0) {
+                    Step::Conflict {
+                        name: vm.name.clone(),
+                        vmid: vm.vmid,
+                        reason: format!(
+                            "template VMID {} does not exist on the cluster",
+                            vm.template.0
+                        ),
+                    }
+                } else {
+                    Step::Create {
+                        name: vm.name.clone(),
+                        vmid: vm.vmid,
+                        node: vm.node.clone(),
+                    }
+                }
+            }
+        };
+        steps.push(step);
+    }
+    let wanted: BTreeSet<u32> = p.vms.iter().map(|v| v.vmid).collect();
+    let orphans = live
+        .values()
+        .filter(|l| l.tags.contains(MANAGED_TAG) && !wanted.contains(&l.vmid) && !l.template)
+        .cloned()
+        .collect();
+    Ok(Plan { steps, orphans })
+}
+
+/// What happened to one VM in `apply`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    pub name: String,
+    pub vmid: u32,
+    pub action: String,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub ips: Vec<String>,
+    pub changes: Vec<Change>,
+}
+
+fn progress(quiet: bool, name: &str, msg: &str) {
+    if !quiet {
+        eprintln!("{name}: {msg}");
+    }
+}
+
+async fn wait_agent(
+    c: &Client,
+    node: &str,
+    vmid: u32,
+    timeout: std::time::Duration,
+) -> Result<Vec<String>, PveError> {
+    let ctx = Ctx::vm(node, vmid);
+    let path = format!("/nodes/{node}/qemu/{vmid}/agent/network-get-interfaces");
+    let started = tokio::time::Instant::now();
+    loop {
+        match c.get(&path, &[], &ctx).await {
+            Ok(v) => {
+                let mut ips = vec![];
+                for iface in v
+                    .get("result")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    for a in iface
+                        .get("ip-addresses")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default()
+                    {
+                        let ip = a.get("ip-address").and_then(Value::as_str).unwrap_or("");
+                        let v4 = a.get("ip-address-type").and_then(Value::as_str) == Some("ipv4");
+                        if v4 && !ip.starts_with("127.") {
+                            ips.push(ip.to_string());
+                        }
+                    }
+                }
+                if !ips.is_empty() {
+                    return Ok(ips);
+                }
+            }
+            Err(e) if started.elapsed() < timeout && (e.status == 500 || e.transient()) => {}
+            Err(e) => return Err(e),
+        }
+        if started.elapsed() >= timeout {
+            return Err(PveError {
+                method: "GET".into(),
+                path,
+                status: 0,
+                message: format!("the guest agent did not report an IPv4 address within {}s: is qemu-guest-agent installed in the template?", timeout.as_secs()),
+                node: Some(node.into()),
+                vmid: Some(vmid),
+                upid: None,
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+async fn create(
+    c: &Client,
+    vm: &Vm,
+    quiet: bool,
+    timeout: std::time::Duration,
+) -> Result<Vec<String>, PveError> {
+    let (tvmid, tnode) = (&vm.template.0, &vm.template.1);
+    let mut params = vec![
+        ("newid", vm.vmid.to_string()),
+        ("name", vm.name.clone()),
+        ("full", u8::from(vm.full_clone).to_string()),
+    ];
+    if &vm.node != tnode {
+        params.push(("target", vm.node.clone()));
+    }
+    if vm.full_clone {
+        if let Some((_, storage, ..)) = vm.disks.first() {
+            params.push(("storage", storage.clone()));
+        }
+    }
+    if let Some(pool) = &vm.pool {
+        params.push(("pool", pool.clone()));
+    }
+    progress(
+        quiet,
+        &vm.name,
+        &format!(
+            "cloning template {tvmid} on {tnode} to VMID {} on {}",
+            vm.vmid, vm.node
+        ),
+    );
+    c.task(
+        reqwest::Method::POST,
+        &format!("/nodes/{tnode}/qemu/{tvmid}/clone"),
+        &params,
+        &Ctx::vm(tnode, *tvmid),
+    )
+    .await
+    .map_err(|mut e| {
+        e.vmid = Some(vm.vmid);
+        e
+    })?;
+    let ctx = Ctx::vm(&vm.node, vm.vmid);
+    progress(
+        quiet,
+        &vm.name,
+        "configuring cloud-init, CPU, memory, network",
+    );
+    let cfg = c
+        .get(
+            &format!("/nodes/{}/qemu/{}/config", vm.node, vm.vmid),
+            &[],
+            &ctx,
+        )
+        .await?;
+    let mut set = desired_config(vm);
+    for (k, v) in set.iter_mut() {
+        if k.starts_with("net") {
+            *v = with_mac(&s(cfg.get(k.as_str())), v);
+        }
+    }
+    let mut grow = vec![];
+    for (slot, storage, bytes, text, iothread) in &vm.disks {
+        let cur = s(cfg.get(slot));
+        if cur.is_empty() {
+            let mut v = format!("{storage}:{}", bytes.div_ceil(1 << 30));
+            if *iothread {
+                v.push_str(",iothread=1");
+            }
+            set.push((slot.clone(), v));
+        } else {
+            let (_, m) = prop(&cur);
+            let have = m
+                .get("size")
+                .map(|x| platform::parse_size(x).unwrap_or(0))
+                .unwrap_or(0);
+            if *bytes < have {
+                return Err(PveError {
+                    method: "PLAN".into(),
+                    path: slot.clone(),
+                    status: 0,
+                    message: format!("the template's {slot} is {} — larger than the {text} asked for; disks cannot shrink", m.get("size").cloned().unwrap_or_default()),
+                    node: Some(vm.node.clone()),
+                    vmid: Some(vm.vmid),
+                    upid: None,
+                });
+            }
+            if *bytes > have {
+                grow.push((slot.clone(), text.clone()));
+            }
+            if *iothread && m.get("iothread").is_none_or(|v| v != "1") {
+                set.push((slot.clone(), format!("{cur},iothread=1")));
+            }
+        }
+    }
+    let params: Vec<(&str, String)> = set.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    c.call(
+        reqwest::Method::PUT,
+        &format!("/nodes/{}/qemu/{}/config", vm.node, vm.vmid),
+        &params,
+        &ctx,
+    )
+    .await?;
+    for (slot, size) in &grow {
+        progress(quiet, &vm.name, &format!("growing {slot} to {size}"));
+        c.task(
+            reqwest::Method::PUT,
+            &format!("/nodes/{}/qemu/{}/resize", vm.node, vm.vmid),
+            &[("disk", slot.clone()), ("size", size.clone())],
+            &ctx,
+        )
+        .await?;
+    }
+    progress(quiet, &vm.name, "starting");
+    c.task(
+        reqwest::Method::POST,
+        &format!("/nodes/{}/qemu/{}/status/start", vm.node, vm.vmid),
+        &[],
+        &ctx,
+    )
+    .await?;
+    if vm.agent {
+        progress(quiet, &vm.name, "waiting for the guest agent");
+        return wait_agent(c, &vm.node, vm.vmid, timeout).await;
+    }
+    Ok(vec![])
+}
+
+async fn update(
+    c: &Client,
+    step: &Step,
+    vm: &Vm,
+    quiet: bool,
+    timeout: std::time::Duration,
+) -> Result<Vec<String>, PveError> {
+    let Step::Update {
+        node,
+        vmid,
+        set,
+        grow,
+        digest,
+        start,
+        changes,
+        ..
+    } = step
+    else {
+        return Ok(vec![]);
+    };
+    let ctx = Ctx::vm(node, *vmid);
+    if !set.is_empty() {
+        let fields: Vec<&str> = changes.iter().map(|c| c.field.as_str()).collect();
+        progress(quiet, &vm.name, &format!("updating {}", fields.join(", ")));
+        let mut params: Vec<(&str, String)> =
+            set.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        if let Some(d) = digest {
+            params.push(("digest", d.clone()));
+        }
+        c.call(
+            reqwest::Method::PUT,
+            &format!("/nodes/{node}/qemu/{vmid}/config"),
+            &params,
+            &ctx,
+        )
+        .await?;
+    }
+    for (slot, size) in grow {
+        progress(quiet, &vm.name, &format!("growing {slot} to {size}"));
+        c.task(
+            reqwest::Method::PUT,
+            &format!("/nodes/{node}/qemu/{vmid}/resize"),
+            &[("disk", slot.clone()), ("size", size.clone())],
+            &ctx,
+        )
+        .await?;
+    }
+    if *start {
+        progress(quiet, &vm.name, "starting");
+        c.task(
+            reqwest::Method::POST,
+            &format!("/nodes/{node}/qemu/{vmid}/status/start"),
+            &[],
+            &ctx,
+        )
+        .await?;
+    }
+    if vm.agent && *start {
+        return wait_agent(c, node, *vmid, timeout).await;
+    }
+    Ok(vec![])
+}
+
+/// Applies a plan; VMs in parallel, each to the end or its first error.
+pub async fn apply(c: &Client, p: &Platform, plan: &Plan, quiet: bool) -> Vec<Applied> {
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(p.parallelism));
+    let mut set = tokio::task::JoinSet::new();
+    for (i, step) in plan.steps.iter().enumerate() {
+        let vm = p
+            .vms
+            .iter()
+            .find(|v| v.name == step.name())
+            .cloned()
+            .expect("planned VMs are declared");
+        let (c, step, sem, timeout) = (c.clone(), step.clone(), sem.clone(), p.task_timeout);
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("semaphore");
+            let (action, changes, result) = match &step {
+                Step::Create { .. } => (
+                    "create",
+                    vec![],
+                    create(&c, &vm, quiet, timeout)
+                        .await
+                        .map_err(|e| e.to_string()),
+                ),
+                Step::Update { changes, .. } => (
+                    "update",
+                    changes.clone(),
+                    update(&c, &step, &vm, quiet, timeout)
+                        .await
+                        .map_err(|e| e.to_string()),
+                ),
+                Step::Unchanged { .. } => ("unchanged", vec![], Ok(vec![])),
+                Step::Conflict { reason, .. } => ("conflict", vec![], Err(reason.clone())),
+            };
+            match &result {
+                Ok(ips) if action != "unchanged" => progress(
+                    quiet,
+                    &vm.name,
+                    &format!(
+                        "done{}",
+                        if ips.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", IP {}", ips.join(", "))
+                        }
+                    ),
+                ),
+                Err(e) => progress(quiet, &vm.name, &format!("FAILED: {e}")),
+                _ => {}
+            }
+            (
+                i,
+                Applied {
+                    name: vm.name.clone(),
+                    vmid: vm.vmid,
+                    action: action.into(),
+                    ok: result.is_ok(),
+                    error: result.as_ref().err().cloned(),
+                    ips: result.unwrap_or_default(),
+                    changes,
+                },
+            )
+        });
+    }
+    let mut out: Vec<(usize, Applied)> = vec![];
+    while let Some(r) = set.join_next().await {
+        if let Ok(x) = r {
+            out.push(x);
+        }
+    }
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, a)| a).collect()
+}
+
+/// Destroys one VM labctl manages (stop, then delete with its disks).
+///
+/// # Errors
+/// A refusal for VMs without the managed tag; PVE errors.
+pub async fn destroy(c: &Client, p: &Platform, name: &str, quiet: bool) -> anyhow::Result<LiveVm> {
+    let live = live_vms(c).await.map_err(PveError::into_lab)?;
+    let declared = p.vms.iter().find(|v| v.name == name).map(|v| v.vmid);
+    let target = live
+        .values()
+        .find(|l| declared == Some(l.vmid) || (declared.is_none() && l.name == name))
+        .cloned()
+        .ok_or_else(|| crate::error::LabError::usage(format!("no VM '{name}' on the cluster")))?;
+    if !target.tags.contains(MANAGED_TAG) {
+        return Err(crate::error::LabError::refused(format!(
+            "VM '{}' (VMID {}) was not created by labctl (no '{MANAGED_TAG}' tag): refusing to destroy it",
+            target.name, target.vmid
+        ))
+        .into());
+    }
+    let ctx = Ctx::vm(&target.node, target.vmid);
+    if target.status == "running" {
+        progress(quiet, name, "stopping");
+        c.task(
+            reqwest::Method::POST,
+            &format!("/nodes/{}/qemu/{}/status/stop", target.node, target.vmid),
+            &[],
+            &ctx,
+        )
+        .await
+        .map_err(PveError::into_lab)?;
+    }
+    progress(quiet, name, "destroying (with its disks)");
+    c.task(
+        reqwest::Method::DELETE,
+        &format!("/nodes/{}/qemu/{}", target.node, target.vmid),
+        &[
+            ("purge", "1".into()),
+            ("destroy-unreferenced-disks", "1".into()),
+        ],
+        &ctx,
+    )
+    .await
+    .map_err(PveError::into_lab)?;
+    Ok(target)
+}

@@ -1,0 +1,729 @@
+//! `deploy/platform.yaml`: the Proxmox endpoint, the API token by
+//! reference, defaults, and the platform's VMs.
+//!
+//! Unknown keys are errors; every error names the file, line and field.
+//! Secrets are never inline: `token.secret_file` (mode 0600) or
+//! `token.secret_env`; a `secret:` key (or a token secret pasted into the
+//! `id`) is refused.
+
+use crate::error::LabError;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformFile {
+    pub proxmox: ProxmoxConfig,
+    #[serde(default)]
+    pub defaults: VmSpec,
+    pub vms: Vec<VmSpec>,
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// How to reach the PVE API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxmoxConfig {
+    /// `https://host:8006` (tried in order until one answers).
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    pub token: TokenConfig,
+    /// VMs worked on at the same time.
+    #[serde(default = "default_parallelism")]
+    pub parallelism: usize,
+    /// Seconds to wait for a task (clone, resize, start) before giving up.
+    #[serde(default = "default_task_timeout")]
+    pub task_timeout_secs: u64,
+}
+
+fn default_parallelism() -> usize {
+    2
+}
+fn default_task_timeout() -> u64 {
+    900
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM CA that signed the PVE certificates.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 fingerprint of the server certificate (`AB:CD:...`), as shown
+    /// by `pvenode cert info`.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// Accept any certificate. Loud: a warning on every run.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// `USER@REALM!TOKENID` (not secret).
+    pub id: String,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// Present only to be refused with a clear message.
+    #[serde(default)]
+    pub secret: Option<serde_norway::Value>,
+}
+
+/// A VM, or (under `defaults`) what VMs inherit.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub name: Option<String>,
+    pub vmid: Option<u32>,
+    /// The PVE node the VM runs on.
+    pub node: Option<String>,
+    /// `control-plane` or `worker` (for the bootstrap).
+    pub role: Option<String>,
+    pub template: Option<TemplateRef>,
+    /// Full clone (default) or linked clone.
+    pub full_clone: Option<bool>,
+    pub cores: Option<u32>,
+    pub sockets: Option<u32>,
+    pub cpu: Option<String>,
+    pub memory_mib: Option<u32>,
+    pub scsihw: Option<String>,
+    pub disks: Option<Vec<DiskSpec>>,
+    pub networks: Option<Vec<NetSpec>>,
+    pub ipconfig: Option<IpConfig>,
+    pub nameserver: Option<String>,
+    pub searchdomain: Option<String>,
+    pub ciuser: Option<String>,
+    pub ssh_keys: Option<Vec<String>>,
+    pub tags: Option<Vec<String>>,
+    pub pool: Option<String>,
+    pub onboot: Option<bool>,
+    pub agent: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateRef {
+    pub vmid: u32,
+    pub node: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// `scsi0`, `virtio1`, ...
+    pub slot: String,
+    pub storage: String,
+    /// `20G`, `512M`, `1T`.
+    pub size: String,
+    #[serde(default)]
+    pub iothread: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetSpec {
+    /// `net0`, `net1`, ...
+    pub slot: String,
+    #[serde(default = "default_model")]
+    pub model: String,
+    pub bridge: String,
+    #[serde(default)]
+    pub vlan: Option<u16>,
+}
+
+fn default_model() -> String {
+    "virtio".into()
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IpConfig {
+    /// `192.168.100.171/24` or `dhcp`.
+    pub ip: String,
+    #[serde(default)]
+    pub gw: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    pub pod_cidr: String,
+    pub service_cidr: String,
+    #[serde(default = "default_cri")]
+    pub cri_socket: String,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub cluster_name: Option<String>,
+}
+
+fn default_cri() -> String {
+    "unix:///var/run/crio/crio.sock".into()
+}
+
+/// A VM with defaults applied and every field checked.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Vm {
+    pub name: String,
+    pub vmid: u32,
+    pub node: String,
+    pub role: String,
+    pub template: (u32, String),
+    pub full_clone: bool,
+    pub cores: u32,
+    pub sockets: u32,
+    pub cpu: String,
+    pub memory_mib: u32,
+    pub scsihw: String,
+    /// slot → (storage, size in bytes, size text, iothread)
+    pub disks: Vec<(String, String, u64, String, bool)>,
+    /// slot → PVE `netN` value
+    pub networks: Vec<(String, String)>,
+    pub ipconfig: Option<String>,
+    pub ip: Option<String>,
+    pub nameserver: Option<String>,
+    pub searchdomain: Option<String>,
+    pub ciuser: Option<String>,
+    pub ssh_keys: Vec<String>,
+    pub tags: BTreeSet<String>,
+    pub pool: Option<String>,
+    pub onboot: bool,
+    pub agent: bool,
+}
+
+/// TLS trust for the PVE endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    System,
+    CaFile(PathBuf),
+    /// SHA-256 of the certificate, 32 bytes.
+    Fingerprint(Vec<u8>),
+    Insecure,
+}
+
+/// The token secret: held, never printed.
+#[derive(Clone)]
+pub struct Token {
+    pub id: String,
+    pub secret: secrecy::SecretString,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token {{ id: {}, secret: <redacted> }}", self.id)
+    }
+}
+
+/// A validated platform file.
+#[derive(Debug, Clone)]
+pub struct Platform {
+    pub path: PathBuf,
+    pub endpoints: Vec<String>,
+    pub trust: Trust,
+    pub token_id: String,
+    pub token_secret_file: Option<PathBuf>,
+    pub token_secret_env: Option<String>,
+    pub parallelism: usize,
+    pub task_timeout: std::time::Duration,
+    pub vms: Vec<Vm>,
+    pub kubernetes: Option<KubernetesConfig>,
+    pub warnings: Vec<String>,
+}
+
+/// The tag labctl puts on every VM it creates; only such VMs are updated or
+/// destroyed.
+pub const MANAGED_TAG: &str = "labctl-managed";
+
+impl Platform {
+    /// Reads the token secret from its file or variable.
+    ///
+    /// # Errors
+    /// A key error for a missing or too-open secret file, a usage error for
+    /// an unset variable.
+    pub fn token(&self) -> anyhow::Result<Token> {
+        let secret = if let Some(p) = &self.token_secret_file {
+            let meta = std::fs::metadata(p).map_err(|e| {
+                LabError::key(format!("PVE token secret file {}: {e}", p.display()))
+            })?;
+            crate::repo::keys::check_private(p, &meta)?;
+            std::fs::read_to_string(p)
+                .map_err(|e| LabError::key(format!("PVE token secret file {}: {e}", p.display())))?
+                .trim()
+                .to_string()
+        } else if let Some(v) = &self.token_secret_env {
+            std::env::var(v).map_err(|_| {
+                LabError::usage(format!(
+                    "the PVE token secret variable {v} (proxmox.token.secret_env) is not set"
+                ))
+            })?
+        } else {
+            unreachable!("validated: one of secret_file, secret_env")
+        };
+        if secret.is_empty() {
+            return Err(LabError::key("the PVE token secret is empty").into());
+        }
+        Ok(Token {
+            id: self.token_id.clone(),
+            secret: secrecy::SecretString::from(secret),
+        })
+    }
+}
+
+/// Line and column (1-based) of a byte offset.
+fn line_of_key(text: &str, key: &str, value: &str) -> usize {
+    let needle = format!("{key}: {value}");
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start().trim_start_matches("- ");
+            l.starts_with(&needle) || l.starts_with(&format!("{key}: \"{value}\""))
+        })
+        .map_or(0, |i| i + 1)
+}
+
+/// Parses a size like `20G` into bytes.
+///
+/// # Errors
+/// A message naming the text.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 20G, 512M or 1T"))?;
+    let mult = match unit {
+        "K" => 1u64 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        "" => 1,
+        _ => return Err(format!("'{s}' is not a size like 20G, 512M or 1T")),
+    };
+    Ok(n * mult)
+}
+
+fn valid_cidr(s: &str) -> bool {
+    let Some((ip, len)) = s.split_once('/') else {
+        return false;
+    };
+    ip.parse::<std::net::Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 32)
+}
+
+/// Reads and validates a platform file.
+///
+/// # Errors
+/// A usage error `file:line:col: field: why`.
+pub fn load(path: &Path) -> anyhow::Result<Platform> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        LabError::usage(format!("cannot read platform file {}: {e}", path.display()))
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates platform text.
+///
+/// # Errors
+/// As [`load`].
+pub fn parse(text: &str, path: &Path) -> anyhow::Result<Platform> {
+    let file = path.display().to_string();
+    let de = serde_norway::Deserializer::from_str(text);
+    let raw: PlatformFile = serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        let (line, col) = inner.location().map_or((0, 0), |l| (l.line(), l.column()));
+        let msg = inner.to_string();
+        let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+        // serde_norway prefixes the path itself: keep one copy.
+        let msg = match msg.split_once(": ") {
+            Some((head, rest)) if !head.contains(' ') => rest.to_string(),
+            _ => msg,
+        };
+        LabError::usage(format!("{file}:{line}:{col}: field `{field}`: {msg}"))
+    })?;
+    let err = |line: usize, field: &str, why: String| -> anyhow::Error {
+        LabError::usage(format!("{file}:{line}: field `{field}`: {why}")).into()
+    };
+    let mut warnings = vec![];
+    let p = &raw.proxmox;
+    let token_line = line_of_key(text, "id", &p.token.id);
+    if p.token.secret.is_some() {
+        return Err(err(
+            line_of_key(text, "secret", "").max(token_line),
+            "proxmox.token.secret",
+            "an inline token secret is refused: put it in a file readable only by you (secret_file) or an environment variable (secret_env), and revoke the one written here".into(),
+        ));
+    }
+    if p.token.id.contains('=') || p.token.id.matches('-').count() >= 4 {
+        return Err(err(
+            token_line,
+            "proxmox.token.id",
+            "looks like it contains the secret (USER@REALM!TOKENID=SECRET): give only USER@REALM!TOKENID here and the secret in secret_file or secret_env".into(),
+        ));
+    }
+    if !(p.token.id.contains('@') && p.token.id.contains('!')) {
+        return Err(err(
+            token_line,
+            "proxmox.token.id",
+            format!("'{}' is not USER@REALM!TOKENID", p.token.id),
+        ));
+    }
+    match (&p.token.secret_file, &p.token.secret_env) {
+        (Some(_), Some(_)) | (None, None) => {
+            return Err(err(
+                token_line,
+                "proxmox.token",
+                "give exactly one of secret_file or secret_env".into(),
+            ))
+        }
+        _ => {}
+    }
+    if p.endpoints.is_empty() {
+        return Err(err(
+            0,
+            "proxmox.endpoints",
+            "list at least one https://host:8006".into(),
+        ));
+    }
+    for e in &p.endpoints {
+        let ok = e.starts_with("https://")
+            || e.starts_with("http://127.0.0.1:")
+            || e.starts_with("http://localhost:");
+        if !ok {
+            return Err(err(
+                line_of_key(text, "-", e),
+                "proxmox.endpoints",
+                format!(
+                    "'{e}': use https:// (plain http only to 127.0.0.1, for tests and tunnels)"
+                ),
+            ));
+        }
+    }
+    let trust = match (&p.tls.ca_file, &p.tls.fingerprint, p.tls.insecure) {
+        (None, None, false) => Trust::System,
+        (Some(f), None, false) => Trust::CaFile(f.clone()),
+        (None, Some(fp), false) => {
+            let bytes: Result<Vec<u8>, _> =
+                fp.split(':').map(|h| u8::from_str_radix(h, 16)).collect();
+            match bytes {
+                Ok(b) if b.len() == 32 => Trust::Fingerprint(b),
+                _ => {
+                    return Err(err(
+                        line_of_key(text, "fingerprint", fp),
+                        "proxmox.tls.fingerprint",
+                        "expected a SHA-256 fingerprint AB:CD:... (32 bytes), as `pvenode cert info` prints".into(),
+                    ))
+                }
+            }
+        }
+        (None, None, true) => {
+            warnings.push(format!(
+                "{file}: proxmox.tls.insecure is set: the PVE certificate is NOT checked and the API token can be stolen by anyone on the path"
+            ));
+            Trust::Insecure
+        }
+        _ => {
+            return Err(err(
+                0,
+                "proxmox.tls",
+                "give one of ca_file, fingerprint or insecure".into(),
+            ))
+        }
+    };
+    if p.parallelism == 0 {
+        return Err(err(0, "proxmox.parallelism", "must be at least 1".into()));
+    }
+    let d = &raw.defaults;
+    if d.name.is_some() || d.vmid.is_some() || d.ipconfig.is_some() {
+        return Err(err(
+            0,
+            "defaults",
+            "name, vmid and ipconfig belong to each VM, not to defaults".into(),
+        ));
+    }
+    let mut vms = vec![];
+    let mut names = BTreeSet::new();
+    let mut ids = BTreeMap::new();
+    for (i, v) in raw.vms.iter().enumerate() {
+        let name = v.name.clone().unwrap_or_default();
+        let line = line_of_key(text, "name", &name);
+        let f = |n: &str| format!("vms[{i}].{n}");
+        macro_rules! pick {
+            ($field:ident) => {
+                v.$field.clone().or_else(|| d.$field.clone())
+            };
+        }
+        macro_rules! need {
+            ($field:ident) => {
+                pick!($field).ok_or_else(|| {
+                    err(
+                        line,
+                        &f(stringify!($field)),
+                        "missing (here or under defaults)".into(),
+                    )
+                })?
+            };
+        }
+        let valid_name = !name.is_empty()
+            && name.len() <= 63
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !name.starts_with('-');
+        if !valid_name {
+            return Err(err(
+                line,
+                &f("name"),
+                format!("'{name}' is not a DNS name (letters, digits, '-')"),
+            ));
+        }
+        if !names.insert(name.clone()) {
+            return Err(err(
+                line,
+                &f("name"),
+                format!("VM '{name}' is declared twice"),
+            ));
+        }
+        let vmid = v.vmid.ok_or_else(|| {
+            err(
+                line,
+                &f("vmid"),
+                "missing: labctl uses the VMIDs you declare, never /cluster/nextid".into(),
+            )
+        })?;
+        if !(100..=999_999_999).contains(&vmid) {
+            return Err(err(
+                line,
+                &f("vmid"),
+                format!("{vmid} is outside 100-999999999"),
+            ));
+        }
+        if let Some(other) = ids.insert(vmid, name.clone()) {
+            return Err(err(line, &f("vmid"), format!("{vmid} is also {other}'s")));
+        }
+        let template = need!(template);
+        let cores = need!(cores);
+        let memory_mib = need!(memory_mib);
+        if cores == 0 || memory_mib < 16 {
+            return Err(err(
+                line,
+                &f("cores"),
+                "cores ≥ 1 and memory_mib ≥ 16".into(),
+            ));
+        }
+        let scsihw = pick!(scsihw).unwrap_or_else(|| "virtio-scsi-single".into());
+        const SCSIHW: [&str; 6] = [
+            "lsi",
+            "lsi53c810",
+            "virtio-scsi-pci",
+            "virtio-scsi-single",
+            "megasas",
+            "pvscsi",
+        ];
+        if !SCSIHW.contains(&scsihw.as_str()) {
+            return Err(err(
+                line,
+                &f("scsihw"),
+                format!("'{scsihw}' is not one of {}", SCSIHW.join(", ")),
+            ));
+        }
+        let mut disks = vec![];
+        for (k, dk) in need!(disks).iter().enumerate() {
+            let okslot = ["scsi", "virtio", "sata", "ide"].iter().any(|p| {
+                dk.slot
+                    .strip_prefix(p)
+                    .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+            });
+            if !okslot {
+                return Err(err(
+                    line,
+                    &f(&format!("disks[{k}].slot")),
+                    format!("'{}' is not a disk slot like scsi0", dk.slot),
+                ));
+            }
+            let bytes =
+                parse_size(&dk.size).map_err(|e| err(line, &f(&format!("disks[{k}].size")), e))?;
+            disks.push((
+                dk.slot.clone(),
+                dk.storage.clone(),
+                bytes,
+                dk.size.clone(),
+                dk.iothread,
+            ));
+        }
+        let mut networks = vec![];
+        for (k, n) in pick!(networks).unwrap_or_default().iter().enumerate() {
+            const MODELS: [&str; 4] = ["virtio", "e1000", "rtl8139", "vmxnet3"];
+            if !MODELS.contains(&n.model.as_str()) {
+                return Err(err(
+                    line,
+                    &f(&format!("networks[{k}].model")),
+                    format!("'{}' is not one of {}", n.model, MODELS.join(", ")),
+                ));
+            }
+            if !n
+                .slot
+                .strip_prefix("net")
+                .is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()))
+            {
+                return Err(err(
+                    line,
+                    &f(&format!("networks[{k}].slot")),
+                    format!("'{}' is not a slot like net0", n.slot),
+                ));
+            }
+            let mut val = format!("{},bridge={}", n.model, n.bridge);
+            if let Some(tag) = n.vlan {
+                if !(1..=4094).contains(&tag) {
+                    return Err(err(
+                        line,
+                        &f(&format!("networks[{k}].vlan")),
+                        format!("{tag} is outside 1-4094"),
+                    ));
+                }
+                val.push_str(&format!(",tag={tag}"));
+            }
+            networks.push((n.slot.clone(), val));
+        }
+        let (ipconfig, ip) = match &v.ipconfig {
+            None => (None, None),
+            Some(c) if c.ip == "dhcp" => (Some("ip=dhcp".to_string()), None),
+            Some(c) => {
+                if !valid_cidr(&c.ip) {
+                    return Err(err(
+                        line,
+                        &f("ipconfig.ip"),
+                        format!(
+                            "'{}' is not an IPv4 address/prefix like 192.168.100.171/24, or dhcp",
+                            c.ip
+                        ),
+                    ));
+                }
+                let mut s = format!("ip={}", c.ip);
+                if let Some(gw) = &c.gw {
+                    if gw.parse::<std::net::Ipv4Addr>().is_err() {
+                        return Err(err(
+                            line,
+                            &f("ipconfig.gw"),
+                            format!("'{gw}' is not an IPv4 address"),
+                        ));
+                    }
+                    s.push_str(&format!(",gw={gw}"));
+                }
+                (
+                    Some(s),
+                    Some(c.ip.split('/').next().unwrap_or_default().to_string()),
+                )
+            }
+        };
+        let ssh_keys = pick!(ssh_keys).unwrap_or_default();
+        for (k, key) in ssh_keys.iter().enumerate() {
+            if !(key.starts_with("ssh-") || key.starts_with("ecdsa-") || key.starts_with("sk-"))
+                || key.contains('\n')
+            {
+                return Err(err(
+                    line,
+                    &f(&format!("ssh_keys[{k}]")),
+                    "not an OpenSSH public key line (ssh-ed25519 AAAA... comment)".into(),
+                ));
+            }
+            if key.contains("PRIVATE KEY") {
+                return Err(err(
+                    line,
+                    &f(&format!("ssh_keys[{k}]")),
+                    "this is a private key: never put it here".into(),
+                ));
+            }
+        }
+        let mut tags: BTreeSet<String> = pick!(tags).unwrap_or_default().into_iter().collect();
+        for t in &tags {
+            if t.is_empty()
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+            {
+                return Err(err(
+                    line,
+                    &f("tags"),
+                    format!("'{t}' is not a PVE tag (letters, digits, - _ . +)"),
+                ));
+            }
+        }
+        tags.insert(MANAGED_TAG.to_string());
+        let role = pick!(role).unwrap_or_else(|| "worker".into());
+        if role != "worker" && role != "control-plane" {
+            return Err(err(
+                line,
+                &f("role"),
+                format!("'{role}': use control-plane or worker"),
+            ));
+        }
+        let full_clone = pick!(full_clone).unwrap_or(true);
+        let node = need!(node);
+        if !full_clone && node != template.node {
+            return Err(err(line, &f("full_clone"), format!("a linked clone stays on the template's node ({}); use full_clone: true or a template on {node}", template.node)));
+        }
+        vms.push(Vm {
+            name: name.clone(),
+            vmid,
+            node,
+            role,
+            template: (template.vmid, template.node),
+            full_clone,
+            cores,
+            sockets: pick!(sockets).unwrap_or(1),
+            cpu: pick!(cpu).unwrap_or_else(|| "host".into()),
+            memory_mib,
+            scsihw,
+            disks,
+            networks,
+            ipconfig,
+            ip,
+            nameserver: pick!(nameserver),
+            searchdomain: pick!(searchdomain),
+            ciuser: pick!(ciuser),
+            ssh_keys,
+            tags,
+            pool: pick!(pool),
+            onboot: pick!(onboot).unwrap_or(true),
+            agent: pick!(agent).unwrap_or(true),
+        });
+    }
+    if let Some(k) = &raw.kubernetes {
+        for (fld, v) in [("pod_cidr", &k.pod_cidr), ("service_cidr", &k.service_cidr)] {
+            if !valid_cidr(v) {
+                return Err(err(
+                    line_of_key(text, fld, v),
+                    &format!("kubernetes.{fld}"),
+                    format!("'{v}' is not a CIDR like 172.16.0.0/16"),
+                ));
+            }
+        }
+        if vms.iter().filter(|v| v.role == "control-plane").count() != 1 {
+            return Err(err(
+                0,
+                "vms",
+                "the bootstrap needs exactly one VM with role: control-plane".into(),
+            ));
+        }
+    }
+    Ok(Platform {
+        path: path.to_path_buf(),
+        endpoints: p
+            .endpoints
+            .iter()
+            .map(|e| e.trim_end_matches('/').to_string())
+            .collect(),
+        trust,
+        token_id: p.token.id.clone(),
+        token_secret_file: p.token.secret_file.clone(),
+        token_secret_env: p.token.secret_env.clone(),
+        parallelism: p.parallelism,
+        task_timeout: std::time::Duration::from_secs(p.task_timeout_secs),
+        vms,
+        kubernetes: raw.kubernetes.clone(),
+        warnings,
+    })
+}

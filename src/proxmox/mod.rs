@@ -1,0 +1,415 @@
+//! A Proxmox VE API client (reqwest, API-token authentication), shared by
+//! `labctl provision` and, later, VM backups.
+//!
+//! - Every error carries what it was about: method and path, node, VMID and
+//!   task UPID where known, and PVE's own message.
+//! - Tasks (clone, resize, start, destroy) are polled until `status` is
+//!   `stopped`; only an `exitstatus` of exactly `OK` is success, otherwise
+//!   the end of the task log is in the error.
+//! - Known transient failures are retried with backoff: config lock
+//!   timeouts (`can't lock file ... got timeout`, `VM is locked`), `got no
+//!   worker upid`, 5xx from a busy node, transport errors; and a 400 for a
+//!   task status right after the task started (the UPID is not visible yet).
+//! - The token secret is sent only in the `Authorization` header and never
+//!   appears in errors or logs.
+
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use std::time::Duration;
+
+/// What went wrong, with its context.
+#[derive(Debug, Clone)]
+pub struct PveError {
+    pub method: String,
+    pub path: String,
+    /// HTTP status (0 for transport errors and failed tasks).
+    pub status: u16,
+    pub message: String,
+    pub node: Option<String>,
+    pub vmid: Option<u32>,
+    pub upid: Option<String>,
+}
+
+impl std::fmt::Display for PveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PVE {} {}", self.method, self.path)?;
+        if self.status != 0 {
+            write!(f, " ({})", self.status)?;
+        }
+        write!(f, ": {}", self.message)?;
+        let mut ctx = vec![];
+        if let Some(n) = &self.node {
+            ctx.push(format!("node {n}"));
+        }
+        if let Some(v) = self.vmid {
+            ctx.push(format!("VMID {v}"));
+        }
+        if let Some(u) = &self.upid {
+            ctx.push(format!("task {u}"));
+        }
+        if !ctx.is_empty() {
+            write!(f, " [{}]", ctx.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PveError {}
+
+impl PveError {
+    pub fn transient(&self) -> bool {
+        let m = self.message.to_ascii_lowercase();
+        self.status == 0 && self.upid.is_none()
+            || self.status >= 500 && !m.contains("does not exist")
+            || m.contains("got timeout")
+            || m.contains("can't lock file")
+            || m.contains("vm is locked")
+            || m.contains("got no worker upid")
+    }
+    /// Whether this is PVE saying the object does not exist.
+    pub fn is_not_found(&self) -> bool {
+        let m = self.message.to_ascii_lowercase();
+        m.contains("does not exist") || self.status == 404
+    }
+    fn exit_code(&self) -> crate::error::ExitCode {
+        match self.status {
+            401 | 403 => crate::error::ExitCode::Key,
+            400 => crate::error::ExitCode::Usage,
+            _ => crate::error::ExitCode::Failure,
+        }
+    }
+    /// As a classified error for the CLI's exit code.
+    pub fn into_lab(self) -> anyhow::Error {
+        let code = self.exit_code();
+        anyhow::Error::new(crate::error::LabError::new(code, self.to_string()))
+    }
+}
+
+/// Context attached to a request's errors.
+#[derive(Debug, Clone, Default)]
+pub struct Ctx {
+    pub node: Option<String>,
+    pub vmid: Option<u32>,
+}
+
+impl Ctx {
+    pub fn vm(node: &str, vmid: u32) -> Ctx {
+        Ctx {
+            node: Some(node.into()),
+            vmid: Some(vmid),
+        }
+    }
+}
+
+/// TLS trust settings (see [`crate::provision::platform::Trust`]).
+pub use crate::provision::platform::Trust;
+
+/// Client options.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub trust: Trust,
+    pub attempts: u32,
+    pub retry_base: Duration,
+    pub poll: Duration,
+    pub task_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        let ms = |var: &str, d: u64| {
+            std::env::var(var)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map_or(Duration::from_millis(d), Duration::from_millis)
+        };
+        Options {
+            trust: Trust::System,
+            attempts: 6,
+            // Overridable for tests against the simulator.
+            retry_base: ms("LABCTL_PVE_RETRY_MS", 1000),
+            poll: ms("LABCTL_PVE_POLL_MS", 1000),
+            task_timeout: Duration::from_secs(900),
+        }
+    }
+}
+
+/// A connected client for one endpoint.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    auth: std::sync::Arc<secrecy::SecretString>,
+    opts: Options,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pve::Client({})", self.base)
+    }
+}
+
+impl Client {
+    /// A client for `endpoint` (`https://host:8006`).
+    ///
+    /// # Errors
+    /// A usage error for an unreadable CA file.
+    pub fn new(
+        endpoint: &str,
+        token: &crate::provision::platform::Token,
+        opts: Options,
+    ) -> anyhow::Result<Client> {
+        let mut b = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("labctl/", env!("CARGO_PKG_VERSION")));
+        match &opts.trust {
+            Trust::System => {}
+            Trust::CaFile(p) => {
+                let pem = std::fs::read(p).map_err(|e| {
+                    crate::error::LabError::usage(format!("PVE CA file {}: {e}", p.display()))
+                })?;
+                let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                    crate::error::LabError::usage(format!("PVE CA file {}: {e}", p.display()))
+                })?;
+                b = b.tls_certs_only([cert]);
+            }
+            Trust::Fingerprint(_) => {
+                return Err(crate::error::LabError::usage(
+                    "proxmox.tls.fingerprint is not supported by this build yet; use ca_file",
+                )
+                .into())
+            }
+            Trust::Insecure => {
+                eprintln!("WARNING: proxmox.tls.insecure: the PVE certificate is not checked");
+                b = b.tls_danger_accept_invalid_certs(true);
+            }
+        }
+        let http = b
+            .build()
+            .map_err(|e| anyhow::anyhow!("PVE client: {}", e.without_url()))?;
+        let auth = format!("PVEAPIToken={}={}", token.id, token.secret.expose_secret());
+        Ok(Client {
+            http,
+            base: format!("{}/api2/json", endpoint.trim_end_matches('/')),
+            auth: std::sync::Arc::new(secrecy::SecretString::from(auth)),
+            opts,
+        })
+    }
+
+    /// One request, no retries. Returns `data`.
+    async fn once(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        params: &[(&str, String)],
+        ctx: &Ctx,
+    ) -> Result<Value, PveError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .header("Authorization", self.auth.expose_secret());
+        req = if method == reqwest::Method::GET || method == reqwest::Method::DELETE {
+            req.query(params)
+        } else {
+            req.form(params)
+        };
+        let err = |status: u16, message: String| PveError {
+            method: method.to_string(),
+            path: path.to_string(),
+            status,
+            message,
+            node: ctx.node.clone(),
+            vmid: ctx.vmid,
+            upid: None,
+        };
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| err(0, format!("cannot reach PVE: {}", e.without_url())))?;
+        let status = resp.status();
+        // PVE puts its message in the HTTP reason phrase.
+        let reason = resp
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .map(|r| String::from_utf8_lossy(r.as_bytes()).to_string())
+            .unwrap_or_else(|| status.canonical_reason().unwrap_or("").to_string());
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(body.get("data").cloned().unwrap_or(Value::Null));
+        }
+        // PVE puts its message in the reason phrase and parameter errors in
+        // `errors`; reqwest only exposes the canonical phrase, so prefer the
+        // body's `message`/`errors`.
+        let mut msg = body
+            .get("message")
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .unwrap_or(&reason)
+            .to_string();
+        if let Some(errs) = body.get("errors").and_then(Value::as_object) {
+            let list: Vec<String> = errs
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.as_str().unwrap_or_default().trim()))
+                .collect();
+            msg = format!("{msg} ({})", list.join("; "));
+        }
+        if status.as_u16() == 401 {
+            msg =
+                format!("{msg}: the API token was refused (check proxmox.token.id and the secret)");
+        }
+        Err(err(status.as_u16(), msg))
+    }
+
+    /// A request with retries for transient failures.
+    ///
+    /// # Errors
+    /// The last [`PveError`].
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        params: &[(&str, String)],
+        ctx: &Ctx,
+    ) -> Result<Value, PveError> {
+        let mut attempt = 0;
+        loop {
+            match self.once(method.clone(), path, params, ctx).await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.transient() && attempt + 1 < self.opts.attempts => {
+                    attempt += 1;
+                    let wait = self.opts.retry_base * 2u32.pow(attempt - 1);
+                    let jitter = rand::random::<u64>() % (wait.as_millis() as u64 / 4 + 1);
+                    tokio::time::sleep(wait + Duration::from_millis(jitter)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub async fn get(
+        &self,
+        path: &str,
+        params: &[(&str, String)],
+        ctx: &Ctx,
+    ) -> Result<Value, PveError> {
+        self.call(reqwest::Method::GET, path, params, ctx).await
+    }
+
+    /// Starts a task (POST/PUT/DELETE returning a UPID) and waits for it.
+    ///
+    /// # Errors
+    /// The request's error, or the task's (with its UPID and log tail).
+    pub async fn task(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        params: &[(&str, String)],
+        ctx: &Ctx,
+    ) -> Result<String, PveError> {
+        let data = self.call(method.clone(), path, params, ctx).await?;
+        let Some(upid) = data.as_str().map(String::from) else {
+            // Some calls (a synchronous config change) return null: done.
+            return Ok(String::new());
+        };
+        self.wait_task(&upid, ctx).await?;
+        Ok(upid)
+    }
+
+    /// Polls a task until it stops; success only with exitstatus `OK`.
+    ///
+    /// # Errors
+    /// A [`PveError`] naming the UPID with the end of the task log.
+    pub async fn wait_task(&self, upid: &str, ctx: &Ctx) -> Result<(), PveError> {
+        let node = upid.split(':').nth(1).unwrap_or_default().to_string();
+        let path = format!("/nodes/{node}/tasks/{}/status", urlencoding::encode(upid));
+        let started = tokio::time::Instant::now();
+        let with_upid = |mut e: PveError| {
+            e.upid = Some(upid.to_string());
+            e
+        };
+        loop {
+            match self.once(reqwest::Method::GET, &path, &[], ctx).await {
+                Ok(st) => {
+                    if st.get("status").and_then(Value::as_str) == Some("stopped") {
+                        let exit = st
+                            .get("exitstatus")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string();
+                        if exit == "OK" {
+                            return Ok(());
+                        }
+                        let log = self.task_log_tail(&node, upid, ctx).await;
+                        return Err(with_upid(PveError {
+                            method: "TASK".into(),
+                            path: path.clone(),
+                            status: 0,
+                            message: format!(
+                                "task failed: {}{}",
+                                if exit.is_empty() {
+                                    "no exit status"
+                                } else {
+                                    &exit
+                                },
+                                if log.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(" — log: {log}")
+                                }
+                            ),
+                            node: ctx.node.clone(),
+                            vmid: ctx.vmid,
+                            upid: None,
+                        }));
+                    }
+                }
+                // Right after a task starts its UPID may not be visible yet.
+                Err(e) if e.status == 400 && started.elapsed() < Duration::from_secs(30) => {}
+                Err(e) if e.transient() && started.elapsed() < self.opts.task_timeout => {}
+                Err(e) => return Err(with_upid(e)),
+            }
+            if started.elapsed() > self.opts.task_timeout {
+                return Err(with_upid(PveError {
+                    method: "TASK".into(),
+                    path,
+                    status: 0,
+                    message: format!(
+                        "still running after {}s (proxmox.task_timeout_secs); it may finish on its own — check the PVE task list",
+                        self.opts.task_timeout.as_secs()
+                    ),
+                    node: ctx.node.clone(),
+                    vmid: ctx.vmid,
+                    upid: None,
+                }));
+            }
+            tokio::time::sleep(self.opts.poll).await;
+        }
+    }
+
+    async fn task_log_tail(&self, node: &str, upid: &str, ctx: &Ctx) -> String {
+        let path = format!("/nodes/{node}/tasks/{}/log", urlencoding::encode(upid));
+        let Ok(v) = self
+            .once(reqwest::Method::GET, &path, &[("limit", "500".into())], ctx)
+            .await
+        else {
+            return String::new();
+        };
+        let lines: Vec<String> = v
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|l| l.get("t").and_then(Value::as_str).map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        lines
+            .iter()
+            .rev()
+            .take(3)
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" | ")
+    }
+}

@@ -1,0 +1,552 @@
+//! `labctl provision` end to end against the PVE API simulator
+//! (tests/integration/pve_sim.rs), and platform-file validation.
+
+use crate::common::{assert_success, BIN};
+use crate::pve_sim::{PveSim, TOKEN_ID, TOKEN_SECRET};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct PEnv {
+    dir: tempfile::TempDir,
+    sim: PveSim,
+    platform: PathBuf,
+}
+
+const VMS: &str = "vms:
+  - name: controlador
+    vmid: 701
+    node: pve1
+    role: control-plane
+    template: { vmid: 9000, node: pve1 }
+    ipconfig: { ip: 192.168.100.171/24, gw: 192.168.100.1 }
+  - name: nodo1
+    vmid: 702
+    node: pve2
+    template: { vmid: 9001, node: pve2 }
+    ipconfig: { ip: 192.168.100.172/24, gw: 192.168.100.1 }
+  - name: nodo2
+    vmid: 703
+    node: pve3
+    template: { vmid: 9002, node: pve3 }
+    ipconfig: { ip: 192.168.100.173/24, gw: 192.168.100.1 }
+";
+
+impl PEnv {
+    fn new() -> PEnv {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = PveSim::start();
+        let secret = dir.path().join("pve-token");
+        std::fs::write(&secret, format!("{TOKEN_SECRET}\n")).unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let platform = dir.path().join("platform.yaml");
+        let env = PEnv { dir, sim, platform };
+        env.write(8, "20G", VMS);
+        env
+    }
+
+    fn write(&self, cores: u32, size: &str, vms: &str) {
+        let text = format!(
+            "proxmox:
+  endpoints: [\"{}\"]
+  token:
+    id: {TOKEN_ID}
+    secret_file: {}
+  parallelism: 2
+  task_timeout_secs: 30
+defaults:
+  cores: {cores}
+  cpu: host
+  memory_mib: 8192
+  scsihw: virtio-scsi-single
+  disks:
+    - {{ slot: scsi0, storage: local-lvm, size: {size}, iothread: true }}
+  networks:
+    - {{ slot: net0, model: virtio, bridge: vmbr0 }}
+  nameserver: 192.168.100.1
+  ciuser: ubuntu
+  ssh_keys:
+    - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITestKeyOnly admin@lab
+    - ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ+/Test= ops@lab
+  tags: [k8s]
+  onboot: true
+  agent: true
+{vms}",
+            self.sim.endpoint(),
+            self.dir.path().join("pve-token").display()
+        );
+        std::fs::write(&self.platform, text).unwrap();
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", self.dir.path())
+            .env("LABCTL_CACHE_DIR", self.dir.path().join("cache"))
+            .env("LABCTL_PVE_RETRY_MS", "20")
+            .env("LABCTL_PVE_POLL_MS", "50")
+            .env("USER", "alice")
+            .stdin(std::process::Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd()
+            .args(args)
+            .arg("--platform")
+            .arg(&self.platform)
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.run(&a);
+        assert_success(&out, &a);
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn violations(&self) -> Vec<String> {
+        self.sim.with(|s| s.schema_violations.clone())
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn actions(plan: &serde_json::Value) -> Vec<(String, String)> {
+    plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["action"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn plan_apply_again_update_grow_and_destroy() {
+    let e = PEnv::new();
+    let plan = e.json(&["provision", "plan"]);
+    assert_eq!(
+        actions(&plan),
+        [
+            ("controlador".into(), "create".into()),
+            ("nodo1".into(), "create".into()),
+            ("nodo2".into(), "create".into())
+        ]
+    );
+    // Apply creates all three: clone, configure, grow the disk, start, agent IPs.
+    let out = e.json(&["provision", "apply"]);
+    let applied = out["applied"].as_array().unwrap();
+    assert!(applied.iter().all(|a| a["ok"] == true), "{out}");
+    assert_eq!(applied[0]["ips"][0], "192.168.100.171");
+    assert_eq!(applied[2]["ips"][0], "192.168.100.173");
+    assert!(e.violations().is_empty(), "{:?}", e.violations());
+    e.sim.with(|s| {
+        let vm = &s.vms[&701];
+        assert!(vm.running);
+        assert_eq!(vm.config["cores"], "8");
+        assert_eq!(
+            vm.config["ipconfig0"],
+            "ip=192.168.100.171/24,gw=192.168.100.1"
+        );
+        // sshkeys: URL-encoded with %20 for spaces, never '+'.
+        let keys = &vm.config["sshkeys"];
+        assert!(
+            keys.contains("ssh-ed25519%20AAAA")
+                && !keys.contains(' ')
+                && keys.contains("%2B%2FTest%3D"),
+            "{keys}"
+        );
+        assert!(
+            vm.config["scsi0"].contains("size=20G") && vm.config["scsi0"].contains("iothread=1"),
+            "{}",
+            vm.config["scsi0"]
+        );
+        assert!(
+            vm.config["net0"].starts_with("virtio=BC:24:11:00:00:01,bridge=vmbr0"),
+            "{}",
+            vm.config["net0"]
+        );
+        assert!(vm.config["tags"].contains("labctl-managed"));
+    });
+    // A second apply does nothing: no mutating request at all.
+    let before = e.sim.writes().len();
+    let out = e.run(&["provision", "apply"]);
+    assert_success(&out, &["apply again"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nothing to do"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        e.sim.writes().len(),
+        before,
+        "{:?}",
+        &e.sim.writes()[before..]
+    );
+    // Change cores: only that field is updated, on every VM.
+    e.write(4, "20G", VMS);
+    let plan = e.json(&["provision", "plan"]);
+    for s in plan["steps"].as_array().unwrap() {
+        assert_eq!(s["action"], "update", "{plan}");
+        assert_eq!(
+            s["changes"],
+            serde_json::json!([{"field": "cores", "old": "8", "new": "4"}])
+        );
+    }
+    let before = e.sim.writes().len();
+    e.json(&["provision", "apply"]);
+    let writes = e.sim.writes()[before..].to_vec();
+    assert_eq!(writes.len(), 3, "{writes:?}");
+    assert!(writes
+        .iter()
+        .all(|w| w.starts_with("PUT /nodes/") && w.ends_with("/config")));
+    let last_put = e.sim.with(|s| {
+        s.log
+            .iter()
+            .rev()
+            .find(|(m, ..)| m == "PUT")
+            .unwrap()
+            .2
+            .clone()
+    });
+    assert_eq!(
+        last_put.keys().cloned().collect::<Vec<_>>(),
+        ["cores", "digest"]
+    );
+    // Grow the disk: a resize, nothing else.
+    e.write(4, "32G", VMS);
+    let plan = e.json(&["provision", "plan"]);
+    assert_eq!(plan["steps"][0]["changes"][0]["field"], "scsi0.size");
+    e.json(&["provision", "apply"]);
+    e.sim
+        .with(|s| assert!(s.vms[&702].config["scsi0"].contains("size=32G")));
+    // Shrinking is refused at plan time (exit 6), and apply changes nothing.
+    e.write(4, "16G", VMS);
+    let out = e.run(&["provision", "plan"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("disks only grow"));
+    let before = e.sim.writes().len();
+    let out = e.run(&["provision", "apply"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("3 of 3 VM(s) failed") && stderr(&out).contains("disks only grow"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(e.sim.writes().len(), before);
+    e.write(4, "32G", VMS);
+    // Status shows what was applied, when and by whom.
+    let st = e.json(&["provision", "status"]);
+    assert_eq!(st[0]["live"]["status"], "running");
+    assert_eq!(st[0]["last-applied"]["user"], "alice");
+    // The refused shrink is the last attempt on record, marked failed.
+    assert_eq!(st[0]["last-applied"]["action"], "conflict");
+    assert_eq!(st[0]["last-applied"]["ok"], false);
+    // Destroy: refused without confirmation, refused for VMs labctl did not create.
+    let out = e.run(&["provision", "destroy", "nodo2"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    e.sim.with(|s| assert!(s.vms.contains_key(&703)));
+    e.json(&["provision", "destroy", "nodo2", "--yes"]);
+    e.sim.with(|s| assert!(!s.vms.contains_key(&703)));
+    let out = e.run(&["provision", "destroy", "ubuntu-2204-cloudinit", "--yes"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not created by labctl"));
+    // The destroyed VM is planned again as a create.
+    let plan = e.json(&["provision", "plan"]);
+    assert_eq!(plan["steps"][2]["action"], "create");
+    assert!(e.violations().is_empty(), "{:?}", e.violations());
+}
+
+#[test]
+fn transient_pve_failures_are_retried() {
+    let e = PEnv::new();
+    e.sim.with(|s| {
+        s.faults.clone_lock_timeouts = 3;
+        s.faults.start_no_worker = 2;
+        s.faults.task_status_400 = 4;
+    });
+    let out = e.json(&["provision", "apply"]);
+    assert!(
+        out["applied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["ok"] == true),
+        "{out}"
+    );
+    e.sim.with(|s| {
+        assert_eq!(
+            (
+                s.faults.clone_lock_timeouts,
+                s.faults.start_no_worker,
+                s.faults.task_status_400
+            ),
+            (0, 0, 0)
+        );
+        assert!(s.vms[&703].running);
+    });
+}
+
+#[test]
+fn one_failing_vm_does_not_stop_the_others() {
+    let e = PEnv::new();
+    // VMID 702 already belongs to a VM labctl does not manage.
+    e.sim.with(|s| {
+        let mut foreign = s.vms[&9001].clone();
+        foreign.template = false;
+        foreign.name = "gpu-box".into();
+        foreign.config.remove("template");
+        s.vms.insert(702, foreign);
+        s.faults.clone_task_fails = 0;
+    });
+    let out = e.run(&["provision", "plan"]);
+    assert_eq!(out.status.code(), Some(6));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "VMID 702 is already used by 'gpu-box' on pve2, which labctl does not manage"
+        ),
+        "{text}"
+    );
+    let out = e.run(&["provision", "apply"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("1 of 3 VM(s) failed (the others were completed)")
+            && err.contains("nodo1: VMID 702"),
+        "{err}"
+    );
+    e.sim.with(|s| {
+        assert!(s.vms[&701].running && s.vms[&703].running);
+        assert_eq!(s.vms[&702].name, "gpu-box", "the foreign VM is untouched");
+    });
+}
+
+#[test]
+fn a_failed_task_names_its_upid_and_log() {
+    let e = PEnv::new();
+    e.write(
+        8,
+        "20G",
+        &VMS.lines().take(7).collect::<Vec<_>>().join("\n"),
+    );
+    e.sim.with(|s| s.faults.clone_task_fails = 1);
+    let out = e.run(&["provision", "apply"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("task UPID:pve1:") && err.contains("not enough free space"),
+        "{err}"
+    );
+    assert!(err.contains("VMID 701"), "{err}");
+    // The failed clone left nothing behind; the next apply creates it.
+    let out = e.json(&["provision", "apply"]);
+    assert_eq!(out["applied"][0]["ok"], true);
+}
+
+#[test]
+fn a_wrong_or_missing_token_is_a_key_error_without_the_secret() {
+    let e = PEnv::new();
+    let secret = e.dir.path().join("pve-token");
+    std::fs::write(&secret, "wrong-secret-value").unwrap();
+    let out = e.run(&["provision", "plan"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("token was refused") && !stderr(&out).contains("wrong-secret-value"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = e.run(&["provision", "plan"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+}
+
+fn validate(text: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("platform.yaml");
+    std::fs::write(&p, text).unwrap();
+    Command::new(BIN)
+        .env_clear()
+        .args(["provision", "validate", "--platform"])
+        .arg(&p)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn platform_errors_name_file_line_and_field_and_inline_secrets_are_refused() {
+    let good =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/platform.yaml"))
+            .unwrap();
+    // The shipped file validates and has the lab's real shape.
+    let out = Command::new(BIN)
+        .env_clear()
+        .args(["--json", "provision", "validate", "--platform"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/platform.yaml"))
+        .output()
+        .unwrap();
+    assert_success(&out, &["validate deploy/platform.yaml"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vms = v["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 3);
+    assert_eq!(
+        (
+            vms[0]["name"].as_str(),
+            vms[0]["vmid"].as_u64(),
+            vms[0]["cores"].as_u64(),
+            vms[0]["memory_mib"].as_u64()
+        ),
+        (Some("controlador"), Some(701), Some(8), Some(8192))
+    );
+    assert_eq!(vms[2]["ip"], "192.168.100.173");
+    // Inline secret.
+    let bad = good.replace(
+        "    secret_file: /etc/labctl/pve-token",
+        "    secret: 0b3f6c1e-aaaa-bbbb-cccc-123456789abc",
+    );
+    let out = validate(&bad);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("proxmox.token.secret") && err.contains("inline token secret is refused"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("0b3f6c1e-aaaa"),
+        "the secret is not echoed: {err}"
+    );
+    // The secret pasted into the id.
+    let out = validate(&good.replace(
+        "id: labctl@pve!provision",
+        "id: labctl@pve!provision=0b3f6c1e-aaaa-bbbb-cccc-123456789abc",
+    ));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("proxmox.token.id") && !stderr(&out).contains("0b3f6c1e"),
+        "{}",
+        stderr(&out)
+    );
+    // Unknown field: file, line, column and path.
+    let out = validate(&good.replace("    vmid: 702\n", "    vmid: 702\n    coers: 4\n"));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        err.contains("platform.yaml:")
+            && err.contains("field `vms[1].coers`: unknown field `coers`"),
+        "{err}"
+    );
+    let line: usize = err
+        .split("platform.yaml:")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let with_typo = good.replace("    vmid: 702\n", "    vmid: 702\n    coers: 4\n");
+    assert_eq!(
+        with_typo.lines().nth(line - 1).map(str::trim),
+        Some("coers: 4")
+    );
+    // Semantic errors name the VM's line and field.
+    let out = validate(&good.replace("192.168.100.172/24", "192.168.100.172"));
+    assert!(
+        stderr(&out).contains("field `vms[1].ipconfig.ip`"),
+        "{}",
+        stderr(&out)
+    );
+    let out = validate(&good.replace("vmid: 703", "vmid: 701"));
+    assert!(
+        stderr(&out).contains("701 is also controlador's"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn render_bootstrap_writes_kubeadm_configs_and_inventory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("boot");
+    let platform = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/platform.yaml");
+    let run = || {
+        Command::new(BIN)
+            .env_clear()
+            .args(["--json", "provision", "render-bootstrap", "--out"])
+            .arg(&out_dir)
+            .arg("--platform")
+            .arg(&platform)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert_success(&out, &["render-bootstrap"]);
+    let files: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(files.len(), 4, "{files:?}");
+    // kubeadm init: control-plane IP, CIDRs, CRI-O socket; the token is not printed.
+    let init_text = std::fs::read_to_string(out_dir.join("kubeadm-init.yaml")).unwrap();
+    let docs: Vec<serde_json::Value> = init_text
+        .split("\n---\n")
+        .map(|d| serde_norway::from_str(d).unwrap())
+        .collect();
+    assert_eq!(docs[0]["kind"], "InitConfiguration");
+    assert_eq!(
+        docs[0]["localAPIEndpoint"]["advertiseAddress"],
+        "192.168.100.171"
+    );
+    assert_eq!(
+        docs[0]["nodeRegistration"]["criSocket"],
+        "unix:///var/run/crio/crio.sock"
+    );
+    assert_eq!(docs[1]["networking"]["podSubnet"], "172.16.0.0/16");
+    assert_eq!(docs[1]["networking"]["serviceSubnet"], "172.17.0.0/18");
+    assert_eq!(docs[1]["controlPlaneEndpoint"], "192.168.100.171:6443");
+    let token = docs[0]["bootstrapTokens"][0]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(regex::Regex::new(r"^[a-z0-9]{6}\.[a-z0-9]{16}$")
+        .unwrap()
+        .is_match(&token));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&token));
+    // One join file per worker, same token, its own node IP.
+    let join: serde_json::Value = serde_norway::from_str(
+        &std::fs::read_to_string(out_dir.join("kubeadm-join-nodo2.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(join["discovery"]["bootstrapToken"]["token"], token.as_str());
+    assert_eq!(
+        join["discovery"]["bootstrapToken"]["apiServerEndpoint"],
+        "192.168.100.171:6443"
+    );
+    assert_eq!(
+        join["nodeRegistration"]["kubeletExtraArgs"]["node-ip"],
+        "192.168.100.173"
+    );
+    let inv = std::fs::read_to_string(out_dir.join("inventory.ini")).unwrap();
+    assert!(inv
+        .contains("[control_plane]\ncontrolador ansible_host=192.168.100.171 ansible_user=ubuntu"));
+    assert!(inv.contains("nodo1 ansible_host=192.168.100.172") && inv.contains("[k8s:children]"));
+    for f in &files {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    // Never overwritten.
+    let out = run();
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("kubeadm-init.yaml")).unwrap(),
+        init_text
+    );
+}

@@ -1,0 +1,1088 @@
+//! A Proxmox VE API simulator (test double) on 127.0.0.1.
+//!
+//! Proxmox VE cannot run here, so this plays its API for `labctl provision`:
+//! - **Every request is checked against the PVE API schema**
+//!   (`tests/fixtures/pve/api-subset.json`, from the contract in
+//!   `../shared/contracts/proxmox/`): the path must exist, the method be
+//!   allowed, required parameters be present, unknown parameters are refused,
+//!   and types, enums, ranges, patterns, formats and property strings
+//!   (`virtio,bridge=vmbr0`, `ip=…/24,gw=…`) are checked — like PVE, a
+//!   violation is a 400 "Parameter verification failed." with per-parameter
+//!   `errors`.
+//! - It behaves like PVE where labctl depends on it: API-token checking
+//!   (401 without it), asynchronous tasks with UPIDs, status and logs
+//!   (`exitstatus` "OK" or an error), a VM config locked while its clone
+//!   runs, digests on config, no shrinking disks, a guest agent that answers
+//!   only after the VM has booted, and PVE's error messages in the HTTP
+//!   reason phrase.
+//! - Faults on request: config lock timeouts on clone, "got no worker upid"
+//!   on start, a task status 400 while a new UPID is "not visible yet", a
+//!   failing clone task.
+//!
+//! Regenerate the schema subset with the Python snippet in
+//! tests/fixtures/pve/README.md's history (it keeps only `parameters`).
+
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const TOKEN_ID: &str = "labctl@pve!provision";
+pub const TOKEN_SECRET: &str = "0b3f6c1e-test-only-secret";
+
+#[derive(Debug, Clone)]
+pub struct SimVm {
+    pub name: String,
+    pub node: String,
+    pub template: bool,
+    pub running: bool,
+    pub config: BTreeMap<String, String>,
+    pub pool: Option<String>,
+    pub lock: Option<String>,
+    pub booted_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+struct Task {
+    node: String,
+    done_at: Instant,
+    exit: String,
+    log: Vec<String>,
+    polled: bool,
+    then: Option<Effect>,
+}
+
+#[derive(Debug, Clone)]
+enum Effect {
+    Unlock(u32),
+    Start(u32),
+    Stop(u32),
+    Delete(u32),
+}
+
+/// Faults a test can ask for.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    pub clone_lock_timeouts: u32,
+    pub start_no_worker: u32,
+    pub task_status_400: u32,
+    pub clone_task_fails: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct Sim {
+    pub vms: BTreeMap<u32, SimVm>,
+    tasks: BTreeMap<String, Task>,
+    pub faults: Faults,
+    /// Every request: (method, path, params).
+    pub log: Vec<(String, String, BTreeMap<String, String>)>,
+    /// Requests refused by the schema check (should stay empty).
+    pub schema_violations: Vec<String>,
+    next_task: u64,
+    pub task_ms: u64,
+    pub boot_ms: u64,
+}
+
+pub struct PveSim {
+    pub state: Arc<Mutex<Sim>>,
+    pub port: u16,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl PveSim {
+    /// A cluster of pve1..pve3 with templates 9000 (pve1), 9001 (pve2), 9002 (pve3).
+    pub fn start() -> PveSim {
+        let mut sim = Sim {
+            task_ms: 150,
+            boot_ms: 300,
+            ..Default::default()
+        };
+        for (vmid, node) in [(9000, "pve1"), (9001, "pve2"), (9002, "pve3")] {
+            let mut config = BTreeMap::new();
+            for (k, v) in [
+                ("cores", "1"),
+                ("memory", "2048"),
+                ("scsihw", "virtio-scsi-pci"),
+                ("scsi0", &format!("local-lvm:base-{vmid}-disk-0,size=2252M")),
+                ("net0", "virtio=BC:24:11:00:00:01,bridge=vmbr0"),
+                (
+                    "ide2",
+                    &format!("local-lvm:vm-{vmid}-cloudinit,media=cdrom"),
+                ),
+                ("agent", "1"),
+                ("template", "1"),
+                ("name", "ubuntu-2204-cloudinit"),
+            ] {
+                config.insert(k.to_string(), v.to_string());
+            }
+            sim.vms.insert(
+                vmid,
+                SimVm {
+                    name: "ubuntu-2204-cloudinit".into(),
+                    node: node.into(),
+                    template: true,
+                    running: false,
+                    config,
+                    pool: None,
+                    lock: None,
+                    booted_at: None,
+                },
+            );
+        }
+        let state = Arc::new(Mutex::new(sim));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let schema: Arc<Value> = Arc::new(
+            serde_json::from_str(include_str!("../fixtures/pve/api-subset.json")).unwrap(),
+        );
+        let st = state.clone();
+        rt.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (st, schema) = (st.clone(), schema.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (st, schema) = (st.clone(), schema.clone());
+                        async move { Ok::<_, std::convert::Infallible>(handle(req, &st, &schema).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        PveSim {
+            state,
+            port,
+            _rt: rt,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&mut Sim) -> R) -> R {
+        f(&mut self.state.lock().unwrap())
+    }
+
+    /// Mutating requests seen (POST/PUT/DELETE), as "METHOD path".
+    pub fn writes(&self) -> Vec<String> {
+        self.with(|s| {
+            s.log
+                .iter()
+                .filter(|(m, ..)| m != "GET")
+                .map(|(m, p, _)| format!("{m} {p}"))
+                .collect()
+        })
+    }
+}
+
+type Resp = hyper::Response<http_body_util::Full<hyper::body::Bytes>>;
+
+fn reply(status: u16, reason: &str, body: Value) -> Resp {
+    let mut r = hyper::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    if status != 200 {
+        // PVE puts its message in the reason phrase.
+        r.extensions_mut().insert(
+            hyper::ext::ReasonPhrase::try_from(reason.replace(['\r', '\n'], " ").into_bytes())
+                .unwrap(),
+        );
+    }
+    r
+}
+
+fn ok(data: Value) -> Resp {
+    reply(200, "OK", json!({ "data": data }))
+}
+
+fn fail(msg: &str) -> Resp {
+    reply(
+        500,
+        msg,
+        json!({ "data": null, "message": format!("{msg}\n") }),
+    )
+}
+
+fn decode(s: &str) -> String {
+    let plus = s.replace('+', " ");
+    urlencoding::decode(&plus)
+        .map(|c| c.into_owned())
+        .unwrap_or(plus)
+}
+
+fn parse_form(s: &str) -> BTreeMap<String, String> {
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// Finds the schema path matching `path`, with the path parameters.
+fn match_path<'a>(schema: &'a Value, path: &str) -> Option<(&'a str, BTreeMap<String, String>)> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    for tpl in schema.as_object().unwrap().keys() {
+        let t: Vec<&str> = tpl.trim_matches('/').split('/').collect();
+        if t.len() != segs.len() {
+            continue;
+        }
+        let mut params = BTreeMap::new();
+        let matched = t.iter().zip(&segs).all(|(a, b)| {
+            if a.starts_with('{') {
+                params.insert(a.trim_matches(['{', '}']).to_string(), decode(b));
+                true
+            } else {
+                a == b
+            }
+        });
+        if matched {
+            return Some((tpl.as_str(), params));
+        }
+    }
+    None
+}
+
+fn num(v: &Value) -> Option<f64> {
+    v.as_f64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+}
+
+fn check_format(format: &str, value: &str) -> Result<(), String> {
+    let re = |r: &str| {
+        regex::Regex::new(&format!("^(?:{r})$"))
+            .unwrap()
+            .is_match(value)
+    };
+    let ok = match format {
+        "pve-node" => re(r"[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?"),
+        "pve-vmid" => value.parse::<u32>().is_ok_and(|v| v >= 100),
+        "urlencoded" => re(r"[-%a-zA-Z0-9_.!~*'()]*"),
+        "pve-tag-list" => value
+            .split([';', ',', ' '])
+            .filter(|t| !t.is_empty())
+            .all(|t| {
+                regex::Regex::new(r"^(?i)[a-z0-9_][a-z0-9_\-+.]*$")
+                    .unwrap()
+                    .is_match(t)
+            }),
+        "dns-name" => re(
+            r"([a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?\.)*([A-Za-z0-9]([A-Za-z0-9\-]*[A-Za-z0-9])?)",
+        ),
+        "pve-qm-ipconfig" => value.split(',').all(|p| {
+            p.split_once('=').is_some_and(|(k, v)| match k {
+                "ip" => v == "dhcp" || re_cidr(v),
+                "gw" => v.parse::<std::net::Ipv4Addr>().is_ok(),
+                "ip6" | "gw6" => true,
+                _ => false,
+            })
+        }),
+        "address-list" => value
+            .split([' ', ',', ';'])
+            .all(|a| a.parse::<std::net::IpAddr>().is_ok()),
+        "pve-poolid" | "pve-storage-id" => re(r"[A-Za-z][A-Za-z0-9\-_]*"),
+        "pve-vm-cpu-conf" => !value.is_empty(),
+        "disk-size" => re(r"\d+(\.\d+)?[KMGT]?"),
+        "mac-addr" => re(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}"),
+        "pve-bridge-id" => re(r"[-_.\w\d]+"),
+        _ => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "value does not match the regex pattern / format '{format}'"
+        ))
+    }
+}
+
+fn re_cidr(v: &str) -> bool {
+    v.split_once('/').is_some_and(|(ip, l)| {
+        ip.parse::<std::net::Ipv4Addr>().is_ok() && l.parse::<u8>().is_ok_and(|l| l <= 32)
+    })
+}
+
+/// Checks one value against a property schema.
+fn check_value(prop: &Value, value: &str) -> Result<(), String> {
+    let ty = prop.get("type").and_then(Value::as_str).unwrap_or("string");
+    match ty {
+        "integer" => {
+            let n: i64 = value
+                .parse()
+                .map_err(|_| format!("type check ('integer') failed - got '{value}'"))?;
+            if let Some(min) = prop.get("minimum").and_then(num) {
+                if (n as f64) < min {
+                    return Err(format!("value must have a minimum value of {min}"));
+                }
+            }
+            if let Some(max) = prop.get("maximum").and_then(num) {
+                if (n as f64) > max {
+                    return Err(format!("value must have a maximum value of {max}"));
+                }
+            }
+        }
+        "number" => {
+            value
+                .parse::<f64>()
+                .map_err(|_| format!("type check ('number') failed - got '{value}'"))?;
+        }
+        "boolean"
+            if !["0", "1", "true", "false", "yes", "no", "on", "off"]
+                .contains(&value.to_ascii_lowercase().as_str()) =>
+        {
+            return Err(format!("type check ('boolean') failed - got '{value}'"));
+        }
+        _ => {}
+    }
+    if let Some(en) = prop.get("enum").and_then(Value::as_array) {
+        if !en.iter().any(|e| e.as_str() == Some(value)) {
+            return Err(format!(
+                "value '{value}' does not have a value in the enumeration"
+            ));
+        }
+    }
+    if let Some(max) = prop.get("maxLength").and_then(num) {
+        if value.len() as f64 > max {
+            return Err(format!("value may only be {max} characters long"));
+        }
+    }
+    if let Some(p) = prop.get("pattern").and_then(Value::as_str) {
+        let p = p.replace("(?^:", "(?:").replace("(?^i:", "(?i:");
+        if !regex::Regex::new(&format!("^(?:{p})$"))
+            .unwrap()
+            .is_match(value)
+        {
+            return Err(format!("value does not match the regex pattern {p}"));
+        }
+    }
+    match prop.get("format") {
+        Some(Value::String(f)) => check_format(f, value)?,
+        Some(Value::Object(fields)) => check_property_string(fields, value)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `key=value,...` with an optional positional default key.
+fn check_property_string(fields: &Map<String, Value>, value: &str) -> Result<(), String> {
+    let default_key = fields
+        .iter()
+        .find(|(_, v)| v.get("default_key").is_some())
+        .map(|(k, _)| k.clone());
+    let mut seen = vec![];
+    for (i, part) in value.split(',').enumerate() {
+        let (k, v) = match part.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None if i == 0 && default_key.is_some() => {
+                (default_key.clone().unwrap(), part.to_string())
+            }
+            None => return Err(format!("format error: '{part}' has no key")),
+        };
+        let Some(f) = fields.get(&k) else {
+            return Err(format!("format error: invalid key '{k}'"));
+        };
+        if seen.contains(&k) {
+            return Err(format!("format error: duplicate key '{k}'"));
+        }
+        seen.push(k.clone());
+        if let Some(alias) = f.get("alias").and_then(Value::as_str) {
+            // `virtio=MAC`: the key is the model, the value the alias (macaddr).
+            if let Some(af) = fields.get(alias) {
+                check_value(af, &v).map_err(|e| format!("{k}: {e}"))?;
+            }
+            continue;
+        }
+        check_value(f, &v).map_err(|e| format!("{k}: {e}"))?;
+    }
+    for (k, f) in fields {
+        let optional =
+            f.get("optional").is_some() || f.get("alias").is_some() || f.get("keyAlias").is_some();
+        // `virtio=MAC` gives the model through its key (keyAlias).
+        let given_by_alias = f.get("default_key").is_some()
+            && fields
+                .keys()
+                .any(|x| seen.contains(x) && fields[x].get("keyAlias").is_some());
+        if !optional && !seen.contains(k) && !given_by_alias {
+            return Err(format!("format error: missing property '{k}'"));
+        }
+    }
+    Ok(())
+}
+
+/// The schema check: Err((param, message)) list on violations.
+fn check(
+    schema: &Value,
+    tpl: &str,
+    method: &str,
+    params: &BTreeMap<String, String>,
+) -> Result<(), BTreeMap<String, String>> {
+    let mut errors = BTreeMap::new();
+    let Some(info) = schema[tpl].get(method) else {
+        errors.insert(
+            "method".into(),
+            format!("Method '{method} {tpl}' not implemented"),
+        );
+        return Err(errors);
+    };
+    let empty = Map::new();
+    let props = info["parameters"]
+        .get("properties")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    for (k, v) in params {
+        let prop = props.get(k).or_else(|| {
+            let base = k.trim_end_matches(|c: char| c.is_ascii_digit());
+            (base.len() < k.len())
+                .then(|| props.get(&format!("{base}[n]")))
+                .flatten()
+        });
+        match prop {
+            None => {
+                errors.insert(k.clone(), "property is not defined in schema and the schema does not allow additional properties".into());
+            }
+            Some(p) => {
+                if let Err(e) = check_value(p, v) {
+                    errors.insert(k.clone(), e);
+                }
+            }
+        }
+    }
+    for (k, p) in props {
+        if p.get("optional").is_none() && !k.contains("[n]") && !params.contains_key(k) {
+            errors.insert(
+                k.clone(),
+                "property is missing and it is not optional".into(),
+            );
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+fn digest(c: &BTreeMap<String, String>) -> String {
+    blake3::hash(format!("{c:?}").as_bytes()).to_hex()[..40].to_string()
+}
+
+impl Sim {
+    fn task(
+        &mut self,
+        node: &str,
+        kind: &str,
+        vmid: u32,
+        exit: &str,
+        then: Option<Effect>,
+    ) -> String {
+        self.next_task += 1;
+        let upid = format!(
+            "UPID:{node}:{:08X}:{:08X}:{:08X}:{kind}:{vmid}:{TOKEN_ID}:",
+            1000 + self.next_task,
+            self.next_task * 7,
+            1_760_000_000 + self.next_task
+        );
+        let mut log = vec![format!("starting {kind} of VM {vmid}")];
+        if exit != "OK" {
+            log.push(exit.to_string());
+        }
+        log.push(format!(
+            "TASK {}",
+            if exit == "OK" {
+                "OK".to_string()
+            } else {
+                format!("ERROR: {exit}")
+            }
+        ));
+        self.tasks.insert(
+            upid.clone(),
+            Task {
+                node: node.into(),
+                done_at: Instant::now() + Duration::from_millis(self.task_ms),
+                exit: exit.into(),
+                log,
+                polled: false,
+                then,
+            },
+        );
+        upid
+    }
+
+    fn settle(&mut self) {
+        let now = Instant::now();
+        let done: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.done_at <= now && t.then.is_some())
+            .map(|(u, _)| u.clone())
+            .collect();
+        for u in done {
+            let t = self.tasks.get_mut(&u).unwrap();
+            let effect = t.then.take().unwrap();
+            let ok = t.exit == "OK";
+            match effect {
+                Effect::Unlock(v) => {
+                    if ok {
+                        if let Some(vm) = self.vms.get_mut(&v) {
+                            vm.lock = None;
+                        }
+                    } else {
+                        self.vms.remove(&v);
+                    }
+                }
+                Effect::Start(v) => {
+                    if let Some(vm) = self.vms.get_mut(&v) {
+                        vm.running = true;
+                        vm.booted_at = Some(now + Duration::from_millis(self.boot_ms));
+                    }
+                }
+                Effect::Stop(v) => {
+                    if let Some(vm) = self.vms.get_mut(&v) {
+                        vm.running = false;
+                        vm.booted_at = None;
+                    }
+                }
+                Effect::Delete(v) => {
+                    self.vms.remove(&v);
+                }
+            }
+        }
+    }
+}
+
+async fn handle(
+    req: hyper::Request<hyper::body::Incoming>,
+    st: &Mutex<Sim>,
+    schema: &Value,
+) -> Resp {
+    use http_body_util::BodyExt;
+    let method = req.method().to_string();
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let full = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    if auth != format!("PVEAPIToken={TOKEN_ID}={TOKEN_SECRET}") {
+        return reply(401, "authentication failure", json!({"data": null}));
+    }
+    let Some(path) = full.strip_prefix("/api2/json") else {
+        return reply(501, "Not Implemented", json!({"data": null}));
+    };
+    let Some((tpl, path_params)) = match_path(schema, path) else {
+        return reply(
+            501,
+            &format!("Method '{method} {path}' not implemented"),
+            json!({"data": null}),
+        );
+    };
+    let mut params = if method == "GET" || method == "DELETE" {
+        parse_form(&query)
+    } else {
+        parse_form(&String::from_utf8_lossy(&body))
+    };
+    let mut s = st.lock().unwrap();
+    s.log
+        .push((method.clone(), path.to_string(), params.clone()));
+    for (k, v) in &path_params {
+        params.insert(k.clone(), v.clone());
+    }
+    if let Err(errors) = check(schema, tpl, &method, &params) {
+        s.schema_violations
+            .push(format!("{method} {path}: {errors:?}"));
+        return reply(
+            400,
+            "Parameter verification failed.",
+            json!({"data": null, "errors": errors}),
+        );
+    }
+    s.settle();
+    let node = params.get("node").cloned().unwrap_or_default();
+    if !node.is_empty() && !["pve1", "pve2", "pve3"].contains(&node.as_str()) {
+        return fail(&format!(
+            "hostname lookup '{node}' failed - failed to get address info for: {node}"
+        ));
+    }
+    let vmid: u32 = params.get("vmid").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let vm_missing = |s: &Sim| s.vms.get(&vmid).is_none_or(|v| v.node != node);
+    let conf_missing = || {
+        fail(&format!(
+            "Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist"
+        ))
+    };
+    match (method.as_str(), tpl) {
+        ("GET", "/version") => {
+            ok(json!({"version": "9.1.3", "release": "9.1", "repoid": "e5010dce"}))
+        }
+        ("GET", "/cluster/resources") => {
+            let list: Vec<Value> = s
+                .vms
+                .iter()
+                .map(|(id, v)| {
+                    let mut o = json!({
+                        "id": format!("qemu/{id}"), "type": "qemu", "vmid": id, "name": v.name, "node": v.node,
+                        "status": if v.running { "running" } else { "stopped" },
+                        "template": u8::from(v.template),
+                    });
+                    if let Some(t) = v.config.get("tags") {
+                        o["tags"] = json!(t);
+                    }
+                    if let Some(p) = &v.pool {
+                        o["pool"] = json!(p);
+                    }
+                    o
+                })
+                .collect();
+            ok(json!(list))
+        }
+        ("POST", "/nodes/{node}/qemu/{vmid}/clone") => {
+            if vm_missing(&s) {
+                return conf_missing();
+            }
+            if s.faults.clone_lock_timeouts > 0 {
+                s.faults.clone_lock_timeouts -= 1;
+                return fail(&format!(
+                    "can't lock file '/var/lock/qemu-server/lock-{vmid}.conf' - got timeout"
+                ));
+            }
+            let newid: u32 = params["newid"].parse().unwrap();
+            if s.vms.contains_key(&newid) {
+                return fail(&format!(
+                    "unable to create VM {newid}: config file already exists"
+                ));
+            }
+            let src = s.vms[&vmid].clone();
+            let target = params.get("target").cloned().unwrap_or(node.clone());
+            if !["pve1", "pve2", "pve3"].contains(&target.as_str()) {
+                return fail(&format!("no such cluster node '{target}'"));
+            }
+            let mut config = src.config.clone();
+            config.remove("template");
+            let name = params
+                .get("name")
+                .cloned()
+                .unwrap_or_else(|| format!("Copy-of-VM-{}", src.name));
+            config.insert("name".into(), name.clone());
+            for (k, v) in config.clone() {
+                if k.starts_with("scsi") || k.starts_with("ide") || k.starts_with("virtio") {
+                    let storage = params.get("storage").cloned().unwrap_or("local-lvm".into());
+                    config.insert(
+                        k.clone(),
+                        v.replace(
+                            &format!("local-lvm:base-{vmid}"),
+                            &format!("{storage}:vm-{newid}"),
+                        )
+                        .replace(
+                            &format!("local-lvm:vm-{vmid}"),
+                            &format!("{storage}:vm-{newid}"),
+                        ),
+                    );
+                }
+            }
+            s.vms.insert(
+                newid,
+                SimVm {
+                    name,
+                    node: target.clone(),
+                    template: false,
+                    running: false,
+                    config,
+                    pool: params.get("pool").cloned(),
+                    lock: Some("clone".into()),
+                    booted_at: None,
+                },
+            );
+            let exit = if s.faults.clone_task_fails > 0 {
+                s.faults.clone_task_fails -= 1;
+                "clone failed: storage 'local-lvm' has not enough free space"
+            } else {
+                "OK"
+            };
+            let upid = s.task(&node, "qmclone", vmid, exit, Some(Effect::Unlock(newid)));
+            ok(json!(upid))
+        }
+        ("GET", "/nodes/{node}/qemu/{vmid}/config") => {
+            if vm_missing(&s) {
+                return conf_missing();
+            }
+            let vm = &s.vms[&vmid];
+            let mut o: Map<String, Value> = vm
+                .config
+                .iter()
+                .map(|(k, v)| {
+                    let val = match k.as_str() {
+                        "cores" | "sockets" | "onboot" | "template" => {
+                            v.parse::<i64>().map(Value::from).unwrap_or(json!(v))
+                        }
+                        _ => json!(v),
+                    };
+                    (k.clone(), val)
+                })
+                .collect();
+            o.insert("digest".into(), json!(digest(&vm.config)));
+            if let Some(l) = &vm.lock {
+                o.insert("lock".into(), json!(l));
+            }
+            ok(Value::Object(o))
+        }
+        ("PUT" | "POST", "/nodes/{node}/qemu/{vmid}/config") => {
+            if vm_missing(&s) {
+                return conf_missing();
+            }
+            let vm = s.vms.get_mut(&vmid).unwrap();
+            if let Some(l) = &vm.lock {
+                return fail(&format!("VM is locked ({l})"));
+            }
+            if let Some(d) = params.get("digest") {
+                if *d != digest(&vm.config) {
+                    return fail(
+                        "detected modified configuration - file changed by other user? Try again.",
+                    );
+                }
+            }
+            for (k, v) in &params {
+                if ["node", "vmid", "digest", "delete"].contains(&k.as_str()) {
+                    continue;
+                }
+                let mut v = v.clone();
+                let is_disk = ["scsi", "virtio", "sata", "ide"]
+                    .iter()
+                    .any(|p| k.starts_with(p));
+                if is_disk && !vm.config.contains_key(k) {
+                    // `storage:N` allocates a new N GiB volume.
+                    if let Some((storage, rest)) = v.split_once(':') {
+                        let (gib, opts) = rest.split_once(',').unwrap_or((rest, ""));
+                        if let Ok(n) = gib.parse::<u64>() {
+                            v = format!(
+                                "{storage}:vm-{vmid}-disk-{},size={n}G{}{opts}",
+                                vm.config.len(),
+                                if opts.is_empty() { "" } else { "," }
+                            );
+                        }
+                    }
+                }
+                if k == "name" {
+                    vm.name = v.clone();
+                }
+                vm.config.insert(k.clone(), v);
+            }
+            if let Some(list) = params.get("delete") {
+                for k in list.split([',', ';', ' ']) {
+                    vm.config.remove(k);
+                }
+            }
+            ok(Value::Null)
+        }
+        ("PUT", "/nodes/{node}/qemu/{vmid}/resize") => {
+            if vm_missing(&s) {
+                return conf_missing();
+            }
+            let disk = params["disk"].clone();
+            let size = params["size"].clone();
+            let vm = s.vms.get_mut(&vmid).unwrap();
+            if let Some(l) = &vm.lock {
+                return fail(&format!("VM is locked ({l})"));
+            }
+            let Some(cur) = vm.config.get(&disk).cloned() else {
+                return fail(&format!("disk '{disk}' does not exist"));
+            };
+            let bytes = |t: &str| -> u64 {
+                let (n, u) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+                n.parse::<u64>().unwrap_or(0)
+                    * match u {
+                        "K" => 1 << 10,
+                        "M" => 1 << 20,
+                        "G" => 1 << 30,
+                        "T" => 1 << 40,
+                        _ => 1,
+                    }
+            };
+            let old = cur
+                .split(',')
+                .find_map(|p| p.strip_prefix("size="))
+                .unwrap_or("0")
+                .to_string();
+            let new = if let Some(add) = size.strip_prefix('+') {
+                bytes(&old) + bytes(add)
+            } else {
+                bytes(&size)
+            };
+            if new < bytes(&old) {
+                return fail(&format!(
+                    "unable to resize disk '{disk}' - shrinking disks is not supported"
+                ));
+            }
+            let parts: Vec<String> = cur
+                .split(',')
+                .map(|p| {
+                    if p.starts_with("size=") {
+                        format!("size={}G", new >> 30)
+                    } else {
+                        p.to_string()
+                    }
+                })
+                .collect();
+            vm.config.insert(disk, parts.join(","));
+            let upid = s.task(&node, "resize", vmid, "OK", None);
+            ok(json!(upid))
+        }
+        ("POST", "/nodes/{node}/qemu/{vmid}/status/start") => {
+            if vm_missing(&s) {
+                return conf_missing();
+            }
+            if s.faults.start_no_worker > 0 {
+                s.faults.start_no_worker -= 1;
+                return fail("got no worker upid - start worker failed");
+            }
+            if s.vms[&vmid].lock.is_some() {
+                return fail("VM is locked (clone)");
+            }
+            let upid = s.task(&node, "qmstart", vmid, "OK", Some(Effect::Start(vmid)));
+            ok(json!(upid))
+        }
+        ("POST", "/nodes/{node}/qemu/{vmid}/status/stop") => {
+            if vm_missing(&s) {
+                return conf_missing();
+            }
+            let upid = s.task(&node, "qmstop", vmid, "OK", Some(Effect::Stop(vmid)));
+            ok(json!(upid))
+        }
+        ("GET", "/nodes/{node}/qemu/{vmid}/status/current") => {
+            if vm_missing(&s) {
+                return conf_missing();
+            }
+            let vm = &s.vms[&vmid];
+            ok(
+                json!({"vmid": vmid, "name": vm.name, "status": if vm.running { "running" } else { "stopped" }}),
+            )
+        }
+        ("DELETE", "/nodes/{node}/qemu/{vmid}") => {
+            if vm_missing(&s) {
+                return conf_missing();
+            }
+            if s.vms[&vmid].running {
+                return fail(&format!("VM {vmid} is running - destroy failed"));
+            }
+            let upid = s.task(&node, "qmdestroy", vmid, "OK", Some(Effect::Delete(vmid)));
+            ok(json!(upid))
+        }
+        ("GET", "/nodes/{node}/tasks/{upid}/status") => {
+            let upid = params["upid"].clone();
+            if s.faults.task_status_400 > 0 && !s.tasks.get(&upid).is_some_and(|t| t.polled) {
+                s.faults.task_status_400 -= 1;
+                return reply(
+                    400,
+                    &format!("unable to parse worker upid '{upid}'"),
+                    json!({"data": null}),
+                );
+            }
+            let Some(t) = s.tasks.get_mut(&upid) else {
+                return fail(&format!("no such task '{upid}'"));
+            };
+            t.polled = true;
+            let done = t.done_at <= Instant::now();
+            let mut o = json!({"upid": upid, "node": t.node, "status": if done { "stopped" } else { "running" }, "type": "task", "user": TOKEN_ID, "pid": 1, "pstart": 1, "starttime": 1, "id": ""});
+            if done {
+                o["exitstatus"] = json!(t.exit);
+            }
+            ok(o)
+        }
+        ("GET", "/nodes/{node}/tasks/{upid}/log") => {
+            let Some(t) = s.tasks.get(&params["upid"]) else {
+                return fail("no such task");
+            };
+            let lines: Vec<Value> = t
+                .log
+                .iter()
+                .enumerate()
+                .map(|(i, l)| json!({"n": i + 1, "t": l}))
+                .collect();
+            ok(json!(lines))
+        }
+        ("GET", "/nodes/{node}/qemu/{vmid}/agent/network-get-interfaces") => {
+            if vm_missing(&s) {
+                return conf_missing();
+            }
+            let vm = &s.vms[&vmid];
+            if !vm.running {
+                return fail(&format!("VM {vmid} is not running"));
+            }
+            if vm
+                .config
+                .get("agent")
+                .is_none_or(|a| a.starts_with('0') || a.contains("enabled=0"))
+            {
+                return fail("No QEMU guest agent configured");
+            }
+            if vm.booted_at.is_none_or(|b| b > Instant::now()) {
+                return fail("QEMU guest agent is not running");
+            }
+            let ip = vm
+                .config
+                .get("ipconfig0")
+                .and_then(|c| c.split(',').find_map(|p| p.strip_prefix("ip=")))
+                .and_then(|ip| ip.split('/').next())
+                .filter(|ip| *ip != "dhcp")
+                .unwrap_or("192.168.100.200")
+                .to_string();
+            ok(json!({"result": [
+                {"name": "lo", "ip-addresses": [{"ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8}]},
+                {"name": "eth0", "hardware-address": "bc:24:11:00:00:01", "ip-addresses": [{"ip-address": ip, "ip-address-type": "ipv4", "prefix": 24}]}
+            ]}))
+        }
+        _ => reply(
+            501,
+            &format!("Method '{method} {tpl}' not implemented by the simulator"),
+            json!({"data": null}),
+        ),
+    }
+}
+
+#[test]
+fn the_simulator_refuses_what_pve_refuses() {
+    let schema: Value =
+        serde_json::from_str(include_str!("../fixtures/pve/api-subset.json")).unwrap();
+    let p = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let cfg = "/nodes/{node}/qemu/{vmid}/config";
+    assert!(check(
+        &schema,
+        cfg,
+        "PUT",
+        &p(&[("node", "pve1"), ("vmid", "701"), ("cores", "4")])
+    )
+    .is_ok());
+    // Unknown parameter, wrong type, enum, sshkeys with '+', property strings.
+    let e = check(
+        &schema,
+        cfg,
+        "PUT",
+        &p(&[("node", "pve1"), ("vmid", "701"), ("coers", "4")]),
+    )
+    .unwrap_err();
+    assert!(e["coers"].contains("not defined"));
+    let e = check(
+        &schema,
+        cfg,
+        "PUT",
+        &p(&[("node", "pve1"), ("vmid", "701"), ("cores", "four")]),
+    )
+    .unwrap_err();
+    assert!(e["cores"].contains("integer"));
+    let e = check(
+        &schema,
+        cfg,
+        "PUT",
+        &p(&[("node", "pve1"), ("vmid", "701"), ("scsihw", "virtio")]),
+    )
+    .unwrap_err();
+    assert!(e["scsihw"].contains("enumeration"));
+    let e = check(
+        &schema,
+        cfg,
+        "PUT",
+        &p(&[
+            ("node", "pve1"),
+            ("vmid", "701"),
+            ("sshkeys", "ssh-ed25519+AAAA"),
+        ]),
+    )
+    .unwrap_err();
+    assert!(e["sshkeys"].contains("urlencoded"));
+    assert!(check(
+        &schema,
+        cfg,
+        "PUT",
+        &p(&[
+            ("node", "pve1"),
+            ("vmid", "701"),
+            ("sshkeys", "ssh-ed25519%20AAAA")
+        ])
+    )
+    .is_ok());
+    assert!(check(
+        &schema,
+        cfg,
+        "PUT",
+        &p(&[
+            ("node", "pve1"),
+            ("vmid", "701"),
+            ("net0", "virtio=BC:24:11:00:00:01,bridge=vmbr0,tag=20")
+        ])
+    )
+    .is_ok());
+    let e = check(
+        &schema,
+        cfg,
+        "PUT",
+        &p(&[
+            ("node", "pve1"),
+            ("vmid", "701"),
+            ("net0", "virtio,bridge=vmbr0,vlan=20"),
+        ]),
+    )
+    .unwrap_err();
+    assert!(e["net0"].contains("invalid key 'vlan'"), "{e:?}");
+    let e = check(
+        &schema,
+        cfg,
+        "PUT",
+        &p(&[
+            ("node", "pve1"),
+            ("vmid", "701"),
+            ("ipconfig0", "ip=192.168.100.171,gw=192.168.100.1"),
+        ]),
+    )
+    .unwrap_err();
+    assert!(e.contains_key("ipconfig0"));
+    // Required parameter missing; method not allowed.
+    let e = check(
+        &schema,
+        "/nodes/{node}/qemu/{vmid}/clone",
+        "POST",
+        &p(&[("node", "pve1"), ("vmid", "9000")]),
+    )
+    .unwrap_err();
+    assert!(e["newid"].contains("missing"));
+    assert!(check(&schema, "/nodes/{node}/qemu/{vmid}/resize", "POST", &p(&[])).is_err());
+    let e = check(
+        &schema,
+        "/nodes/{node}/qemu/{vmid}/resize",
+        "PUT",
+        &p(&[
+            ("node", "pve1"),
+            ("vmid", "701"),
+            ("disk", "scsi0"),
+            ("size", "20 G"),
+        ]),
+    )
+    .unwrap_err();
+    assert!(e.contains_key("size"));
+}
