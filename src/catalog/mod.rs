@@ -80,6 +80,24 @@ fn id_of(v: Vec<u8>) -> Id {
     Id::from_slice(&v).unwrap_or(Id([0; 32]))
 }
 
+/// Switches to WAL. Switching needs an exclusive lock and SQLite does not
+/// wait for it through the busy handler, so concurrent first opens retry.
+fn set_wal(conn: &Connection) -> anyhow::Result<()> {
+    let mut tries = 0;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Ok(()) => return Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && tries < 300 =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 impl Catalog {
     /// Opens (creating if needed) the catalog at `path`.
     ///
@@ -93,8 +111,11 @@ impl Catalog {
         let conn = Connection::open(path)
             .with_context(|| format!("opening catalog {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        set_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Several processes (or daemon jobs) may open a new catalog at the
+        // same moment: check and create the schema in one write transaction.
+        conn.execute_batch("BEGIN IMMEDIATE")?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )?;
@@ -112,11 +133,12 @@ impl Catalog {
                  DELETE FROM meta;",
             )?;
             conn.execute(
-                "INSERT INTO meta(key,value) VALUES('schema',?1)",
+                "INSERT OR REPLACE INTO meta(key,value) VALUES('schema',?1)",
                 [SCHEMA_VERSION.to_string()],
             )?;
         }
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch("COMMIT")?;
         conn.execute_batch(
             "CREATE TEMP TABLE IF NOT EXISTS used(id BLOB PRIMARY KEY) WITHOUT ROWID;",
         )?;
@@ -532,7 +554,7 @@ impl JobHistory {
         let conn = Connection::open(path)
             .with_context(|| format!("opening job history {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        set_wal(&conn)?;
         conn.execute_batch(JOBS_SCHEMA)?;
         Ok(JobHistory { conn })
     }
@@ -722,6 +744,21 @@ mod tests {
         // Reopen keeps data.
         let c = Catalog::open(&dir.path().join("c.db")).unwrap();
         assert!(c.has_blob(&Id([1; 32])).unwrap());
+    }
+
+    #[test]
+    fn concurrent_first_opens_agree_on_the_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let p = path.clone();
+                std::thread::spawn(move || Catalog::open(&p).map(|_| ()))
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
     }
 
     #[test]

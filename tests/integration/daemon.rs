@@ -781,11 +781,12 @@ fn end_to_end_binary_metrics_webhook_and_sigterm() {
     wait_for(&|l| l.contains("daemon stopped"));
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
-    // The webhook saw the successes.
+    // The webhook saw the successes (on_success), and nothing failed.
     let got = got.lock().unwrap();
+    assert!(got.iter().all(|b| b["outcome"] != "failure"), "{got:?}");
     assert!(
         got.iter()
-            .any(|b| b["event"] == "success" && b["job"] == "tree"),
+            .any(|b| b["job"] == "tree" && b["outcome"] == "success"),
         "{got:?}"
     );
     // The repository is consistent and has no snapshot of the cancelled stream.

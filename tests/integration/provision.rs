@@ -11,6 +11,8 @@ struct PEnv {
     dir: tempfile::TempDir,
     sim: PveSim,
     platform: PathBuf,
+    /// The `proxmox.tls` block, if any.
+    tls: String,
 }
 
 const VMS: &str = "vms:
@@ -34,13 +36,20 @@ const VMS: &str = "vms:
 
 impl PEnv {
     fn new() -> PEnv {
-        let dir = tempfile::tempdir().unwrap();
-        let sim = PveSim::start();
+        Self::with(tempfile::tempdir().unwrap(), PveSim::start(), String::new())
+    }
+
+    fn with(dir: tempfile::TempDir, sim: PveSim, tls: String) -> PEnv {
         let secret = dir.path().join("pve-token");
         std::fs::write(&secret, format!("{TOKEN_SECRET}\n")).unwrap();
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
         let platform = dir.path().join("platform.yaml");
-        let env = PEnv { dir, sim, platform };
+        let env = PEnv {
+            dir,
+            sim,
+            platform,
+            tls,
+        };
         env.write(8, "20G", VMS);
         env
     }
@@ -49,7 +58,7 @@ impl PEnv {
         let text = format!(
             "proxmox:
   endpoints: [\"{}\"]
-  token:
+{}  token:
     id: {TOKEN_ID}
     secret_file: {}
   parallelism: 2
@@ -73,6 +82,7 @@ defaults:
   agent: true
 {vms}",
             self.sim.endpoint(),
+            self.tls,
             self.dir.path().join("pve-token").display()
         );
         std::fs::write(&self.platform, text).unwrap();
@@ -548,5 +558,80 @@ fn render_bootstrap_writes_kubeadm_configs_and_inventory() {
     assert_eq!(
         std::fs::read_to_string(out_dir.join("kubeadm-init.yaml")).unwrap(),
         init_text
+    );
+}
+
+fn fingerprint(pem: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(pem)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().split('=').nth(1).unwrap().to_string()
+}
+
+#[test]
+fn tls_with_a_ca_file_or_a_pinned_fingerprint() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::common::make_private_ca(dir.path());
+    let (ca, srv, key) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("srv.pem"),
+        dir.path().join("srv.key"),
+    );
+    // CA file: accepted.
+    let e = PEnv::with(
+        tempfile::tempdir().unwrap(),
+        PveSim::start_tls(&srv, &key),
+        format!("  tls:\n    ca_file: {}\n", ca.display()),
+    );
+    assert!(e.sim.endpoint().starts_with("https://"));
+    e.json(&["provision", "plan"]);
+    // No CA given: the system roots do not know the private CA.
+    let e = PEnv::with(
+        tempfile::tempdir().unwrap(),
+        PveSim::start_tls(&srv, &key),
+        String::new(),
+    );
+    let out = e.run(&["provision", "plan"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot reach PVE"),
+        "{}",
+        stderr(&out)
+    );
+    // The pinned fingerprint of the server certificate: accepted.
+    let fp = fingerprint(&srv);
+    let e = PEnv::with(
+        tempfile::tempdir().unwrap(),
+        PveSim::start_tls(&srv, &key),
+        format!("  tls:\n    fingerprint: \"{fp}\"\n"),
+    );
+    e.json(&["provision", "plan"]);
+    // Another fingerprint (the CA's): refused, and no request reached the API.
+    let e = PEnv::with(
+        tempfile::tempdir().unwrap(),
+        PveSim::start_tls(&srv, &key),
+        format!("  tls:\n    fingerprint: \"{}\"\n", fingerprint(&ca)),
+    );
+    let out = e.run(&["provision", "plan"]);
+    assert!(!out.status.success());
+    assert!(
+        e.sim.with(|s| s.log.is_empty()),
+        "the token never left labctl"
+    );
+    // insecure: works, with a loud warning.
+    let e = PEnv::with(
+        tempfile::tempdir().unwrap(),
+        PveSim::start_tls(&srv, &key),
+        "  tls:\n    insecure: true\n".into(),
+    );
+    let out = e.run(&["provision", "plan"]);
+    assert_success(&out, &["plan insecure"]);
+    assert!(
+        stderr(&out).contains("WARNING") && stderr(&out).contains("NOT checked"),
+        "{}",
+        stderr(&out)
     );
 }

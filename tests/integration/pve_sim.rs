@@ -24,6 +24,7 @@
 
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -86,12 +87,36 @@ pub struct Sim {
 pub struct PveSim {
     pub state: Arc<Mutex<Sim>>,
     pub port: u16,
+    tls: bool,
     _rt: tokio::runtime::Runtime,
 }
 
 impl PveSim {
     /// A cluster of pve1..pve3 with templates 9000 (pve1), 9001 (pve2), 9002 (pve3).
     pub fn start() -> PveSim {
+        Self::start_with(None)
+    }
+
+    /// The same over HTTPS with the given PEM certificate chain and key.
+    pub fn start_tls(cert_pem: &Path, key_pem: &Path) -> PveSim {
+        use rustls::pki_types::pem::PemObject;
+        let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(cert_pem)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key_pem).unwrap();
+        let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg))))
+    }
+
+    fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> PveSim {
         let mut sim = Sim {
             task_ms: 150,
             boot_ms: 300,
@@ -143,30 +168,41 @@ impl PveSim {
             serde_json::from_str(include_str!("../fixtures/pve/api-subset.json")).unwrap(),
         );
         let st = state.clone();
+        let tls_on = tls.is_some();
         rt.spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let (st, schema) = (st.clone(), schema.clone());
+                let (st, schema, tls) = (st.clone(), schema.clone(), tls.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let (st, schema) = (st.clone(), schema.clone());
                         async move { Ok::<_, std::convert::Infallible>(handle(req, &st, &schema).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+                        }
+                        Some(acceptor) => {
+                            // A client that rejects the certificate ends here.
+                            let Ok(s) = acceptor.accept(stream).await else { return };
+                            let _ = http.serve_connection(hyper_util::rt::TokioIo::new(s), svc).await;
+                        }
+                    }
                 });
             }
         });
         PveSim {
             state,
             port,
+            tls: tls_on,
             _rt: rt,
         }
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn with<R>(&self, f: impl FnOnce(&mut Sim) -> R) -> R {
