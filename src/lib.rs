@@ -10,6 +10,7 @@
 //! - [`catalog`]: the local SQLite cache of the index, snapshots and file cache.
 //! - [`config`]: `labctl.toml`, the daemon's configuration.
 //! - [`schedule`]: the daemon (cron jobs, history, metrics, webhooks).
+//! - [`policy`]: researcher profiles, RBAC and quotas from policy files.
 //! - [`provision`]: `labctl provision` (platform.yaml, plan, apply, destroy).
 //! - [`proxmox`]: the PVE API client.
 //! - [`cli`]: the clap definitions and one file per command.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod demo;
 pub mod directio;
 pub mod error;
+pub mod policy;
 pub mod progress;
 pub mod provision;
 pub mod proxmox;

@@ -5,6 +5,7 @@
 mod backup_cmd;
 mod check_cmd;
 mod daemon_cmd;
+mod policy_cmd;
 mod provision_cmd;
 mod prune_cmd;
 mod repo_cmd;
@@ -120,6 +121,14 @@ pub enum Command {
     /// Run a configured job now, or show job history.
     #[command(subcommand)]
     Jobs(daemon_cmd::JobsCmd),
+    /// Researcher profiles, RBAC and quotas from policy files: validate, render, expiring.
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCmd),
+    /// Questions about one profile (who has access, and through what).
+    #[command(subcommand)]
+    Profile(policy_cmd::ProfileCmd),
+    /// What a person can reach, and through which grant or group.
+    Access(policy_cmd::AccessCmd),
     /// Provision the platform's VMs on Proxmox VE from deploy/platform.yaml.
     #[command(subcommand)]
     Provision(provision_cmd::ProvisionCmd),
@@ -153,6 +162,9 @@ pub fn run(cli: Cli) -> anyhow::Result<crate::error::ExitCode> {
         Command::Demo(c) => repo_cmd::run_demo(g, c),
         Command::Daemon(c) => daemon_cmd::run_daemon(g, c),
         Command::Provision(c) => provision_cmd::run(g, c),
+        Command::Policy(c) => policy_cmd::run_policy(g, c),
+        Command::Profile(c) => policy_cmd::run_profile(g, c),
+        Command::Access(c) => policy_cmd::run_access(g, c),
         Command::Config(c) => daemon_cmd::run_config(g, c),
         Command::Status(c) => daemon_cmd::run_status(g, c),
         Command::Jobs(c) => daemon_cmd::run_jobs(g, c),

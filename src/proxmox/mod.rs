@@ -59,6 +59,11 @@ impl std::error::Error for PveError {}
 impl PveError {
     pub fn transient(&self) -> bool {
         let m = self.message.to_ascii_lowercase();
+        // Someone changed the config since we read it: retrying the same
+        // request cannot help; the next plan sees the change.
+        if m.contains("detected modified configuration") {
+            return false;
+        }
         self.status == 0 && self.upid.is_none()
             || self.status >= 500 && !m.contains("does not exist")
             || m.contains("got timeout")

@@ -1,0 +1,263 @@
+//! `labctl policy validate | render | expiring`, `labctl profile who-has-access`,
+//! `labctl access`.
+
+use super::{print_json, GlobalArgs};
+use crate::error::{ExitCode, LabError};
+use crate::policy;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone)]
+pub struct PoliciesArg {
+    /// The policy folder (YAML files, any layout).
+    #[arg(
+        long,
+        env = "LABCTL_POLICIES",
+        default_value = "policies",
+        value_name = "DIR"
+    )]
+    pub policies: PathBuf,
+    /// Evaluate expiry as of this date (YYYY-MM-DD) instead of today.
+    #[arg(long, value_name = "DATE", hide = true)]
+    pub today: Option<String>,
+}
+
+impl PoliciesArg {
+    fn today(&self) -> anyhow::Result<time::Date> {
+        match &self.today {
+            Some(d) => Ok(policy::parse_date(d).map_err(LabError::usage)?),
+            None => Ok(time::OffsetDateTime::now_utc().date()),
+        }
+    }
+    fn load(&self, g: &GlobalArgs) -> anyhow::Result<(policy::Policy, time::Date)> {
+        let today = self.today()?;
+        let p = policy::load(&self.policies, today)?;
+        if !g.quiet && !g.json {
+            for w in &p.warnings {
+                eprintln!("warning: {w}");
+            }
+        }
+        Ok((p, today))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Check every policy file: unknown fields, unknown people or groups,
+    /// malformed emails, duplicates, quota keys, LimitRange defaults, GPU
+    /// capacity, grant length, expired entries. Errors name file, line, field.
+    Validate {
+        #[command(flatten)]
+        p: PoliciesArg,
+    },
+    /// Print every object labctl would apply (YAML, or --json as a list);
+    /// no cluster needed, so a GitOps pipeline can use it.
+    Render {
+        #[command(flatten)]
+        p: PoliciesArg,
+    },
+    /// List access that lapses within the given time (grants, groups, people).
+    Expiring {
+        #[command(flatten)]
+        p: PoliciesArg,
+        /// How far ahead to look, in days (30d) or weeks (4w).
+        #[arg(long, default_value = "30d")]
+        within: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProfileCmd {
+    /// Who can reach a profile, with which role, through which grant or group.
+    WhoHasAccess {
+        profile: String,
+        #[command(flatten)]
+        p: PoliciesArg,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct AccessCmd {
+    /// The person's email.
+    pub email: String,
+    #[command(flatten)]
+    pub p: PoliciesArg,
+}
+
+pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
+    match c {
+        PolicyCmd::Validate { p } => {
+            let (pol, today) = p.load(g)?;
+            let objects = policy::render::render(&pol, today);
+            if g.json {
+                print_json(&serde_json::json!({
+                    "valid": true,
+                    "researchers": pol.researchers.len(),
+                    "groups": pol.groups.len(),
+                    "quota-classes": pol.quota_classes.len(),
+                    "profiles": pol.profiles.len(),
+                    "objects": objects.len(),
+                    "warnings": pol.warnings,
+                }))?;
+            } else if !g.quiet {
+                println!(
+                    "{}: valid: {} researcher(s), {} group(s), {} quota class(es), {} profile(s) → {} object(s)",
+                    p.policies.display(),
+                    pol.researchers.len(),
+                    pol.groups.len(),
+                    pol.quota_classes.len(),
+                    pol.profiles.len(),
+                    objects.len()
+                );
+            }
+            Ok(ExitCode::Success)
+        }
+        PolicyCmd::Render { p } => {
+            let (pol, today) = p.load(g)?;
+            let objects = policy::render::render(&pol, today);
+            if g.json {
+                print_json(&objects)?;
+            } else {
+                print!("{}", policy::render::to_yaml(&objects)?);
+            }
+            Ok(ExitCode::Success)
+        }
+        PolicyCmd::Expiring { p, within } => {
+            let (pol, today) = p.load(g)?;
+            let days: i64 = within
+                .strip_suffix('d')
+                .and_then(|d| d.parse().ok())
+                .or_else(|| {
+                    within
+                        .strip_suffix('w')
+                        .and_then(|w| w.parse::<i64>().ok())
+                        .map(|w| w * 7)
+                })
+                .ok_or_else(|| {
+                    LabError::usage(format!("--within {within}: use days (30d) or weeks (4w)"))
+                })?;
+            let until = today + time::Duration::days(days);
+            let mut rows = vec![];
+            for a in pol.accesses(today) {
+                if let Some(e) = a.expires.filter(|e| *e <= until) {
+                    rows.push(serde_json::json!({"user": a.user, "profile": a.profile, "role": a.role, "expires": e.to_string(), "group": a.group}));
+                }
+            }
+            for (email, (r, _)) in &pol.researchers {
+                if let Some(e) = r
+                    .expires
+                    .as_deref()
+                    .and_then(|d| policy::parse_date(d).ok())
+                    .filter(|e| *e >= today && *e <= until)
+                {
+                    rows.push(serde_json::json!({"user": email, "profile": null, "role": null, "expires": e.to_string(), "group": null, "what": "researcher"}));
+                }
+            }
+            if g.json {
+                print_json(&rows)?;
+            } else {
+                for r in &rows {
+                    println!(
+                        "{}  {:<28} {:<16} {:<6} {}",
+                        r["expires"].as_str().unwrap_or(""),
+                        r["user"].as_str().unwrap_or(""),
+                        r["profile"].as_str().unwrap_or("(everything)"),
+                        r["role"].as_str().unwrap_or(""),
+                        r["group"]
+                            .as_str()
+                            .map(|g| format!("via group {g}"))
+                            .unwrap_or_default()
+                    );
+                }
+                if rows.is_empty() && !g.quiet {
+                    println!("nothing lapses before {until}");
+                }
+            }
+            Ok(ExitCode::Success)
+        }
+    }
+}
+
+pub fn run_profile(g: &GlobalArgs, c: ProfileCmd) -> anyhow::Result<ExitCode> {
+    let ProfileCmd::WhoHasAccess { profile, p } = c;
+    let (pol, today) = p.load(g)?;
+    let Some((pr, _)) = pol.profiles.get(&profile) else {
+        return Err(LabError::usage(format!(
+            "no Profile '{profile}' in {}",
+            p.policies.display()
+        ))
+        .into());
+    };
+    let mut rows =
+        vec![serde_json::json!({"user": pr.owner, "role": "owner", "via": "profile owner"})];
+    for a in pol
+        .accesses(today)
+        .into_iter()
+        .filter(|a| a.profile == profile)
+    {
+        rows.push(serde_json::json!({
+            "user": a.user, "role": a.role,
+            "via": a.group.as_ref().map(|g| format!("group {g}")).unwrap_or_else(|| "direct grant".into()),
+            "expires": a.expires.map(|e| e.to_string()), "notebooks": a.notebooks,
+        }));
+    }
+    if g.json {
+        print_json(&rows)?;
+    } else {
+        for r in &rows {
+            println!(
+                "{:<30} {:<6} {}{}",
+                r["user"].as_str().unwrap_or(""),
+                r["role"].as_str().unwrap_or(""),
+                r["via"].as_str().unwrap_or(""),
+                r["expires"]
+                    .as_str()
+                    .map(|e| format!(", until {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(ExitCode::Success)
+}
+
+pub fn run_access(g: &GlobalArgs, c: AccessCmd) -> anyhow::Result<ExitCode> {
+    let (pol, today) = c.p.load(g)?;
+    let mut rows = vec![];
+    for (name, (pr, _)) in &pol.profiles {
+        if pr.owner == c.email {
+            rows.push(
+                serde_json::json!({"profile": name, "role": "owner", "via": "profile owner"}),
+            );
+        }
+    }
+    for a in pol
+        .accesses(today)
+        .into_iter()
+        .filter(|a| a.user == c.email)
+    {
+        rows.push(serde_json::json!({
+            "profile": a.profile, "role": a.role,
+            "via": a.group.as_ref().map(|g| format!("group {g}")).unwrap_or_else(|| "direct grant".into()),
+            "expires": a.expires.map(|e| e.to_string()),
+        }));
+    }
+    if g.json {
+        print_json(&rows)?;
+    } else if rows.is_empty() {
+        println!("{} has no access in {}", c.email, c.p.policies.display());
+    } else {
+        for r in &rows {
+            println!(
+                "{:<20} {:<6} {}{}",
+                r["profile"].as_str().unwrap_or(""),
+                r["role"].as_str().unwrap_or(""),
+                r["via"].as_str().unwrap_or(""),
+                r["expires"]
+                    .as_str()
+                    .map(|e| format!(", until {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(ExitCode::Success)
+}

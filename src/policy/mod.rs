@@ -1,0 +1,763 @@
+//! Researcher profiles, RBAC and quotas from policy files (`policies/`).
+//!
+//! YAML files, several documents each, any layout under the folder. Kinds:
+//! `Settings`, `Researcher`, `Group`, `QuotaClass`, `Profile`. Loading
+//! validates everything and reports each problem with file, line and field;
+//! [`render`] turns a valid policy into exactly the objects a stock
+//! Kubeflow 1.8/1.9 expects (see `../shared/design/KUBEFLOW.md`).
+
+pub mod render;
+
+use crate::error::LabError;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use time::Date;
+
+/// Where a document came from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Settings {
+    pub kind: String,
+    #[serde(default = "default_version")]
+    pub kubeflow_version: String,
+    #[serde(default = "default_header")]
+    pub user_id_header: String,
+    #[serde(default)]
+    pub user_id_prefix: String,
+    #[serde(default = "default_principals")]
+    pub gateway_principals: Vec<String>,
+    /// GPUs in the cluster (`requests.nvidia.com/gpu` quotas are checked against it).
+    #[serde(default)]
+    pub gpu_capacity: Option<u32>,
+    /// The longest grant allowed, in days from today.
+    #[serde(default)]
+    pub max_grant_days: Option<u32>,
+}
+
+fn default_version() -> String {
+    "1.8".into()
+}
+fn default_header() -> String {
+    "kubeflow-userid".into()
+}
+fn default_principals() -> Vec<String> {
+    vec![
+        "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account".into(),
+        "cluster.local/ns/kubeflow/sa/ml-pipeline-ui".into(),
+    ]
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            kind: "Settings".into(),
+            kubeflow_version: default_version(),
+            user_id_header: default_header(),
+            user_id_prefix: String::new(),
+            gateway_principals: default_principals(),
+            gpu_capacity: None,
+            max_grant_days: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Researcher {
+    pub kind: String,
+    pub email: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub expires: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub kind: String,
+    pub name: String,
+    pub owner: String,
+    #[serde(default)]
+    pub members: Vec<String>,
+    #[serde(default)]
+    pub expires: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct QuotaClass {
+    pub kind: String,
+    pub name: String,
+    /// ResourceQuota `spec.hard`.
+    #[serde(default)]
+    pub hard: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limit_range: Option<LimitDefaults>,
+}
+
+/// LimitRange container defaults.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitDefaults {
+    #[serde(default)]
+    pub default_request: BTreeMap<String, String>,
+    #[serde(default)]
+    pub default: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Profile {
+    pub kind: String,
+    pub name: String,
+    pub owner: String,
+    #[serde(default)]
+    pub quota_class: Option<String>,
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    pub role: String,
+    #[serde(default)]
+    pub expires: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Notebook (and other UI) access through the gateway; default true.
+    #[serde(default)]
+    pub notebooks: Option<bool>,
+}
+
+/// A loaded policy folder.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub settings: Settings,
+    pub researchers: BTreeMap<String, (Researcher, Origin)>,
+    pub groups: BTreeMap<String, (Group, Origin)>,
+    pub quota_classes: BTreeMap<String, (QuotaClass, Origin)>,
+    pub profiles: BTreeMap<String, (Profile, Origin)>,
+    pub warnings: Vec<String>,
+}
+
+/// An access a person has to a profile after expanding groups.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Access {
+    pub user: String,
+    pub profile: String,
+    pub role: String,
+    /// The group it came through (the one giving the highest role).
+    pub group: Option<String>,
+    #[serde(serialize_with = "ser_date")]
+    pub expires: Option<Date>,
+    pub reason: Option<String>,
+    pub notebooks: bool,
+}
+
+fn ser_date<S: serde::Serializer>(d: &Option<Date>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&d.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+fn rank(role: &str) -> u8 {
+    match role {
+        "view" => 1,
+        "edit" => 2,
+        "admin" => 3,
+        _ => 0,
+    }
+}
+
+/// Parses `YYYY-MM-DD`.
+///
+/// # Errors
+/// A message naming the text.
+pub fn parse_date(s: &str) -> Result<Date, String> {
+    Date::parse(s, time::macros::format_description!("[year]-[month]-[day]"))
+        .map_err(|_| format!("'{s}' is not a date like 2027-01-31"))
+}
+
+/// Whether `email` looks like an address Kubeflow's user-id header carries.
+pub fn valid_email(email: &str) -> bool {
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && email
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._%+-@".contains(c))
+        && email.matches('@').count() == 1
+}
+
+/// Valid ResourceQuota keys (the common ones; see KUBEFLOW.md).
+fn quota_key_problem(key: &str) -> Option<String> {
+    const PLAIN: [&str; 12] = [
+        "requests.cpu",
+        "requests.memory",
+        "limits.cpu",
+        "limits.memory",
+        "cpu",
+        "memory",
+        "requests.storage",
+        "persistentvolumeclaims",
+        "pods",
+        "services",
+        "requests.ephemeral-storage",
+        "limits.ephemeral-storage",
+    ];
+    if PLAIN.contains(&key) || key.starts_with("count/") {
+        return None;
+    }
+    if key.ends_with(".storageclass.storage.k8s.io/requests.storage")
+        || key.ends_with(".storageclass.storage.k8s.io/persistentvolumeclaims")
+    {
+        return None;
+    }
+    if key.contains('/') && !key.starts_with("requests.") {
+        return Some(format!(
+            "'{key}': extended resources are only quota'd with the requests. prefix (requests.{key})"
+        ));
+    }
+    if key.starts_with("requests.") && key.contains('/') {
+        return None;
+    }
+    Some(format!("'{key}' is not a ResourceQuota key (requests.cpu, limits.memory, requests.nvidia.com/gpu, pods, count/<resource>, ...)"))
+}
+
+/// Kubernetes quantity (a simple, conservative check).
+fn valid_quantity(v: &str) -> bool {
+    let num_end = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (n, suffix) = v.split_at(num_end);
+    !n.is_empty()
+        && n.parse::<f64>().is_ok()
+        && [
+            "", "m", "k", "M", "G", "T", "P", "Ki", "Mi", "Gi", "Ti", "Pi",
+        ]
+        .contains(&suffix)
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let rd = std::fs::read_dir(dir).map_err(|e| {
+        LabError::usage(format!("cannot read policy folder {}: {e}", dir.display()))
+    })?;
+    let mut entries: Vec<_> = rd.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.path());
+    for e in entries {
+        let p = e.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with('.') {
+            continue;
+        }
+        if p.is_dir() {
+            yaml_files(&p, out)?;
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Splits YAML text into documents with their first line (1-based).
+pub fn documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = vec![];
+    let mut cur = String::new();
+    let mut start = 1;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim_end() == "---" {
+            if cur.trim().lines().any(|l| !l.trim_start().starts_with('#')) {
+                docs.push((start, std::mem::take(&mut cur)));
+            }
+            cur.clear();
+            start = i + 2;
+            continue;
+        }
+        cur.push_str(line);
+        cur.push('\n');
+    }
+    if cur.trim().lines().any(|l| !l.trim_start().starts_with('#')) {
+        docs.push((start, cur));
+    }
+    docs
+}
+
+fn de<T: serde::de::DeserializeOwned>(doc: &str, origin: &Origin) -> anyhow::Result<T> {
+    let d = serde_norway::Deserializer::from_str(doc);
+    serde_path_to_error::deserialize(d).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        let line = inner.location().map_or(0, |l| l.line()) + origin.line - 1;
+        let msg = inner.to_string();
+        let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+        let msg = match msg.split_once(": ") {
+            Some((head, rest)) if !head.contains(' ') => rest.to_string(),
+            _ => msg,
+        };
+        LabError::usage(format!(
+            "{}:{line}: field `{field}`: {msg}",
+            origin.file.display()
+        ))
+        .into()
+    })
+}
+
+/// The line (in the document at `origin`) of the first `key: value` entry
+/// (quotes and trailing comments ignored; an empty key finds a list item).
+fn line_of(text: &str, origin: &Origin, key: &str, value: &str) -> usize {
+    let unquote = |v: &str| v.trim().trim_matches('"').trim_matches('\'').to_string();
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start().trim_start_matches("- ");
+            let l = l.split(" #").next().unwrap_or(l).trim();
+            if key.is_empty() {
+                return unquote(l) == value;
+            }
+            l.split_once(':')
+                .is_some_and(|(k, v)| k.trim() == key && (value.is_empty() || unquote(v) == value))
+        })
+        .map_or(origin.line, |i| origin.line + i)
+}
+
+/// Loads and validates every policy file under `dir`.
+///
+/// # Errors
+/// A usage error naming the file, line and field of the first problem.
+pub fn load(dir: &Path, today: Date) -> anyhow::Result<Policy> {
+    let mut files = vec![];
+    yaml_files(dir, &mut files)?;
+    let mut p = Policy::default();
+    let mut settings_seen: Option<Origin> = None;
+    let mut texts: BTreeMap<PathBuf, String> = BTreeMap::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| LabError::usage(format!("{}: {e}", file.display())))?;
+        for (line, doc) in documents(&text) {
+            let origin = Origin {
+                file: file.clone(),
+                line,
+            };
+            let v: serde_norway::Value = serde_norway::from_str(&doc).map_err(|e| {
+                LabError::usage(format!(
+                    "{}:{}: {}",
+                    file.display(),
+                    e.location().map_or(line, |l| l.line() + line - 1),
+                    e
+                ))
+            })?;
+            let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+            let dup = |what: &str, name: &str, first: &Origin| -> anyhow::Error {
+                let key = if what == "Researcher" {
+                    "email"
+                } else {
+                    "name"
+                };
+                let line = line_of(&doc, &origin, key, name);
+                LabError::usage(format!(
+                    "{}:{line}: field `{key}`: {what} '{name}' is defined twice (first at {first})",
+                    origin.file.display()
+                ))
+                .into()
+            };
+            match kind {
+                "Settings" => {
+                    if let Some(first) = &settings_seen {
+                        return Err(LabError::usage(format!(
+                            "{origin}: field `kind`: a second Settings document (the first is at {first})"
+                        ))
+                        .into());
+                    }
+                    p.settings = de(&doc, &origin)?;
+                    settings_seen = Some(origin);
+                }
+                "Researcher" => {
+                    let r: Researcher = de(&doc, &origin)?;
+                    if let Some((_, first)) = p.researchers.get(&r.email) {
+                        return Err(dup("Researcher", &r.email, first));
+                    }
+                    p.researchers.insert(r.email.clone(), (r, origin));
+                }
+                "Group" => {
+                    let g: Group = de(&doc, &origin)?;
+                    if let Some((_, first)) = p.groups.get(&g.name) {
+                        return Err(dup("Group", &g.name, first));
+                    }
+                    p.groups.insert(g.name.clone(), (g, origin));
+                }
+                "QuotaClass" => {
+                    let q: QuotaClass = de(&doc, &origin)?;
+                    if let Some((_, first)) = p.quota_classes.get(&q.name) {
+                        return Err(dup("QuotaClass", &q.name, first));
+                    }
+                    p.quota_classes.insert(q.name.clone(), (q, origin));
+                }
+                "Profile" => {
+                    let pr: Profile = de(&doc, &origin)?;
+                    if let Some((_, first)) = p.profiles.get(&pr.name) {
+                        return Err(dup("Profile", &pr.name, first));
+                    }
+                    p.profiles.insert(pr.name.clone(), (pr, origin));
+                }
+                "" => {
+                    return Err(LabError::usage(format!(
+                        "{origin}: field `kind`: missing (Settings, Researcher, Group, QuotaClass or Profile)"
+                    ))
+                    .into())
+                }
+                other => {
+                    return Err(LabError::usage(format!(
+                        "{}:{}: field `kind`: unknown kind '{other}' (Settings, Researcher, Group, QuotaClass or Profile)",
+                        origin.file.display(),
+                        line_of(&doc, &origin, "kind", other)
+                    ))
+                    .into())
+                }
+            }
+            texts.insert(file.clone(), text.clone());
+        }
+    }
+    validate(&mut p, &texts, today)?;
+    Ok(p)
+}
+
+fn validate(p: &mut Policy, texts: &BTreeMap<PathBuf, String>, today: Date) -> anyhow::Result<()> {
+    let text_of = |o: &Origin| -> String {
+        let t = texts.get(&o.file).cloned().unwrap_or_default();
+        t.lines().skip(o.line - 1).collect::<Vec<_>>().join("\n")
+    };
+    let at = |o: &Origin, key: &str, value: &str, field: &str, why: String| -> anyhow::Error {
+        let line = line_of(&text_of(o), o, key, value);
+        LabError::usage(format!(
+            "{}:{line}: field `{field}`: {why}",
+            o.file.display()
+        ))
+        .into()
+    };
+    let mut warnings = vec![];
+    let date = |o: &Origin,
+                s: &Option<String>,
+                field: &str,
+                what: &str,
+                warnings: &mut Vec<String>|
+     -> anyhow::Result<Option<Date>> {
+        let Some(s) = s else { return Ok(None) };
+        let d = parse_date(s).map_err(|e| at(o, "expires", s, field, e))?;
+        if d < today {
+            warnings.push(format!(
+                "{}:{}: {what} expired on {d}; apply removes the access it gave",
+                o.file.display(),
+                line_of(&text_of(o), o, "expires", s)
+            ));
+        }
+        Ok(Some(d))
+    };
+    for (email, (r, o)) in &p.researchers {
+        if !valid_email(email) {
+            return Err(at(
+                o,
+                "email",
+                email,
+                "email",
+                format!("'{email}' is not an email address (the user-id header carries it)"),
+            ));
+        }
+        date(
+            o,
+            &r.expires,
+            "expires",
+            &format!("Researcher {email}"),
+            &mut warnings,
+        )?;
+    }
+    let known = |e: &str| p.researchers.contains_key(e);
+    for (name, (g, o)) in &p.groups {
+        if !known(&g.owner) {
+            return Err(at(
+                o,
+                "owner",
+                &g.owner,
+                "owner",
+                format!("'{}' is not a Researcher in the policy", g.owner),
+            ));
+        }
+        for (i, m) in g.members.iter().enumerate() {
+            if !valid_email(m) {
+                return Err(at(
+                    o,
+                    "",
+                    m,
+                    &format!("members[{i}]"),
+                    format!("'{m}' is not an email address"),
+                ));
+            }
+            if !known(m) {
+                return Err(at(
+                    o,
+                    "",
+                    m,
+                    &format!("members[{i}]"),
+                    format!("'{m}' is not a Researcher in the policy (add a Researcher document)"),
+                ));
+            }
+        }
+        date(
+            o,
+            &g.expires,
+            "expires",
+            &format!("Group {name}"),
+            &mut warnings,
+        )?;
+    }
+    for (name, (q, o)) in &p.quota_classes {
+        for (k, v) in &q.hard {
+            if let Some(why) = quota_key_problem(k) {
+                return Err(at(o, k, v, &format!("hard.{k}"), why));
+            }
+            if !valid_quantity(v) {
+                return Err(at(
+                    o,
+                    k,
+                    v,
+                    &format!("hard.{k}"),
+                    format!("'{v}' is not a quantity like 16, 500m or 64Gi"),
+                ));
+            }
+        }
+        let cpu_mem = q.hard.keys().any(|k| {
+            [
+                "requests.cpu",
+                "requests.memory",
+                "limits.cpu",
+                "limits.memory",
+                "cpu",
+                "memory",
+            ]
+            .contains(&k.as_str())
+        });
+        if cpu_mem
+            && q.limit_range
+                .as_ref()
+                .is_none_or(|l| l.default_request.is_empty())
+        {
+            return Err(at(o, "name", name, "limitRange", "a cpu/memory quota rejects pods that declare no requests: add limitRange.defaultRequest (and default) so they get some".into()));
+        }
+    }
+    let mut gpu_total = 0.0;
+    for (name, (pr, o)) in &p.profiles {
+        let dns = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if !dns {
+            return Err(at(
+                o,
+                "name",
+                name,
+                "name",
+                format!("'{name}' is not a namespace name (lowercase letters, digits, '-')"),
+            ));
+        }
+        if !known(&pr.owner) {
+            return Err(at(
+                o,
+                "owner",
+                &pr.owner,
+                "owner",
+                format!("'{}' is not a Researcher in the policy", pr.owner),
+            ));
+        }
+        if let Some(qc) = &pr.quota_class {
+            let Some((q, _)) = p.quota_classes.get(qc) else {
+                return Err(at(
+                    o,
+                    "quotaClass",
+                    qc,
+                    "quotaClass",
+                    format!("no QuotaClass '{qc}'"),
+                ));
+            };
+            if let Some(g) = q.hard.get("requests.nvidia.com/gpu") {
+                gpu_total += g.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        for (i, g) in pr.grants.iter().enumerate() {
+            let f = |x: &str| format!("grants[{i}].{x}");
+            let who = match (&g.user, &g.group) {
+                (Some(u), None) => {
+                    if !valid_email(u) {
+                        return Err(at(
+                            o,
+                            "user",
+                            u,
+                            &f("user"),
+                            format!("'{u}' is not an email address"),
+                        ));
+                    }
+                    if !known(u) {
+                        return Err(at(
+                            o,
+                            "user",
+                            u,
+                            &f("user"),
+                            format!("'{u}' is not a Researcher in the policy"),
+                        ));
+                    }
+                    u.clone()
+                }
+                (None, Some(gr)) => {
+                    if !p.groups.contains_key(gr) {
+                        return Err(at(o, "group", gr, &f("group"), format!("no Group '{gr}'")));
+                    }
+                    gr.clone()
+                }
+                _ => {
+                    return Err(at(
+                        o,
+                        "role",
+                        &g.role,
+                        &format!("grants[{i}]"),
+                        "give exactly one of user or group".into(),
+                    ))
+                }
+            };
+            if rank(&g.role) == 0 {
+                return Err(at(
+                    o,
+                    "role",
+                    &g.role,
+                    &f("role"),
+                    format!("'{}': use view, edit or admin", g.role),
+                ));
+            }
+            if let Some(d) = date(
+                o,
+                &g.expires,
+                &f("expires"),
+                &format!("grant of {name} to {who}"),
+                &mut warnings,
+            )? {
+                if let Some(max) = p.settings.max_grant_days {
+                    let limit = today + time::Duration::days(i64::from(max));
+                    if d > limit {
+                        return Err(at(o, "expires", g.expires.as_deref().unwrap_or(""), &f("expires"), format!("{d} is more than {max} days away (Settings.maxGrantDays); the latest allowed is {limit}")));
+                    }
+                }
+            } else if let Some(max) = p.settings.max_grant_days {
+                let group_expires = g
+                    .group
+                    .as_ref()
+                    .and_then(|gr| p.groups.get(gr))
+                    .is_some_and(|(grp, _)| grp.expires.is_some());
+                if g.role != "view" && !group_expires {
+                    warnings.push(format!("{}: grant of {name} to {who} has no expiry; Settings.maxGrantDays is {max}", o));
+                }
+            }
+        }
+    }
+    if let Some(cap) = p.settings.gpu_capacity {
+        if gpu_total > f64::from(cap) {
+            warnings.push(format!(
+                "GPU quotas add up to {gpu_total} but Settings.gpuCapacity is {cap}: profiles can be promised GPUs the cluster does not have"
+            ));
+        }
+    }
+    p.warnings = warnings;
+    Ok(())
+}
+
+impl Policy {
+    /// Every (user, profile) access after expanding groups; the highest role
+    /// wins, and expired grants, groups and people are left out as of `today`.
+    pub fn accesses(&self, today: Date) -> Vec<Access> {
+        let live = |e: &Option<String>| {
+            e.as_deref()
+                .and_then(|d| parse_date(d).ok())
+                .is_none_or(|d| d >= today)
+        };
+        let mut out: BTreeMap<(String, String), Access> = BTreeMap::new();
+        for (pname, (pr, _)) in &self.profiles {
+            for g in &pr.grants {
+                if !live(&g.expires) {
+                    continue;
+                }
+                let (users, group): (Vec<String>, Option<String>) = match (&g.user, &g.group) {
+                    (Some(u), _) => (vec![u.clone()], None),
+                    (None, Some(gr)) => match self.groups.get(gr) {
+                        Some((grp, _)) if live(&grp.expires) => {
+                            (grp.members.clone(), Some(gr.clone()))
+                        }
+                        _ => continue,
+                    },
+                    _ => continue,
+                };
+                for u in users {
+                    if u == pr.owner {
+                        continue; // the owner has namespaceAdmin from the controller
+                    }
+                    if self
+                        .researchers
+                        .get(&u)
+                        .is_some_and(|(r, _)| !live(&r.expires))
+                    {
+                        continue;
+                    }
+                    let expires = g
+                        .expires
+                        .as_deref()
+                        .and_then(|d| parse_date(d).ok())
+                        .or_else(|| {
+                            group
+                                .as_ref()
+                                .and_then(|gr| self.groups.get(gr))
+                                .and_then(|(grp, _)| grp.expires.as_deref())
+                                .and_then(|d| parse_date(d).ok())
+                        });
+                    let a = Access {
+                        user: u.clone(),
+                        profile: pname.clone(),
+                        role: g.role.clone(),
+                        group: group.clone(),
+                        expires,
+                        reason: g.reason.clone(),
+                        notebooks: g.notebooks.unwrap_or(true),
+                    };
+                    let key = (pname.clone(), u);
+                    match out.get(&key) {
+                        Some(old) if rank(&old.role) >= rank(&a.role) => {}
+                        _ => {
+                            out.insert(key, a);
+                        }
+                    }
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+}

@@ -1,0 +1,286 @@
+//! Policy files: the shipped example validates and renders exactly what
+//! Kubeflow expects; every validation error names file, line and field.
+
+use crate::common::{assert_success, BIN};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn labctl(policies: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .env_clear()
+        .args(args)
+        .arg("--policies")
+        .arg(policies)
+        .args(["--today", "2026-11-26"])
+        .output()
+        .unwrap()
+}
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+fn find<'a>(
+    objs: &'a [serde_json::Value],
+    kind: &str,
+    ns: &str,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    objs.iter().find(|o| {
+        o["kind"] == kind
+            && o["metadata"]["name"] == name
+            && (ns.is_empty() || o["metadata"]["namespace"] == ns)
+    })
+}
+
+#[test]
+fn the_example_policies_validate_and_render_what_kubeflow_expects() {
+    let out = labctl(&example(), &["policy", "validate"]);
+    assert_success(&out, &["policy validate"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).is_empty(),
+        "no warnings: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = labctl(&example(), &["--json", "policy", "render"]);
+    assert_success(&out, &["policy render"]);
+    let objs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    // Profile: owner and quota copied verbatim, managed label.
+    let p = find(&objs, "Profile", "", "nlp-lab").unwrap();
+    assert_eq!(
+        p["spec"]["owner"],
+        serde_json::json!({"kind": "User", "name": "maria.lopez@uni.edu"})
+    );
+    assert_eq!(
+        p["spec"]["resourceQuotaSpec"]["hard"]["requests.nvidia.com/gpu"],
+        "2"
+    );
+    assert_eq!(
+        p["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "labctl"
+    );
+    assert!(
+        p["spec"].get("contributors").is_none(),
+        "Profile has no contributors field"
+    );
+    let lr = find(&objs, "LimitRange", "nlp-lab", "labctl-defaults").unwrap();
+    assert_eq!(lr["spec"]["limits"][0]["defaultRequest"]["memory"], "2Gi");
+    // Alice: KFAM-exact RoleBinding and AuthorizationPolicy, one subject.
+    let rb = find(
+        &objs,
+        "RoleBinding",
+        "nlp-lab",
+        "user-alice-uni-edu-clusterrole-edit",
+    )
+    .unwrap();
+    assert_eq!(
+        rb["roleRef"],
+        serde_json::json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubeflow-edit"})
+    );
+    assert_eq!(
+        rb["subjects"],
+        serde_json::json!([{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice@uni.edu"}])
+    );
+    assert_eq!(rb["metadata"]["annotations"]["role"], "edit");
+    assert_eq!(rb["metadata"]["annotations"]["user"], "alice@uni.edu");
+    assert_eq!(
+        rb["metadata"]["annotations"]["labctl.io/expires"],
+        "2027-09-30"
+    );
+    assert_eq!(
+        rb["metadata"]["annotations"]["labctl.io/reason"],
+        "PhD thesis, supervisor M. López"
+    );
+    let ap = find(
+        &objs,
+        "AuthorizationPolicy",
+        "nlp-lab",
+        "user-alice-uni-edu-clusterrole-edit",
+    )
+    .unwrap();
+    assert_eq!(ap["apiVersion"], "security.istio.io/v1beta1");
+    assert_eq!(
+        ap["spec"]["rules"][0]["when"][0],
+        serde_json::json!({"key": "request.headers[kubeflow-userid]", "values": ["alice@uni.edu"]})
+    );
+    assert_eq!(
+        ap["spec"]["rules"][0]["from"][0]["source"]["principals"],
+        serde_json::json!([
+            "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account",
+            "cluster.local/ns/kubeflow/sa/ml-pipeline-ui"
+        ])
+    );
+    // The group is expanded into per-user bindings, with the source group.
+    let bob = find(
+        &objs,
+        "RoleBinding",
+        "nlp-lab",
+        "user-bob-uni-edu-clusterrole-edit",
+    )
+    .unwrap();
+    assert_eq!(
+        bob["metadata"]["annotations"]["labctl.io/source-group"],
+        "nlp-students-2027s1"
+    );
+    assert_eq!(
+        bob["metadata"]["annotations"]["labctl.io/expires"],
+        "2027-07-15"
+    );
+    // Highest role wins: Bob's direct view on nlp-teaching loses to the group's edit.
+    assert!(find(
+        &objs,
+        "RoleBinding",
+        "nlp-teaching",
+        "user-bob-uni-edu-clusterrole-edit"
+    )
+    .is_some());
+    assert!(find(
+        &objs,
+        "RoleBinding",
+        "nlp-teaching",
+        "user-bob-uni-edu-clusterrole-view"
+    )
+    .is_none());
+    // The reviewer: view-only, no AuthorizationPolicy (no notebooks).
+    assert!(find(
+        &objs,
+        "RoleBinding",
+        "nlp-lab",
+        "user-reviewer-partner-lab-org-clusterrole-view"
+    )
+    .is_some());
+    assert!(find(
+        &objs,
+        "AuthorizationPolicy",
+        "nlp-lab",
+        "user-reviewer-partner-lab-org-clusterrole-view"
+    )
+    .is_none());
+    // The owner gets no contributor binding (the controller's namespaceAdmin covers it).
+    assert!(!objs
+        .iter()
+        .any(|o| o["metadata"]["annotations"]["user"] == "maria.lopez@uni.edu"));
+    assert_eq!(objs.len(), 15);
+    // YAML output carries the same objects.
+    let out = labctl(&example(), &["policy", "render"]);
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(yaml.matches("\n---\n").count() + 1, 15);
+}
+
+#[test]
+fn expiry_removes_access_and_expiring_lists_it() {
+    // After the semester (and Bob's programme), the group's bindings are gone.
+    let out = Command::new(BIN)
+        .env_clear()
+        .args(["--json", "policy", "render", "--policies"])
+        .arg(example())
+        .args(["--today", "2027-08-01"])
+        .output()
+        .unwrap();
+    assert_success(&out, &["render after expiry"]);
+    let objs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!objs
+        .iter()
+        .any(|o| o["metadata"]["annotations"]["labctl.io/source-group"] == "nlp-students-2027s1"));
+    assert!(find(
+        &objs,
+        "RoleBinding",
+        "nlp-lab",
+        "user-alice-uni-edu-clusterrole-edit"
+    )
+    .is_some());
+    assert!(String::from_utf8_lossy(&out.stderr).is_empty());
+    let out = labctl(
+        &example(),
+        &["--json", "policy", "expiring", "--within", "20w"],
+    );
+    assert_success(&out, &["expiring"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r["user"] == "reviewer@partner-lab.org" && r["expires"] == "2027-03-31"),
+        "{rows:?}"
+    );
+    assert!(
+        !rows.iter().any(|r| r["user"] == "alice@uni.edu"),
+        "{rows:?}"
+    );
+    // who-has-access and access explain the path.
+    let out = labctl(
+        &example(),
+        &["--json", "profile", "who-has-access", "nlp-lab"],
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r["user"] == "carla@uni.edu" && r["via"] == "group nlp-students-2027s1"),
+        "{rows:?}"
+    );
+    let out = labctl(&example(), &["--json", "access", "bob@uni.edu"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+}
+
+/// Copies the example, applies `edit` to one file, validates; returns stderr.
+fn broken(file: &str, edit: impl Fn(&str) -> String) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("p");
+    for entry in [
+        "settings.yaml",
+        "people.yaml",
+        "groups.yaml",
+        "quotas.yaml",
+        "profiles/nlp-lab.yaml",
+        "profiles/teaching.yaml",
+    ] {
+        let text = std::fs::read_to_string(example().join(entry)).unwrap();
+        let text = if entry == file { edit(&text) } else { text };
+        std::fs::create_dir_all(dst.join(entry).parent().unwrap()).unwrap();
+        std::fs::write(dst.join(entry), text).unwrap();
+    }
+    let out = labctl(&dst, &["policy", "validate"]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).replace(&format!("{}/", dst.display()), ""),
+    )
+}
+
+#[test]
+fn every_validation_error_names_file_line_and_field() {
+    // (file, text, replacement, the error expected)
+    let cases = [
+        ("profiles/nlp-lab.yaml", "    role: edit\n    expires: 2027-09-30", "    role: edit\n    expire: 2027-09-30", "profiles/nlp-lab.yaml:9: field `grants[0].expire`: unknown field `expire`"),
+        ("profiles/nlp-lab.yaml", "user: alice@uni.edu", "user: alicia@uni.edu", "profiles/nlp-lab.yaml:7: field `grants[0].user`: 'alicia@uni.edu' is not a Researcher"),
+        ("profiles/nlp-lab.yaml", "group: nlp-students-2027s1", "group: nlp-students", "profiles/nlp-lab.yaml:11: field `grants[1].group`: no Group 'nlp-students'"),
+        ("people.yaml", "email: carla@uni.edu", "email: carla(at)uni.edu", "people.yaml:16: field `email`: 'carla(at)uni.edu' is not an email address"),
+        ("profiles/teaching.yaml", "name: nlp-teaching", "name: nlp-lab", "profiles/teaching.yaml:3: field `name`: Profile 'nlp-lab' is defined twice (first at"),
+        ("quotas.yaml", "requests.nvidia.com/gpu: \"2\"", "nvidia.com/gpu: \"2\"", "quotas.yaml:19: field `hard.nvidia.com/gpu`: 'nvidia.com/gpu': extended resources are only quota'd with the requests. prefix"),
+        ("quotas.yaml", "limitRange:\n  defaultRequest: { cpu: 500m, memory: 1Gi }\n  default: { cpu: \"2\", memory: 4Gi }\n", "", "quotas.yaml:3: field `limitRange`: a cpu/memory quota rejects pods"),
+        ("profiles/nlp-lab.yaml", "expires: 2027-09-30", "expires: 2029-09-30", "profiles/nlp-lab.yaml:9: field `grants[0].expires`: 2029-09-30 is more than 400 days away"),
+        ("profiles/nlp-lab.yaml", "role: edit\n    expires", "role: owner\n    expires", "profiles/nlp-lab.yaml:8: field `grants[0].role`: 'owner': use view, edit or admin"),
+        ("groups.yaml", "  - carla@uni.edu", "  - dave@uni.edu", "groups.yaml:7: field `members[1]`: 'dave@uni.edu' is not a Researcher"),
+        ("settings.yaml", "kind: Settings", "kind: Setting", "settings.yaml:2: field `kind`: unknown kind 'Setting'"),
+    ];
+    for (file, from, to, want) in cases {
+        let (code, err) = broken(file, |t| t.replacen(from, to, 1));
+        assert_eq!(code, Some(2), "{want}\n{err}");
+        assert!(err.contains(want), "want: {want}\ngot:  {err}");
+    }
+    // Warnings (exit 0): GPU quotas past capacity, entries already expired.
+    let (code, err) = broken("settings.yaml", |t| {
+        t.replace("gpuCapacity: 8", "gpuCapacity: 1")
+    });
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("GPU quotas add up to 2 but Settings.gpuCapacity is 1"),
+        "{err}"
+    );
+    let (code, err) = broken("people.yaml", |t| {
+        t.replace("expires: 2027-03-31", "expires: 2026-01-31")
+    });
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("people.yaml:22: Researcher reviewer@partner-lab.org expired on 2026-01-31"),
+        "{err}"
+    );
+}
