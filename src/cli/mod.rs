@@ -124,11 +124,13 @@ pub enum Command {
     /// Researcher profiles, RBAC and quotas from policy files: validate, render, expiring.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCmd),
-    /// Questions about one profile (who has access, and through what).
+    /// Grant, revoke, and who has access to a profile.
     #[command(subcommand)]
     Profile(policy_cmd::ProfileCmd),
     /// What a person can reach, and through which grant or group.
     Access(policy_cmd::AccessCmd),
+    /// Remove a person from every grant, group and the people list (policy files edited in place).
+    Offboard(policy_cmd::OffboardCmd),
     /// Provision the platform's VMs on Proxmox VE from deploy/platform.yaml.
     #[command(subcommand)]
     Provision(provision_cmd::ProvisionCmd),
@@ -165,6 +167,7 @@ pub fn run(cli: Cli) -> anyhow::Result<crate::error::ExitCode> {
         Command::Policy(c) => policy_cmd::run_policy(g, c),
         Command::Profile(c) => policy_cmd::run_profile(g, c),
         Command::Access(c) => policy_cmd::run_access(g, c),
+        Command::Offboard(c) => policy_cmd::run_offboard(g, c),
         Command::Config(c) => daemon_cmd::run_config(g, c),
         Command::Status(c) => daemon_cmd::run_status(g, c),
         Command::Jobs(c) => daemon_cmd::run_jobs(g, c),

@@ -68,6 +68,35 @@ pub enum PolicyCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum ProfileCmd {
+    /// Give a person a role on a profile by editing the policy files in
+    /// place (comments and all other text untouched). A person not yet in
+    /// the policy is added as a Researcher. The edit is validated first.
+    Grant {
+        /// The person's email (as the user-id header carries it).
+        email: String,
+        /// The profile (namespace).
+        #[arg(long)]
+        profile: String,
+        /// view, edit or admin.
+        #[arg(long, value_parser = ["view", "edit", "admin"])]
+        role: String,
+        /// Last day of access (YYYY-MM-DD).
+        #[arg(long, value_name = "DATE")]
+        expires: Option<String>,
+        /// Why (recorded in the policy and on the objects).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        #[command(flatten)]
+        p: PoliciesArg,
+    },
+    /// Remove a person's direct grant on a profile (editing the files in place).
+    Revoke {
+        email: String,
+        #[arg(long)]
+        profile: String,
+        #[command(flatten)]
+        p: PoliciesArg,
+    },
     /// Who can reach a profile, with which role, through which grant or group.
     WhoHasAccess {
         profile: String,
@@ -178,8 +207,71 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
+#[derive(Args, Debug)]
+pub struct OffboardCmd {
+    /// The person's email.
+    pub email: String,
+    #[command(flatten)]
+    pub p: PoliciesArg,
+}
+
+pub fn run_offboard(g: &GlobalArgs, c: OffboardCmd) -> anyhow::Result<ExitCode> {
+    let done = policy::edit::offboard(&c.p.policies, c.p.today()?, &c.email)?;
+    if g.json {
+        print_json(&done)?;
+    } else if !g.quiet {
+        if done.is_empty() {
+            println!("{} is not in {}", c.email, c.p.policies.display());
+        }
+        for d in &done {
+            println!("removed {}: {d}", c.email);
+        }
+    }
+    Ok(ExitCode::Success)
+}
+
 pub fn run_profile(g: &GlobalArgs, c: ProfileCmd) -> anyhow::Result<ExitCode> {
-    let ProfileCmd::WhoHasAccess { profile, p } = c;
+    let (profile, p) = match c {
+        ProfileCmd::Grant {
+            email,
+            profile,
+            role,
+            expires,
+            reason,
+            p,
+        } => {
+            let ch = policy::edit::grant(
+                &p.policies,
+                p.today()?,
+                &email,
+                &profile,
+                &role,
+                expires.as_deref(),
+                reason.as_deref(),
+            )?;
+            if g.json {
+                print_json(&ch)?;
+            } else if !g.quiet {
+                if ch.added_researcher {
+                    println!("added {email} as a Researcher");
+                }
+                println!(
+                    "{} grant: {email} {role} on {profile} ({})",
+                    ch.action,
+                    ch.file.display()
+                );
+            }
+            return Ok(ExitCode::Success);
+        }
+        ProfileCmd::Revoke { email, profile, p } => {
+            let f = policy::edit::revoke(&p.policies, p.today()?, &email, &profile)?;
+            if !g.quiet && !g.json {
+                println!("revoked: {email} on {profile} ({})", f.display());
+            }
+            return Ok(ExitCode::Success);
+        }
+        ProfileCmd::WhoHasAccess { profile, p } => (profile, p),
+    };
     let (pol, today) = p.load(g)?;
     let Some((pr, _)) = pol.profiles.get(&profile) else {
         return Err(LabError::usage(format!(

@@ -284,3 +284,163 @@ fn every_validation_error_names_file_line_and_field() {
         "{err}"
     );
 }
+
+/// A copy of the example policies in a temp dir.
+fn copy_example() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in [
+        "settings.yaml",
+        "people.yaml",
+        "groups.yaml",
+        "quotas.yaml",
+        "profiles/nlp-lab.yaml",
+        "profiles/teaching.yaml",
+    ] {
+        std::fs::create_dir_all(dir.path().join(entry).parent().unwrap()).unwrap();
+        std::fs::copy(example().join(entry), dir.path().join(entry)).unwrap();
+    }
+    dir
+}
+
+fn read(dir: &Path, f: &str) -> String {
+    std::fs::read_to_string(dir.join(f)).unwrap()
+}
+
+#[test]
+fn grant_and_revoke_edit_the_files_keeping_everything_else() {
+    let d = copy_example();
+    let before = read(d.path(), "profiles/nlp-lab.yaml");
+    let people_before = read(d.path(), "people.yaml");
+    // A new person: added as a Researcher, granted view until a date.
+    let out = labctl(
+        d.path(),
+        &[
+            "profile",
+            "grant",
+            "dan@uni.edu",
+            "--profile",
+            "nlp-lab",
+            "--role",
+            "view",
+            "--expires",
+            "2027-01-31",
+            "--reason",
+            "summer intern: NER project",
+        ],
+    );
+    assert_success(&out, &["grant"]);
+    let after = read(d.path(), "profiles/nlp-lab.yaml");
+    assert!(
+        after.starts_with(&before.trim_end().to_string()),
+        "untouched text stays byte for byte:\n{after}"
+    );
+    assert!(after.ends_with("  - user: dan@uni.edu\n    role: view\n    expires: 2027-01-31\n    reason: \"summer intern: NER project\"\n"), "{after}");
+    let people = read(d.path(), "people.yaml");
+    assert!(
+        people.starts_with(&people_before)
+            && people.ends_with("---\nkind: Researcher\nemail: dan@uni.edu\n"),
+        "{people}"
+    );
+    let out = labctl(d.path(), &["--json", "policy", "render"]);
+    let objs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let rb = find(
+        &objs,
+        "RoleBinding",
+        "nlp-lab",
+        "user-dan-uni-edu-clusterrole-view",
+    )
+    .unwrap();
+    assert_eq!(
+        rb["metadata"]["annotations"]["labctl.io/reason"],
+        "summer intern: NER project"
+    );
+    // Changing an existing grant rewrites only that item, keeping its other keys and comments.
+    let out = labctl(
+        d.path(),
+        &[
+            "profile",
+            "grant",
+            "reviewer@partner-lab.org",
+            "--profile",
+            "nlp-lab",
+            "--role",
+            "view",
+            "--expires",
+            "2027-02-28",
+        ],
+    );
+    assert_success(&out, &["grant update"]);
+    let t = read(d.path(), "profiles/nlp-lab.yaml");
+    assert!(t.contains("  - user: reviewer@partner-lab.org\n    role: view\n    expires: 2027-02-28\n    notebooks: false          # reads pipelines and runs; no notebook access\n"), "{t}");
+    assert!(t.contains("# The NLP group's profile (namespace nlp-lab)."));
+    // Revoke the new grant: the file is back to what it was plus nothing.
+    let out = labctl(
+        d.path(),
+        &["profile", "revoke", "dan@uni.edu", "--profile", "nlp-lab"],
+    );
+    assert_success(&out, &["revoke"]);
+    let t2 = read(d.path(), "profiles/nlp-lab.yaml");
+    assert_eq!(t2, t.replace("  - user: dan@uni.edu\n    role: view\n    expires: 2027-01-31\n    reason: \"summer intern: NER project\"\n", ""));
+    // Access through a group cannot be revoked directly: the error says why.
+    let out = labctl(
+        d.path(),
+        &["profile", "revoke", "carla@uni.edu", "--profile", "nlp-lab"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("through group nlp-students-2027s1"));
+    // An edit that would be invalid (past maxGrantDays) changes nothing.
+    let snapshot = read(d.path(), "profiles/nlp-lab.yaml");
+    let out = labctl(
+        d.path(),
+        &[
+            "profile",
+            "grant",
+            "alice@uni.edu",
+            "--profile",
+            "nlp-lab",
+            "--role",
+            "admin",
+            "--expires",
+            "2030-01-01",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing was changed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(read(d.path(), "profiles/nlp-lab.yaml"), snapshot);
+}
+
+#[test]
+fn offboard_removes_a_person_everywhere_but_not_an_owner() {
+    let d = copy_example();
+    let out = labctl(d.path(), &["offboard", "bob@uni.edu"]);
+    assert_success(&out, &["offboard"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("grant on profile nlp-teaching")
+            && text.contains("member of group nlp-students-2027s1")
+            && text.contains("Researcher entry"),
+        "{text}"
+    );
+    assert!(!read(d.path(), "people.yaml").contains("bob@uni.edu"));
+    assert!(!read(d.path(), "groups.yaml").contains("bob@uni.edu"));
+    assert!(read(d.path(), "groups.yaml").contains("  - carla@uni.edu\nexpires: 2027-07-15"));
+    assert!(read(d.path(), "profiles/teaching.yaml")
+        .contains("  - group: nlp-students-2027s1\n    role: edit\n"));
+    assert!(!read(d.path(), "profiles/teaching.yaml").contains("bob"));
+    let out = labctl(d.path(), &["--json", "access", "bob@uni.edu"]);
+    assert_success(&out, &["access after offboard"]);
+    assert_eq!(
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+            .unwrap()
+            .len(),
+        0
+    );
+    // The PI owns profiles: refused until ownership moves.
+    let out = labctl(d.path(), &["offboard", "maria.lopez@uni.edu"]);
+    assert_eq!(out.status.code(), Some(6));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("owns profile nlp-lab"));
+}
