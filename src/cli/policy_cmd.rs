@@ -41,6 +41,45 @@ impl PoliciesArg {
     }
 }
 
+/// How to reach the cluster (the usual kubeconfig rules apply when not given).
+#[derive(Args, Debug, Clone)]
+pub struct KubeArgs {
+    /// Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context.
+    #[arg(long)]
+    pub context: Option<String>,
+}
+
+fn print_plan(plan: &policy::cluster::Plan) {
+    for s in &plan.steps {
+        let id = match &s.namespace {
+            Some(n) => format!("{} {n}/{}", s.kind, s.name),
+            None => format!("{} {}", s.kind, s.name),
+        };
+        match s.action.as_str() {
+            "create" => println!("+ create {id}"),
+            "update" => println!("~ update {id}: {}", s.changes.join(", ")),
+            "delete" if s.kind == "Profile" => println!(
+                "- delete {id} — DATA LOSS: its namespace goes, with PVCs: {}",
+                if s.pvcs.is_empty() {
+                    "none".to_string()
+                } else {
+                    s.pvcs.join(", ")
+                }
+            ),
+            "delete" => println!("- delete {id}"),
+            _ => {}
+        }
+    }
+    for m in &plan.missing {
+        println!("! missing {m}");
+    }
+    let unchanged = plan.steps.len() - plan.changes();
+    println!("{} change(s), {unchanged} unchanged", plan.changes());
+}
+
 #[derive(Subcommand, Debug)]
 pub enum PolicyCmd {
     /// Check every policy file: unknown fields, unknown people or groups,
@@ -55,6 +94,27 @@ pub enum PolicyCmd {
     Render {
         #[command(flatten)]
         p: PoliciesArg,
+    },
+    /// Compare the rendered objects with the live cluster: create, update
+    /// (the fields that differ: drift), delete (managed objects the policy no
+    /// longer has), and controller-created objects that are missing.
+    Plan {
+        #[command(flatten)]
+        p: PoliciesArg,
+        #[command(flatten)]
+        k: KubeArgs,
+    },
+    /// Make the cluster match the policy: server-side apply (field manager
+    /// labctl), then prune objects labelled as managed by labctl. Never
+    /// deletes a Profile (its namespace and data) without --allow-data-loss.
+    Apply {
+        #[command(flatten)]
+        p: PoliciesArg,
+        #[command(flatten)]
+        k: KubeArgs,
+        /// Allow deleting Profiles the policy no longer has (their namespaces and PVCs go too).
+        #[arg(long)]
+        allow_data_loss: bool,
     },
     /// List access that lapses within the given time (grants, groups, people).
     Expiring {
@@ -113,6 +173,13 @@ pub struct AccessCmd {
     pub p: PoliciesArg,
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
 pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
     match c {
         PolicyCmd::Validate { p } => {
@@ -148,6 +215,43 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
                 print_json(&objects)?;
             } else {
                 print!("{}", policy::render::to_yaml(&objects)?);
+            }
+            Ok(ExitCode::Success)
+        }
+        PolicyCmd::Plan { p, k } => {
+            let (pol, today) = p.load(g)?;
+            let objects = policy::render::render(&pol, today);
+            let plan = runtime()?.block_on(async {
+                let c =
+                    policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
+                policy::cluster::plan(&c, &objects).await
+            })?;
+            if g.json {
+                print_json(&plan)?;
+            } else {
+                print_plan(&plan);
+            }
+            Ok(ExitCode::Success)
+        }
+        PolicyCmd::Apply {
+            p,
+            k,
+            allow_data_loss,
+        } => {
+            let (pol, today) = p.load(g)?;
+            let objects = policy::render::render(&pol, today);
+            let (plan, done) = runtime()?.block_on(async {
+                let c =
+                    policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
+                let plan = policy::cluster::plan(&c, &objects).await?;
+                let done = policy::cluster::apply(&c, &plan, allow_data_loss).await?;
+                Ok::<_, anyhow::Error>((plan, done))
+            })?;
+            if g.json {
+                print_json(&serde_json::json!({"plan": plan, "applied": done}))?;
+            } else if !g.quiet {
+                print_plan(&plan);
+                println!("applied {} change(s)", done.len());
             }
             Ok(ExitCode::Success)
         }

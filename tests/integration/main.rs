@@ -14,6 +14,7 @@ mod faultproxy;
 mod fixture;
 mod keys;
 mod killed;
+mod kube_sim;
 mod policy;
 mod provision;
 mod prune;

@@ -444,3 +444,275 @@ fn offboard_removes_a_person_everywhere_but_not_an_owner() {
     assert_eq!(out.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&out.stderr).contains("owns profile nlp-lab"));
 }
+
+fn kube(policies: &Path, kubeconfig: &Path, args: &[&str], today: &str) -> Output {
+    Command::new(BIN)
+        .env_clear()
+        .args(args)
+        .arg("--policies")
+        .arg(policies)
+        .args(["--today", today])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .output()
+        .unwrap()
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn plan_apply_drift_prune_expiry_and_the_data_loss_guard() {
+    use crate::kube_sim::KubeSim;
+    let sim = KubeSim::start();
+    let d = copy_example();
+    let kc = sim.kubeconfig(d.path());
+    let today = "2026-11-26";
+    // A contributor binding made by hand in the dashboard: not labctl's.
+    sim.with(|s| {
+        s.put("rolebindings", serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "user-eve-uni-edu-clusterrole-edit", "namespace": "nlp-lab", "annotations": {"user": "eve@uni.edu", "role": "edit"}},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubeflow-edit"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "eve@uni.edu"}]}));
+    });
+    let plan = json_of(&kube(d.path(), &kc, &["--json", "policy", "plan"], today));
+    let steps = plan["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 15);
+    assert!(steps.iter().all(|s| s["action"] == "create"), "{plan}");
+    let out = json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    assert_eq!(out["applied"].as_array().unwrap().len(), 15);
+    let rb = sim
+        .get(
+            "rolebindings",
+            "nlp-lab",
+            "user-alice-uni-edu-clusterrole-edit",
+        )
+        .unwrap();
+    assert_eq!(rb["metadata"]["managedFields"][0]["manager"], "labctl");
+    assert_eq!(rb["subjects"][0]["name"], "alice@uni.edu");
+    // The controller made the namespace; a second apply changes nothing.
+    let rv = |sim: &KubeSim| {
+        sim.with(|s| {
+            s.objects
+                .values()
+                .map(|o| o["metadata"]["resourceVersion"].clone())
+                .collect::<Vec<_>>()
+        })
+    };
+    let before = rv(&sim);
+    let plan = json_of(&kube(d.path(), &kc, &["--json", "policy", "plan"], today));
+    assert!(
+        plan["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["action"] == "unchanged"),
+        "{plan}"
+    );
+    assert!(plan["missing"].as_array().unwrap().is_empty(), "{plan}");
+    json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    assert_eq!(rv(&sim), before, "a second apply writes nothing");
+    // Drift: someone edits a managed binding by hand.
+    sim.with(|s| {
+        let key = (
+            "rolebindings".to_string(),
+            "nlp-lab".to_string(),
+            "user-alice-uni-edu-clusterrole-edit".to_string(),
+        );
+        let mut o = s.objects[&key].clone();
+        o["roleRef"]["name"] = serde_json::json!("kubeflow-admin");
+        o["metadata"]["annotations"]["role"] = serde_json::json!("admin");
+        s.put("rolebindings", o);
+    });
+    let out = kube(d.path(), &kc, &["policy", "plan"], today);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("~ update RoleBinding nlp-lab/user-alice-uni-edu-clusterrole-edit: metadata.annotations.role, roleRef"), "{text}");
+    json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    assert_eq!(
+        sim.get(
+            "rolebindings",
+            "nlp-lab",
+            "user-alice-uni-edu-clusterrole-edit"
+        )
+        .unwrap()["roleRef"]["name"],
+        "kubeflow-edit"
+    );
+    // Revoke: the binding and policy go; the hand-made binding stays.
+    assert_success(
+        &labctl(
+            d.path(),
+            &["profile", "revoke", "alice@uni.edu", "--profile", "nlp-lab"],
+        ),
+        &["revoke"],
+    );
+    let plan = json_of(&kube(d.path(), &kc, &["--json", "policy", "plan"], today));
+    let deletes: Vec<String> = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["action"] == "delete")
+        .map(|s| {
+            format!(
+                "{} {}",
+                s["kind"].as_str().unwrap(),
+                s["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        deletes,
+        [
+            "RoleBinding user-alice-uni-edu-clusterrole-edit",
+            "AuthorizationPolicy user-alice-uni-edu-clusterrole-edit"
+        ]
+    );
+    json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    assert!(sim
+        .get(
+            "rolebindings",
+            "nlp-lab",
+            "user-alice-uni-edu-clusterrole-edit"
+        )
+        .is_none());
+    assert!(
+        sim.get(
+            "rolebindings",
+            "nlp-lab",
+            "user-eve-uni-edu-clusterrole-edit"
+        )
+        .is_some(),
+        "unlabelled objects are never pruned"
+    );
+    // Expiry: after the semester, apply removes the group's access.
+    json_of(&kube(
+        d.path(),
+        &kc,
+        &["--json", "policy", "apply"],
+        "2027-08-01",
+    ));
+    assert!(sim
+        .get(
+            "rolebindings",
+            "nlp-lab",
+            "user-carla-uni-edu-clusterrole-edit"
+        )
+        .is_none());
+    assert!(sim
+        .get(
+            "rolebindings",
+            "nlp-teaching",
+            "user-carla-uni-edu-clusterrole-edit"
+        )
+        .is_none());
+    // Missing controller objects are reported.
+    sim.with(|s| {
+        s.objects.remove(&(
+            "rolebindings".into(),
+            "nlp-lab".into(),
+            "namespaceAdmin".into(),
+        ));
+    });
+    let plan = json_of(&kube(d.path(), &kc, &["--json", "policy", "plan"], today));
+    assert_eq!(
+        plan["missing"],
+        serde_json::json!(["RoleBinding nlp-lab/namespaceAdmin"])
+    );
+    // Removing a Profile from the policy: refused without --allow-data-loss, naming the PVCs.
+    sim.with(|s| {
+        s.put("persistentvolumeclaims", serde_json::json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "workspace-carla", "namespace": "nlp-teaching"}}));
+    });
+    std::fs::remove_file(d.path().join("profiles/teaching.yaml")).unwrap();
+    let out = kube(d.path(), &kc, &["policy", "apply"], today);
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nlp-teaching (PVCs: workspace-carla)") && err.contains("Nothing was applied"),
+        "{err}"
+    );
+    assert!(sim.get("profiles", "", "nlp-teaching").is_some());
+    let out = kube(d.path(), &kc, &["policy", "plan"], today);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(
+        "- delete Profile nlp-teaching — DATA LOSS: its namespace goes, with PVCs: workspace-carla"
+    ));
+    json_of(&kube(
+        d.path(),
+        &kc,
+        &["--json", "policy", "apply", "--allow-data-loss"],
+        today,
+    ));
+    assert!(sim.get("profiles", "", "nlp-teaching").is_none());
+    assert!(sim
+        .get("persistentvolumeclaims", "nlp-teaching", "workspace-carla")
+        .is_none());
+    // A wrong token is refused by the API server.
+    let bad = std::fs::read_to_string(&kc)
+        .unwrap()
+        .replace(crate::kube_sim::TOKEN, "wrong");
+    std::fs::write(&kc, bad).unwrap();
+    let out = kube(d.path(), &kc, &["policy", "plan"], today);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401")
+            || String::from_utf8_lossy(&out.stderr)
+                .to_lowercase()
+                .contains("unauthorized"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_rbac_for_labctl_covers_what_it_does_and_no_more() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/labctl-policy-rbac.yaml"),
+    )
+    .unwrap();
+    let docs: Vec<serde_json::Value> = text
+        .split("\n---\n")
+        .map(|d| serde_norway::from_str(d).unwrap())
+        .collect();
+    let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
+    let rules = role["rules"].as_array().unwrap();
+    let allowed = |group: &str, res: &str, verb: &str| {
+        rules.iter().any(|r| {
+            r["apiGroups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|g| g == group)
+                && r["resources"].as_array().unwrap().iter().any(|x| x == res)
+                && r["verbs"].as_array().unwrap().iter().any(|v| v == verb)
+        })
+    };
+    for (g, r) in [
+        ("kubeflow.org", "profiles"),
+        ("rbac.authorization.k8s.io", "rolebindings"),
+        ("security.istio.io", "authorizationpolicies"),
+        ("", "limitranges"),
+    ] {
+        for v in ["get", "list", "patch", "delete"] {
+            assert!(allowed(g, r, v), "{g}/{r} {v}");
+        }
+    }
+    for r in ["namespaces", "resourcequotas", "persistentvolumeclaims"] {
+        assert!(allowed("", r, "list") && !allowed("", r, "delete"), "{r}");
+    }
+    assert!(allowed("rbac.authorization.k8s.io", "clusterroles", "bind"));
+    assert!(!text.contains("\"*\""), "no wildcards");
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRoleBinding")
+        .unwrap();
+    assert_eq!(binding["subjects"][0]["name"], "labctl");
+}

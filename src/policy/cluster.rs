@@ -1,0 +1,365 @@
+//! `labctl policy plan | apply`: the rendered objects against the live
+//! cluster, through kube with the usual kubeconfig / context / in-cluster
+//! rules.
+//!
+//! - **Plan**: per object create, update (with the fields that differ — a
+//!   managed object edited by hand shows up here as drift), unchanged, or
+//!   delete (live objects labelled `app.kubernetes.io/managed-by: labctl`
+//!   that the policy no longer renders). It also reports objects the profile
+//!   controller should have created but that are missing (the namespace,
+//!   `namespaceAdmin`, `kf-resource-quota`).
+//! - **Apply**: server-side apply with field manager `labctl` (forced: the
+//!   policy is the source of truth for the fields it sets), then deletes;
+//!   only objects carrying the managed-by label are ever deleted. A Profile
+//!   is never deleted (its namespace and all data go with it) without
+//!   `--allow-data-loss`, and the plan lists the PVCs that would be lost.
+
+use super::render::MANAGED_BY;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::discovery::ApiResource;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeSet;
+
+/// The kinds labctl renders and prunes.
+fn resource(kind: &str) -> Option<(ApiResource, bool)> {
+    let (group, version, plural, namespaced) = match kind {
+        "Profile" => ("kubeflow.org", "v1", "profiles", false),
+        "RoleBinding" => ("rbac.authorization.k8s.io", "v1", "rolebindings", true),
+        "AuthorizationPolicy" => (
+            "security.istio.io",
+            "v1beta1",
+            "authorizationpolicies",
+            true,
+        ),
+        "LimitRange" => ("", "v1", "limitranges", true),
+        "Namespace" => ("", "v1", "namespaces", false),
+        "ResourceQuota" => ("", "v1", "resourcequotas", true),
+        "PersistentVolumeClaim" => ("", "v1", "persistentvolumeclaims", true),
+        _ => return None,
+    };
+    let api_version = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some((
+        ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version,
+            kind: kind.into(),
+            plural: plural.into(),
+        },
+        namespaced,
+    ))
+}
+
+const MANAGED_KINDS: [&str; 4] = [
+    "Profile",
+    "RoleBinding",
+    "AuthorizationPolicy",
+    "LimitRange",
+];
+
+fn api(client: &kube::Client, kind: &str, ns: Option<&str>) -> Api<DynamicObject> {
+    let (ar, namespaced) = resource(kind).expect("a known kind");
+    match (namespaced, ns) {
+        (true, Some(n)) => Api::namespaced_with(client.clone(), n, &ar),
+        _ => Api::all_with(client.clone(), &ar),
+    }
+}
+
+/// Connects with the kubeconfig (`path`, else `$KUBECONFIG`/`~/.kube/config`,
+/// else in-cluster) and `context`.
+///
+/// # Errors
+/// A usage error when no configuration can be found.
+pub async fn connect(
+    path: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> anyhow::Result<kube::Client> {
+    let opts = kube::config::KubeConfigOptions {
+        context: context.map(String::from),
+        ..Default::default()
+    };
+    let usage =
+        |e: String| crate::error::LabError::usage(format!("no Kubernetes configuration: {e}"));
+    let config = match (path, context) {
+        (Some(p), _) => {
+            let kc = kube::config::Kubeconfig::read_from(p)
+                .map_err(|e| usage(format!("{}: {e}", p.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &opts)
+                .await
+                .map_err(|e| usage(e.to_string()))?
+        }
+        (None, Some(_)) => kube::Config::from_kubeconfig(&opts)
+            .await
+            .map_err(|e| usage(e.to_string()))?,
+        (None, None) => kube::Config::infer()
+            .await
+            .map_err(|e| usage(e.to_string()))?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// One step of the plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    /// create, update, unchanged, delete
+    pub action: String,
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    /// For updates: the fields that differ (drift when nobody changed the policy).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<String>,
+    /// For a Profile delete: the PVCs that would be lost with its namespace.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pvcs: Vec<String>,
+    #[serde(skip)]
+    pub object: Option<Value>,
+}
+
+/// The plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    /// Objects the profile controller should have created but that are missing.
+    pub missing: Vec<String>,
+}
+
+impl Plan {
+    pub fn changes(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| s.action != "unchanged")
+            .count()
+    }
+    pub fn profile_deletes(&self) -> Vec<&Step> {
+        self.steps
+            .iter()
+            .filter(|s| s.action == "delete" && s.kind == "Profile")
+            .collect()
+    }
+}
+
+fn meta_str<'a>(o: &'a Value, k: &str) -> Option<&'a str> {
+    o["metadata"][k].as_str()
+}
+
+/// Fields of `want` that `live` does not carry with the same value.
+fn diff(want: &Value, live: &Value) -> Vec<String> {
+    let mut out = vec![];
+    for section in ["labels", "annotations"] {
+        let w = want["metadata"][section]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let l = live["metadata"][section]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        for (k, v) in &w {
+            if l.get(k) != Some(v) {
+                out.push(format!("metadata.{section}.{k}"));
+            }
+        }
+        // labctl's own annotations that the policy no longer sets.
+        for k in l.keys() {
+            if k.starts_with("labctl.io/") && !w.contains_key(k) {
+                out.push(format!("metadata.{section}.{k}"));
+            }
+        }
+    }
+    if let Some(obj) = want.as_object() {
+        for (k, v) in obj {
+            if ["apiVersion", "kind", "metadata"].contains(&k.as_str()) {
+                continue;
+            }
+            if live.get(k) != Some(v) {
+                out.push(k.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Computes the plan for `objects` (from [`super::render::render`]).
+///
+/// # Errors
+/// Kubernetes API errors.
+pub async fn plan(client: &kube::Client, objects: &[Value]) -> anyhow::Result<Plan> {
+    let mut steps = vec![];
+    let mut wanted = BTreeSet::new();
+    for o in objects {
+        let kind = o["kind"].as_str().unwrap_or_default().to_string();
+        let ns = meta_str(o, "namespace").map(String::from);
+        let name = meta_str(o, "name").unwrap_or_default().to_string();
+        wanted.insert((kind.clone(), ns.clone(), name.clone()));
+        let live = api(client, &kind, ns.as_deref()).get_opt(&name).await?;
+        let (action, changes) = match live {
+            None => ("create", vec![]),
+            Some(l) => {
+                let lv = serde_json::to_value(&l)?;
+                let d = diff(o, &lv);
+                if d.is_empty() {
+                    ("unchanged", d)
+                } else {
+                    ("update", d)
+                }
+            }
+        };
+        steps.push(Step {
+            action: action.into(),
+            kind,
+            namespace: ns,
+            name,
+            changes,
+            pvcs: vec![],
+            object: Some(o.clone()),
+        });
+    }
+    let selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
+    for kind in MANAGED_KINDS {
+        let list = api(client, kind, None)
+            .list(&ListParams::default().labels(&selector))
+            .await?;
+        for l in list.items {
+            let ns = l.metadata.namespace.clone();
+            let name = l.metadata.name.clone().unwrap_or_default();
+            if wanted.contains(&(kind.to_string(), ns.clone(), name.clone())) {
+                continue;
+            }
+            let mut pvcs = vec![];
+            if kind == "Profile" {
+                let claims = api(client, "PersistentVolumeClaim", Some(&name))
+                    .list(&ListParams::default())
+                    .await?;
+                pvcs = claims
+                    .items
+                    .iter()
+                    .filter_map(|c| c.metadata.name.clone())
+                    .collect();
+            }
+            steps.push(Step {
+                action: "delete".into(),
+                kind: kind.into(),
+                namespace: ns,
+                name,
+                changes: vec![],
+                pvcs,
+                object: None,
+            });
+        }
+    }
+    // What the profile controller should have made for live Profiles.
+    let mut missing = vec![];
+    for o in objects.iter().filter(|o| o["kind"] == "Profile") {
+        let name = meta_str(o, "name").unwrap_or_default();
+        if api(client, "Profile", None).get_opt(name).await?.is_none() {
+            continue;
+        }
+        let owner = o["spec"]["owner"]["name"].as_str().unwrap_or_default();
+        match api(client, "Namespace", None).get_opt(name).await? {
+            None => missing.push(format!(
+                "Namespace {name} (the profile controller has not created it)"
+            )),
+            Some(n) => {
+                let ann = n.metadata.annotations.unwrap_or_default();
+                if ann.get("owner").map(String::as_str) != Some(owner) {
+                    missing.push(format!(
+                        "Namespace {name} has owner annotation {:?}, the Profile says {owner} (the controller will refuse it)",
+                        ann.get("owner")
+                    ));
+                }
+            }
+        }
+        if api(client, "RoleBinding", Some(name))
+            .get_opt("namespaceAdmin")
+            .await?
+            .is_none()
+        {
+            missing.push(format!("RoleBinding {name}/namespaceAdmin"));
+        }
+        let wants_quota = o["spec"]["resourceQuotaSpec"]["hard"]
+            .as_object()
+            .is_some_and(|h| !h.is_empty());
+        if wants_quota
+            && api(client, "ResourceQuota", Some(name))
+                .get_opt("kf-resource-quota")
+                .await?
+                .is_none()
+        {
+            missing.push(format!("ResourceQuota {name}/kf-resource-quota"));
+        }
+    }
+    Ok(Plan { steps, missing })
+}
+
+/// What apply did to one object.
+#[derive(Debug, Clone, Serialize)]
+pub struct Done {
+    pub action: String,
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+/// Applies a plan (server-side apply, then deletes).
+///
+/// # Errors
+/// A refusal for Profile deletes without `allow_data_loss`; API errors.
+pub async fn apply(
+    client: &kube::Client,
+    plan: &Plan,
+    allow_data_loss: bool,
+) -> anyhow::Result<Vec<Done>> {
+    let blocked = plan.profile_deletes();
+    if !blocked.is_empty() && !allow_data_loss {
+        let list: Vec<String> = blocked
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} (PVCs: {})",
+                    s.name,
+                    if s.pvcs.is_empty() {
+                        "none".to_string()
+                    } else {
+                        s.pvcs.join(", ")
+                    }
+                )
+            })
+            .collect();
+        return Err(crate::error::LabError::refused(format!(
+            "the policy no longer has Profile(s) {}; deleting a Profile deletes its namespace and every PVC in it. Nothing was applied. Re-run with --allow-data-loss if that is intended",
+            list.join("; ")
+        ))
+        .into());
+    }
+    let pp = PatchParams::apply("labctl").force();
+    let mut done = vec![];
+    for s in &plan.steps {
+        let a = api(client, &s.kind, s.namespace.as_deref());
+        match s.action.as_str() {
+            "create" | "update" => {
+                let obj = s.object.as_ref().expect("rendered object");
+                a.patch(&s.name, &pp, &Patch::Apply(obj)).await?;
+            }
+            "delete" => match a.delete(&s.name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                // Already gone (a deleted Profile takes its namespace along).
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            },
+            _ => continue,
+        }
+        done.push(Done {
+            action: s.action.clone(),
+            kind: s.kind.clone(),
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+        });
+    }
+    Ok(done)
+}
