@@ -129,6 +129,9 @@ pub enum Command {
     Profile(policy_cmd::ProfileCmd),
     /// What a person can reach, and through which grant or group.
     Access(policy_cmd::AccessCmd),
+    /// The policy audit trail (hash-chained): verify it.
+    #[command(subcommand)]
+    Audit(policy_cmd::AuditCmd),
     /// Remove a person from every grant, group and the people list (policy files edited in place).
     Offboard(policy_cmd::OffboardCmd),
     /// Provision the platform's VMs on Proxmox VE from deploy/platform.yaml.
@@ -168,6 +171,7 @@ pub fn run(cli: Cli) -> anyhow::Result<crate::error::ExitCode> {
         Command::Profile(c) => policy_cmd::run_profile(g, c),
         Command::Access(c) => policy_cmd::run_access(g, c),
         Command::Offboard(c) => policy_cmd::run_offboard(g, c),
+        Command::Audit(c) => policy_cmd::run_audit(g, c),
         Command::Config(c) => daemon_cmd::run_config(g, c),
         Command::Status(c) => daemon_cmd::run_status(g, c),
         Command::Jobs(c) => daemon_cmd::run_jobs(g, c),

@@ -41,6 +41,57 @@ impl PoliciesArg {
     }
 }
 
+/// Who and why, for the audit trail.
+#[derive(Args, Debug, Clone)]
+pub struct AuditArgs {
+    /// Who is applying (default: the local user).
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Why (recorded in the audit trail).
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    /// The append-only, hash-chained audit file.
+    #[arg(long, env = "LABCTL_AUDIT_LOG", value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+}
+
+impl AuditArgs {
+    fn path(&self, g: &GlobalArgs) -> PathBuf {
+        self.audit_log.clone().unwrap_or_else(|| {
+            g.cache_dir
+                .clone()
+                .unwrap_or_else(crate::repo::default_cache_dir)
+                .join("policy-audit.jsonl")
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// Check the policy audit trail's hash chain; exit 4 when an entry was
+    /// altered, removed or reordered.
+    Verify {
+        #[command(flatten)]
+        a: AuditArgs,
+    },
+}
+
+pub fn run_audit(g: &GlobalArgs, c: AuditCmd) -> anyhow::Result<ExitCode> {
+    let AuditCmd::Verify { a } = c;
+    let path = a.path(g);
+    let n = policy::audit::verify(&path)?;
+    if g.json {
+        print_json(&serde_json::json!({"file": path, "entries": n, "intact": true}))?;
+    } else if !g.quiet {
+        println!(
+            "{}: {n} entr{}, chain intact",
+            path.display(),
+            if n == 1 { "y" } else { "ies" }
+        );
+    }
+    Ok(ExitCode::Success)
+}
+
 /// How to reach the cluster (the usual kubeconfig rules apply when not given).
 #[derive(Args, Debug, Clone)]
 pub struct KubeArgs {
@@ -115,6 +166,8 @@ pub enum PolicyCmd {
         /// Allow deleting Profiles the policy no longer has (their namespaces and PVCs go too).
         #[arg(long)]
         allow_data_loss: bool,
+        #[command(flatten)]
+        a: AuditArgs,
     },
     /// List access that lapses within the given time (grants, groups, people).
     Expiring {
@@ -237,6 +290,7 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
             p,
             k,
             allow_data_loss,
+            a,
         } => {
             let (pol, today) = p.load(g)?;
             let objects = policy::render::render(&pol, today);
@@ -247,6 +301,24 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
                 let done = policy::cluster::apply(&c, &plan, allow_data_loss).await?;
                 Ok::<_, anyhow::Error>((plan, done))
             })?;
+            if !done.is_empty() {
+                let actor = a.actor.clone().unwrap_or_else(policy::audit::local_user);
+                let changes: Vec<serde_json::Value> = done
+                    .iter()
+                    .map(|d| {
+                        let step = plan.steps.iter().find(|s| s.kind == d.kind && s.name == d.name && s.namespace == d.namespace);
+                        serde_json::json!({"action": d.action, "kind": d.kind, "namespace": d.namespace, "name": d.name,
+                            "fields": step.map(|s| s.changes.clone()).unwrap_or_default()})
+                    })
+                    .collect();
+                policy::audit::record(
+                    &a.path(g),
+                    &actor,
+                    a.reason.as_deref(),
+                    &p.policies,
+                    serde_json::json!(changes),
+                )?;
+            }
             if g.json {
                 print_json(&serde_json::json!({"plan": plan, "applied": done}))?;
             } else if !g.quiet {

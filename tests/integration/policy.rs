@@ -716,3 +716,121 @@ fn the_rbac_for_labctl_covers_what_it_does_and_no_more() {
         .unwrap();
     assert_eq!(binding["subjects"][0]["name"], "labctl");
 }
+
+#[test]
+fn applies_are_audited_in_a_hash_chain_that_detects_tampering() {
+    use crate::kube_sim::KubeSim;
+    let sim = KubeSim::start();
+    let d = copy_example();
+    let kc = sim.kubeconfig(d.path());
+    let log = d.path().join("audit/policy-audit.jsonl");
+    // The policy folder is a git repository: the commit is recorded.
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(d.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    git(&["init", "-q"]);
+    git(&[
+        "-c",
+        "user.email=t@example.org",
+        "-c",
+        "user.name=t",
+        "add",
+        ".",
+    ]);
+    git(&[
+        "-c",
+        "user.email=t@example.org",
+        "-c",
+        "user.name=t",
+        "commit",
+        "-qm",
+        "policy",
+    ]);
+    let head = git(&["rev-parse", "HEAD"]);
+    let apply = |extra: &[&str]| {
+        let mut args = vec![
+            "--json",
+            "policy",
+            "apply",
+            "--audit-log",
+            log.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        json_of(&kube(d.path(), &kc, &args, "2026-11-26"))
+    };
+    apply(&[
+        "--actor",
+        "maria.lopez@uni.edu",
+        "--reason",
+        "semester start",
+    ]);
+    apply(&[]); // no change: no entry
+    assert_success(
+        &labctl(
+            d.path(),
+            &["profile", "revoke", "alice@uni.edu", "--profile", "nlp-lab"],
+        ),
+        &["revoke"],
+    );
+    apply(&["--reason", "Alice graduated"]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["actor"], "maria.lopez@uni.edu");
+    assert_eq!(lines[0]["reason"], "semester start");
+    assert_eq!(lines[0]["git-commit"], head.as_str());
+    assert_eq!(lines[0]["changes"].as_array().unwrap().len(), 15);
+    assert_eq!(lines[1]["git-commit"], format!("{head}+uncommitted"));
+    assert_eq!(lines[1]["changes"][0]["action"], "delete");
+    assert_eq!(lines[1]["prev"], lines[0]["hash"]);
+    let verify = || {
+        Command::new(BIN)
+            .env_clear()
+            .args(["audit", "verify", "--audit-log"])
+            .arg(&log)
+            .output()
+            .unwrap()
+    };
+    let out = verify();
+    assert_success(&out, &["audit verify"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 entries, chain intact"));
+    // Rewriting who did it is detected.
+    std::fs::write(
+        &log,
+        text.replacen("maria.lopez@uni.edu", "someone@else.org", 1),
+    )
+    .unwrap();
+    let out = verify();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("policy-audit.jsonl:1: its content does not match its hash"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // So is removing an entry.
+    std::fs::write(&log, text.lines().nth(1).unwrap()).unwrap();
+    let out = verify();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(":1: does not follow the previous entry"));
+    // The entries are mirrored in policy.db.
+    let db = rusqlite::Connection::open(log.with_extension("db")).unwrap();
+    let n: i64 = db
+        .query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 2);
+}
