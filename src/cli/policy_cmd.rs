@@ -111,7 +111,12 @@ fn print_plan(plan: &policy::cluster::Plan) {
         };
         match s.action.as_str() {
             "create" => println!("+ create {id}"),
-            "update" => println!("~ update {id}: {}", s.changes.join(", ")),
+            "update" => {
+                println!("~ update {id}: {}", s.changes.join(", "));
+                if let Some((old, new)) = &s.owner_transfer {
+                    println!("    owner transfer {old} → {new}: the namespace annotation is updated and namespaceAdmin / ns-owner-access-istio are recreated by the controller");
+                }
+            }
             "delete" if s.kind == "Profile" => println!(
                 "- delete {id} — DATA LOSS: its namespace goes, with PVCs: {}",
                 if s.pvcs.is_empty() {

@@ -117,6 +117,10 @@ pub struct Step {
     /// For a Profile delete: the PVCs that would be lost with its namespace.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pvcs: Vec<String>,
+    /// For a Profile whose owner changes: (old, new). Apply then runs the
+    /// sequence that works around the upstream bug (see KUBEFLOW.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_transfer: Option<(String, String)>,
     #[serde(skip)]
     pub object: Option<Value>,
 }
@@ -198,11 +202,19 @@ pub async fn plan(client: &kube::Client, objects: &[Value]) -> anyhow::Result<Pl
         let name = meta_str(o, "name").unwrap_or_default().to_string();
         wanted.insert((kind.clone(), ns.clone(), name.clone()));
         let live = api(client, &kind, ns.as_deref()).get_opt(&name).await?;
+        let mut owner_transfer = None;
         let (action, changes) = match live {
             None => ("create", vec![]),
             Some(l) => {
                 let lv = serde_json::to_value(&l)?;
                 let d = diff(o, &lv);
+                if kind == "Profile" {
+                    let old = lv["spec"]["owner"]["name"].as_str().unwrap_or("");
+                    let new = o["spec"]["owner"]["name"].as_str().unwrap_or("");
+                    if old != new {
+                        owner_transfer = Some((old.to_string(), new.to_string()));
+                    }
+                }
                 if d.is_empty() {
                     ("unchanged", d)
                 } else {
@@ -217,6 +229,7 @@ pub async fn plan(client: &kube::Client, objects: &[Value]) -> anyhow::Result<Pl
             name,
             changes,
             pvcs: vec![],
+            owner_transfer,
             object: Some(o.clone()),
         });
     }
@@ -249,6 +262,7 @@ pub async fn plan(client: &kube::Client, objects: &[Value]) -> anyhow::Result<Pl
                 name,
                 changes: vec![],
                 pvcs,
+                owner_transfer: None,
                 object: None,
             });
         }
@@ -345,6 +359,9 @@ pub async fn apply(
             "create" | "update" => {
                 let obj = s.object.as_ref().expect("rendered object");
                 a.patch(&s.name, &pp, &Patch::Apply(obj)).await?;
+                if let Some((_, new)) = &s.owner_transfer {
+                    transfer_owner(client, &s.name, new).await?;
+                }
             }
             "delete" => match a.delete(&s.name, &DeleteParams::default()).await {
                 Ok(_) => {}
@@ -362,4 +379,34 @@ pub async fn apply(
         });
     }
     Ok(done)
+}
+
+/// The owner-transfer sequence that works with a stock profile controller
+/// (changing `spec.owner` alone is broken upstream): with the Profile already
+/// carrying the new owner, set the namespace's `owner` annotation, then
+/// delete `namespaceAdmin` and `ns-owner-access-istio` so the controller
+/// recreates them for the new owner.
+async fn transfer_owner(
+    client: &kube::Client,
+    profile: &str,
+    new_owner: &str,
+) -> anyhow::Result<()> {
+    let patch = serde_json::json!({ "metadata": { "annotations": { "owner": new_owner } } });
+    api(client, "Namespace", None)
+        .patch(profile, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    for (kind, name) in [
+        ("RoleBinding", "namespaceAdmin"),
+        ("AuthorizationPolicy", "ns-owner-access-istio"),
+    ] {
+        match api(client, kind, Some(profile))
+            .delete(name, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }

@@ -122,10 +122,25 @@ impl Store {
             .contains_key(&("namespaces".into(), String::new(), name.clone()))
         {
             self.put("namespaces", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "annotations": {"owner": owner}, "labels": {"app.kubernetes.io/part-of": "kubeflow-profile"}}}));
+        }
+        if !self.objects.contains_key(&(
+            "rolebindings".into(),
+            name.clone(),
+            "namespaceAdmin".into(),
+        )) {
             self.put("rolebindings", json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                 "metadata": {"name": "namespaceAdmin", "namespace": name, "annotations": {"user": owner, "role": "admin"}},
                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubeflow-admin"},
                 "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": owner}]}));
+        }
+        if !self.objects.contains_key(&(
+            "authorizationpolicies".into(),
+            name.clone(),
+            "ns-owner-access-istio".into(),
+        )) {
+            self.put("authorizationpolicies", json!({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": "ns-owner-access-istio", "namespace": name},
+                "spec": {"rules": [{"when": [{"key": "request.headers[kubeflow-userid]", "values": [owner]}]}]}}));
         }
         if let Some(hard) = profile["spec"]["resourceQuotaSpec"]["hard"]
             .as_object()
@@ -236,6 +251,16 @@ impl Store {
     fn delete(&mut self, key: &Key) {
         self.objects.remove(key);
         self.applied.retain(|(k, _), _| k != key);
+        // The controller recreates the objects it owns from the Profile.
+        if (key.2 == "namespaceAdmin" || key.2 == "ns-owner-access-istio") && self.controller {
+            if let Some(p) = self
+                .objects
+                .get(&("profiles".into(), String::new(), key.1.clone()))
+                .cloned()
+            {
+                self.controller_for(&p);
+            }
+        }
         if key.0 == "profiles" {
             // The namespace goes, and everything in it.
             let ns = key.2.clone();
@@ -478,6 +503,25 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
             Some(o) => reply((200, o.clone())),
             None => reply(not_found(n)),
         },
+        ("PATCH", Some(n)) if ctype == "application/merge-patch+json" => {
+            let key = (plural.to_string(), ns_key, n.to_string());
+            let Some(mut obj) = s.objects.get(&key).cloned() else {
+                return reply(not_found(n));
+            };
+            let patch: Value = match serde_json::from_slice(&body) {
+                Ok(p) => p,
+                Err(e) => {
+                    return reply(status(
+                        400,
+                        "BadRequest",
+                        &format!("error decoding patch: {e}"),
+                    ))
+                }
+            };
+            merge(&mut obj, &patch);
+            s.put(plural, obj);
+            reply((200, s.objects[&key].clone()))
+        }
         ("PATCH", Some(n)) => {
             if ctype != "application/apply-patch+yaml" {
                 return reply(status(
@@ -533,5 +577,25 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
             "MethodNotAllowed",
             &format!("{method} is not supported here"),
         )),
+    }
+}
+
+/// JSON merge patch (RFC 7386).
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
     }
 }

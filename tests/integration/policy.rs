@@ -708,6 +708,10 @@ fn the_rbac_for_labctl_covers_what_it_does_and_no_more() {
     for r in ["namespaces", "resourcequotas", "persistentvolumeclaims"] {
         assert!(allowed("", r, "list") && !allowed("", r, "delete"), "{r}");
     }
+    assert!(
+        allowed("", "namespaces", "patch"),
+        "owner transfer patches the namespace"
+    );
     assert!(allowed("rbac.authorization.k8s.io", "clusterroles", "bind"));
     assert!(!text.contains("\"*\""), "no wildcards");
     let binding = docs
@@ -833,4 +837,81 @@ fn applies_are_audited_in_a_hash_chain_that_detects_tampering() {
         .query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))
         .unwrap();
     assert_eq!(n, 2);
+}
+
+#[test]
+fn owner_transfer_runs_the_sequence_the_controller_needs() {
+    use crate::kube_sim::KubeSim;
+    let sim = KubeSim::start();
+    let d = copy_example();
+    let kc = sim.kubeconfig(d.path());
+    json_of(&kube(
+        d.path(),
+        &kc,
+        &["--json", "policy", "apply"],
+        "2026-11-26",
+    ));
+    assert_eq!(
+        sim.get("rolebindings", "nlp-teaching", "namespaceAdmin")
+            .unwrap()["subjects"][0]["name"],
+        "maria.lopez@uni.edu"
+    );
+    // The course moves to Alice.
+    let f = d.path().join("profiles/teaching.yaml");
+    let t = std::fs::read_to_string(&f).unwrap();
+    std::fs::write(
+        &f,
+        t.replace("owner: maria.lopez@uni.edu", "owner: alice@uni.edu"),
+    )
+    .unwrap();
+    let out = kube(d.path(), &kc, &["policy", "plan"], "2026-11-26");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("~ update Profile nlp-teaching: spec")
+            && text.contains("owner transfer maria.lopez@uni.edu → alice@uni.edu"),
+        "{text}"
+    );
+    json_of(&kube(
+        d.path(),
+        &kc,
+        &["--json", "policy", "apply"],
+        "2026-11-26",
+    ));
+    assert_eq!(
+        sim.get("profiles", "", "nlp-teaching").unwrap()["spec"]["owner"]["name"],
+        "alice@uni.edu"
+    );
+    assert_eq!(
+        sim.get("namespaces", "", "nlp-teaching").unwrap()["metadata"]["annotations"]["owner"],
+        "alice@uni.edu"
+    );
+    assert_eq!(
+        sim.get("rolebindings", "nlp-teaching", "namespaceAdmin")
+            .unwrap()["subjects"][0]["name"],
+        "alice@uni.edu"
+    );
+    assert_eq!(
+        sim.get(
+            "authorizationpolicies",
+            "nlp-teaching",
+            "ns-owner-access-istio"
+        )
+        .unwrap()["spec"]["rules"][0]["when"][0]["values"][0],
+        "alice@uni.edu"
+    );
+    let plan = json_of(&kube(
+        d.path(),
+        &kc,
+        &["--json", "policy", "plan"],
+        "2026-11-26",
+    ));
+    assert!(
+        plan["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["action"] == "unchanged"),
+        "{plan}"
+    );
+    assert!(plan["missing"].as_array().unwrap().is_empty(), "{plan}");
 }
