@@ -47,9 +47,6 @@ pub struct AuditArgs {
     /// Who is applying (default: the local user).
     #[arg(long)]
     pub actor: Option<String>,
-    /// Why (recorded in the audit trail).
-    #[arg(long, value_name = "TEXT")]
-    pub reason: Option<String>,
     /// The append-only, hash-chained audit file.
     #[arg(long, env = "LABCTL_AUDIT_LOG", value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
@@ -171,8 +168,23 @@ pub enum PolicyCmd {
         /// Allow deleting Profiles the policy no longer has (their namespaces and PVCs go too).
         #[arg(long)]
         allow_data_loss: bool,
+        /// Why (recorded in the audit trail).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
         #[command(flatten)]
         a: AuditArgs,
+    },
+    /// Adopt contributor bindings made in the Kubeflow dashboard (KFAM) into
+    /// the policy files: each becomes a grant (the person a Researcher if
+    /// new). A later apply then manages those objects.
+    Import {
+        #[command(flatten)]
+        p: PoliciesArg,
+        #[command(flatten)]
+        k: KubeArgs,
+        /// Only list what would be imported.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// List access that lapses within the given time (grants, groups, people).
     Expiring {
@@ -206,6 +218,13 @@ pub enum ProfileCmd {
         reason: Option<String>,
         #[command(flatten)]
         p: PoliciesArg,
+        /// Apply the whole policy to the cluster right after editing.
+        #[arg(long)]
+        apply: bool,
+        #[command(flatten)]
+        k: KubeArgs,
+        #[command(flatten)]
+        a: AuditArgs,
     },
     /// Remove a person's direct grant on a profile (editing the files in place).
     Revoke {
@@ -236,6 +255,47 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .worker_threads(2)
         .enable_all()
         .build()?)
+}
+
+/// Plan, apply and audit (shared by `policy apply` and `profile grant --apply`).
+fn apply_policy(
+    g: &GlobalArgs,
+    p: &PoliciesArg,
+    k: &KubeArgs,
+    allow_data_loss: bool,
+    a: &AuditArgs,
+    reason: Option<&str>,
+) -> anyhow::Result<(policy::cluster::Plan, Vec<policy::cluster::Done>)> {
+    let (pol, today) = p.load(g)?;
+    let objects = policy::render::render(&pol, today);
+    let (plan, done) = runtime()?.block_on(async {
+        let c = policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
+        let plan = policy::cluster::plan(&c, &objects).await?;
+        let done = policy::cluster::apply(&c, &plan, allow_data_loss).await?;
+        Ok::<_, anyhow::Error>((plan, done))
+    })?;
+    if !done.is_empty() {
+        let actor = a.actor.clone().unwrap_or_else(policy::audit::local_user);
+        let changes: Vec<serde_json::Value> = done
+            .iter()
+            .map(|d| {
+                let step = plan
+                    .steps
+                    .iter()
+                    .find(|s| s.kind == d.kind && s.name == d.name && s.namespace == d.namespace);
+                serde_json::json!({"action": d.action, "kind": d.kind, "namespace": d.namespace, "name": d.name,
+                    "fields": step.map(|s| s.changes.clone()).unwrap_or_default()})
+            })
+            .collect();
+        policy::audit::record(
+            &a.path(g),
+            &actor,
+            reason,
+            &p.policies,
+            serde_json::json!(changes),
+        )?;
+    }
+    Ok((plan, done))
 }
 
 pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
@@ -295,40 +355,70 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
             p,
             k,
             allow_data_loss,
+            reason,
             a,
         } => {
-            let (pol, today) = p.load(g)?;
-            let objects = policy::render::render(&pol, today);
-            let (plan, done) = runtime()?.block_on(async {
-                let c =
-                    policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
-                let plan = policy::cluster::plan(&c, &objects).await?;
-                let done = policy::cluster::apply(&c, &plan, allow_data_loss).await?;
-                Ok::<_, anyhow::Error>((plan, done))
-            })?;
-            if !done.is_empty() {
-                let actor = a.actor.clone().unwrap_or_else(policy::audit::local_user);
-                let changes: Vec<serde_json::Value> = done
-                    .iter()
-                    .map(|d| {
-                        let step = plan.steps.iter().find(|s| s.kind == d.kind && s.name == d.name && s.namespace == d.namespace);
-                        serde_json::json!({"action": d.action, "kind": d.kind, "namespace": d.namespace, "name": d.name,
-                            "fields": step.map(|s| s.changes.clone()).unwrap_or_default()})
-                    })
-                    .collect();
-                policy::audit::record(
-                    &a.path(g),
-                    &actor,
-                    a.reason.as_deref(),
-                    &p.policies,
-                    serde_json::json!(changes),
-                )?;
-            }
+            let (plan, done) = apply_policy(g, &p, &k, allow_data_loss, &a, reason.as_deref())?;
             if g.json {
                 print_json(&serde_json::json!({"plan": plan, "applied": done}))?;
             } else if !g.quiet {
                 print_plan(&plan);
                 println!("applied {} change(s)", done.len());
+            }
+            Ok(ExitCode::Success)
+        }
+        PolicyCmd::Import { p, k, dry_run } => {
+            let (pol, today) = p.load(g)?;
+            let names: Vec<String> = pol.profiles.keys().cloned().collect();
+            let found = runtime()?.block_on(async {
+                let c =
+                    policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
+                policy::cluster::unmanaged_contributors(&c, &names).await
+            })?;
+            let have = pol.accesses(today);
+            let rank = |r: &str| ["view", "edit", "admin"].iter().position(|x| *x == r);
+            let mut imported = vec![];
+            for f in &found {
+                let covered = have.iter().any(|a| {
+                    a.user == f.user && a.profile == f.profile && rank(&a.role) >= rank(&f.role)
+                }) || pol
+                    .profiles
+                    .get(&f.profile)
+                    .is_some_and(|(pr, _)| pr.owner == f.user);
+                if covered {
+                    continue;
+                }
+                if !dry_run {
+                    policy::edit::grant(
+                        &p.policies,
+                        today,
+                        &f.user,
+                        &f.profile,
+                        &f.role,
+                        None,
+                        Some("imported from a dashboard-made binding"),
+                    )?;
+                }
+                imported.push(f.clone());
+            }
+            if g.json {
+                print_json(&imported)?;
+            } else if !g.quiet {
+                for f in &imported {
+                    println!(
+                        "{} {} {} on {} (RoleBinding {})",
+                        if dry_run { "would import" } else { "imported" },
+                        f.user,
+                        f.role,
+                        f.profile,
+                        f.binding
+                    );
+                }
+                if imported.is_empty() {
+                    println!(
+                        "nothing to import: every contributor binding is already in the policy"
+                    );
+                }
             }
             Ok(ExitCode::Success)
         }
@@ -420,6 +510,9 @@ pub fn run_profile(g: &GlobalArgs, c: ProfileCmd) -> anyhow::Result<ExitCode> {
             expires,
             reason,
             p,
+            apply,
+            k,
+            a,
         } => {
             let ch = policy::edit::grant(
                 &p.policies,
@@ -441,6 +534,16 @@ pub fn run_profile(g: &GlobalArgs, c: ProfileCmd) -> anyhow::Result<ExitCode> {
                     ch.action,
                     ch.file.display()
                 );
+            }
+            if apply {
+                let why = reason
+                    .clone()
+                    .unwrap_or_else(|| format!("grant {role} on {profile} to {email}"));
+                let (plan, done) = apply_policy(g, &p, &k, false, &a, Some(&why))?;
+                if !g.quiet && !g.json {
+                    print_plan(&plan);
+                    println!("applied {} change(s)", done.len());
+                }
             }
             return Ok(ExitCode::Success);
         }

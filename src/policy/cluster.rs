@@ -410,3 +410,52 @@ async fn transfer_owner(
     }
     Ok(())
 }
+
+/// A contributor binding found in the cluster that labctl does not manage.
+#[derive(Debug, Clone, Serialize)]
+pub struct Found {
+    pub profile: String,
+    pub user: String,
+    pub role: String,
+    pub binding: String,
+}
+
+/// Contributor RoleBindings (KFAM's `user`/`role` annotations) in the
+/// namespaces of `profiles` that are not labelled as managed by labctl.
+///
+/// # Errors
+/// Kubernetes API errors.
+pub async fn unmanaged_contributors(
+    client: &kube::Client,
+    profiles: &[String],
+) -> anyhow::Result<Vec<Found>> {
+    let mut out = vec![];
+    for p in profiles {
+        let list = api(client, "RoleBinding", Some(p))
+            .list(&ListParams::default())
+            .await?;
+        for rb in list.items {
+            let name = rb.metadata.name.clone().unwrap_or_default();
+            let labels = rb.metadata.labels.clone().unwrap_or_default();
+            if labels.get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1)
+                || name == "namespaceAdmin"
+            {
+                continue;
+            }
+            let ann = rb.metadata.annotations.clone().unwrap_or_default();
+            let (Some(user), Some(role)) = (ann.get("user"), ann.get("role")) else {
+                continue;
+            };
+            if !["view", "edit", "admin"].contains(&role.as_str()) {
+                continue;
+            }
+            out.push(Found {
+                profile: p.clone(),
+                user: user.clone(),
+                role: role.clone(),
+                binding: name,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -915,3 +915,96 @@ fn owner_transfer_runs_the_sequence_the_controller_needs() {
     );
     assert!(plan["missing"].as_array().unwrap().is_empty(), "{plan}");
 }
+
+#[test]
+fn import_adopts_dashboard_bindings_and_grant_can_apply_at_once() {
+    use crate::kube_sim::KubeSim;
+    let sim = KubeSim::start();
+    let d = copy_example();
+    let kc = sim.kubeconfig(d.path());
+    let today = "2026-11-26";
+    json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    // Someone added Eve as a contributor through the dashboard (KFAM).
+    sim.with(|s| {
+        s.put("rolebindings", serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "user-eve-uni-edu-clusterrole-edit", "namespace": "nlp-lab", "annotations": {"user": "eve@uni.edu", "role": "edit"}},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubeflow-edit"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "eve@uni.edu"}]}));
+    });
+    let dry = json_of(&kube(
+        d.path(),
+        &kc,
+        &["--json", "policy", "import", "--dry-run"],
+        today,
+    ));
+    assert_eq!(
+        dry,
+        serde_json::json!([{"profile": "nlp-lab", "user": "eve@uni.edu", "role": "edit", "binding": "user-eve-uni-edu-clusterrole-edit"}])
+    );
+    assert!(!read(d.path(), "people.yaml").contains("eve@uni.edu"));
+    json_of(&kube(d.path(), &kc, &["--json", "policy", "import"], today));
+    assert!(read(d.path(), "people.yaml").contains("email: eve@uni.edu"));
+    assert!(read(d.path(), "profiles/nlp-lab.yaml").contains("  - user: eve@uni.edu\n    role: edit\n    reason: \"imported from a dashboard-made binding\"\n"));
+    // Importing again finds nothing; applying takes the binding over (label added).
+    let again = json_of(&kube(d.path(), &kc, &["--json", "policy", "import"], today));
+    assert_eq!(again, serde_json::json!([]));
+    json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    let rb = sim
+        .get(
+            "rolebindings",
+            "nlp-lab",
+            "user-eve-uni-edu-clusterrole-edit",
+        )
+        .unwrap();
+    assert_eq!(
+        rb["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "labctl"
+    );
+    // grant --apply edits the file and applies in one step, audited.
+    let log = d.path().join("audit.jsonl");
+    let out = Command::new(BIN)
+        .env_clear()
+        .args([
+            "profile",
+            "grant",
+            "frank@uni.edu",
+            "--profile",
+            "nlp-teaching",
+            "--role",
+            "view",
+            "--expires",
+            "2027-01-31",
+            "--apply",
+            "--actor",
+            "maria.lopez@uni.edu",
+        ])
+        .arg("--policies")
+        .arg(d.path())
+        .args(["--today", today, "--kubeconfig"])
+        .arg(&kc)
+        .arg("--audit-log")
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert_success(&out, &["grant --apply"]);
+    assert!(sim
+        .get(
+            "rolebindings",
+            "nlp-teaching",
+            "user-frank-uni-edu-clusterrole-view"
+        )
+        .is_some());
+    let entry: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(entry["actor"], "maria.lopez@uni.edu");
+    assert_eq!(
+        entry["reason"],
+        "grant view on nlp-teaching to frank@uni.edu"
+    );
+}
