@@ -226,6 +226,11 @@ pub enum ProfileCmd {
         #[command(flatten)]
         a: AuditArgs,
     },
+    /// List the profiles: owner, quota class, and how many people can reach each.
+    List {
+        #[command(flatten)]
+        p: PoliciesArg,
+    },
     /// Remove a person's direct grant on a profile (editing the files in place).
     Revoke {
         email: String,
@@ -551,6 +556,36 @@ pub fn run_profile(g: &GlobalArgs, c: ProfileCmd) -> anyhow::Result<ExitCode> {
             let f = policy::edit::revoke(&p.policies, p.today()?, &email, &profile)?;
             if !g.quiet && !g.json {
                 println!("revoked: {email} on {profile} ({})", f.display());
+            }
+            return Ok(ExitCode::Success);
+        }
+        ProfileCmd::List { p } => {
+            let (pol, today) = p.load(g)?;
+            let access = pol.accesses(today);
+            let rows: Vec<serde_json::Value> = pol
+                .profiles
+                .iter()
+                .map(|(name, (pr, _))| {
+                    let people = access.iter().filter(|a| &a.profile == name).count();
+                    serde_json::json!({"profile": name, "owner": pr.owner, "quota-class": pr.quota_class, "contributors": people})
+                })
+                .collect();
+            if g.json {
+                print_json(&rows)?;
+            } else {
+                println!(
+                    "{:<20} {:<28} {:<14} CONTRIBUTORS",
+                    "PROFILE", "OWNER", "QUOTA"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<20} {:<28} {:<14} {}",
+                        r["profile"].as_str().unwrap_or(""),
+                        r["owner"].as_str().unwrap_or(""),
+                        r["quota-class"].as_str().unwrap_or("-"),
+                        r["contributors"]
+                    );
+                }
             }
             return Ok(ExitCode::Success);
         }

@@ -194,6 +194,27 @@ fn diff(want: &Value, live: &Value) -> Vec<String> {
 /// # Errors
 /// Kubernetes API errors.
 pub async fn plan(client: &kube::Client, objects: &[Value]) -> anyhow::Result<Plan> {
+    // The CRDs must be there (discovery), or nothing below makes sense.
+    for (gv, plural, what) in [
+        ("kubeflow.org/v1", "profiles", "Kubeflow's Profile CRD"),
+        (
+            "security.istio.io/v1beta1",
+            "authorizationpolicies",
+            "Istio's AuthorizationPolicy CRD",
+        ),
+    ] {
+        let found = match client.list_api_group_resources(gv).await {
+            Ok(list) => list.resources.iter().any(|r| r.name == plural),
+            Err(kube::Error::Api(e)) if e.code == 404 => false,
+            Err(e) => return Err(e.into()),
+        };
+        if !found {
+            return Err(crate::error::LabError::usage(format!(
+                "the cluster does not serve {gv} {plural} ({what}): is Kubeflow 1.8/1.9 installed, and is this the right context?"
+            ))
+            .into());
+        }
+    }
     let mut steps = vec![];
     let mut wanted = BTreeSet::new();
     for o in objects {

@@ -57,6 +57,8 @@ pub struct Store {
     rv: u64,
     /// Emulate the profile controller (tests switch it off to see drift).
     pub controller: bool,
+    /// A cluster without Kubeflow: no kubeflow.org API group.
+    pub without_kubeflow: bool,
     pub requests: Vec<String>,
 }
 
@@ -392,6 +394,13 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
     let mut s = st.lock().unwrap();
     s.requests.push(format!("{method} {path}"));
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if s.without_kubeflow && segs.get(1) == Some(&"kubeflow.org") {
+        return reply(status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
+    }
     // Discovery for the CRD groups.
     if method == "GET" && segs.len() == 3 && segs[0] == "apis" {
         let list: Vec<Value> = resources()

@@ -219,6 +219,12 @@ fn expiry_removes_access_and_expiring_lists_it() {
     let out = labctl(&example(), &["--json", "access", "bob@uni.edu"]);
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
+    let out = labctl(&example(), &["--json", "profile", "list"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        rows[0],
+        serde_json::json!({"profile": "nlp-lab", "owner": "maria.lopez@uni.edu", "quota-class": "gpu-small", "contributors": 4})
+    );
 }
 
 /// Copies the example, applies `edit` to one file, validates; returns stderr.
@@ -655,6 +661,22 @@ fn plan_apply_drift_prune_expiry_and_the_data_loss_guard() {
     assert!(sim
         .get("persistentvolumeclaims", "nlp-teaching", "workspace-carla")
         .is_none());
+    // A cluster without the Kubeflow CRDs: a clear error from discovery.
+    let bare = KubeSim::start();
+    bare.with(|s| s.without_kubeflow = true);
+    let bare_dir = tempfile::tempdir().unwrap();
+    let out = kube(
+        d.path(),
+        &bare.kubeconfig(bare_dir.path()),
+        &["policy", "plan"],
+        today,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not serve kubeflow.org/v1 profiles"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A wrong token is refused by the API server.
     let bad = std::fs::read_to_string(&kc)
         .unwrap()
