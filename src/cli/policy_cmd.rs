@@ -255,6 +255,14 @@ pub struct AccessCmd {
     pub p: PoliciesArg,
 }
 
+/// Names the API server in errors that happened talking to it.
+fn reach(e: anyhow::Error, url: &str) -> anyhow::Error {
+    if e.downcast_ref::<crate::error::LabError>().is_some() {
+        return e;
+    }
+    e.context(format!("Kubernetes API server {url}"))
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -274,8 +282,11 @@ fn apply_policy(
     let (pol, today) = p.load(g)?;
     let objects = policy::render::render(&pol, today);
     let (plan, done) = runtime()?.block_on(async {
-        let c = policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
-        let plan = policy::cluster::plan(&c, &objects).await?;
+        let (c, url) =
+            policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
+        let plan = policy::cluster::plan(&c, &objects)
+            .await
+            .map_err(|e| reach(e, &url))?;
         let done = policy::cluster::apply(&c, &plan, allow_data_loss).await?;
         Ok::<_, anyhow::Error>((plan, done))
     })?;
@@ -345,9 +356,11 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
             let (pol, today) = p.load(g)?;
             let objects = policy::render::render(&pol, today);
             let plan = runtime()?.block_on(async {
-                let c =
+                let (c, url) =
                     policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
-                policy::cluster::plan(&c, &objects).await
+                policy::cluster::plan(&c, &objects)
+                    .await
+                    .map_err(|e| reach(e, &url))
             })?;
             if g.json {
                 print_json(&plan)?;
@@ -376,9 +389,11 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
             let (pol, today) = p.load(g)?;
             let names: Vec<String> = pol.profiles.keys().cloned().collect();
             let found = runtime()?.block_on(async {
-                let c =
+                let (c, url) =
                     policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
-                policy::cluster::unmanaged_contributors(&c, &names).await
+                policy::cluster::unmanaged_contributors(&c, &names)
+                    .await
+                    .map_err(|e| reach(e, &url))
             })?;
             let have = pol.accesses(today);
             let rank = |r: &str| ["view", "edit", "admin"].iter().position(|x| *x == r);

@@ -78,7 +78,7 @@ fn api(client: &kube::Client, kind: &str, ns: Option<&str>) -> Api<DynamicObject
 pub async fn connect(
     path: Option<&std::path::Path>,
     context: Option<&str>,
-) -> anyhow::Result<kube::Client> {
+) -> anyhow::Result<(kube::Client, String)> {
     let opts = kube::config::KubeConfigOptions {
         context: context.map(String::from),
         ..Default::default()
@@ -100,7 +100,8 @@ pub async fn connect(
             .await
             .map_err(|e| usage(e.to_string()))?,
     };
-    Ok(kube::Client::try_from(config)?)
+    let url = config.cluster_url.to_string();
+    Ok((kube::Client::try_from(config)?, url))
 }
 
 /// One step of the plan.

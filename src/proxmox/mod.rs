@@ -225,10 +225,17 @@ impl Client {
             vmid: ctx.vmid,
             upid: None,
         };
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| err(0, format!("cannot reach PVE: {}", e.without_url())))?;
+        let resp = req.send().await.map_err(|e| {
+            // The endpoint is not secret; the token is never in the URL.
+            let e = e.without_url();
+            let mut why = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                why.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            err(0, format!("cannot reach PVE at {}: {why}", self.base))
+        })?;
         let status = resp.status();
         // PVE puts its message in the HTTP reason phrase.
         let reason = resp
