@@ -614,76 +614,72 @@ pub fn run_profile(g: &GlobalArgs, c: ProfileCmd) -> anyhow::Result<ExitCode> {
         ))
         .into());
     };
-    let mut rows =
-        vec![serde_json::json!({"user": pr.owner, "role": "owner", "via": "profile owner"})];
-    for a in pol
-        .accesses(today)
-        .into_iter()
-        .filter(|a| a.profile == profile)
-    {
-        rows.push(serde_json::json!({
-            "user": a.user, "role": a.role,
-            "via": a.group.as_ref().map(|g| format!("group {g}")).unwrap_or_else(|| "direct grant".into()),
-            "expires": a.expires.map(|e| e.to_string()), "notebooks": a.notebooks,
-        }));
-    }
+    let mut rows = vec![owner_row(&pr.owner, &profile)];
+    rows.extend(
+        pol.accesses(today)
+            .iter()
+            .filter(|a| a.profile == profile)
+            .map(access_row),
+    );
+    print_access(g, &rows, "user", 30)
+}
+
+/// A "who can reach what, and why" row for `who-has-access` and `access`.
+fn access_row(a: &policy::Access) -> serde_json::Value {
+    serde_json::json!({
+        "user": a.user, "profile": a.profile, "role": a.role,
+        "via": a.group.as_ref().map(|g| format!("group {g}")).unwrap_or_else(|| "direct grant".into()),
+        "expires": a.expires.map(|e| e.to_string()), "notebooks": a.notebooks,
+    })
+}
+
+fn owner_row(user: &str, profile: &str) -> serde_json::Value {
+    serde_json::json!({"user": user, "profile": profile, "role": "owner", "via": "profile owner"})
+}
+
+/// Prints rows (JSON, or a table led by the `first` column).
+fn print_access(
+    g: &GlobalArgs,
+    rows: &[serde_json::Value],
+    first: &str,
+    width: usize,
+) -> anyhow::Result<ExitCode> {
     if g.json {
         print_json(&rows)?;
-    } else {
-        for r in &rows {
-            println!(
-                "{:<30} {:<6} {}{}",
-                r["user"].as_str().unwrap_or(""),
-                r["role"].as_str().unwrap_or(""),
-                r["via"].as_str().unwrap_or(""),
-                r["expires"]
-                    .as_str()
-                    .map(|e| format!(", until {e}"))
-                    .unwrap_or_default()
-            );
-        }
+        return Ok(ExitCode::Success);
+    }
+    for r in rows {
+        println!(
+            "{:<width$} {:<6} {}{}",
+            r[first].as_str().unwrap_or(""),
+            r["role"].as_str().unwrap_or(""),
+            r["via"].as_str().unwrap_or(""),
+            r["expires"]
+                .as_str()
+                .map(|e| format!(", until {e}"))
+                .unwrap_or_default()
+        );
     }
     Ok(ExitCode::Success)
 }
 
 pub fn run_access(g: &GlobalArgs, c: AccessCmd) -> anyhow::Result<ExitCode> {
     let (pol, today) = c.p.load(g)?;
-    let mut rows = vec![];
-    for (name, (pr, _)) in &pol.profiles {
-        if pr.owner == c.email {
-            rows.push(
-                serde_json::json!({"profile": name, "role": "owner", "via": "profile owner"}),
-            );
-        }
-    }
-    for a in pol
-        .accesses(today)
-        .into_iter()
-        .filter(|a| a.user == c.email)
-    {
-        rows.push(serde_json::json!({
-            "profile": a.profile, "role": a.role,
-            "via": a.group.as_ref().map(|g| format!("group {g}")).unwrap_or_else(|| "direct grant".into()),
-            "expires": a.expires.map(|e| e.to_string()),
-        }));
-    }
-    if g.json {
-        print_json(&rows)?;
-    } else if rows.is_empty() {
+    let mut rows: Vec<serde_json::Value> = pol
+        .profiles
+        .iter()
+        .filter(|(_, (pr, _))| pr.owner == c.email)
+        .map(|(name, _)| owner_row(&c.email, name))
+        .collect();
+    rows.extend(
+        pol.accesses(today)
+            .iter()
+            .filter(|a| a.user == c.email)
+            .map(access_row),
+    );
+    if rows.is_empty() && !g.json {
         println!("{} has no access in {}", c.email, c.p.policies.display());
-    } else {
-        for r in &rows {
-            println!(
-                "{:<20} {:<6} {}{}",
-                r["profile"].as_str().unwrap_or(""),
-                r["role"].as_str().unwrap_or(""),
-                r["via"].as_str().unwrap_or(""),
-                r["expires"]
-                    .as_str()
-                    .map(|e| format!(", until {e}"))
-                    .unwrap_or_default()
-            );
-        }
+        return Ok(ExitCode::Success);
     }
-    Ok(ExitCode::Success)
+    print_access(g, &rows, "profile", 20)
 }

@@ -346,6 +346,21 @@ fn line_of(text: &str, origin: &Origin, key: &str, value: &str) -> usize {
         .map_or(origin.line, |i| origin.line + i)
 }
 
+/// Adds a named document, refusing a second one with the same name.
+fn insert_once<T>(
+    map: &mut BTreeMap<String, (T, Origin)>,
+    key: String,
+    value: T,
+    origin: Origin,
+    dup: impl Fn(&str, &Origin) -> anyhow::Error,
+) -> anyhow::Result<()> {
+    if let Some((_, first)) = map.get(&key) {
+        return Err(dup(&key, first));
+    }
+    map.insert(key, (value, origin));
+    Ok(())
+}
+
 /// Loads and validates every policy file under `dir`.
 ///
 /// # Errors
@@ -399,31 +414,19 @@ pub fn load(dir: &Path, today: Date) -> anyhow::Result<Policy> {
                 }
                 "Researcher" => {
                     let r: Researcher = de(&doc, &origin)?;
-                    if let Some((_, first)) = p.researchers.get(&r.email) {
-                        return Err(dup("Researcher", &r.email, first));
-                    }
-                    p.researchers.insert(r.email.clone(), (r, origin));
+                    insert_once(&mut p.researchers, r.email.clone(), r, origin.clone(), |k, f| dup(kind, k, f))?;
                 }
                 "Group" => {
                     let g: Group = de(&doc, &origin)?;
-                    if let Some((_, first)) = p.groups.get(&g.name) {
-                        return Err(dup("Group", &g.name, first));
-                    }
-                    p.groups.insert(g.name.clone(), (g, origin));
+                    insert_once(&mut p.groups, g.name.clone(), g, origin.clone(), |k, f| dup(kind, k, f))?;
                 }
                 "QuotaClass" => {
                     let q: QuotaClass = de(&doc, &origin)?;
-                    if let Some((_, first)) = p.quota_classes.get(&q.name) {
-                        return Err(dup("QuotaClass", &q.name, first));
-                    }
-                    p.quota_classes.insert(q.name.clone(), (q, origin));
+                    insert_once(&mut p.quota_classes, q.name.clone(), q, origin.clone(), |k, f| dup(kind, k, f))?;
                 }
                 "Profile" => {
                     let pr: Profile = de(&doc, &origin)?;
-                    if let Some((_, first)) = p.profiles.get(&pr.name) {
-                        return Err(dup("Profile", &pr.name, first));
-                    }
-                    p.profiles.insert(pr.name.clone(), (pr, origin));
+                    insert_once(&mut p.profiles, pr.name.clone(), pr, origin.clone(), |k, f| dup(kind, k, f))?;
                 }
                 "" => {
                     return Err(LabError::usage(format!(
