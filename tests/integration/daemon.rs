@@ -961,6 +961,35 @@ fn deploy_examples_validate() {
         assert_success(&out, &help);
     }
     assert!(k8s.contains("args: [\"daemon\", \"--config\", \"/etc/labctl/labctl.toml\"]"));
+    // The manifests parse, and the keys reach labctl with mode 0600 (secret
+    // volumes are root-owned and group-readable, which labctl refuses).
+    let docs: Vec<serde_json::Value> = k8s
+        .split("\n---\n")
+        .map(|d| serde_norway::from_str(d).unwrap())
+        .collect();
+    let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(dep["spec"]["replicas"], 1);
+    assert_eq!(dep["spec"]["strategy"]["type"], "Recreate");
+    assert!(pod["initContainers"][0]["command"][2]
+        .as_str()
+        .unwrap()
+        .contains("install -m 0600"));
+    let keys = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "keys")
+        .unwrap();
+    assert_eq!(keys["emptyDir"]["medium"], "Memory");
+    let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap();
+    assert!(mounts
+        .iter()
+        .any(|m| m["name"] == "keys" && m["mountPath"] == "/etc/labctl/keys"));
+    assert!(
+        !mounts.iter().any(|m| m["name"] == "secret"),
+        "labctl never reads the group-readable secret volume"
+    );
     assert!(unit.contains("NoNewPrivileges=yes") && unit.contains("ProtectSystem=strict"));
     let alerts = std::fs::read_to_string(root.join("prometheus/labctl-alerts.yaml")).unwrap();
     // Every metric an alert uses is one the daemon exports.
