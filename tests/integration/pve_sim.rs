@@ -20,7 +20,7 @@
 //!   failing clone task.
 //!
 //! Regenerate the schema subset with the Python snippet in
-//! tests/fixtures/pve/README.md's history (it keeps only `parameters`).
+//! tests/fixtures/pve/README.md (it keeps only each method's `parameters`).
 
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
