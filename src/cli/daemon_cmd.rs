@@ -212,10 +212,7 @@ pub fn run_jobs(g: &GlobalArgs, c: JobsCmd) -> anyhow::Result<ExitCode> {
                         names.join(", ")
                     ))
                 })?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let rt = super::runtime()?;
             let run = rt.block_on(async {
                 let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
                 let ctx = context(&loaded, stop_rx)?;
@@ -303,10 +300,7 @@ pub fn run_daemon(_g: &GlobalArgs, c: DaemonCmd) -> anyhow::Result<ExitCode> {
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = super::runtime()?;
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let (ctl_tx, ctl_rx) = tokio::sync::mpsc::channel(8);

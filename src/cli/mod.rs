@@ -267,6 +267,18 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 }
 
 /// Human-readable byte counts.
+/// The tokio runtime for commands that talk over the network (daemon, jobs,
+/// provision, policy): two workers, as on the lab's 2-core hosts.
+///
+/// # Errors
+/// When the runtime cannot start.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
 /// Parses a percentage like `25%` (or `25`) into 0.0–1.0.
 ///
 /// # Errors

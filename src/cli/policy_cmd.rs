@@ -263,13 +263,6 @@ fn reach(e: anyhow::Error, url: &str) -> anyhow::Error {
     e.context(format!("Kubernetes API server {url}"))
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?)
-}
-
 /// Plan, apply and audit (shared by `policy apply` and `profile grant --apply`).
 fn apply_policy(
     g: &GlobalArgs,
@@ -281,7 +274,7 @@ fn apply_policy(
 ) -> anyhow::Result<(policy::cluster::Plan, Vec<policy::cluster::Done>)> {
     let (pol, today) = p.load(g)?;
     let objects = policy::render::render(&pol, today);
-    let (plan, done) = runtime()?.block_on(async {
+    let (plan, done) = super::runtime()?.block_on(async {
         let (c, url) =
             policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
         let plan = policy::cluster::plan(&c, &objects)
@@ -355,7 +348,7 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
         PolicyCmd::Plan { p, k } => {
             let (pol, today) = p.load(g)?;
             let objects = policy::render::render(&pol, today);
-            let plan = runtime()?.block_on(async {
+            let plan = super::runtime()?.block_on(async {
                 let (c, url) =
                     policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
                 policy::cluster::plan(&c, &objects)
@@ -388,7 +381,7 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
         PolicyCmd::Import { p, k, dry_run } => {
             let (pol, today) = p.load(g)?;
             let names: Vec<String> = pol.profiles.keys().cloned().collect();
-            let found = runtime()?.block_on(async {
+            let found = super::runtime()?.block_on(async {
                 let (c, url) =
                     policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
                 policy::cluster::unmanaged_contributors(&c, &names)

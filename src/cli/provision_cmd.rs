@@ -67,13 +67,6 @@ pub enum ProvisionCmd {
     },
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?)
-}
-
 fn load(p: &PlatformArg, g: &GlobalArgs) -> anyhow::Result<platform::Platform> {
     let pf = platform::load(&p.platform)?;
     if !g.quiet {
@@ -150,7 +143,7 @@ pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> anyhow::Result<ExitCode> {
         }
         ProvisionCmd::Plan { p } => {
             let pf = load(&p, g)?;
-            let plan = runtime()?.block_on(async {
+            let plan = super::runtime()?.block_on(async {
                 let c = provision::connect(&pf).await?;
                 provision::plan(&c, &pf).await
             })?;
@@ -168,7 +161,7 @@ pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> anyhow::Result<ExitCode> {
         ProvisionCmd::Apply { p } => {
             let pf = load(&p, g)?;
             let _lock = crate::provision::audit::lock(&audit_path(g))?;
-            let (plan, applied) = runtime()?.block_on(async {
+            let (plan, applied) = super::runtime()?.block_on(async {
                 let c = provision::connect(&pf).await?;
                 let plan = provision::plan(&c, &pf).await?;
                 if !g.json && !g.quiet {
@@ -228,7 +221,7 @@ pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> anyhow::Result<ExitCode> {
                 }
             }
             let _lock = crate::provision::audit::lock(&audit_path(g))?;
-            let gone = runtime()?.block_on(async {
+            let gone = super::runtime()?.block_on(async {
                 let c = provision::connect(&pf).await?;
                 provision::destroy(&c, &pf, &name, g.quiet || g.json).await
             })?;
@@ -270,7 +263,7 @@ pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> anyhow::Result<ExitCode> {
         }
         ProvisionCmd::Status { p } => {
             let pf = load(&p, g)?;
-            let live = runtime()?.block_on(async {
+            let live = super::runtime()?.block_on(async {
                 let c = provision::connect(&pf).await?;
                 provision::live_vms(&c)
                     .await
