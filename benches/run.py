@@ -129,7 +129,8 @@ class Labctl:
     def restore(self, target):
         env = dict(self.env)
         del env["LABCTL_KEY"]
-        return run([self.bin, "-q", "restore", "latest", "--target", target], env=env)
+        extra = os.environ.get("LABCTL_BENCH_RESTORE_ARGS", "").split()
+        return run([self.bin, "-q", "restore", "latest", "--target", target, *extra], env=env)
 
 
 class Restic:

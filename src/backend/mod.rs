@@ -87,12 +87,42 @@ pub trait Backend: Send + Sync {
     fn get(&self, name: &str) -> BackendResult<Vec<u8>>;
     /// Reads `len` bytes at `offset`; a short object is `ShortRead`.
     fn get_range(&self, name: &str, offset: u64, len: u64) -> BackendResult<Vec<u8>>;
+    /// Delivers bytes `offset..offset + len` of an object to `sink`, in
+    /// order, in pieces, so a reader need not hold the whole range. A
+    /// network backend resumes an interrupted body where it stopped, so the
+    /// sink sees every byte exactly once. The sink returns `false` to stop
+    /// early (the call then returns `Ok`). A short object ends with
+    /// `ShortRead` (some of the bytes it does hold may have been delivered).
+    fn get_range_stream(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> BackendResult<()> {
+        const PIECE: u64 = 4 << 20;
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let n = PIECE.min(end - at);
+            if !sink(&self.get_range(name, at, n)?) {
+                return Ok(());
+            }
+            at += n;
+        }
+        Ok(())
+    }
     /// Calls `f` for each object whose name starts with `prefix`.
     fn list(&self, prefix: &str, f: &mut dyn FnMut(ObjectInfo)) -> BackendResult<()>;
     /// The size of an object, or `None` when it does not exist.
     fn stat(&self, name: &str) -> BackendResult<Option<u64>>;
     /// Removes an object (prune only). Removing a missing object is not an error.
     fn delete(&self, name: &str) -> BackendResult<()>;
+    /// Whether requests are expensive (an object store over the network):
+    /// readers then prefer few large reads.
+    fn is_remote(&self) -> bool {
+        false
+    }
     /// How many requests to keep in flight for good throughput.
     fn parallelism(&self) -> usize {
         4

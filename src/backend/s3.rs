@@ -337,6 +337,111 @@ impl S3Backend {
     }
 }
 
+impl S3Backend {
+    /// One ranged GET streamed into `sink`; an interrupted, truncated or
+    /// stalled body is resumed with a new request from the first byte not
+    /// yet delivered. Attempts that make progress do not count against the
+    /// retry budget (a long download through a flaky link still finishes);
+    /// a hard cap keeps a pathological server from looping forever.
+    async fn stream_body(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> BackendResult<()> {
+        let key = self.key(name);
+        let end = offset + len;
+        let mut at = offset;
+        let (mut failures, mut requests) = (0u32, 0u32);
+        let mut last = String::new();
+        while at < end {
+            if failures >= ATTEMPTS || requests >= ATTEMPTS * 8 {
+                return Err(io_err(name, format!("{last} (after {requests} requests)")));
+            }
+            if failures > 0 {
+                tokio::time::sleep(backoff(failures)).await;
+            }
+            requests += 1;
+            let req = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .range(format!("bytes={}-{}", at, end - 1));
+            let out = match req.send().await {
+                Ok(o) => o,
+                Err(e) => {
+                    return Err(match status(&e) {
+                        Some(404) => BackendError::NotFound {
+                            name: name.to_string(),
+                        },
+                        Some(416) => BackendError::ShortRead {
+                            name: name.to_string(),
+                            offset,
+                            end,
+                            size: at,
+                        },
+                        _ => io_err(name, describe(&e)),
+                    })
+                }
+            };
+            // A range past the object's end is answered with what exists.
+            let object_size = out
+                .content_range()
+                .and_then(|r| r.rsplit('/').next())
+                .and_then(|s| s.parse::<u64>().ok());
+            let mut body = out.body;
+            let before = at;
+            last = String::new();
+            loop {
+                match tokio::time::timeout(stall_timeout(), body.next()).await {
+                    Ok(Some(Ok(piece))) => {
+                        let take = piece.len().min((end - at) as usize);
+                        if take > 0 && !sink(&piece[..take]) {
+                            return Ok(());
+                        }
+                        at += take as u64;
+                    }
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
+                        last = format!("reading the body failed: {e}");
+                        break;
+                    }
+                    Err(_) => {
+                        last = format!(
+                            "reading the body stalled for {}s",
+                            stall_timeout().as_secs()
+                        );
+                        break;
+                    }
+                }
+            }
+            if at >= end {
+                return Ok(());
+            }
+            if let Some(size) = object_size.filter(|s| *s < end) {
+                if at >= size {
+                    return Err(BackendError::ShortRead {
+                        name: name.to_string(),
+                        offset,
+                        end,
+                        size,
+                    });
+                }
+            }
+            if last.is_empty() {
+                last = format!("body ended after {} of {} bytes", at - before, end - before);
+            }
+            if at > before {
+                failures = 0;
+            }
+            failures += 1;
+        }
+        Ok(())
+    }
+}
+
 /// An HTTPS client that also trusts the CA in `LABCTL_S3_CA_FILE` (or the
 /// AWS-standard `AWS_CA_BUNDLE`), for stores with a private CA.
 fn ca_http_client(
@@ -441,6 +546,19 @@ impl Backend for S3Backend {
         self.rt.block_on(self.read_body(name, Some((offset, len))))
     }
 
+    fn get_range_stream(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> BackendResult<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.rt.block_on(self.stream_body(name, offset, len, sink))
+    }
+
     fn list(&self, prefix: &str, f: &mut dyn FnMut(ObjectInfo)) -> BackendResult<()> {
         let full = self.key(prefix);
         let strip = if self.prefix.is_empty() {
@@ -499,6 +617,10 @@ impl Backend for S3Backend {
             .and_then(|v| v.parse().ok())
             .unwrap_or(16usize)
             .clamp(1, 64)
+    }
+
+    fn is_remote(&self) -> bool {
+        true
     }
 
     fn set_object_lock(&self, lock: ObjectLock) -> crate::error::Result<()> {

@@ -25,9 +25,25 @@ pub struct RestoreCmd {
     /// to a temporary name, then renamed), never half-overwritten.
     #[arg(long)]
     pub overwrite: bool,
-    /// Fetch threads (0 = default).
+    /// Fetch threads (0 = default: the backend's request parallelism, 16
+    /// for S3 (LABCTL_S3_REQUESTS), 4 for local storage).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Read order for --target. `pack` reads every pack once with a few
+    /// large streamed requests and writes blobs into their files out of
+    /// order (best for object stores); `file` restores file after file,
+    /// writing each sequentially (best for local disks). `auto` picks by
+    /// the repository's location. Either way a file appears only when
+    /// complete and verified.
+    #[arg(long, value_enum, default_value_t = ReadOrderArg::Auto)]
+    pub read_order: ReadOrderArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ReadOrderArg {
+    Auto,
+    Pack,
+    File,
 }
 
 pub fn run(g: &GlobalArgs, c: RestoreCmd) -> anyhow::Result<ExitCode> {
@@ -57,6 +73,11 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> anyhow::Result<ExitCode> {
         include: c.paths,
         overwrite: c.overwrite,
         threads: c.threads,
+        read_order: match c.read_order {
+            ReadOrderArg::Auto => restore::ReadOrder::Auto,
+            ReadOrderArg::Pack => restore::ReadOrder::Pack,
+            ReadOrderArg::File => restore::ReadOrder::File,
+        },
     };
     let (snap, _) = repo.load_snapshot(&id)?;
     let progress = Progress::bytes(

@@ -172,21 +172,31 @@ impl Uploader {
         // encoding goes on while a pack is being written and synced.
         let meta = repo.keys.meta_recipient();
         let pack_size = repo.config.pack_size as usize;
+        // Directory listings go into packs of their own (as restic does):
+        // a restore walks the trees before it reads any data, and reading a
+        // small tree pack from an object store is far cheaper than ranges of
+        // data packs.
         handles.push(std::thread::spawn(move || {
             let capacity = pack_size + (8 << 20);
-            let mut builder = PackBuilder::with_capacity(capacity);
+            let mut data = PackBuilder::with_capacity(capacity);
+            let mut trees = PackBuilder::with_capacity(1 << 20);
             for enc in enc_rx {
+                let (builder, fresh) = match enc.kind {
+                    BlobKind::Tree => (&mut trees, 1 << 20),
+                    _ => (&mut data, capacity),
+                };
                 builder.add(enc.kind, enc.id, &enc.cipher, enc.raw_len);
                 if builder.len() >= pack_size {
-                    let full =
-                        std::mem::replace(&mut builder, PackBuilder::with_capacity(capacity));
+                    let full = std::mem::replace(builder, PackBuilder::with_capacity(fresh));
                     if put_tx.send(full.finish(&meta)).is_err() {
                         return; // the writer failed; encoders drain via closed channels
                     }
                 }
             }
-            if !builder.is_empty() {
-                let _ = put_tx.send(builder.finish(&meta));
+            for builder in [data, trees] {
+                if !builder.is_empty() && put_tx.send(builder.finish(&meta)).is_err() {
+                    return;
+                }
             }
         }));
         // Pack writers: one for local disks, two in flight for object stores

@@ -61,22 +61,39 @@ fn corrupted_pack_is_named_with_blobs_snapshots_and_files_and_others_restore() {
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
     assert!(!affected.is_empty());
-    // Restore: the damaged files are reported, every other file restores intact.
-    let out_dir = env.path("restored");
-    let out = env.run_restore(&["restore", "latest", "--target", out_dir.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    // Restore, in both read orders: the damaged files are reported, every
+    // other file restores intact.
+    for order in ["file", "pack"] {
+        restore_around_damage(&env, &src, &affected, order);
+    }
+}
+
+fn restore_around_damage(env: &Env, src: &std::path::Path, affected: &[String], order: &str) {
+    let out_dir = env.path(&format!("restored-{order}"));
+    let out = env.run_restore(&[
+        "restore",
+        "latest",
+        "--read-order",
+        order,
+        "--target",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{order}: {}", stderr(&out));
     let mut intact = 0;
     for i in 0..8u64 {
         let rel = format!("dir/file{i}.bin");
         let restored = out_dir.join(&rel);
         if affected.contains(&rel) {
-            assert!(!restored.exists(), "{rel} must not be half-written");
+            assert!(
+                !restored.exists(),
+                "{order}: {rel} must not be half-written"
+            );
             assert!(stderr(&out).contains(&rel), "{}", stderr(&out));
         } else {
             assert_eq!(
                 fs::read(&restored).unwrap(),
                 fs::read(src.join(&rel)).unwrap(),
-                "{rel}"
+                "{order}: {rel}"
             );
             intact += 1;
         }
@@ -335,18 +352,22 @@ fn full_disk_fails_cleanly_for_backup_and_restore() {
         return;
     };
     fs::write(target.join("existing.txt"), b"keep me").unwrap();
-    let out = env2.run_restore(&[
-        "restore",
-        "latest",
-        "--target",
-        target.to_str().unwrap(),
-        "--overwrite",
-    ]);
-    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
-    assert_eq!(
-        list_files(&target),
-        vec![target.join("existing.txt")],
-        "no partial or temporary files"
-    );
-    assert_eq!(fs::read(target.join("existing.txt")).unwrap(), b"keep me");
+    for order in ["file", "pack"] {
+        let out = env2.run_restore(&[
+            "restore",
+            "latest",
+            "--read-order",
+            order,
+            "--target",
+            target.to_str().unwrap(),
+            "--overwrite",
+        ]);
+        assert_eq!(out.status.code(), Some(7), "{order}: {}", stderr(&out));
+        assert_eq!(
+            list_files(&target),
+            vec![target.join("existing.txt")],
+            "{order}: no partial or temporary files"
+        );
+        assert_eq!(fs::read(target.join("existing.txt")).unwrap(), b"keep me");
+    }
 }

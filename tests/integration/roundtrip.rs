@@ -5,7 +5,7 @@ use labctl::backend::fs::FsBackend;
 use labctl::progress::Progress;
 use labctl::repo::backup::{backup_path, backup_stream, BackupOptions, ChunkerChoice};
 use labctl::repo::chunker::ChunkerParams;
-use labctl::repo::restore::{restore_to_dir, restore_to_writer, RestoreOptions};
+use labctl::repo::restore::{restore_to_dir, restore_to_writer, ReadOrder, RestoreOptions};
 use labctl::repo::{init, InitOptions, Repository};
 use proptest::prelude::*;
 use std::fs;
@@ -119,7 +119,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
     #[test]
-    fn any_tree_round_trips(entries in tree()) {
+    fn any_tree_round_trips(entries in tree(), by_pack in any::<bool>()) {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         materialise(&src, &entries);
@@ -127,7 +127,11 @@ proptest! {
         let out = backup_path(&repo, &src, &BackupOptions::default(), Progress::hidden()).unwrap();
         prop_assert!(out.summary.errors.is_empty(), "{:?}", out.summary.errors);
         let target = dir.path().join("target");
-        let rs = restore_to_dir(&repo, &out.snapshot_id, &target, &RestoreOptions::default(), Progress::hidden()).unwrap();
+        let opts = RestoreOptions {
+            read_order: if by_pack { ReadOrder::Pack } else { ReadOrder::File },
+            ..Default::default()
+        };
+        let rs = restore_to_dir(&repo, &out.snapshot_id, &target, &opts, Progress::hidden()).unwrap();
         prop_assert!(rs.failed.is_empty(), "{:?}", rs.failed);
         let diffs = labctl::demo::compare_trees(&src, &target).unwrap();
         prop_assert!(diffs.is_empty(), "{:?}", diffs);
