@@ -27,6 +27,16 @@ pub struct ObjectInfo {
     pub size: u64,
 }
 
+/// An unfinished multipart upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    /// The object key it would create.
+    pub key: String,
+    pub id: String,
+    /// When the store says it started (some stores report nonsense here).
+    pub initiated: Option<std::time::SystemTime>,
+}
+
 /// A failed backend operation, naming the object.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -118,6 +128,16 @@ pub trait Backend: Send + Sync {
     fn stat(&self, name: &str) -> BackendResult<Option<u64>>;
     /// Removes an object (prune only). Removing a missing object is not an error.
     fn delete(&self, name: &str) -> BackendResult<()>;
+    /// Unfinished multipart uploads under the repository (a crash leaves
+    /// them: invisible to readers, but stored).
+    fn unfinished_uploads(&self) -> BackendResult<Vec<Upload>> {
+        Ok(vec![])
+    }
+    /// Aborts an unfinished upload.
+    fn abort_upload(&self, upload: &Upload) -> BackendResult<()> {
+        let _ = upload;
+        Ok(())
+    }
     /// Whether requests are expensive (an object store over the network):
     /// readers then prefer few large reads.
     fn is_remote(&self) -> bool {

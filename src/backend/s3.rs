@@ -337,7 +337,138 @@ impl S3Backend {
     }
 }
 
+/// Objects at least this large go up as multipart uploads
+/// (`LABCTL_S3_MULTIPART_MIB`, default 16; the default 32 MiB packs do).
+fn multipart_threshold() -> usize {
+    env_mib("LABCTL_S3_MULTIPART_MIB", 16).max(5 << 20)
+}
+
+/// Part size of multipart uploads (`LABCTL_S3_PART_MIB`, default 8; S3's
+/// minimum is 5).
+fn part_size() -> usize {
+    env_mib("LABCTL_S3_PART_MIB", 8).max(5 << 20)
+}
+
+fn env_mib(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(default)
+        .saturating_mul(1 << 20)
+}
+
+/// Parts of one upload in flight at once.
+const PARTS_IN_FLIGHT: usize = 4;
+
 impl S3Backend {
+    /// A multipart upload: parts in parallel (each retried by the SDK on
+    /// its own, so a reset costs one part, not the whole pack), each with a
+    /// CRC32 checksum the store verifies; completed with `If-None-Match: *`
+    /// so the object is still written once. Any failure aborts the upload
+    /// (nothing becomes visible); an upload orphaned by a crash is invisible
+    /// to readers and is aborted by `labctl prune` after the grace period.
+    async fn put_multipart(
+        &self,
+        name: &str,
+        key: &str,
+        body: bytes::Bytes,
+        lock: Option<ObjectLock>,
+    ) -> BackendResult<()> {
+        use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+        let mut create = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32);
+        if let Some(lock) = lock {
+            create = create
+                .object_lock_mode(if lock.compliance {
+                    ObjectLockMode::Compliance
+                } else {
+                    ObjectLockMode::Governance
+                })
+                .object_lock_retain_until_date(retain_until(lock.days));
+        }
+        let created = create
+            .send()
+            .await
+            .map_err(|e| io_err(name, describe(&e)))?;
+        let upload_id = created
+            .upload_id()
+            .ok_or_else(|| io_err(name, "the store returned no multipart upload ID".into()))?
+            .to_string();
+        let result = async {
+            let part = part_size();
+            let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(PARTS_IN_FLIGHT));
+            let mut tasks = tokio::task::JoinSet::new();
+            for (i, start) in (0..body.len()).step_by(part).enumerate() {
+                let chunk = body.slice(start..(start + part).min(body.len()));
+                let req = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(&upload_id)
+                    .part_number(i as i32 + 1)
+                    .checksum_algorithm(ChecksumAlgorithm::Crc32)
+                    .body(ByteStream::from(chunk));
+                let permit = limit.clone().acquire_owned().await.expect("never closed");
+                tasks.spawn(async move {
+                    let r = req.send().await;
+                    drop(permit);
+                    r.map(|out| {
+                        CompletedPart::builder()
+                            .part_number(i as i32 + 1)
+                            .set_e_tag(out.e_tag().map(str::to_string))
+                            .set_checksum_crc32(out.checksum_crc32().map(str::to_string))
+                            .build()
+                    })
+                    .map_err(|e| describe(&e))
+                });
+            }
+            let mut parts = vec![];
+            while let Some(joined) = tasks.join_next().await {
+                let part = joined.map_err(|e| io_err(name, format!("upload task failed: {e}")))?;
+                parts.push(part.map_err(|e| io_err(name, e))?);
+            }
+            parts.sort_by_key(|p| p.part_number());
+            match self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .if_none_match("*")
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) if matches!(status(&e), Some(412)) => Err(BackendError::AlreadyExists {
+                    name: name.to_string(),
+                }),
+                Err(e) => Err(io_err(name, describe(&e))),
+            }
+        }
+        .await;
+        if result.is_err() {
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+        }
+        result
+    }
+
     /// One ranged GET streamed into `sink`; an interrupted, truncated or
     /// stalled body is resumed with a new request from the first byte not
     /// yet delivered. Attempts that make progress do not count against the
@@ -507,6 +638,14 @@ impl Backend for S3Backend {
         let key = self.key(name);
         // One shared buffer for every retry attempt: no copy of the pack.
         let body = bytes::Bytes::from(data);
+        let lock = self
+            .lock
+            .get()
+            .filter(|_| !name.starts_with("prune/"))
+            .copied();
+        if body.len() >= multipart_threshold() {
+            return self.rt.block_on(self.put_multipart(name, &key, body, lock));
+        }
         self.rt.block_on(async {
             let mut req = self
                 .client
@@ -516,7 +655,7 @@ impl Backend for S3Backend {
                 .if_none_match("*")
                 .body(ByteStream::from(body));
             // Prune marks are operational state, never locked.
-            if let Some(lock) = self.lock.get().filter(|_| !name.starts_with("prune/")) {
+            if let Some(lock) = lock {
                 req = req
                     .object_lock_mode(if lock.compliance {
                         ObjectLockMode::Compliance
@@ -621,6 +760,56 @@ impl Backend for S3Backend {
 
     fn is_remote(&self) -> bool {
         true
+    }
+
+    fn unfinished_uploads(&self) -> BackendResult<Vec<super::Upload>> {
+        let prefix = self.key("packs/");
+        self.rt.block_on(async {
+            let mut out = vec![];
+            let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
+            loop {
+                let page = self
+                    .client
+                    .list_multipart_uploads()
+                    .bucket(&self.bucket)
+                    .prefix(&prefix)
+                    .set_key_marker(key_marker.clone())
+                    .set_upload_id_marker(id_marker.clone())
+                    .send()
+                    .await
+                    .map_err(|e| io_err(&prefix, describe(&e)))?;
+                for u in page.uploads() {
+                    if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
+                        out.push(super::Upload {
+                            key: key.to_string(),
+                            id: id.to_string(),
+                            initiated: u
+                                .initiated()
+                                .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                        });
+                    }
+                }
+                key_marker = page.next_key_marker().map(str::to_string);
+                id_marker = page.next_upload_id_marker().map(str::to_string);
+                if page.is_truncated() != Some(true) || key_marker.is_none() {
+                    return Ok(out);
+                }
+            }
+        })
+    }
+
+    fn abort_upload(&self, upload: &super::Upload) -> BackendResult<()> {
+        self.rt.block_on(async {
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&upload.key)
+                .upload_id(&upload.id)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| io_err(&upload.key, describe(&e)))
+        })
     }
 
     fn set_object_lock(&self, lock: ObjectLock) -> crate::error::Result<()> {

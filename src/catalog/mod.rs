@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS packs(id BLOB PRIMARY KEY, size INTEGER NOT NULL, ind
 CREATE TABLE IF NOT EXISTS blobs(id BLOB NOT NULL, pack BLOB NOT NULL, kind INTEGER NOT NULL,
     offset INTEGER NOT NULL, length INTEGER NOT NULL, raw_len INTEGER NOT NULL, PRIMARY KEY(id, pack)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS marked_packs(id BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS uploads_seen(id TEXT PRIMARY KEY, first_seen INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
 CREATE TABLE IF NOT EXISTS index_files(id BLOB PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots(id BLOB PRIMARY KEY, time TEXT NOT NULL, kind TEXT NOT NULL,
@@ -354,6 +355,42 @@ impl Catalog {
     }
 
     /// Replaces the set of packs marked for deletion.
+    /// Records which unfinished uploads exist now (`now` in Unix seconds)
+    /// and returns when each was first seen; forgets the ones gone.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn note_uploads(
+        &self,
+        ids: &[String],
+        now: i64,
+    ) -> anyhow::Result<std::collections::HashMap<String, i64>> {
+        self.begin()?;
+        let mut seen = std::collections::HashMap::new();
+        for id in ids {
+            self.conn.execute(
+                "INSERT OR IGNORE INTO uploads_seen(id, first_seen) VALUES(?1, ?2)",
+                rusqlite::params![id, now],
+            )?;
+            let t: i64 = self.conn.query_row(
+                "SELECT first_seen FROM uploads_seen WHERE id=?1",
+                [id],
+                |r| r.get(0),
+            )?;
+            seen.insert(id.clone(), t);
+        }
+        let mut stmt = self.conn.prepare("SELECT id FROM uploads_seen")?;
+        let known: Vec<String> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for id in known.iter().filter(|k| !seen.contains_key(*k)) {
+            self.conn
+                .execute("DELETE FROM uploads_seen WHERE id=?1", [id])?;
+        }
+        self.commit()?;
+        Ok(seen)
+    }
+
     pub fn set_marks(&self, packs: &[Id]) -> anyhow::Result<()> {
         self.begin()?;
         self.conn.execute("DELETE FROM marked_packs", [])?;

@@ -185,6 +185,12 @@ fn prune_with(
                 r.packs_unmarked.len()
             );
         }
+        if r.uploads_aborted > 0 {
+            println!(
+                "aborted {} unfinished upload(s) older than {}",
+                r.uploads_aborted, c.grace
+            );
+        }
         if let Some(next) = r.packs_waiting.iter().map(|(_, t)| t).min() {
             println!(
                 "{} marked pack(s) wait for their grace period; the first can go after {next}",

@@ -114,6 +114,23 @@ pub fn encode(plain: &[u8], level: i32, recipients: &[age::x25519::Recipient]) -
     BlobEncoder::new(recipients.to_vec()).encode(plain, level)
 }
 
+thread_local! {
+    /// One zstd decompression context per thread, reused across blobs
+    /// (creating one per blob showed up in restore profiles).
+    static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn decompress(data: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
+    DCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        slot.as_mut().expect("set above").decompress(data, raw_len)
+    })
+}
+
 /// Decrypts, decompresses and verifies a blob.
 ///
 /// # Errors
@@ -126,10 +143,13 @@ pub fn decode(
     raw_len: usize,
     what: &str,
 ) -> Result<Vec<u8>, LabError> {
-    let body = crypto::decrypt(identity, cipher, what)?;
+    let mut body = crypto::decrypt(identity, cipher, what)?;
     let plain = match body.first() {
-        Some(&BLOB_RAW) => body[1..].to_vec(),
-        Some(&BLOB_ZSTD) => zstd::bulk::decompress(&body[1..], raw_len)
+        Some(&BLOB_RAW) => {
+            body.drain(..1);
+            body
+        }
+        Some(&BLOB_ZSTD) => decompress(&body[1..], raw_len)
             .map_err(|e| LabError::integrity(format!("{what}: bad compressed data ({e})")))?,
         _ => return Err(LabError::integrity(format!("{what}: unknown blob header"))),
     };

@@ -75,6 +75,8 @@ pub struct PruneReport {
     pub packs_locked: Vec<(String, String)>,
     /// Object Lock retention renewed on objects still referenced.
     pub locks_extended: u64,
+    /// Unfinished multipart uploads older than the grace period, aborted.
+    pub uploads_aborted: u64,
     pub dry_run: bool,
 }
 
@@ -330,7 +332,34 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
     }
     cat.set_marks(&marks.keys().copied().collect::<Vec<_>>())?;
     cat.used_reset()?;
+    report.uploads_aborted = abort_stale_uploads(repo, opts)?;
     Ok(report)
+}
+
+/// Aborts multipart uploads a crashed backup left unfinished (invisible to
+/// readers, but stored and billed). A running backup's upload must survive,
+/// so an upload goes only when the store says it started more than the grace
+/// period ago *and* this catalog first saw it at least that long ago: some
+/// stores report a fixed or wrong start time (moto says 2010 for all).
+fn abort_stale_uploads(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<u64> {
+    let uploads = repo.backend.unfinished_uploads()?;
+    let now = opts.now.unix_timestamp();
+    let ids: Vec<String> = uploads.iter().map(|u| u.id.clone()).collect();
+    let first_seen = repo.catalog.note_uploads(&ids, now)?;
+    let grace = opts.grace.whole_seconds();
+    let mut aborted = 0;
+    for u in &uploads {
+        let started = u
+            .initiated
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs() as i64);
+        let seen = first_seen.get(&u.id).copied().unwrap_or(now);
+        if seen + grace <= now && started.is_none_or(|t| t + grace <= now) {
+            repo.backend.abort_upload(u)?;
+            aborted += 1;
+        }
+    }
+    Ok(aborted)
 }
 
 fn write_pack(repo: &Repository, builder: PackBuilder) -> anyhow::Result<IndexedPack> {

@@ -141,6 +141,79 @@ fn tree(env: &Env, n: u64, size: usize, seed: u64) -> PathBuf {
     src
 }
 
+/// `(key, etag)` of every object under `prefix`, by a raw ListObjectsV2.
+fn list_etags(port: u16, bucket: &str, prefix: &str) -> Vec<(String, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET /{bucket}?list-type=2&prefix={prefix} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let field = |c: &str, tag: &str| -> String {
+        let open = format!("<{tag}>");
+        let from = c.find(&open).map(|i| i + open.len()).unwrap_or(0);
+        let to = c[from..].find('<').map(|i| from + i).unwrap_or(from);
+        c[from..to]
+            .replace("&#34;", "")
+            .replace("&quot;", "")
+            .replace('"', "")
+    };
+    resp.split("<Contents>")
+        .skip(1)
+        .map(|c| (field(c, "Key"), field(c, "ETag")))
+        .collect()
+}
+
+#[test]
+fn large_packs_go_up_as_multipart_uploads() {
+    let s = S3Env::new(false);
+    // 16 MiB packs reach the multipart threshold (16 MiB; 8 MiB parts).
+    assert_success(&s.env.init(&["--no-escrow", "--pack-mib", "16"]), &["init"]);
+    let src = s.env.path("big");
+    for i in 0..3 {
+        write(&src.join(format!("f{i}.bin")), &noise(8 << 20, 40 + i));
+    }
+    s.backup(&src);
+    let url = s
+        .env
+        .extra_env
+        .iter()
+        .find(|(k, _)| k == "LABCTL_REPO")
+        .unwrap()
+        .1
+        .clone();
+    let bucket = url.trim_start_matches("s3://").split('/').next().unwrap();
+    let packs = list_etags(moto_port(), bucket, "repo/packs/");
+    assert!(!packs.is_empty());
+    // A multipart object's ETag is "<md5 of part md5s>-<number of parts>".
+    assert!(
+        packs
+            .iter()
+            .any(|(_, etag)| etag.ends_with("-2") || etag.ends_with("-3")),
+        "no pack was uploaded in parts: {packs:?}"
+    );
+    s.ok_restore(&["check", "--read-data"]);
+    let out = s.env.path("out");
+    s.ok_restore(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    assert_same_tree(&src, &out);
+
+    // An upload a crash left unfinished is aborted by prune after the grace period.
+    let port = moto_port();
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(c, "POST /{bucket}/repo/packs/aa/stale?uploads HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    assert!(resp.contains("<UploadId>"), "{resp}");
+    let r: serde_json::Value = serde_json::from_slice(&s.ok(&["--json", "prune"]).stdout).unwrap();
+    assert_eq!(
+        r["uploads-aborted"], 0,
+        "younger than the grace period: {r}"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let r: serde_json::Value =
+        serde_json::from_slice(&s.ok(&["--json", "prune", "--grace", "1s"]).stdout).unwrap();
+    assert_eq!(r["uploads-aborted"], 1, "{r}");
+    s.ok_restore(&["check", "--read-data"]);
+}
+
 #[test]
 fn s3_backup_restore_check_forget_prune() {
     let s = S3Env::new(false);
