@@ -164,8 +164,11 @@ fn list_etags(port: u16, bucket: &str, prefix: &str) -> Vec<(String, String)> {
 
 #[test]
 fn large_packs_go_up_as_multipart_uploads() {
-    let s = S3Env::new(false);
-    // 16 MiB packs reach the multipart threshold (16 MiB; 8 MiB parts).
+    let mut s = S3Env::new(false);
+    // 16 MiB packs reach a 16 MiB multipart threshold (8 MiB parts).
+    s.env
+        .extra_env
+        .push(("LABCTL_S3_MULTIPART_MIB".into(), "16".into()));
     assert_success(&s.env.init(&["--no-escrow", "--pack-mib", "16"]), &["init"]);
     let src = s.env.path("big");
     for i in 0..3 {
