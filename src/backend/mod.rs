@@ -122,6 +122,16 @@ pub trait Backend: Send + Sync {
         }
         Ok(())
     }
+    /// Delivers a whole object to `sink` like [`Backend::get_range_stream`]
+    /// (which it uses for resuming). An object store is asked without a
+    /// `Range` header, which some servers serve more cheaply and for which
+    /// the SDK can check the whole object's checksum.
+    fn get_stream(&self, name: &str, sink: &mut dyn FnMut(&[u8]) -> bool) -> BackendResult<()> {
+        let size = self.stat(name)?.ok_or_else(|| BackendError::NotFound {
+            name: name.to_string(),
+        })?;
+        self.get_range_stream(name, 0, size, sink)
+    }
     /// Calls `f` for each object whose name starts with `prefix`.
     fn list(&self, prefix: &str, f: &mut dyn FnMut(ObjectInfo)) -> BackendResult<()>;
     /// The size of an object, or `None` when it does not exist.

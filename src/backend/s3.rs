@@ -476,15 +476,17 @@ impl S3Backend {
     /// yet delivered. Attempts that make progress do not count against the
     /// retry budget (a long download through a flaky link still finishes);
     /// a hard cap keeps a pathological server from looping forever.
+    /// `len: None` reads to the end of the object: the first request then
+    /// goes without a `Range` header (resumes use one).
     async fn stream_body(
         &self,
         name: &str,
         offset: u64,
-        len: u64,
+        len: Option<u64>,
         sink: &mut dyn FnMut(&[u8]) -> bool,
     ) -> BackendResult<()> {
         let key = self.key(name);
-        let end = offset + len;
+        let mut end = len.map_or(u64::MAX, |l| offset + l);
         let mut at = offset;
         let (mut failures, mut requests) = (0u32, 0u32);
         let mut last = String::new();
@@ -496,12 +498,14 @@ impl S3Backend {
                 tokio::time::sleep(backoff(failures)).await;
             }
             requests += 1;
-            let req = self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(&key)
-                .range(format!("bytes={}-{}", at, end - 1));
+            let mut req = self.client.get_object().bucket(&self.bucket).key(&key);
+            if at > 0 || end != u64::MAX {
+                req = req.range(if end == u64::MAX {
+                    format!("bytes={at}-")
+                } else {
+                    format!("bytes={}-{}", at, end - 1)
+                });
+            }
             let out = match req.send().await {
                 Ok(o) => o,
                 Err(e) => {
@@ -524,6 +528,16 @@ impl S3Backend {
                 .content_range()
                 .and_then(|r| r.rsplit('/').next())
                 .and_then(|s| s.parse::<u64>().ok());
+            if end == u64::MAX {
+                // The whole object (or its rest): now its end is known.
+                match object_size.or(out.content_length().map(|l| at + l.max(0) as u64)) {
+                    Some(size) => end = size,
+                    None => return Err(io_err(name, "the store sent no object length".into())),
+                }
+                if at >= end {
+                    return Ok(());
+                }
+            }
             let mut body = out.body;
             let before = at;
             last = String::new();
@@ -697,7 +711,12 @@ impl Backend for S3Backend {
         if len == 0 {
             return Ok(());
         }
-        self.rt.block_on(self.stream_body(name, offset, len, sink))
+        self.rt
+            .block_on(self.stream_body(name, offset, Some(len), sink))
+    }
+
+    fn get_stream(&self, name: &str, sink: &mut dyn FnMut(&[u8]) -> bool) -> BackendResult<()> {
+        self.rt.block_on(self.stream_body(name, 0, None, sink))
     }
 
     fn list(&self, prefix: &str, f: &mut dyn FnMut(ObjectInfo)) -> BackendResult<()> {

@@ -244,6 +244,21 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// A pack's size, when the index knows the pack.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn pack_size(&self, id: &Id) -> anyhow::Result<Option<u64>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT size FROM packs WHERE id=?1")?;
+        let mut rows = st.query([&id.0[..]])?;
+        Ok(match rows.next()? {
+            Some(r) => Some(r.get::<_, i64>(0)? as u64),
+            None => None,
+        })
+    }
+
     pub fn has_pack(&self, id: &Id) -> anyhow::Result<bool> {
         let mut st = self
             .conn

@@ -62,6 +62,26 @@ impl Pending {
     }
 }
 
+/// Neighbouring blobs of one pack read with one request.
+struct RangeJob {
+    needs: Vec<Need>,
+    /// Read the whole pack (no range): the blobs cover most of it.
+    whole: bool,
+}
+
+impl RangeJob {
+    fn new(needs: Vec<Need>) -> RangeJob {
+        RangeJob {
+            needs,
+            whole: false,
+        }
+    }
+    fn span(&self) -> u64 {
+        let last = &self.needs[self.needs.len() - 1].loc;
+        last.offset as u64 + last.length as u64 - self.needs[0].loc.offset as u64
+    }
+}
+
 /// One blob and every place it goes.
 struct Need {
     id: Id,
@@ -198,8 +218,9 @@ impl<'a> PackOrder<'a> {
                 })
                 .push(need);
         }
-        let mut jobs: Vec<Vec<Need>> = vec![];
+        let mut jobs: Vec<RangeJob> = vec![];
         for pack in order {
+            let first_job = jobs.len();
             let mut needs = by_pack.remove(&pack).unwrap_or_default();
             needs.sort_by_key(|n| n.loc.offset);
             let mut range: Vec<Need> = vec![];
@@ -207,16 +228,22 @@ impl<'a> PackOrder<'a> {
                 if let Some(last) = range.last() {
                     let last_end = last.loc.offset as u64 + last.loc.length as u64;
                     if n.loc.offset as u64 > last_end + RANGE_GAP {
-                        jobs.push(std::mem::take(&mut range));
+                        jobs.push(RangeJob::new(std::mem::take(&mut range)));
                     }
                 }
                 range.push(n);
             }
             if !range.is_empty() {
-                jobs.push(range);
+                jobs.push(RangeJob::new(range));
+            }
+            // One read covering most of the pack: ask for the whole object.
+            if jobs.len() == first_job + 1 {
+                let job = &mut jobs[first_job];
+                let size = self.repo.catalog.pack_size(&pack)?.unwrap_or(u64::MAX);
+                job.whole = job.span().saturating_mul(4) >= size.saturating_mul(3);
             }
         }
-        let (tx, rx) = crossbeam_channel::bounded::<Vec<Need>>(self.workers);
+        let (tx, rx) = crossbeam_channel::bounded::<RangeJob>(self.workers);
         let (backend, keys, shared) = (&*self.repo.backend, &self.repo.keys, &self.shared);
         std::thread::scope(|s| {
             for _ in 0..self.workers.min(jobs.len().max(1)) {
@@ -314,19 +341,20 @@ impl FileSink for PackOrder<'_> {
 }
 
 /// Streams one range of a pack and delivers each needed blob in it.
-fn read_range(backend: &dyn Backend, keys: &Keys, shared: &Shared, job: Vec<Need>) {
+fn read_range(backend: &dyn Backend, keys: &Keys, shared: &Shared, range: RangeJob) {
     if shared.stop.load(Ordering::SeqCst) {
         return;
     }
+    let job = range.needs;
     let pack = job[0].loc.pack;
     let name = format::pack_name(&pack);
     let start = job[0].loc.offset as u64;
     let last = &job[job.len() - 1].loc;
     let end = last.offset as u64 + last.length as u64;
     let mut next = 0usize;
-    let mut pos = start;
+    let mut pos = if range.whole { 0 } else { start };
     let mut buf: Vec<u8> = vec![];
-    let r = backend.get_range_stream(&name, start, end - start, &mut |mut piece: &[u8]| {
+    let mut sink = |mut piece: &[u8]| {
         while !piece.is_empty() && next < job.len() {
             let need = &job[next];
             let b_start = need.loc.offset as u64;
@@ -357,7 +385,12 @@ fn read_range(backend: &dyn Backend, keys: &Keys, shared: &Shared, job: Vec<Need
             }
         }
         true
-    });
+    };
+    let r = if range.whole {
+        backend.get_stream(&name, &mut sink)
+    } else {
+        backend.get_range_stream(&name, start, end - start, &mut sink)
+    };
     if shared.stop.load(Ordering::SeqCst) {
         return;
     }
