@@ -11,8 +11,10 @@
 //! renamed into place when its last blob is written; a file with a damaged
 //! blob is removed and reported, the rest restore.
 //!
-//! This is how object stores want to be read — few large sequential GETs,
-//! each byte once — whereas the ordered pipeline in the parent module reads
+//! A pack whose needed blobs span most of it is read whole, without a
+//! `Range` header (cheaper for some servers; the SDK can then check the
+//! object's checksum). This is how object stores want to be read — few
+//! large sequential GETs, each byte once — whereas the ordered pipeline in the parent module reads
 //! in file order (better on local disks, where it writes with `O_DIRECT`).
 //!
 //! Memory is bounded by the batch size (a few MiB of plan per batch) and by
