@@ -78,6 +78,7 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> anyhow::Result<ExitCode> {
             ReadOrderArg::Pack => restore::ReadOrder::Pack,
             ReadOrderArg::File => restore::ReadOrder::File,
         },
+        ..Default::default()
     };
     let (snap, _) = repo.load_snapshot(&id)?;
     let progress = Progress::bytes(

@@ -119,7 +119,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
     #[test]
-    fn any_tree_round_trips(entries in tree(), by_pack in any::<bool>()) {
+    fn any_tree_round_trips(entries in tree(), by_pack in any::<bool>(), batch_kib in 0u64..4) {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         materialise(&src, &entries);
@@ -129,6 +129,8 @@ proptest! {
         let target = dir.path().join("target");
         let opts = RestoreOptions {
             read_order: if by_pack { ReadOrder::Pack } else { ReadOrder::File },
+            // Tiny batches: packs split between batches, reading while planning.
+            batch_bytes: batch_kib * 16 * 1024,
             ..Default::default()
         };
         let rs = restore_to_dir(&repo, &out.snapshot_id, &target, &opts, Progress::hidden()).unwrap();

@@ -3,24 +3,27 @@
 //! The directory walk hands every regular file to [`PackOrder::file`], which
 //! creates the file's temporary name at its final size (zero runs stay
 //! holes) and records, per blob, where its plaintext goes. Every
-//! [`BATCH_REFS`] references (and at the end) the batch runs: the needed
-//! blobs are grouped by pack, neighbours within [`RANGE_GAP`] joined into
-//! one ranged read, and worker threads stream those reads (one request per
-//! range, resumed by the backend when interrupted), decode each blob as it
-//! completes and write it to every file offset that uses it. A file is
-//! renamed into place when its last blob is written; a file with a damaged
-//! blob is removed and reported, the rest restore.
+//! [`BATCH_BYTES`] of stored blobs or [`BATCH_REFS`] references (and at
+//! the end) the batch goes to the reader threads, which run while the walk
+//! goes on planning: the needed blobs are grouped by pack, neighbours
+//! within [`RANGE_GAP`] joined into one read, and the readers stream those
+//! reads (one request per range, resumed by the backend when interrupted),
+//! decode each blob as it completes and write it to every file offset that
+//! uses it. A file is renamed into place when its last blob is written; a
+//! file with a damaged blob is removed and reported, the rest restore.
 //!
 //! A pack whose needed blobs span most of it is read whole, without a
 //! `Range` header (cheaper for some servers; the SDK can then check the
 //! object's checksum). This is how object stores want to be read — few
-//! large sequential GETs, each byte once — whereas the ordered pipeline in the parent module reads
-//! in file order (better on local disks, where it writes with `O_DIRECT`).
+//! large sequential GETs, each byte once — whereas the ordered pipeline in
+//! the parent module reads in file order (better on local disks, where it
+//! writes with `O_DIRECT`).
 //!
-//! Memory is bounded by the batch size (a few MiB of plan per batch) and by
-//! one blob being assembled and decoded per worker.
+//! Memory is bounded by the batch size (a few MiB of plan), the readers'
+//! queue (one job per reader) and one blob being assembled and decoded per
+//! reader.
 
-use super::{apply_meta, temp_name, FileSink, RestoreSummary};
+use super::{apply_meta, temp_name, FileSink, RestoreOptions, RestoreSummary};
 use crate::backend::{Backend, BackendError};
 use crate::catalog::BlobLocation;
 use crate::error::LabError;
@@ -35,8 +38,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Blob references planned before a batch runs (bounds the plan's memory).
+/// Blob references planned before a batch goes to the readers (bounds the
+/// plan's memory).
 const BATCH_REFS: usize = 1 << 16;
+/// Stored bytes planned before a batch goes to the readers: small enough
+/// that reading starts early in the walk, large enough that few packs are
+/// split between batches (a split pack is read with two requests).
+const BATCH_BYTES: u64 = 64 << 20;
 /// Largest hole between needed blobs of a pack still read through (one
 /// request instead of two; object stores charge per request).
 const RANGE_GAP: u64 = 4 << 20;
@@ -96,6 +104,7 @@ struct Batch {
     needs: Vec<Need>,
     by_blob: HashMap<Id, usize>,
     refs: usize,
+    bytes: u64,
 }
 
 /// What workers share.
@@ -160,33 +169,55 @@ pub(super) struct PackOrder<'a> {
     batch: Batch,
     /// Files not yet finished (removed again on a fatal error).
     pending: Vec<Arc<Pending>>,
-    workers: usize,
+    /// The readers' queue; they run while the walk goes on planning.
+    jobs: Option<crossbeam_channel::Sender<RangeJob>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    batch_bytes: u64,
 }
 
 impl<'a> PackOrder<'a> {
     pub(super) fn new(
         repo: &'a Repository,
-        threads: usize,
+        opts: &RestoreOptions,
         is_root: bool,
         progress: Progress,
     ) -> PackOrder<'a> {
-        let workers = if threads == 0 {
+        let workers = if opts.threads == 0 {
             repo.backend.parallelism().max(4)
         } else {
-            threads
+            opts.threads
         };
+        let shared = Arc::new(Shared {
+            is_root,
+            progress,
+            summary: Mutex::new(RestoreSummary::default()),
+            fatal: Mutex::new(None),
+            stop: AtomicBool::new(false),
+        });
+        let (tx, rx) = crossbeam_channel::bounded::<RangeJob>(workers);
+        let readers = (0..workers)
+            .map(|_| {
+                let (rx, shared) = (rx.clone(), shared.clone());
+                let (backend, keys) = (repo.backend.clone(), repo.keys.clone());
+                std::thread::spawn(move || {
+                    for job in rx {
+                        read_range(&*backend, &keys, &shared, job);
+                    }
+                })
+            })
+            .collect();
         PackOrder {
             repo,
-            shared: Arc::new(Shared {
-                is_root,
-                progress,
-                summary: Mutex::new(RestoreSummary::default()),
-                fatal: Mutex::new(None),
-                stop: AtomicBool::new(false),
-            }),
+            shared,
             batch: Batch::default(),
             pending: vec![],
-            workers,
+            jobs: Some(tx),
+            readers,
+            batch_bytes: if opts.batch_bytes == 0 {
+                BATCH_BYTES
+            } else {
+                opts.batch_bytes
+            },
         }
     }
 
@@ -196,6 +227,7 @@ impl<'a> PackOrder<'a> {
         match self.batch.by_blob.get(&id) {
             Some(&i) => self.batch.needs[i].targets.push((p.clone(), offset)),
             None => {
+                self.batch.bytes += loc.length as u64;
                 self.batch.by_blob.insert(id, self.batch.needs.len());
                 self.batch.needs.push(Need {
                     id,
@@ -206,8 +238,8 @@ impl<'a> PackOrder<'a> {
         }
     }
 
-    /// Reads every pack the batch needs and writes the blobs.
-    fn run_batch(&mut self) -> anyhow::Result<()> {
+    /// Hands the batch to the readers, grouped by pack.
+    fn dispatch(&mut self) -> anyhow::Result<()> {
         let batch = std::mem::take(&mut self.batch);
         let mut order: Vec<Id> = vec![];
         let mut by_pack: HashMap<Id, Vec<Need>> = HashMap::new();
@@ -245,35 +277,37 @@ impl<'a> PackOrder<'a> {
                 job.whole = job.span().saturating_mul(4) >= size.saturating_mul(3);
             }
         }
-        let (tx, rx) = crossbeam_channel::bounded::<RangeJob>(self.workers);
-        let (backend, keys, shared) = (&*self.repo.backend, &self.repo.keys, &self.shared);
-        std::thread::scope(|s| {
-            for _ in 0..self.workers.min(jobs.len().max(1)) {
-                let rx = rx.clone();
-                s.spawn(move || {
-                    for job in rx {
-                        read_range(backend, keys, shared, job);
-                    }
-                });
-            }
+        if let Some(tx) = &self.jobs {
             for job in jobs {
-                if shared.stop.load(Ordering::SeqCst) || tx.send(job).is_err() {
+                if self.shared.stop.load(Ordering::SeqCst) || tx.send(job).is_err() {
                     break;
                 }
             }
-            drop(tx);
-        });
+        }
         self.pending.retain(|p| !p.done.load(Ordering::Acquire));
+        self.check_fatal()
+    }
+
+    fn check_fatal(&self) -> anyhow::Result<()> {
         match self.shared.fatal.lock().unwrap().take() {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
 
-    /// Runs what is left and returns what the restore did.
+    /// Waits for the readers to finish what was handed to them.
+    fn close(&mut self) {
+        self.jobs = None;
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+
+    /// Reads what is left and returns what the restore did.
     pub(super) fn finish(mut self) -> anyhow::Result<RestoreSummary> {
-        let r = self.run_batch();
-        if let Err(e) = r {
+        let r = self.dispatch();
+        self.close();
+        if let Err(e) = r.and_then(|_| self.check_fatal()) {
             self.abort();
             return Err(e);
         }
@@ -281,8 +315,11 @@ impl<'a> PackOrder<'a> {
         Ok(summary)
     }
 
-    /// Removes the temporary files of everything not finished.
+    /// Stops the readers and removes the temporary files of everything not
+    /// finished.
     pub(super) fn abort(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.close();
         for p in self.pending.drain(..) {
             if !p.done.load(Ordering::Acquire) {
                 let _ = fs::remove_file(&p.tmp);
@@ -320,8 +357,8 @@ impl FileSink for PackOrder<'_> {
                     Some(loc) => {
                         self.add(id, loc, &p, offset);
                         offset += loc.raw_len as u64;
-                        if self.batch.refs >= BATCH_REFS {
-                            self.run_batch()?;
+                        if self.batch.refs >= BATCH_REFS || self.batch.bytes >= self.batch_bytes {
+                            self.dispatch()?;
                         }
                     }
                     None => {

@@ -42,6 +42,9 @@ pub struct RestoreOptions {
     pub threads: usize,
     /// In which order to read the repository.
     pub read_order: ReadOrder,
+    /// Pack order: stored bytes planned before reading starts (0 = the
+    /// default, 64 MiB). Tests make it small to split packs across batches.
+    pub batch_bytes: u64,
 }
 
 /// In which order a directory restore reads the repository.
@@ -441,7 +444,7 @@ pub fn restore_to_dir(
         ReadOrder::File => false,
     };
     let mut summary = if by_pack {
-        let mut sink = by_pack::PackOrder::new(repo, opts.threads, is_root, progress.clone());
+        let mut sink = by_pack::PackOrder::new(repo, opts, is_root, progress.clone());
         match walk.tree(&mut sink, root_tree.nodes, target, "") {
             Ok(()) => sink.finish()?,
             Err(e) => {
