@@ -36,6 +36,16 @@ pub struct ObjectLock {
     pub compliance: bool,
 }
 
+impl ObjectLock {
+    fn mode(&self) -> ObjectLockMode {
+        if self.compliance {
+            ObjectLockMode::Compliance
+        } else {
+            ObjectLockMode::Governance
+        }
+    }
+}
+
 pub struct S3Backend {
     client: Client,
     bucket: String,
@@ -270,70 +280,20 @@ impl S3Backend {
         })
     }
 
+    /// A whole object or a range of it, through [`Self::stream_body`] (one
+    /// retry and resume logic for every read).
     async fn read_body(&self, name: &str, range: Option<(u64, u64)>) -> BackendResult<Vec<u8>> {
-        let key = self.key(name);
-        let mut last = String::new();
-        for attempt in 0..ATTEMPTS {
-            if attempt > 0 {
-                tokio::time::sleep(backoff(attempt)).await;
-            }
-            let mut req = self.client.get_object().bucket(&self.bucket).key(&key);
-            if let Some((off, len)) = range {
-                req = req.range(format!("bytes={}-{}", off, off + len - 1));
-            }
-            let out = match req.send().await {
-                Ok(o) => o,
-                Err(e) => {
-                    if matches!(status(&e), Some(404)) {
-                        return Err(BackendError::NotFound {
-                            name: name.to_string(),
-                        });
-                    }
-                    if matches!(status(&e), Some(416)) {
-                        return Err(BackendError::ShortRead {
-                            name: name.to_string(),
-                            offset: range.map(|r| r.0).unwrap_or(0),
-                            end: range.map(|r| r.0 + r.1).unwrap_or(0),
-                            size: 0,
-                        });
-                    }
-                    return Err(io_err(name, describe(&e)));
-                }
-            };
-            let expected = out.content_length().map(|l| l as u64);
-            match tokio::time::timeout(stall_timeout() * 4, out.body.collect()).await {
-                Ok(Ok(data)) => {
-                    let data = data.into_bytes().to_vec();
-                    if expected.is_some_and(|e| e != data.len() as u64) {
-                        last = format!(
-                            "body ended after {} of {} bytes",
-                            data.len(),
-                            expected.unwrap_or(0)
-                        );
-                        continue;
-                    }
-                    if let Some((off, len)) = range {
-                        if (data.len() as u64) < len {
-                            return Err(BackendError::ShortRead {
-                                name: name.to_string(),
-                                offset: off,
-                                end: off + len,
-                                size: off + data.len() as u64,
-                            });
-                        }
-                    }
-                    return Ok(data);
-                }
-                Ok(Err(e)) => last = format!("reading the body failed: {e}"),
-                Err(_) => {
-                    last = format!(
-                        "reading the body stalled for {}s",
-                        (stall_timeout() * 4).as_secs()
-                    )
-                }
-            }
-        }
-        Err(io_err(name, format!("{last} (after {ATTEMPTS} attempts)")))
+        let (offset, len) = match range {
+            Some((o, l)) => (o, Some(l)),
+            None => (0, None),
+        };
+        let mut out = Vec::with_capacity(len.unwrap_or(0) as usize);
+        self.stream_body(name, offset, len, &mut |piece| {
+            out.extend_from_slice(piece);
+            true
+        })
+        .await?;
+        Ok(out)
     }
 }
 
@@ -385,11 +345,7 @@ impl S3Backend {
             .checksum_algorithm(ChecksumAlgorithm::Crc32);
         if let Some(lock) = lock {
             create = create
-                .object_lock_mode(if lock.compliance {
-                    ObjectLockMode::Compliance
-                } else {
-                    ObjectLockMode::Governance
-                })
+                .object_lock_mode(lock.mode())
                 .object_lock_retain_until_date(retain_until(lock.days));
         }
         let created = create
@@ -673,11 +629,7 @@ impl Backend for S3Backend {
             // Prune marks are operational state, never locked.
             if let Some(lock) = lock {
                 req = req
-                    .object_lock_mode(if lock.compliance {
-                        ObjectLockMode::Compliance
-                    } else {
-                        ObjectLockMode::Governance
-                    })
+                    .object_lock_mode(lock.mode())
                     .object_lock_retain_until_date(retain_until(lock.days));
             }
             match req.send().await {
