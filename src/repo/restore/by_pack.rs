@@ -134,30 +134,37 @@ impl Shared {
         }
     }
 
+    /// Renames a complete file into place (or removes a failed one) and
+    /// counts it. The file system work runs outside the summary's lock.
     fn finish(&self, p: &Pending) -> anyhow::Result<()> {
         p.done.store(true, Ordering::Release);
-        let err = p.error.lock().unwrap().take();
-        let mut summary = self.summary.lock().unwrap();
-        if let Some(err) = err {
-            let _ = fs::remove_file(&p.tmp);
-            summary
-                .failed
-                .push(format!("{}: not restored: {err}", p.path.display()));
-            return Ok(());
-        }
-        if fs::symlink_metadata(&p.path).is_ok_and(|m| m.is_dir()) {
-            let _ = fs::remove_file(&p.tmp);
-            summary.failed.push(format!(
+        let failed = match p.error.lock().unwrap().take() {
+            Some(err) => Some(format!("{}: not restored: {err}", p.path.display())),
+            None if fs::symlink_metadata(&p.path).is_ok_and(|m| m.is_dir()) => Some(format!(
                 "{}: a directory is in the way; left as it is",
                 p.path.display()
-            ));
-            return Ok(());
+            )),
+            None => None,
+        };
+        if failed.is_none() {
+            apply_meta(&p.tmp, &p.node, self.is_root, false);
+            if let Err(e) = fs::rename(&p.tmp, &p.path) {
+                let _ = fs::remove_file(&p.tmp);
+                return Err(
+                    LabError::storage(format!("renaming into {}: {e}", p.path.display())).into(),
+                );
+            }
+        } else {
+            let _ = fs::remove_file(&p.tmp);
         }
-        apply_meta(&p.tmp, &p.node, self.is_root, false);
-        fs::rename(&p.tmp, &p.path)
-            .map_err(|e| LabError::storage(format!("renaming into {}: {e}", p.path.display())))?;
-        summary.files += 1;
-        summary.bytes += p.node.size;
+        let mut summary = self.summary.lock().unwrap();
+        match failed {
+            Some(why) => summary.failed.push(why),
+            None => {
+                summary.files += 1;
+                summary.bytes += p.node.size;
+            }
+        }
         Ok(())
     }
 }
