@@ -23,7 +23,7 @@
 //! queue (one job per reader) and one blob being assembled and decoded per
 //! reader.
 
-use super::{apply_meta, temp_name, FileSink, RestoreOptions, RestoreSummary};
+use super::{put_in_place, temp_name, FileSink, RestoreOptions, RestoreSummary};
 use crate::backend::{Backend, BackendError};
 use crate::catalog::BlobLocation;
 use crate::error::LabError;
@@ -138,25 +138,8 @@ impl Shared {
     /// counts it. The file system work runs outside the summary's lock.
     fn finish(&self, p: &Pending) -> anyhow::Result<()> {
         p.done.store(true, Ordering::Release);
-        let failed = match p.error.lock().unwrap().take() {
-            Some(err) => Some(format!("{}: not restored: {err}", p.path.display())),
-            None if fs::symlink_metadata(&p.path).is_ok_and(|m| m.is_dir()) => Some(format!(
-                "{}: a directory is in the way; left as it is",
-                p.path.display()
-            )),
-            None => None,
-        };
-        if failed.is_none() {
-            apply_meta(&p.tmp, &p.node, self.is_root, false);
-            if let Err(e) = fs::rename(&p.tmp, &p.path) {
-                let _ = fs::remove_file(&p.tmp);
-                return Err(
-                    LabError::storage(format!("renaming into {}: {e}", p.path.display())).into(),
-                );
-            }
-        } else {
-            let _ = fs::remove_file(&p.tmp);
-        }
+        let error = p.error.lock().unwrap().take();
+        let failed = put_in_place(&p.tmp, &p.path, &p.node, self.is_root, error)?;
         let mut summary = self.summary.lock().unwrap();
         match failed {
             Some(why) => summary.failed.push(why),
@@ -379,10 +362,7 @@ impl FileSink for PackOrder<'_> {
             }
         }
         self.shared.release(&p);
-        match self.shared.fatal.lock().unwrap().take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.check_fatal()
     }
 }
 

@@ -749,32 +749,21 @@ impl DirWriter {
     }
 
     fn finish_file(&mut self, cur: OpenFile) -> anyhow::Result<()> {
-        if let Some(err) = cur.error {
-            let _ = fs::remove_file(&cur.tmp);
-            self.summary
-                .failed
-                .push(format!("{}: not restored: {err}", cur.path.display()));
-            return Ok(());
-        }
-        let file = cur
-            .file
-            .finish(cur.node.size)
-            .map_err(|e| LabError::storage(format!("writing {}: {e}", cur.tmp.display())))?;
-        drop(file);
-        if let Ok(m) = fs::symlink_metadata(&cur.path) {
-            if m.is_dir() {
-                let _ = fs::remove_file(&cur.tmp);
-                self.summary.failed.push(format!(
-                    "{}: a directory is in the way; left as it is",
-                    cur.path.display()
-                ));
-                return Ok(());
+        let error = match cur.error {
+            Some(err) => Some(err),
+            None => {
+                let file = cur.file.finish(cur.node.size).map_err(|e| {
+                    let _ = fs::remove_file(&cur.tmp);
+                    LabError::storage(format!("writing {}: {e}", cur.tmp.display()))
+                })?;
+                drop(file);
+                None
             }
+        };
+        match put_in_place(&cur.tmp, &cur.path, &cur.node, self.is_root, error)? {
+            Some(why) => self.summary.failed.push(why),
+            None => self.summary.files += 1,
         }
-        apply_meta(&cur.tmp, &cur.node, self.is_root, false);
-        fs::rename(&cur.tmp, &cur.path)
-            .map_err(|e| LabError::storage(format!("renaming into {}: {e}", cur.path.display())))?;
-        self.summary.files += 1;
         Ok(())
     }
 
@@ -783,6 +772,38 @@ impl DirWriter {
             let _ = fs::remove_file(&cur.tmp);
         }
     }
+}
+
+/// Puts a restored file's temporary name in place, for both read orders.
+/// With `error` set, or a directory in the way, the temporary file is
+/// removed and the reason returned for the summary; otherwise metadata is
+/// applied and the file renamed over `path` (a failed rename removes the
+/// temporary file and is a storage error).
+fn put_in_place(
+    tmp: &Path,
+    path: &Path,
+    node: &Node,
+    is_root: bool,
+    error: Option<String>,
+) -> anyhow::Result<Option<String>> {
+    let failed = match error {
+        Some(err) => Some(format!("{}: not restored: {err}", path.display())),
+        None if fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) => Some(format!(
+            "{}: a directory is in the way; left as it is",
+            path.display()
+        )),
+        None => None,
+    };
+    if failed.is_some() {
+        let _ = fs::remove_file(tmp);
+        return Ok(failed);
+    }
+    apply_meta(tmp, node, is_root, false);
+    if let Err(e) = fs::rename(tmp, path) {
+        let _ = fs::remove_file(tmp);
+        return Err(LabError::storage(format!("renaming into {}: {e}", path.display())).into());
+    }
+    Ok(None)
 }
 
 /// Sets owner (as root), mode and mtime. Failures are ignored: a restore
