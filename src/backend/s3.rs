@@ -391,7 +391,7 @@ impl S3Backend {
                 parts.push(part.map_err(|e| io_err(name, e))?);
             }
             parts.sort_by_key(|p| p.part_number());
-            match self
+            let completed = self
                 .client
                 .complete_multipart_upload()
                 .bucket(&self.bucket)
@@ -404,14 +404,8 @@ impl S3Backend {
                         .build(),
                 )
                 .send()
-                .await
-            {
-                Ok(_) => Ok(()),
-                Err(e) if matches!(status(&e), Some(412)) => Err(BackendError::AlreadyExists {
-                    name: name.to_string(),
-                }),
-                Err(e) => Err(io_err(name, describe(&e))),
-            }
+                .await;
+            written_once(name, completed)
         }
         .await;
         if result.is_err() {
@@ -582,6 +576,21 @@ fn ca_http_client(
     ))
 }
 
+/// The outcome of a conditional (`If-None-Match: *`) write: 412 means the
+/// object exists, which is never overwritten.
+fn written_once<T, E: ProvideErrorMetadata + std::fmt::Debug>(
+    name: &str,
+    r: Result<T, SdkError<E>>,
+) -> BackendResult<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(status(&e), Some(412)) => Err(BackendError::AlreadyExists {
+            name: name.to_string(),
+        }),
+        Err(e) => Err(io_err(name, describe(&e))),
+    }
+}
+
 fn backoff(attempt: u32) -> Duration {
     let base = 100u64 << attempt.min(7);
     Duration::from_millis(base / 2 + rand::random::<u64>() % (base / 2 + 1))
@@ -632,13 +641,7 @@ impl Backend for S3Backend {
                     .object_lock_mode(lock.mode())
                     .object_lock_retain_until_date(retain_until(lock.days));
             }
-            match req.send().await {
-                Ok(_) => Ok(()),
-                Err(e) if matches!(status(&e), Some(412)) => Err(BackendError::AlreadyExists {
-                    name: name.to_string(),
-                }),
-                Err(e) => Err(io_err(name, describe(&e))),
-            }
+            written_once(name, req.send().await)
         })
     }
 
