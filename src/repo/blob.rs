@@ -32,7 +32,7 @@ impl BlobKind {
 /// Compresses (when it helps) and encrypts chunks; one per worker thread,
 /// so zstd contexts and buffers are reused instead of re-created per blob.
 pub struct BlobEncoder {
-    recipients: Vec<age::x25519::Recipient>,
+    sealer: crypto::Sealer,
     contexts: Vec<(i32, zstd::bulk::Compressor<'static>)>,
     scratch: Vec<u8>,
 }
@@ -40,7 +40,7 @@ pub struct BlobEncoder {
 impl BlobEncoder {
     pub fn new(recipients: Vec<age::x25519::Recipient>) -> Self {
         BlobEncoder {
-            recipients,
+            sealer: crypto::Sealer::new(recipients),
             contexts: vec![],
             scratch: vec![],
         }
@@ -105,7 +105,7 @@ impl BlobEncoder {
         } else {
             (BLOB_RAW, plain)
         };
-        crypto::encrypt_parts(&self.recipients, &[&[header], body])
+        self.sealer.seal_parts(&[&[header], body])
     }
 }
 
@@ -137,7 +137,7 @@ fn decompress(data: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
 /// Key errors for the wrong identity; integrity errors naming `what`.
 pub fn decode(
     cipher: &[u8],
-    identity: &age::x25519::Identity,
+    identity: &dyn age::Identity,
     dedup_key: &[u8; 32],
     id: &Id,
     raw_len: usize,

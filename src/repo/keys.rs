@@ -50,7 +50,7 @@ pub struct Keys {
     pub dedup_key: [u8; 32],
     pub chunker_seed: [u8; 32],
     pub data_recipients: Vec<age::x25519::Recipient>,
-    pub data_identity: Option<age::x25519::Identity>,
+    pub data_identity: Option<crypto::DataIdentity>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -74,7 +74,7 @@ impl Keys {
             dedup_key: rand::random(),
             chunker_seed: rand::random(),
             data_recipients: vec![data.to_public()],
-            data_identity: Some(data),
+            data_identity: Some(crypto::DataIdentity::new(data)),
         }
     }
 
@@ -95,7 +95,7 @@ impl Keys {
     ///
     /// # Errors
     /// When this is a backup key.
-    pub fn data_identity(&self, for_what: &str) -> Result<&age::x25519::Identity, LabError> {
+    pub fn data_identity(&self, for_what: &str) -> Result<&crypto::DataIdentity, LabError> {
         self.data_identity.as_ref().ok_or_else(|| {
             LabError::key(format!(
                 "{for_what} needs the restore key (DATA identity); the key given is a backup key, which cannot decrypt backed-up data. Pass --restore-key <file> or set LABCTL_RESTORE_KEY"
@@ -112,7 +112,10 @@ impl Keys {
             dedup_key: hex::encode(self.dedup_key),
             chunker_seed: hex::encode(self.chunker_seed),
             data_recipients: self.data_recipients.iter().map(|r| r.to_string()).collect(),
-            data_identity: self.data_identity.as_ref().map(crypto::identity_to_string),
+            data_identity: self
+                .data_identity
+                .as_ref()
+                .map(|d| crypto::identity_to_string(d.x25519())),
         };
         serde_json::to_string_pretty(&f).expect("serializable") + "\n"
     }
@@ -160,10 +163,10 @@ impl Keys {
             return Err(bad("data-recipients"));
         }
         let data_identity = match &f.data_identity {
-            Some(s) => Some(
+            Some(s) => Some(crypto::DataIdentity::new(
                 s.parse::<age::x25519::Identity>()
                     .map_err(|_| bad("data-identity"))?,
-            ),
+            )),
             None => None,
         };
         if (f.role == KeyRole::Restore) != data_identity.is_some() {
@@ -276,7 +279,7 @@ mod tests {
         assert!(
             !k.to_backup().to_json().contains("AGE-SECRET-KEY-1") || {
                 // the META identity is present, the DATA one is not
-                let data = crypto::identity_to_string(k.data_identity.as_ref().unwrap());
+                let data = crypto::identity_to_string(k.data_identity.as_ref().unwrap().x25519());
                 !k.to_backup().to_json().contains(&data)
             }
         );
@@ -289,7 +292,7 @@ mod tests {
     #[test]
     fn parse_errors_never_quote_values() {
         let k = Keys::generate("r");
-        let secret = crypto::identity_to_string(k.data_identity.as_ref().unwrap());
+        let secret = crypto::identity_to_string(k.data_identity.as_ref().unwrap().x25519());
         let text = k.to_json().replace(
             "\"data-recipients\": [",
             &format!("\"data-recipients\": \"{secret}\", \"x\": ["),
