@@ -7,7 +7,9 @@ of small files), then for each tool: first backup, second backup after
 scattered 64 KiB writes to ~2% of the image plus an insertion near the start
 of a large file, and a restore of the second snapshot. Reports wall time,
 throughput, repository size, growth and peak RSS (from wait4 rusage of each
-tool process). Needs restic and borg (Debian packages restic, borgbackup).
+tool process). Every timed step starts with its input in the page cache (see
+warm()) and with no dirty pages left by the previous step. Needs restic and
+borg (Debian packages restic, borgbackup).
 
     python3 benches/run.py --size-mib 1024 [--tools labctl,restic,borg] [--repeat 3] [--json out.json]
 """
@@ -34,6 +36,22 @@ def du(path):
     return total
 
 
+def warm(path):
+    """Reads every file under path, so it is in the page cache. Each timed
+    step starts with its input warm: borg drops the files it reads from the
+    cache (posix_fadvise DONTNEED in its chunker), which would otherwise make
+    whichever tool runs after it read the dataset from disk; and labctl writes
+    packs with O_DIRECT, so its repository would be cold for its restore."""
+    for d, _, files in os.walk(path):
+        for f in files:
+            try:
+                with open(os.path.join(d, f), "rb", buffering=0) as fh:
+                    while fh.read(1 << 20):
+                        pass
+            except (FileNotFoundError, PermissionError):
+                pass
+
+
 def run(cmd, env=None, cwd=None, stdin=None):
     """Runs cmd; returns (seconds, peak RSS in MiB). Dirty pages left by the
     previous step are flushed first, so no tool pays for another's writeback."""
@@ -46,6 +64,8 @@ def run(cmd, env=None, cwd=None, stdin=None):
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         sys.exit(f"{' '.join(cmd)} failed ({code}):\n{err}")
+    print(f"  {os.path.basename(cmd[0])} {cmd[1] if len(cmd) > 1 else ''}: {secs:.2f} s wall, "
+          f"{usage.ru_utime:.2f} s user, {usage.ru_stime:.2f} s sys", file=sys.stderr)
     return secs, usage.ru_maxrss / 1024.0
 
 
@@ -203,7 +223,16 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "labctl", "--example", "benchdata"], cwd=ROOT, check=True)
     binary = os.path.join(ROOT, "target/release/labctl")
     gen = os.path.join(ROOT, "target/release/examples/benchdata")
-    shutil.rmtree(args.work, ignore_errors=True)
+    if os.path.exists(args.work):
+        shutil.rmtree(args.work, ignore_errors=True)
+        # ext4 without a journal (this VM's root) skips inodes freed in the
+        # last 60 s when it allocates new ones, scanning past every one of
+        # them for each file created: thousands of fresh deletions make the
+        # next minute's file creation several times slower (seen as sys time
+        # in restores). Let them age first.
+        os.sync()
+        print("waiting 65 s after deleting the old work directory", file=sys.stderr)
+        time.sleep(65)
     os.makedirs(args.work)
     global S3
     moto = None
@@ -252,11 +281,13 @@ def one_round(args, binary, gen, index):
     results = {t.name: {"tool": t.name} for t in chosen}
     for t in chosen:
         t.init()
+        warm(data)
         s, rss = t.backup(data)
         results[t.name].update(first_s=s, first_rss=rss, repo_after_first=du_s3(t.prefix) if S3 else du(t.repo))
         print(f"{t.name}: first backup {s:.2f}s, {rss:.0f} MiB RSS", file=sys.stderr)
     subprocess.run([gen, "mutate", data], check=True)
     for t in chosen:
+        warm(data)
         s, rss = t.backup(data)
         r = results[t.name]
         r.update(second_s=s, second_rss=rss, repo_after_second=du_s3(t.prefix) if S3 else du(t.repo))
@@ -264,6 +295,8 @@ def one_round(args, binary, gen, index):
         print(f"{t.name}: second backup {s:.2f}s, growth {r['growth'] / 2**20:.1f} MiB", file=sys.stderr)
     for t in chosen:
         target = os.path.join(work, f"restore-{t.name}")
+        if not S3:
+            warm(t.repo)
         s, rss = t.restore(target)
         results[t.name].update(restore_s=s, restore_rss=rss)
         print(f"{t.name}: restore {s:.2f}s", file=sys.stderr)
