@@ -129,6 +129,8 @@ struct PackDone {
 /// The encoder and packer threads of one backup run.
 struct Uploader {
     jobs: Option<Sender<EncodeJob>>,
+    /// Chunk buffers the encoders are done with, for the chunker to re-use.
+    spare_chunks: Receiver<Vec<u8>>,
     done: Receiver<PackDone>,
     threads: Vec<JoinHandle<()>>,
     failure: Arc<Mutex<Option<anyhow::Error>>>,
@@ -144,13 +146,17 @@ impl Uploader {
             threads
         };
         let (job_tx, job_rx) = bounded::<EncodeJob>(threads * 2);
+        let (chunk_back_tx, chunk_back_rx) = bounded::<Vec<u8>>(threads * 2);
         let (enc_tx, enc_rx) = bounded::<Encoded>(threads * 2);
         let (put_tx, put_rx) = bounded::<(Id, Vec<u8>, Vec<PackEntry>)>(1);
         let (done_tx, done_rx) = unbounded::<PackDone>();
+        // Written pack buffers go back to the packer (local disks; an object
+        // store's client takes ownership of the bytes it sends).
+        let (spare_tx, spare_rx) = bounded::<Vec<u8>>(2);
         let failure = Arc::new(Mutex::new(None));
         let mut handles = vec![];
         for _ in 0..threads {
-            let (rx, tx) = (job_rx.clone(), enc_tx.clone());
+            let (rx, tx, back) = (job_rx.clone(), enc_tx.clone(), chunk_back_tx.clone());
             let mut encoder = blob::BlobEncoder::new(repo.keys.data_recipients.clone());
             handles.push(std::thread::spawn(move || {
                 for job in rx {
@@ -161,6 +167,7 @@ impl Uploader {
                         cipher,
                         raw_len: job.data.len() as u32,
                     };
+                    let _ = back.try_send(job.data);
                     if tx.send(enc).is_err() {
                         return;
                     }
@@ -187,7 +194,11 @@ impl Uploader {
                 };
                 builder.add(enc.kind, enc.id, &enc.cipher, enc.raw_len);
                 if builder.len() >= pack_size {
-                    let full = std::mem::replace(builder, PackBuilder::with_capacity(fresh));
+                    let next = match spare_rx.try_recv() {
+                        Ok(buf) if enc.kind != BlobKind::Tree => PackBuilder::with_buffer(buf),
+                        _ => PackBuilder::with_capacity(fresh),
+                    };
+                    let full = std::mem::replace(builder, next);
                     if put_tx.send(full.finish(&meta)).is_err() {
                         return; // the writer failed; encoders drain via closed channels
                     }
@@ -203,13 +214,23 @@ impl Uploader {
         // (each holds a ~33 MiB pack, which bounds memory).
         let writers = (repo.backend.parallelism() / 8).clamp(1, 2);
         for _ in 0..writers {
-            let (put_rx, done_tx) = (put_rx.clone(), done_tx.clone());
+            let (put_rx, done_tx, spare_tx) = (put_rx.clone(), done_tx.clone(), spare_tx.clone());
             let backend = repo.backend.clone();
             let fail = failure.clone();
             handles.push(std::thread::spawn(move || {
                 for (id, bytes, entries) in put_rx {
                     let size = bytes.len() as u64;
-                    match backend.put_owned(&format::pack_name(&id), bytes) {
+                    let name = format::pack_name(&id);
+                    let result = if backend.is_remote() {
+                        backend.put_owned(&name, bytes)
+                    } else {
+                        let r = backend.put(&name, &bytes);
+                        if bytes.capacity() >= pack_size {
+                            let _ = spare_tx.try_send(bytes);
+                        }
+                        r
+                    };
+                    match result {
                         Ok(()) | Err(crate::backend::BackendError::AlreadyExists { .. }) => {
                             let _ = done_tx.send(PackDone { id, size, entries });
                         }
@@ -226,6 +247,7 @@ impl Uploader {
         }
         Uploader {
             jobs: Some(job_tx),
+            spare_chunks: chunk_back_rx,
             done: done_rx,
             threads: handles,
             failure,
@@ -448,7 +470,7 @@ impl<'r> BackupRun<'r> {
                 self.chunk_buf = chunker.into_buffer();
                 return Err(e);
             }
-            let piece = match chunker.next_piece() {
+            let piece = match chunker.next_piece_in(self.up.spare_chunks.try_recv().ok()) {
                 Ok(p) => p,
                 Err(e) => {
                     self.chunk_buf = chunker.into_buffer();

@@ -270,6 +270,15 @@ impl<R: Read> Chunker<R> {
     /// # Errors
     /// Read errors from the source.
     pub fn next_piece(&mut self) -> io::Result<Option<Piece>> {
+        self.next_piece_in(None)
+    }
+
+    /// Like [`Chunker::next_piece`], copying a data piece into `spare` (a
+    /// buffer handed back by a consumer) instead of a new allocation.
+    ///
+    /// # Errors
+    /// Read errors from the source.
+    pub fn next_piece_in(&mut self, spare: Option<Vec<u8>>) -> io::Result<Option<Piece>> {
         let want = match self.kind {
             ChunkerKind::Cdc => self.cdc.max,
             ChunkerKind::Fixed => self.fixed,
@@ -288,7 +297,15 @@ impl<R: Read> Chunker<R> {
         if self.kind == ChunkerKind::Fixed && is_zero(piece) {
             return Ok(Some(Piece::Zero(len as u64)));
         }
-        Ok(Some(Piece::Data(piece.to_vec())))
+        let data = match spare {
+            Some(mut v) => {
+                v.clear();
+                v.extend_from_slice(piece);
+                v
+            }
+            None => piece.to_vec(),
+        };
+        Ok(Some(Piece::Data(data)))
     }
 }
 

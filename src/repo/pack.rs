@@ -88,7 +88,12 @@ impl PackBuilder {
         Self::with_capacity(1 << 20)
     }
     pub fn with_capacity(capacity: usize) -> Self {
-        let mut buf = Vec::with_capacity(capacity);
+        Self::with_buffer(Vec::with_capacity(capacity))
+    }
+    /// A builder that fills `buf` (cleared first): re-using the buffer of
+    /// a pack already written saves faulting in fresh pages for each pack.
+    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
+        buf.clear();
         buf.extend_from_slice(&format::header(MAGIC_PACK));
         PackBuilder {
             buf,
