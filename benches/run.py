@@ -106,23 +106,51 @@ def make_bucket(endpoint, name):
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{name}", method="PUT"), timeout=10).read()
 
 
-def du_s3(prefix):
-    """Total size of objects under s3 prefix (bucket/prefix) via ListObjectsV2."""
+def s3_objects(prefix):
+    """(key, size) of the objects under s3 prefix (bucket/prefix), via ListObjectsV2."""
     import urllib.request
     import xml.etree.ElementTree as ET
     endpoint, bucket = S3
-    total, token = 0, None
+    out, token = [], None
     while True:
         url = f"{endpoint}/{bucket}?list-type=2&prefix={prefix}/"
         if token:
             url += "&continuation-token=" + urllib.request.quote(token)
         root = ET.fromstring(urllib.request.urlopen(url, timeout=30).read())
         ns = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""
-        total += sum(int(e.text) for e in root.iter(ns + "Size"))
+        for c in root.iter(ns + "Contents"):
+            out.append((c.find(ns + "Key").text, int(c.find(ns + "Size").text)))
         t = root.find(ns + "NextContinuationToken")
         if t is None:
-            return total
+            return out
         token = t.text
+
+
+def du_s3(prefix):
+    return sum(size for _, size in s3_objects(prefix))
+
+
+WARM_S3 = """
+import sys, boto3
+endpoint, bucket, prefix = sys.argv[1:4]
+s3 = boto3.client("s3", endpoint_url=endpoint)
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+    for o in page.get("Contents", []):
+        body = s3.get_object(Bucket=bucket, Key=o["Key"])["Body"]
+        while body.read(1 << 20):
+            pass
+"""
+
+
+def warm_s3(prefix):
+    """Reads every object under prefix once (signed GETs through boto3 from
+    moto's venv), the S3 counterpart of warm(): the first reader of freshly
+    written objects paid more than the second (in 5 rounds, whichever tool
+    restored first was the slower one), so each tool's restore starts with
+    its objects read once."""
+    endpoint, bucket = S3
+    py = os.path.join(ROOT, "target/test-venv/bin/python")
+    subprocess.run([py, "-c", WARM_S3, endpoint, bucket, prefix], env=dict(os.environ, **s3_env()), check=True)
 
 
 class Labctl:
@@ -295,7 +323,9 @@ def one_round(args, binary, gen, index):
         print(f"{t.name}: second backup {s:.2f}s, growth {r['growth'] / 2**20:.1f} MiB", file=sys.stderr)
     for t in chosen:
         target = os.path.join(work, f"restore-{t.name}")
-        if not S3:
+        if S3:
+            warm_s3(t.prefix)
+        else:
             warm(t.repo)
         s, rss = t.restore(target)
         results[t.name].update(restore_s=s, restore_rss=rss)

@@ -152,7 +152,7 @@ impl Uploader {
         let (done_tx, done_rx) = unbounded::<PackDone>();
         // Written pack buffers go back to the packer (local disks; an object
         // store's client takes ownership of the bytes it sends).
-        let (spare_tx, spare_rx) = bounded::<Vec<u8>>(2);
+        let (spare_tx, spare_rx) = bounded::<Vec<u8>>(1);
         let failure = Arc::new(Mutex::new(None));
         let mut handles = vec![];
         for _ in 0..threads {
