@@ -17,22 +17,17 @@ pub fn chunk_id(dedup_key: &[u8; 32], data: &[u8]) -> Id {
     Id(*blake3::keyed_hash(dedup_key, data).as_bytes())
 }
 
-/// Encrypts `plain` to `recipients` as one age message.
+/// Encrypts `plain` to `recipients` as one age message, through
+/// `age::Encryptor` (metadata objects: trailers, index, snapshots, escrow).
+/// Blobs go through [`Sealer`].
 pub fn encrypt(recipients: &[age::x25519::Recipient], plain: &[u8]) -> Vec<u8> {
-    encrypt_parts(recipients, &[plain])
-}
-
-/// Encrypts the concatenation of `parts` as one age message (no copy to join them).
-pub fn encrypt_parts(recipients: &[age::x25519::Recipient], parts: &[&[u8]]) -> Vec<u8> {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
     let enc = age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
         .expect("at least one recipient");
     // age adds a 16-byte tag per 64 KiB chunk plus a header of ~200 bytes per recipient.
-    let mut out = Vec::with_capacity(len + len / 4096 + 64 + 200 * recipients.len());
+    let mut out =
+        Vec::with_capacity(plain.len() + plain.len() / 4096 + 64 + 200 * recipients.len());
     let mut w = enc.wrap_output(&mut out).expect("writing to a Vec");
-    for p in parts {
-        w.write_all(p).expect("writing to a Vec");
-    }
+    w.write_all(plain).expect("writing to a Vec");
     w.finish().expect("writing to a Vec");
     out
 }
