@@ -194,9 +194,12 @@ impl Uploader {
                 };
                 builder.add(enc.kind, enc.id, &enc.cipher, enc.raw_len);
                 if builder.len() >= pack_size {
-                    let next = match spare_rx.try_recv() {
-                        Ok(buf) if enc.kind != BlobKind::Tree => PackBuilder::with_buffer(buf),
-                        _ => PackBuilder::with_capacity(fresh),
+                    let next = match enc.kind {
+                        BlobKind::Tree => PackBuilder::with_capacity(fresh),
+                        _ => spare_rx
+                            .try_recv()
+                            .map(PackBuilder::with_buffer)
+                            .unwrap_or_else(|_| PackBuilder::with_capacity(fresh)),
                     };
                     let full = std::mem::replace(builder, next);
                     if put_tx.send(full.finish(&meta)).is_err() {
