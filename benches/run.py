@@ -246,6 +246,9 @@ def main():
                     help="repositories on a local moto S3 server instead of local disk (tools: labctl,restic)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds (fresh repositories and data each time); the table shows medians")
+    ap.add_argument("--sizes", type=int, metavar="N",
+                    help="instead of timing: repository size and growth of N fresh repositories per tool "
+                         "on the same data (chunker parameters are random per repository), as mean and spread")
     args = ap.parse_args()
 
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "labctl", "--example", "benchdata"], cwd=ROOT, check=True)
@@ -272,6 +275,15 @@ def main():
     # right after deleting thousands makes the inode allocator skip the
     # recently freed ones, which would penalise whichever tool runs next.
     # The tool order also rotates each round.
+    if args.sizes:
+        try:
+            sizes_mode(args, binary, gen)
+        finally:
+            if moto:
+                moto.kill()
+            if not args.keep:
+                shutil.rmtree(args.work, ignore_errors=True)
+        return
     try:
         rounds = [one_round(args, binary, gen, i) for i in range(args.repeat)]
     finally:
@@ -331,6 +343,76 @@ def one_round(args, binary, gen, index):
         results[t.name].update(restore_s=s, restore_rss=rss)
         print(f"{t.name}: restore {s:.2f}s", file=sys.stderr)
     return size, results
+
+
+def sizes_mode(args, binary, gen):
+    """Repository size after the first backup and growth on the second, over
+    N fresh repositories per tool on one dataset. Every tool draws its
+    chunker parameters at random per repository (labctl's FastCDC seed,
+    restic's chunker polynomial, borg's buzhash seed), and on this data that
+    alone moves a tool's size by about +-0.5% (where the cut points fall
+    decides whether the repeated 1 MiB blocks in the large files deduplicate),
+    so a few rounds cannot tell the tools' sizes apart; the mean of N can."""
+    orig = os.path.join(args.work, "orig")
+    mutated = os.path.join(args.work, "mutated")
+    data = os.path.join(args.work, "data")
+    subprocess.run([gen, "generate", orig, str(args.size_mib)], check=True)
+    subprocess.run([gen, "generate", mutated, str(args.size_mib)], check=True)
+    subprocess.run([gen, "mutate", mutated], check=True)
+    tools = {"labctl": Labctl, "restic": Restic, "borg": Borg}
+    names = args.tools.split(",")
+    got = {n: {"first": [], "growth": []} for n in names}
+    for i in range(args.sizes):
+        for name in names:
+            work = os.path.join(args.work, f"repo-{i}-{name}")
+            os.makedirs(work)
+            t = tools[name](work, binary)
+            t.init()
+            # one path for both backups, so each tool sees a second backup
+            # of the same directory
+            os.rename(orig, data)
+            t.backup(data)
+            os.rename(data, orig)
+            first = du_s3(t.prefix) if S3 else du(t.repo)
+            os.rename(mutated, data)
+            t.backup(data)
+            os.rename(data, mutated)
+            second = du_s3(t.prefix) if S3 else du(t.repo)
+            got[name]["first"].append(first)
+            got[name]["growth"].append(second - first)
+            print(f"{name} #{i + 1}: repo {first / 2**20:.1f} MiB, growth {(second - first) / 2**20:.1f} MiB",
+                  file=sys.stderr)
+            shutil.rmtree(work)
+
+    def stats(xs):
+        m = statistics.mean(xs)
+        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        return m, sd, sd / len(xs) ** 0.5
+
+    head = ("tool", "repo MiB mean", "sd", "min", "max", "growth MiB mean", "sd", "min", "max")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        row = [name]
+        for key in ("first", "growth"):
+            xs = got[name][key]
+            m, sd, _ = stats(xs)
+            row += [f"{m / 2**20:.2f}", f"{sd / 2**20:.2f}", f"{min(xs) / 2**20:.1f}", f"{max(xs) / 2**20:.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    print(f"dataset: {du(orig) / 2**20:.0f} MiB, {args.sizes} repositories per tool\n" + "\n".join(lines))
+    if "labctl" in names:
+        for other in names:
+            if other == "labctl":
+                continue
+            for key in ("first", "growth"):
+                a, _, sea = stats(got["labctl"][key])
+                b, _, seb = stats(got[other][key])
+                r = a / b
+                se = r * ((sea / a) ** 2 + (seb / b) ** 2) ** 0.5
+                what = "repository size" if key == "first" else "growth"
+                print(f"labctl / {other} {what}: {r:.4f} +- {se:.4f} (ratio of means +- standard error)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"size": du(orig), "sizes": got}, f, indent=2)
 
 
 if __name__ == "__main__":
