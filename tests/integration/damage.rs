@@ -211,6 +211,53 @@ fn non_empty_target_is_refused_and_left_alone() {
 }
 
 #[test]
+fn a_directory_in_the_way_of_a_file_is_left_alone_in_both_read_orders() {
+    let (env, _) = populated();
+    for order in ["pack", "file"] {
+        let target = env.path(&format!("target-{order}"));
+        // small.txt (one blob) and dir/file3.bin (several) are directories here.
+        write(&target.join("small.txt/inner"), b"mine");
+        write(&target.join("dir/file3.bin/inner"), b"mine too");
+        let out = env.run_restore(&[
+            "restore",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+            "--overwrite",
+            "--read-order",
+            order,
+        ]);
+        assert_eq!(out.status.code(), Some(4), "{order}: {}", stderr(&out));
+        let err = stderr(&out);
+        for name in ["small.txt", "dir/file3.bin"] {
+            assert!(
+                err.contains(&format!("{name}: a directory is in the way")),
+                "{order}: {err}"
+            );
+        }
+        assert_eq!(fs::read(target.join("small.txt/inner")).unwrap(), b"mine");
+        assert_eq!(
+            fs::read(target.join("dir/file3.bin/inner")).unwrap(),
+            b"mine too"
+        );
+        // The other files were restored, and no temporary file is left.
+        assert_eq!(
+            fs::read(target.join("dir/file0.bin")).unwrap(),
+            noise(700_000, 0)
+        );
+        let names: Vec<String> = list_files(&target)
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.starts_with(".labctl-restore")),
+            "{names:?}"
+        );
+        assert_eq!(names.len(), 7 + 2, "{names:?}");
+    }
+}
+
+#[test]
 fn unreadable_source_file_is_reported_and_the_rest_backed_up() {
     // Root reads everything, so the backup runs as an unprivileged user then.
     let env = Env::empty();

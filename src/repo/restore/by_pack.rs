@@ -16,8 +16,12 @@
 //! `Range` header (cheaper for some servers; the SDK can then check the
 //! object's checksum). This is how object stores want to be read — few
 //! large sequential GETs, each byte once — whereas the ordered pipeline in
-//! the parent module reads in file order (better on local disks, where it
-//! writes with `O_DIRECT`).
+//! the parent module reads in file order (better on local disks).
+//!
+//! Files of one blob (most small files) are created when their blob
+//! arrives and set up through the open descriptor; the 4 KiB-aligned
+//! interior of every write of 64 KiB or more goes through `O_DIRECT`
+//! (see [`crate::directio::write_at`]), its edges buffered.
 //!
 //! Memory is bounded by the batch size (a few MiB of plan), the readers'
 //! queue (one job per reader) and one blob being assembled and decoded per
@@ -54,6 +58,13 @@ struct Pending {
     tmp: PathBuf,
     path: PathBuf,
     node: Node,
+    /// A file of one blob (most small files) is created when that blob is
+    /// delivered, and kept open until it is put in place: one open instead
+    /// of two, and its metadata set through the descriptor. Files of more
+    /// blobs are created while planning and opened per blob write, so a
+    /// batch holds no descriptors.
+    deferred: bool,
+    file: Mutex<Option<fs::File>>,
     /// Blob writes still to come, plus one while the walk is planning it.
     remaining: AtomicUsize,
     error: Mutex<Option<String>>,
@@ -114,6 +125,8 @@ struct Shared {
     summary: Mutex<RestoreSummary>,
     fatal: Mutex<Option<anyhow::Error>>,
     stop: AtomicBool,
+    /// Large writes use `O_DIRECT` until the filesystem refuses it.
+    direct: AtomicBool,
 }
 
 impl Shared {
@@ -139,7 +152,8 @@ impl Shared {
     fn finish(&self, p: &Pending) -> anyhow::Result<()> {
         p.done.store(true, Ordering::Release);
         let error = p.error.lock().unwrap().take();
-        let failed = put_in_place(&p.tmp, &p.path, &p.node, self.is_root, error)?;
+        let file = p.file.lock().unwrap().take();
+        let failed = put_in_place(&p.tmp, &p.path, &p.node, self.is_root, error, file)?;
         let mut summary = self.summary.lock().unwrap();
         match failed {
             Some(why) => summary.failed.push(why),
@@ -183,6 +197,7 @@ impl<'a> PackOrder<'a> {
             summary: Mutex::new(RestoreSummary::default()),
             fatal: Mutex::new(None),
             stop: AtomicBool::new(false),
+            direct: AtomicBool::new(true),
         });
         let (tx, rx) = crossbeam_channel::bounded::<RangeJob>(workers);
         let readers = (0..workers)
@@ -321,24 +336,31 @@ impl<'a> PackOrder<'a> {
 impl FileSink for PackOrder<'_> {
     fn file(&mut self, _repo: &Repository, path: PathBuf, mut node: Node) -> anyhow::Result<()> {
         let tmp = temp_name(&path);
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| LabError::storage(format!("creating {}: {e}", tmp.display())))?;
         let content = std::mem::take(&mut node.content);
+        let deferred = content
+            .iter()
+            .filter(|c| matches!(c, ContentRef::Chunk(_)))
+            .count()
+            == 1;
         let p = Arc::new(Pending {
             tmp,
             path,
             node,
+            deferred,
+            file: Mutex::new(None),
             remaining: AtomicUsize::new(1),
             error: Mutex::new(None),
             done: AtomicBool::new(false),
         });
         self.pending.push(p.clone());
-        f.set_len(p.node.size)
-            .map_err(|e| LabError::storage(format!("creating {}: {e}", p.tmp.display())))?;
-        drop(f);
+        if !deferred {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&p.tmp)
+                .and_then(|f| f.set_len(p.node.size))
+                .map_err(|e| LabError::storage(format!("creating {}: {e}", p.tmp.display())))?;
+        }
         let mut offset = 0u64;
         for c in content {
             match c {
@@ -441,6 +463,34 @@ fn read_range(backend: &dyn Backend, keys: &Keys, shared: &Shared, range: RangeJ
     }
 }
 
+/// Writes a blob's plaintext at `offset` of a file's temporary name,
+/// creating it first when the file was deferred to its one blob. Large
+/// writes go through `O_DIRECT` ([`crate::directio::write_at`]): restoring
+/// through the page cache cost more system time than everything else the
+/// restore does when the VM had to back fresh pages (0.4-1.6 s of system
+/// time for 512 MiB, against a steady ~0.4 s with `O_DIRECT`), and a large
+/// restore would otherwise evict the host's working set.
+fn write_target(shared: &Shared, p: &Pending, data: &[u8], offset: u64) -> std::io::Result<()> {
+    if p.deferred {
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p.tmp)?;
+        f.write_all_at(data, offset)?;
+        if offset + data.len() as u64 != p.node.size {
+            f.set_len(p.node.size)?;
+        }
+        *p.file.lock().unwrap() = Some(f);
+        Ok(())
+    } else {
+        let direct = shared.direct.load(Ordering::Relaxed);
+        if !crate::directio::write_at(&p.tmp, data, offset, direct)? && direct {
+            shared.direct.store(false, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
 /// Decodes one blob (decrypt, decompress, re-hash) and writes it wherever
 /// it goes. A write error (a full disk) ends the restore.
 fn deliver(keys: &Keys, shared: &Shared, need: &Need, cipher: &[u8]) {
@@ -463,11 +513,7 @@ fn deliver(keys: &Keys, shared: &Shared, need: &Need, cipher: &[u8]) {
         Ok(data) => {
             for (p, offset) in &need.targets {
                 if !p.failed() {
-                    let written = OpenOptions::new()
-                        .write(true)
-                        .open(&p.tmp)
-                        .and_then(|f| f.write_all_at(&data, *offset));
-                    if let Err(e) = written {
+                    if let Err(e) = write_target(shared, p, &data, *offset) {
                         shared.set_fatal(
                             LabError::storage(format!("writing {}: {e}", p.tmp.display())).into(),
                         );
