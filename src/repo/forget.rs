@@ -346,6 +346,7 @@ pub fn apply(
                 continue;
             }
             repo.backend.delete(&name)?;
+            repo.forget_loaded_snapshot(&d.id);
             repo.catalog.remove_snapshot(&d.id)?;
         }
     }

@@ -182,6 +182,75 @@ pub struct Repository {
     pub keys: Keys,
     pub catalog: Catalog,
     pub cdc: Cdc,
+    /// Small packs (tree packs, as backups write them) read whole for the
+    /// directory walk.
+    pub small_packs: SmallPacks,
+    last_snapshot: std::sync::Mutex<Option<(Id, LoadedSnapshot)>>,
+}
+
+/// A snapshot manifest and its list of referenced chunks.
+type LoadedSnapshot = (snapshot::Snapshot, Vec<Id>);
+
+/// Whole small packs, kept for reading tree blobs: a restore's walk reads
+/// every directory listing of a snapshot, which backups put together into
+/// small packs, so one GET of such a pack replaces one ranged GET per
+/// directory (35 requests for the benchmark tree, each a few milliseconds
+/// of an object store's time). Bounded: packs up to [`SMALL_PACK`] bytes,
+/// [`SMALL_PACKS_TOTAL`] bytes in all, oldest dropped first. Concurrent
+/// readers of one pack wait for a single fetch.
+#[derive(Default)]
+pub struct SmallPacks {
+    packs: std::sync::Mutex<SmallPackList>,
+}
+
+type SmallPackCell = Arc<std::sync::OnceLock<Option<Arc<Vec<u8>>>>>;
+
+#[derive(Default)]
+struct SmallPackList {
+    entries: std::collections::VecDeque<(Id, u64, SmallPackCell)>,
+    total: u64,
+}
+
+/// Largest pack [`SmallPacks`] reads whole.
+pub const SMALL_PACK: u64 = 4 << 20;
+/// Bytes [`SmallPacks`] keeps at most.
+pub const SMALL_PACKS_TOTAL: u64 = 16 << 20;
+
+impl SmallPacks {
+    /// The whole pack when it is small (`size` from the index), fetched
+    /// once; `None` when it is large or could not be read whole (the caller
+    /// then reads its range, which reports any error properly).
+    fn get(&self, backend: &dyn Backend, pack: &Id, size: u64) -> Option<Arc<Vec<u8>>> {
+        if size > SMALL_PACK {
+            return None;
+        }
+        let cell = {
+            let mut list = self.packs.lock().unwrap();
+            match list.entries.iter().find(|(id, _, _)| id == pack) {
+                Some((_, _, cell)) => cell.clone(),
+                None => {
+                    while list.total + size > SMALL_PACKS_TOTAL {
+                        match list.entries.pop_front() {
+                            Some((_, n, _)) => list.total -= n,
+                            None => break,
+                        }
+                    }
+                    let cell = SmallPackCell::default();
+                    list.entries.push_back((*pack, size, cell.clone()));
+                    list.total += size;
+                    cell
+                }
+            }
+        };
+        cell.get_or_init(|| {
+            backend
+                .get(&format::pack_name(pack))
+                .ok()
+                .filter(|b| b.len() as u64 == size)
+                .map(Arc::new)
+        })
+        .clone()
+    }
 }
 
 impl Repository {
@@ -235,6 +304,8 @@ impl Repository {
             keys,
             catalog,
             cdc,
+            small_packs: SmallPacks::default(),
+            last_snapshot: Default::default(),
         };
         repo.sync_catalog()?;
         Ok(repo)
@@ -300,10 +371,28 @@ impl Repository {
     ///
     /// # Errors
     /// Storage, key or integrity errors naming the snapshot.
+    /// The last one read is kept (snapshots never change once written), so
+    /// a command that reads the same snapshot twice fetches it once.
     pub fn load_snapshot(&self, id: &Id) -> anyhow::Result<(snapshot::Snapshot, Vec<Id>)> {
+        if let Some((last, snap)) = &*self.last_snapshot.lock().unwrap() {
+            if last == id {
+                return Ok(snap.clone());
+            }
+        }
         let name = format::snapshot_name(id);
         let bytes = self.backend.get(&name)?;
-        Ok(snapshot::decode(&bytes, &self.keys.meta_identity, &name)?)
+        let snap = snapshot::decode(&bytes, &self.keys.meta_identity, &name)?;
+        *self.last_snapshot.lock().unwrap() = Some((*id, snap.clone()));
+        Ok(snap)
+    }
+
+    /// Drops a deleted snapshot from the one [`Repository::load_snapshot`]
+    /// keeps.
+    pub fn forget_loaded_snapshot(&self, id: &Id) {
+        let mut last = self.last_snapshot.lock().unwrap();
+        if last.as_ref().is_some_and(|(l, _)| l == id) {
+            *last = None;
+        }
     }
 
     /// Resolves `latest`, a full ID or a unique prefix of at least 4 hex digits.
@@ -362,7 +451,21 @@ impl Repository {
     pub fn read_tree(&self, chunks: &[Id]) -> anyhow::Result<tree::Tree> {
         let mut json = vec![];
         for c in chunks {
-            json.extend_from_slice(&self.read_blob(c)?);
+            let loc = self.catalog.blob(c)?.ok_or_else(|| {
+                LabError::integrity(format!(
+                    "blob {} is not in the index (missing data)",
+                    c.short()
+                ))
+            })?;
+            let size = self.catalog.pack_size(&loc.pack)?.unwrap_or(u64::MAX);
+            json.extend_from_slice(&read_tree_blob_at(
+                &*self.backend,
+                &self.keys,
+                &self.small_packs,
+                c,
+                &loc,
+                size,
+            )?);
         }
         serde_json::from_slice(&json).map_err(|e| {
             LabError::integrity(format!(
@@ -371,6 +474,40 @@ impl Repository {
             ))
             .into()
         })
+    }
+}
+
+/// [`read_blob_at`] for a tree blob: from the whole pack when it is small
+/// (see [`SmallPacks`]; `pack_size` from the index).
+///
+/// # Errors
+/// As [`read_blob_at`].
+pub fn read_tree_blob_at(
+    backend: &dyn Backend,
+    keys: &Keys,
+    small: &SmallPacks,
+    id: &Id,
+    loc: &crate::catalog::BlobLocation,
+    pack_size: u64,
+) -> anyhow::Result<Vec<u8>> {
+    let (start, end) = (
+        loc.offset as usize,
+        loc.offset as usize + loc.length as usize,
+    );
+    match small.get(backend, &loc.pack, pack_size) {
+        Some(pack) if end <= pack.len() => {
+            let identity = keys.data_identity("reading backed-up data")?;
+            let what = format!("blob {} in pack {}", id.short(), loc.pack.hex());
+            Ok(blob::decode(
+                &pack[start..end],
+                identity,
+                &keys.dedup_key,
+                id,
+                loc.raw_len as usize,
+                &what,
+            )?)
+        }
+        _ => read_blob_at(backend, keys, id, loc),
     }
 }
 
@@ -398,4 +535,90 @@ pub fn read_blob_at(
         loc.raw_len as usize,
         &what,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::fs::FsBackend;
+    use crate::backend::{BackendResult, ObjectInfo};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The local backend, counting whole-object reads.
+    struct Counting {
+        inner: FsBackend,
+        gets: AtomicUsize,
+    }
+
+    impl Backend for Counting {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn put(&self, name: &str, data: &[u8]) -> BackendResult<()> {
+            self.inner.put(name, data)
+        }
+        fn get(&self, name: &str) -> BackendResult<Vec<u8>> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            self.inner.get(name)
+        }
+        fn get_range(&self, name: &str, offset: u64, len: u64) -> BackendResult<Vec<u8>> {
+            self.inner.get_range(name, offset, len)
+        }
+        fn list(&self, prefix: &str, f: &mut dyn FnMut(ObjectInfo)) -> BackendResult<()> {
+            self.inner.list(prefix, f)
+        }
+        fn stat(&self, name: &str) -> BackendResult<Option<u64>> {
+            self.inner.stat(name)
+        }
+        fn delete(&self, name: &str) -> BackendResult<()> {
+            self.inner.delete(name)
+        }
+    }
+
+    #[test]
+    fn small_packs_are_fetched_once_bounded_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Counting {
+            inner: FsBackend::new(dir.path()),
+            gets: AtomicUsize::new(0),
+        };
+        let pack = |i: u8| Id([i; 32]);
+        let bytes = |i: u8, n: u64| vec![i; n as usize];
+        const MIB: u64 = 1 << 20;
+        for i in 0..20u8 {
+            b.put(&format::pack_name(&pack(i)), &bytes(i, MIB)).unwrap();
+        }
+        b.put(&format::pack_name(&pack(99)), &bytes(99, SMALL_PACK + 1))
+            .unwrap();
+        let cache = SmallPacks::default();
+        // Eight readers of one pack at once: one fetch.
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    let got = cache.get(&b, &pack(0), MIB).unwrap();
+                    assert_eq!(*got, bytes(0, MIB));
+                });
+            }
+        });
+        assert_eq!(b.gets.load(Ordering::SeqCst), 1);
+        // Too large: not read whole.
+        assert!(cache.get(&b, &pack(99), SMALL_PACK + 1).is_none());
+        assert_eq!(b.gets.load(Ordering::SeqCst), 1);
+        // A pack whose size differs from the index is not used.
+        assert!(cache.get(&b, &pack(1), MIB - 1).is_none());
+        // A missing pack neither: the caller's ranged read reports it.
+        assert!(cache.get(&b, &pack(50), MIB).is_none());
+        // At most SMALL_PACKS_TOTAL bytes: filling it drops the oldest.
+        let before = b.gets.load(Ordering::SeqCst);
+        for i in 2..20u8 {
+            assert!(cache.get(&b, &pack(i), MIB).is_some());
+        }
+        let list = cache.packs.lock().unwrap();
+        assert!(list.total <= SMALL_PACKS_TOTAL);
+        assert!(!list.entries.iter().any(|(id, _, _)| *id == pack(0)));
+        drop(list);
+        assert_eq!(b.gets.load(Ordering::SeqCst), before + 18);
+        assert!(cache.get(&b, &pack(0), MIB).is_some());
+        assert_eq!(b.gets.load(Ordering::SeqCst), before + 19);
+    }
 }

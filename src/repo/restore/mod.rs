@@ -21,7 +21,7 @@ use crate::directio::DirectWriter;
 use crate::error::{ExitCode, LabError};
 use crate::progress::Progress;
 use crate::repo::tree::{ContentRef, Node, NodeType};
-use crate::repo::{read_blob_at, Id, Repository};
+use crate::repo::{read_blob_at, read_tree_blob_at, Id, Repository};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -634,14 +634,18 @@ fn prefetch_subtrees(
         return out;
     }
     let width = repo.backend.parallelism().clamp(1, 16);
-    let (backend, keys) = (&*repo.backend, &repo.keys);
+    let (backend, keys, small) = (&*repo.backend, &repo.keys, &repo.small_packs);
     for batch in wanted.chunks(width) {
         // Locations come from the catalog here; the reads run in parallel.
         let mut located = vec![];
         for ids in batch {
-            let locs: Option<Vec<(Id, BlobLocation)>> = ids
+            let locs: Option<Vec<(Id, BlobLocation, u64)>> = ids
                 .iter()
-                .map(|id| repo.catalog.blob(id).ok().flatten().map(|l| (*id, l)))
+                .map(|id| {
+                    let loc = repo.catalog.blob(id).ok().flatten()?;
+                    let size = repo.catalog.pack_size(&loc.pack).ok().flatten()?;
+                    Some((*id, loc, size))
+                })
                 .collect();
             // A missing blob is left to read_tree, which reports it during the walk.
             if let Some(l) = locs {
@@ -654,8 +658,10 @@ fn prefetch_subtrees(
                 .map(|(_, locs)| {
                     s.spawn(move || -> anyhow::Result<crate::repo::tree::Tree> {
                         let mut json = vec![];
-                        for (id, loc) in locs {
-                            json.extend_from_slice(&read_blob_at(backend, keys, id, loc)?);
+                        for (id, loc, size) in locs {
+                            json.extend_from_slice(&read_tree_blob_at(
+                                backend, keys, small, id, loc, *size,
+                            )?);
                         }
                         Ok(serde_json::from_slice(&json)?)
                     })
