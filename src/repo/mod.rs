@@ -496,16 +496,7 @@ pub fn read_tree_blob_at(
     );
     match small.get(backend, &loc.pack, pack_size) {
         Some(pack) if end <= pack.len() => {
-            let identity = keys.data_identity("reading backed-up data")?;
-            let what = format!("blob {} in pack {}", id.short(), loc.pack.hex());
-            Ok(blob::decode(
-                &pack[start..end],
-                identity,
-                &keys.dedup_key,
-                id,
-                loc.raw_len as usize,
-                &what,
-            )?)
+            decode_blob(keys, "reading backed-up data", id, loc, &pack[start..end])
         }
         _ => read_blob_at(backend, keys, id, loc),
     }
@@ -521,14 +512,30 @@ pub fn read_blob_at(
     id: &Id,
     loc: &crate::catalog::BlobLocation,
 ) -> anyhow::Result<Vec<u8>> {
-    let identity = keys.data_identity("reading backed-up data")?;
     let name = format::pack_name(&loc.pack);
     let cipher = backend
         .get_range(&name, loc.offset as u64, loc.length as u64)
         .with_context(|| format!("reading blob {} from pack {}", id.short(), loc.pack.short()))?;
+    decode_blob(keys, "reading backed-up data", id, loc, &cipher)
+}
+
+/// Decodes the stored bytes of one blob (decrypt with the DATA identity,
+/// decompress, re-hash); errors name the blob and its pack. `purpose`
+/// completes the message when the key file has no DATA identity.
+///
+/// # Errors
+/// Key or integrity errors.
+pub fn decode_blob(
+    keys: &Keys,
+    purpose: &str,
+    id: &Id,
+    loc: &crate::catalog::BlobLocation,
+    cipher: &[u8],
+) -> anyhow::Result<Vec<u8>> {
+    let identity = keys.data_identity(purpose)?;
     let what = format!("blob {} in pack {}", id.short(), loc.pack.hex());
     Ok(blob::decode(
-        &cipher,
+        cipher,
         identity,
         &keys.dedup_key,
         id,

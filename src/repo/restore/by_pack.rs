@@ -34,7 +34,7 @@ use crate::error::LabError;
 use crate::progress::Progress;
 use crate::repo::keys::Keys;
 use crate::repo::tree::{ContentRef, Node};
-use crate::repo::{blob, format, Id, Repository};
+use crate::repo::{decode_blob, format, Id, Repository};
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -494,21 +494,7 @@ fn write_target(shared: &Shared, p: &Pending, data: &[u8], offset: u64) -> std::
 /// Decodes one blob (decrypt, decompress, re-hash) and writes it wherever
 /// it goes. A write error (a full disk) ends the restore.
 fn deliver(keys: &Keys, shared: &Shared, need: &Need, cipher: &[u8]) {
-    let what = format!("blob {} in pack {}", need.id.short(), need.loc.pack.hex());
-    let decoded = keys
-        .data_identity("restore")
-        .map_err(anyhow::Error::from)
-        .and_then(|identity| {
-            blob::decode(
-                cipher,
-                identity,
-                &keys.dedup_key,
-                &need.id,
-                need.loc.raw_len as usize,
-                &what,
-            )
-            .map_err(anyhow::Error::from)
-        });
+    let decoded = decode_blob(keys, "restore", &need.id, &need.loc, cipher);
     match decoded {
         Ok(data) => {
             for (p, offset) in &need.targets {

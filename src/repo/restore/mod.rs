@@ -200,21 +200,7 @@ fn fetch_group(
             .map(|(seq, id, loc)| {
                 let from = (loc.offset as u64 - start) as usize;
                 let cipher = &bytes[from..from + loc.length as usize];
-                let r = match keys.data_identity("restore") {
-                    Ok(identity) => {
-                        let what = format!("blob {} in pack {}", id.short(), loc.pack.hex());
-                        crate::repo::blob::decode(
-                            cipher,
-                            identity,
-                            &keys.dedup_key,
-                            id,
-                            loc.raw_len as usize,
-                            &what,
-                        )
-                        .map_err(anyhow::Error::from)
-                    }
-                    Err(e) => Err(e.into()),
-                };
+                let r = crate::repo::decode_blob(keys, "restore", id, loc, cipher);
                 (*seq, r)
             })
             .collect(),
