@@ -95,6 +95,31 @@ impl Drop for Aligned {
     }
 }
 
+/// Opens `path` for writing with `O_DIRECT` (creating it when `create`);
+/// `None` when the filesystem refuses `O_DIRECT`.
+fn open_direct(path: &Path, create: bool) -> io::Result<Option<File>> {
+    match OpenOptions::new()
+        .write(true)
+        .create_new(create)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Turns `O_DIRECT` off on an open file, for its unaligned writes.
+fn clear_direct(f: &File) -> io::Result<()> {
+    let fd = f.as_raw_fd();
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Smallest aligned interior [`write_at`] sends through `O_DIRECT`; less is
 /// written buffered (a small direct write waits for the disk for little).
 pub const DIRECT_WRITE_MIN: usize = 64 << 10;
@@ -120,18 +145,10 @@ pub fn write_at(path: &Path, data: &[u8], offset: u64, try_direct: bool) -> io::
         f.write_all_at(data, offset)?;
         return Ok(try_direct);
     }
-    let f = match OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            let f = OpenOptions::new().write(true).open(path)?;
-            f.write_all_at(data, offset)?;
-            return Ok(false);
-        }
-        Err(e) => return Err(e),
+    let Some(f) = open_direct(path, false)? else {
+        let f = OpenOptions::new().write(true).open(path)?;
+        f.write_all_at(data, offset)?;
+        return Ok(false);
     };
     let head = (start_in - offset) as usize;
     let mut buf = Aligned::new(BLOCK);
@@ -145,11 +162,7 @@ pub fn write_at(path: &Path, data: &[u8], offset: u64, try_direct: bool) -> io::
     }
     let tail = head + interior;
     if head > 0 || tail < data.len() {
-        let fd = f.as_raw_fd();
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        clear_direct(&f)?;
         f.write_all_at(&data[..head], offset)?;
         f.write_all_at(&data[tail..], end_in)?;
     }
@@ -174,25 +187,15 @@ impl DirectWriter {
     /// # Errors
     /// When the file cannot be created.
     pub fn create_new(path: &Path, size_hint: u64) -> io::Result<DirectWriter> {
-        let mut direct = false;
-        let file = if size_hint >= DIRECT_MIN {
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(path)
-            {
-                Ok(f) => {
-                    direct = true;
-                    f
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    OpenOptions::new().write(true).create_new(true).open(path)?
-                }
-                Err(e) => return Err(e),
-            }
+        let direct_file = if size_hint >= DIRECT_MIN {
+            open_direct(path, true)?
         } else {
-            OpenOptions::new().write(true).create_new(true).open(path)?
+            None
+        };
+        let direct = direct_file.is_some();
+        let file = match direct_file {
+            Some(f) => f,
+            None => OpenOptions::new().write(true).create_new(true).open(path)?,
         };
         let cap = if direct { BLOCK } else { 256 * 1024 };
         Ok(DirectWriter {
@@ -263,13 +266,7 @@ impl DirectWriter {
         }
         if self.len > 0 {
             if self.direct {
-                let fd = self.file.as_raw_fd();
-                let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-                if flags < 0
-                    || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
+                clear_direct(&self.file)?;
             }
             self.flush_buf(self.len)?;
         }
