@@ -290,8 +290,12 @@ fn compare_dir(a: &Path, b: &Path, rel: &Path, diffs: &mut Vec<String>) -> anyho
             if (ma.mtime(), ma.mtime_nsec()) != (mb.mtime(), mb.mtime_nsec()) {
                 diffs.push(format!("{}: mtime differs", r.display()));
             }
-            if ma.len() != mb.len() || !same_content(&pa, &pb)? {
-                diffs.push(format!("{}: content differs", r.display()));
+            if ma.file_type().is_file() {
+                if ma.len() != mb.len() || !same_content(&pa, &pb)? {
+                    diffs.push(format!("{}: content differs", r.display()));
+                }
+            } else if ma.rdev() != mb.rdev() {
+                diffs.push(format!("{}: device number differs", r.display()));
             }
         }
     }

@@ -169,6 +169,16 @@ pub fn write_at(path: &Path, data: &[u8], offset: u64, try_direct: bool) -> io::
     Ok(true)
 }
 
+/// Whether `buf` holds only zero bytes (cheap for data that does not: it
+/// stops at the first non-zero word).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let (head, words, tail) = unsafe { buf.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Smallest all-zero blob a restore leaves as a hole instead of writing.
+pub const HOLE_MIN: usize = 4096;
+
 /// Writes a new file sequentially, with holes for zero runs.
 pub struct DirectWriter {
     file: File,

@@ -10,7 +10,7 @@
 //! | 0 | success |
 //! | 1 | unexpected failure (a bug or an unclassified I/O error) |
 //! | 2 | usage: a wrong flag, argument or configuration value |
-//! | 3 | backup finished, but some source files could not be read (snapshot written, incomplete) |
+//! | 3 | backup finished, but some source files could not be read or changed while being read (snapshot written, incomplete) |
 //! | 4 | integrity: check found problems, or data is corrupted, truncated or missing |
 //! | 5 | key: wrong key, unreadable or too-open key file, or the key lacks the role needed |
 //! | 6 | refused: the restore target is not empty (use `--overwrite`), or the object exists |

@@ -108,6 +108,52 @@ impl Backend for FsBackend {
         Ok(buf)
     }
 
+    /// Temporary files of writes that never finished (a killed process):
+    /// `.tmp-*` anywhere in the repository, with their modification time.
+    fn unfinished_uploads(&self) -> BackendResult<Vec<super::Upload>> {
+        let mut out = vec![];
+        let mut stack = vec![(self.path(""), String::new())];
+        while let Some((dir, rel)) = stack.pop() {
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(Self::io(&rel, e)),
+            };
+            for entry in rd {
+                let entry = entry.map_err(|e| Self::io(&rel, e))?;
+                let fname = entry.file_name().to_string_lossy().to_string();
+                let child = if rel.is_empty() {
+                    fname.clone()
+                } else {
+                    format!("{rel}/{fname}")
+                };
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir() {
+                    stack.push((entry.path(), child));
+                } else if fname.starts_with(".tmp-") {
+                    out.push(super::Upload {
+                        key: child.clone(),
+                        id: child,
+                        initiated: meta.modified().ok(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn abort_upload(&self, upload: &super::Upload) -> BackendResult<()> {
+        let name = upload.key.rsplit('/').next().unwrap_or("");
+        if !name.starts_with(".tmp-") || upload.key.split('/').any(|p| p == "..") {
+            return Ok(()); // only ever temporary files
+        }
+        match fs::remove_file(self.path(&upload.key)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Self::io(&upload.key, e)),
+        }
+    }
+
     fn list(&self, prefix: &str, f: &mut dyn FnMut(ObjectInfo)) -> BackendResult<()> {
         // Prefixes are directories ("packs/", "index/") or a file name.
         let dir = self.path(prefix.trim_end_matches('/'));

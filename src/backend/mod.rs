@@ -190,6 +190,65 @@ pub struct OpenOptions {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
+/// Refuses a repository location that looks like a URL but is not a valid
+/// one (`s3:/bucket`, `s3//bucket`, `s3:bucket`: each would otherwise be
+/// taken as a local directory and a repository created there), and any URL
+/// with credentials in it (`s3://KEY:SECRET@bucket`), without echoing it.
+///
+/// # Errors
+/// A usage error saying what was probably meant.
+pub fn check_url_shape(url: &str) -> crate::error::Result<()> {
+    use crate::error::LabError;
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) if !s.contains('/') => (Some(s), r),
+        _ => (None, url),
+    };
+    // Userinfo: an '@' before the first '/' of what follows the scheme.
+    if scheme.is_some() && rest.split('/').next().unwrap_or("").contains('@') {
+        return Err(LabError::usage(
+            "the repository URL carries credentials (user:secret@...): labctl refuses them, since a URL ends up in logs, errors and process listings. Give S3 keys through AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or a credentials file (AWS_SHARED_CREDENTIALS_FILE, or credentials_file in labctl.toml)",
+        )
+        .into());
+    }
+    if scheme.is_some() {
+        return Ok(());
+    }
+    // A `word:` or `word//` prefix that is not one of labctl's forms.
+    let first = url.split('/').next().unwrap_or("");
+    let word: &str = match first.split_once(':') {
+        Some((w, _)) => w,
+        None if url[first.len()..].starts_with("//") => first,
+        None => return Ok(()),
+    };
+    let looks_like_scheme = word.len() >= 2
+        && word.starts_with(|c: char| c.is_ascii_alphabetic())
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !looks_like_scheme || word == "local" {
+        return Ok(());
+    }
+    if url.contains('@') {
+        return Err(LabError::usage(
+            "the repository location looks like a URL with credentials in it, and is not a valid URL; give S3 keys through the AWS environment and the repository as s3://bucket/prefix",
+        )
+        .into());
+    }
+    let after = url[word.len()..]
+        .trim_start_matches(':')
+        .trim_start_matches('/');
+    // file URLs name an absolute path: file:///srv/repo.
+    let meant = if word == "file" {
+        format!("file:///{after}")
+    } else {
+        format!("{word}://{after}")
+    };
+    Err(LabError::usage(format!(
+        "repository location '{url}' looks like a URL but is not one (a URL is scheme://...); did you mean {meant}? For a local directory with ':' in its name, write ./{url}"
+    ))
+    .into())
+}
+
 /// Opens the backend for a repository URL: `/path`, `file:///path` or `local:path`.
 ///
 /// # Errors
@@ -203,6 +262,7 @@ pub fn open(url: &str) -> crate::error::Result<Arc<dyn Backend>> {
 /// # Errors
 /// As [`open`]; a key error for a credentials file other users can read.
 pub fn open_with(url: &str, opts: &OpenOptions) -> crate::error::Result<Arc<dyn Backend>> {
+    check_url_shape(url)?;
     if let Some(path) = url.strip_prefix("file://") {
         return Ok(Arc::new(fs::FsBackend::new(path)));
     }

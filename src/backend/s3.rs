@@ -48,6 +48,8 @@ impl ObjectLock {
 
 pub struct S3Backend {
     client: Client,
+    /// The endpoint, for error messages (userinfo removed).
+    endpoint: String,
     bucket: String,
     prefix: String,
     rt: tokio::runtime::Runtime,
@@ -84,10 +86,48 @@ fn describe<E: ProvideErrorMetadata + std::fmt::Debug>(e: &SdkError<E>) -> Strin
             )
         }
         SdkError::TimeoutError(_) => "timed out (after retries)".into(),
-        SdkError::DispatchFailure(d) => format!("connection failed (after retries): {d:?}"),
+        SdkError::DispatchFailure(d) => {
+            let what = match d.as_connector_error() {
+                Some(c) if c.is_timeout() => "timed out",
+                Some(c) if c.is_io() => "could not connect or the connection broke",
+                Some(c) if c.is_user() => "the request could not be sent",
+                _ => "the request failed",
+            };
+            match d.as_connector_error() {
+                Some(c) => format!("{what} (after retries): {}", error_words(c)),
+                None => format!("{what} (after retries)"),
+            }
+        }
         SdkError::ResponseError(_) => "malformed response (after retries)".into(),
         other => format!("{other}"),
     }
+}
+
+/// A URL with any `user:secret@` taken out of its authority.
+fn without_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (auth, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = auth.rsplit('@').next().unwrap_or(auth);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// An error and its causes in words (each one's `Display`, repeated text
+/// left out), never Rust debug output.
+fn error_words(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![];
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
 }
 
 fn status<E>(e: &SdkError<E>) -> Option<u16> {
@@ -177,14 +217,43 @@ impl S3Backend {
             if shared.region().is_none() {
                 b = b.region(aws_sdk_s3::config::Region::new("us-east-1"));
             }
-            Ok::<_, anyhow::Error>(Client::from_conf(b.build()))
+            let endpoint = shared
+                .endpoint_url()
+                .map(str::to_string)
+                .unwrap_or_else(|| {
+                    format!(
+                        "AWS S3 ({})",
+                        shared
+                            .region()
+                            .map(|r| r.to_string())
+                            .unwrap_or_else(|| "us-east-1".into())
+                    )
+                });
+            Ok::<_, anyhow::Error>((Client::from_conf(b.build()), endpoint))
         })?;
+        let (client, endpoint) = client;
+        let endpoint = without_userinfo(&endpoint);
         Ok(S3Backend {
             client,
+            endpoint,
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
             rt,
             lock: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Names the operation and the endpoint in a storage error's words.
+    fn ctx<T>(&self, op: &str, r: BackendResult<T>) -> BackendResult<T> {
+        r.map_err(|e| match e {
+            BackendError::Io { name, cause } => BackendError::Io {
+                name,
+                cause: std::io::Error::new(
+                    cause.kind(),
+                    format!("{op} at {} failed: {cause}", self.endpoint),
+                ),
+            },
+            other => other,
         })
     }
 
@@ -502,7 +571,7 @@ impl S3Backend {
                     }
                     Ok(None) => break,
                     Ok(Some(Err(e))) => {
-                        last = format!("reading the body failed: {e}");
+                        last = format!("reading the body failed: {}", error_words(&e));
                         break;
                     }
                     Err(_) => {
@@ -611,49 +680,59 @@ impl Backend for S3Backend {
     }
 
     fn put_owned(&self, name: &str, data: Vec<u8>) -> BackendResult<()> {
-        if self.stat(name)?.is_some() {
-            return Err(BackendError::AlreadyExists {
-                name: name.to_string(),
-            });
-        }
-        let key = self.key(name);
-        // One shared buffer for every retry attempt: no copy of the pack.
-        let body = bytes::Bytes::from(data);
-        let lock = self
-            .lock
-            .get()
-            .filter(|_| !name.starts_with("prune/"))
-            .copied();
-        if body.len() >= multipart_threshold() {
-            return self.rt.block_on(self.put_multipart(name, &key, body, lock));
-        }
-        self.rt.block_on(async {
-            let mut req = self
-                .client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(&key)
-                .if_none_match("*")
-                .body(ByteStream::from(body));
-            // Prune marks are operational state, never locked.
-            if let Some(lock) = lock {
-                req = req
-                    .object_lock_mode(lock.mode())
-                    .object_lock_retain_until_date(retain_until(lock.days));
-            }
-            written_once(name, req.send().await)
-        })
+        self.ctx(
+            "PUT",
+            (|| {
+                if self.head(name)?.is_some() {
+                    return Err(BackendError::AlreadyExists {
+                        name: name.to_string(),
+                    });
+                }
+                let key = self.key(name);
+                // One shared buffer for every retry attempt: no copy of the pack.
+                let body = bytes::Bytes::from(data);
+                let lock = self
+                    .lock
+                    .get()
+                    .filter(|_| !name.starts_with("prune/"))
+                    .copied();
+                if body.len() >= multipart_threshold() {
+                    return self.rt.block_on(self.put_multipart(name, &key, body, lock));
+                }
+                self.rt.block_on(async {
+                    let mut req = self
+                        .client
+                        .put_object()
+                        .bucket(&self.bucket)
+                        .key(&key)
+                        .if_none_match("*")
+                        .body(ByteStream::from(body));
+                    // Prune marks are operational state, never locked.
+                    if let Some(lock) = lock {
+                        req = req
+                            .object_lock_mode(lock.mode())
+                            .object_lock_retain_until_date(retain_until(lock.days));
+                    }
+                    written_once(name, req.send().await)
+                })
+            })(),
+        )
     }
 
     fn get(&self, name: &str) -> BackendResult<Vec<u8>> {
-        self.rt.block_on(self.read_body(name, None))
+        self.ctx("GET", self.rt.block_on(self.read_body(name, None)))
     }
 
     fn get_range(&self, name: &str, offset: u64, len: u64) -> BackendResult<Vec<u8>> {
-        if len == 0 {
-            return Ok(vec![]);
-        }
-        self.rt.block_on(self.read_body(name, Some((offset, len))))
+        self.ctx(
+            "GET (range)",
+            (|| {
+                if len == 0 {
+                    return Ok(vec![]);
+                }
+                self.rt.block_on(self.read_body(name, Some((offset, len))))
+            })(),
+        )
     }
 
     fn get_range_stream(
@@ -666,61 +745,73 @@ impl Backend for S3Backend {
         if len == 0 {
             return Ok(());
         }
-        self.rt
-            .block_on(self.stream_body(name, offset, Some(len), sink))
+        self.ctx(
+            "GET (range)",
+            self.rt
+                .block_on(self.stream_body(name, offset, Some(len), sink)),
+        )
     }
 
     fn get_stream(&self, name: &str, sink: &mut dyn FnMut(&[u8]) -> bool) -> BackendResult<()> {
-        self.rt.block_on(self.stream_body(name, 0, None, sink))
+        self.ctx(
+            "GET",
+            self.rt.block_on(self.stream_body(name, 0, None, sink)),
+        )
     }
 
     fn list(&self, prefix: &str, f: &mut dyn FnMut(ObjectInfo)) -> BackendResult<()> {
-        let full = self.key(prefix);
-        let strip = if self.prefix.is_empty() {
-            0
-        } else {
-            self.prefix.len() + 1
-        };
-        self.rt.block_on(async {
-            let mut pages = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(&full)
-                .into_paginator()
-                .send();
-            while let Some(page) = pages.next().await {
-                let page = page.map_err(|e| io_err(prefix, describe(&e)))?;
-                for o in page.contents() {
-                    if let Some(k) = o.key() {
-                        f(ObjectInfo {
-                            name: k[strip..].to_string(),
-                            size: o.size().unwrap_or(0) as u64,
-                        });
+        self.ctx("LIST", {
+            let full = self.key(prefix);
+            let strip = if self.prefix.is_empty() {
+                0
+            } else {
+                self.prefix.len() + 1
+            };
+            self.rt.block_on(async {
+                let mut pages = self
+                    .client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .prefix(&full)
+                    .into_paginator()
+                    .send();
+                while let Some(page) = pages.next().await {
+                    let page = page.map_err(|e| io_err(prefix, describe(&e)))?;
+                    for o in page.contents() {
+                        if let Some(k) = o.key() {
+                            f(ObjectInfo {
+                                name: k[strip..].to_string(),
+                                size: o.size().unwrap_or(0) as u64,
+                            });
+                        }
                     }
                 }
-            }
-            Ok(())
+                Ok(())
+            })
         })
     }
 
     fn stat(&self, name: &str) -> BackendResult<Option<u64>> {
-        Ok(self
-            .head(name)?
-            .map(|o| o.content_length().unwrap_or(0) as u64))
+        self.ctx(
+            "HEAD",
+            self.head(name)
+                .map(|o| o.map(|o| o.content_length().unwrap_or(0) as u64)),
+        )
     }
 
     fn delete(&self, name: &str) -> BackendResult<()> {
-        let key = self.key(name);
-        self.rt.block_on(async {
-            self.client
-                .delete_object()
-                .bucket(&self.bucket)
-                .key(&key)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| io_err(name, describe(&e)))
+        self.ctx("DELETE", {
+            let key = self.key(name);
+            self.rt.block_on(async {
+                self.client
+                    .delete_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| io_err(name, describe(&e)))
+            })
         })
     }
 

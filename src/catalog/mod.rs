@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS snapshots(id BLOB PRIMARY KEY, time TEXT NOT NULL, ki
 CREATE TABLE IF NOT EXISTS file_cache(source TEXT NOT NULL, path BLOB NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, content BLOB NOT NULL,
     run INTEGER NOT NULL, PRIMARY KEY(source, path)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS damaged_index(id BLOB PRIMARY KEY, why TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS vanished(id BLOB PRIMARY KEY, json TEXT NOT NULL, noticed TEXT NOT NULL) WITHOUT ROWID;
 ";
 
 const JOBS_SCHEMA: &str = "
@@ -45,6 +47,36 @@ CREATE TABLE IF NOT EXISTS job_runs(id INTEGER PRIMARY KEY AUTOINCREMENT, job TE
     bytes_added INTEGER NOT NULL DEFAULT 0, snapshots TEXT NOT NULL DEFAULT '', error TEXT);
 CREATE INDEX IF NOT EXISTS job_runs_by_job ON job_runs(job, id);
 ";
+
+/// Makes `path`'s directory (created 0700 with any missing parents, and
+/// made 0700 when it exists: it lists every backed-up path) and `path`
+/// itself (created empty, 0600, and made 0600 when it exists; both best
+/// effort where another user owns them) private
+/// before SQLite opens it; SQLite gives its `-wal` and `-shm` files the
+/// database file's mode.
+///
+/// # Errors
+/// When the directory or file cannot be created or its mode set.
+fn private_file(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating catalog directory {}", dir.display()))?;
+        // Best effort on an existing directory someone else owns.
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let _ = f.set_permissions(std::fs::Permissions::from_mode(0o600));
+    Ok(())
+}
 
 /// Where a blob is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,10 +137,7 @@ impl Catalog {
     /// # Errors
     /// When the file cannot be opened or has a newer schema.
     pub fn open(path: &Path) -> anyhow::Result<Catalog> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating catalog directory {}", dir.display()))?;
-        }
+        private_file(path)?;
         let conn = Connection::open(path)
             .with_context(|| format!("opening catalog {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
@@ -131,7 +160,7 @@ impl Catalog {
             conn.execute_batch(
                 "DROP TABLE IF EXISTS packs; DROP TABLE IF EXISTS blobs; DROP TABLE IF EXISTS index_files;
                  DROP TABLE IF EXISTS snapshots; DROP TABLE IF EXISTS file_cache; DROP TABLE IF EXISTS marked_packs;
-                 DELETE FROM meta;",
+                 DROP TABLE IF EXISTS vanished; DROP TABLE IF EXISTS damaged_index; DELETE FROM meta;",
             )?;
             conn.execute(
                 "INSERT OR REPLACE INTO meta(key,value) VALUES('schema',?1)",
@@ -160,6 +189,27 @@ impl Catalog {
     pub fn commit(&self) -> anyhow::Result<()> {
         self.conn.execute_batch("COMMIT")?;
         Ok(())
+    }
+
+    /// Runs `f` in one write transaction taken at once (`BEGIN IMMEDIATE`,
+    /// so two processes never deadlock upgrading a read lock): readers of
+    /// this catalog, in this process or another, see the state before or
+    /// after, never a part. Rolled back when `f` fails.
+    ///
+    /// # Errors
+    /// `f`'s error, or SQLite's.
+    pub fn atomically<T>(&self, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match f() {
+            Ok(v) => {
+                self.conn.execute_batch("COMMIT")?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
     }
 
     pub fn get_meta(&self, key: &str) -> anyhow::Result<Option<String>> {
@@ -323,8 +373,9 @@ impl Catalog {
 
     /// Forgets the whole index working copy (before reloading it).
     pub fn clear_index(&self) -> anyhow::Result<()> {
-        self.conn
-            .execute_batch("DELETE FROM blobs; DELETE FROM packs; DELETE FROM index_files;")?;
+        self.conn.execute_batch(
+            "DELETE FROM blobs; DELETE FROM packs; DELETE FROM index_files; DELETE FROM damaged_index;",
+        )?;
         Ok(())
     }
 
@@ -380,16 +431,43 @@ impl Catalog {
         ids: &[String],
         now: i64,
     ) -> anyhow::Result<std::collections::HashMap<String, i64>> {
+        self.note_seen("upload:", ids, now)
+    }
+
+    /// When this catalog first saw each pack in `packs` without an index
+    /// (unix seconds); packs no longer in that state are forgotten.
+    pub fn note_orphans(
+        &self,
+        packs: &[Id],
+        now: i64,
+    ) -> anyhow::Result<std::collections::HashMap<Id, i64>> {
+        let ids: Vec<String> = packs.iter().map(|p| p.hex()).collect();
+        let seen = self.note_seen("orphan:", &ids, now)?;
+        Ok(seen
+            .into_iter()
+            .filter_map(|(k, v)| Id::from_hex(&k).map(|id| (id, v)))
+            .collect())
+    }
+
+    /// First-seen times of one kind of thing (rows keyed `prefix` + id):
+    /// records `now` for new ids, forgets ids of that kind not given.
+    fn note_seen(
+        &self,
+        prefix: &str,
+        ids: &[String],
+        now: i64,
+    ) -> anyhow::Result<std::collections::HashMap<String, i64>> {
         self.begin()?;
         let mut seen = std::collections::HashMap::new();
         for id in ids {
+            let key = format!("{prefix}{id}");
             self.conn.execute(
                 "INSERT OR IGNORE INTO uploads_seen(id, first_seen) VALUES(?1, ?2)",
-                rusqlite::params![id, now],
+                rusqlite::params![key, now],
             )?;
             let t: i64 = self.conn.query_row(
                 "SELECT first_seen FROM uploads_seen WHERE id=?1",
-                [id],
+                [&key],
                 |r| r.get(0),
             )?;
             seen.insert(id.clone(), t);
@@ -398,9 +476,17 @@ impl Catalog {
         let known: Vec<String> = stmt
             .query_map([], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        for id in known.iter().filter(|k| !seen.contains_key(*k)) {
-            self.conn
-                .execute("DELETE FROM uploads_seen WHERE id=?1", [id])?;
+        for key in &known {
+            // Rows of this kind no longer given, and rows from before kinds
+            // had prefixes (upload IDs: seen again as "upload:" ones).
+            let stale = match key.strip_prefix(prefix) {
+                Some(id) => !seen.contains_key(id),
+                None => !key.starts_with("upload:") && !key.starts_with("orphan:"),
+            };
+            if stale {
+                self.conn
+                    .execute("DELETE FROM uploads_seen WHERE id=?1", [key])?;
+            }
         }
         self.commit()?;
         Ok(seen)
@@ -507,6 +593,43 @@ impl Catalog {
             .execute("DELETE FROM snapshots WHERE id=?1", [&id.0[..]])?;
         Ok(())
     }
+    /// Notes an index fragment that could not be read (its packs were
+    /// indexed from their trailers instead).
+    pub fn note_damaged_index(&self, id: &Id, why: &str) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO damaged_index(id,why) VALUES(?1,?2)",
+            params![&id.0[..], why],
+        )?;
+        Ok(())
+    }
+    /// Index fragments noted as damaged: (id, why).
+    pub fn damaged_index(&self) -> anyhow::Result<Vec<(Id, String)>> {
+        let mut st = self.conn.prepare("SELECT id,why FROM damaged_index")?;
+        let rows = st.query_map([], |r| Ok((id_of(r.get(0)?), r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+    /// Moves a snapshot that storage no longer has, and that no `forget`
+    /// of this catalog removed, to the vanished list (`check` reports it).
+    pub fn note_vanished(&self, id: &Id, noticed: &str) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO vanished(id,json,noticed) SELECT id,json,?2 FROM snapshots WHERE id=?1",
+            params![&id.0[..], noticed],
+        )?;
+        self.remove_snapshot(id)
+    }
+    /// Snapshots that vanished from storage: (id, snapshot JSON, when noticed).
+    pub fn vanished(&self) -> anyhow::Result<Vec<(Id, String, String)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id,json,noticed FROM vanished ORDER BY noticed, id")?;
+        let rows = st.query_map([], |r| Ok((id_of(r.get(0)?), r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+    /// Forgets the vanished list (`catalog rebuild`: the operator acknowledged it).
+    pub fn clear_vanished(&self) -> anyhow::Result<()> {
+        self.conn.execute("DELETE FROM vanished", [])?;
+        Ok(())
+    }
     pub fn snapshot_ids(&self) -> anyhow::Result<Vec<Id>> {
         let mut st = self.conn.prepare("SELECT id FROM snapshots")?;
         let rows = st.query_map([], |r| Ok(id_of(r.get(0)?)))?;
@@ -599,10 +722,7 @@ impl JobHistory {
     /// # Errors
     /// When the file cannot be opened.
     pub fn open(path: &Path) -> anyhow::Result<JobHistory> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating catalog directory {}", dir.display()))?;
-        }
+        private_file(path)?;
         let conn = Connection::open(path)
             .with_context(|| format!("opening job history {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;

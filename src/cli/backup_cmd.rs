@@ -94,7 +94,7 @@ pub fn run(g: &GlobalArgs, cmd: BackupCmd) -> anyhow::Result<ExitCode> {
         }
     };
     report(g, &outcome)?;
-    Ok(if outcome.summary.errors.is_empty() {
+    Ok(if outcome.summary.is_complete() {
         ExitCode::Success
     } else {
         ExitCode::PartialBackup
@@ -127,6 +127,9 @@ fn report(g: &GlobalArgs, o: &BackupOutcome) -> anyhow::Result<()> {
     }
     for e in &s.errors {
         eprintln!("warning: not backed up: {e}");
+    }
+    for e in &s.changed {
+        eprintln!("warning: changed during backup: {e}");
     }
     println!("snapshot {}", o.snapshot_id.hex());
     Ok(())

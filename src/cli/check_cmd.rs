@@ -18,7 +18,21 @@ pub struct CheckCmd {
 #[derive(Subcommand, Debug)]
 pub enum CatalogCmd {
     /// Recreate the local catalog from the repository (index, snapshots, pack trailers).
+    ///
+    /// A damaged index fragment is reported and its packs are read from their
+    /// own trailers instead. Also acknowledges snapshots that `check` reported
+    /// as gone from storage.
     Rebuild,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RepairCmd {
+    /// Write a new index fragment for every pack no readable fragment lists.
+    ///
+    /// The packs are read from their trailers (the backup key is enough).
+    /// A damaged fragment is left in place, for you to delete once this has
+    /// run: `labctl check` names it.
+    Index,
 }
 
 fn parse_percent(s: &str) -> anyhow::Result<f64> {
@@ -83,6 +97,37 @@ pub fn run_check(g: &GlobalArgs, c: CheckCmd) -> anyhow::Result<ExitCode> {
     })
 }
 
+pub fn run_repair(g: &GlobalArgs, c: RepairCmd) -> anyhow::Result<ExitCode> {
+    match c {
+        RepairCmd::Index => {
+            let repo = g.open(false)?;
+            let written = repo.repair_index()?;
+            let damaged: Vec<String> = repo
+                .catalog
+                .damaged_index()?
+                .into_iter()
+                .map(|(id, why)| format!("index/{}: {why}", id.hex()))
+                .collect();
+            if g.json {
+                print_json(&serde_json::json!({
+                    "index": written.map(|(id, _)| id.hex()),
+                    "packs": written.map(|(_, n)| n).unwrap_or(0),
+                    "damaged": damaged,
+                }))?;
+            } else {
+                match written {
+                    Some((id, n)) => println!("wrote index/{} listing {n} pack(s)", id.hex()),
+                    None => println!("every pack is indexed; nothing written"),
+                }
+                for d in &damaged {
+                    eprintln!("note: damaged fragment left in place (delete it): {d}");
+                }
+            }
+            Ok(ExitCode::Success)
+        }
+    }
+}
+
 pub fn run_catalog(g: &GlobalArgs, c: CatalogCmd) -> anyhow::Result<ExitCode> {
     match c {
         CatalogCmd::Rebuild => {
@@ -98,6 +143,12 @@ pub fn run_catalog(g: &GlobalArgs, c: CatalogCmd) -> anyhow::Result<ExitCode> {
                 println!(
                     "rebuilt catalog {}: {packs} pack(s), {snaps} snapshot(s)",
                     repo.catalog.path().display()
+                );
+            }
+            for (id, why) in repo.catalog.damaged_index()? {
+                eprintln!(
+                    "warning: index/{} is damaged ({why}); its packs were read from their trailers. Run `labctl repair index`, then delete it",
+                    id.hex()
                 );
             }
             Ok(ExitCode::Success)

@@ -107,6 +107,9 @@ pub enum Command {
     /// Manage the local catalog cache.
     #[command(subcommand)]
     Catalog(check_cmd::CatalogCmd),
+    /// Repair the repository's index from the packs themselves.
+    #[command(subcommand)]
+    Repair(check_cmd::RepairCmd),
     /// Recover key files from the escrow copies in the repository.
     #[command(subcommand)]
     Key(repo_cmd::KeyCmd),
@@ -161,6 +164,7 @@ pub fn run(cli: Cli) -> anyhow::Result<crate::error::ExitCode> {
         Command::Restore(c) => restore_cmd::run(g, c),
         Command::Check(c) => check_cmd::run_check(g, c),
         Command::Catalog(c) => check_cmd::run_catalog(g, c),
+        Command::Repair(c) => check_cmd::run_repair(g, c),
         Command::Forget(c) => prune_cmd::run_forget(g, c),
         Command::Prune { args, dry_run } => prune_cmd::run_prune(g, args, dry_run),
         Command::Key(c) => repo_cmd::run_key(g, c),

@@ -191,6 +191,12 @@ fn prune_with(
                 r.uploads_aborted, c.grace
             );
         }
+        if let Some(next) = r.orphans_waiting.iter().map(|(_, t)| t).min() {
+            println!(
+                "{} pack(s) no index lists (left by a killed backup) are marked once unindexed for an hour and the grace period; the first after {next}",
+                r.orphans_waiting.len()
+            );
+        }
         if let Some(next) = r.packs_waiting.iter().map(|(_, t)| t).min() {
             println!(
                 "{} marked pack(s) wait for their grace period; the first can go after {next}",

@@ -37,6 +37,11 @@ pub struct RestoreCmd {
     /// complete and verified.
     #[arg(long, value_enum, default_value_t = ReadOrderArg::Auto)]
     pub read_order: ReadOrderArg,
+    /// Restore files without their setuid and setgid bits. A full restore
+    /// as root keeps them (a system needs them back); a restore into a
+    /// staging or scratch area should not leave setuid-root programs there.
+    #[arg(long)]
+    pub no_setuid: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -78,6 +83,7 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> anyhow::Result<ExitCode> {
             ReadOrderArg::Pack => restore::ReadOrder::Pack,
             ReadOrderArg::File => restore::ReadOrder::File,
         },
+        no_setuid: c.no_setuid,
         ..Default::default()
     };
     let (snap, _) = repo.load_snapshot(&id)?;

@@ -91,9 +91,15 @@ pub fn run_snapshots(g: &GlobalArgs, c: SnapshotsCmd) -> anyhow::Result<ExitCode
     Ok(ExitCode::Success)
 }
 
+/// One `ls` row. In `--json`, `path` (and `target`) are the names as
+/// UTF-8 when they are valid UTF-8; otherwise they hold a lossy form (U+FFFD
+/// for bad bytes) and `path-base64` (`target-base64`) the raw bytes.
 #[derive(serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 struct Entry {
     path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path_base64: Option<String>,
     #[serde(rename = "type")]
     kind: &'static str,
     mode: String,
@@ -101,39 +107,130 @@ struct Entry {
     mtime_ns: i128,
     #[serde(skip_serializing_if = "Option::is_none")]
     target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_base64: Option<String>,
+    #[serde(skip)]
+    raw_path: Vec<u8>,
+    #[serde(skip)]
+    raw_target: Option<Vec<u8>>,
+}
+
+/// A string for raw bytes, and the bytes in base64 when they are not UTF-8.
+fn text_and_base64(raw: &[u8]) -> (String, Option<String>) {
+    use base64::Engine;
+    match std::str::from_utf8(raw) {
+        Ok(s) => (s.to_string(), None),
+        Err(_) => (
+            String::from_utf8_lossy(raw).into_owned(),
+            Some(base64::engine::general_purpose::STANDARD.encode(raw)),
+        ),
+    }
+}
+
+/// Quotes a name as `ls --quoting-style=shell-escape` does: as it is when
+/// every character is harmless, in single quotes when it has spaces or shell
+/// characters, and as `$'...'` with escapes when it has control characters,
+/// invalid UTF-8 or escape sequences (which would otherwise drive the
+/// terminal).
+pub fn shell_escape(raw: &[u8]) -> String {
+    let text = std::str::from_utf8(raw).ok();
+    let plain = |c: char| c.is_alphanumeric() || "%+,-./:=@_^".contains(c);
+    if let Some(t) = text {
+        if !t.is_empty() && t.chars().all(plain) {
+            return t.to_string();
+        }
+        if !t.chars().any(|c| c.is_control()) {
+            return format!("'{}'", t.replace('\'', "'\\''"));
+        }
+    }
+    let mut out = String::from("$'");
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let (ok, bad) = match std::str::from_utf8(rest) {
+            Ok(s) => (s, &[][..]),
+            Err(e) => {
+                let (a, b) = rest.split_at(e.valid_up_to());
+                (std::str::from_utf8(a).unwrap_or(""), b)
+            }
+        };
+        for c in ok.chars() {
+            match c {
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                '\\' => out.push_str("\\\\"),
+                '\'' => out.push_str("\\'"),
+                c if c.is_control() => {
+                    let mut b = [0u8; 4];
+                    for byte in c.encode_utf8(&mut b).bytes() {
+                        out.push_str(&format!("\\x{byte:02x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        match bad.first() {
+            Some(b) => {
+                out.push_str(&format!("\\x{b:02x}"));
+                rest = &bad[1..];
+            }
+            None => rest = &[],
+        }
+    }
+    out.push('\'');
+    out
 }
 
 pub fn run_ls(g: &GlobalArgs, c: LsCmd) -> anyhow::Result<ExitCode> {
     let repo = g.open(true)?;
     let id: Id = repo.resolve_snapshot(&c.snapshot)?;
     let (snap, _) = repo.load_snapshot(&id)?;
-    let mut stack = vec![(String::new(), snap.root)];
+    let mut stack: Vec<(Vec<u8>, Vec<Id>)> = vec![(vec![], snap.root)];
     let mut entries = vec![];
-    let filter = c.path.as_deref().map(|p| p.trim_matches('/').to_string());
+    let filter = c
+        .path
+        .as_deref()
+        .map(|p| p.trim_matches('/').as_bytes().to_vec());
     while let Some((prefix, ids)) = stack.pop() {
         let tree = repo.read_tree(&ids)?;
         for n in tree.nodes.into_iter().rev() {
-            let path = if prefix.is_empty() {
-                n.name.clone()
-            } else {
-                format!("{prefix}/{}", n.name)
-            };
+            let mut path = prefix.clone();
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(&n.name_bytes());
             let kind = match n.node_type {
                 NodeType::Dir => "dir",
                 NodeType::File => "file",
                 NodeType::Symlink => "symlink",
+                NodeType::Fifo => "fifo",
+                NodeType::Chardev => "chardev",
+                NodeType::Blockdev => "blockdev",
             };
-            let show = filter
-                .as_ref()
-                .is_none_or(|f| path == *f || path.starts_with(&format!("{f}/")));
+            let show = filter.as_ref().is_none_or(|f| {
+                path == *f || (path.starts_with(f) && path.get(f.len()) == Some(&b'/'))
+            });
             if show {
+                let (text, b64) = text_and_base64(&path);
+                let raw_target = n.target_bytes();
+                let (target, target_base64) = match &raw_target {
+                    Some(t) => {
+                        let (t, b) = text_and_base64(t);
+                        (Some(t), b)
+                    }
+                    None => (None, None),
+                };
                 entries.push(Entry {
-                    path: path.clone(),
+                    path: text,
+                    path_base64: b64,
                     kind,
                     mode: format!("{:o}", n.mode & 0o7777),
                     size: n.size,
                     mtime_ns: n.mtime_ns,
-                    target: n.target.clone(),
+                    target,
+                    target_base64,
+                    raw_path: path.clone(),
+                    raw_target,
                 });
             }
             if let Some(sub) = n.subtree {
@@ -141,21 +238,48 @@ pub fn run_ls(g: &GlobalArgs, c: LsCmd) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    entries.sort_by(|a, b| a.raw_path.cmp(&b.raw_path));
     if g.json {
         print_json(&entries)?;
     } else {
         for e in &entries {
             let t = e
-                .target
+                .raw_target
                 .as_ref()
-                .map(|t| format!(" -> {t}"))
+                .map(|t| format!(" -> {}", shell_escape(t)))
                 .unwrap_or_default();
             println!(
                 "{:<7} {:>5} {:>10}  {}{}",
-                e.kind, e.mode, e.size, e.path, t
+                e.kind,
+                e.mode,
+                e.size,
+                shell_escape(&e.raw_path),
+                t
             );
         }
     }
     Ok(ExitCode::Success)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{shell_escape, text_and_base64};
+
+    #[test]
+    fn names_are_quoted_as_ls_shell_escape_does() {
+        assert_eq!(shell_escape(b"plain-name_1.txt"), "plain-name_1.txt");
+        assert_eq!(shell_escape(b"dir/sub"), "dir/sub");
+        assert_eq!(shell_escape(b"with space"), "'with space'");
+        assert_eq!(shell_escape(b"it's"), "'it'\\''s'");
+        assert_eq!(shell_escape(b"$(rm -rf)"), "'$(rm -rf)'");
+        assert_eq!(shell_escape(b"a\nb"), "$'a\\nb'");
+        assert_eq!(shell_escape(b"\x1b[31mred"), "$'\\x1b[31mred'");
+        assert_eq!(shell_escape(b"bad\xffbyte"), "$'bad\\xffbyte'");
+        assert_eq!(shell_escape("café".as_bytes()), "café");
+        assert_eq!(text_and_base64(b"ok"), ("ok".to_string(), None));
+        assert_eq!(
+            text_and_base64(b"\xff"),
+            ("\u{fffd}".to_string(), Some("/w==".to_string()))
+        );
+    }
 }

@@ -289,11 +289,18 @@ pub struct BackupRun<'r> {
     in_tx: bool,
     tx_ops: usize,
     cancel: Option<crate::error::CancelFlag>,
+    /// When the last index fragment was written.
+    last_index: Instant,
 }
 
 const TX_OPS: usize = 512;
 
 const INDEX_FLUSH_PACKS: usize = 32;
+
+/// A running backup writes an index fragment for what it has written at
+/// least this often, so prune can tell its packs from a killed run's (see
+/// [`crate::repo::prune::ORPHAN_MIN_AGE`]).
+pub const INDEX_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl<'r> BackupRun<'r> {
     /// Starts a run: indexes packs left by interrupted runs, starts threads.
@@ -314,6 +321,7 @@ impl<'r> BackupRun<'r> {
             in_tx: false,
             tx_ops: 0,
             cancel: None,
+            last_index: Instant::now(),
         })
     }
 
@@ -384,7 +392,9 @@ impl<'r> BackupRun<'r> {
         if got {
             self.tx_commit()?;
         }
-        if self.written.len() >= INDEX_FLUSH_PACKS {
+        if self.written.len() >= INDEX_FLUSH_PACKS
+            || (!self.written.is_empty() && self.last_index.elapsed() >= INDEX_FLUSH_INTERVAL)
+        {
             self.write_index()?;
         }
         self.up.check_failure()
@@ -412,6 +422,7 @@ impl<'r> BackupRun<'r> {
             .backend
             .put(&format::index_name(&id), &bytes)
             .context_obj("writing index", &id)?;
+        self.last_index = Instant::now();
         let ids: Vec<Id> = packs.iter().map(|p| p.id).collect();
         self.tx_begin()?;
         self.catalog().mark_indexed(&ids, &id)?;
@@ -746,6 +757,7 @@ pub fn backup_stream(
         subtree: None,
         target: None,
         target_hex: false,
+        rdev: None,
     };
     node.set_name(name.as_bytes());
     let root = run.add_tree(&Tree {
@@ -768,6 +780,23 @@ struct TreeWalker<'a, 'r> {
     run: &'a mut BackupRun<'r>,
     run_id: i64,
     choice: ChunkerChoice,
+}
+
+/// What was read of one file: its content, how many bytes that is, and the
+/// facts to cache when it did not change while being read.
+struct StableRead {
+    content: Vec<ContentRef>,
+    bytes: u64,
+    stable: Option<FileFacts>,
+}
+
+fn file_facts(m: &fs::Metadata) -> FileFacts {
+    FileFacts {
+        size: m.len(),
+        mtime_ns: mtime_ns(m) as i64,
+        ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        ino: m.ino(),
+    }
 }
 
 fn mtime_ns(m: &fs::Metadata) -> i128 {
@@ -832,6 +861,7 @@ impl TreeWalker<'_, '_> {
             subtree: None,
             target: None,
             target_hex: false,
+            rdev: None,
         };
         node.set_name(name);
         if ft.is_dir() {
@@ -843,15 +873,28 @@ impl TreeWalker<'_, '_> {
             node.set_target(fs::read_link(path)?.as_os_str().as_bytes());
             self.run.summary.symlinks += 1;
         } else if ft.is_file() {
-            node.size = meta.len();
-            node.content = self.file(path, rel, &meta)?;
-            self.run.summary.bytes_total += meta.len();
+            let mut size = meta.len();
+            node.content = self.file(path, rel, &meta, &mut size)?;
+            node.size = size;
+            self.run.summary.bytes_total += size;
         } else {
-            self.run.summary.skipped.push(format!(
-                "{}: special file (device, socket or fifo)",
-                path.display()
-            ));
-            return Ok(None);
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_fifo() {
+                node.node_type = NodeType::Fifo;
+            } else if ft.is_char_device() {
+                node.node_type = NodeType::Chardev;
+                node.rdev = Some(meta.rdev());
+            } else if ft.is_block_device() {
+                node.node_type = NodeType::Blockdev;
+                node.rdev = Some(meta.rdev());
+            } else {
+                self.run
+                    .summary
+                    .skipped
+                    .push(format!("{}: socket (not backed up)", path.display()));
+                return Ok(None);
+            }
+            self.run.summary.specials += 1;
         }
         Ok(Some(node))
     }
@@ -861,13 +904,9 @@ impl TreeWalker<'_, '_> {
         path: &Path,
         rel: &[u8],
         meta: &fs::Metadata,
+        size: &mut u64,
     ) -> anyhow::Result<Vec<ContentRef>> {
-        let facts = FileFacts {
-            size: meta.len(),
-            mtime_ns: mtime_ns(meta) as i64,
-            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-            ino: meta.ino(),
-        };
+        let facts = file_facts(meta);
         let cached = self.run.catalog().file_cache_get(self.source, rel)?;
         if let Some((old, blob)) = &cached {
             if *old == facts {
@@ -889,23 +928,79 @@ impl TreeWalker<'_, '_> {
                 }
             }
         }
-        let f = fs::File::open(path).map_err(|e| SourceError(format!("cannot open: {e}")))?;
+        let mut f = fs::File::open(path).map_err(|e| SourceError(format!("cannot open: {e}")))?;
         let kind = self.choice.for_path(path);
-        let content = self.run.add_stream(f, kind, "read error")?;
+        let read = self.read_stable(&mut f, path, kind)?;
+        *size = read.bytes;
         if cached.is_some() {
             self.run.summary.files_changed += 1;
         } else {
             self.run.summary.files_new += 1;
         }
-        self.run.tx_op()?;
-        self.run.catalog().file_cache_put(
-            self.source,
-            rel,
-            &facts,
-            &encode_content(&content),
-            self.run_id,
-        )?;
-        Ok(content)
+        // A file that changed while it was read is not cached: the next run
+        // reads it again whatever its size and times say then.
+        if let Some(facts) = read.stable {
+            self.run.tx_op()?;
+            self.run.catalog().file_cache_put(
+                self.source,
+                rel,
+                &facts,
+                &encode_content(&read.content),
+                self.run_id,
+            )?;
+        }
+        Ok(read.content)
+    }
+
+    /// Reads an open file whole, checking that it did not change meanwhile
+    /// (size, mtime, ctime through the descriptor before and after, and the
+    /// byte count against the size). A file that changed is read once more;
+    /// if it changes again it is recorded as read (its recorded size is
+    /// always the number of bytes its content holds) and named in
+    /// `summary.changed`, which makes the backup incomplete (exit 3).
+    fn read_stable(
+        &mut self,
+        f: &mut fs::File,
+        path: &Path,
+        kind: ChunkerKind,
+    ) -> anyhow::Result<StableRead> {
+        use std::io::{Seek, SeekFrom};
+        let fstat = |f: &fs::File| -> anyhow::Result<FileFacts> {
+            let m = f
+                .metadata()
+                .map_err(|e| SourceError(format!("cannot stat: {e}")))?;
+            Ok(file_facts(&m))
+        };
+        let mut before = fstat(f)?;
+        let mut attempt = 0;
+        loop {
+            let start = self.run.summary.bytes_read;
+            let content = self.run.add_stream(&mut *f, kind, "read error")?;
+            let bytes = self.run.summary.bytes_read - start;
+            let after = fstat(f)?;
+            if bytes == before.size && after == before {
+                return Ok(StableRead {
+                    content,
+                    bytes,
+                    stable: Some(after),
+                });
+            }
+            attempt += 1;
+            if attempt >= 2 {
+                self.run.summary.changed.push(format!(
+                    "{}: changed while it was read (twice); recorded as read: {bytes} bytes",
+                    path.display()
+                ));
+                return Ok(StableRead {
+                    content,
+                    bytes,
+                    stable: None,
+                });
+            }
+            f.seek(SeekFrom::Start(0))
+                .map_err(|e| SourceError(format!("cannot re-read: {e}")))?;
+            before = after;
+        }
     }
 
     fn all_present(&self, content: &[ContentRef]) -> anyhow::Result<bool> {

@@ -66,6 +66,11 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
         repo.keys.data_identity("check --read-data")?;
     }
     let mut rep = CheckReport::default();
+    if repo.keys.config_hash.is_none() {
+        rep.warnings.push(
+            "the key file does not pin the repository config (it was made before labctl did): the config was validated, but a change to it in storage cannot be detected".into(),
+        );
+    }
     // Per-pack facts only; per-blob lookups go to the on-disk catalog, so
     // memory does not grow with the number of blobs.
     let mut listed: HashMap<Id, u64> = HashMap::new();
@@ -129,7 +134,7 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
             ));
         } else {
             rep.warnings.push(format!(
-                "pack {} is not in any index (left by an interrupted backup; the next backup indexes and re-uses it, prune removes it)",
+                "pack {} is not in any index (left by an interrupted backup; the next backup indexes and re-uses it, else prune marks it once it has been unindexed for an hour and the grace period, and deletes it after the grace period)",
                 id.hex()
             ));
         }
@@ -164,6 +169,15 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
         ));
     }
 
+    for (id, json, noticed) in repo.catalog.vanished()? {
+        let what = serde_json::from_str::<crate::repo::snapshot::Snapshot>(&json)
+            .map(|s| format!("{} {} of {}", s.source.kind, s.source.name, s.time))
+            .unwrap_or_default();
+        rep.errors.push(format!(
+            "snapshot {} ({what}) was in storage and is gone (noticed {noticed}), though no forget through this catalog removed it: deleted by a forget on another machine, or by someone with write access to storage. If a forget elsewhere explains it, acknowledge with `labctl catalog rebuild`",
+            id.hex()
+        ));
+    }
     // Snapshots reference only indexed chunks whose pack is present.
     let snaps = repo.catalog.snapshots()?;
     rep.snapshots = snaps.len() as u64;
@@ -196,8 +210,69 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
 
     if read != ReadData::None {
         read_packs(repo, read, &indexed, &listed, &mut rep)?;
+        check_file_sizes(repo, &snaps, &mut rep)?;
     }
     Ok(rep)
+}
+
+/// Every file's recorded size against the bytes its chunks hold (from the
+/// index), over every snapshot's trees (a tree shared by snapshots is walked
+/// once). Needs the DATA identity: trees are blobs.
+fn check_file_sizes(
+    repo: &Repository,
+    snaps: &[crate::catalog::SnapshotRow],
+    rep: &mut CheckReport,
+) -> anyhow::Result<()> {
+    let mut seen: HashSet<Vec<Id>> = HashSet::new();
+    for row in snaps {
+        let Ok((s, _)) = repo.load_snapshot(&row.id) else {
+            continue; // reported above
+        };
+        let mut stack = vec![(String::new(), s.root)];
+        while let Some((prefix, ids)) = stack.pop() {
+            if !seen.insert(ids.clone()) {
+                continue;
+            }
+            let tree = match repo.read_tree(&ids) {
+                Ok(t) => t,
+                Err(e) => {
+                    rep.errors.push(format!(
+                        "snapshot {}: directory {}/ unreadable: {e:#}",
+                        row.id.short(),
+                        if prefix.is_empty() { "." } else { &prefix }
+                    ));
+                    continue;
+                }
+            };
+            for n in tree.nodes {
+                let path = if prefix.is_empty() {
+                    n.name.clone()
+                } else {
+                    format!("{prefix}/{}", n.name)
+                };
+                match n.node_type {
+                    NodeType::Dir => {
+                        if let Some(sub) = n.subtree {
+                            stack.push((path, sub));
+                        }
+                    }
+                    NodeType::File => {
+                        if let Some(len) = crate::repo::restore::content_len(repo, &n.content)? {
+                            if len != n.size {
+                                rep.errors.push(format!(
+                                    "snapshot {}: {path} records {} bytes but its chunks hold {len}",
+                                    row.id.short(),
+                                    n.size
+                                ));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn selected(id: &Id, read: ReadData) -> bool {
@@ -349,15 +424,14 @@ fn affected_files(repo: &Repository, snap: &Id, bad: &HashSet<Id>) -> Vec<String
                         stack.push((path, sub));
                     }
                 }
-                NodeType::File => {
+                NodeType::File
                     if n.content
                         .iter()
-                        .any(|c| matches!(c, ContentRef::Chunk(id) if bad.contains(id)))
-                    {
-                        out.insert(path);
-                    }
+                        .any(|c| matches!(c, ContentRef::Chunk(id) if bad.contains(id))) =>
+                {
+                    out.insert(path);
                 }
-                NodeType::Symlink => {}
+                _ => {}
             }
         }
     }
@@ -369,10 +443,11 @@ fn affected_files(repo: &Repository, snap: &Id, bad: &HashSet<Id>) -> Vec<String
 /// # Errors
 /// Storage, key or integrity errors.
 pub fn rebuild_catalog(repo: &Repository) -> anyhow::Result<()> {
-    repo.catalog.clear_index()?;
+    repo.sync_index(true)?;
     for id in repo.catalog.snapshot_ids()? {
         repo.catalog.remove_snapshot(&id)?;
     }
+    repo.catalog.clear_vanished()?;
     repo.sync_catalog()?;
     crate::repo::backup::adopt_orphan_packs(repo)?;
     Ok(())

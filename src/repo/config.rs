@@ -59,6 +59,47 @@ impl RepoConfig {
         out
     }
 
+    /// Checks every parameter is one labctl can work with (a config read
+    /// from storage is validated on every open: a zero fixed chunk size or
+    /// impossible CDC sizes would make backups record nothing or hang).
+    ///
+    /// # Errors
+    /// An integrity error naming the field.
+    pub fn validate(&self) -> Result<(), LabError> {
+        let bad = |field: &str, why: String| {
+            LabError::integrity(format!(
+                "repository config: field '{field}' is invalid ({why}); the config was damaged or tampered with"
+            ))
+        };
+        self.chunker.validate().map_err(|why| bad("chunker", why))?;
+        for (field, level) in [
+            ("compression-level", self.compression_level),
+            ("image-compression-level", self.image_compression_level),
+        ] {
+            if !(0..=19).contains(&level) {
+                return Err(bad(field, format!("{level} is not 0 to 19")));
+            }
+        }
+        if !(4 << 10..=1 << 30).contains(&self.pack_size) {
+            return Err(bad(
+                "pack-size",
+                format!("{} is not between 4 KiB and 1 GiB", self.pack_size),
+            ));
+        }
+        if self.repo_id.len() != 32 || !self.repo_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad("repo-id", "not 32 hex digits".into()));
+        }
+        if let Some(lock) = &self.object_lock {
+            if lock.days == 0 || !(lock.mode == "compliance" || lock.mode == "governance") {
+                return Err(bad(
+                    "object-lock",
+                    "needs days > 0 and mode compliance or governance".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// # Errors
     /// An integrity error when the object is not a labctl config.
     pub fn decode(bytes: &[u8]) -> Result<RepoConfig, LabError> {

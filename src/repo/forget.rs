@@ -345,9 +345,12 @@ pub fn apply(
                 locked.push(format!("{} (locked until {until})", d.id.short()));
                 continue;
             }
-            repo.backend.delete(&name)?;
-            repo.forget_loaded_snapshot(&d.id);
+            // Out of the catalog first: a sync that sees the object gone
+            // must not take this deletion for a vanished snapshot. Should
+            // the delete fail, the next sync lists the snapshot again.
             repo.catalog.remove_snapshot(&d.id)?;
+            repo.forget_loaded_snapshot(&d.id);
+            repo.backend.delete(&name)?;
         }
     }
     Ok(ForgetReport { decisions, locked })

@@ -9,7 +9,7 @@
 //! own recipients or to a passphrase.
 
 use crate::error::LabError;
-use crate::repo::crypto;
+use crate::repo::{crypto, Id};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::Write;
@@ -39,6 +39,10 @@ struct KeyFileV1 {
     data_recipients: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     data_identity: Option<String>,
+    /// BLAKE3 of the repository's `config` object as `repo init` wrote it
+    /// (absent in key files made before labctl pinned the config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    config_hash: Option<String>,
 }
 
 /// Loaded key material. Debug output never shows secrets.
@@ -51,6 +55,10 @@ pub struct Keys {
     pub chunker_seed: [u8; 32],
     pub data_recipients: Vec<age::x25519::Recipient>,
     pub data_identity: Option<crypto::DataIdentity>,
+    /// The hash of the `config` object this key belongs to: a config changed
+    /// in storage afterwards is refused on open (a storage attacker cannot
+    /// update the copy in the key file). `None` for older key files.
+    pub config_hash: Option<Id>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -75,6 +83,7 @@ impl Keys {
             chunker_seed: rand::random(),
             data_recipients: vec![data.to_public()],
             data_identity: Some(crypto::DataIdentity::new(data)),
+            config_hash: None,
         }
     }
 
@@ -116,6 +125,7 @@ impl Keys {
                 .data_identity
                 .as_ref()
                 .map(|d| crypto::identity_to_string(d.x25519())),
+            config_hash: self.config_hash.map(|h| h.hex()),
         };
         serde_json::to_string_pretty(&f).expect("serializable") + "\n"
     }
@@ -172,6 +182,10 @@ impl Keys {
         if (f.role == KeyRole::Restore) != data_identity.is_some() {
             return Err(bad("role"));
         }
+        let config_hash = match &f.config_hash {
+            Some(h) => Some(Id::from_hex(h).ok_or_else(|| bad("config-hash"))?),
+            None => None,
+        };
         Ok(Keys {
             role: f.role,
             repo_id: f.repo_id,
@@ -180,6 +194,7 @@ impl Keys {
             chunker_seed,
             data_recipients,
             data_identity,
+            config_hash,
         })
     }
 

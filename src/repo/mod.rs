@@ -95,7 +95,7 @@ pub fn init(backend: &dyn Backend, opts: &InitOptions) -> anyhow::Result<Keys> {
         backend.set_object_lock(lock.to_lock())?;
     }
     let repo_id = hex::encode(rand::random::<[u8; 16]>());
-    let keys = Keys::generate(&repo_id);
+    let mut keys = Keys::generate(&repo_id);
     let config = RepoConfig {
         repo_id: repo_id.clone(),
         created: now_rfc3339(),
@@ -107,6 +107,10 @@ pub fn init(backend: &dyn Backend, opts: &InitOptions) -> anyhow::Result<Keys> {
         data_recipients: keys.data_recipients.iter().map(|r| r.to_string()).collect(),
         object_lock: opts.object_lock.clone(),
     };
+    config.validate()?;
+    let config_bytes = config.encode();
+    // Every key file (and escrow copy) pins this exact config.
+    keys.config_hash = Some(Id::of_object(&config_bytes));
     // Escrow first: a config without its key copies would be a repository
     // nobody can recover.
     let plain = keys.to_json();
@@ -120,7 +124,7 @@ pub fn init(backend: &dyn Backend, opts: &InitOptions) -> anyhow::Result<Keys> {
         obj.extend_from_slice(&crypto::encrypt_passphrase(p, plain.as_bytes()));
         backend.put(&format!("keys/{}", Id::of_object(&obj).hex()), &obj)?;
     }
-    backend.put(format::CONFIG_NAME, &config.encode())?;
+    backend.put(format::CONFIG_NAME, &config_bytes)?;
     Ok(keys)
 }
 
@@ -284,6 +288,16 @@ impl Repository {
             ))
             .into());
         }
+        if let Some(pinned) = keys.config_hash {
+            if Id::of_object(&bytes) != pinned {
+                return Err(LabError::integrity(format!(
+                    "the repository config at {} is not the one this key file was made with (its hash differs): it was changed in storage after `repo init`; labctl will not use it (restore the original config object, or use a key file of this repository)",
+                    backend.location()
+                ))
+                .into());
+            }
+        }
+        config.validate()?;
         let recips: Vec<String> = keys.data_recipients.iter().map(|r| r.to_string()).collect();
         if config.meta_recipient != keys.meta_recipient().to_string()
             || config.data_recipients != recips
@@ -317,6 +331,21 @@ impl Repository {
     /// # Errors
     /// Storage, key or integrity errors naming the object.
     pub fn sync_catalog(&self) -> anyhow::Result<()> {
+        self.sync_index(false)?;
+        self.sync_snapshots()
+    }
+
+    /// Brings the catalog's index up to the repository's index fragments:
+    /// loads new ones, and reloads all when one it knew is gone (prune
+    /// replaced it) or `reload` is set. The whole change is one SQLite
+    /// transaction, so a restore or backup reading the same catalog from
+    /// another process sees the old index or the new one, never an empty
+    /// or half-loaded one.
+    ///
+    /// # Errors
+    /// Storage, key or integrity errors naming the fragment (nothing is
+    /// changed then).
+    pub fn sync_index(&self, reload: bool) -> anyhow::Result<()> {
         let mut index_ids = vec![];
         self.backend.list("index/", &mut |o| {
             if let Some(id) = o.name.strip_prefix("index/").and_then(Id::from_hex) {
@@ -325,24 +354,128 @@ impl Repository {
         })?;
         let known = self.catalog.index_files()?;
         let present: std::collections::HashSet<Id> = index_ids.iter().copied().collect();
-        if known.iter().any(|k| !present.contains(k)) {
-            // An index fragment vanished (prune replaced it): reload everything.
-            self.catalog.clear_index()?;
-        }
+        // An index fragment vanished (prune replaced it): reload everything.
+        let reload = reload || known.iter().any(|k| !present.contains(k));
+        let mut todo = vec![];
         for id in &index_ids {
-            if self.catalog.has_index_file(id)? {
-                continue;
+            if reload || !self.catalog.has_index_file(id)? {
+                todo.push(*id);
             }
-            let name = format::index_name(id);
-            let bytes = self.backend.get(&name)?;
-            let packs = index::decode(&bytes, &self.keys.meta_identity, &name)?;
-            self.catalog.begin()?;
-            for p in &packs {
-                self.catalog.add_pack(&p.id, p.size, Some(id), &p.entries)?;
-            }
-            self.catalog.add_index_file(id)?;
-            self.catalog.commit()?;
         }
+        if todo.is_empty() && !reload {
+            return Ok(());
+        }
+        let damaged = self.catalog.atomically(|| {
+            if reload {
+                self.catalog.clear_index()?;
+            }
+            let mut damaged = vec![];
+            for id in &todo {
+                let name = format::index_name(id);
+                let bytes = match self.backend.get(&name) {
+                    Ok(b) => b,
+                    // Replaced by a prune since the listing: the next sync
+                    // sees its successor.
+                    Err(BackendError::NotFound { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                let decoded = if Id::of_object(&bytes) != *id {
+                    Err(LabError::integrity(format!(
+                        "{name}: content does not match its name (corrupted)"
+                    )))
+                } else {
+                    index::decode(&bytes, &self.keys.meta_identity, &name)
+                };
+                match decoded {
+                    Ok(packs) => {
+                        for p in &packs {
+                            self.catalog.add_pack(&p.id, p.size, Some(id), &p.entries)?;
+                        }
+                    }
+                    // A damaged fragment is noted (check reports it) and
+                    // its packs are read from their own trailers below.
+                    Err(e) => damaged.push((*id, e.to_string())),
+                }
+                self.catalog.add_index_file(id)?;
+            }
+            Ok(damaged)
+        })?;
+        if !damaged.is_empty() {
+            for (id, why) in &damaged {
+                self.catalog.note_damaged_index(id, why)?;
+            }
+            backup::adopt_orphan_packs(self)?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure every chunk in `chunks` is known to the catalog: when some
+    /// are not (an index fragment was deleted or is damaged), packs no index
+    /// lists are read from their trailers (META) and added. Returns how many
+    /// chunks are still unknown (their packs are really missing).
+    ///
+    /// # Errors
+    /// Storage or catalog errors.
+    pub fn ensure_indexed(&self, chunks: &[Id]) -> anyhow::Result<usize> {
+        let missing = |cat: &Catalog| -> anyhow::Result<usize> {
+            let mut n = 0;
+            for c in chunks {
+                if !cat.has_blob(c)? {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        };
+        if missing(&self.catalog)? == 0 {
+            return Ok(0);
+        }
+        backup::adopt_orphan_packs(self)?;
+        missing(&self.catalog)
+    }
+
+    /// Writes an index fragment for every pack in storage that no readable
+    /// fragment lists (read from the packs' trailers; the backup key is
+    /// enough). Damaged fragments are left for the operator to delete.
+    /// Returns the new fragment and how many packs it lists.
+    ///
+    /// # Errors
+    /// Storage, key or catalog errors.
+    pub fn repair_index(&self) -> anyhow::Result<Option<(Id, usize)>> {
+        backup::adopt_orphan_packs(self)?;
+        let mut listed = std::collections::HashSet::new();
+        self.backend.list("packs/", &mut |o| {
+            if let Some(id) = o.name.rsplit('/').next().and_then(Id::from_hex) {
+                listed.insert(id);
+            }
+        })?;
+        let mut packs = vec![];
+        for (id, size) in self.catalog.unindexed_packs()? {
+            if listed.contains(&id) && !self.catalog.is_marked(&id)? {
+                packs.push(index::IndexedPack {
+                    id,
+                    size,
+                    entries: self.catalog.pack_entries(&id)?,
+                });
+            }
+        }
+        if packs.is_empty() {
+            return Ok(None);
+        }
+        let (id, bytes) = index::encode(&packs, &self.keys.meta_recipient());
+        match self.backend.put(&format::index_name(&id), &bytes) {
+            Ok(()) | Err(BackendError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let ids: Vec<Id> = packs.iter().map(|p| p.id).collect();
+        self.catalog.atomically(|| {
+            self.catalog.mark_indexed(&ids, &id)?;
+            self.catalog.add_index_file(&id)
+        })?;
+        Ok(Some((id, ids.len())))
+    }
+
+    /// Loads new snapshots and prune marks, forgets deleted snapshots.
+    fn sync_snapshots(&self) -> anyhow::Result<()> {
         let mut snap_ids = vec![];
         self.backend.list("snapshots/", &mut |o| {
             if let Some(id) = o.name.strip_prefix("snapshots/").and_then(Id::from_hex) {
@@ -350,9 +483,14 @@ impl Repository {
             }
         })?;
         let present: std::collections::HashSet<Id> = snap_ids.iter().copied().collect();
+        let now = now_rfc3339();
         for known in self.catalog.snapshot_ids()? {
             if !present.contains(&known) {
-                self.catalog.remove_snapshot(&known)?;
+                // Not removed by a forget through this catalog (that takes
+                // it out of the catalog first): deleted elsewhere, or by
+                // someone with write access to storage. `check` says so.
+                self.catalog.note_vanished(&known, &now)?;
+                self.forget_loaded_snapshot(&known);
             }
         }
         let (_, marks) = prune::load_marks(self)?;

@@ -6,6 +6,10 @@
 //!    used blobs are copied as ciphertext into new packs (only the META key is
 //!    needed: trailers and index are META, blobs are copied unread). Marks
 //!    are stored in `prune/<id>` objects (META-sealed JSON: pack and time).
+//!    Packs no index lists (a killed backup's) are marked the same way, and
+//!    so are, in effect, its temporary files: `.tmp-*` files of a local
+//!    repository and unfinished multipart uploads go once they are older
+//!    than the grace period.
 //! 2. **Sweep**, on a later run: a pack marked at least `grace` ago is deleted
 //!    if it still holds no blob a snapshot needs; otherwise it is unmarked.
 //!
@@ -32,6 +36,11 @@ use crate::repo::{index, Id, Repository};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use time::OffsetDateTime;
+
+/// How long a pack must have been seen without an index before prune marks
+/// it (at least; the grace period when longer). Backups index their packs at
+/// least every [`crate::repo::backup::INDEX_FLUSH_INTERVAL`], well within it.
+pub const ORPHAN_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Options for `labctl prune`.
 #[derive(Debug, Clone)]
@@ -68,6 +77,10 @@ pub struct PruneReport {
     pub packs_unmarked: Vec<String>,
     /// Packs marked earlier whose grace period has not ended: (pack, deletable after).
     pub packs_waiting: Vec<(String, String)>,
+    /// Packs no index lists (a killed backup's), not yet unindexed long
+    /// enough to be marked: (pack, markable after).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub orphans_waiting: Vec<(String, String)>,
     pub bytes_deleted: u64,
     pub bytes_repacked: u64,
     pub index_files_replaced: u64,
@@ -267,6 +280,39 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
         marks.insert(*pack, opts.now);
         report.packs_marked.push(pack.hex());
     }
+    // Packs no index lists (left by a killed backup): known to the catalog
+    // through their trailers, as a backup adopts them, then marked like any
+    // unused pack. A backup still running writes its index and snapshot
+    // within the grace period, and the sweep then unmarks its packs.
+    // A running backup indexes what it wrote at least every
+    // INDEX_FLUSH_INTERVAL, so a pack this catalog has seen unindexed for
+    // ORPHAN_MIN_AGE (and the grace period) belongs to no running backup,
+    // whatever grace was asked for.
+    crate::repo::backup::adopt_orphan_packs(repo)?;
+    let orphans: Vec<Id> = cat
+        .unindexed_packs()?
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| listed.contains(p) && !marks.contains_key(p))
+        .collect();
+    let now = opts.now.unix_timestamp();
+    let first_seen = cat.note_orphans(&orphans, now)?;
+    let wait = opts
+        .grace
+        .whole_seconds()
+        .max(ORPHAN_MIN_AGE.as_secs() as i64);
+    for pack in orphans {
+        let seen = first_seen.get(&pack).copied().unwrap_or(now);
+        if seen + wait > now {
+            report.orphans_waiting.push((
+                pack.hex(),
+                rfc3339(OffsetDateTime::from_unix_timestamp(seen + wait)?),
+            ));
+        } else if !cat.pack_holds_needed_blob(&pack)? {
+            marks.insert(pack, opts.now);
+            report.packs_marked.push(pack.hex());
+        }
+    }
     if !builder.is_empty() && !opts.dry_run {
         repack_out.push(write_pack(repo, builder)?);
     }
@@ -346,7 +392,12 @@ fn abort_stale_uploads(repo: &Repository, opts: &PruneOptions) -> anyhow::Result
     let now = opts.now.unix_timestamp();
     let ids: Vec<String> = uploads.iter().map(|u| u.id.clone()).collect();
     let first_seen = repo.catalog.note_uploads(&ids, now)?;
-    let grace = opts.grace.whole_seconds();
+    let mut grace = opts.grace.whole_seconds();
+    if !repo.backend.is_remote() {
+        // A local repository's `.tmp-*` files: one being written right now
+        // is seconds old; an hour-old one is a killed process's.
+        grace = grace.max(ORPHAN_MIN_AGE.as_secs() as i64);
+    }
     let mut aborted = 0;
     for u in &uploads {
         let started = u

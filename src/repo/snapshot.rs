@@ -31,6 +31,9 @@ pub struct BackupSummary {
     pub files_unchanged: u64,
     pub dirs: u64,
     pub symlinks: u64,
+    /// FIFOs and device nodes recorded.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub specials: u64,
     pub bytes_read: u64,
     pub bytes_total: u64,
     pub chunks_new: u64,
@@ -40,10 +43,25 @@ pub struct BackupSummary {
     pub packs_written: u64,
     /// Files that could not be read (the backup is incomplete: exit code 3).
     pub errors: Vec<String>,
-    /// Special files (sockets, FIFOs, devices) deliberately not backed up.
+    /// Files that changed while they were read, twice in a row: recorded as
+    /// read (size and content agree), but not a consistent copy (exit code 3).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<String>,
+    /// Sockets, deliberately not backed up.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub skipped: Vec<String>,
     pub duration_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl BackupSummary {
+    /// Every file was read whole and unchanged: nothing is missing or torn.
+    pub fn is_complete(&self) -> bool {
+        self.errors.is_empty() && self.changed.is_empty()
+    }
 }
 
 /// The snapshot JSON.

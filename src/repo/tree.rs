@@ -4,7 +4,8 @@
 //! blobs (the JSON is cut with the same FastCDC chunker, so a large directory
 //! that changes a little dedups). A node is a directory, file or symlink with
 //! its mode, owner, times and, for files, an ordered content list of chunk
-//! IDs and zero runs.
+//! IDs and zero runs. FIFOs and device nodes are recorded too (no content;
+//! a device keeps its number in `rdev`); sockets are not.
 
 use crate::repo::Id;
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,12 @@ pub enum NodeType {
     Dir,
     File,
     Symlink,
+    /// A named pipe (no content; recreated with mkfifo).
+    Fifo,
+    /// A character device (`rdev` holds its number; recreated as root).
+    Chardev,
+    /// A block device (`rdev` holds its number; recreated as root).
+    Blockdev,
 }
 
 /// One entry of a directory.
@@ -52,6 +59,9 @@ pub struct Node {
     pub target: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub target_hex: bool,
+    /// Device number (`st_rdev`) of a character or block device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdev: Option<u64>,
 }
 
 impl Node {

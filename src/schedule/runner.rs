@@ -208,7 +208,7 @@ fn finish_backup(
         bytes_read: s.bytes_read,
         bytes_added: s.bytes_added,
         snapshots: vec![out.snapshot_id.to_string()],
-        partial: !s.errors.is_empty(),
+        partial: !s.is_complete(),
         detail: format!(
             "snapshot {}: {} new, {} changed, {} unchanged file(s); read {} bytes, added {}",
             out.snapshot_id.short(),
@@ -219,7 +219,19 @@ fn finish_backup(
             s.bytes_added
         ),
     };
-    if facts.partial {
+    if !s.changed.is_empty() {
+        facts.detail.push_str(&format!(
+            "; {} file(s) changed while being read: {}",
+            s.changed.len(),
+            s.changed
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    if !s.errors.is_empty() {
         facts.detail.push_str(&format!(
             "; {} file(s) could not be read: {}",
             s.errors.len(),

@@ -12,6 +12,7 @@ mod damage;
 mod dedup;
 mod faultproxy;
 mod fixture;
+mod integrity;
 mod keys;
 mod killed;
 mod kube_sim;

@@ -552,3 +552,52 @@ fn daemon_job_uses_the_credentials_file_named_in_the_config() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
 }
+
+/// An S3 endpoint that accepts connections and never answers: the error says
+/// in words what happened, which operation, and which endpoint; no Rust
+/// debug output.
+#[test]
+fn s3_errors_are_said_in_words_with_the_operation_and_endpoint() {
+    let s = S3Env::new(false);
+    assert_success(&s.init(&["--no-escrow"]), &["repo", "init"]);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        // Hold every connection open without a byte of answer.
+        let mut conns = vec![];
+        listener.set_nonblocking(true).unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        while std::time::Instant::now() < until {
+            match listener.accept() {
+                Ok((c, _)) => conns.push(c),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+            if conns.len() > 64 {
+                break;
+            }
+        }
+    });
+    let out = s
+        .cmd()
+        .env("LABCTL_KEY", &s.backup_key)
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .env("LABCTL_S3_TIMEOUT_SECS", "1")
+        .args(["snapshots"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(
+        ["GET", "HEAD", "LIST"].iter().any(|op| err.contains(op)),
+        "{err}"
+    );
+    assert!(
+        err.contains("timed out") || err.contains("timeout"),
+        "{err}"
+    );
+    for debug in ["Error {", "kind:", "{ ", "Some("] {
+        assert!(!err.contains(debug), "debug output in: {err}");
+    }
+    drop(held);
+}

@@ -375,7 +375,7 @@ impl FileSink for PackOrder<'_> {
                     }
                     None => {
                         p.fail(format!(
-                            "chunk {} is not in the index (its pack is missing)",
+                            "chunk {} is in no index fragment and no pack trailer in storage (its pack is missing)",
                             id.short()
                         ));
                         break;
@@ -471,16 +471,23 @@ fn read_range(backend: &dyn Backend, keys: &Keys, shared: &Shared, range: RangeJ
 /// time for 512 MiB, against a steady ~0.4 s with `O_DIRECT`), and a large
 /// restore would otherwise evict the host's working set.
 fn write_target(shared: &Shared, p: &Pending, data: &[u8], offset: u64) -> std::io::Result<()> {
+    // All-zero data stays a hole: the file was created at its full size,
+    // so a sparse file comes back sparse whatever chunker stored it.
+    let hole = data.len() >= crate::directio::HOLE_MIN && crate::directio::is_zero(data);
     if p.deferred {
         let f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&p.tmp)?;
-        f.write_all_at(data, offset)?;
+        if !hole {
+            f.write_all_at(data, offset)?;
+        }
         if offset + data.len() as u64 != p.node.size {
             f.set_len(p.node.size)?;
         }
         *p.file.lock().unwrap() = Some(f);
+        Ok(())
+    } else if hole {
         Ok(())
     } else {
         let direct = shared.direct.load(Ordering::Relaxed);

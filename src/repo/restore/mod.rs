@@ -45,6 +45,8 @@ pub struct RestoreOptions {
     /// Pack order: stored bytes planned before reading starts (0 = the
     /// default, 64 MiB). Tests make it small to split packs across batches.
     pub batch_bytes: u64,
+    /// Clear the setuid and setgid bits of restored files.
+    pub no_setuid: bool,
 }
 
 /// In which order a directory restore reads the repository.
@@ -85,6 +87,8 @@ pub struct RestoreSummary {
     pub files: u64,
     pub dirs: u64,
     pub symlinks: u64,
+    /// FIFOs and device nodes recreated.
+    pub specials: u64,
     pub bytes: u64,
     /// Files that could not be restored, with the reason.
     pub failed: Vec<String>,
@@ -322,7 +326,7 @@ impl Pipeline {
                 ContentRef::Chunk(id) => match repo.catalog.blob(id)? {
                     Some(loc) => self.fetch(*id, loc)?,
                     None => self.op(Op::Data(Err(LabError::integrity(format!(
-                        "chunk {} is not in the index (its pack is missing)",
+                        "chunk {} is in no index fragment and no pack trailer in storage (its pack is missing)",
                         id.short()
                     ))
                     .into())))?,
@@ -409,7 +413,10 @@ pub fn restore_to_dir(
         ))
         .into());
     }
-    let (snap, _) = repo.load_snapshot(snap_id)?;
+    let (snap, chunks) = repo.load_snapshot(snap_id)?;
+    // Chunks no index fragment lists (one was deleted or damaged) are found
+    // through their packs' trailers before anything is read.
+    repo.ensure_indexed(&chunks)?;
     fs::create_dir_all(target).map_err(|e| {
         LabError::usage(format!(
             "cannot create restore target {}: {e}",
@@ -455,6 +462,7 @@ pub fn restore_to_dir(
     }
     summary.dirs = walk.summary.dirs;
     summary.symlinks = walk.summary.symlinks;
+    summary.specials = walk.summary.specials;
     summary.failed.extend(walk.summary.failed);
     progress.finish();
     Ok(summary)
@@ -514,6 +522,7 @@ impl DirWalk<'_> {
             let name_bytes = node.name_bytes();
             if name_bytes.is_empty()
                 || name_bytes.contains(&b'/')
+                || name_bytes.contains(&0)
                 || name_bytes == b"."
                 || name_bytes == b".."
             {
@@ -585,7 +594,35 @@ impl DirWalk<'_> {
                     apply_meta(&path, &node, unsafe { libc::geteuid() } == 0, true);
                     self.summary.symlinks += 1;
                 }
-                NodeType::File if take => pipe.file(self.repo, path, node)?,
+                NodeType::Fifo | NodeType::Chardev | NodeType::Blockdev if take => {
+                    match make_special(&path, &node) {
+                        Ok(()) => {
+                            apply_meta(&path, &node, unsafe { libc::geteuid() } == 0, false);
+                            self.summary.specials += 1;
+                        }
+                        Err(why) => self.summary.failed.push(format!("{child_rel}: {why}")),
+                    }
+                }
+                NodeType::File if take => {
+                    let mut node = node;
+                    if self.opts.no_setuid {
+                        node.mode &= !0o6000;
+                    }
+                    // Snapshots written before labctl recorded the bytes it
+                    // read may hold a stale size; the content is what was
+                    // read. Both read orders restore the content whole and
+                    // say so, rather than cut or pad it silently.
+                    if let Some(len) = content_len(self.repo, &node.content)? {
+                        if len != node.size {
+                            self.summary.failed.push(format!(
+                                "{child_rel}: the snapshot records {} bytes but the file's content holds {len}; restored the {len} bytes that were read",
+                                node.size
+                            ));
+                            node.size = len;
+                        }
+                    }
+                    pipe.file(self.repo, path, node)?
+                }
                 _ => {}
             }
         }
@@ -671,6 +708,36 @@ fn prefetch_subtrees(
     out
 }
 
+/// Recreates a FIFO or device node under a temporary name and renames it
+/// into place (device nodes need root: refused otherwise, with the reason).
+fn make_special(path: &Path, node: &Node) -> Result<(), String> {
+    let (kind, dev) = match node.node_type {
+        NodeType::Fifo => (libc::S_IFIFO, 0),
+        NodeType::Chardev => (libc::S_IFCHR, node.rdev.unwrap_or(0)),
+        NodeType::Blockdev => (libc::S_IFBLK, node.rdev.unwrap_or(0)),
+        _ => return Err("not a special file".into()),
+    };
+    if kind != libc::S_IFIFO && unsafe { libc::geteuid() } != 0 {
+        return Err("a device node; not restored (only root can create one)".into());
+    }
+    if fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err("a directory is in the way; left as it is".into());
+    }
+    let tmp = temp_name(path);
+    let c = std::ffi::CString::new(tmp.as_os_str().as_bytes())
+        .map_err(|_| "unsafe name".to_string())?;
+    if unsafe { libc::mknod(c.as_ptr(), kind | 0o600, dev as libc::dev_t) } != 0 {
+        return Err(format!(
+            "cannot create it: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        format!("cannot put it in place: {e}")
+    })
+}
+
 fn temp_name(path: &Path) -> PathBuf {
     let mut name = b".labctl-restore-".to_vec();
     name.extend_from_slice(format!("{:08x}-", rand::random::<u32>()).as_bytes());
@@ -716,7 +783,13 @@ impl DirWriter {
                 }
                 match r {
                     Ok(d) => {
-                        cur.file.write(&d).map_err(|e| {
+                        // All-zero data becomes a hole, whatever chunker stored it.
+                        if d.len() >= crate::directio::HOLE_MIN && crate::directio::is_zero(&d) {
+                            cur.file.zeros(d.len() as u64)
+                        } else {
+                            cur.file.write(&d)
+                        }
+                        .map_err(|e| {
                             LabError::storage(format!("writing {}: {e}", cur.tmp.display()))
                         })?;
                         self.progress.add(d.len() as u64);
@@ -850,7 +923,8 @@ pub fn restore_to_writer(
     threads: usize,
 ) -> anyhow::Result<u64> {
     repo.keys.data_identity("restore")?;
-    let (snap, _) = repo.load_snapshot(snap_id)?;
+    let (snap, chunks) = repo.load_snapshot(snap_id)?;
+    repo.ensure_indexed(&chunks)?;
     let node = find_file(repo, &snap.root, path)?;
     let (ops_tx, ops_rx) = crossbeam_channel::unbounded::<OpMsg>();
     let (giver, data_credits, ctl_credits) = window();
@@ -897,6 +971,25 @@ pub fn restore_to_writer(
         .into());
     }
     Ok(written)
+}
+
+/// The bytes a file's content holds, from the index (`None` when a chunk
+/// is not indexed: the restore reports that chunk itself).
+///
+/// # Errors
+/// Catalog errors.
+pub fn content_len(repo: &Repository, content: &[ContentRef]) -> anyhow::Result<Option<u64>> {
+    let mut len = 0u64;
+    for c in content {
+        match c {
+            ContentRef::Zero { zero } => len += zero,
+            ContentRef::Chunk(id) => match repo.catalog.blob(id)? {
+                Some(loc) => len += loc.raw_len as u64,
+                None => return Ok(None),
+            },
+        }
+    }
+    Ok(Some(len))
 }
 
 fn find_file(repo: &Repository, root: &[Id], path: Option<&str>) -> anyhow::Result<Node> {
