@@ -109,6 +109,9 @@ struct Entry {
     target: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     target_base64: Option<String>,
+    /// For a hard link: the path recorded first for the same file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hardlink: Option<String>,
     #[serde(skip)]
     raw_path: Vec<u8>,
     #[serde(skip)]
@@ -229,6 +232,9 @@ pub fn run_ls(g: &GlobalArgs, c: LsCmd) -> anyhow::Result<ExitCode> {
                     mtime_ns: n.mtime_ns,
                     target,
                     target_base64,
+                    hardlink: n
+                        .hardlink_bytes()
+                        .map(|h| String::from_utf8_lossy(&h).into_owned()),
                     raw_path: path.clone(),
                     raw_target,
                 });
@@ -247,6 +253,11 @@ pub fn run_ls(g: &GlobalArgs, c: LsCmd) -> anyhow::Result<ExitCode> {
                 .raw_target
                 .as_ref()
                 .map(|t| format!(" -> {}", shell_escape(t)))
+                .or_else(|| {
+                    e.hardlink
+                        .as_ref()
+                        .map(|h| format!(" => {}", shell_escape(h.as_bytes())))
+                })
                 .unwrap_or_default();
             println!(
                 "{:<7} {:>5} {:>10}  {}{}",

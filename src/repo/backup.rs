@@ -694,6 +694,7 @@ pub fn backup_path(
     run.set_cancel(opts.cancel.clone());
     let mut walker = TreeWalker {
         source: &source_key,
+        links: Default::default(),
         run: &mut run,
         run_id,
         choice: opts.chunker,
@@ -758,6 +759,8 @@ pub fn backup_stream(
         target: None,
         target_hex: false,
         rdev: None,
+        hardlink: None,
+        hardlink_hex: false,
     };
     node.set_name(name.as_bytes());
     let root = run.add_tree(&Tree {
@@ -777,6 +780,8 @@ pub fn backup_stream(
 
 struct TreeWalker<'a, 'r> {
     source: &'a str,
+    /// First path of each multiply-linked inode seen in this run.
+    links: std::collections::HashMap<(u64, u64), Vec<u8>>,
     run: &'a mut BackupRun<'r>,
     run_id: i64,
     choice: ChunkerChoice,
@@ -862,6 +867,8 @@ impl TreeWalker<'_, '_> {
             target: None,
             target_hex: false,
             rdev: None,
+            hardlink: None,
+            hardlink_hex: false,
         };
         node.set_name(name);
         if ft.is_dir() {
@@ -872,7 +879,17 @@ impl TreeWalker<'_, '_> {
             node.node_type = NodeType::Symlink;
             node.set_target(fs::read_link(path)?.as_os_str().as_bytes());
             self.run.summary.symlinks += 1;
+        } else if ft.is_file()
+            && meta.nlink() > 1
+            && self.links.contains_key(&(meta.dev(), meta.ino()))
+        {
+            // Recorded once: later names of the inode point at the first.
+            node.set_hardlink(&self.links[&(meta.dev(), meta.ino())]);
+            self.run.summary.hardlinks += 1;
         } else if ft.is_file() {
+            if meta.nlink() > 1 {
+                self.links.insert((meta.dev(), meta.ino()), rel.to_vec());
+            }
             let mut size = meta.len();
             node.content = self.file(path, rel, &meta, &mut size)?;
             node.size = size;

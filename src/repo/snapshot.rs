@@ -31,6 +31,9 @@ pub struct BackupSummary {
     pub files_unchanged: u64,
     pub dirs: u64,
     pub symlinks: u64,
+    /// Further names of files already recorded (hard links).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub hardlinks: u64,
     /// FIFOs and device nodes recorded.
     #[serde(skip_serializing_if = "is_zero")]
     pub specials: u64,

@@ -59,6 +59,13 @@ pub struct Node {
     pub target: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub target_hex: bool,
+    /// A hard link: the path (from the snapshot root, `/`-separated) of the
+    /// file recorded first with the same inode. Such a node has no content
+    /// and size 0; a reader links it to that file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardlink: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hardlink_hex: bool,
     /// Device number (`st_rdev`) of a character or block device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rdev: Option<u64>,
@@ -86,6 +93,20 @@ impl Node {
         let (s, h) = bytes_to_field(raw);
         self.target = Some(s);
         self.target_hex = h;
+    }
+    /// The hard link's first path as OS bytes.
+    pub fn hardlink_bytes(&self) -> Option<Vec<u8>> {
+        let t = self.hardlink.as_ref()?;
+        Some(if self.hardlink_hex {
+            hex::decode(t).unwrap_or_default()
+        } else {
+            t.as_bytes().to_vec()
+        })
+    }
+    pub fn set_hardlink(&mut self, raw: &[u8]) {
+        let (s, h) = bytes_to_field(raw);
+        self.hardlink = Some(s);
+        self.hardlink_hex = h;
     }
     pub fn set_name(&mut self, raw: &[u8]) {
         (self.name, self.name_hex) = bytes_to_field(raw);

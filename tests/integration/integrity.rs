@@ -686,3 +686,49 @@ fn fifos_and_device_nodes_are_recorded_and_recreated() {
         assert_same_tree(&src, &t);
     }
 }
+
+#[test]
+fn hard_links_are_recorded_once_and_restored_as_links() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let src = env.path("src");
+    write(&src.join("a/data.bin"), &noise(500_000, 11));
+    fs::create_dir_all(src.join("b")).unwrap();
+    fs::hard_link(src.join("a/data.bin"), src.join("b/same.bin")).unwrap();
+    fs::hard_link(src.join("a/data.bin"), src.join("zz-third")).unwrap();
+    let summary = env.backup(&src);
+    assert_eq!(summary["summary"]["hardlinks"], 2, "{summary}");
+    assert_eq!(summary["summary"]["bytes-total"], 500_000, "{summary}");
+    let out = env.ok_restore(&["ls", "latest"]);
+    assert!(stdout(&out).contains("=> a/data.bin"), "{}", stdout(&out));
+    for order in ["pack", "file"] {
+        let t = env.path(&format!("t-{order}"));
+        env.ok_restore(&[
+            "restore",
+            "latest",
+            "--target",
+            t.to_str().unwrap(),
+            "--read-order",
+            order,
+        ]);
+        assert_same_tree(&src, &t);
+        let ino = fs::metadata(t.join("a/data.bin")).unwrap().ino();
+        assert_eq!(fs::metadata(t.join("b/same.bin")).unwrap().ino(), ino);
+        assert_eq!(fs::metadata(t.join("zz-third")).unwrap().nlink(), 3);
+    }
+    let out = env.ok_restore(&["restore", "latest", "--stdout", "--path", "b/same.bin"]);
+    assert_eq!(out.stdout, noise(500_000, 11));
+    // Only the link's path restored: its first name is not part of the
+    // restore, so the content comes back there as a file.
+    let t = env.path("partial");
+    env.ok_restore(&[
+        "restore",
+        "latest",
+        "--target",
+        t.to_str().unwrap(),
+        "--path",
+        "b",
+    ]);
+    assert_eq!(fs::read(t.join("b/same.bin")).unwrap(), noise(500_000, 11));
+    assert!(!t.join("a").exists());
+}

@@ -89,6 +89,8 @@ pub struct RestoreSummary {
     pub symlinks: u64,
     /// FIFOs and device nodes recreated.
     pub specials: u64,
+    /// Hard links made to files restored under another name.
+    pub hardlinks: u64,
     pub bytes: u64,
     /// Files that could not be restored, with the reason.
     pub failed: Vec<String>,
@@ -430,6 +432,8 @@ pub fn restore_to_dir(
         opts,
         dirs: vec![],
         summary: RestoreSummary::default(),
+        links: vec![],
+        root: snap.root.clone(),
     };
     let by_pack = match opts.read_order {
         ReadOrder::Auto => repo.backend.is_remote(),
@@ -456,6 +460,32 @@ pub fn restore_to_dir(
             &progress,
         )?
     };
+    // Hard links once the files they name are in place.
+    for (path, first) in &walk.links {
+        let src = target.join(OsStr::from_bytes(first));
+        let made = match fs::symlink_metadata(&src) {
+            Ok(m) if m.is_file() => {
+                let tmp = temp_name(path);
+                fs::hard_link(&src, &tmp).and_then(|_| {
+                    fs::rename(&tmp, path).inspect_err(|_| {
+                        let _ = fs::remove_file(&tmp);
+                    })
+                })
+            }
+            _ => Err(std::io::Error::other(format!(
+                "{} was not restored",
+                String::from_utf8_lossy(first)
+            ))),
+        };
+        match made {
+            Ok(()) => summary.hardlinks += 1,
+            Err(e) => summary.failed.push(format!(
+                "{}: hard link to {} not made: {e}",
+                path.display(),
+                String::from_utf8_lossy(first)
+            )),
+        }
+    }
     // Directory metadata last, deepest first, so file writes do not disturb mtimes.
     for (path, node) in walk.dirs.iter().rev() {
         apply_meta(path, node, is_root, false);
@@ -507,6 +537,12 @@ struct DirWalk<'a> {
     opts: &'a RestoreOptions,
     dirs: Vec<(PathBuf, Node)>,
     summary: RestoreSummary,
+    /// Hard links to make once every file is in place: (path, first path
+    /// relative to the restore root).
+    links: Vec<(PathBuf, Vec<u8>)>,
+    /// The snapshot's root tree (a link whose first name is left out of a
+    /// partial restore is restored from it as a file).
+    root: Vec<Id>,
 }
 
 impl DirWalk<'_> {
@@ -601,6 +637,37 @@ impl DirWalk<'_> {
                             self.summary.specials += 1;
                         }
                         Err(why) => self.summary.failed.push(format!("{child_rel}: {why}")),
+                    }
+                }
+                NodeType::File if take && node.hardlink.is_some() => {
+                    let first = node.hardlink_bytes().unwrap_or_default();
+                    if first
+                        .split(|&b| b == b'/')
+                        .any(|p| p.is_empty() || p == b".." || p == b"." || p.contains(&0))
+                    {
+                        self.summary
+                            .failed
+                            .push(format!("{child_rel}: unsafe hard link target skipped"));
+                    } else if included(&String::from_utf8_lossy(&first), &self.opts.include).0 {
+                        self.links.push((path, first));
+                    } else {
+                        // Its first name is not part of this restore: the
+                        // content goes here, as a file of its own.
+                        match find_file(
+                            self.repo,
+                            &self.root,
+                            Some(&String::from_utf8_lossy(&first)),
+                        ) {
+                            Ok(mut file) => {
+                                file.name = node.name.clone();
+                                file.name_hex = node.name_hex;
+                                pipe.file(self.repo, path, file)?
+                            }
+                            Err(e) => self.summary.failed.push(format!(
+                                "{child_rel}: hard link to {} unreadable: {e:#}",
+                                String::from_utf8_lossy(&first)
+                            )),
+                        }
                     }
                 }
                 NodeType::File if take => {
@@ -925,7 +992,11 @@ pub fn restore_to_writer(
     repo.keys.data_identity("restore")?;
     let (snap, chunks) = repo.load_snapshot(snap_id)?;
     repo.ensure_indexed(&chunks)?;
-    let node = find_file(repo, &snap.root, path)?;
+    let mut node = find_file(repo, &snap.root, path)?;
+    if let Some(first) = node.hardlink.clone() {
+        // Another name of a file recorded earlier in the snapshot.
+        node = find_file(repo, &snap.root, Some(&first))?;
+    }
     let (ops_tx, ops_rx) = crossbeam_channel::unbounded::<OpMsg>();
     let (giver, data_credits, ctl_credits) = window();
     let mut pipe = Pipeline::start(repo, threads, ops_tx, data_credits, ctl_credits);
