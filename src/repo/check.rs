@@ -228,49 +228,30 @@ fn check_file_sizes(
         let Ok((s, _)) = repo.load_snapshot(&row.id) else {
             continue; // reported above
         };
-        let mut stack = vec![(String::new(), s.root)];
-        while let Some((prefix, ids)) = stack.pop() {
-            if !seen.insert(ids.clone()) {
-                continue;
+        let mut failed = Ok(());
+        walk_files(repo, s.root, &mut |visit| match visit {
+            Visit::Dir(_, ids) => seen.insert(ids.to_vec()),
+            Visit::Unreadable(dir, e) => {
+                rep.errors.push(format!(
+                    "snapshot {}: directory {dir}/ unreadable: {e:#}",
+                    row.id.short()
+                ));
+                true
             }
-            let tree = match repo.read_tree(&ids) {
-                Ok(t) => t,
-                Err(e) => {
-                    rep.errors.push(format!(
-                        "snapshot {}: directory {}/ unreadable: {e:#}",
+            Visit::File(path, n) => {
+                match crate::repo::restore::content_len(repo, &n.content) {
+                    Ok(Some(len)) if len != n.size => rep.errors.push(format!(
+                        "snapshot {}: {path} records {} bytes but its chunks hold {len}",
                         row.id.short(),
-                        if prefix.is_empty() { "." } else { &prefix }
-                    ));
-                    continue;
+                        n.size
+                    )),
+                    Ok(_) => {}
+                    Err(e) => failed = Err(e),
                 }
-            };
-            for n in tree.nodes {
-                let path = if prefix.is_empty() {
-                    n.name.clone()
-                } else {
-                    format!("{prefix}/{}", n.name)
-                };
-                match n.node_type {
-                    NodeType::Dir => {
-                        if let Some(sub) = n.subtree {
-                            stack.push((path, sub));
-                        }
-                    }
-                    NodeType::File => {
-                        if let Some(len) = crate::repo::restore::content_len(repo, &n.content)? {
-                            if len != n.size {
-                                rep.errors.push(format!(
-                                    "snapshot {}: {path} records {} bytes but its chunks hold {len}",
-                                    row.id.short(),
-                                    n.size
-                                ));
-                            }
-                        }
-                    }
-                    _ => {}
-                }
+                true
             }
-        }
+        });
+        failed?;
     }
     Ok(())
 }
@@ -393,24 +374,35 @@ fn read_packs(
     Ok(())
 }
 
-/// Paths in a snapshot whose data or listing uses one of `bad`.
-fn affected_files(repo: &Repository, snap: &Id, bad: &HashSet<Id>) -> Vec<String> {
-    let mut out = BTreeSet::new();
-    let Ok((s, _)) = repo.load_snapshot(snap) else {
-        return vec!["(snapshot unreadable)".into()];
-    };
-    let mut stack = vec![(String::new(), s.root)];
+/// What [`walk_files`] shows its visitor.
+enum Visit<'a> {
+    /// A directory about to be read (`.` for the root); `false` skips it.
+    Dir(&'a str, &'a [Id]),
+    /// A directory whose listing could not be read.
+    Unreadable(&'a str, anyhow::Error),
+    /// A regular file, by its path from the root.
+    File(&'a str, &'a crate::repo::tree::Node),
+}
+
+/// Walks a snapshot's trees depth-first, showing `visit` each directory
+/// before it is read, each listing that cannot be read, and each file.
+fn walk_files(repo: &Repository, root: Vec<Id>, visit: &mut dyn FnMut(Visit) -> bool) {
+    let mut stack = vec![(String::new(), root)];
     while let Some((prefix, ids)) = stack.pop() {
-        if ids.iter().any(|i| bad.contains(i)) {
-            out.insert(format!(
-                "{}/ (directory listing)",
-                if prefix.is_empty() { "." } else { &prefix }
-            ));
+        let dir = if prefix.is_empty() {
+            "."
+        } else {
+            prefix.as_str()
+        };
+        if !visit(Visit::Dir(dir, &ids)) {
             continue;
         }
-        let Ok(tree) = repo.read_tree(&ids) else {
-            out.insert(format!("{prefix}/ (directory listing unreadable)"));
-            continue;
+        let tree = match repo.read_tree(&ids) {
+            Ok(t) => t,
+            Err(e) => {
+                visit(Visit::Unreadable(dir, e));
+                continue;
+            }
         };
         for n in tree.nodes {
             let path = if prefix.is_empty() {
@@ -424,17 +416,44 @@ fn affected_files(repo: &Repository, snap: &Id, bad: &HashSet<Id>) -> Vec<String
                         stack.push((path, sub));
                     }
                 }
-                NodeType::File
-                    if n.content
-                        .iter()
-                        .any(|c| matches!(c, ContentRef::Chunk(id) if bad.contains(id))) =>
-                {
-                    out.insert(path);
+                NodeType::File => {
+                    visit(Visit::File(&path, &n));
                 }
                 _ => {}
             }
         }
     }
+}
+
+/// Paths in a snapshot whose data or listing uses one of `bad`.
+fn affected_files(repo: &Repository, snap: &Id, bad: &HashSet<Id>) -> Vec<String> {
+    let mut out = BTreeSet::new();
+    let Ok((s, _)) = repo.load_snapshot(snap) else {
+        return vec!["(snapshot unreadable)".into()];
+    };
+    walk_files(repo, s.root, &mut |visit| match visit {
+        Visit::Dir(dir, ids) => {
+            // A damaged listing is reported as such, not walked.
+            let damaged = ids.iter().any(|i| bad.contains(i));
+            if damaged {
+                out.insert(format!("{dir}/ (directory listing)"));
+            }
+            !damaged
+        }
+        Visit::Unreadable(dir, _) => {
+            out.insert(format!("{dir}/ (directory listing unreadable)"));
+            true
+        }
+        Visit::File(path, n) => {
+            if n.content
+                .iter()
+                .any(|c| matches!(c, ContentRef::Chunk(id) if bad.contains(id)))
+            {
+                out.insert(path.to_string());
+            }
+            true
+        }
+    });
     out.into_iter().collect()
 }
 

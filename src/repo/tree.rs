@@ -82,12 +82,7 @@ impl Node {
     }
     /// The symlink target as OS bytes.
     pub fn target_bytes(&self) -> Option<Vec<u8>> {
-        let t = self.target.as_ref()?;
-        Some(if self.target_hex {
-            hex::decode(t).unwrap_or_default()
-        } else {
-            t.as_bytes().to_vec()
-        })
+        Some(field_to_bytes(self.target.as_ref()?, self.target_hex))
     }
     pub fn set_target(&mut self, raw: &[u8]) {
         let (s, h) = bytes_to_field(raw);
@@ -96,12 +91,7 @@ impl Node {
     }
     /// The hard link's first path as OS bytes.
     pub fn hardlink_bytes(&self) -> Option<Vec<u8>> {
-        let t = self.hardlink.as_ref()?;
-        Some(if self.hardlink_hex {
-            hex::decode(t).unwrap_or_default()
-        } else {
-            t.as_bytes().to_vec()
-        })
+        Some(field_to_bytes(self.hardlink.as_ref()?, self.hardlink_hex))
     }
     pub fn set_hardlink(&mut self, raw: &[u8]) {
         let (s, h) = bytes_to_field(raw);
@@ -118,6 +108,15 @@ impl Node {
 pub struct Tree {
     pub v: u32,
     pub nodes: Vec<Node>,
+}
+
+/// OS bytes back from a string field (see [`bytes_to_field`]).
+fn field_to_bytes(s: &str, is_hex: bool) -> Vec<u8> {
+    if is_hex {
+        hex::decode(s).unwrap_or_default()
+    } else {
+        s.as_bytes().to_vec()
+    }
 }
 
 /// A string field for OS bytes: UTF-8 as is, else hex with a flag.

@@ -219,29 +219,18 @@ fn finish_backup(
             s.bytes_added
         ),
     };
-    if !s.changed.is_empty() {
-        facts.detail.push_str(&format!(
-            "; {} file(s) changed while being read: {}",
-            s.changed.len(),
-            s.changed
-                .iter()
-                .take(5)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("; ")
-        ));
-    }
-    if !s.errors.is_empty() {
-        facts.detail.push_str(&format!(
-            "; {} file(s) could not be read: {}",
-            s.errors.len(),
-            s.errors
-                .iter()
-                .take(5)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("; ")
-        ));
+    for (list, what) in [
+        (&s.changed, "changed while being read"),
+        (&s.errors, "could not be read"),
+    ] {
+        if !list.is_empty() {
+            let first: Vec<&str> = list.iter().take(5).map(String::as_str).collect();
+            facts.detail.push_str(&format!(
+                "; {} file(s) {what}: {}",
+                list.len(),
+                first.join("; ")
+            ));
+        }
     }
     if let Some(policy) = &job.retention {
         // Retention for this job's own source only (other sources are

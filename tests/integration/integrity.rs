@@ -35,20 +35,60 @@ fn appender(path: std::path::PathBuf, stop: Arc<AtomicBool>) -> std::thread::Joi
     })
 }
 
+/// Backs up `src` (one encoder thread, `--json`) while `writer` changes it,
+/// then stops the writer.
+fn backup_while(
+    env: &Env,
+    src: &std::path::Path,
+    writer: std::thread::JoinHandle<()>,
+    stop: &AtomicBool,
+) -> std::process::Output {
+    let out = env.run(&[
+        "--json",
+        "backup",
+        "path",
+        src.to_str().unwrap(),
+        "--threads",
+        "1",
+    ]);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    out
+}
+
+/// Restores `latest` into `<prefix><order>` with that read order and
+/// `extra` flags; asserts success when `ok`.
+fn restore_in_order(
+    env: &Env,
+    prefix: &str,
+    order: &str,
+    extra: &[&str],
+    ok: bool,
+) -> (std::path::PathBuf, std::process::Output) {
+    let t = env.path(&format!("{prefix}{order}"));
+    let mut args = vec![
+        "restore",
+        "latest",
+        "--target",
+        t.to_str().unwrap(),
+        "--read-order",
+        order,
+    ];
+    args.extend_from_slice(extra);
+    let out = if ok {
+        env.ok_restore(&args)
+    } else {
+        env.run_restore(&args)
+    };
+    (t, out)
+}
+
 /// Restores `latest` three ways (pack order, file order, `--stdout`) and
 /// returns the three copies of `name`.
 fn restore_three_ways(env: &Env, name: &str) -> [Vec<u8>; 3] {
     let mut out = vec![];
     for order in ["pack", "file"] {
-        let target = env.path(&format!("restored-{order}"));
-        env.ok_restore(&[
-            "restore",
-            "latest",
-            "--target",
-            target.to_str().unwrap(),
-            "--read-order",
-            order,
-        ]);
+        let (target, _) = restore_in_order(env, "restored-", order, &[], true);
         out.push(fs::read(target.join(name)).unwrap());
     }
     let o = env.ok_restore(&["restore", "latest", "--stdout", "--path", name]);
@@ -65,16 +105,7 @@ fn a_file_growing_during_the_backup_is_recorded_as_read_and_reported() {
     write(&src.join("steady"), b"steady");
     let stop = Arc::new(AtomicBool::new(false));
     let t = appender(log.clone(), stop.clone());
-    let out = env.run(&[
-        "--json",
-        "backup",
-        "path",
-        src.to_str().unwrap(),
-        "--threads",
-        "1",
-    ]);
-    stop.store(true, Ordering::Relaxed);
-    t.join().unwrap();
+    let out = backup_while(&env, &src, t, &stop);
     // The log grew during both reads: a warning, exit 3, the file named.
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -111,16 +142,7 @@ fn a_file_truncated_and_refilled_during_the_backup_never_gets_invented_bytes() {
             }
         })
     };
-    let out = env.run(&[
-        "--json",
-        "backup",
-        "path",
-        src.to_str().unwrap(),
-        "--threads",
-        "1",
-    ]);
-    stop.store(true, Ordering::Relaxed);
-    t.join().unwrap();
+    let out = backup_while(&env, &src, t, &stop);
     assert!(
         matches!(out.status.code(), Some(0) | Some(3)),
         "{}",
@@ -357,15 +379,7 @@ fn a_name_with_a_nul_byte_is_skipped_and_the_rest_restored() {
         data,
     );
     for order in ["pack", "file"] {
-        let target = env.path(&format!("t-{order}"));
-        let out = env.run_restore(&[
-            "restore",
-            "latest",
-            "--target",
-            target.to_str().unwrap(),
-            "--read-order",
-            order,
-        ]);
+        let (target, out) = restore_in_order(&env, "t-", order, &[], false);
         assert_eq!(out.status.code(), Some(4), "{order}: {}", stderr(&out));
         assert!(stderr(&out).contains("unsafe name"), "{}", stderr(&out));
         assert_eq!(fs::read(target.join("ok")).unwrap(), data);
@@ -379,15 +393,7 @@ fn a_recorded_size_that_disagrees_with_the_content_is_reported_never_padded() {
     let env = Env::new();
     crafted_snapshot(&env, serde_json::json!([file_node("short", 40)]), b"12345");
     for order in ["pack", "file"] {
-        let target = env.path(&format!("t-{order}"));
-        let out = env.run_restore(&[
-            "restore",
-            "latest",
-            "--target",
-            target.to_str().unwrap(),
-            "--read-order",
-            order,
-        ]);
+        let (target, out) = restore_in_order(&env, "t-", order, &[], false);
         assert_eq!(out.status.code(), Some(4), "{order}: {}", stderr(&out));
         assert!(
             stderr(&out).contains("records 40 bytes"),
@@ -599,16 +605,7 @@ fn no_setuid_restores_without_the_setuid_and_setgid_bits() {
     env.ok_restore(&["restore", "latest", "--target", full.to_str().unwrap()]);
     assert_eq!(mode(&full.join("tool")), 0o6755);
     for order in ["pack", "file"] {
-        let t = env.path(&format!("staging-{order}"));
-        env.ok_restore(&[
-            "restore",
-            "latest",
-            "--target",
-            t.to_str().unwrap(),
-            "--no-setuid",
-            "--read-order",
-            order,
-        ]);
+        let (t, _) = restore_in_order(&env, "staging-", order, &["--no-setuid"], true);
         assert_eq!(mode(&t.join("tool")), 0o755);
     }
 }
@@ -627,15 +624,7 @@ fn sparse_files_come_back_sparse_in_both_read_orders() {
     drop(f);
     env.backup(&src);
     for order in ["pack", "file"] {
-        let t = env.path(&format!("t-{order}"));
-        env.ok_restore(&[
-            "restore",
-            "latest",
-            "--target",
-            t.to_str().unwrap(),
-            "--read-order",
-            order,
-        ]);
+        let (t, _) = restore_in_order(&env, "t-", order, &[], true);
         let m = fs::metadata(t.join("sparse.dat")).unwrap();
         assert_eq!(m.len(), 64 << 20);
         // Allocated: the data's blocks and the chunk around them at most.
@@ -674,15 +663,7 @@ fn fifos_and_device_nodes_are_recorded_and_recreated() {
     let out = env.ok_restore(&["ls", "latest"]);
     assert!(stdout(&out).contains("fifo"), "{}", stdout(&out));
     for order in ["pack", "file"] {
-        let t = env.path(&format!("t-{order}"));
-        env.ok_restore(&[
-            "restore",
-            "latest",
-            "--target",
-            t.to_str().unwrap(),
-            "--read-order",
-            order,
-        ]);
+        let (t, _) = restore_in_order(&env, "t-", order, &[], true);
         assert_same_tree(&src, &t);
     }
 }
@@ -702,15 +683,7 @@ fn hard_links_are_recorded_once_and_restored_as_links() {
     let out = env.ok_restore(&["ls", "latest"]);
     assert!(stdout(&out).contains("=> a/data.bin"), "{}", stdout(&out));
     for order in ["pack", "file"] {
-        let t = env.path(&format!("t-{order}"));
-        env.ok_restore(&[
-            "restore",
-            "latest",
-            "--target",
-            t.to_str().unwrap(),
-            "--read-order",
-            order,
-        ]);
+        let (t, _) = restore_in_order(&env, "t-", order, &[], true);
         assert_same_tree(&src, &t);
         let ino = fs::metadata(t.join("a/data.bin")).unwrap().ino();
         assert_eq!(fs::metadata(t.join("b/same.bin")).unwrap().ino(), ino);

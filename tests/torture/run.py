@@ -377,6 +377,9 @@ def main():
     a = ap.parse_args()
     if not os.path.exists(a.bin):
         sys.exit(f"{a.bin} not found: build it first (cargo build)")
+    # A copy of its own: a rebuild during the run must not pull it away.
+    keep = tempfile.mkdtemp(prefix="labctl-torture-bin-")
+    a.bin = shutil.copy2(a.bin, os.path.join(keep, "labctl"))
     names = [n for n in a.only.split(",") if n] or list(SCENARIOS)
     results = []
     for n in names:
