@@ -24,13 +24,14 @@ fn recorded_size(env: &Env, path: &str) -> u64 {
 fn appender(path: std::path::PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
-        // Slower than a backup reads, so each read reaches the end.
-        let block = noise(64 << 10, 77);
+        // Far slower than any backup reads (0.8 MB/s), so each read reaches
+        // the end, yet every read of 24 MiB sees the file grow.
+        let block = noise(4 << 10, 77);
         let mut written = 0usize;
         while !stop.load(Ordering::Relaxed) && written < 256 << 20 {
             f.write_all(&block).unwrap();
             written += block.len();
-            std::thread::sleep(std::time::Duration::from_millis(2));
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
     })
 }
