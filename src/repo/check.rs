@@ -99,13 +99,7 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
                 continue;
             }
         };
-        if Id::of_object(&bytes) != *id {
-            rep.errors.push(format!(
-                "{name}: content does not match its name (corrupted)"
-            ));
-            continue;
-        }
-        match index::decode(&bytes, &repo.keys.meta_identity, &name) {
+        match index::decode_named(&bytes, id, &repo.keys.meta_identity, &name) {
             Ok(packs) => {
                 for p in packs {
                     match listed.get(&p.id) {

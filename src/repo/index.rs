@@ -31,6 +31,26 @@ pub fn encode(packs: &[IndexedPack], meta: &age::x25519::Recipient) -> (Id, Vec<
     format::seal_meta(MAGIC_INDEX, &plain, meta)
 }
 
+/// [`decode`] for the fragment stored as `index/<id>`, first checking that
+/// its bytes hash to its name (a corrupted fragment is an integrity error
+/// naming it, before any decryption).
+///
+/// # Errors
+/// Integrity or key errors naming the fragment.
+pub fn decode_named(
+    bytes: &[u8],
+    id: &crate::repo::Id,
+    meta: &age::x25519::Identity,
+    what: &str,
+) -> Result<Vec<IndexedPack>, LabError> {
+    if crate::repo::Id::of_object(bytes) != *id {
+        return Err(LabError::integrity(format!(
+            "{what}: content does not match its name (corrupted)"
+        )));
+    }
+    decode(bytes, meta, what)
+}
+
 /// Decrypts and parses an index fragment.
 ///
 /// # Errors

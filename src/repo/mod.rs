@@ -379,14 +379,7 @@ impl Repository {
                     Err(BackendError::NotFound { .. }) => continue,
                     Err(e) => return Err(e.into()),
                 };
-                let decoded = if Id::of_object(&bytes) != *id {
-                    Err(LabError::integrity(format!(
-                        "{name}: content does not match its name (corrupted)"
-                    )))
-                } else {
-                    index::decode(&bytes, &self.keys.meta_identity, &name)
-                };
-                match decoded {
+                match index::decode_named(&bytes, id, &self.keys.meta_identity, &name) {
                     Ok(packs) => {
                         for p in &packs {
                             self.catalog.add_pack(&p.id, p.size, Some(id), &p.entries)?;

@@ -546,6 +546,33 @@ struct DirWalk<'a> {
 }
 
 impl DirWalk<'_> {
+    /// Sends one regular file to the sink: without setuid/setgid bits when
+    /// asked, and with its recorded size checked against its content.
+    fn file(
+        &mut self,
+        pipe: &mut dyn FileSink,
+        path: PathBuf,
+        child_rel: &str,
+        mut node: Node,
+    ) -> anyhow::Result<()> {
+        if self.opts.no_setuid {
+            node.mode &= !0o6000;
+        }
+        // Snapshots written before labctl recorded the bytes it read may
+        // hold a stale size; the content is what was read. Both read orders
+        // restore the content whole and say so, rather than cut or pad it.
+        if let Some(len) = content_len(self.repo, &node.content)? {
+            if len != node.size {
+                self.summary.failed.push(format!(
+                    "{child_rel}: the snapshot records {} bytes but the file's content holds {len}; restored the {len} bytes that were read",
+                    node.size
+                ));
+                node.size = len;
+            }
+        }
+        pipe.file(self.repo, path, node)
+    }
+
     fn tree(
         &mut self,
         pipe: &mut dyn FileSink,
@@ -556,12 +583,7 @@ impl DirWalk<'_> {
         let mut subtrees = prefetch_subtrees(self.repo, &nodes, &self.opts.include, rel);
         for node in nodes {
             let name_bytes = node.name_bytes();
-            if name_bytes.is_empty()
-                || name_bytes.contains(&b'/')
-                || name_bytes.contains(&0)
-                || name_bytes == b"."
-                || name_bytes == b".."
-            {
+            if !safe_name(&name_bytes) {
                 self.summary
                     .failed
                     .push(format!("{rel}: unsafe name {:?} skipped", node.name));
@@ -641,10 +663,7 @@ impl DirWalk<'_> {
                 }
                 NodeType::File if take && node.hardlink.is_some() => {
                     let first = node.hardlink_bytes().unwrap_or_default();
-                    if first
-                        .split(|&b| b == b'/')
-                        .any(|p| p.is_empty() || p == b".." || p == b"." || p.contains(&0))
-                    {
+                    if !first.split(|&b| b == b'/').all(safe_name) {
                         self.summary
                             .failed
                             .push(format!("{child_rel}: unsafe hard link target skipped"));
@@ -661,7 +680,7 @@ impl DirWalk<'_> {
                             Ok(mut file) => {
                                 file.name = node.name.clone();
                                 file.name_hex = node.name_hex;
-                                pipe.file(self.repo, path, file)?
+                                self.file(pipe, path, &child_rel, file)?
                             }
                             Err(e) => self.summary.failed.push(format!(
                                 "{child_rel}: hard link to {} unreadable: {e:#}",
@@ -670,26 +689,7 @@ impl DirWalk<'_> {
                         }
                     }
                 }
-                NodeType::File if take => {
-                    let mut node = node;
-                    if self.opts.no_setuid {
-                        node.mode &= !0o6000;
-                    }
-                    // Snapshots written before labctl recorded the bytes it
-                    // read may hold a stale size; the content is what was
-                    // read. Both read orders restore the content whole and
-                    // say so, rather than cut or pad it silently.
-                    if let Some(len) = content_len(self.repo, &node.content)? {
-                        if len != node.size {
-                            self.summary.failed.push(format!(
-                                "{child_rel}: the snapshot records {} bytes but the file's content holds {len}; restored the {len} bytes that were read",
-                                node.size
-                            ));
-                            node.size = len;
-                        }
-                    }
-                    pipe.file(self.repo, path, node)?
-                }
+                NodeType::File if take => self.file(pipe, path, &child_rel, node)?,
                 _ => {}
             }
         }
@@ -773,6 +773,12 @@ fn prefetch_subtrees(
         }
     }
     out
+}
+
+/// Whether a name from a snapshot is safe to create in a directory: not
+/// empty, `.` or `..`, and without `/` or NUL.
+fn safe_name(name: &[u8]) -> bool {
+    !(name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0))
 }
 
 /// Recreates a FIFO or device node under a temporary name and renames it
