@@ -170,7 +170,8 @@ impl Catalog {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch("COMMIT")?;
         conn.execute_batch(
-            "CREATE TEMP TABLE IF NOT EXISTS used(id BLOB PRIMARY KEY) WITHOUT ROWID;",
+            "CREATE TEMP TABLE IF NOT EXISTS used(id BLOB PRIMARY KEY) WITHOUT ROWID;
+             CREATE TEMP TABLE IF NOT EXISTS absent(id BLOB PRIMARY KEY) WITHOUT ROWID;",
         )?;
         Ok(Catalog {
             conn,
@@ -265,22 +266,26 @@ impl Catalog {
     }
 
     pub fn blob(&self, id: &Id) -> anyhow::Result<Option<BlobLocation>> {
-        // Any copy will do; prefer one in a pack not marked for deletion.
+        Ok(self.blob_locations(id)?.into_iter().next())
+    }
+
+    /// Every stored copy of a blob, those in packs not marked for deletion
+    /// first (directory listings have two, see [`crate::repo::TREE_COPIES`]).
+    pub fn blob_locations(&self, id: &Id) -> anyhow::Result<Vec<BlobLocation>> {
         let mut st = self.conn.prepare_cached(
             "SELECT pack,kind,offset,length,raw_len FROM blobs WHERE id=?1
-             ORDER BY pack IN (SELECT id FROM marked_packs), pack LIMIT 1",
+             ORDER BY pack IN (SELECT id FROM marked_packs), pack",
         )?;
-        Ok(st
-            .query_row([&id.0[..]], |r| {
-                Ok(BlobLocation {
-                    pack: id_of(r.get(0)?),
-                    kind: BlobKind::from_u8(r.get(1)?).unwrap_or(BlobKind::Data),
-                    offset: r.get(2)?,
-                    length: r.get(3)?,
-                    raw_len: r.get(4)?,
-                })
+        let rows = st.query_map([&id.0[..]], |r| {
+            Ok(BlobLocation {
+                pack: id_of(r.get(0)?),
+                kind: BlobKind::from_u8(r.get(1)?).unwrap_or(BlobKind::Data),
+                offset: r.get(2)?,
+                length: r.get(3)?,
+                raw_len: r.get(4)?,
             })
-            .optional()?)
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// All packs: (id, size, indexed?).
@@ -548,25 +553,48 @@ impl Catalog {
             .exists([&id.0[..]])?)
     }
 
-    /// The pack whose copy of a blob prune keeps: the first unmarked pack
-    /// holding it, else the first pack at all.
-    pub fn keeper(&self, id: &Id) -> anyhow::Result<Option<Id>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT pack FROM blobs WHERE id=?1 ORDER BY pack IN (SELECT id FROM marked_packs), pack LIMIT 1",
-        )?;
-        Ok(st
-            .query_row([&id.0[..]], |r| Ok(id_of(r.get(0)?)))
-            .optional()?)
+    /// Sets the packs this catalog lists that storage no longer holds (for
+    /// this connection): [`Catalog::pack_holds_needed_blob`] never counts
+    /// their copies.
+    pub fn set_absent(&self, packs: &[Id]) -> anyhow::Result<()> {
+        self.conn.execute("DELETE FROM temp.absent", [])?;
+        let mut st = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO temp.absent(id) VALUES(?1)")?;
+        for p in packs {
+            st.execute([&p.0[..]])?;
+        }
+        Ok(())
     }
 
-    /// Whether `pack` holds a used blob that no unmarked pack also holds.
+    /// Whether `pack` holds a used blob of which unmarked packs other than
+    /// it (and not absent from storage) hold fewer copies than its kind needs (one for data, two for
+    /// directory listings).
     pub fn pack_holds_needed_blob(&self, pack: &Id) -> anyhow::Result<bool> {
         let mut st = self.conn.prepare_cached(
             "SELECT 1 FROM blobs b WHERE b.pack=?1 AND b.id IN (SELECT id FROM temp.used)
-             AND NOT EXISTS (SELECT 1 FROM blobs o WHERE o.id=b.id AND o.pack<>b.pack
-                             AND o.pack NOT IN (SELECT id FROM marked_packs))",
+             AND (SELECT COUNT(*) FROM blobs o WHERE o.id=b.id AND o.pack<>b.pack
+                  AND o.pack NOT IN (SELECT id FROM marked_packs)
+                  AND o.pack NOT IN (SELECT id FROM temp.absent))
+                 < (CASE WHEN b.kind=?2 THEN ?3 ELSE 1 END)",
         )?;
-        Ok(st.exists([&pack.0[..]])?)
+        Ok(st.exists(rusqlite::params![
+            &pack.0[..],
+            BlobKind::Tree as u8,
+            crate::repo::TREE_COPIES as i64
+        ])?)
+    }
+
+    /// Used directory listings and the packs holding them (for keeping
+    /// [`crate::repo::TREE_COPIES`] copies of each).
+    pub fn used_tree_packs(&self) -> anyhow::Result<Vec<(Id, Id)>> {
+        let mut st = self.conn.prepare(
+            "SELECT id,pack FROM blobs WHERE kind=?1 AND id IN (SELECT id FROM temp.used) ORDER BY id",
+        )?;
+        let rows = st.query_map([BlobKind::Tree as u8], |r| {
+            Ok((id_of(r.get(0)?), id_of(r.get(1)?)))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn add_snapshot(

@@ -27,11 +27,15 @@ pub enum CatalogCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum RepairCmd {
-    /// Write a new index fragment for every pack no readable fragment lists.
+    /// Rebuild the index from the packs in storage and restore redundancy.
     ///
-    /// The packs are read from their trailers (the backup key is enough).
+    /// Writes a new index fragment for every pack no readable fragment lists
+    /// (read from the packs' trailers), drops from the index the packs that
+    /// are missing from storage, and writes the second copy of every
+    /// directory listing that has only one left. The backup key is enough.
     /// A damaged fragment is left in place, for you to delete once this has
-    /// run: `labctl check` names it.
+    /// run: `labctl check` names it, and names any snapshot that lost data
+    /// with a missing pack.
     Index,
 }
 
@@ -101,7 +105,7 @@ pub fn run_repair(g: &GlobalArgs, c: RepairCmd) -> anyhow::Result<ExitCode> {
     match c {
         RepairCmd::Index => {
             let repo = g.open(false)?;
-            let written = repo.repair_index()?;
+            let report = repo.repair_index()?;
             let damaged: Vec<String> = repo
                 .catalog
                 .damaged_index()?
@@ -110,14 +114,41 @@ pub fn run_repair(g: &GlobalArgs, c: RepairCmd) -> anyhow::Result<ExitCode> {
                 .collect();
             if g.json {
                 print_json(&serde_json::json!({
-                    "index": written.map(|(id, _)| id.hex()),
-                    "packs": written.map(|(_, n)| n).unwrap_or(0),
+                    "index": report.index_written.map(|id| id.hex()),
+                    "packs": report.packs_indexed,
+                    "packs-dropped": report.packs_dropped.iter().map(|p| p.hex()).collect::<Vec<_>>(),
+                    "tree-copies-written": report.tree_copies_written,
                     "damaged": damaged,
                 }))?;
             } else {
-                match written {
-                    Some((id, n)) => println!("wrote index/{} listing {n} pack(s)", id.hex()),
-                    None => println!("every pack is indexed; nothing written"),
+                match report.index_written {
+                    Some(id) => println!(
+                        "wrote index/{} listing {} pack(s)",
+                        id.hex(),
+                        report.packs_indexed
+                    ),
+                    None => println!("every pack is indexed"),
+                }
+                for p in &report.packs_dropped {
+                    println!(
+                        "dropped pack {} from the index: it is missing from storage",
+                        p.hex()
+                    );
+                }
+                if report.tree_copies_written > 0 {
+                    println!(
+                        "wrote {} {} of directory listings into {} pack(s), so each has two",
+                        report.tree_copies_written,
+                        if report.tree_copies_written == 1 {
+                            "copy"
+                        } else {
+                            "copies"
+                        },
+                        report.tree_packs_written
+                    );
+                }
+                if !report.packs_dropped.is_empty() {
+                    eprintln!("note: run `labctl check` to see which snapshots, if any, lost data with those packs");
                 }
                 for d in &damaged {
                     eprintln!("note: damaged fragment left in place (delete it): {d}");

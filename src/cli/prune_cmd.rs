@@ -185,6 +185,17 @@ fn prune_with(
                 r.packs_unmarked.len()
             );
         }
+        if r.tree_copies_written > 0 {
+            println!(
+                "{verb} write {} {} of directory listings, so each is in two packs",
+                r.tree_copies_written,
+                if r.tree_copies_written == 1 {
+                    "copy"
+                } else {
+                    "copies"
+                }
+            );
+        }
         if r.uploads_aborted > 0 {
             println!(
                 "aborted {} unfinished upload(s) older than {}",

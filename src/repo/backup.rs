@@ -4,7 +4,8 @@
 //! The calling thread reads the source, cuts chunks, computes chunk IDs and
 //! decides deduplication (catalog lookup plus the set of chunks pending in
 //! this run): being the only thread that decides, no chunk is stored twice by
-//! one run. New chunks go to encoder threads (zstd + age, one per core) and
+//! one run, except directory listings, which go into two tree packs on
+//! purpose ([`crate::repo::TREE_COPIES`]). New chunks go to encoder threads (zstd + age, one per core) and
 //! then to the packer thread, which fills ~32 MiB packs and writes them.
 //! Written packs come back to the calling thread, which records them in the
 //! catalog. Queues are bounded, so memory is bounded by the configuration
@@ -182,32 +183,45 @@ impl Uploader {
         // Directory listings go into packs of their own (as restic does):
         // a restore walks the trees before it reads any data, and reading a
         // small tree pack from an object store is far cheaper than ranges of
-        // data packs.
+        // data packs. Each listing goes into TREE_COPIES such packs (same
+        // ciphertext, different packs), so losing one pack never loses a
+        // snapshot's directory structure.
         handles.push(std::thread::spawn(move || {
             let capacity = pack_size + (8 << 20);
             let mut data = PackBuilder::with_capacity(capacity);
-            let mut trees = PackBuilder::with_capacity(1 << 20);
+            let fresh_trees = || -> Vec<PackBuilder> {
+                (0..super::TREE_COPIES)
+                    .map(|_| PackBuilder::with_capacity(1 << 20))
+                    .collect()
+            };
+            let mut trees = fresh_trees();
             for enc in enc_rx {
-                let (builder, fresh) = match enc.kind {
-                    BlobKind::Tree => (&mut trees, 1 << 20),
-                    _ => (&mut data, capacity),
-                };
-                builder.add(enc.kind, enc.id, &enc.cipher, enc.raw_len);
-                if builder.len() >= pack_size {
-                    let next = match enc.kind {
-                        BlobKind::Tree => PackBuilder::with_capacity(fresh),
-                        _ => spare_rx
-                            .try_recv()
-                            .map(PackBuilder::with_buffer)
-                            .unwrap_or_else(|_| PackBuilder::with_capacity(fresh)),
-                    };
-                    let full = std::mem::replace(builder, next);
+                if enc.kind == BlobKind::Tree {
+                    for t in trees.iter_mut() {
+                        t.add(enc.kind, enc.id, &enc.cipher, enc.raw_len);
+                    }
+                    if trees[0].len() >= pack_size {
+                        for full in std::mem::replace(&mut trees, fresh_trees()) {
+                            if put_tx.send(full.finish(&meta)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    continue;
+                }
+                data.add(enc.kind, enc.id, &enc.cipher, enc.raw_len);
+                if data.len() >= pack_size {
+                    let next = spare_rx
+                        .try_recv()
+                        .map(PackBuilder::with_buffer)
+                        .unwrap_or_else(|_| PackBuilder::with_capacity(capacity));
+                    let full = std::mem::replace(&mut data, next);
                     if put_tx.send(full.finish(&meta)).is_err() {
                         return; // the writer failed; encoders drain via closed channels
                     }
                 }
             }
-            for builder in [data, trees] {
+            for builder in std::iter::once(data).chain(trees) {
                 if !builder.is_empty() && put_tx.send(builder.finish(&meta)).is_err() {
                     return;
                 }

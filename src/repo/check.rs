@@ -103,7 +103,7 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
             Ok(packs) => {
                 for p in packs {
                     match listed.get(&p.id) {
-                        None => rep.errors.push(format!("pack {} is listed in {name} but missing from storage", p.id.hex())),
+                        None => rep.errors.push(format!("pack {} is listed in {name} but missing from storage (`labctl repair index` drops it from the index and restores the second copy of its directory listings; a snapshot that lost data with it is named below)", p.id.hex())),
                         Some(&s) if s != p.size => rep.errors.push(format!(
                             "pack {} has {s} bytes in storage but {} in the index (truncated or damaged)",
                             p.id.hex(),
@@ -175,6 +175,7 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
     // Snapshots reference only indexed chunks whose pack is present.
     let snaps = repo.catalog.snapshots()?;
     rep.snapshots = snaps.len() as u64;
+    let mut single_trees: HashSet<Id> = HashSet::new();
     for row in &snaps {
         let (_, chunks) = match repo.load_snapshot(&row.id) {
             Ok(x) => x,
@@ -185,13 +186,14 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
         };
         let mut missing = 0;
         for c in &chunks {
-            if !repo
-                .catalog
-                .blob_packs(c)?
-                .iter()
-                .any(|p| listed.contains_key(p))
-            {
+            let locs = repo.catalog.blob_locations(c)?;
+            let stored = locs.iter().filter(|l| listed.contains_key(&l.pack)).count();
+            if stored == 0 {
                 missing += 1;
+            } else if stored < crate::repo::TREE_COPIES
+                && locs.first().is_some_and(|l| l.kind == BlobKind::Tree)
+            {
+                single_trees.insert(*c);
             }
         }
         if missing > 0 {
@@ -202,6 +204,12 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
         }
     }
 
+    if !single_trees.is_empty() {
+        rep.warnings.push(format!(
+            "{} directory listing(s) have a single copy in storage (written before listings were stored twice, or a pack was lost); `labctl repair index` or the next prune writes the second",
+            single_trees.len()
+        ));
+    }
     if read != ReadData::None {
         read_packs(repo, read, &indexed, &listed, &mut rep)?;
         check_file_sizes(repo, &snaps, &mut rep)?;

@@ -215,6 +215,25 @@ struct SmallPackList {
     total: u64,
 }
 
+/// What `labctl repair index` did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RepairReport {
+    /// The fragment written for packs no fragment listed.
+    pub index_written: Option<Id>,
+    pub packs_indexed: usize,
+    /// Packs the index listed that storage no longer holds, dropped from it.
+    pub packs_dropped: Vec<Id>,
+    /// Copies of directory listings written to get back to [`TREE_COPIES`].
+    pub tree_copies_written: u64,
+    pub tree_packs_written: usize,
+}
+
+/// How many copies of each directory listing (tree blob) a repository
+/// keeps, each in a different pack: losing one pack never loses a
+/// snapshot's directory structure (see FORMAT.md, "What survives what").
+pub const TREE_COPIES: usize = 2;
+
 /// Largest pack [`SmallPacks`] reads whole.
 pub const SMALL_PACK: u64 = 4 << 20;
 /// Bytes [`SmallPacks`] keeps at most.
@@ -426,14 +445,24 @@ impl Repository {
         missing(&self.catalog)
     }
 
-    /// Writes an index fragment for every pack in storage that no readable
-    /// fragment lists (read from the packs' trailers; the backup key is
-    /// enough). Damaged fragments are left for the operator to delete.
-    /// Returns the new fragment and how many packs it lists.
+    /// Repairs the index, as restic's `repair index` does, and restores
+    /// redundancy:
+    /// 1. writes an index fragment for every pack in storage that no
+    ///    readable fragment lists (read from the packs' trailers);
+    /// 2. drops from the index the packs that are missing from storage
+    ///    (their fragments are replaced by one without them; fragments under
+    ///    Object Lock stay);
+    /// 3. writes the second copy of every used directory listing that has
+    ///    fewer than [`TREE_COPIES`] in storage (see
+    ///    [`prune::restore_tree_copies`]).
+    ///
+    /// Damaged fragments are left for the operator to delete. The backup
+    /// key is enough.
     ///
     /// # Errors
     /// Storage, key or catalog errors.
-    pub fn repair_index(&self) -> anyhow::Result<Option<(Id, usize)>> {
+    pub fn repair_index(&self) -> anyhow::Result<RepairReport> {
+        let mut report = RepairReport::default();
         backup::adopt_orphan_packs(self)?;
         let mut listed = std::collections::HashSet::new();
         self.backend.list("packs/", &mut |o| {
@@ -451,20 +480,67 @@ impl Repository {
                 });
             }
         }
+        report.packs_indexed = packs.len();
+        report.index_written = self.publish_packs(&packs)?;
+
+        let missing: Vec<(Id, u64)> = self
+            .catalog
+            .packs()?
+            .into_iter()
+            .filter(|(id, _, indexed)| *indexed && !listed.contains(id))
+            .map(|(id, size, _)| (id, size))
+            .collect();
+        if !missing.is_empty() {
+            let fragments = self.catalog.index_files()?;
+            let now = time::OffsetDateTime::now_utc();
+            let locked = prune::locked_fragments(self, &fragments, now)?;
+            prune::consolidate_index(self, &fragments, &missing, &locked)?;
+            let ids: Vec<Id> = missing.iter().map(|(p, _)| *p).collect();
+            self.catalog.remove_packs(&ids)?;
+            report.packs_dropped = ids;
+        }
+
+        prune::load_used(self)?;
+        let mut alive = std::collections::HashSet::new();
+        for id in listed {
+            if !self.catalog.is_marked(&id)? {
+                alive.insert(id);
+            }
+        }
+        let copied = prune::restore_tree_copies(self, &alive, false);
+        self.catalog.used_reset()?;
+        let (n, written) = copied?;
+        report.tree_copies_written = n;
+        report.tree_packs_written = self
+            .publish_packs(&written)?
+            .map(|_| written.len())
+            .unwrap_or(0);
+        Ok(report)
+    }
+
+    /// Makes packs written outside a backup (prune's repacks, repair's
+    /// copies) visible: one index fragment listing them, then the catalog.
+    /// Returns the fragment, `None` when there was nothing to index.
+    ///
+    /// # Errors
+    /// Storage or catalog errors.
+    pub fn publish_packs(&self, packs: &[index::IndexedPack]) -> anyhow::Result<Option<Id>> {
         if packs.is_empty() {
             return Ok(None);
         }
-        let (id, bytes) = index::encode(&packs, &self.keys.meta_recipient());
+        let (id, bytes) = index::encode(packs, &self.keys.meta_recipient());
         match self.backend.put(&format::index_name(&id), &bytes) {
             Ok(()) | Err(BackendError::AlreadyExists { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        let ids: Vec<Id> = packs.iter().map(|p| p.id).collect();
         self.catalog.atomically(|| {
-            self.catalog.mark_indexed(&ids, &id)?;
+            for p in packs {
+                self.catalog
+                    .add_pack(&p.id, p.size, Some(&id), &p.entries)?;
+            }
             self.catalog.add_index_file(&id)
         })?;
-        Ok(Some((id, ids.len())))
+        Ok(Some(id))
     }
 
     /// Loads new snapshots and prune marks, forgets deleted snapshots.
@@ -566,13 +642,33 @@ impl Repository {
     /// # Errors
     /// Missing blob, storage, key or integrity errors naming pack and blob.
     pub fn read_blob(&self, id: &Id) -> anyhow::Result<Vec<u8>> {
-        let loc = self.catalog.blob(id)?.ok_or_else(|| {
+        self.read_any_copy(id, |loc| read_blob_at(&*self.backend, &self.keys, id, loc))
+    }
+
+    /// Reads a blob through `read`, trying each stored copy in turn (a
+    /// directory listing has two): the first copy that reads and decodes
+    /// wins; when none does, the first copy's error is returned.
+    fn read_any_copy(
+        &self,
+        id: &Id,
+        mut read: impl FnMut(&crate::catalog::BlobLocation) -> anyhow::Result<Vec<u8>>,
+    ) -> anyhow::Result<Vec<u8>> {
+        let mut first_err = None;
+        for loc in self.catalog.blob_locations(id)? {
+            match read(&loc) {
+                Ok(b) => return Ok(b),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| {
             LabError::integrity(format!(
                 "blob {} is not in the index (missing data)",
                 id.short()
             ))
-        })?;
-        read_blob_at(&*self.backend, &self.keys, id, &loc)
+            .into()
+        }))
     }
 
     /// Reads a tree (directory listing) by its chunk list.
@@ -582,21 +678,10 @@ impl Repository {
     pub fn read_tree(&self, chunks: &[Id]) -> anyhow::Result<tree::Tree> {
         let mut json = vec![];
         for c in chunks {
-            let loc = self.catalog.blob(c)?.ok_or_else(|| {
-                LabError::integrity(format!(
-                    "blob {} is not in the index (missing data)",
-                    c.short()
-                ))
-            })?;
-            let size = self.catalog.pack_size(&loc.pack)?.unwrap_or(u64::MAX);
-            json.extend_from_slice(&read_tree_blob_at(
-                &*self.backend,
-                &self.keys,
-                &self.small_packs,
-                c,
-                &loc,
-                size,
-            )?);
+            json.extend_from_slice(&self.read_any_copy(c, |loc| {
+                let size = self.catalog.pack_size(&loc.pack)?.unwrap_or(u64::MAX);
+                read_tree_blob_at(&*self.backend, &self.keys, &self.small_packs, c, loc, size)
+            })?);
         }
         serde_json::from_slice(&json).map_err(|e| {
             LabError::integrity(format!(

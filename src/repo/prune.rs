@@ -29,10 +29,11 @@
 //! which are warnings, or marks for packs already gone, which are dropped).
 
 use crate::error::LabError;
+use crate::repo::blob::BlobKind;
 use crate::repo::format::{self, MAGIC_PRUNE};
 use crate::repo::index::IndexedPack;
 use crate::repo::pack::{PackBuilder, PackEntry};
-use crate::repo::{index, Id, Repository};
+use crate::repo::{index, Id, Repository, TREE_COPIES};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use time::OffsetDateTime;
@@ -90,6 +91,10 @@ pub struct PruneReport {
     pub locks_extended: u64,
     /// Unfinished multipart uploads older than the grace period, aborted.
     pub uploads_aborted: u64,
+    /// Copies of directory listings written so that each has two (see
+    /// [`crate::repo::TREE_COPIES`]): after repacks, and for repositories
+    /// written before listings were stored twice or that lost a pack.
+    pub tree_copies_written: u64,
     pub dry_run: bool,
 }
 
@@ -175,20 +180,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
         }
     })?;
 
-    // The used set, from every snapshot's chunk list (META only), on disk.
-    cat.used_reset()?;
-    let mut snap_ids = vec![];
-    repo.backend.list("snapshots/", &mut |o| {
-        if let Some(id) = o.name.strip_prefix("snapshots/").and_then(Id::from_hex) {
-            snap_ids.push(id);
-        }
-    })?;
-    for id in &snap_ids {
-        let (_, chunks) = repo.load_snapshot(id)?;
-        cat.begin()?;
-        cat.used_add(&chunks)?;
-        cat.commit()?;
-    }
+    let snap_ids = load_used(repo)?;
     report.snapshots = snap_ids.len() as u64;
     let packs: Vec<(Id, u64)> = cat
         .packs()?
@@ -197,6 +189,12 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
         .map(|(id, size, _)| (id, size))
         .collect();
     report.packs = packs.len() as u64;
+    let absent: Vec<Id> = packs
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !listed.contains(p))
+        .collect();
+    cat.set_absent(&absent)?;
 
     // Object Lock: locked objects are never deleted, and a pack stays while
     // a locked index fragment still lists it.
@@ -249,7 +247,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
         let (mut total, mut unused) = (0u64, 0u64);
         for e in &entries {
             total += e.length as u64;
-            if cat.is_used(&e.id)? && cat.keeper(&e.id)? == Some(*pack) {
+            if cat.is_used(&e.id)? && keepers(repo, &e.id, e.kind, &listed)?.contains(pack) {
                 used.push(*e);
             } else {
                 unused += e.length as u64;
@@ -267,7 +265,9 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
         report.bytes_repacked += used.iter().map(|e| e.length as u64).sum::<u64>();
         if !opts.dry_run {
             let name = format::pack_name(pack);
-            for e in &used {
+            // Directory listings are copied by `restore_tree_copies` below,
+            // which writes each copy a listing lacks into a different pack.
+            for e in used.iter().filter(|e| e.kind != BlobKind::Tree) {
                 let cipher = repo
                     .backend
                     .get_range(&name, e.offset as u64, e.length as u64)?;
@@ -316,6 +316,14 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
     if !builder.is_empty() && !opts.dry_run {
         repack_out.push(write_pack(repo, builder)?);
     }
+    let alive: HashSet<Id> = listed
+        .iter()
+        .filter(|p| !marks.contains_key(p))
+        .copied()
+        .collect();
+    let (copies, written) = restore_tree_copies(repo, &alive, opts.dry_run)?;
+    report.tree_copies_written = copies;
+    repack_out.extend(written);
     report.packs_written = repack_out.iter().map(|p| p.id.hex()).collect();
     report.packs_deleted = delete.iter().map(|(p, _)| p.hex()).collect();
     report.bytes_deleted = delete.iter().map(|(_, s)| s).sum();
@@ -325,16 +333,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
     }
 
     // The repacked copies become visible before anything is marked or deleted.
-    if !repack_out.is_empty() {
-        let (id, bytes) = index::encode(&repack_out, &repo.keys.meta_recipient());
-        repo.backend.put(&format::index_name(&id), &bytes)?;
-        cat.begin()?;
-        for p in &repack_out {
-            cat.add_pack(&p.id, p.size, Some(&id), &p.entries)?;
-        }
-        cat.add_index_file(&id)?;
-        cat.commit()?;
-    }
+    repo.publish_packs(&repack_out)?;
     if let Some(lock) = &repo.config.object_lock {
         report.locks_extended = extend_locks(repo, &packs, &marks, &snap_ids, lock.days, opts.now)?;
     }
@@ -380,6 +379,117 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
     cat.used_reset()?;
     report.uploads_aborted = abort_stale_uploads(repo, opts)?;
     Ok(report)
+}
+
+/// How many copies of a blob of `kind` a repository keeps.
+fn copies(kind: BlobKind) -> usize {
+    match kind {
+        BlobKind::Tree => TREE_COPIES,
+        _ => 1,
+    }
+}
+
+/// The packs whose copies of a blob prune keeps: the first
+/// [`copies`]`(kind)` packs in storage holding it, unmarked ones first.
+fn keepers(
+    repo: &Repository,
+    id: &Id,
+    kind: BlobKind,
+    listed: &HashSet<Id>,
+) -> anyhow::Result<Vec<Id>> {
+    Ok(repo
+        .catalog
+        .blob_locations(id)?
+        .into_iter()
+        .map(|l| l.pack)
+        .filter(|p| listed.contains(p))
+        .take(copies(kind))
+        .collect())
+}
+
+/// Fills the catalog's used set from every snapshot's chunk list (META
+/// only; on disk, not in memory). Returns the snapshots read.
+///
+/// # Errors
+/// Storage, key or integrity errors naming the snapshot.
+pub fn load_used(repo: &Repository) -> anyhow::Result<Vec<Id>> {
+    let cat = &repo.catalog;
+    cat.used_reset()?;
+    let mut snap_ids = vec![];
+    repo.backend.list("snapshots/", &mut |o| {
+        if let Some(id) = o.name.strip_prefix("snapshots/").and_then(Id::from_hex) {
+            snap_ids.push(id);
+        }
+    })?;
+    for id in &snap_ids {
+        let (_, chunks) = repo.load_snapshot(id)?;
+        cat.begin()?;
+        cat.used_add(&chunks)?;
+        cat.commit()?;
+    }
+    Ok(snap_ids)
+}
+
+/// Writes, for every used directory listing (the used set must be loaded,
+/// see [`load_used`]) held by fewer than [`TREE_COPIES`] of the packs in
+/// `alive`, the copies it lacks, each into a different new pack. The
+/// ciphertext is copied unread from any stored copy (META key only).
+/// Returns how many copies were (or, with `dry_run`, would be) written, and
+/// the packs written, not yet indexed: the caller indexes them.
+///
+/// # Errors
+/// Storage errors; a listing no stored pack holds is left for `check`.
+pub fn restore_tree_copies(
+    repo: &Repository,
+    alive: &HashSet<Id>,
+    dry_run: bool,
+) -> anyhow::Result<(u64, Vec<IndexedPack>)> {
+    let rows = repo.catalog.used_tree_packs()?;
+    let mut builders: Vec<PackBuilder> = (0..TREE_COPIES).map(|_| PackBuilder::new()).collect();
+    let (mut out, mut count) = (vec![], 0u64);
+    for group in rows.chunk_by(|a, b| a.0 == b.0) {
+        let blob = group[0].0;
+        let have = group.iter().filter(|(_, p)| alive.contains(p)).count();
+        if have >= TREE_COPIES {
+            continue;
+        }
+        let want = TREE_COPIES - have;
+        count += want as u64;
+        if dry_run {
+            continue;
+        }
+        let mut cipher = None;
+        for loc in repo.catalog.blob_locations(&blob)? {
+            if let Ok(bytes) = repo.backend.get_range(
+                &format::pack_name(&loc.pack),
+                loc.offset as u64,
+                loc.length as u64,
+            ) {
+                cipher = Some((bytes, loc.raw_len));
+                break;
+            }
+        }
+        let Some((bytes, raw_len)) = cipher else {
+            count -= want as u64;
+            continue; // every copy is gone: `check` names the snapshots
+        };
+        for b in builders.iter_mut().take(want) {
+            b.add(BlobKind::Tree, blob, &bytes, raw_len);
+        }
+        if builders[0].len() >= repo.config.pack_size as usize {
+            for b in builders.iter_mut() {
+                if !b.is_empty() {
+                    out.push(write_pack(repo, std::mem::take(b))?);
+                }
+            }
+        }
+    }
+    for b in builders {
+        if !b.is_empty() {
+            out.push(write_pack(repo, b)?);
+        }
+    }
+    Ok((count, out))
 }
 
 /// Aborts multipart uploads a crashed backup left unfinished (invisible to
@@ -428,7 +538,7 @@ fn write_pack(repo: &Repository, builder: PackBuilder) -> anyhow::Result<Indexed
 
 /// Replaces the index fragments listed at the start with one fragment that
 /// lists their packs minus the deleted ones. Returns how many were replaced.
-fn consolidate_index(
+pub(crate) fn consolidate_index(
     repo: &Repository,
     start: &[Id],
     delete: &[(Id, u64)],
@@ -483,7 +593,7 @@ fn locked_until(
     Ok(repo.backend.locked_until(name)?.filter(|t| *t > now))
 }
 
-fn locked_fragments(
+pub(crate) fn locked_fragments(
     repo: &Repository,
     start: &[Id],
     now: OffsetDateTime,

@@ -706,3 +706,136 @@ fn hard_links_are_recorded_once_and_restored_as_links() {
     assert_eq!(fs::read(t.join("b/same.bin")).unwrap(), noise(500_000, 11));
     assert!(!t.join("a").exists());
 }
+
+/// The packs holding only directory listings, read from the catalog.
+fn tree_packs(env: &Env) -> Vec<std::path::PathBuf> {
+    let repo = open_lib(env);
+    env.packs()
+        .into_iter()
+        .filter(|p| {
+            let id = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(labctl::repo::Id::from_hex);
+            let entries = repo.catalog.pack_entries(&id.unwrap()).unwrap();
+            !entries.is_empty()
+                && entries
+                    .iter()
+                    .all(|e| e.kind == labctl::repo::blob::BlobKind::Tree)
+        })
+        .collect()
+}
+
+#[test]
+fn losing_one_tree_pack_keeps_every_snapshot_restorable() {
+    let env = Env::new();
+    let src = env.path("src");
+    write(&src.join("big"), &noise(2 << 20, 13));
+    for d in ["a", "a/b", "a/b/c", "d"] {
+        write(&src.join(d).join("f"), d.as_bytes());
+    }
+    env.backup(&src);
+    let trees = tree_packs(&env);
+    assert_eq!(trees.len(), 2, "each listing is in two packs: {trees:?}");
+    let out = env.ok(&["check"]);
+    assert!(!stderr(&out).contains("single copy"), "{}", stderr(&out));
+
+    // One tree pack lost: restore (with and without the catalog) and ls
+    // still see every directory, and check says what is lost: nothing.
+    fs::remove_file(&trees[0]).unwrap();
+    let restored = env.path("r1");
+    env.ok_restore(&["restore", "latest", "--target", restored.to_str().unwrap()]);
+    assert_same_tree(&src, &restored);
+    fs::remove_dir_all(&env.cache).unwrap();
+    let restored = env.path("r2");
+    env.ok_restore(&["restore", "latest", "--target", restored.to_str().unwrap()]);
+    assert_same_tree(&src, &restored);
+    let ls = stdout(&env.ok_restore(&["ls", "latest"]));
+    assert!(ls.contains("a/b/c/f"), "{ls}");
+    let out = env.run(&["check"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("missing from storage"), "{err}");
+    assert!(err.contains("repair index"), "{err}");
+    assert!(!err.contains("whose data is missing"), "{err}");
+    assert!(
+        err.contains("5 directory listing(s) have a single copy"),
+        "{err}"
+    );
+
+    // repair index drops the lost pack and writes the second copies.
+    let out = env.ok(&["repair", "index"]);
+    let text = stdout(&out);
+    assert!(text.contains("dropped pack"), "{text}");
+    assert!(
+        text.contains("wrote 5 copies of directory listings"),
+        "{text}"
+    );
+    let out = env.ok_restore(&["check", "--read-data"]);
+    assert!(!stderr(&out).contains("single copy"), "{}", stderr(&out));
+    assert_eq!(tree_packs(&env).len(), 2);
+
+    // The other original is lost too: the repaired copy serves.
+    fs::remove_file(&trees[1]).unwrap();
+    fs::remove_dir_all(&env.cache).unwrap();
+    let restored = env.path("r3");
+    env.ok_restore(&["restore", "latest", "--target", restored.to_str().unwrap()]);
+    assert_same_tree(&src, &restored);
+    // Prune, too, writes the copy a listing lacks (it keeps two of each).
+    let out = env.ok(&["prune", "--grace", "0s"]);
+    assert!(
+        stdout(&out).contains("did write 5 copies of directory listings"),
+        "{}",
+        stdout(&out)
+    );
+    let out = env.ok(&["prune", "--grace", "0s"]);
+    assert!(
+        !stdout(&out).contains("of directory listings"),
+        "{}",
+        stdout(&out)
+    );
+    env.ok(&["repair", "index"]);
+    env.ok_restore(&["check", "--read-data"]);
+}
+
+#[test]
+fn prune_keeps_two_copies_of_listings_through_repacks() {
+    let env = Env::new();
+    let src = env.path("src");
+    for i in 0..40 {
+        write(&src.join(format!("d{i}/f")), format!("{i}").as_bytes());
+    }
+    env.backup(&src);
+    // A second snapshot sharing half the listings, then the first forgotten:
+    // the tree packs become partly unused and are repacked.
+    for i in 0..20 {
+        fs::remove_dir_all(src.join(format!("d{i}"))).unwrap();
+    }
+    env.backup(&src);
+    env.ok(&["forget", "--keep-last", "1"]);
+    let out = env.ok(&[
+        "--json",
+        "prune",
+        "--grace",
+        "0s",
+        "--repack-threshold",
+        "1%",
+    ]);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!r["packs-repacked"].as_array().unwrap().is_empty(), "{r}");
+    let out = env.ok(&["prune", "--grace", "0s"]);
+    assert!(stdout(&out).contains("did delete"), "{}", stdout(&out));
+    let out = env.ok_restore(&["check", "--read-data"]);
+    assert!(!stderr(&out).contains("single copy"), "{}", stderr(&out));
+    // Every pack but one can go and the structure survives.
+    for lost in tree_packs(&env) {
+        let kept = env.path("kept");
+        fs::rename(&lost, &kept).unwrap();
+        fs::remove_dir_all(&env.cache).unwrap();
+        let restored = env.path("r");
+        env.ok_restore(&["restore", "latest", "--target", restored.to_str().unwrap()]);
+        assert_same_tree(&src, &restored);
+        fs::remove_dir_all(&restored).unwrap();
+        fs::rename(&kept, &lost).unwrap();
+    }
+}
