@@ -7,12 +7,13 @@
 //! fresh staging directory, and verify the restore byte for byte.
 
 use crate::backend::fs::FsBackend;
-use crate::progress::Progress;
-use crate::repo::backup::{backup_path, BackupOptions};
+use crate::repo::backup::BackupOptions;
 use crate::repo::keys::Keys;
 use crate::repo::restore::{restore_to_dir, RestoreOptions};
 use crate::repo::snapshot::BackupSummary;
 use crate::repo::{self, InitOptions, Repository};
+use crate::sources::path::backup_path;
+use crate::util::progress::Progress;
 use anyhow::Context;
 use std::fs;
 use std::io::Write;
@@ -99,12 +100,12 @@ pub fn run(state: &Path, sample_mib: u64, talk: bool) -> anyhow::Result<DemoRepo
     let s = &out.summary;
     say(format!(
         "backed up {} ({} new, {} changed, {} unchanged files) as snapshot {}: {} added to the repository",
-        crate::cli::human_bytes(s.bytes_total),
+        crate::util::units::human_bytes(s.bytes_total),
         s.files_new,
         s.files_changed,
         s.files_unchanged,
         out.snapshot_id.short(),
-        crate::cli::human_bytes(s.bytes_added)
+        crate::util::units::human_bytes(s.bytes_added)
     ));
     drop(repo);
     // Restore with the restore key into a fresh staging directory.

@@ -116,17 +116,80 @@ impl CancelFlag {
     }
 }
 
+/// A failed backend operation, naming the object.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("object {name} does not exist in the repository")]
+    NotFound { name: String },
+    #[error("object {name} already exists; repository objects are never overwritten")]
+    AlreadyExists { name: String },
+    #[error("object {name}: asked for bytes {offset}..{end} but it holds only {size} bytes (truncated object?)")]
+    ShortRead {
+        name: String,
+        offset: u64,
+        end: u64,
+        size: u64,
+    },
+    // The cause is part of the message, not a chained source, so the
+    // printed error chain does not repeat it.
+    #[error("storage error on {name}: {cause}")]
+    Io { name: String, cause: std::io::Error },
+}
+
+impl BackendError {
+    /// Whether retrying the same call may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            BackendError::Io { cause, .. } => matches!(
+                cause.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::WouldBlock
+            ),
+            _ => false,
+        }
+    }
+
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            BackendError::NotFound { .. } | BackendError::ShortRead { .. } => ExitCode::Integrity,
+            BackendError::AlreadyExists { .. } => ExitCode::Refused,
+            BackendError::Io { .. } => ExitCode::Storage,
+        }
+    }
+}
+
 /// Finds the exit code for an error chain: the first classified error wins.
+/// The one place errors become exit codes.
 pub fn exit_code_for(err: &anyhow::Error) -> ExitCode {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<LabError>() {
             return e.kind;
         }
-        if let Some(e) = cause.downcast_ref::<crate::backend::BackendError>() {
+        if let Some(e) = cause.downcast_ref::<BackendError>() {
             return e.exit_code();
         }
     }
     ExitCode::Failure
+}
+
+/// Whether retrying the whole operation may succeed. Usage, key, integrity
+/// and refusal errors are permanent (the next attempt fails the same way);
+/// storage trouble and unclassified failures (a dump command that exited
+/// non-zero, a network error) may pass.
+pub fn is_retryable(err: &anyhow::Error) -> bool {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<LabError>() {
+            return !matches!(
+                e.kind,
+                ExitCode::Usage | ExitCode::Key | ExitCode::Integrity | ExitCode::Refused
+            );
+        }
+        if let Some(e) = cause.downcast_ref::<BackendError>() {
+            return e.is_retryable() || e.exit_code() == ExitCode::Storage;
+        }
+    }
+    true
 }
 
 /// Shorthand for results whose errors carry context chains.

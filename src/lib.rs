@@ -16,15 +16,16 @@
 //! - [`cli`]: the clap definitions and one file per command.
 
 pub mod backend;
-pub mod catalog;
+
 pub mod cli;
-pub mod config;
+
 pub mod demo;
-pub mod directio;
 pub mod error;
 pub mod policy;
-pub mod progress;
 pub mod provision;
 pub mod proxmox;
+pub mod records;
 pub mod repo;
 pub mod schedule;
+pub mod sources;
+pub mod util;

@@ -7,10 +7,10 @@
 //! the directory. Readers therefore see whole objects or none.
 //!
 //! Objects of 1 MiB and more (packs) are written with `O_DIRECT` where the
-//! filesystem allows it (see [`crate::directio`]).
+//! filesystem allows it (see [`crate::util::directio`]).
 
 use super::{Backend, BackendError, BackendResult, ObjectInfo};
-use crate::directio::DirectWriter;
+use crate::util::directio::DirectWriter;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};

@@ -17,7 +17,6 @@
 pub mod fs;
 pub mod s3;
 
-use crate::error::ExitCode;
 use std::sync::Arc;
 
 /// One object in a listing.
@@ -37,48 +36,7 @@ pub struct Upload {
     pub initiated: Option<std::time::SystemTime>,
 }
 
-/// A failed backend operation, naming the object.
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    #[error("object {name} does not exist in the repository")]
-    NotFound { name: String },
-    #[error("object {name} already exists; repository objects are never overwritten")]
-    AlreadyExists { name: String },
-    #[error("object {name}: asked for bytes {offset}..{end} but it holds only {size} bytes (truncated object?)")]
-    ShortRead {
-        name: String,
-        offset: u64,
-        end: u64,
-        size: u64,
-    },
-    // The cause is part of the message, not a chained source, so the
-    // printed error chain does not repeat it.
-    #[error("storage error on {name}: {cause}")]
-    Io { name: String, cause: std::io::Error },
-}
-
-impl BackendError {
-    /// Whether retrying the same call may succeed.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            BackendError::Io { cause, .. } => matches!(
-                cause.kind(),
-                std::io::ErrorKind::Interrupted
-                    | std::io::ErrorKind::TimedOut
-                    | std::io::ErrorKind::WouldBlock
-            ),
-            _ => false,
-        }
-    }
-
-    pub fn exit_code(&self) -> ExitCode {
-        match self {
-            BackendError::NotFound { .. } | BackendError::ShortRead { .. } => ExitCode::Integrity,
-            BackendError::AlreadyExists { .. } => ExitCode::Refused,
-            BackendError::Io { .. } => ExitCode::Storage,
-        }
-    }
-}
+pub use crate::error::BackendError;
 
 pub type BackendResult<T> = std::result::Result<T, BackendError>;
 

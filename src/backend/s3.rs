@@ -166,16 +166,16 @@ impl S3Backend {
             let meta = std::fs::metadata(p).map_err(|e| {
                 crate::error::LabError::usage(format!("credentials file {}: {e}", p.display()))
             })?;
-            crate::repo::keys::check_private(p, &meta)?;
+            crate::util::secret::check_private(p, &meta)?;
         } else if let Some(f) = std::env::var_os("AWS_SHARED_CREDENTIALS_FILE") {
             let p = std::path::PathBuf::from(f);
             if let Ok(meta) = std::fs::metadata(&p) {
-                crate::repo::keys::check_private(&p, &meta)?;
+                crate::util::secret::check_private(&p, &meta)?;
             }
         } else if let Some(home) = std::env::var_os("HOME") {
             let p = std::path::PathBuf::from(home).join(".aws/credentials");
             if let Ok(meta) = std::fs::metadata(&p) {
-                crate::repo::keys::check_private(&p, &meta)?;
+                crate::util::secret::check_private(&p, &meta)?;
             }
         }
         let rt = tokio::runtime::Builder::new_multi_thread()

@@ -1,65 +1,38 @@
-//! `labctl backup path` and `labctl backup stream`.
+//! `labctl backup <source>`: options, then the source's own arguments.
 
-use super::{human_bytes, print_json, GlobalArgs};
+use super::{print_json, GlobalArgs};
 use crate::error::ExitCode;
-use crate::progress::Progress;
-use crate::repo::backup::{self, BackupOptions, BackupOutcome, ChunkerChoice};
-use clap::{Args, Subcommand, ValueEnum};
-use std::path::PathBuf;
+use crate::error::LabError;
+use crate::repo::backup::{BackupOptions, BackupOutcome};
+use crate::sources::{SourceContext, SourceSpec};
+use crate::util::progress::Progress;
+use crate::util::units::human_bytes;
+use clap::Args;
 
-#[derive(Subcommand, Debug)]
-pub enum BackupCmd {
-    /// Back up a directory tree (files, directories, symlinks, modes, owners, times).
-    ///
-    /// Files whose size, mtime, ctime and inode are unchanged since the last
-    /// backup of the same directory are not read again. Unreadable files are
-    /// reported and skipped; the snapshot is still written (exit code 3).
-    Path(PathCmd),
-    /// Back up standard input as one stream (a dump, an archive, a disk image).
-    Stream(StreamCmd),
+/// `labctl backup <source> ...`: the options every source takes, then the
+/// source (see [`crate::sources::SourceSpec`]).
+#[derive(Args, Debug)]
+pub struct BackupCmd {
+    #[command(flatten)]
+    pub common: CommonBackupArgs,
+    #[command(subcommand)]
+    pub source: SourceSpec,
 }
 
 #[derive(Args, Debug)]
 pub struct CommonBackupArgs {
     /// Tag for the snapshot; repeatable.
-    #[arg(long = "tag", value_name = "TAG")]
+    #[arg(long = "tag", value_name = "TAG", global = true)]
     pub tags: Vec<String>,
     /// Host name recorded in the snapshot (default: this machine's).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub host: Option<String>,
-    /// Chunker: auto (fixed for disk images by extension, FastCDC otherwise), cdc, fixed.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub chunker: ChunkerArg,
     /// Restore point (set) this snapshot belongs to.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", global = true)]
     pub restore_point: Option<String>,
     /// Encoder threads (0 = one per core).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, global = true)]
     pub threads: usize,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug)]
-pub enum ChunkerArg {
-    Auto,
-    Cdc,
-    Fixed,
-}
-
-#[derive(Args, Debug)]
-pub struct PathCmd {
-    /// The directory to back up.
-    pub dir: PathBuf,
-    #[command(flatten)]
-    pub common: CommonBackupArgs,
-}
-
-#[derive(Args, Debug)]
-pub struct StreamCmd {
-    /// Name of the stream (recorded as the source name).
-    #[arg(long)]
-    pub name: String,
-    #[command(flatten)]
-    pub common: CommonBackupArgs,
 }
 
 fn options(c: &CommonBackupArgs) -> BackupOptions {
@@ -72,27 +45,20 @@ fn options(c: &CommonBackupArgs) -> BackupOptions {
     if let Some(h) = &c.host {
         o.host = h.clone();
     }
-    o.chunker = match c.chunker {
-        ChunkerArg::Auto => ChunkerChoice::Auto,
-        ChunkerArg::Cdc => ChunkerChoice::Cdc,
-        ChunkerArg::Fixed => ChunkerChoice::Fixed,
-    };
     o
 }
 
 pub fn run(g: &GlobalArgs, cmd: BackupCmd) -> anyhow::Result<ExitCode> {
+    cmd.source
+        .validate(false)
+        .map_err(|(field, why)| LabError::usage(format!("{field}: {why}")))?;
     let repo = g.open(false)?;
-    let outcome = match &cmd {
-        BackupCmd::Path(c) => {
-            let progress = Progress::bytes(g.progress_enabled(), "backup", None);
-            backup::backup_path(&repo, &c.dir, &options(&c.common), progress)?
-        }
-        BackupCmd::Stream(c) => {
-            let progress = Progress::bytes(g.progress_enabled(), "backup", None);
-            let stdin = std::io::stdin().lock();
-            backup::backup_stream(&repo, &c.name, stdin, &options(&c.common), progress)?
-        }
-    };
+    let outcome = cmd.source.backup(SourceContext {
+        repo: &repo,
+        opts: options(&cmd.common),
+        progress: Progress::bytes(g.progress_enabled(), "backup", None),
+        stdin: Some(Box::new(std::io::stdin().lock())),
+    })?;
     report(g, &outcome)?;
     Ok(if outcome.summary.is_complete() {
         ExitCode::Success

@@ -39,24 +39,17 @@ pub enum RepairCmd {
     Index,
 }
 
-fn parse_percent(s: &str) -> anyhow::Result<f64> {
-    let v: f64 = s.trim_end_matches('%').parse().map_err(|_| {
-        LabError::usage(format!(
-            "--read-data-subset {s}: expected a percentage like 10%"
-        ))
-    })?;
-    if !(0.0..=100.0).contains(&v) || v == 0.0 {
-        return Err(
-            LabError::usage("--read-data-subset must be between 0% (exclusive) and 100%").into(),
-        );
-    }
-    Ok(v)
-}
-
 pub fn run_check(g: &GlobalArgs, c: CheckCmd) -> anyhow::Result<ExitCode> {
     let read = match (&c.read_data, &c.read_data_subset) {
         (true, _) => ReadData::All,
-        (false, Some(s)) => ReadData::Subset(parse_percent(s)?),
+        (false, Some(s)) => {
+            let share = crate::util::units::parse_percent(s)
+                .map_err(|e| LabError::usage(format!("--read-data-subset: {}", e.message)))?;
+            if share == 0.0 {
+                return Err(LabError::usage("--read-data-subset must be more than 0%").into());
+            }
+            ReadData::Subset(share * 100.0)
+        }
         _ => ReadData::None,
     };
     let repo = g.open(read != ReadData::None)?;

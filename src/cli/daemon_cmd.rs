@@ -1,9 +1,11 @@
 //! `labctl daemon`, `labctl config validate`, `labctl status`, `labctl jobs`.
 
-use super::{human_bytes, print_json, GlobalArgs};
-use crate::config;
+use super::{print_json, GlobalArgs};
 use crate::error::{ExitCode, LabError};
+use crate::records::jobs::Outcome;
+use crate::schedule::config;
 use crate::schedule::{self, clock::SystemClock, Control, DaemonOptions, JobContext, LockMode};
+use crate::util::units::human_bytes;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -158,7 +160,7 @@ pub fn run_status(g: &GlobalArgs, c: StatusCmd) -> anyhow::Result<ExitCode> {
             if s.running {
                 "running".to_string()
             } else {
-                last.map_or("-".into(), |r| r.outcome.clone())
+                last.map_or("-".into(), |r| r.outcome.to_string())
             },
             when,
             s.last_success_age_seconds
@@ -212,7 +214,7 @@ pub fn run_jobs(g: &GlobalArgs, c: JobsCmd) -> anyhow::Result<ExitCode> {
                         names.join(", ")
                     ))
                 })?;
-            let rt = super::runtime()?;
+            let rt = crate::util::runtime()?;
             let run = rt.block_on(async {
                 let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
                 let ctx = context(&loaded, stop_rx)?;
@@ -250,10 +252,10 @@ pub fn run_jobs(g: &GlobalArgs, c: JobsCmd) -> anyhow::Result<ExitCode> {
             if let Some(e) = &run.error {
                 eprintln!("{}: {e}", run.outcome);
             }
-            Ok(match run.outcome.as_str() {
-                "success" => ExitCode::Success,
-                "partial" => ExitCode::PartialBackup,
-                "skipped" => ExitCode::Refused,
+            Ok(match run.outcome {
+                Outcome::Success => ExitCode::Success,
+                Outcome::Partial => ExitCode::PartialBackup,
+                Outcome::Skipped => ExitCode::Refused,
                 _ => ExitCode::Failure,
             })
         }
@@ -263,7 +265,7 @@ pub fn run_jobs(g: &GlobalArgs, c: JobsCmd) -> anyhow::Result<ExitCode> {
             limit,
         } => {
             let loaded = config::load_without_secrets(&cfg.config)?;
-            let cat = crate::catalog::JobHistory::open(&schedule::runner::history_path(
+            let cat = crate::records::jobs::JobHistory::open(&schedule::runner::history_path(
                 &loaded.raw.repository,
             )?)?;
             let runs = cat.job_runs(name.as_deref(), limit)?;
@@ -300,7 +302,7 @@ pub fn run_daemon(_g: &GlobalArgs, c: DaemonCmd) -> anyhow::Result<ExitCode> {
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
-    let rt = super::runtime()?;
+    let rt = crate::util::runtime()?;
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let (ctl_tx, ctl_rx) = tokio::sync::mpsc::channel(8);

@@ -83,8 +83,7 @@ pub enum Command {
     /// Create a repository and its two key files.
     #[command(subcommand)]
     Repo(repo_cmd::RepoCmd),
-    /// Back up a directory tree or a stream.
-    #[command(subcommand)]
+    /// Back up a source (a directory tree, a stream) into one snapshot.
     Backup(backup_cmd::BackupCmd),
     /// List snapshots, newest last.
     Snapshots(snapshots_cmd::SnapshotsCmd),
@@ -268,47 +267,4 @@ impl GlobalArgs {
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
-}
-
-/// Human-readable byte counts.
-/// The tokio runtime for commands that talk over the network (daemon, jobs,
-/// provision, policy): two workers, as on the lab's 2-core hosts.
-///
-/// # Errors
-/// When the runtime cannot start.
-pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?)
-}
-
-/// Parses a percentage like `25%` (or `25`) into 0.0–1.0.
-///
-/// # Errors
-/// A usage error naming the text.
-pub fn parse_percent(s: &str) -> anyhow::Result<f64> {
-    let v: f64 = s
-        .trim_end_matches('%')
-        .parse()
-        .map_err(|_| LabError::usage(format!("'{s}' is not a percentage like 25%")))?;
-    if !(0.0..=100.0).contains(&v) {
-        return Err(LabError::usage(format!("'{s}' must be between 0% and 100%")).into());
-    }
-    Ok(v / 100.0)
-}
-
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }

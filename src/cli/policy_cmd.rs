@@ -76,7 +76,7 @@ pub enum AuditCmd {
 pub fn run_audit(g: &GlobalArgs, c: AuditCmd) -> anyhow::Result<ExitCode> {
     let AuditCmd::Verify { a } = c;
     let path = a.path(g);
-    let n = policy::audit::verify(&path)?;
+    let n = crate::records::policy_audit::verify(&path)?;
     if g.json {
         print_json(&serde_json::json!({"file": path, "entries": n, "intact": true}))?;
     } else if !g.quiet {
@@ -274,7 +274,7 @@ fn apply_policy(
 ) -> anyhow::Result<(policy::cluster::Plan, Vec<policy::cluster::Done>)> {
     let (pol, today) = p.load(g)?;
     let objects = policy::render::render(&pol, today);
-    let (plan, done) = super::runtime()?.block_on(async {
+    let (plan, done) = crate::util::runtime()?.block_on(async {
         let (c, url) =
             policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
         let plan = policy::cluster::plan(&c, &objects)
@@ -284,7 +284,10 @@ fn apply_policy(
         Ok::<_, anyhow::Error>((plan, done))
     })?;
     if !done.is_empty() {
-        let actor = a.actor.clone().unwrap_or_else(policy::audit::local_user);
+        let actor = a
+            .actor
+            .clone()
+            .unwrap_or_else(crate::records::policy_audit::local_user);
         let changes: Vec<serde_json::Value> = done
             .iter()
             .map(|d| {
@@ -296,7 +299,7 @@ fn apply_policy(
                     "fields": step.map(|s| s.changes.clone()).unwrap_or_default()})
             })
             .collect();
-        policy::audit::record(
+        crate::records::policy_audit::record(
             &a.path(g),
             &actor,
             reason,
@@ -348,7 +351,7 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
         PolicyCmd::Plan { p, k } => {
             let (pol, today) = p.load(g)?;
             let objects = policy::render::render(&pol, today);
-            let plan = super::runtime()?.block_on(async {
+            let plan = crate::util::runtime()?.block_on(async {
                 let (c, url) =
                     policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
                 policy::cluster::plan(&c, &objects)
@@ -381,7 +384,7 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
         PolicyCmd::Import { p, k, dry_run } => {
             let (pol, today) = p.load(g)?;
             let names: Vec<String> = pol.profiles.keys().cloned().collect();
-            let found = super::runtime()?.block_on(async {
+            let found = crate::util::runtime()?.block_on(async {
                 let (c, url) =
                     policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
                 policy::cluster::unmanaged_contributors(&c, &names)

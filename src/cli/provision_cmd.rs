@@ -143,7 +143,7 @@ pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> anyhow::Result<ExitCode> {
         }
         ProvisionCmd::Plan { p } => {
             let pf = load(&p, g)?;
-            let plan = super::runtime()?.block_on(async {
+            let plan = crate::util::runtime()?.block_on(async {
                 let c = provision::connect(&pf).await?;
                 provision::plan(&c, &pf).await
             })?;
@@ -160,17 +160,13 @@ pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> anyhow::Result<ExitCode> {
         }
         ProvisionCmd::Apply { p } => {
             let pf = load(&p, g)?;
-            let _lock = crate::provision::audit::lock(&audit_path(g))?;
-            let (plan, applied) = super::runtime()?.block_on(async {
-                let c = provision::connect(&pf).await?;
-                let plan = provision::plan(&c, &pf).await?;
-                if !g.json && !g.quiet {
-                    print_plan(&plan);
-                }
-                let applied = provision::apply(&c, &pf, &plan, g.quiet || g.json).await;
-                Ok::<_, anyhow::Error>((plan, applied))
-            })?;
-            crate::provision::audit::record(&audit_path(g), &pf, &applied)?;
+            let show = !g.json && !g.quiet;
+            let (plan, applied) =
+                provision::apply_recorded(&pf, &audit_path(g), g.quiet || g.json, |plan| {
+                    if show {
+                        print_plan(plan);
+                    }
+                })?;
             let failed: Vec<_> = applied.iter().filter(|a| !a.ok).collect();
             if g.json {
                 print_json(&serde_json::json!({"plan": plan, "applied": applied}))?;
@@ -220,24 +216,7 @@ pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> anyhow::Result<ExitCode> {
                     return Err(LabError::refused("not confirmed; nothing was destroyed").into());
                 }
             }
-            let _lock = crate::provision::audit::lock(&audit_path(g))?;
-            let gone = super::runtime()?.block_on(async {
-                let c = provision::connect(&pf).await?;
-                provision::destroy(&c, &pf, &name, g.quiet || g.json).await
-            })?;
-            crate::provision::audit::record(
-                &audit_path(g),
-                &pf,
-                &[provision::Applied {
-                    name: gone.name.clone(),
-                    vmid: gone.vmid,
-                    action: "destroy".into(),
-                    ok: true,
-                    error: None,
-                    ips: vec![],
-                    changes: vec![],
-                }],
-            )?;
+            let gone = provision::destroy_recorded(&pf, &audit_path(g), &name, g.quiet || g.json)?;
             if g.json {
                 print_json(&gone)?;
             } else if !g.quiet {
@@ -263,13 +242,13 @@ pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> anyhow::Result<ExitCode> {
         }
         ProvisionCmd::Status { p } => {
             let pf = load(&p, g)?;
-            let live = super::runtime()?.block_on(async {
+            let live = crate::util::runtime()?.block_on(async {
                 let c = provision::connect(&pf).await?;
                 provision::live_vms(&c)
                     .await
                     .map_err(crate::proxmox::PveError::into_lab)
             })?;
-            let last = crate::provision::audit::last_per_vm(&audit_path(g))?;
+            let last = crate::records::provision::last_per_vm(&audit_path(g))?;
             let rows: Vec<serde_json::Value> = pf
                 .vms
                 .iter()

@@ -1,35 +1,17 @@
 //! `labctl forget` and `labctl prune`.
 
-use super::{human_bytes, print_json, GlobalArgs};
+use super::{print_json, GlobalArgs};
 use crate::error::{ExitCode, LabError};
-use crate::repo::forget::{self, KeepPolicy};
+use crate::repo::forget;
 use crate::repo::prune::{self, PruneOptions};
 use crate::repo::Repository;
+use crate::util::units::human_bytes;
 use clap::Args;
 
 #[derive(Args, Debug)]
 pub struct ForgetCmd {
-    /// Keep the N newest snapshots of each group.
-    #[arg(long, value_name = "N")]
-    pub keep_last: Option<u32>,
-    /// Keep the newest snapshot of each of the N most recent hours.
-    #[arg(long, value_name = "N")]
-    pub keep_hourly: Option<u32>,
-    /// Keep the newest snapshot of each of the N most recent days.
-    #[arg(long, value_name = "N")]
-    pub keep_daily: Option<u32>,
-    /// Keep the newest snapshot of each of the N most recent ISO weeks.
-    #[arg(long, value_name = "N")]
-    pub keep_weekly: Option<u32>,
-    /// Keep the newest snapshot of each of the N most recent months.
-    #[arg(long, value_name = "N")]
-    pub keep_monthly: Option<u32>,
-    /// Keep the newest snapshot of each of the N most recent years.
-    #[arg(long, value_name = "N")]
-    pub keep_yearly: Option<u32>,
-    /// Keep every snapshot within this long of the group's newest (7d, 2w, 1y6m, 36h).
-    #[arg(long, value_name = "DURATION")]
-    pub keep_within: Option<String>,
+    #[command(flatten)]
+    pub keep: forget::KeepRules,
     /// What makes a group, comma-separated: source (kind and name), host, tags.
     #[arg(long, default_value = "source", value_name = "KEYS")]
     pub group_by: String,
@@ -60,25 +42,9 @@ pub struct PruneCmd {
 }
 
 pub fn run_forget(g: &GlobalArgs, c: ForgetCmd) -> anyhow::Result<ExitCode> {
-    let policy = KeepPolicy {
-        last: c.keep_last,
-        hourly: c.keep_hourly,
-        daily: c.keep_daily,
-        weekly: c.keep_weekly,
-        monthly: c.keep_monthly,
-        yearly: c.keep_yearly,
-        within: c
-            .keep_within
-            .as_deref()
-            .map(forget::parse_duration)
-            .transpose()?,
-    };
-    if policy.is_empty() {
-        return Err(LabError::usage(
-            "give at least one --keep-* rule; forget refuses to remove every snapshot",
-        )
-        .into());
-    }
+    let policy = c.keep.policy().map_err(|(field, e)| {
+        LabError::usage(format!("--{}: {}", field.replace('_', "-"), e.message))
+    })?;
     let by: Vec<&str> = c.group_by.split(',').map(|s| s.trim()).collect();
     if let Some(bad) = by.iter().find(|k| !["source", "host", "tags"].contains(k)) {
         return Err(LabError::usage(format!(
@@ -148,13 +114,13 @@ fn prune_with(
     c: &PruneCmd,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
-    let grace = forget::parse_duration(&c.grace)?;
+    let grace = crate::util::units::parse_time_duration(&c.grace)?;
     if grace < time::Duration::hours(24) && !g.quiet {
         eprintln!("warning: grace period {} is under 24h: a backup running longer than that can lose data it deduplicated", c.grace);
     }
     let opts = PruneOptions {
         grace,
-        repack_threshold: super::parse_percent(&c.repack_threshold)?,
+        repack_threshold: crate::util::units::parse_percent(&c.repack_threshold)?,
         dry_run: dry_run || c.prune_dry_run,
         ..Default::default()
     };

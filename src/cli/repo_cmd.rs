@@ -1,11 +1,12 @@
 //! `labctl repo`, `labctl key` and `labctl demo`.
 
-use super::{human_bytes, print_json, GlobalArgs};
+use super::{print_json, GlobalArgs};
 use crate::backend;
 use crate::error::{ExitCode, LabError};
 use crate::repo::chunker::ChunkerParams;
 use crate::repo::keys::{read_passphrase_file, KeyRole};
 use crate::repo::{self, InitOptions};
+use crate::util::units::human_bytes;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 
@@ -200,7 +201,7 @@ pub fn run_key(g: &GlobalArgs, cmd: KeyCmd) -> anyhow::Result<ExitCode> {
         Some(p) => {
             let meta =
                 std::fs::metadata(p).map_err(|e| LabError::key(format!("{}: {e}", p.display())))?;
-            crate::repo::keys::check_private(p, &meta)?;
+            crate::util::secret::check_private(p, &meta)?;
             let text = std::fs::read_to_string(p)
                 .map_err(|e| LabError::key(format!("{}: {e}", p.display())))?;
             let line = text

@@ -1,9 +1,10 @@
 //! `labctl restore`.
 
-use super::{human_bytes, print_json, GlobalArgs};
+use super::{print_json, GlobalArgs};
 use crate::error::{ExitCode, LabError};
-use crate::progress::Progress;
 use crate::repo::restore::{self, RestoreOptions};
+use crate::util::progress::Progress;
+use crate::util::units::human_bytes;
 use clap::Args;
 use std::path::PathBuf;
 

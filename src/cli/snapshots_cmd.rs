@@ -1,10 +1,11 @@
 //! `labctl snapshots` and `labctl ls`.
 
-use super::{human_bytes, print_json, GlobalArgs};
+use super::{print_json, GlobalArgs};
 use crate::error::ExitCode;
 use crate::repo::snapshot::Snapshot;
 use crate::repo::tree::NodeType;
 use crate::repo::Id;
+use crate::util::units::human_bytes;
 use clap::Args;
 
 #[derive(Args, Debug)]

@@ -6,7 +6,6 @@
 //! [`render`] turns a valid policy into exactly the objects a stock
 //! Kubeflow 1.8/1.9 expects (see `../shared/design/KUBEFLOW.md`).
 
-pub mod audit;
 pub mod cluster;
 pub mod edit;
 pub mod render;

@@ -8,7 +8,6 @@
 //! Every VM labctl creates carries the tag `labctl-managed`; only such VMs
 //! are updated or destroyed.
 
-pub mod audit;
 pub mod bootstrap;
 pub mod platform;
 
@@ -508,6 +507,77 @@ pub struct Applied {
     pub error: Option<String>,
     pub ips: Vec<String>,
     pub changes: Vec<Change>,
+}
+
+impl Applied {
+    /// This VM's line in the provision records.
+    pub fn record(&self) -> crate::records::provision::AppliedVm {
+        crate::records::provision::AppliedVm {
+            name: self.name.clone(),
+            vmid: self.vmid,
+            action: self.action.clone(),
+            changes: serde_json::to_value(&self.changes).unwrap_or_default(),
+            ok: self.ok,
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// `provision apply` as a whole: takes the host's provision lock (beside
+/// `records`), plans, shows the plan through `on_plan`, applies, and writes
+/// what was applied to the provision records, failed VMs included.
+///
+/// # Errors
+/// Lock, PVE connection or planning errors; a VM that fails is in the
+/// result (`ok: false`), not an error.
+pub fn apply_recorded(
+    pf: &platform::Platform,
+    records: &std::path::Path,
+    quiet: bool,
+    on_plan: impl FnOnce(&Plan),
+) -> anyhow::Result<(Plan, Vec<Applied>)> {
+    let _lock = crate::records::provision::lock(records)?;
+    let (plan, applied) = crate::util::runtime()?.block_on(async {
+        let c = connect(pf).await?;
+        let plan = plan(&c, pf).await?;
+        on_plan(&plan);
+        let applied = apply(&c, pf, &plan, quiet).await;
+        Ok::<_, anyhow::Error>((plan, applied))
+    })?;
+    let rows: Vec<_> = applied.iter().map(Applied::record).collect();
+    crate::records::provision::record(records, &pf.path, &rows)?;
+    Ok((plan, applied))
+}
+
+/// `provision destroy` as a whole: under the host's provision lock, stops
+/// and deletes one managed VM, then records it.
+///
+/// # Errors
+/// Lock, PVE or refusal errors (nothing recorded then).
+pub fn destroy_recorded(
+    pf: &platform::Platform,
+    records: &std::path::Path,
+    name: &str,
+    quiet: bool,
+) -> anyhow::Result<LiveVm> {
+    let _lock = crate::records::provision::lock(records)?;
+    let gone = crate::util::runtime()?.block_on(async {
+        let c = connect(pf).await?;
+        destroy(&c, pf, name, quiet).await
+    })?;
+    crate::records::provision::record(
+        records,
+        &pf.path,
+        &[crate::records::provision::AppliedVm {
+            name: gone.name.clone(),
+            vmid: gone.vmid,
+            action: "destroy".into(),
+            changes: serde_json::Value::Array(vec![]),
+            ok: true,
+            error: None,
+        }],
+    )?;
+    Ok(gone)
 }
 
 fn progress(quiet: bool, name: &str, msg: &str) {

@@ -197,28 +197,7 @@ pub struct Vm {
     pub agent: bool,
 }
 
-/// TLS trust for the PVE endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Trust {
-    System,
-    CaFile(PathBuf),
-    /// SHA-256 of the certificate, 32 bytes.
-    Fingerprint(Vec<u8>),
-    Insecure,
-}
-
-/// The token secret: held, never printed.
-#[derive(Clone)]
-pub struct Token {
-    pub id: String,
-    pub secret: secrecy::SecretString,
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Token {{ id: {}, secret: <redacted> }}", self.id)
-    }
-}
+pub use crate::proxmox::{Token, Trust};
 
 /// A validated platform file.
 #[derive(Debug, Clone)]
@@ -251,7 +230,7 @@ impl Platform {
             let meta = std::fs::metadata(p).map_err(|e| {
                 LabError::key(format!("PVE token secret file {}: {e}", p.display()))
             })?;
-            crate::repo::keys::check_private(p, &meta)?;
+            crate::util::secret::check_private(p, &meta)?;
             std::fs::read_to_string(p)
                 .map_err(|e| LabError::key(format!("PVE token secret file {}: {e}", p.display())))?
                 .trim()

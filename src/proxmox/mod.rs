@@ -106,8 +106,28 @@ impl Ctx {
     }
 }
 
-/// TLS trust settings (see [`crate::provision::platform::Trust`]).
-pub use crate::provision::platform::Trust;
+/// TLS trust for the PVE endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    System,
+    CaFile(std::path::PathBuf),
+    /// SHA-256 of the certificate, 32 bytes.
+    Fingerprint(Vec<u8>),
+    Insecure,
+}
+
+/// The token secret: held, never printed.
+#[derive(Clone)]
+pub struct Token {
+    pub id: String,
+    pub secret: secrecy::SecretString,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token {{ id: {}, secret: <redacted> }}", self.id)
+    }
+}
 
 /// Client options.
 #[derive(Debug, Clone)]
@@ -158,11 +178,7 @@ impl Client {
     ///
     /// # Errors
     /// A usage error for an unreadable CA file.
-    pub fn new(
-        endpoint: &str,
-        token: &crate::provision::platform::Token,
-        opts: Options,
-    ) -> anyhow::Result<Client> {
+    pub fn new(endpoint: &str, token: &Token, opts: Options) -> anyhow::Result<Client> {
         let mut b = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .connect_timeout(Duration::from_secs(10))

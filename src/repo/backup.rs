@@ -17,31 +17,30 @@
 //! reads the trailers of unknown ones (META key only), indexes them and
 //! re-uses their chunks.
 
-use crate::catalog::{Catalog, FileFacts};
 use crate::error::LabError;
-use crate::progress::Progress;
 use crate::repo::blob::{self, BlobKind};
+use crate::repo::catalog::{Catalog, FileFacts};
 use crate::repo::chunker::{Chunker, ChunkerKind, Piece};
 use crate::repo::index::IndexedPack;
 use crate::repo::pack::{self, PackBuilder, PackEntry};
 use crate::repo::snapshot::{BackupSummary, Snapshot, Source};
-use crate::repo::tree::{ContentRef, Node, NodeType, Tree};
+use crate::repo::tree::{ContentRef, Tree};
 use crate::repo::{crypto, format, index, snapshot, Id, Repository};
+use crate::util::progress::Progress;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use std::collections::{BTreeSet, HashSet};
-use std::fs;
 use std::io::Read;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 /// How files are chunked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum ChunkerChoice {
     /// Fixed chunks for disk images (by extension), FastCDC for the rest.
+    #[default]
     Auto,
     Cdc,
     Fixed,
@@ -51,7 +50,8 @@ pub enum ChunkerChoice {
 pub const IMAGE_EXTENSIONS: &[&str] = &["img", "raw", "qcow2", "vmdk", "vdi", "vhd", "vhdx"];
 
 impl ChunkerChoice {
-    fn for_path(self, path: &Path) -> ChunkerKind {
+    /// The chunker for a file at `path`.
+    pub fn for_path(self, path: &Path) -> ChunkerKind {
         match self {
             ChunkerChoice::Cdc => ChunkerKind::Cdc,
             ChunkerChoice::Fixed => ChunkerKind::Fixed,
@@ -76,7 +76,6 @@ impl ChunkerChoice {
 pub struct BackupOptions {
     pub tags: Vec<String>,
     pub host: String,
-    pub chunker: ChunkerChoice,
     pub restore_point: Option<String>,
     pub facts: std::collections::BTreeMap<String, serde_json::Value>,
     /// Encoder threads; 0 = one per core.
@@ -90,7 +89,6 @@ impl Default for BackupOptions {
         BackupOptions {
             tags: vec![],
             host: gethostname::gethostname().to_string_lossy().to_string(),
-            chunker: ChunkerChoice::Auto,
             restore_point: None,
             facts: Default::default(),
             threads: 0,
@@ -305,6 +303,8 @@ pub struct BackupRun<'r> {
     cancel: Option<crate::error::CancelFlag>,
     /// When the last index fragment was written.
     last_index: Instant,
+    /// The file cache in use: the source's key and this run's generation.
+    file_cache: Option<(String, i64)>,
 }
 
 const TX_OPS: usize = 512;
@@ -336,6 +336,7 @@ impl<'r> BackupRun<'r> {
             tx_ops: 0,
             cancel: None,
             last_index: Instant::now(),
+            file_cache: None,
         })
     }
 
@@ -344,7 +345,103 @@ impl<'r> BackupRun<'r> {
         self.cancel = flag;
     }
 
-    fn check_cancel(&self) -> anyhow::Result<()> {
+    /// The counters of this run, for sources to fill (files, dirs, errors,
+    /// files that changed while read).
+    pub fn summary_mut(&mut self) -> &mut BackupSummary {
+        &mut self.summary
+    }
+
+    /// Uses the file cache of `source` (a stable key, such as the absolute
+    /// path of a directory): [`BackupRun::cached_file`] answers from the
+    /// last run, and entries this run does not touch are dropped when it
+    /// finishes.
+    ///
+    /// # Errors
+    /// Catalog errors.
+    pub fn use_file_cache(&mut self, source: &str) -> anyhow::Result<()> {
+        let cat = &self.repo.catalog;
+        let run_id: i64 = cat
+            .get_meta("last-run")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+            + 1;
+        cat.set_meta("last-run", &run_id.to_string())?;
+        self.file_cache = Some((source.to_string(), run_id));
+        Ok(())
+    }
+
+    /// What the last run recorded for the file at `rel`: its stat facts and
+    /// content (`None` without a file cache or entry).
+    ///
+    /// # Errors
+    /// Catalog errors.
+    pub fn cached_file(&self, rel: &[u8]) -> anyhow::Result<Option<(FileFacts, Vec<ContentRef>)>> {
+        let Some((source, _)) = &self.file_cache else {
+            return Ok(None);
+        };
+        Ok(self
+            .catalog()
+            .file_cache_get(source, rel)?
+            .and_then(|(facts, blob)| decode_content(&blob).map(|c| (facts, c))))
+    }
+
+    /// Re-uses a cached file's content when every chunk is still stored
+    /// (and not on its way out): references them, counts `size` bytes of
+    /// progress and keeps the cache entry. `false` when a chunk is gone
+    /// (read the file again).
+    ///
+    /// # Errors
+    /// Catalog errors.
+    pub fn reuse_cached_file(
+        &mut self,
+        rel: &[u8],
+        content: &[ContentRef],
+        size: u64,
+    ) -> anyhow::Result<bool> {
+        for c in content {
+            if let ContentRef::Chunk(id) = c {
+                if !self.pending.contains(id) && !self.catalog().has_blob(id)? {
+                    return Ok(false);
+                }
+            }
+        }
+        if let Some((source, run_id)) = self.file_cache.clone() {
+            self.tx_op()?;
+            self.catalog().file_cache_touch(&source, rel, run_id)?;
+        }
+        for c in content {
+            if let ContentRef::Chunk(id) = c {
+                self.referenced.insert(*id);
+            }
+        }
+        self.progress.add(size);
+        Ok(true)
+    }
+
+    /// Records a file read in this run in the file cache (only files that
+    /// did not change while read: the next run reads the others again).
+    ///
+    /// # Errors
+    /// Catalog errors.
+    pub fn cache_file(
+        &mut self,
+        rel: &[u8],
+        facts: &FileFacts,
+        content: &[ContentRef],
+    ) -> anyhow::Result<()> {
+        let Some((source, run_id)) = self.file_cache.clone() else {
+            return Ok(());
+        };
+        self.tx_op()?;
+        self.catalog()
+            .file_cache_put(&source, rel, facts, &encode_content(content), run_id)
+    }
+
+    /// `Err(Cancelled)` once the run's cancel flag is set.
+    ///
+    /// # Errors
+    /// [`crate::error::Cancelled`].
+    pub fn check_cancel(&self) -> anyhow::Result<()> {
         if let Some(c) = &self.cancel {
             c.check()?;
         }
@@ -528,8 +625,11 @@ impl<'r> BackupRun<'r> {
         Ok(content)
     }
 
-    /// Stores a tree, returning its chunk list.
-    fn add_tree(&mut self, tree: &Tree) -> anyhow::Result<Vec<Id>> {
+    /// Stores a tree (a directory listing), returning its chunk list.
+    ///
+    /// # Errors
+    /// Storage or catalog errors.
+    pub fn add_tree(&mut self, tree: &Tree) -> anyhow::Result<Vec<Id>> {
         let json = serde_json::to_vec(tree)?;
         let mut chunker = Chunker::new(
             &json[..],
@@ -560,6 +660,9 @@ impl<'r> BackupRun<'r> {
     ) -> anyhow::Result<BackupOutcome> {
         // A cancelled run never commits a snapshot.
         self.check_cancel()?;
+        if let Some((source, run_id)) = &self.file_cache {
+            self.catalog().file_cache_prune(source, *run_id)?;
+        }
         self.up.finish()?;
         self.collect_done()?;
         self.write_index()?;
@@ -598,9 +701,10 @@ impl<'r> BackupRun<'r> {
     }
 }
 
-/// A source read error (the backup continues without that file).
+/// A source read error: a source that walks many items (files) records it
+/// and goes on; [`BackupRun::add_stream`] returns it for read errors.
 #[derive(Debug)]
-struct SourceError(String);
+pub struct SourceError(pub String);
 impl std::fmt::Display for SourceError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
@@ -672,377 +776,6 @@ pub fn read_pack_trailer(repo: &Repository, id: &Id, size: u64) -> anyhow::Resul
             Err(need) if (need as u64) > want && (need as u64) <= size => want = need as u64,
             Err(_) => return Err(LabError::integrity(format!("{name}: bad trailer length")).into()),
         }
-    }
-}
-
-/// Backs up a directory tree.
-///
-/// # Errors
-/// Storage or catalog errors. Unreadable files do not fail the backup: they
-/// are listed in `summary.errors` (exit code 3 at the CLI).
-pub fn backup_path(
-    repo: &Repository,
-    dir: &Path,
-    opts: &BackupOptions,
-    progress: Progress,
-) -> anyhow::Result<BackupOutcome> {
-    let started = Instant::now();
-    let abs = fs::canonicalize(dir)
-        .map_err(|e| LabError::usage(format!("cannot back up {}: {e}", dir.display())))?;
-    if !abs.is_dir() {
-        return Err(LabError::usage(format!(
-            "{} is not a directory; use `labctl backup stream` for a single stream",
-            abs.display()
-        ))
-        .into());
-    }
-    let source_key = abs.to_string_lossy().to_string();
-    let run_id: i64 = repo
-        .catalog
-        .get_meta("last-run")?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-        + 1;
-    repo.catalog.set_meta("last-run", &run_id.to_string())?;
-    let mut run = BackupRun::start(repo, opts.threads, progress)?;
-    run.set_cancel(opts.cancel.clone());
-    let mut walker = TreeWalker {
-        source: &source_key,
-        links: Default::default(),
-        run: &mut run,
-        run_id,
-        choice: opts.chunker,
-    };
-    let root = walker.dir(&abs, b"")?;
-    run.catalog().file_cache_prune(&source_key, run_id)?;
-    run.finish(
-        Source {
-            kind: "path".into(),
-            name: source_key.clone(),
-        },
-        root,
-        opts,
-        started,
-    )
-}
-
-/// Backs up one stream (stdin, a command's stdout) as a single file node.
-///
-/// # Errors
-/// Read errors of the stream fail the backup (nothing is committed).
-pub fn backup_stream(
-    repo: &Repository,
-    name: &str,
-    reader: impl Read,
-    opts: &BackupOptions,
-    progress: Progress,
-) -> anyhow::Result<BackupOutcome> {
-    let started = Instant::now();
-    let mut run = BackupRun::start(repo, opts.threads, progress)?;
-    run.set_cancel(opts.cancel.clone());
-    let kind = match opts.chunker {
-        ChunkerChoice::Fixed => ChunkerKind::Fixed,
-        _ => ChunkerKind::Cdc,
-    };
-    let content = run
-        .add_stream(reader, kind, &format!("stream {name}"))
-        .map_err(|e| {
-            if e.downcast_ref::<crate::error::Cancelled>().is_some() {
-                return e;
-            }
-            LabError::new(
-                crate::error::ExitCode::Failure,
-                format!("reading the stream failed, nothing was committed: {e}"),
-            )
-            .into()
-        })?;
-    let size = run.summary.bytes_read;
-    run.summary.bytes_total = size;
-    run.summary.files_new = 1;
-    let mut node = Node {
-        name: String::new(),
-        name_hex: false,
-        node_type: NodeType::File,
-        mode: 0o100600,
-        uid: unsafe { libc::getuid() },
-        gid: unsafe { libc::getgid() },
-        mtime_ns: time::OffsetDateTime::now_utc().unix_timestamp_nanos(),
-        size,
-        content,
-        subtree: None,
-        target: None,
-        target_hex: false,
-        rdev: None,
-        hardlink: None,
-        hardlink_hex: false,
-    };
-    node.set_name(name.as_bytes());
-    let root = run.add_tree(&Tree {
-        v: 1,
-        nodes: vec![node],
-    })?;
-    run.finish(
-        Source {
-            kind: "stream".into(),
-            name: name.into(),
-        },
-        root,
-        opts,
-        started,
-    )
-}
-
-struct TreeWalker<'a, 'r> {
-    source: &'a str,
-    /// First path of each multiply-linked inode seen in this run.
-    links: std::collections::HashMap<(u64, u64), Vec<u8>>,
-    run: &'a mut BackupRun<'r>,
-    run_id: i64,
-    choice: ChunkerChoice,
-}
-
-/// What was read of one file: its content, how many bytes that is, and the
-/// facts to cache when it did not change while being read.
-struct StableRead {
-    content: Vec<ContentRef>,
-    bytes: u64,
-    stable: Option<FileFacts>,
-}
-
-fn file_facts(m: &fs::Metadata) -> FileFacts {
-    FileFacts {
-        size: m.len(),
-        mtime_ns: mtime_ns(m) as i64,
-        ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
-        ino: m.ino(),
-    }
-}
-
-fn mtime_ns(m: &fs::Metadata) -> i128 {
-    m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
-}
-
-impl TreeWalker<'_, '_> {
-    fn dir(&mut self, abs: &Path, rel: &[u8]) -> anyhow::Result<Vec<Id>> {
-        let mut entries: Vec<_> =
-            match fs::read_dir(abs).and_then(|rd| rd.collect::<Result<Vec<_>, _>>()) {
-                Ok(v) => v,
-                Err(e) => {
-                    self.run
-                        .summary
-                        .errors
-                        .push(format!("{}: {e}", abs.display()));
-                    vec![]
-                }
-            };
-        entries.sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
-        let mut nodes = vec![];
-        for entry in entries {
-            let path = entry.path();
-            let name = entry.file_name();
-            let mut child_rel = rel.to_vec();
-            if !child_rel.is_empty() {
-                child_rel.push(b'/');
-            }
-            child_rel.extend_from_slice(name.as_bytes());
-            match self.node(&path, &child_rel, name.as_bytes()) {
-                Ok(Some(n)) => nodes.push(n),
-                Ok(None) => {}
-                Err(e)
-                    if e.downcast_ref::<SourceError>().is_some()
-                        || e.downcast_ref::<std::io::Error>().is_some() =>
-                {
-                    self.run
-                        .summary
-                        .errors
-                        .push(format!("{}: {e}", path.display()));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        self.run.add_tree(&Tree { v: 1, nodes })
-    }
-
-    fn node(&mut self, path: &Path, rel: &[u8], name: &[u8]) -> anyhow::Result<Option<Node>> {
-        self.run.check_cancel()?;
-        let meta = fs::symlink_metadata(path)?;
-        let ft = meta.file_type();
-        let mut node = Node {
-            name: String::new(),
-            name_hex: false,
-            node_type: NodeType::File,
-            mode: meta.mode(),
-            uid: meta.uid(),
-            gid: meta.gid(),
-            mtime_ns: mtime_ns(&meta),
-            size: 0,
-            content: vec![],
-            subtree: None,
-            target: None,
-            target_hex: false,
-            rdev: None,
-            hardlink: None,
-            hardlink_hex: false,
-        };
-        node.set_name(name);
-        if ft.is_dir() {
-            node.node_type = NodeType::Dir;
-            node.subtree = Some(self.dir(path, rel)?);
-            self.run.summary.dirs += 1;
-        } else if ft.is_symlink() {
-            node.node_type = NodeType::Symlink;
-            node.set_target(fs::read_link(path)?.as_os_str().as_bytes());
-            self.run.summary.symlinks += 1;
-        } else if ft.is_file()
-            && meta.nlink() > 1
-            && self.links.contains_key(&(meta.dev(), meta.ino()))
-        {
-            // Recorded once: later names of the inode point at the first.
-            node.set_hardlink(&self.links[&(meta.dev(), meta.ino())]);
-            self.run.summary.hardlinks += 1;
-        } else if ft.is_file() {
-            if meta.nlink() > 1 {
-                self.links.insert((meta.dev(), meta.ino()), rel.to_vec());
-            }
-            let mut size = meta.len();
-            node.content = self.file(path, rel, &meta, &mut size)?;
-            node.size = size;
-            self.run.summary.bytes_total += size;
-        } else {
-            use std::os::unix::fs::FileTypeExt;
-            if ft.is_fifo() {
-                node.node_type = NodeType::Fifo;
-            } else if ft.is_char_device() {
-                node.node_type = NodeType::Chardev;
-                node.rdev = Some(meta.rdev());
-            } else if ft.is_block_device() {
-                node.node_type = NodeType::Blockdev;
-                node.rdev = Some(meta.rdev());
-            } else {
-                self.run
-                    .summary
-                    .skipped
-                    .push(format!("{}: socket (not backed up)", path.display()));
-                return Ok(None);
-            }
-            self.run.summary.specials += 1;
-        }
-        Ok(Some(node))
-    }
-
-    fn file(
-        &mut self,
-        path: &Path,
-        rel: &[u8],
-        meta: &fs::Metadata,
-        size: &mut u64,
-    ) -> anyhow::Result<Vec<ContentRef>> {
-        let facts = file_facts(meta);
-        let cached = self.run.catalog().file_cache_get(self.source, rel)?;
-        if let Some((old, blob)) = &cached {
-            if *old == facts {
-                if let Some(content) = decode_content(blob) {
-                    if self.all_present(&content)? {
-                        self.run.tx_op()?;
-                        self.run
-                            .catalog()
-                            .file_cache_touch(self.source, rel, self.run_id)?;
-                        for c in &content {
-                            if let ContentRef::Chunk(id) = c {
-                                self.run.referenced.insert(*id);
-                            }
-                        }
-                        self.run.summary.files_unchanged += 1;
-                        self.run.progress.add(facts.size);
-                        return Ok(content);
-                    }
-                }
-            }
-        }
-        let mut f = fs::File::open(path).map_err(|e| SourceError(format!("cannot open: {e}")))?;
-        let kind = self.choice.for_path(path);
-        let read = self.read_stable(&mut f, path, kind)?;
-        *size = read.bytes;
-        if cached.is_some() {
-            self.run.summary.files_changed += 1;
-        } else {
-            self.run.summary.files_new += 1;
-        }
-        // A file that changed while it was read is not cached: the next run
-        // reads it again whatever its size and times say then.
-        if let Some(facts) = read.stable {
-            self.run.tx_op()?;
-            self.run.catalog().file_cache_put(
-                self.source,
-                rel,
-                &facts,
-                &encode_content(&read.content),
-                self.run_id,
-            )?;
-        }
-        Ok(read.content)
-    }
-
-    /// Reads an open file whole, checking that it did not change meanwhile
-    /// (size, mtime, ctime through the descriptor before and after, and the
-    /// byte count against the size). A file that changed is read once more;
-    /// if it changes again it is recorded as read (its recorded size is
-    /// always the number of bytes its content holds) and named in
-    /// `summary.changed`, which makes the backup incomplete (exit 3).
-    fn read_stable(
-        &mut self,
-        f: &mut fs::File,
-        path: &Path,
-        kind: ChunkerKind,
-    ) -> anyhow::Result<StableRead> {
-        use std::io::{Seek, SeekFrom};
-        let fstat = |f: &fs::File| -> anyhow::Result<FileFacts> {
-            let m = f
-                .metadata()
-                .map_err(|e| SourceError(format!("cannot stat: {e}")))?;
-            Ok(file_facts(&m))
-        };
-        let mut before = fstat(f)?;
-        let mut attempt = 0;
-        loop {
-            let start = self.run.summary.bytes_read;
-            let content = self.run.add_stream(&mut *f, kind, "read error")?;
-            let bytes = self.run.summary.bytes_read - start;
-            let after = fstat(f)?;
-            if bytes == before.size && after == before {
-                return Ok(StableRead {
-                    content,
-                    bytes,
-                    stable: Some(after),
-                });
-            }
-            attempt += 1;
-            if attempt >= 2 {
-                self.run.summary.changed.push(format!(
-                    "{}: changed while it was read (twice); recorded as read: {bytes} bytes",
-                    path.display()
-                ));
-                return Ok(StableRead {
-                    content,
-                    bytes,
-                    stable: None,
-                });
-            }
-            f.seek(SeekFrom::Start(0))
-                .map_err(|e| SourceError(format!("cannot re-read: {e}")))?;
-            before = after;
-        }
-    }
-
-    fn all_present(&self, content: &[ContentRef]) -> anyhow::Result<bool> {
-        for c in content {
-            if let ContentRef::Chunk(id) = c {
-                if !self.run.pending.contains(id) && !self.run.catalog().has_blob(id)? {
-                    return Ok(false);
-                }
-            }
-        }
-        Ok(true)
     }
 }
 

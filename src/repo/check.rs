@@ -135,6 +135,7 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
     }
     // Catalog against index, pack by pack.
     let mut in_catalog = std::collections::HashSet::new();
+    let mut stale = vec![];
     for (id, size, is_indexed) in repo.catalog.packs()? {
         in_catalog.insert(id);
         match indexed.get(&id) {
@@ -149,13 +150,20 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
                 "catalog lists pack {} that no index fragment holds; run `labctl catalog rebuild`",
                 id.hex()
             )),
-            None if !listed.contains_key(&id) => rep.errors.push(format!(
-                "catalog lists pack {} ({size} bytes) that is missing from storage",
-                id.hex()
-            )),
+            // Unindexed and gone: a prune deleted it (perhaps killed before
+            // it told the catalog). No fragment lists it, so nothing points
+            // at it; a snapshot that needed it is reported below.
+            None if !listed.contains_key(&id) => {
+                stale.push(id);
+                rep.warnings.push(format!(
+                    "pack {} ({size} bytes), which no index lists, is gone from storage (deleted by a prune); dropped from the catalog",
+                    id.hex()
+                ))
+            }
             None => {}
         }
     }
+    repo.catalog.remove_packs(&stale)?;
     for id in indexed.keys().filter(|id| !in_catalog.contains(id)) {
         rep.errors.push(format!(
             "the catalog lacks indexed pack {}; run `labctl catalog rebuild`",
@@ -222,7 +230,7 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
 /// once). Needs the DATA identity: trees are blobs.
 fn check_file_sizes(
     repo: &Repository,
-    snaps: &[crate::catalog::SnapshotRow],
+    snaps: &[crate::repo::catalog::SnapshotRow],
     rep: &mut CheckReport,
 ) -> anyhow::Result<()> {
     let mut seen: HashSet<Vec<Id>> = HashSet::new();

@@ -27,45 +27,71 @@ pub struct KeepPolicy {
     pub within: Option<time::Duration>,
 }
 
+/// The keep rules as written: `labctl forget --keep-*` flags and a job's
+/// `retention`/`forget` table in `labctl.toml` are this one struct.
+#[derive(Debug, Clone, Default, serde::Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct KeepRules {
+    /// Keep the N newest snapshots of each group.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent hours.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent days.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent ISO weeks.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent months.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent years.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Keep every snapshot within this long of the group's newest (7d, 2w, 1y6mo, 36h).
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<String>,
+}
+
+impl KeepRules {
+    /// The validated policy.
+    ///
+    /// # Errors
+    /// `(field, usage error)`: a malformed `keep_within`, or no rule at all
+    /// (an empty policy would remove every snapshot).
+    pub fn policy(&self) -> Result<KeepPolicy, (&'static str, LabError)> {
+        let p = KeepPolicy {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+            within: self
+                .keep_within
+                .as_deref()
+                .map(crate::util::units::parse_time_duration)
+                .transpose()
+                .map_err(|e| ("keep_within", e))?,
+        };
+        if p.is_empty() {
+            return Err((
+                "keep_last",
+                LabError::usage(
+                    "give at least one keep rule (keep_last, keep_daily, ...); an empty policy would remove every snapshot",
+                ),
+            ));
+        }
+        Ok(p)
+    }
+}
+
 impl KeepPolicy {
     pub fn is_empty(&self) -> bool {
         *self == KeepPolicy::default()
     }
-}
-
-/// Parses a duration like `7d`, `2w`, `1y6m`, `36h`, `0s` (y = 365 days, m = 30 days).
-///
-/// # Errors
-/// A usage error naming the text.
-pub fn parse_duration(text: &str) -> Result<time::Duration, LabError> {
-    let bad = || {
-        LabError::usage(format!("'{text}' is not a duration like 7d, 2w, 1y6m or 36h (units y, m = 30 days, w, d, h, s)"))
-    };
-    let mut total = time::Duration::ZERO;
-    let mut num = String::new();
-    let mut any = false;
-    for c in text.trim().chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let n: i64 = num.parse().map_err(|_| bad())?;
-        num.clear();
-        total += match c {
-            'y' => time::Duration::days(365 * n),
-            'm' => time::Duration::days(30 * n),
-            'w' => time::Duration::weeks(n),
-            'd' => time::Duration::days(n),
-            'h' => time::Duration::hours(n),
-            's' => time::Duration::seconds(n),
-            _ => return Err(bad()),
-        };
-        any = true;
-    }
-    if !num.is_empty() || !any {
-        return Err(bad());
-    }
-    Ok(total)
 }
 
 /// One snapshot as retention sees it.
@@ -241,7 +267,7 @@ mod tests {
             weekly: Some(4),
             monthly: Some(3),
             yearly: Some(2),
-            within: Some(parse_duration("10d").unwrap()),
+            within: Some(time::Duration::days(10)),
             ..Default::default()
         };
         let d = decide(snaps, &p);
@@ -251,18 +277,6 @@ mod tests {
         assert_eq!(kept, vec![0, 1, 2, 3, 4, 9, 48]);
         assert!(d[1].reasons.iter().any(|r| r.starts_with("within")));
         assert!(!d[2].reasons.iter().any(|r| r.starts_with("within")));
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(
-            parse_duration("1y6m").unwrap(),
-            time::Duration::days(365 + 180)
-        );
-        assert_eq!(parse_duration("36h").unwrap(), time::Duration::hours(36));
-        assert!(parse_duration("7").is_err());
-        assert!(parse_duration("7x").is_err());
-        assert!(parse_duration("").is_err());
     }
 }
 

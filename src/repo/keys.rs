@@ -13,7 +13,7 @@ use crate::repo::{crypto, Id};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// What a key file allows.
@@ -234,22 +234,7 @@ impl Keys {
     }
 }
 
-/// Refuses a secret file (key, passphrase, credentials) other users can read.
-///
-/// # Errors
-/// A key error naming the file and the fix.
-pub fn check_private(path: &Path, meta: &fs::Metadata) -> Result<(), LabError> {
-    let mode = meta.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(LabError::key(format!(
-            "{} is readable by other users (mode {:o}); refusing to use it. Run: chmod 600 {}",
-            path.display(),
-            mode & 0o777,
-            path.display()
-        )));
-    }
-    Ok(())
-}
+use crate::util::secret::check_private;
 
 /// Reads a passphrase file (first line), refusing one others can read.
 ///
@@ -282,6 +267,7 @@ pub fn read_passphrase_file(path: &Path) -> Result<String, LabError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn round_trip_and_backup_key_has_no_data_identity() {

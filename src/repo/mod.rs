@@ -10,6 +10,7 @@
 
 pub mod backup;
 pub mod blob;
+pub mod catalog;
 pub mod check;
 pub mod chunker;
 pub mod config;
@@ -28,8 +29,8 @@ pub mod tree;
 pub use id::{ChunkId, Id, PackId, SnapshotId};
 
 use crate::backend::{Backend, BackendError};
-use crate::catalog::Catalog;
 use crate::error::LabError;
+use crate::repo::catalog::Catalog;
 use anyhow::Context;
 use chunker::{Cdc, ChunkerParams};
 use config::RepoConfig;
@@ -158,11 +159,7 @@ pub fn recover_key(
     .into())
 }
 
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("formatting a time")
-}
+pub use crate::util::now_rfc3339;
 
 /// The default directory for catalogs: `$LABCTL_CACHE_DIR`, else
 /// `$XDG_CACHE_HOME/labctl`, else `~/.cache/labctl`.
@@ -374,7 +371,9 @@ impl Repository {
         let known = self.catalog.index_files()?;
         let present: std::collections::HashSet<Id> = index_ids.iter().copied().collect();
         // An index fragment vanished (prune replaced it): reload everything.
-        let reload = reload || known.iter().any(|k| !present.contains(k));
+        let reload = reload
+            || known.iter().any(|k| !present.contains(k))
+            || self.catalog.has_stale_index_refs()?;
         let mut todo = vec![];
         for id in &index_ids {
             if reload || !self.catalog.has_index_file(id)? {
@@ -651,7 +650,7 @@ impl Repository {
     fn read_any_copy(
         &self,
         id: &Id,
-        mut read: impl FnMut(&crate::catalog::BlobLocation) -> anyhow::Result<Vec<u8>>,
+        mut read: impl FnMut(&crate::repo::catalog::BlobLocation) -> anyhow::Result<Vec<u8>>,
     ) -> anyhow::Result<Vec<u8>> {
         let mut first_err = None;
         for loc in self.catalog.blob_locations(id)? {
@@ -703,7 +702,7 @@ pub fn read_tree_blob_at(
     keys: &Keys,
     small: &SmallPacks,
     id: &Id,
-    loc: &crate::catalog::BlobLocation,
+    loc: &crate::repo::catalog::BlobLocation,
     pack_size: u64,
 ) -> anyhow::Result<Vec<u8>> {
     let (start, end) = (
@@ -726,7 +725,7 @@ pub fn read_blob_at(
     backend: &dyn Backend,
     keys: &Keys,
     id: &Id,
-    loc: &crate::catalog::BlobLocation,
+    loc: &crate::repo::catalog::BlobLocation,
 ) -> anyhow::Result<Vec<u8>> {
     let name = format::pack_name(&loc.pack);
     let cipher = backend
@@ -745,7 +744,7 @@ pub fn decode_blob(
     keys: &Keys,
     purpose: &str,
     id: &Id,
-    loc: &crate::catalog::BlobLocation,
+    loc: &crate::repo::catalog::BlobLocation,
     cipher: &[u8],
 ) -> anyhow::Result<Vec<u8>> {
     let identity = keys.data_identity(purpose)?;

@@ -566,12 +566,16 @@ pub(crate) fn consolidate_index(
                 crate::backend::BackendError::AlreadyExists { .. } => Ok(()),
                 e => Err(e),
             })?;
-        cat.begin()?;
-        cat.add_index_file(&id)?;
-        cat.mark_indexed(&keep.iter().map(|p| p.id).collect::<Vec<_>>(), &id)?;
-        cat.commit()?;
+        cat.atomically(|| {
+            cat.add_index_file(&id)?;
+            cat.mark_indexed(&keep.iter().map(|p| p.id).collect::<Vec<_>>(), &id)
+        })?;
         Some(id)
     };
+    // The deleted packs are in no fragment from here on: a kill before they
+    // go leaves them unindexed (and marked), which check reports as a
+    // warning and the next prune finishes.
+    cat.mark_unindexed(&gone.iter().copied().collect::<Vec<_>>())?;
     let mut replaced = 0;
     for id in start {
         if Some(*id) == new_id || locked.contains(id) {

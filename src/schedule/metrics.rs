@@ -1,6 +1,7 @@
 //! Job metrics in the Prometheus text format (version 0.0.4), and the small
 //! HTTP server that serves them with `/healthz`.
 
+use crate::records::jobs::Outcome;
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -17,7 +18,7 @@ pub struct JobMetrics {
     pub last_bytes_added: u64,
     pub bytes_read_total: u64,
     pub bytes_added_total: u64,
-    pub outcomes: BTreeMap<String, u64>,
+    pub outcomes: BTreeMap<Outcome, u64>,
     pub running: bool,
     pub next_run: Option<DateTime<Utc>>,
 }
@@ -112,21 +113,17 @@ impl Metrics {
         );
         let mut outcome_rows = vec![];
         for (n, j) in &self.jobs {
-            for o in [
-                "success",
-                "partial",
-                "failure",
-                "timeout",
-                "cancelled",
-                "skipped",
-            ] {
+            for o in Outcome::ALL {
+                if o == Outcome::Running || o == Outcome::Interrupted {
+                    continue;
+                }
                 outcome_rows.push((
                     format!(
                         "{{job=\"{}\",kind=\"{}\",outcome=\"{o}\"}}",
                         label(n),
                         label(&j.kind)
                     ),
-                    *j.outcomes.get(o).unwrap_or(&0) as f64,
+                    *j.outcomes.get(&o).unwrap_or(&0) as f64,
                 ));
             }
         }

@@ -22,19 +22,19 @@
 //!   bytes, snapshot IDs, error) goes to the catalog's `job_runs` table.
 
 pub mod clock;
+pub mod config;
 pub mod cron;
 pub mod metrics;
 pub mod notify;
 pub mod runner;
 
-use crate::catalog::{JobHistory, JobRun};
-use crate::config::{Job, Loaded, MissedRuns, Notify, RepositoryConfig};
 use crate::error::CancelFlag;
+use crate::records::jobs::{JobHistory, JobRun, Outcome};
+use crate::schedule::config::{Job, Loaded, MissedRuns, Notify, RepositoryConfig};
 use chrono::{DateTime, Utc};
 use clock::Clock;
 use metrics::SharedMetrics;
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -197,25 +197,7 @@ pub fn log_event(now: &DateTime<Utc>, ev: &DaemonEvent) {
 
 /// An exclusive, non-blocking flock on a job's lock file (`None`: held elsewhere).
 fn take_lock(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)?;
-    let op = libc::LOCK_EX | libc::LOCK_NB;
-    // SAFETY: flock on a valid, owned file descriptor.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), op) };
-    if rc == 0 {
-        return Ok(Some(f));
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        return Ok(None);
-    }
-    Err(anyhow::anyhow!("locking {}: {e}", path.display()))
+    crate::util::lock::try_exclusive(path)
 }
 
 /// Whether a job's lock is free right now (so no process runs it).
@@ -274,13 +256,13 @@ async fn run_job_marking(
                 scheduled_ms: scheduled.map(ms),
                 started_ms: now,
                 finished_ms: Some(now),
-                outcome: "skipped".into(),
+                outcome: Outcome::Skipped,
                 error: Some("another run of this job holds its lock".into()),
                 ..Default::default()
             };
             cat.job_run_finish(id, &run)?;
             update_metrics(ctx, job, |m| {
-                *m.outcomes.entry("skipped".into()).or_default() += 1
+                *m.outcomes.entry(Outcome::Skipped).or_default() += 1
             });
             clear();
             ctx.emit(DaemonEvent::Skipped {
@@ -313,7 +295,13 @@ async fn run_job_marking(
         .catalog()?
         .job_last_with(
             &job.name,
-            &["success", "partial", "failure", "timeout", "interrupted"],
+            &[
+                Outcome::Success,
+                Outcome::Partial,
+                Outcome::Failure,
+                Outcome::Timeout,
+                Outcome::Interrupted,
+            ],
         )?
         .map(|r| r.outcome);
     let started = ctx.clock.now();
@@ -343,22 +331,23 @@ async fn run_job_marking(
         } else {
             ctx.clock.now()
         };
-        let (outcome, result) = attempt_once(ctx, job, &mut stop, attempt_start).await;
-        run.outcome = outcome.into();
+        let (outcome, result, retry) = attempt_once(ctx, job, &mut stop, attempt_start).await;
+        run.outcome = outcome;
         match result {
             Ok(f) => {
                 run.error = None;
                 facts = f;
                 if facts.partial {
-                    run.outcome = "partial".into();
+                    run.outcome = Outcome::Partial;
                     run.error = Some(facts.detail.clone());
                 }
                 break;
             }
             Err(e) => run.error = Some(e),
         }
-        let retryable = matches!(outcome, "failure" | "timeout");
-        if !retryable || attempt == job.retries || *stop.borrow() {
+        // A permanent error (a wrong key, a bad setting, damaged data) is
+        // not retried: the next attempt would fail the same way.
+        if !retry || attempt == job.retries || *stop.borrow() {
             break;
         }
         let delay = job.retry_delay * 2u32.saturating_pow(attempt);
@@ -391,15 +380,15 @@ async fn run_job_marking(
         m.last_bytes_added = run.bytes_added;
         m.bytes_read_total += run.bytes_read;
         m.bytes_added_total += run.bytes_added;
-        *m.outcomes.entry(run.outcome.clone()).or_default() += 1;
-        if run.outcome == "success" {
+        *m.outcomes.entry(run.outcome).or_default() += 1;
+        if run.outcome == Outcome::Success {
             m.last_success = Some(finished);
         }
     });
     clear();
     ctx.emit(DaemonEvent::Finished(run.clone()));
     if let Some(n) = &ctx.notify {
-        if let Some(ev) = notify::event_for(&run.outcome, previous.as_deref(), n.on_success) {
+        if let Some(ev) = notify::event_for(run.outcome, previous, n.on_success) {
             let body = notify::payload(ev, &run, &ctx.host, &facts.detail);
             match notify::send(n, &body).await {
                 Ok(()) => ctx.emit(DaemonEvent::Notified {
@@ -417,13 +406,15 @@ async fn run_job_marking(
 }
 
 /// One attempt on its own thread, with the job's timeout and the daemon's
-/// stop signal. Returns the outcome name and the facts or error text.
+/// stop signal. Returns the outcome, the facts or error text, and whether
+/// another attempt may help (timeouts and failures other than permanent
+/// ones, see [`crate::error::is_retryable`]).
 async fn attempt_once(
     ctx: &JobContext,
     job: &Job,
     stop: &mut watch::Receiver<bool>,
     start: DateTime<Utc>,
-) -> (&'static str, Result<runner::RunFacts, String>) {
+) -> (Outcome, Result<runner::RunFacts, String>, bool) {
     let cancel = CancelFlag::new();
     let (tx, mut rx) = tokio::sync::oneshot::channel();
     {
@@ -438,13 +429,17 @@ async fn attempt_once(
                 let _ = tx.send(r);
             });
         if let Err(e) = spawned {
-            return ("failure", Err(format!("cannot start a thread: {e}")));
+            return (
+                Outcome::Failure,
+                Err(format!("cannot start a thread: {e}")),
+                true,
+            );
         }
     }
     let deadline = job
         .timeout
         .map(|t| start + chrono::Duration::from_std(t).unwrap_or_default());
-    let mut why: Option<&'static str> = None;
+    let mut why: Option<Outcome> = None;
     let result = loop {
         tokio::select! {
             r = &mut rx => break r,
@@ -455,29 +450,35 @@ async fn attempt_once(
                 }
             }, if why.is_none() => {
                 cancel.cancel();
-                why = Some("timeout");
+                why = Some(Outcome::Timeout);
             }
             _ = stop.wait_for(|s| *s), if why.is_none() => {
                 cancel.cancel();
-                why = Some("cancelled");
+                why = Some(Outcome::Cancelled);
             }
         }
     };
     match result {
-        Ok(Ok(Ok(facts))) => ("success", Ok(facts)),
+        Ok(Ok(Ok(facts))) => (Outcome::Success, Ok(facts), false),
         Ok(Ok(Err(e))) => match why {
-            Some("timeout") => (
-                "timeout",
+            Some(Outcome::Timeout) => (
+                Outcome::Timeout,
                 Err(format!(
                     "timed out after {}s and was cancelled; nothing was committed, uploaded data is re-used next time ({e:#})",
                     job.timeout.unwrap_or_default().as_secs()
                 )),
+                true,
             ),
             Some(_) => (
-                "cancelled",
+                Outcome::Cancelled,
                 Err(format!("cancelled by shutdown; nothing was committed ({e:#})")),
+                false,
             ),
-            None => ("failure", Err(format!("{e:#}"))),
+            None => (
+                Outcome::Failure,
+                Err(format!("{e:#}")),
+                crate::error::is_retryable(&e),
+            ),
         },
         Ok(Err(panic)) => {
             let msg = panic
@@ -485,9 +486,17 @@ async fn attempt_once(
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            ("failure", Err(format!("the job panicked: {msg}")))
+            (
+                Outcome::Failure,
+                Err(format!("the job panicked: {msg}")),
+                true,
+            )
         }
-        Err(_) => ("failure", Err("the job's thread ended without a result".into())),
+        Err(_) => (
+            Outcome::Failure,
+            Err("the job's thread ended without a result".into()),
+            true,
+        ),
     }
 }
 
@@ -545,7 +554,7 @@ pub struct DaemonOptions {
 }
 
 fn local(loaded: &Loaded) -> bool {
-    loaded.settings.timezone == crate::config::TimeZone::Local
+    loaded.settings.timezone == crate::schedule::config::TimeZone::Local
 }
 
 fn initial_slot(
@@ -593,7 +602,7 @@ fn initial_slot(
 
 fn seed_metrics(ctx: &JobContext, job: &Job) -> anyhow::Result<()> {
     let cat = ctx.catalog()?;
-    let last_success = cat.job_last_with(&job.name, &["success"])?;
+    let last_success = cat.job_last_with(&job.name, &[Outcome::Success])?;
     let last = cat.job_runs(Some(&job.name), 1)?.pop();
     let counts = cat.job_outcome_counts(&job.name)?;
     update_metrics(ctx, job, |m| {
@@ -701,13 +710,13 @@ pub async fn run_daemon(
                             if let Ok(id) = cat.job_run_start(&slot.job.name, trigger, Some(ms(scheduled)), n) {
                                 let _ = cat.job_run_finish(id, &JobRun {
                                     finished_ms: Some(n),
-                                    outcome: "skipped".into(),
+                                    outcome: Outcome::Skipped,
                                     error: Some(reason.clone()),
                                     ..Default::default()
                                 });
                             }
                         }
-                        update_metrics(&ctx, &slot.job, |m| *m.outcomes.entry("skipped".into()).or_default() += 1);
+                        update_metrics(&ctx, &slot.job, |m| *m.outcomes.entry(Outcome::Skipped).or_default() += 1);
                         ctx.emit(DaemonEvent::Skipped { job: slot.job.name.clone(), reason });
                         continue;
                     }
@@ -720,7 +729,7 @@ pub async fn run_daemon(
                             c.emit(DaemonEvent::Finished(JobRun {
                                 job: job.name.clone(),
                                 trigger: trigger.into(),
-                                outcome: "failure".into(),
+                                outcome: Outcome::Failure,
                                 error: Some(format!("could not run or record the job: {e:#}")),
                                 ..Default::default()
                             }));
@@ -743,7 +752,7 @@ pub async fn run_daemon(
             }
             ctl = control.recv() => match ctl {
                 None | Some(Control::Shutdown) => break,
-                Some(Control::Reload) => match crate::config::load(&opts.config_path) {
+                Some(Control::Reload) => match crate::schedule::config::load(&opts.config_path) {
                     Err(e) => {
                         ctx.metrics.lock().expect("metrics").reloads_failed += 1;
                         ctx.emit(DaemonEvent::ReloadFailed(format!("{e:#}")));
@@ -777,7 +786,7 @@ pub async fn run_daemon(
                                 next: if keep_time {
                                     old.as_ref().and_then(|o| o.next)
                                 } else {
-                                    job.schedule.next_after(now, new.settings.timezone == crate::config::TimeZone::Local)
+                                    job.schedule.next_after(now, new.settings.timezone == crate::schedule::config::TimeZone::Local)
                                 },
                                 trigger: if keep_time { old.as_ref().map_or("schedule", |o| o.trigger) } else { "schedule" },
                                 busy: old.as_ref().map(|o| o.busy.clone()).unwrap_or_default(),
@@ -855,7 +864,7 @@ pub fn status(loaded: &Loaded, now: DateTime<Utc>) -> anyhow::Result<Vec<JobStat
     let mut out = vec![];
     for job in &loaded.jobs {
         let last = cat.job_runs(Some(&job.name), 1)?.pop();
-        let success = cat.job_last_with(&job.name, &["success"])?;
+        let success = cat.job_last_with(&job.name, &[Outcome::Success])?;
         let success_end = success.and_then(|r| r.finished_ms).map(from_ms);
         let fmt = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         out.push(JobStatus {
@@ -864,7 +873,7 @@ pub fn status(loaded: &Loaded, now: DateTime<Utc>) -> anyhow::Result<Vec<JobStat
             schedule: job.schedule_text.clone(),
             // Probe the lock only when the history says a run is going (so
             // `status` never makes a starting run find its lock taken).
-            running: last.as_ref().is_some_and(|r| r.outcome == "running")
+            running: last.as_ref().is_some_and(|r| r.outcome == Outcome::Running)
                 && !lock_is_free(&locks.join(format!("{}.lock", job.name))),
             next_run: job.schedule.next_after(now, local(loaded)).map(fmt),
             last_run: last,

@@ -5,8 +5,8 @@
 //! The URL is a secret (Slack puts the token in the path): it is never
 //! logged, and transport errors are reported without it.
 
-use crate::catalog::JobRun;
-use crate::config::Notify;
+use crate::records::jobs::{JobRun, Outcome};
+use crate::schedule::config::Notify;
 use secrecy::ExposeSecret;
 
 /// Why a notification is sent.
@@ -20,13 +20,12 @@ pub enum Event {
 
 /// Which event (if any) a finished run triggers, given the outcome of the
 /// job's previous finished run.
-pub fn event_for(outcome: &str, previous: Option<&str>, on_success: bool) -> Option<Event> {
-    let bad = |o: &str| matches!(o, "failure" | "partial" | "timeout" | "interrupted");
-    if bad(outcome) {
+pub fn event_for(outcome: Outcome, previous: Option<Outcome>, on_success: bool) -> Option<Event> {
+    if outcome.is_bad() {
         return Some(Event::Failure);
     }
-    if outcome == "success" {
-        if previous.is_some_and(bad) {
+    if outcome == Outcome::Success {
+        if previous.is_some_and(Outcome::is_bad) {
             return Some(Event::Recovery);
         }
         if on_success {
@@ -121,18 +120,30 @@ mod tests {
 
     #[test]
     fn events_follow_outcomes() {
-        assert_eq!(event_for("failure", None, false), Some(Event::Failure));
         assert_eq!(
-            event_for("timeout", Some("success"), false),
+            event_for(Outcome::Failure, None, false),
             Some(Event::Failure)
         );
         assert_eq!(
-            event_for("success", Some("failure"), false),
+            event_for(Outcome::Timeout, Some(Outcome::Success), false),
+            Some(Event::Failure)
+        );
+        assert_eq!(
+            event_for(Outcome::Success, Some(Outcome::Failure), false),
             Some(Event::Recovery)
         );
-        assert_eq!(event_for("success", Some("success"), false), None);
-        assert_eq!(event_for("success", None, true), Some(Event::Success));
-        assert_eq!(event_for("skipped", Some("failure"), true), None);
-        assert_eq!(event_for("cancelled", None, true), None);
+        assert_eq!(
+            event_for(Outcome::Success, Some(Outcome::Success), false),
+            None
+        );
+        assert_eq!(
+            event_for(Outcome::Success, None, true),
+            Some(Event::Success)
+        );
+        assert_eq!(
+            event_for(Outcome::Skipped, Some(Outcome::Failure), true),
+            None
+        );
+        assert_eq!(event_for(Outcome::Cancelled, None, true), None);
     }
 }

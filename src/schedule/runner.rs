@@ -2,14 +2,11 @@
 //! the repository from the configuration, do the action, apply retention.
 //! The same function serves the daemon and `labctl jobs run`.
 
-use crate::config::{Action, Job, RepositoryConfig};
 use crate::error::{CancelFlag, Cancelled, LabError};
 use crate::repo::keys::Keys;
 use crate::repo::Repository;
-use std::io::Read;
+use crate::schedule::config::{Action, Job, RepositoryConfig};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 
 /// What one successful (or partial) attempt did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -86,30 +83,13 @@ pub fn execute(cfg: &RepositoryConfig, job: &Job, cancel: &CancelFlag) -> anyhow
     let repo = open_repo(cfg, need_data)?;
     cancel.check()?;
     match &job.action {
-        Action::BackupPath { path, chunker } => {
-            let opts = backup_options(job, *chunker, cancel);
-            let out = crate::repo::backup::backup_path(
-                &repo,
-                path,
-                &opts,
-                crate::progress::Progress::hidden(),
-            )?;
-            finish_backup(&repo, job, out)
-        }
-        Action::BackupStream {
-            name,
-            command,
-            chunker,
-        } => {
-            let opts = backup_options(job, *chunker, cancel);
-            let reader = CommandReader::spawn(command, cancel)?;
-            let out = crate::repo::backup::backup_stream(
-                &repo,
-                name,
-                reader,
-                &opts,
-                crate::progress::Progress::hidden(),
-            )?;
+        Action::Backup(source) => {
+            let out = source.backup(crate::sources::SourceContext {
+                repo: &repo,
+                opts: backup_options(job, cancel),
+                progress: crate::util::progress::Progress::hidden(),
+                stdin: None,
+            })?;
             finish_backup(&repo, job, out)
         }
         Action::Forget(policy) => {
@@ -179,11 +159,7 @@ pub fn execute(cfg: &RepositoryConfig, job: &Job, cancel: &CancelFlag) -> anyhow
     }
 }
 
-fn backup_options(
-    job: &Job,
-    chunker: crate::repo::backup::ChunkerChoice,
-    cancel: &CancelFlag,
-) -> crate::repo::backup::BackupOptions {
+fn backup_options(job: &Job, cancel: &CancelFlag) -> crate::repo::backup::BackupOptions {
     let mut facts = std::collections::BTreeMap::new();
     facts.insert(
         "job".to_string(),
@@ -191,7 +167,6 @@ fn backup_options(
     );
     crate::repo::backup::BackupOptions {
         tags: job.tags.clone(),
-        chunker,
         facts,
         cancel: Some(cancel.clone()),
         ..Default::default()
@@ -250,118 +225,6 @@ fn finish_backup(
             .push_str(&format!("; retention removed {removed} snapshot(s)"));
     }
     Ok(facts)
-}
-
-/// A command's stdout as a reader. At end of output it waits for the
-/// command, and turns a non-zero exit into a read error (so the backup
-/// commits nothing). Cancelling kills the command.
-struct CommandReader {
-    child: Arc<Mutex<Child>>,
-    stdout: std::process::ChildStdout,
-    stderr_tail: Arc<Mutex<Vec<u8>>>,
-    program: String,
-    done: Arc<std::sync::atomic::AtomicBool>,
-    cancel: CancelFlag,
-}
-
-impl CommandReader {
-    fn spawn(command: &[String], cancel: &CancelFlag) -> anyhow::Result<CommandReader> {
-        use std::os::unix::process::CommandExt;
-        // Its own process group, so cancelling kills what it started too
-        // (a shell's children would otherwise keep the pipe open).
-        let mut child = Command::new(&command[0])
-            .args(&command[1..])
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| LabError::usage(format!("cannot start `{}`: {e}", command[0])))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut stderr = child.stderr.take().expect("piped stderr");
-        let tail = Arc::new(Mutex::new(Vec::new()));
-        let t2 = tail.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let mut t = t2.lock().expect("stderr tail");
-                t.extend_from_slice(&buf[..n]);
-                let excess = t.len().saturating_sub(2048);
-                t.drain(..excess);
-            }
-        });
-        let child = Arc::new(Mutex::new(child));
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // Kill the command when the job is cancelled (a command that blocks
-        // without writing would otherwise hold the job forever).
-        let (c2, d2, flag) = (child.clone(), done.clone(), cancel.clone());
-        std::thread::spawn(move || loop {
-            if d2.load(std::sync::atomic::Ordering::SeqCst) {
-                return;
-            }
-            if flag.is_cancelled() {
-                let c = c2.lock().expect("child");
-                // SAFETY: kill(2) on the command's own process group.
-                unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        });
-        Ok(CommandReader {
-            child,
-            stdout,
-            stderr_tail: tail,
-            program: command[0].clone(),
-            done,
-            cancel: cancel.clone(),
-        })
-    }
-}
-
-impl Read for CommandReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.stdout.read(buf)?;
-        if n > 0 {
-            return Ok(n);
-        }
-        let status = self.child.lock().expect("child").wait()?;
-        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
-        if self.cancel.is_cancelled() {
-            return Err(std::io::Error::other(Cancelled.to_string()));
-        }
-        if status.success() {
-            return Ok(0);
-        }
-        let tail = String::from_utf8_lossy(&self.stderr_tail.lock().expect("tail"))
-            .trim()
-            .to_string();
-        let last = tail.lines().last().unwrap_or("").to_string();
-        Err(std::io::Error::other(format!(
-            "`{}` exited with {status}{}",
-            self.program,
-            if last.is_empty() {
-                String::new()
-            } else {
-                format!(": {last}")
-            }
-        )))
-    }
-}
-
-impl Drop for CommandReader {
-    fn drop(&mut self) {
-        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Ok(mut c) = self.child.lock() {
-            if c.try_wait().ok().flatten().is_none() {
-                // SAFETY: kill(2) on the command's own process group.
-                unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
-                let _ = c.wait();
-            }
-        }
-    }
 }
 
 /// True when `e` (or its cause) is a cancellation.

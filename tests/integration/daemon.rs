@@ -5,9 +5,9 @@
 
 use crate::common::{assert_success, Env, BIN};
 use chrono::{DateTime, TimeZone, Utc};
-use labctl::config::{self, Job, RepositoryConfig};
 use labctl::error::CancelFlag;
 use labctl::schedule::clock::ManualClock;
+use labctl::schedule::config::{self, Job, RepositoryConfig};
 use labctl::schedule::{self, runner, Control, DaemonEvent, DaemonOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -48,9 +48,9 @@ impl DEnv {
         config::load(&self.config).unwrap()
     }
 
-    fn history(&self, job: &str) -> Vec<labctl::catalog::JobRun> {
+    fn history(&self, job: &str) -> Vec<labctl::records::jobs::JobRun> {
         let loaded = config::load(&self.config).unwrap();
-        let cat = labctl::catalog::JobHistory::open(
+        let cat = labctl::records::jobs::JobHistory::open(
             &runner::history_path(&loaded.raw.repository).unwrap(),
         )
         .unwrap();
@@ -124,7 +124,7 @@ impl Running {
         }
     }
 
-    async fn finished(&mut self, job: &str) -> labctl::catalog::JobRun {
+    async fn finished(&mut self, job: &str) -> labctl::records::jobs::JobRun {
         match self
             .expect(
                 &format!("{job} to finish"),
@@ -138,7 +138,7 @@ impl Running {
     }
 
     /// Waits for each job in `jobs` to finish, in any order.
-    async fn finished_all(&mut self, jobs: &[&str]) -> Vec<labctl::catalog::JobRun> {
+    async fn finished_all(&mut self, jobs: &[&str]) -> Vec<labctl::records::jobs::JobRun> {
         let mut out = vec![];
         while out.len() < jobs.len() {
             match self

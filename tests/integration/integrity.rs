@@ -347,7 +347,7 @@ fn crafted_snapshot(env: &Env, nodes: serde_json::Value, data: &[u8]) {
         &env.cache,
     )
     .unwrap();
-    let mut run = BackupRun::start(&repo, 1, labctl::progress::Progress::hidden()).unwrap();
+    let mut run = BackupRun::start(&repo, 1, labctl::util::progress::Progress::hidden()).unwrap();
     let chunk = run.add_chunk(BlobKind::Data, data.to_vec(), 3).unwrap();
     let text = serde_json::json!({"v": 1, "nodes": nodes})
         .to_string()
@@ -480,11 +480,11 @@ fn prune_removes_what_killed_backups_leave_after_the_grace_period() {
         let dir = env.path("src2");
         write(&dir.join("lost"), &noise(3 << 20, 9));
         let repo = open_lib(&env);
-        let out = labctl::repo::backup::backup_path(
+        let out = labctl::sources::path::backup_path(
             &repo,
             &dir,
             &Default::default(),
-            labctl::progress::Progress::hidden(),
+            labctl::util::progress::Progress::hidden(),
         )
         .unwrap();
         fs::remove_file(env.repo.join("snapshots").join(out.snapshot_id.hex())).unwrap();

@@ -2,11 +2,13 @@
 
 use crate::common::*;
 use labctl::backend::fs::FsBackend;
-use labctl::progress::Progress;
-use labctl::repo::backup::{backup_path, backup_stream, BackupOptions, ChunkerChoice};
+use labctl::repo::backup::{BackupOptions, ChunkerChoice};
 use labctl::repo::chunker::ChunkerParams;
 use labctl::repo::restore::{restore_to_dir, restore_to_writer, ReadOrder, RestoreOptions};
 use labctl::repo::{init, InitOptions, Repository};
+use labctl::sources::path::backup_path;
+use labctl::sources::stream::backup_stream;
+use labctl::util::progress::Progress;
 use proptest::prelude::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -144,8 +146,8 @@ proptest! {
     fn any_stream_round_trips(data in content(), fixed in any::<bool>()) {
         let dir = tempfile::tempdir().unwrap();
         let repo = repo(dir.path());
-        let opts = BackupOptions { chunker: if fixed { ChunkerChoice::Fixed } else { ChunkerChoice::Cdc }, ..Default::default() };
-        let out = backup_stream(&repo, "dump.sql", &data[..], &opts, Progress::hidden()).unwrap();
+        let chunker = if fixed { ChunkerChoice::Fixed } else { ChunkerChoice::Cdc };
+        let out = backup_stream(&repo, "dump.sql", &data[..], chunker, &BackupOptions::default(), Progress::hidden()).unwrap();
         let mut restored = vec![];
         let n = restore_to_writer(&repo, &out.snapshot_id, None, &mut restored, 0).unwrap();
         prop_assert_eq!(n as usize, data.len());

@@ -21,7 +21,7 @@
 //! Files of one blob (most small files) are created when their blob
 //! arrives and set up through the open descriptor; the 4 KiB-aligned
 //! interior of every write of 64 KiB or more goes through `O_DIRECT`
-//! (see [`crate::directio::write_at`]), its edges buffered.
+//! (see [`crate::util::directio::write_at`]), its edges buffered.
 //!
 //! Memory is bounded by the batch size (a few MiB of plan), the readers'
 //! queue (one job per reader) and one blob being assembled and decoded per
@@ -29,12 +29,12 @@
 
 use super::{put_in_place, temp_name, FileSink, RestoreOptions, RestoreSummary};
 use crate::backend::{Backend, BackendError};
-use crate::catalog::BlobLocation;
 use crate::error::LabError;
-use crate::progress::Progress;
+use crate::repo::catalog::BlobLocation;
 use crate::repo::keys::Keys;
 use crate::repo::tree::{ContentRef, Node};
 use crate::repo::{decode_blob, format, Id, Repository};
+use crate::util::progress::Progress;
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -465,7 +465,7 @@ fn read_range(backend: &dyn Backend, keys: &Keys, shared: &Shared, range: RangeJ
 
 /// Writes a blob's plaintext at `offset` of a file's temporary name,
 /// creating it first when the file was deferred to its one blob. Large
-/// writes go through `O_DIRECT` ([`crate::directio::write_at`]): restoring
+/// writes go through `O_DIRECT` ([`crate::util::directio::write_at`]): restoring
 /// through the page cache cost more system time than everything else the
 /// restore does when the VM had to back fresh pages (0.4-1.6 s of system
 /// time for 512 MiB, against a steady ~0.4 s with `O_DIRECT`), and a large
@@ -473,7 +473,8 @@ fn read_range(backend: &dyn Backend, keys: &Keys, shared: &Shared, range: RangeJ
 fn write_target(shared: &Shared, p: &Pending, data: &[u8], offset: u64) -> std::io::Result<()> {
     // All-zero data stays a hole: the file was created at its full size,
     // so a sparse file comes back sparse whatever chunker stored it.
-    let hole = data.len() >= crate::directio::HOLE_MIN && crate::directio::is_zero(data);
+    let hole =
+        data.len() >= crate::util::directio::HOLE_MIN && crate::util::directio::is_zero(data);
     if p.deferred {
         let f = OpenOptions::new()
             .write(true)
@@ -491,7 +492,7 @@ fn write_target(shared: &Shared, p: &Pending, data: &[u8], offset: u64) -> std::
         Ok(())
     } else {
         let direct = shared.direct.load(Ordering::Relaxed);
-        if !crate::directio::write_at(&p.tmp, data, offset, direct)? && direct {
+        if !crate::util::directio::write_at(&p.tmp, data, offset, direct)? && direct {
             shared.direct.store(false, Ordering::Relaxed);
         }
         Ok(())

@@ -16,12 +16,12 @@
 
 mod by_pack;
 
-use crate::catalog::BlobLocation;
-use crate::directio::DirectWriter;
 use crate::error::{ExitCode, LabError};
-use crate::progress::Progress;
+use crate::repo::catalog::BlobLocation;
 use crate::repo::tree::{ContentRef, Node, NodeType};
 use crate::repo::{read_blob_at, read_tree_blob_at, Id, Repository};
+use crate::util::directio::DirectWriter;
+use crate::util::progress::Progress;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -857,7 +857,9 @@ impl DirWriter {
                 match r {
                     Ok(d) => {
                         // All-zero data becomes a hole, whatever chunker stored it.
-                        if d.len() >= crate::directio::HOLE_MIN && crate::directio::is_zero(&d) {
+                        if d.len() >= crate::util::directio::HOLE_MIN
+                            && crate::util::directio::is_zero(&d)
+                        {
                             cur.file.zeros(d.len() as u64)
                         } else {
                             cur.file.write(&d)

@@ -1,17 +1,25 @@
 //! What `labctl provision` applied, when and by whom (`provision.db` in the
 //! cache directory), and the lock that keeps two applies on one host apart.
 
-use super::platform::Platform;
-use super::Applied;
 use rusqlite::{params, Connection};
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
+/// One VM's line in the record of an apply or destroy.
+#[derive(Debug, Clone)]
+pub struct AppliedVm {
+    pub name: String,
+    pub vmid: u32,
+    /// `create`, `update`, `destroy`, ... (`unchanged` is not recorded).
+    pub action: String,
+    /// What changed, as shown by `provision plan`.
+    pub changes: serde_json::Value,
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
 fn open(path: &Path) -> anyhow::Result<Connection> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
+    crate::util::sqlite::private_file(path)?;
     let c = Connection::open(path)?;
     c.busy_timeout(std::time::Duration::from_secs(10))?;
     c.execute_batch(
@@ -33,9 +41,9 @@ fn user() -> String {
 ///
 /// # Errors
 /// SQLite errors.
-pub fn record(path: &Path, p: &Platform, applied: &[Applied]) -> anyhow::Result<()> {
+pub fn record(path: &Path, platform_file: &Path, applied: &[AppliedVm]) -> anyhow::Result<()> {
     let c = open(path)?;
-    let now = crate::repo::now_rfc3339();
+    let now = crate::util::now_rfc3339();
     let host = gethostname::gethostname().to_string_lossy().to_string();
     let user = user();
     for a in applied.iter().filter(|a| a.action != "unchanged") {
@@ -45,11 +53,11 @@ pub fn record(path: &Path, p: &Platform, applied: &[Applied]) -> anyhow::Result<
                 now,
                 user,
                 host,
-                p.path.display().to_string(),
+                platform_file.display().to_string(),
                 a.name,
                 a.vmid,
                 a.action,
-                serde_json::to_string(&a.changes)?,
+                a.changes.to_string(),
                 a.ok,
                 a.error
             ],
@@ -94,21 +102,12 @@ pub fn last_per_vm(path: &Path) -> anyhow::Result<BTreeMap<String, serde_json::V
 /// A refusal when another one runs.
 pub fn lock(db: &Path) -> anyhow::Result<std::fs::File> {
     let path = db.with_extension("lock");
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)?;
-    // SAFETY: flock on an owned descriptor.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    let Some(f) = crate::util::lock::try_exclusive(&path)? else {
         return Err(crate::error::LabError::refused(format!(
             "another labctl provision apply/destroy is running on this host ({} is locked)",
             path.display()
         ))
         .into());
-    }
+    };
     Ok(f)
 }

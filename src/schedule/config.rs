@@ -162,7 +162,7 @@ pub struct JobConfig {
     pub missed_runs: Option<MissedRuns>,
     /// Exactly one of `backup`, `forget`, `prune`, `check`.
     #[serde(default)]
-    pub backup: Option<BackupJob>,
+    pub backup: Option<crate::sources::SourceSpec>,
     #[serde(default)]
     pub forget: Option<RetentionConfig>,
     #[serde(default)]
@@ -178,39 +178,8 @@ fn default_retry_delay() -> String {
     "1min".into()
 }
 
-/// `backup = { source = "...", ... }`: the fields used depend on `source`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BackupJob {
-    /// `path` (a directory tree) or `stream` (a command's stdout).
-    pub source: String,
-    /// source = "path": the directory.
-    #[serde(default)]
-    pub path: Option<PathBuf>,
-    /// source = "stream": the snapshot's source name.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// source = "stream": the program and its arguments (no shell; use
-    /// `["sh", "-c", "..."]` for one). A non-zero exit fails the backup.
-    #[serde(default)]
-    pub command: Option<Vec<String>>,
-    /// `auto`, `cdc` or `fixed`.
-    #[serde(default)]
-    pub chunker: Option<String>,
-}
-
 /// Keep rules, as for `labctl forget`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetentionConfig {
-    pub keep_last: Option<u32>,
-    pub keep_hourly: Option<u32>,
-    pub keep_daily: Option<u32>,
-    pub keep_weekly: Option<u32>,
-    pub keep_monthly: Option<u32>,
-    pub keep_yearly: Option<u32>,
-    pub keep_within: Option<String>,
-}
+pub type RetentionConfig = crate::repo::forget::KeepRules;
 
 /// `prune = { grace = "24h", repack_threshold = "25%" }`
 #[derive(Debug, Clone, Deserialize)]
@@ -242,15 +211,8 @@ pub struct CheckJob {
 /// A job's action, validated.
 #[derive(Debug, Clone)]
 pub enum Action {
-    BackupPath {
-        path: PathBuf,
-        chunker: crate::repo::backup::ChunkerChoice,
-    },
-    BackupStream {
-        name: String,
-        command: Vec<String>,
-        chunker: crate::repo::backup::ChunkerChoice,
-    },
+    /// Back up one source (see [`crate::sources::SourceSpec`]).
+    Backup(crate::sources::SourceSpec),
     Forget(KeepPolicy),
     Prune {
         grace: time::Duration,
@@ -262,7 +224,7 @@ pub enum Action {
 impl Action {
     pub fn kind(&self) -> &'static str {
         match self {
-            Action::BackupPath { .. } | Action::BackupStream { .. } => "backup",
+            Action::Backup(_) => "backup",
             Action::Forget(_) => "forget",
             Action::Prune { .. } => "prune",
             Action::Check(_) => "check",
@@ -329,39 +291,10 @@ pub fn default_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/etc/labctl/labctl.toml"))
 }
 
-/// Parses a daemon duration: `30s`, `5min`, `2h`, `1d`, `1h30min`.
-///
-/// # Errors
-/// A usage error naming the text.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("'{text}' is not a duration like 30s, 5min, 2h, 1d or 1h30min");
-    let t = text.trim();
-    let mut total = 0u64;
-    let mut rest = t;
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest.chars().take_while(char::is_ascii_digit).count();
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest.chars().take_while(char::is_ascii_alphabetic).count();
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let mult = match unit {
-            "s" => 1,
-            "min" => 60,
-            "h" => 3600,
-            "d" => 86400,
-            "m" => return Err(format!("{}: write `min` for minutes", bad())),
-            _ => return Err(bad()),
-        };
-        total = total.saturating_add(n.saturating_mul(mult));
-    }
-    Ok(Duration::from_secs(total))
+/// Parses a duration (labctl's one grammar, see [`crate::util::units`]),
+/// with the error as text for `file:line: field:` messages.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    crate::util::units::parse_duration(text).map_err(|e| e.message)
 }
 
 /// Line and column (1-based) of a byte offset.
@@ -544,12 +477,12 @@ fn validate(raw: Config, text: &str, secrets: bool) -> anyhow::Result<Loaded> {
             actions.push(Action::Forget(p));
         }
         if let Some(p) = &j.prune {
-            let grace = crate::repo::forget::parse_duration(&p.grace)
+            let grace = crate::util::units::parse_time_duration(&p.grace)
                 .map_err(|e| at(line, &f("prune.grace"), e.message))?;
             if grace < time::Duration::hours(24) {
                 warnings.push(format!("{file}:{line}: job '{}': prune grace {} is under 24h: a backup running longer than that can lose data it deduplicated", j.name, p.grace));
             }
-            let repack_threshold = crate::cli::parse_percent(&p.repack_threshold)
+            let repack_threshold = crate::util::units::parse_percent(&p.repack_threshold)
                 .map_err(|e| at(line, &f("prune.repack_threshold"), e.to_string()))?;
             actions.push(Action::Prune {
                 grace,
@@ -566,7 +499,7 @@ fn validate(raw: Config, text: &str, secrets: bool) -> anyhow::Result<Loaded> {
                     ))
                 }
                 (Some(s), false) => {
-                    let share = crate::cli::parse_percent(s)
+                    let share = crate::util::units::parse_percent(s)
                         .map_err(|e| at(line, &f("check.read_data_subset"), e.to_string()))?;
                     if share == 0.0 {
                         return Err(at(
@@ -656,91 +589,14 @@ fn validate(raw: Config, text: &str, secrets: bool) -> anyhow::Result<Loaded> {
 
 type FieldError = (String, String);
 
-fn backup_action(b: &BackupJob) -> Result<Action, FieldError> {
-    let chunker = match b.chunker.as_deref() {
-        None | Some("auto") => crate::repo::backup::ChunkerChoice::Auto,
-        Some("cdc") => crate::repo::backup::ChunkerChoice::Cdc,
-        Some("fixed") => crate::repo::backup::ChunkerChoice::Fixed,
-        Some(o) => return Err(("chunker".into(), format!("'{o}': use auto, cdc or fixed"))),
-    };
-    let unused = |name: &str, set: bool| -> Result<(), FieldError> {
-        if set {
-            Err((name.into(), format!("not used by source '{}'", b.source)))
-        } else {
-            Ok(())
-        }
-    };
-    match b.source.as_str() {
-        "path" => {
-            unused("name", b.name.is_some())?;
-            unused("command", b.command.is_some())?;
-            let path = b.path.clone().ok_or_else(|| {
-                (
-                    "path".to_string(),
-                    "source 'path' needs path = \"/dir\"".to_string(),
-                )
-            })?;
-            if !path.is_absolute() {
-                return Err((
-                    "path".into(),
-                    format!("'{}' must be an absolute path", path.display()),
-                ));
-            }
-            Ok(Action::BackupPath { path, chunker })
-        }
-        "stream" => {
-            unused("path", b.path.is_some())?;
-            let name = b.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| {
-                (
-                    "name".to_string(),
-                    "source 'stream' needs a name".to_string(),
-                )
-            })?;
-            let command = b
-                .command
-                .clone()
-                .filter(|c| !c.is_empty() && !c[0].is_empty())
-                .ok_or_else(|| {
-                    (
-                        "command".to_string(),
-                        "source 'stream' needs command = [\"program\", \"arg\", ...]".to_string(),
-                    )
-                })?;
-            Ok(Action::BackupStream {
-                name,
-                command,
-                chunker,
-            })
-        }
-        other => Err((
-            "source".into(),
-            format!("unknown source '{other}' (this build knows: path, stream)"),
-        )),
-    }
+fn backup_action(b: &crate::sources::SourceSpec) -> Result<Action, FieldError> {
+    b.validate(true)?;
+    Ok(Action::Backup(b.clone()))
 }
 
 fn keep_policy(r: &RetentionConfig) -> Result<KeepPolicy, FieldError> {
-    let p = KeepPolicy {
-        last: r.keep_last,
-        hourly: r.keep_hourly,
-        daily: r.keep_daily,
-        weekly: r.keep_weekly,
-        monthly: r.keep_monthly,
-        yearly: r.keep_yearly,
-        within: r
-            .keep_within
-            .as_deref()
-            .map(crate::repo::forget::parse_duration)
-            .transpose()
-            .map_err(|e| ("keep_within".to_string(), e.message))?,
-    };
-    if p.is_empty() {
-        return Err((
-            "keep_last".into(),
-            "give at least one keep_* rule; an empty policy would remove every snapshot".into(),
-        ));
-    }
-    Ok(p)
+    r.policy()
+        .map_err(|(field, e)| (field.to_string(), e.message))
 }
 
 fn resolve_notify(n: &NotifyConfig, file: &str, line: usize) -> anyhow::Result<Notify> {
@@ -764,7 +620,7 @@ fn resolve_notify(n: &NotifyConfig, file: &str, line: usize) -> anyhow::Result<N
         (Some(p), None) => {
             let meta = std::fs::metadata(p)
                 .map_err(|e| at("webhook_url_file", format!("{}: {e}", p.display())))?;
-            crate::repo::keys::check_private(p, &meta)?;
+            crate::util::secret::check_private(p, &meta)?;
             let text = std::fs::read_to_string(p)
                 .map_err(|e| at("webhook_url_file", format!("{}: {e}", p.display())))?;
             (text.trim().to_string(), p.display().to_string())
@@ -807,7 +663,7 @@ mod tests {
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("1h30min"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
-        assert!(parse_duration("5m").unwrap_err().contains("min"));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("").is_err());
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("3 weeks").is_err());
@@ -838,7 +694,9 @@ mod tests {
             "{base}schedule = \"0 2 * * *\"\nbackup = {{ source = \"etcd\" }}\n"
         ));
         assert!(
-            e.contains("job[0].backup.source") && e.contains("unknown source 'etcd'"),
+            e.starts_with("lab.toml:8:")
+                && e.contains("job[0].backup")
+                && e.contains("unknown variant `etcd`, expected `path` or `stream`"),
             "{e}"
         );
         let e = err_of(&format!("{base}schedule = \"0 2 * * *\"\n"));

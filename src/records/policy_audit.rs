@@ -95,7 +95,7 @@ pub fn record(
     let (seq, prev) = last(path)?;
     let mut entry = json!({
         "seq": seq + 1,
-        "time": crate::repo::now_rfc3339(),
+        "time": crate::util::now_rfc3339(),
         "actor": actor,
         "host": gethostname::gethostname().to_string_lossy(),
         "reason": reason,

@@ -8,10 +8,9 @@
 //! copy, so memory does not grow with repository size. Schema versioned,
 //! WAL mode, busy timeout (several labctl processes may share it).
 //!
-//! Beside it, in the same directory, `jobs.db` ([`JobHistory`]) holds the
-//! daemon's job history: the one part of the catalog that is not derived from
-//! the repository, so it lives in its own file that cache resets never touch
-//! (and a backup's open transaction on the cache never blocks it).
+//! Beside it, in the same directory, `jobs.db`
+//! ([`crate::records::jobs::JobHistory`]) holds the daemon's job history,
+//! which is not derived from the repository and so is not part of this cache.
 
 use crate::repo::blob::BlobKind;
 use crate::repo::pack::PackEntry;
@@ -39,44 +38,6 @@ CREATE TABLE IF NOT EXISTS file_cache(source TEXT NOT NULL, path BLOB NOT NULL, 
 CREATE TABLE IF NOT EXISTS damaged_index(id BLOB PRIMARY KEY, why TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS vanished(id BLOB PRIMARY KEY, json TEXT NOT NULL, noticed TEXT NOT NULL) WITHOUT ROWID;
 ";
-
-const JOBS_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS job_runs(id INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL,
-    trigger TEXT NOT NULL, scheduled_ms INTEGER, started_ms INTEGER NOT NULL, finished_ms INTEGER,
-    outcome TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, bytes_read INTEGER NOT NULL DEFAULT 0,
-    bytes_added INTEGER NOT NULL DEFAULT 0, snapshots TEXT NOT NULL DEFAULT '', error TEXT);
-CREATE INDEX IF NOT EXISTS job_runs_by_job ON job_runs(job, id);
-";
-
-/// Makes `path`'s directory (created 0700 with any missing parents, and
-/// made 0700 when it exists: it lists every backed-up path) and `path`
-/// itself (created empty, 0600, and made 0600 when it exists; both best
-/// effort where another user owns them) private
-/// before SQLite opens it; SQLite gives its `-wal` and `-shm` files the
-/// database file's mode.
-///
-/// # Errors
-/// When the directory or file cannot be created or its mode set.
-fn private_file(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating catalog directory {}", dir.display()))?;
-        // Best effort on an existing directory someone else owns.
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-    }
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let _ = f.set_permissions(std::fs::Permissions::from_mode(0o600));
-    Ok(())
-}
 
 /// Where a blob is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,35 +74,17 @@ fn id_of(v: Vec<u8>) -> Id {
     Id::from_slice(&v).unwrap_or(Id([0; 32]))
 }
 
-/// Switches to WAL. Switching needs an exclusive lock and SQLite does not
-/// wait for it through the busy handler, so concurrent first opens retry.
-fn set_wal(conn: &Connection) -> anyhow::Result<()> {
-    let mut tries = 0;
-    loop {
-        match conn.pragma_update(None, "journal_mode", "WAL") {
-            Ok(()) => return Ok(()),
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::DatabaseBusy && tries < 300 =>
-            {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
 impl Catalog {
     /// Opens (creating if needed) the catalog at `path`.
     ///
     /// # Errors
     /// When the file cannot be opened or has a newer schema.
     pub fn open(path: &Path) -> anyhow::Result<Catalog> {
-        private_file(path)?;
+        crate::util::sqlite::private_file(path)?;
         let conn = Connection::open(path)
             .with_context(|| format!("opening catalog {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
-        set_wal(&conn)?;
+        crate::util::sqlite::set_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         // Several processes (or daemon jobs) may open a new catalog at the
         // same moment: check and create the schema in one write transaction.
@@ -355,6 +298,30 @@ impl Catalog {
             st.execute(params![&index_id.0[..], &p.0[..]])?;
         }
         Ok(())
+    }
+
+    /// Marks packs as listed by no index fragment (a prune is deleting them).
+    pub fn mark_unindexed(&self, packs: &[Id]) -> anyhow::Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached("UPDATE packs SET index_id=NULL WHERE id=?1")?;
+        for p in packs {
+            st.execute([&p.0[..]])?;
+        }
+        Ok(())
+    }
+
+    /// Whether some pack is said to be indexed by a fragment this catalog no
+    /// longer knows (a process stopped between dropping the fragment and
+    /// updating its packs): the index must be reloaded.
+    pub fn has_stale_index_refs(&self) -> anyhow::Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM packs WHERE index_id IS NOT NULL
+                 AND index_id NOT IN (SELECT id FROM index_files) LIMIT 1",
+            )?
+            .exists([])?)
     }
 
     pub fn has_index_file(&self, id: &Id) -> anyhow::Result<bool> {
@@ -739,176 +706,6 @@ impl Catalog {
     }
 }
 
-/// The daemon's job history (`jobs.db` beside the catalog).
-pub struct JobHistory {
-    conn: Connection,
-}
-
-impl JobHistory {
-    /// Opens (creating if needed) the history database at `path`.
-    ///
-    /// # Errors
-    /// When the file cannot be opened.
-    pub fn open(path: &Path) -> anyhow::Result<JobHistory> {
-        private_file(path)?;
-        let conn = Connection::open(path)
-            .with_context(|| format!("opening job history {}", path.display()))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        set_wal(&conn)?;
-        conn.execute_batch(JOBS_SCHEMA)?;
-        Ok(JobHistory { conn })
-    }
-
-    /// Records the start of a job run (outcome `running`); returns its row id.
-    pub fn job_run_start(
-        &self,
-        job: &str,
-        trigger: &str,
-        scheduled_ms: Option<i64>,
-        started_ms: i64,
-    ) -> anyhow::Result<i64> {
-        self.conn.execute(
-            "INSERT INTO job_runs(job,trigger,scheduled_ms,started_ms,outcome) VALUES(?1,?2,?3,?4,'running')",
-            params![job, trigger, scheduled_ms, started_ms],
-        )?;
-        Ok(self.conn.last_insert_rowid())
-    }
-
-    /// Records how a job run ended.
-    pub fn job_run_finish(&self, id: i64, r: &JobRun) -> anyhow::Result<()> {
-        self.conn.execute(
-            "UPDATE job_runs SET finished_ms=?2, outcome=?3, attempts=?4, bytes_read=?5, bytes_added=?6,
-             snapshots=?7, error=?8 WHERE id=?1",
-            params![
-                id,
-                r.finished_ms,
-                r.outcome,
-                r.attempts,
-                r.bytes_read as i64,
-                r.bytes_added as i64,
-                r.snapshots.join(","),
-                r.error
-            ],
-        )?;
-        Ok(())
-    }
-
-    /// Marks `running` rows of `job` as `interrupted` (their process died).
-    pub fn job_runs_interrupted(&self, job: &str, now_ms: i64) -> anyhow::Result<usize> {
-        Ok(self.conn.execute(
-            "UPDATE job_runs SET outcome='interrupted', finished_ms=?2,
-             error='the process running it stopped before it finished' WHERE job=?1 AND outcome='running'",
-            params![job, now_ms],
-        )?)
-    }
-
-    fn job_rows(&self, sql: &str, args: impl rusqlite::Params) -> anyhow::Result<Vec<JobRun>> {
-        let mut st = self.conn.prepare_cached(sql)?;
-        let rows = st.query_map(args, |r| {
-            let snaps: String = r.get(10)?;
-            Ok(JobRun {
-                id: r.get(0)?,
-                job: r.get(1)?,
-                trigger: r.get(2)?,
-                scheduled_ms: r.get(3)?,
-                started_ms: r.get(4)?,
-                finished_ms: r.get(5)?,
-                outcome: r.get(6)?,
-                attempts: r.get(7)?,
-                bytes_read: r.get::<_, i64>(8)? as u64,
-                bytes_added: r.get::<_, i64>(9)? as u64,
-                snapshots: snaps
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(String::from)
-                    .collect(),
-                error: r.get(11)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// The newest runs of a job (all jobs with `None`), newest first.
-    pub fn job_runs(&self, job: Option<&str>, limit: usize) -> anyhow::Result<Vec<JobRun>> {
-        const COLS: &str = "id,job,trigger,scheduled_ms,started_ms,finished_ms,outcome,attempts,bytes_read,bytes_added,snapshots,error";
-        match job {
-            Some(j) => self.job_rows(
-                &format!("SELECT {COLS} FROM job_runs WHERE job=?1 ORDER BY id DESC LIMIT ?2"),
-                params![j, limit as i64],
-            ),
-            None => self.job_rows(
-                &format!("SELECT {COLS} FROM job_runs ORDER BY id DESC LIMIT ?1"),
-                params![limit as i64],
-            ),
-        }
-    }
-
-    /// The newest finished run of a job with one of `outcomes`.
-    pub fn job_last_with(&self, job: &str, outcomes: &[&str]) -> anyhow::Result<Option<JobRun>> {
-        const COLS: &str = "id,job,trigger,scheduled_ms,started_ms,finished_ms,outcome,attempts,bytes_read,bytes_added,snapshots,error";
-        let list = outcomes
-            .iter()
-            .map(|o| format!("'{}'", o.replace('\'', "")))
-            .collect::<Vec<_>>()
-            .join(",");
-        Ok(self
-            .job_rows(
-                &format!("SELECT {COLS} FROM job_runs WHERE job=?1 AND outcome IN ({list}) ORDER BY id DESC LIMIT 1"),
-                params![job],
-            )?
-            .pop())
-    }
-
-    /// The latest scheduled time the daemon handled for a job (ran or skipped).
-    pub fn job_last_scheduled(&self, job: &str) -> anyhow::Result<Option<i64>> {
-        Ok(self.conn.query_row(
-            "SELECT MAX(scheduled_ms) FROM job_runs WHERE job=?1",
-            [job],
-            |r| r.get(0),
-        )?)
-    }
-
-    /// Keeps only the newest `keep` runs of a job.
-    pub fn job_runs_trim(&self, job: &str, keep: usize) -> anyhow::Result<()> {
-        self.conn.execute(
-            "DELETE FROM job_runs WHERE job=?1 AND id < (SELECT MIN(id) FROM
-             (SELECT id FROM job_runs WHERE job=?1 ORDER BY id DESC LIMIT ?2))",
-            params![job, keep as i64],
-        )?;
-        Ok(())
-    }
-
-    /// How many runs of a job ended with each outcome.
-    pub fn job_outcome_counts(&self, job: &str) -> anyhow::Result<Vec<(String, u64)>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT outcome, COUNT(*) FROM job_runs WHERE job=?1 AND outcome<>'running' GROUP BY outcome",
-        )?;
-        let rows = st.query_map([job], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-}
-
-/// One row of job history.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct JobRun {
-    pub id: i64,
-    pub job: String,
-    /// `schedule`, `missed` (run at start-up for a time that passed) or `manual`.
-    pub trigger: String,
-    pub scheduled_ms: Option<i64>,
-    pub started_ms: i64,
-    pub finished_ms: Option<i64>,
-    /// `running`, `success`, `partial`, `failure`, `timeout`, `cancelled`,
-    /// `skipped` or `interrupted`.
-    pub outcome: String,
-    pub attempts: u32,
-    pub bytes_read: u64,
-    pub bytes_added: u64,
-    pub snapshots: Vec<String>,
-    pub error: Option<String>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -959,42 +756,5 @@ mod tests {
         for h in handles {
             h.join().unwrap().unwrap();
         }
-    }
-
-    #[test]
-    fn job_history_records_and_trims() {
-        let dir = tempfile::tempdir().unwrap();
-        let h = JobHistory::open(&dir.path().join("jobs.db")).unwrap();
-        for i in 0..5i64 {
-            let id = h
-                .job_run_start("a", "schedule", Some(i * 1000), i * 1000)
-                .unwrap();
-            let outcome = if i == 3 { "failure" } else { "success" };
-            h.job_run_finish(
-                id,
-                &JobRun {
-                    finished_ms: Some(i * 1000 + 10),
-                    outcome: outcome.into(),
-                    attempts: 1,
-                    snapshots: vec![format!("s{i}")],
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-        }
-        h.job_run_start("a", "manual", None, 9000).unwrap();
-        assert_eq!(h.job_last_scheduled("a").unwrap(), Some(4000));
-        let last_fail = h.job_last_with("a", &["failure"]).unwrap().unwrap();
-        assert_eq!(last_fail.snapshots, ["s3"]);
-        assert_eq!(h.job_runs_interrupted("a", 9500).unwrap(), 1);
-        let counts: std::collections::BTreeMap<_, _> =
-            h.job_outcome_counts("a").unwrap().into_iter().collect();
-        assert_eq!(counts["success"], 4);
-        assert_eq!(counts["interrupted"], 1);
-        h.job_runs_trim("a", 2).unwrap();
-        let left = h.job_runs(Some("a"), 10).unwrap();
-        assert_eq!(left.len(), 2);
-        assert_eq!(left[0].outcome, "interrupted");
-        assert_eq!(left[1].snapshots, ["s4"]);
     }
 }

@@ -1,0 +1,335 @@
+//! The `path` source: a directory tree, walked in name order, with the
+//! file cache (unchanged files are not read again), hard links recorded
+//! once, FIFOs and device nodes, and files that change while read re-read
+//! once and otherwise reported (exit 3).
+//!
+//! Must not touch packs, the index or catalog tables: it talks to the
+//! engine through [`BackupRun`] only.
+
+use super::SourceContext;
+use crate::error::LabError;
+use crate::repo::backup::{BackupOutcome, BackupRun, ChunkerChoice, SourceError};
+use crate::repo::catalog::FileFacts;
+use crate::repo::chunker::ChunkerKind;
+use crate::repo::snapshot::Source;
+use crate::repo::tree::{ContentRef, Node, NodeType, Tree};
+use crate::repo::Id;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The snapshot's `source.kind`.
+pub const KIND: &str = "path";
+
+/// `labctl backup path DIR` / `backup = { source = "path", path = "/dir" }`.
+#[derive(Debug, Clone, clap::Args, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathSource {
+    /// The directory to back up (absolute in labctl.toml).
+    #[arg(value_name = "DIR")]
+    pub path: PathBuf,
+    /// Chunker: auto (fixed for disk images by extension, FastCDC otherwise), cdc, fixed.
+    #[arg(long, value_enum, default_value = "auto")]
+    #[serde(default)]
+    pub chunker: ChunkerChoice,
+}
+
+impl PathSource {
+    /// A config's path must be absolute (the daemon's working directory is
+    /// not the operator's).
+    ///
+    /// # Errors
+    /// `(field, why)`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !self.path.is_absolute() {
+            return Err((
+                "path".into(),
+                format!("'{}' must be an absolute path", self.path.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Backs up the directory tree.
+    ///
+    /// # Errors
+    /// Storage or catalog errors. Unreadable files do not fail the backup:
+    /// they are listed in `summary.errors` (exit code 3 at the CLI).
+    pub fn backup(&self, ctx: SourceContext<'_>) -> anyhow::Result<BackupOutcome> {
+        let started = Instant::now();
+        let dir = &self.path;
+        let abs = fs::canonicalize(dir)
+            .map_err(|e| LabError::usage(format!("cannot back up {}: {e}", dir.display())))?;
+        if !abs.is_dir() {
+            return Err(LabError::usage(format!(
+                "{} is not a directory; use `labctl backup stream` for a single stream",
+                abs.display()
+            ))
+            .into());
+        }
+        let source_key = abs.to_string_lossy().to_string();
+        let mut run = BackupRun::start(ctx.repo, ctx.opts.threads, ctx.progress)?;
+        run.set_cancel(ctx.opts.cancel.clone());
+        run.use_file_cache(&source_key)?;
+        let mut walker = TreeWalker {
+            links: Default::default(),
+            run: &mut run,
+            choice: self.chunker,
+        };
+        let root = walker.dir(&abs, b"")?;
+        run.finish(
+            Source {
+                kind: KIND.into(),
+                name: source_key.clone(),
+            },
+            root,
+            &ctx.opts,
+            started,
+        )
+    }
+}
+
+/// Backs up `dir` with the automatic chunker: [`PathSource::backup`] for
+/// library callers (the demo, tests) that have no [`SourceContext`].
+///
+/// # Errors
+/// As [`PathSource::backup`].
+pub fn backup_path(
+    repo: &crate::repo::Repository,
+    dir: &Path,
+    opts: &crate::repo::backup::BackupOptions,
+    progress: crate::util::progress::Progress,
+) -> anyhow::Result<BackupOutcome> {
+    PathSource {
+        path: dir.to_path_buf(),
+        chunker: ChunkerChoice::Auto,
+    }
+    .backup(SourceContext {
+        repo,
+        opts: opts.clone(),
+        progress,
+        stdin: None,
+    })
+}
+
+struct TreeWalker<'a, 'r> {
+    /// First path of each multiply-linked inode seen in this run.
+    links: std::collections::HashMap<(u64, u64), Vec<u8>>,
+    run: &'a mut BackupRun<'r>,
+    choice: ChunkerChoice,
+}
+
+/// What was read of one file: its content, how many bytes that is, and the
+/// facts to cache when it did not change while being read.
+struct StableRead {
+    content: Vec<ContentRef>,
+    bytes: u64,
+    stable: Option<FileFacts>,
+}
+
+fn file_facts(m: &fs::Metadata) -> FileFacts {
+    FileFacts {
+        size: m.len(),
+        mtime_ns: mtime_ns(m) as i64,
+        ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        ino: m.ino(),
+    }
+}
+
+fn mtime_ns(m: &fs::Metadata) -> i128 {
+    m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
+}
+
+impl TreeWalker<'_, '_> {
+    fn dir(&mut self, abs: &Path, rel: &[u8]) -> anyhow::Result<Vec<Id>> {
+        let mut entries: Vec<_> =
+            match fs::read_dir(abs).and_then(|rd| rd.collect::<Result<Vec<_>, _>>()) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.run
+                        .summary_mut()
+                        .errors
+                        .push(format!("{}: {e}", abs.display()));
+                    vec![]
+                }
+            };
+        entries.sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
+        let mut nodes = vec![];
+        for entry in entries {
+            let path = entry.path();
+            let name = entry.file_name();
+            let mut child_rel = rel.to_vec();
+            if !child_rel.is_empty() {
+                child_rel.push(b'/');
+            }
+            child_rel.extend_from_slice(name.as_bytes());
+            match self.node(&path, &child_rel, name.as_bytes()) {
+                Ok(Some(n)) => nodes.push(n),
+                Ok(None) => {}
+                Err(e)
+                    if e.downcast_ref::<SourceError>().is_some()
+                        || e.downcast_ref::<std::io::Error>().is_some() =>
+                {
+                    self.run
+                        .summary_mut()
+                        .errors
+                        .push(format!("{}: {e}", path.display()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.run.add_tree(&Tree { v: 1, nodes })
+    }
+
+    fn node(&mut self, path: &Path, rel: &[u8], name: &[u8]) -> anyhow::Result<Option<Node>> {
+        self.run.check_cancel()?;
+        let meta = fs::symlink_metadata(path)?;
+        let ft = meta.file_type();
+        let mut node = Node {
+            name: String::new(),
+            name_hex: false,
+            node_type: NodeType::File,
+            mode: meta.mode(),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mtime_ns: mtime_ns(&meta),
+            size: 0,
+            content: vec![],
+            subtree: None,
+            target: None,
+            target_hex: false,
+            rdev: None,
+            hardlink: None,
+            hardlink_hex: false,
+        };
+        node.set_name(name);
+        if ft.is_dir() {
+            node.node_type = NodeType::Dir;
+            node.subtree = Some(self.dir(path, rel)?);
+            self.run.summary_mut().dirs += 1;
+        } else if ft.is_symlink() {
+            node.node_type = NodeType::Symlink;
+            node.set_target(fs::read_link(path)?.as_os_str().as_bytes());
+            self.run.summary_mut().symlinks += 1;
+        } else if ft.is_file()
+            && meta.nlink() > 1
+            && self.links.contains_key(&(meta.dev(), meta.ino()))
+        {
+            // Recorded once: later names of the inode point at the first.
+            node.set_hardlink(&self.links[&(meta.dev(), meta.ino())]);
+            self.run.summary_mut().hardlinks += 1;
+        } else if ft.is_file() {
+            if meta.nlink() > 1 {
+                self.links.insert((meta.dev(), meta.ino()), rel.to_vec());
+            }
+            let mut size = meta.len();
+            node.content = self.file(path, rel, &meta, &mut size)?;
+            node.size = size;
+            self.run.summary_mut().bytes_total += size;
+        } else {
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_fifo() {
+                node.node_type = NodeType::Fifo;
+            } else if ft.is_char_device() {
+                node.node_type = NodeType::Chardev;
+                node.rdev = Some(meta.rdev());
+            } else if ft.is_block_device() {
+                node.node_type = NodeType::Blockdev;
+                node.rdev = Some(meta.rdev());
+            } else {
+                self.run
+                    .summary_mut()
+                    .skipped
+                    .push(format!("{}: socket (not backed up)", path.display()));
+                return Ok(None);
+            }
+            self.run.summary_mut().specials += 1;
+        }
+        Ok(Some(node))
+    }
+
+    fn file(
+        &mut self,
+        path: &Path,
+        rel: &[u8],
+        meta: &fs::Metadata,
+        size: &mut u64,
+    ) -> anyhow::Result<Vec<ContentRef>> {
+        let facts = file_facts(meta);
+        let cached = self.run.cached_file(rel)?;
+        if let Some((old, content)) = &cached {
+            if *old == facts && self.run.reuse_cached_file(rel, content, facts.size)? {
+                self.run.summary_mut().files_unchanged += 1;
+                return Ok(content.clone());
+            }
+        }
+        let mut f = fs::File::open(path).map_err(|e| SourceError(format!("cannot open: {e}")))?;
+        let kind = self.choice.for_path(path);
+        let read = self.read_stable(&mut f, path, kind)?;
+        *size = read.bytes;
+        if cached.is_some() {
+            self.run.summary_mut().files_changed += 1;
+        } else {
+            self.run.summary_mut().files_new += 1;
+        }
+        // A file that changed while it was read is not cached: the next run
+        // reads it again whatever its size and times say then.
+        if let Some(facts) = read.stable {
+            self.run.cache_file(rel, &facts, &read.content)?;
+        }
+        Ok(read.content)
+    }
+
+    /// Reads an open file whole, checking that it did not change meanwhile
+    /// (size, mtime, ctime through the descriptor before and after, and the
+    /// byte count against the size). A file that changed is read once more;
+    /// if it changes again it is recorded as read (its recorded size is
+    /// always the number of bytes its content holds) and named in
+    /// `summary.changed`, which makes the backup incomplete (exit 3).
+    fn read_stable(
+        &mut self,
+        f: &mut fs::File,
+        path: &Path,
+        kind: ChunkerKind,
+    ) -> anyhow::Result<StableRead> {
+        use std::io::{Seek, SeekFrom};
+        let fstat = |f: &fs::File| -> anyhow::Result<FileFacts> {
+            let m = f
+                .metadata()
+                .map_err(|e| SourceError(format!("cannot stat: {e}")))?;
+            Ok(file_facts(&m))
+        };
+        let mut before = fstat(f)?;
+        let mut attempt = 0;
+        loop {
+            let start = self.run.summary_mut().bytes_read;
+            let content = self.run.add_stream(&mut *f, kind, "read error")?;
+            let bytes = self.run.summary_mut().bytes_read - start;
+            let after = fstat(f)?;
+            if bytes == before.size && after == before {
+                return Ok(StableRead {
+                    content,
+                    bytes,
+                    stable: Some(after),
+                });
+            }
+            attempt += 1;
+            if attempt >= 2 {
+                self.run.summary_mut().changed.push(format!(
+                    "{}: changed while it was read (twice); recorded as read: {bytes} bytes",
+                    path.display()
+                ));
+                return Ok(StableRead {
+                    content,
+                    bytes,
+                    stable: None,
+                });
+            }
+            f.seek(SeekFrom::Start(0))
+                .map_err(|e| SourceError(format!("cannot re-read: {e}")))?;
+            before = after;
+        }
+    }
+}
