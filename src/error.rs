@@ -1,9 +1,12 @@
-//! Error kinds that map to documented exit codes.
+//! Exit codes and the typed errors that map to them: [`LabError`] (a kind
+//! and a message naming the object), [`BackendError`] (storage, naming the
+//! object), [`Cancelled`]. Library modules return them inside `anyhow`
+//! chains (with context); [`exit_code_for`] is the one place a chain becomes
+//! an exit code, and [`is_retryable`] the one place the daemon asks whether
+//! another attempt can help. The table below is the contract documented in
+//! the README and the man pages; do not renumber.
 //!
-//! Library modules return typed errors that carry the object that failed; the
-//! CLI wraps them with context (anyhow) and `main` maps the innermost
-//! [`LabError`] found in the chain to an [`ExitCode`]. The table below is the
-//! contract documented in the README and the man pages; do not renumber.
+//! Must not import anything from labctl: every other module depends on it.
 //!
 //! | code | meaning |
 //! |---|---|
@@ -38,7 +41,8 @@ impl ExitCode {
 }
 
 /// A classified error: what went wrong, on which object, and what to do.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct LabError {
     pub kind: ExitCode,
     pub message: String,
@@ -67,14 +71,6 @@ impl LabError {
         Self::new(ExitCode::Storage, message)
     }
 }
-
-impl fmt::Display for LabError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for LabError {}
 
 /// Work stopped because it was asked to (a timeout or shutdown); what was
 /// already written stays consistent and is re-used by the next run.
@@ -194,3 +190,32 @@ pub fn is_retryable(err: &anyhow::Error) -> bool {
 
 /// Shorthand for results whose errors carry context chains.
 pub type Result<T> = anyhow::Result<T>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permanent_errors_are_not_retried_and_map_to_their_exit_codes() {
+        let key: anyhow::Error = LabError::key("wrong key").into();
+        assert!(!is_retryable(&key.context("opening")));
+        let usage: anyhow::Error = LabError::usage("bad flag").into();
+        assert!(!is_retryable(&usage));
+        let failed: anyhow::Error = LabError::new(ExitCode::Failure, "pg_dump exited 1").into();
+        assert!(is_retryable(&failed));
+        let io: anyhow::Error = BackendError::Io {
+            name: "packs/x".into(),
+            cause: std::io::Error::from(std::io::ErrorKind::TimedOut),
+        }
+        .into();
+        assert!(is_retryable(&io));
+        assert_eq!(exit_code_for(&io), ExitCode::Storage);
+        let gone: anyhow::Error = BackendError::NotFound {
+            name: "packs/x".into(),
+        }
+        .into();
+        assert!(!is_retryable(&gone));
+        assert_eq!(exit_code_for(&gone.context("reading")), ExitCode::Integrity);
+        assert!(is_retryable(&anyhow::anyhow!("connection reset")));
+    }
+}

@@ -31,12 +31,19 @@ pub struct DaemonCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum ConfigCmd {
-    /// Check a configuration file: syntax, unknown keys, schedules, key and
-    /// webhook files; print each job's next run. Exit code 2 names the file,
-    /// line and field of the first problem.
+    /// Check a configuration file: syntax, unknown keys, schedules,
+    /// durations, sources; print each job's next run. Exit code 2 names the
+    /// file, line and field of the first problem. Works on any machine.
+    ///
+    /// With --host, also what depends on this machine, as the daemon will
+    /// need it: the key files present and private (exit 5), the webhook URL
+    /// file or variable readable, the cache directory writable.
     Validate {
         #[command(flatten)]
         config: ConfigArg,
+        /// Also check this machine: key files, webhook secret, cache directory.
+        #[arg(long)]
+        host: bool,
     },
 }
 
@@ -74,12 +81,18 @@ pub enum JobsCmd {
 }
 
 pub fn run_config(g: &GlobalArgs, c: ConfigCmd) -> anyhow::Result<ExitCode> {
-    let ConfigCmd::Validate { config } = c;
-    let loaded = config::load(&config.config)?;
-    // The key file must be there and private, as the daemon will need it.
-    let repo_id = schedule::runner::repo_id(&loaded.raw.repository)?;
-    if let Some(k) = &loaded.raw.repository.restore_key {
-        crate::repo::keys::Keys::load(k)?;
+    let ConfigCmd::Validate { config, host } = c;
+    let mut loaded = config::load_without_secrets(&config.config)?;
+    let mut repo_id = None;
+    if host {
+        // The key files must be there and private, as the daemon will need
+        // them; then the cache directory; then the webhook secret.
+        repo_id = Some(schedule::runner::repo_id(&loaded.raw.repository)?);
+        if let Some(k) = &loaded.raw.repository.restore_key {
+            crate::repo::keys::Keys::load(k)?;
+        }
+        check_cache_dir(&schedule::runner::cache_dir(&loaded.raw.repository))?;
+        loaded = config::load(&config.config)?;
     }
     let now = chrono::Utc::now();
     let local = loaded.settings.timezone == config::TimeZone::Local;
@@ -100,6 +113,7 @@ pub fn run_config(g: &GlobalArgs, c: ConfigCmd) -> anyhow::Result<ExitCode> {
             "config": config.config,
             "valid": true,
             "repository-id": repo_id,
+            "host-checked": host,
             "jobs": jobs,
             "warnings": loaded.warnings,
         }))?;
@@ -108,11 +122,18 @@ pub fn run_config(g: &GlobalArgs, c: ConfigCmd) -> anyhow::Result<ExitCode> {
             eprintln!("warning: {w}");
         }
         if !g.quiet {
-            println!(
-                "{}: valid, repository {repo_id}, {} job(s)",
-                config.config.display(),
-                loaded.jobs.len()
-            );
+            match &repo_id {
+                Some(id) => println!(
+                    "{}: valid on this host, repository {id}, {} job(s)",
+                    config.config.display(),
+                    loaded.jobs.len()
+                ),
+                None => println!(
+                    "{}: valid, {} job(s) (add --host to check key files, the webhook secret and the cache directory on the host that runs the daemon)",
+                    config.config.display(),
+                    loaded.jobs.len()
+                ),
+            }
             for j in &jobs {
                 println!(
                     "  {:<20} {:<7} {:<20} next {}",
@@ -125,6 +146,21 @@ pub fn run_config(g: &GlobalArgs, c: ConfigCmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::Success)
+}
+
+/// The cache directory exists (or can be made) and is writable.
+fn check_cache_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    let bad = |e: std::io::Error| {
+        LabError::usage(format!(
+            "cache directory {} is not writable: {e}",
+            dir.display()
+        ))
+    };
+    std::fs::create_dir_all(dir).map_err(bad)?;
+    let probe = dir.join(format!(".labctl-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(bad)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 fn age(secs: i64) -> String {
@@ -180,7 +216,7 @@ fn context(
 ) -> anyhow::Result<JobContext> {
     Ok(JobContext {
         state_dir: schedule::runner::state_dir(&loaded.raw.repository)?,
-        repo: loaded.raw.repository.clone(),
+        env: schedule::JobEnv::from_config(&loaded.raw),
         notify: loaded.settings.notify.clone(),
         clock: Arc::new(SystemClock),
         events: tokio::sync::broadcast::channel(64).0,

@@ -12,9 +12,6 @@ mod repo_cmd;
 mod restore_cmd;
 mod snapshots_cmd;
 
-use crate::backend;
-use crate::error::LabError;
-use crate::repo::keys::{KeyRole, Keys};
 use crate::repo::{self, Repository};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -141,6 +138,15 @@ pub enum Command {
     Provision(provision_cmd::ProvisionCmd),
     /// Run the main job end to end on a local sample: init, back up, restore, verify.
     Demo(repo_cmd::DemoCmd),
+    /// Print a shell completion script (from the same definitions as --help
+    /// and the man pages). Bash: `labctl completions bash >
+    /// /etc/bash_completion.d/labctl`; zsh: into a directory on `$fpath` as
+    /// `_labctl`; fish: `~/.config/fish/completions/labctl.fish`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Write the man pages (one per command) into a directory.
     #[command(hide = true)]
     GenerateMan {
@@ -178,6 +184,11 @@ pub fn run(cli: Cli) -> anyhow::Result<crate::error::ExitCode> {
         Command::Config(c) => daemon_cmd::run_config(g, c),
         Command::Status(c) => daemon_cmd::run_status(g, c),
         Command::Jobs(c) => daemon_cmd::run_jobs(g, c),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "labctl", &mut std::io::stdout());
+            Ok(crate::error::ExitCode::Success)
+        }
         Command::GenerateMan { dir } => {
             write_man_pages(&dir)?;
             Ok(crate::error::ExitCode::Success)
@@ -211,55 +222,24 @@ fn write_man_rec(dir: &Path, cmd: clap::Command, name: &str) -> anyhow::Result<(
 }
 
 impl GlobalArgs {
-    fn repo_url(&self) -> anyhow::Result<&str> {
-        self.repo.as_deref().ok_or_else(|| {
-            LabError::usage("no repository given: pass --repo <url> or set LABCTL_REPO").into()
-        })
-    }
-
-    fn cache_dir(&self) -> PathBuf {
-        self.cache_dir
-            .clone()
-            .unwrap_or_else(repo::default_cache_dir)
-    }
-
     fn progress_enabled(&self) -> bool {
         !self.json && !self.quiet
     }
 
-    /// Loads the key for a command: the restore key when `need_data`,
-    /// otherwise the backup key (or the restore key when that is all there is).
-    fn load_keys(&self, need_data: bool) -> anyhow::Result<Keys> {
-        if need_data {
-            if let Some(p) = &self.restore_key {
-                return Ok(Keys::load(p)?);
-            }
-            if let Some(p) = &self.key {
-                let k = Keys::load(p)?;
-                if k.role == KeyRole::Restore {
-                    return Ok(k);
-                }
-                return Err(LabError::key(format!(
-                    "{} is a backup key, which cannot decrypt backed-up data; this command needs the restore key (--restore-key or LABCTL_RESTORE_KEY)",
-                    p.display()
-                ))
-                .into());
-            }
-            return Err(LabError::key("this command needs the restore key: pass --restore-key <file> or set LABCTL_RESTORE_KEY").into());
-        }
-        match (&self.key, &self.restore_key) {
-            (Some(p), _) | (None, Some(p)) => Ok(Keys::load(p)?),
-            (None, None) => Err(LabError::key(
-                "no key given: pass --key <backup key file> or set LABCTL_KEY",
-            )
-            .into()),
+    /// The repository these flags name (see [`repo::open::RepoSpec`]).
+    fn spec(&self) -> repo::open::RepoSpec {
+        repo::open::RepoSpec {
+            url: self.repo.clone(),
+            backend: Default::default(),
+            backup_key: self.key.clone(),
+            restore_key: self.restore_key.clone(),
+            cache_dir: self.cache_dir.clone(),
+            hints: repo::open::KeyHints::FLAGS,
         }
     }
 
     fn open(&self, need_data: bool) -> anyhow::Result<Repository> {
-        let keys = self.load_keys(need_data)?;
-        let backend = backend::open(self.repo_url()?)?;
-        Repository::open(backend, keys, &self.cache_dir())
+        self.spec().open(need_data)
     }
 }
 

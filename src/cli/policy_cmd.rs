@@ -275,8 +275,7 @@ fn apply_policy(
     let (pol, today) = p.load(g)?;
     let objects = policy::render::render(&pol, today);
     let (plan, done) = crate::util::runtime()?.block_on(async {
-        let (c, url) =
-            policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
+        let (c, url) = crate::k8s::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
         let plan = policy::cluster::plan(&c, &objects)
             .await
             .map_err(|e| reach(e, &url))?;
@@ -353,7 +352,7 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
             let objects = policy::render::render(&pol, today);
             let plan = crate::util::runtime()?.block_on(async {
                 let (c, url) =
-                    policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
+                    crate::k8s::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
                 policy::cluster::plan(&c, &objects)
                     .await
                     .map_err(|e| reach(e, &url))
@@ -386,7 +385,7 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
             let names: Vec<String> = pol.profiles.keys().cloned().collect();
             let found = crate::util::runtime()?.block_on(async {
                 let (c, url) =
-                    policy::cluster::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
+                    crate::k8s::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
                 policy::cluster::unmanaged_contributors(&c, &names)
                     .await
                     .map_err(|e| reach(e, &url))

@@ -1,7 +1,6 @@
 //! `labctl repo`, `labctl key` and `labctl demo`.
 
 use super::{print_json, GlobalArgs};
-use crate::backend;
 use crate::error::{ExitCode, LabError};
 use crate::repo::chunker::ChunkerParams;
 use crate::repo::keys::{read_passphrase_file, KeyRole};
@@ -161,7 +160,7 @@ fn init(g: &GlobalArgs, c: InitCmd) -> anyhow::Result<ExitCode> {
                 mode: c.object_lock_mode.clone(),
             }),
     };
-    let backend = backend::open(g.repo_url()?)?;
+    let backend = g.spec().open_backend()?;
     let keys = repo::init(&*backend, &opts)?;
     keys.to_backup().save(&c.backup_key)?;
     keys.save(&restore_out)?;
@@ -218,7 +217,7 @@ pub fn run_key(g: &GlobalArgs, cmd: KeyCmd) -> anyhow::Result<ExitCode> {
     if passphrase.is_none() && identity.is_none() {
         return Err(LabError::usage("give --passphrase-file or --identity").into());
     }
-    let backend = backend::open(g.repo_url()?)?;
+    let backend = g.spec().open_backend()?;
     let keys = repo::recover_key(&*backend, passphrase.as_deref(), identity.as_ref())?;
     let keys = match c.role {
         RoleArg::Restore => keys,

@@ -2,7 +2,7 @@
 
 use super::{print_json, GlobalArgs};
 use crate::error::{ExitCode, LabError};
-use crate::repo::restore::{self, RestoreOptions};
+use crate::repo::extract::{self, RestoreOptions};
 use crate::util::progress::Progress;
 use crate::util::units::human_bytes;
 use clap::Args;
@@ -62,7 +62,7 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> anyhow::Result<ExitCode> {
             );
         }
         let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
-        let n = restore::restore_to_writer(
+        let n = extract::restore_to_writer(
             &repo,
             &id,
             c.paths.first().map(|s| s.as_str()),
@@ -80,9 +80,9 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> anyhow::Result<ExitCode> {
         overwrite: c.overwrite,
         threads: c.threads,
         read_order: match c.read_order {
-            ReadOrderArg::Auto => restore::ReadOrder::Auto,
-            ReadOrderArg::Pack => restore::ReadOrder::Pack,
-            ReadOrderArg::File => restore::ReadOrder::File,
+            ReadOrderArg::Auto => extract::ReadOrder::Auto,
+            ReadOrderArg::Pack => extract::ReadOrder::Pack,
+            ReadOrderArg::File => extract::ReadOrder::File,
         },
         no_setuid: c.no_setuid,
         ..Default::default()
@@ -94,7 +94,7 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> anyhow::Result<ExitCode> {
         Some(snap.summary.bytes_total),
     );
     let started = std::time::Instant::now();
-    let summary = restore::restore_to_dir(&repo, &id, &target, &opts, progress)?;
+    let summary = extract::restore_to_dir(&repo, &id, &target, &opts, progress)?;
     if g.json {
         print_json(
             &serde_json::json!({"snapshot": id.hex(), "target": target, "summary": summary, "seconds": started.elapsed().as_secs_f64()}),

@@ -70,40 +70,6 @@ fn api(client: &kube::Client, kind: &str, ns: Option<&str>) -> Api<DynamicObject
     }
 }
 
-/// Connects with the kubeconfig (`path`, else `$KUBECONFIG`/`~/.kube/config`,
-/// else in-cluster) and `context`.
-///
-/// # Errors
-/// A usage error when no configuration can be found.
-pub async fn connect(
-    path: Option<&std::path::Path>,
-    context: Option<&str>,
-) -> anyhow::Result<(kube::Client, String)> {
-    let opts = kube::config::KubeConfigOptions {
-        context: context.map(String::from),
-        ..Default::default()
-    };
-    let usage =
-        |e: String| crate::error::LabError::usage(format!("no Kubernetes configuration: {e}"));
-    let config = match (path, context) {
-        (Some(p), _) => {
-            let kc = kube::config::Kubeconfig::read_from(p)
-                .map_err(|e| usage(format!("{}: {e}", p.display())))?;
-            kube::Config::from_custom_kubeconfig(kc, &opts)
-                .await
-                .map_err(|e| usage(e.to_string()))?
-        }
-        (None, Some(_)) => kube::Config::from_kubeconfig(&opts)
-            .await
-            .map_err(|e| usage(e.to_string()))?,
-        (None, None) => kube::Config::infer()
-            .await
-            .map_err(|e| usage(e.to_string()))?,
-    };
-    let url = config.cluster_url.to_string();
-    Ok((kube::Client::try_from(config)?, url))
-}
-
 /// One step of the plan.
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {

@@ -249,7 +249,7 @@ fn check_file_sizes(
                 true
             }
             Visit::File(path, n) => {
-                match crate::repo::restore::content_len(repo, &n.content) {
+                match crate::repo::extract::content_len(repo, &n.content) {
                     Ok(Some(len)) if len != n.size => rep.errors.push(format!(
                         "snapshot {}: {path} records {} bytes but its chunks hold {len}",
                         row.id.short(),

@@ -15,14 +15,16 @@ pub mod check;
 pub mod chunker;
 pub mod config;
 pub mod crypto;
+pub mod extract;
 pub mod forget;
 pub mod format;
 pub mod id;
 pub mod index;
 pub mod keys;
+pub mod open;
 pub mod pack;
 pub mod prune;
-pub mod restore;
+pub mod select;
 pub mod snapshot;
 pub mod tree;
 

@@ -34,6 +34,8 @@ pub struct Config {
     pub daemon: DaemonConfig,
     #[serde(default)]
     pub notify: Option<NotifyConfig>,
+    #[serde(default)]
+    pub platform: PlatformConfig,
     #[serde(default, rename = "job")]
     pub jobs: Vec<JobConfig>,
     /// Where the file was read from (for messages); not a key.
@@ -82,6 +84,21 @@ pub enum TimeZone {
     #[default]
     Utc,
     Local,
+}
+
+/// `[platform]`: what jobs reach beyond the repository (the Kubernetes
+/// cluster, Proxmox VE, restore plans). Every key is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlatformConfig {
+    /// A kubeconfig file; default: `$KUBECONFIG`, `~/.kube/config`, in-cluster.
+    pub kubeconfig: Option<PathBuf>,
+    /// A context of that kubeconfig; default: its current context.
+    pub kube_context: Option<String>,
+    /// The platform file (deploy/platform.yaml): PVE endpoint, token, VMs.
+    pub platform_file: Option<PathBuf>,
+    /// The folder of restore plans (restore-plans/) drills use.
+    pub restore_plans: Option<PathBuf>,
 }
 
 /// `[daemon]`
@@ -133,6 +150,25 @@ pub struct NotifyConfig {
 
 fn default_notify_timeout() -> String {
     "10s".into()
+}
+
+impl RepositoryConfig {
+    /// How to open this repository (the daemon's side of
+    /// [`crate::repo::open::RepoSpec`]).
+    pub fn spec(&self) -> crate::repo::open::RepoSpec {
+        crate::repo::open::RepoSpec {
+            url: Some(self.url.clone()),
+            backend: crate::backend::OpenOptions {
+                credentials_file: self.credentials_file.clone(),
+                ca_file: self.ca_file.clone(),
+            },
+            // A job that reads data uses the restore key only.
+            backup_key: Some(self.backup_key.clone()),
+            restore_key: self.restore_key.clone(),
+            cache_dir: self.cache_dir.clone(),
+            hints: crate::repo::open::KeyHints::CONFIG,
+        }
+    }
 }
 
 /// `[[job]]`
@@ -421,7 +457,14 @@ fn validate(raw: Config, text: &str, secrets: bool) -> anyhow::Result<Loaded> {
         .map_err(|e| at(key_line("shutdown_grace"), "daemon.shutdown_grace", e))?;
     let notify = match &raw.notify {
         None => None,
-        Some(_) if !secrets => None,
+        Some(n) if !secrets => {
+            check_notify_shape(
+                n,
+                &file,
+                key_line("webhook_url_file").max(key_line("webhook_url_env")),
+            )?;
+            None
+        }
         Some(n) => Some(resolve_notify(
             n,
             &file,
@@ -599,24 +642,33 @@ fn keep_policy(r: &RetentionConfig) -> Result<KeepPolicy, FieldError> {
         .map_err(|(field, e)| (field.to_string(), e.message))
 }
 
-fn resolve_notify(n: &NotifyConfig, file: &str, line: usize) -> anyhow::Result<Notify> {
+/// The parts of `[notify]` that need no secret: the timeout, and exactly
+/// one of the webhook URL's file or variable. Returns the timeout.
+fn check_notify_shape(n: &NotifyConfig, file: &str, line: usize) -> anyhow::Result<Duration> {
     let at = |field: &str, why: String| -> anyhow::Error {
         LabError::usage(format!("{file}:{line}: field `notify.{field}`: {why}")).into()
     };
     let timeout = parse_duration(&n.timeout).map_err(|e| at("timeout", e))?;
+    match (&n.webhook_url_file, &n.webhook_url_env) {
+        (Some(_), Some(_)) => Err(at(
+            "webhook_url_file",
+            "give webhook_url_file or webhook_url_env, not both".into(),
+        )),
+        (None, None) => Err(at(
+            "webhook_url_file",
+            "give webhook_url_file or webhook_url_env".into(),
+        )),
+        _ => Ok(timeout),
+    }
+}
+
+fn resolve_notify(n: &NotifyConfig, file: &str, line: usize) -> anyhow::Result<Notify> {
+    let at = |field: &str, why: String| -> anyhow::Error {
+        LabError::usage(format!("{file}:{line}: field `notify.{field}`: {why}")).into()
+    };
+    let timeout = check_notify_shape(n, file, line)?;
     let (url, origin) = match (&n.webhook_url_file, &n.webhook_url_env) {
-        (Some(_), Some(_)) => {
-            return Err(at(
-                "webhook_url_file",
-                "give webhook_url_file or webhook_url_env, not both".into(),
-            ))
-        }
-        (None, None) => {
-            return Err(at(
-                "webhook_url_file",
-                "give webhook_url_file or webhook_url_env".into(),
-            ))
-        }
+        (Some(_), Some(_)) | (None, None) => unreachable!("checked by check_notify_shape"),
         (Some(p), None) => {
             let meta = std::fs::metadata(p)
                 .map_err(|e| at("webhook_url_file", format!("{}: {e}", p.display())))?;
@@ -671,6 +723,23 @@ mod tests {
 
     fn err_of(text: &str) -> String {
         parse(text, Path::new("lab.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_month_written_the_old_way_is_an_error_that_says_what_it_means_now() {
+        let text = "[repository]\nurl = \"/r\"\nbackup_key = \"/k\"\n\n[[job]]\nname = \"a\"\nschedule = \"0 2 * * *\"\nforget = { keep_within = \"1m\" }\n";
+        let e = err_of(text);
+        assert!(e.contains("job[0].forget.keep_within"), "{e}");
+        assert!(e.contains("means minutes") && e.contains("1mo"), "{e}");
+        let ok = text.replace("\"1m\"", "\"1mo\"");
+        parse(&ok, Path::new("lab.toml")).unwrap();
+        // Elsewhere `m` is minutes, as everywhere.
+        let timeout = text.replace(
+            "forget = { keep_within = \"1m\" }",
+            "timeout = \"90m\"\nprune = {}",
+        );
+        let l = parse(&timeout, Path::new("lab.toml")).unwrap();
+        assert_eq!(l.jobs[0].timeout, Some(Duration::from_secs(5400)));
     }
 
     #[test]

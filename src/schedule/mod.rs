@@ -102,7 +102,7 @@ pub enum LockMode {
 /// What a job run needs besides the job itself.
 #[derive(Clone)]
 pub struct JobContext {
-    pub repo: RepositoryConfig,
+    pub env: JobEnv,
     /// [`runner::state_dir`] of `repo`, resolved once (so a key file that
     /// later becomes unreadable fails runs visibly, recorded and notified,
     /// instead of failing before a run can be recorded).
@@ -122,7 +122,70 @@ pub struct JobContext {
 }
 
 /// The function that runs one attempt of a job on its own thread.
-pub type Executor = fn(&RepositoryConfig, &Job, &CancelFlag) -> anyhow::Result<runner::RunFacts>;
+pub type Executor = fn(&ExecContext<'_>) -> anyhow::Result<runner::RunFacts>;
+
+/// What jobs may reach, from labctl.toml: the repository, the cluster,
+/// Proxmox VE and the restore plans. Replaced as a whole on reload.
+#[derive(Debug, Clone)]
+pub struct JobEnv {
+    pub repo: RepositoryConfig,
+    /// The Kubernetes client factory.
+    pub kube: crate::k8s::KubeTarget,
+    /// The platform file, from which the PVE client is made.
+    pub platform_file: Option<PathBuf>,
+    /// The folder of restore plans.
+    pub restore_plans: Option<PathBuf>,
+}
+
+impl JobEnv {
+    /// The environment a configuration file describes.
+    pub fn from_config(c: &crate::schedule::config::Config) -> JobEnv {
+        JobEnv {
+            repo: c.repository.clone(),
+            kube: crate::k8s::KubeTarget {
+                kubeconfig: c.platform.kubeconfig.clone(),
+                context: c.platform.kube_context.clone(),
+            },
+            platform_file: c.platform.platform_file.clone(),
+            restore_plans: c.platform.restore_plans.clone(),
+        }
+    }
+}
+
+/// One attempt of one job: what the executor receives. Multi-source
+/// backups and drills reach everything through it.
+pub struct ExecContext<'a> {
+    pub env: &'a JobEnv,
+    pub job: &'a Job,
+    /// Set on timeout or shutdown; long work checks it.
+    pub cancel: &'a CancelFlag,
+}
+
+impl ExecContext<'_> {
+    /// Opens the repository (the restore key when `need_data`).
+    ///
+    /// # Errors
+    /// Key, storage or integrity errors.
+    pub fn open_repo(&self, need_data: bool) -> anyhow::Result<crate::repo::Repository> {
+        self.env.repo.spec().open(need_data)
+    }
+
+    /// Connects to Proxmox VE as the platform file says (on the caller's
+    /// runtime).
+    ///
+    /// # Errors
+    /// A usage error when labctl.toml names no platform file; the platform
+    /// file's own errors; connection errors.
+    pub async fn pve(&self) -> anyhow::Result<crate::proxmox::Client> {
+        let path = self.env.platform_file.as_ref().ok_or_else(|| {
+            crate::error::LabError::usage(
+                "this job needs Proxmox VE: set platform.platform_file in labctl.toml",
+            )
+        })?;
+        let platform = crate::provision::platform::load(path)?;
+        crate::provision::connect(&platform).await
+    }
+}
 
 fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
@@ -418,13 +481,17 @@ async fn attempt_once(
     let cancel = CancelFlag::new();
     let (tx, mut rx) = tokio::sync::oneshot::channel();
     {
-        let (repo, job, cancel) = (ctx.repo.clone(), job.clone(), cancel.clone());
+        let (env, job, cancel) = (ctx.env.clone(), job.clone(), cancel.clone());
         let exec = ctx.executor;
         let spawned = std::thread::Builder::new()
             .name(format!("job-{}", job.name))
             .spawn(move || {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    exec(&repo, &job, &cancel)
+                    exec(&ExecContext {
+                        env: &env,
+                        job: &job,
+                        cancel: &cancel,
+                    })
                 }));
                 let _ = tx.send(r);
             });
@@ -635,7 +702,7 @@ pub async fn run_daemon(
     let mut loaded = loaded;
     let mut ctx = JobContext {
         state_dir: runner::state_dir(&loaded.raw.repository)?,
-        repo: loaded.raw.repository.clone(),
+        env: JobEnv::from_config(&loaded.raw),
         notify: loaded.settings.notify.clone(),
         clock: opts.clock.clone(),
         events: opts.events.clone(),
@@ -769,7 +836,7 @@ pub async fn run_daemon(
                                 continue;
                             }
                         }
-                        ctx.repo = new.raw.repository.clone();
+                        ctx.env = JobEnv::from_config(&new.raw);
                         ctx.notify = new.settings.notify.clone();
                         if new.settings.max_concurrent_jobs != loaded.settings.max_concurrent_jobs {
                             ctx.permits = Arc::new(Semaphore::new(new.settings.max_concurrent_jobs));

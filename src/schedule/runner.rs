@@ -23,9 +23,7 @@ pub struct RunFacts {
 
 /// The catalog/cache directory for a configuration.
 pub fn cache_dir(repo: &RepositoryConfig) -> PathBuf {
-    repo.cache_dir
-        .clone()
-        .unwrap_or_else(crate::repo::default_cache_dir)
+    repo.spec().cache_dir()
 }
 
 /// The repository ID, read from the backup key file (no storage access).
@@ -53,34 +51,16 @@ pub fn history_path(repo: &RepositoryConfig) -> anyhow::Result<PathBuf> {
     Ok(state_dir(repo)?.join("jobs.db"))
 }
 
-fn open_repo(cfg: &RepositoryConfig, need_data: bool) -> anyhow::Result<Repository> {
-    let key = if need_data {
-        cfg.restore_key.as_ref().ok_or_else(|| {
-            LabError::key("this job reads data and needs repository.restore_key in the config")
-        })?
-    } else {
-        &cfg.backup_key
-    };
-    let keys = Keys::load(key)?;
-    let backend = crate::backend::open_with(
-        &cfg.url,
-        &crate::backend::OpenOptions {
-            credentials_file: cfg.credentials_file.clone(),
-            ca_file: cfg.ca_file.clone(),
-        },
-    )?;
-    Repository::open(backend, keys, &cache_dir(cfg))
-}
-
 /// Runs one attempt of `job`.
 ///
 /// # Errors
 /// Whatever stopped the job ([`Cancelled`] when `cancel` was set).
-pub fn execute(cfg: &RepositoryConfig, job: &Job, cancel: &CancelFlag) -> anyhow::Result<RunFacts> {
+pub fn execute(ctx: &super::ExecContext<'_>) -> anyhow::Result<RunFacts> {
+    let (job, cancel) = (ctx.job, ctx.cancel);
     cancel.check()?;
     let need_data =
         matches!(&job.action, Action::Check(r) if *r != crate::repo::check::ReadData::None);
-    let repo = open_repo(cfg, need_data)?;
+    let repo = ctx.open_repo(need_data)?;
     cancel.check()?;
     match &job.action {
         Action::Backup(source) => {

@@ -121,6 +121,33 @@ fn help_teaches_and_lists_exit_codes() {
 }
 
 #[test]
+fn completions_cover_every_command_in_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = std::process::Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert_success(&out, &["completions", shell]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        for word in [
+            "backup",
+            "restore",
+            "provision",
+            "profile",
+            "restore-key",
+            "keep-within",
+        ] {
+            assert!(text.contains(word), "{shell}: no {word}");
+        }
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
 fn man_pages_are_current() {
     let dir = tempfile::tempdir().unwrap();
     labctl::cli::write_man_pages(dir.path()).unwrap();

@@ -190,7 +190,7 @@ pub fn write(path: &Path, data: &[u8]) {
 
 /// Compares two trees (content, modes, mtimes, symlinks); panics with the differences.
 pub fn assert_same_tree(a: &Path, b: &Path) {
-    let diffs = labctl::demo::compare_trees(a, b).unwrap();
+    let diffs = labctl::restore::verify::compare_trees(a, b).unwrap();
     assert!(diffs.is_empty(), "trees differ:\n{}", diffs.join("\n"));
 }
 

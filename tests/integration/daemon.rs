@@ -5,9 +5,8 @@
 
 use crate::common::{assert_success, Env, BIN};
 use chrono::{DateTime, TimeZone, Utc};
-use labctl::error::CancelFlag;
 use labctl::schedule::clock::ManualClock;
-use labctl::schedule::config::{self, Job, RepositoryConfig};
+use labctl::schedule::config;
 use labctl::schedule::{self, runner, Control, DaemonEvent, DaemonOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -517,15 +516,11 @@ fn failures_retry_notify_and_recover_without_stopping_the_daemon() {
 
 static PANICS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-fn panics_once(
-    repo: &RepositoryConfig,
-    job: &Job,
-    cancel: &CancelFlag,
-) -> anyhow::Result<runner::RunFacts> {
+fn panics_once(ctx: &schedule::ExecContext<'_>) -> anyhow::Result<runner::RunFacts> {
     if PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
         panic!("simulated bug in a job");
     }
-    runner::execute(repo, job, cancel)
+    runner::execute(ctx)
 }
 
 #[test]
@@ -855,14 +850,63 @@ fn config_validate_reports_file_line_and_field() {
         ),
     )
     .unwrap();
+    // The file itself is fine: valid on any machine.
     let out = std::process::Command::new(BIN)
         .env_clear()
         .args(["config", "validate", "--config", d.config.to_str().unwrap()])
         .output()
         .unwrap();
+    assert_success(&out, &["config", "validate"]);
+    let out = std::process::Command::new(BIN)
+        .env_clear()
+        .args([
+            "config",
+            "validate",
+            "--host",
+            "--config",
+            d.config.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(5));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("SECRET"), "{err}");
+}
+
+#[test]
+fn the_shipped_labctl_toml_validates_on_any_machine_and_host_checks_name_what_is_missing() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/labctl.toml");
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .env_clear()
+            .env("LABCTL_CACHE_DIR", std::env::temp_dir())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["config", "validate", "--config", shipped.to_str().unwrap()]);
+    assert_success(&out, &["config", "validate", "deploy/labctl.toml"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--host"));
+    // On a machine that is not the daemon's host the key file is missing:
+    // --host says which file (exit 5).
+    let out = run(&[
+        "config",
+        "validate",
+        "--host",
+        "--config",
+        shipped.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/etc/labctl/"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Rewrites an example's absolute paths into `root` and creates the key and
@@ -909,6 +953,7 @@ fn validate_example(text: &str, name: &str) {
             "--json",
             "config",
             "validate",
+            "--host",
             "--config",
             path.to_str().unwrap(),
         ])

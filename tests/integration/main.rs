@@ -16,6 +16,7 @@ mod integrity;
 mod keys;
 mod killed;
 mod kube_sim;
+mod layout;
 mod policy;
 mod provision;
 mod prune;

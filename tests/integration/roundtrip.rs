@@ -4,7 +4,7 @@ use crate::common::*;
 use labctl::backend::fs::FsBackend;
 use labctl::repo::backup::{BackupOptions, ChunkerChoice};
 use labctl::repo::chunker::ChunkerParams;
-use labctl::repo::restore::{restore_to_dir, restore_to_writer, ReadOrder, RestoreOptions};
+use labctl::repo::extract::{restore_to_dir, restore_to_writer, ReadOrder, RestoreOptions};
 use labctl::repo::{init, InitOptions, Repository};
 use labctl::sources::path::backup_path;
 use labctl::sources::stream::backup_stream;
@@ -137,7 +137,7 @@ proptest! {
         };
         let rs = restore_to_dir(&repo, &out.snapshot_id, &target, &opts, Progress::hidden()).unwrap();
         prop_assert!(rs.failed.is_empty(), "{:?}", rs.failed);
-        let diffs = labctl::demo::compare_trees(&src, &target).unwrap();
+        let diffs = labctl::restore::verify::compare_trees(&src, &target).unwrap();
         prop_assert!(diffs.is_empty(), "{:?}", diffs);
         // Directory mtimes of the root's children were restored too (compare_trees checks them).
     }
@@ -177,6 +177,43 @@ fn stream_backup_and_restore_via_cli() {
     let id = v["snapshot-id"].as_str().unwrap();
     let out = env.ok_restore(&["restore", &id[..12], "--stdout"]);
     assert!(out.stdout == data);
+}
+
+#[test]
+fn stream_from_a_command_checks_its_exit_status() {
+    let env = Env::new();
+    let data = env.path("dump");
+    write(&data, &noise(1 << 20, 43));
+    let out = env.ok(&[
+        "--json",
+        "backup",
+        "stream",
+        "--name",
+        "db",
+        "--",
+        "cat",
+        data.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = v["snapshot-id"].as_str().unwrap();
+    let restored = env.ok_restore(&["restore", &id[..12], "--stdout"]);
+    assert!(restored.stdout == std::fs::read(&data).unwrap());
+    // A dump command that fails half-way commits nothing, and says why.
+    let out = env.run(&[
+        "backup",
+        "stream",
+        "--name",
+        "db",
+        "--",
+        "sh",
+        "-c",
+        "head -c 100000 /dev/urandom; echo 'connection lost' >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("connection lost"), "{}", stderr(&out));
+    let snaps = env.ok(&["--json", "snapshots"]);
+    let list: serde_json::Value = serde_json::from_slice(&snaps.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
 }
 
 #[test]
