@@ -130,13 +130,8 @@ pub fn run_repair(g: &GlobalArgs, c: RepairCmd) -> anyhow::Result<ExitCode> {
                 }
                 if report.tree_copies_written > 0 {
                     println!(
-                        "wrote {} {} of directory listings into {} pack(s), so each has two",
-                        report.tree_copies_written,
-                        if report.tree_copies_written == 1 {
-                            "copy"
-                        } else {
-                            "copies"
-                        },
+                        "wrote {} of directory listings into {} pack(s), so each has two",
+                        crate::util::units::count(report.tree_copies_written, "copy", "copies"),
                         report.tree_packs_written
                     );
                 }

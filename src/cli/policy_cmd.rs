@@ -90,15 +90,7 @@ pub fn run_audit(g: &GlobalArgs, c: AuditCmd) -> anyhow::Result<ExitCode> {
 }
 
 /// How to reach the cluster (the usual kubeconfig rules apply when not given).
-#[derive(Args, Debug, Clone)]
-pub struct KubeArgs {
-    /// Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
-    #[arg(long, value_name = "FILE")]
-    pub kubeconfig: Option<PathBuf>,
-    /// Kubeconfig context.
-    #[arg(long)]
-    pub context: Option<String>,
-}
+pub type KubeArgs = crate::k8s::KubeTarget;
 
 fn print_plan(plan: &policy::cluster::Plan) {
     for s in &plan.steps {
@@ -255,14 +247,6 @@ pub struct AccessCmd {
     pub p: PoliciesArg,
 }
 
-/// Names the API server in errors that happened talking to it.
-fn reach(e: anyhow::Error, url: &str) -> anyhow::Error {
-    if e.downcast_ref::<crate::error::LabError>().is_some() {
-        return e;
-    }
-    e.context(format!("Kubernetes API server {url}"))
-}
-
 /// Plan, apply and audit (shared by `policy apply` and `profile grant --apply`).
 fn apply_policy(
     g: &GlobalArgs,
@@ -273,40 +257,22 @@ fn apply_policy(
     reason: Option<&str>,
 ) -> anyhow::Result<(policy::cluster::Plan, Vec<policy::cluster::Done>)> {
     let (pol, today) = p.load(g)?;
-    let objects = policy::render::render(&pol, today);
-    let (plan, done) = crate::util::runtime()?.block_on(async {
-        let (c, url) = crate::k8s::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
-        let plan = policy::cluster::plan(&c, &objects)
-            .await
-            .map_err(|e| reach(e, &url))?;
-        let done = policy::cluster::apply(&c, &plan, allow_data_loss).await?;
-        Ok::<_, anyhow::Error>((plan, done))
-    })?;
-    if !done.is_empty() {
-        let actor = a
-            .actor
-            .clone()
-            .unwrap_or_else(crate::records::policy_audit::local_user);
-        let changes: Vec<serde_json::Value> = done
-            .iter()
-            .map(|d| {
-                let step = plan
-                    .steps
-                    .iter()
-                    .find(|s| s.kind == d.kind && s.name == d.name && s.namespace == d.namespace);
-                serde_json::json!({"action": d.action, "kind": d.kind, "namespace": d.namespace, "name": d.name,
-                    "fields": step.map(|s| s.changes.clone()).unwrap_or_default()})
-            })
-            .collect();
-        crate::records::policy_audit::record(
-            &a.path(g),
-            &actor,
+    let actor = a
+        .actor
+        .clone()
+        .unwrap_or_else(crate::records::policy_audit::local_user);
+    policy::workflow::apply_recorded(
+        &pol,
+        today,
+        k,
+        allow_data_loss,
+        &policy::workflow::AuditEntry {
+            log: &a.path(g),
+            actor: &actor,
             reason,
-            &p.policies,
-            serde_json::json!(changes),
-        )?;
-    }
-    Ok((plan, done))
+            policies: &p.policies,
+        },
+    )
 }
 
 pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
@@ -349,14 +315,7 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
         }
         PolicyCmd::Plan { p, k } => {
             let (pol, today) = p.load(g)?;
-            let objects = policy::render::render(&pol, today);
-            let plan = crate::util::runtime()?.block_on(async {
-                let (c, url) =
-                    crate::k8s::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
-                policy::cluster::plan(&c, &objects)
-                    .await
-                    .map_err(|e| reach(e, &url))
-            })?;
+            let plan = policy::workflow::plan(&pol, today, &k)?;
             if g.json {
                 print_json(&plan)?;
             } else {
@@ -382,40 +341,8 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
         }
         PolicyCmd::Import { p, k, dry_run } => {
             let (pol, today) = p.load(g)?;
-            let names: Vec<String> = pol.profiles.keys().cloned().collect();
-            let found = crate::util::runtime()?.block_on(async {
-                let (c, url) =
-                    crate::k8s::connect(k.kubeconfig.as_deref(), k.context.as_deref()).await?;
-                policy::cluster::unmanaged_contributors(&c, &names)
-                    .await
-                    .map_err(|e| reach(e, &url))
-            })?;
-            let have = pol.accesses(today);
-            let rank = |r: &str| ["view", "edit", "admin"].iter().position(|x| *x == r);
-            let mut imported = vec![];
-            for f in &found {
-                let covered = have.iter().any(|a| {
-                    a.user == f.user && a.profile == f.profile && rank(&a.role) >= rank(&f.role)
-                }) || pol
-                    .profiles
-                    .get(&f.profile)
-                    .is_some_and(|(pr, _)| pr.owner == f.user);
-                if covered {
-                    continue;
-                }
-                if !dry_run {
-                    policy::edit::grant(
-                        &p.policies,
-                        today,
-                        &f.user,
-                        &f.profile,
-                        &f.role,
-                        None,
-                        Some("imported from a dashboard-made binding"),
-                    )?;
-                }
-                imported.push(f.clone());
-            }
+            let imported =
+                policy::workflow::import_bindings(&p.policies, &pol, today, &k, dry_run)?;
             if g.json {
                 print_json(&imported)?;
             } else if !g.quiet {

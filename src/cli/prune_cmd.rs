@@ -153,13 +153,8 @@ fn prune_with(
         }
         if r.tree_copies_written > 0 {
             println!(
-                "{verb} write {} {} of directory listings, so each is in two packs",
-                r.tree_copies_written,
-                if r.tree_copies_written == 1 {
-                    "copy"
-                } else {
-                    "copies"
-                }
+                "{verb} write {} of directory listings, so each is in two packs",
+                crate::util::units::count(r.tree_copies_written, "copy", "copies")
             );
         }
         if r.uploads_aborted > 0 {

@@ -9,13 +9,15 @@ use std::path::PathBuf;
 
 /// Where a job finds the cluster (a client factory: a `kube::Client` is
 /// bound to the runtime it was made on, so jobs connect where they run).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct KubeTarget {
-    /// A kubeconfig file; default: `$KUBECONFIG`, `~/.kube/config`, in-cluster.
+    /// Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, value_name = "FILE")]
     #[serde(default)]
     pub kubeconfig: Option<PathBuf>,
-    /// A context of that kubeconfig; default: its current context.
+    /// Kubeconfig context.
+    #[arg(long)]
     #[serde(default)]
     pub context: Option<String>,
 }

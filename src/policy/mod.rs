@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod edit;
 pub mod render;
+pub mod workflow;
 
 use crate::error::LabError;
 use serde::Deserialize;

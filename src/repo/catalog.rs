@@ -300,15 +300,18 @@ impl Catalog {
         Ok(())
     }
 
-    /// Marks packs as listed by no index fragment (a prune is deleting them).
-    pub fn mark_unindexed(&self, packs: &[Id]) -> anyhow::Result<()> {
-        let mut st = self
-            .conn
-            .prepare_cached("UPDATE packs SET index_id=NULL WHERE id=?1")?;
-        for p in packs {
-            st.execute([&p.0[..]])?;
+    /// Runs `sql` (one `?1` parameter) once per id.
+    fn each_id(&self, sql: &str, ids: &[Id]) -> anyhow::Result<()> {
+        let mut st = self.conn.prepare_cached(sql)?;
+        for id in ids {
+            st.execute([&id.0[..]])?;
         }
         Ok(())
+    }
+
+    /// Marks packs as listed by no index fragment (a prune is deleting them).
+    pub fn mark_unindexed(&self, packs: &[Id]) -> anyhow::Result<()> {
+        self.each_id("UPDATE packs SET index_id=NULL WHERE id=?1", packs)
     }
 
     /// Whether some pack is said to be indexed by a fragment this catalog no
@@ -505,13 +508,7 @@ impl Catalog {
         Ok(())
     }
     pub fn used_add(&self, ids: &[Id]) -> anyhow::Result<()> {
-        let mut st = self
-            .conn
-            .prepare_cached("INSERT OR IGNORE INTO temp.used(id) VALUES(?1)")?;
-        for id in ids {
-            st.execute([&id.0[..]])?;
-        }
-        Ok(())
+        self.each_id("INSERT OR IGNORE INTO temp.used(id) VALUES(?1)", ids)
     }
     pub fn is_used(&self, id: &Id) -> anyhow::Result<bool> {
         Ok(self
@@ -525,13 +522,7 @@ impl Catalog {
     /// their copies.
     pub fn set_absent(&self, packs: &[Id]) -> anyhow::Result<()> {
         self.conn.execute("DELETE FROM temp.absent", [])?;
-        let mut st = self
-            .conn
-            .prepare_cached("INSERT OR IGNORE INTO temp.absent(id) VALUES(?1)")?;
-        for p in packs {
-            st.execute([&p.0[..]])?;
-        }
-        Ok(())
+        self.each_id("INSERT OR IGNORE INTO temp.absent(id) VALUES(?1)", packs)
     }
 
     /// Whether `pack` holds a used blob of which unmarked packs other than

@@ -72,6 +72,37 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node named `name` with the given type and stat facts; no content,
+    /// subtree, target or link yet (the source fills what its type needs).
+    pub fn new(
+        name: &[u8],
+        node_type: NodeType,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime_ns: i128,
+    ) -> Node {
+        let mut n = Node {
+            name: String::new(),
+            name_hex: false,
+            node_type,
+            mode,
+            uid,
+            gid,
+            mtime_ns,
+            size: 0,
+            content: vec![],
+            subtree: None,
+            target: None,
+            target_hex: false,
+            hardlink: None,
+            hardlink_hex: false,
+            rdev: None,
+        };
+        n.set_name(name);
+        n
+    }
+
     /// The name as OS bytes.
     pub fn name_bytes(&self) -> Vec<u8> {
         if self.name_hex {

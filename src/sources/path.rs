@@ -187,24 +187,14 @@ impl TreeWalker<'_, '_> {
         self.run.check_cancel()?;
         let meta = fs::symlink_metadata(path)?;
         let ft = meta.file_type();
-        let mut node = Node {
-            name: String::new(),
-            name_hex: false,
-            node_type: NodeType::File,
-            mode: meta.mode(),
-            uid: meta.uid(),
-            gid: meta.gid(),
-            mtime_ns: mtime_ns(&meta),
-            size: 0,
-            content: vec![],
-            subtree: None,
-            target: None,
-            target_hex: false,
-            rdev: None,
-            hardlink: None,
-            hardlink_hex: false,
-        };
-        node.set_name(name);
+        let mut node = Node::new(
+            name,
+            NodeType::File,
+            meta.mode(),
+            meta.uid(),
+            meta.gid(),
+            mtime_ns(&meta),
+        );
         if ft.is_dir() {
             node.node_type = NodeType::Dir;
             node.subtree = Some(self.dir(path, rel)?);

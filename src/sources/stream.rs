@@ -126,24 +126,17 @@ pub fn backup_stream(
     let size = run.summary_mut().bytes_read;
     run.summary_mut().bytes_total = size;
     run.summary_mut().files_new = 1;
-    let mut node = Node {
-        name: String::new(),
-        name_hex: false,
-        node_type: NodeType::File,
-        mode: 0o100600,
-        uid: unsafe { libc::getuid() },
-        gid: unsafe { libc::getgid() },
-        mtime_ns: time::OffsetDateTime::now_utc().unix_timestamp_nanos(),
-        size,
-        content,
-        subtree: None,
-        target: None,
-        target_hex: false,
-        rdev: None,
-        hardlink: None,
-        hardlink_hex: false,
-    };
-    node.set_name(name.as_bytes());
+    let mut node = Node::new(
+        name.as_bytes(),
+        NodeType::File,
+        0o100600,
+        // SAFETY: getuid/getgid cannot fail.
+        unsafe { libc::getuid() },
+        unsafe { libc::getgid() },
+        time::OffsetDateTime::now_utc().unix_timestamp_nanos(),
+    );
+    node.size = size;
+    node.content = content;
     let root = run.add_tree(&Tree {
         v: 1,
         nodes: vec![node],

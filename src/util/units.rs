@@ -121,6 +121,11 @@ pub fn parse_percent(s: &str) -> Result<f64, LabError> {
     Ok(v / 100.0)
 }
 
+/// `n` and the noun, singular or plural: `1 copy`, `5 copies`.
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// Byte counts for people: `512 B`, `1.5 MiB`.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -1,0 +1,140 @@
+//! The policy workflows that reach the cluster: plan, apply with its audit
+//! record, and importing bindings made in the Kubeflow dashboard into the
+//! policy files. `labctl policy ...` and `labctl profile grant --apply` call
+//! these; they print nothing.
+//!
+//! Must not parse command lines or print: it returns what happened.
+
+use super::cluster::{self, Done, Found, Plan};
+use super::Policy;
+use crate::k8s::KubeTarget;
+use std::path::Path;
+use time::Date;
+
+/// Names the API server in errors that happened talking to it (a
+/// classified error already says what went wrong and is left alone).
+fn reach(e: anyhow::Error, url: &str) -> anyhow::Error {
+    if e.downcast_ref::<crate::error::LabError>().is_some() {
+        return e;
+    }
+    e.context(format!("Kubernetes API server {url}"))
+}
+
+/// Compares the rendered policy with the cluster.
+///
+/// # Errors
+/// Connection or API errors, naming the server.
+pub fn plan(pol: &Policy, today: Date, kube: &KubeTarget) -> anyhow::Result<Plan> {
+    let objects = super::render::render(pol, today);
+    crate::util::runtime()?.block_on(async {
+        let (c, url) = kube.connect().await?;
+        cluster::plan(&c, &objects)
+            .await
+            .map_err(|e| reach(e, &url))
+    })
+}
+
+/// Who made a change and why, for the audit chain.
+pub struct AuditEntry<'a> {
+    /// The audit log (`policy-audit.jsonl`, hash-chained).
+    pub log: &'a Path,
+    pub actor: &'a str,
+    pub reason: Option<&'a str>,
+    /// The policy folder the change came from.
+    pub policies: &'a Path,
+}
+
+/// Plans, applies, and records every applied change (with the fields that
+/// changed) in the audit chain. Nothing is recorded when nothing changed.
+///
+/// # Errors
+/// Connection, API or refusal errors (deleting data needs
+/// `allow_data_loss`); audit write errors.
+pub fn apply_recorded(
+    pol: &Policy,
+    today: Date,
+    kube: &KubeTarget,
+    allow_data_loss: bool,
+    audit: &AuditEntry<'_>,
+) -> anyhow::Result<(Plan, Vec<Done>)> {
+    let objects = super::render::render(pol, today);
+    let (plan, done) = crate::util::runtime()?.block_on(async {
+        let (c, url) = kube.connect().await?;
+        let plan = cluster::plan(&c, &objects)
+            .await
+            .map_err(|e| reach(e, &url))?;
+        let done = cluster::apply(&c, &plan, allow_data_loss).await?;
+        Ok::<_, anyhow::Error>((plan, done))
+    })?;
+    if !done.is_empty() {
+        let changes: Vec<serde_json::Value> = done
+            .iter()
+            .map(|d| {
+                let step = plan
+                    .steps
+                    .iter()
+                    .find(|s| s.kind == d.kind && s.name == d.name && s.namespace == d.namespace);
+                serde_json::json!({"action": d.action, "kind": d.kind, "namespace": d.namespace, "name": d.name,
+                    "fields": step.map(|s| s.changes.clone()).unwrap_or_default()})
+            })
+            .collect();
+        crate::records::policy_audit::record(
+            audit.log,
+            audit.actor,
+            audit.reason,
+            audit.policies,
+            serde_json::json!(changes),
+        )?;
+    }
+    Ok((plan, done))
+}
+
+/// Contributor bindings made outside labctl (in the dashboard) that the
+/// policy does not already grant (at that role or higher, or as owner) are
+/// written into the policy files as grants (unless `dry_run`). Returns them.
+///
+/// # Errors
+/// Connection, API or policy-file errors.
+pub fn import_bindings(
+    policies: &Path,
+    pol: &Policy,
+    today: Date,
+    kube: &KubeTarget,
+    dry_run: bool,
+) -> anyhow::Result<Vec<Found>> {
+    let names: Vec<String> = pol.profiles.keys().cloned().collect();
+    let found = crate::util::runtime()?.block_on(async {
+        let (c, url) = kube.connect().await?;
+        cluster::unmanaged_contributors(&c, &names)
+            .await
+            .map_err(|e| reach(e, &url))
+    })?;
+    let have = pol.accesses(today);
+    let rank = |r: &str| ["view", "edit", "admin"].iter().position(|x| *x == r);
+    let mut imported = vec![];
+    for f in found {
+        let covered = have
+            .iter()
+            .any(|a| a.user == f.user && a.profile == f.profile && rank(&a.role) >= rank(&f.role))
+            || pol
+                .profiles
+                .get(&f.profile)
+                .is_some_and(|(pr, _)| pr.owner == f.user);
+        if covered {
+            continue;
+        }
+        if !dry_run {
+            super::edit::grant(
+                policies,
+                today,
+                &f.user,
+                &f.profile,
+                &f.role,
+                None,
+                Some("imported from a dashboard-made binding"),
+            )?;
+        }
+        imported.push(f);
+    }
+    Ok(imported)
+}
