@@ -76,7 +76,7 @@ impl SourceSpec {
     /// `(field, why)` for the first setting that is wrong.
     pub fn validate(&self, from_config: bool) -> Result<(), (String, String)> {
         match self {
-            SourceSpec::Path(s) => s.validate(),
+            SourceSpec::Path(s) => s.validate(from_config),
             SourceSpec::Stream(s) => s.validate(from_config),
         }
     }

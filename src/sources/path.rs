@@ -37,13 +37,14 @@ pub struct PathSource {
 }
 
 impl PathSource {
-    /// A config's path must be absolute (the daemon's working directory is
-    /// not the operator's).
+    /// In labctl.toml the path must be absolute (the daemon's working
+    /// directory is not the operator's); on the command line a relative one
+    /// is taken from the current directory.
     ///
     /// # Errors
     /// `(field, why)`.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        if !self.path.is_absolute() {
+    pub fn validate(&self, from_config: bool) -> Result<(), (String, String)> {
+        if from_config && !self.path.is_absolute() {
             return Err((
                 "path".into(),
                 format!("'{}' must be an absolute path", self.path.display()),

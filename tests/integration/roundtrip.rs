@@ -180,6 +180,22 @@ fn stream_backup_and_restore_via_cli() {
 }
 
 #[test]
+fn a_relative_directory_on_the_command_line_is_taken_from_the_current_one() {
+    let env = Env::new();
+    write(&env.path("rel/f"), b"relative");
+    let out = env
+        .cmd()
+        .env("LABCTL_KEY", &env.backup_key)
+        .current_dir(env.dir.path())
+        .args(["--json", "backup", "path", "rel", "--tag", "t"])
+        .output()
+        .unwrap();
+    assert_success(&out, &["backup", "path", "rel"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["summary"]["files-new"], 1, "{v}");
+}
+
+#[test]
 fn stream_from_a_command_checks_its_exit_status() {
     let env = Env::new();
     let data = env.path("dump");
