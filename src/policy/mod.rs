@@ -315,35 +315,15 @@ fn de<T: serde::de::DeserializeOwned>(doc: &str, origin: &Origin) -> anyhow::Res
         let field = e.path().to_string();
         let inner = e.into_inner();
         let line = inner.location().map_or(0, |l| l.line()) + origin.line - 1;
-        let msg = inner.to_string();
-        let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-        let msg = match msg.split_once(": ") {
-            Some((head, rest)) if !head.contains(' ') => rest.to_string(),
-            _ => msg,
-        };
-        LabError::usage(format!(
-            "{}:{line}: field `{field}`: {msg}",
-            origin.file.display()
-        ))
-        .into()
+        let msg = crate::util::located::yaml_message(&inner);
+        crate::util::located::error(origin.file.display(), line, None, &field, msg).into()
     })
 }
 
 /// The line (in the document at `origin`) of the first `key: value` entry
 /// (quotes and trailing comments ignored; an empty key finds a list item).
 fn line_of(text: &str, origin: &Origin, key: &str, value: &str) -> usize {
-    let unquote = |v: &str| v.trim().trim_matches('"').trim_matches('\'').to_string();
-    text.lines()
-        .position(|l| {
-            let l = l.trim_start().trim_start_matches("- ");
-            let l = l.split(" #").next().unwrap_or(l).trim();
-            if key.is_empty() {
-                return unquote(l) == value;
-            }
-            l.split_once(':')
-                .is_some_and(|(k, v)| k.trim() == key && (value.is_empty() || unquote(v) == value))
-        })
-        .map_or(origin.line, |i| origin.line + i)
+    crate::util::located::yaml_line(text, key, value).map_or(origin.line, |i| origin.line + i)
 }
 
 /// Adds a named document, refusing a second one with the same name.
@@ -457,11 +437,7 @@ fn validate(p: &mut Policy, texts: &BTreeMap<PathBuf, String>, today: Date) -> a
     };
     let at = |o: &Origin, key: &str, value: &str, field: &str, why: String| -> anyhow::Error {
         let line = line_of(&text_of(o), o, key, value);
-        LabError::usage(format!(
-            "{}:{line}: field `{field}`: {why}",
-            o.file.display()
-        ))
-        .into()
+        crate::util::located::error(o.file.display(), line, None, field, why).into()
     };
     let mut warnings = vec![];
     let date = |o: &Origin,

@@ -254,15 +254,9 @@ impl Platform {
     }
 }
 
-/// Line and column (1-based) of a byte offset.
+/// The line (1-based; 0 when not found) of the first `key: value` entry.
 fn line_of_key(text: &str, key: &str, value: &str) -> usize {
-    let needle = format!("{key}: {value}");
-    text.lines()
-        .position(|l| {
-            let l = l.trim_start().trim_start_matches("- ");
-            l.starts_with(&needle) || l.starts_with(&format!("{key}: \"{value}\""))
-        })
-        .map_or(0, |i| i + 1)
+    crate::util::located::yaml_line(text, key, value).map_or(0, |i| i + 1)
 }
 
 /// Parses a size like `20G` into bytes.
@@ -315,17 +309,11 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Platform> {
         let field = e.path().to_string();
         let inner = e.into_inner();
         let (line, col) = inner.location().map_or((0, 0), |l| (l.line(), l.column()));
-        let msg = inner.to_string();
-        let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-        // serde_norway prefixes the path itself: keep one copy.
-        let msg = match msg.split_once(": ") {
-            Some((head, rest)) if !head.contains(' ') => rest.to_string(),
-            _ => msg,
-        };
-        LabError::usage(format!("{file}:{line}:{col}: field `{field}`: {msg}"))
+        let msg = crate::util::located::yaml_message(&inner);
+        crate::util::located::error(&file, line, Some(col), &field, msg)
     })?;
     let err = |line: usize, field: &str, why: String| -> anyhow::Error {
-        LabError::usage(format!("{file}:{line}: field `{field}`: {why}")).into()
+        crate::util::located::error(&file, line, None, field, why).into()
     };
     let mut warnings = vec![];
     let p = &raw.proxmox;
@@ -374,7 +362,7 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Platform> {
             || e.starts_with("http://localhost:");
         if !ok {
             return Err(err(
-                line_of_key(text, "-", e),
+                line_of_key(text, "", e),
                 "proxmox.endpoints",
                 format!(
                     "'{e}': use https:// (plain http only to 127.0.0.1, for tests and tunnels)"

@@ -333,14 +333,6 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     crate::util::units::parse_duration(text).map_err(|e| e.message)
 }
 
-/// Line and column (1-based) of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    (line, col)
-}
-
 /// Finds where a `[[job]]` entry named `name` is declared, for messages.
 fn job_line(text: &str, name: &str) -> usize {
     let needle_a = format!("name = \"{name}\"");
@@ -391,17 +383,18 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Loaded> {
 fn parse_inner(text: &str, path: &Path, secrets: bool) -> anyhow::Result<Loaded> {
     let file = path.display().to_string();
     let de = toml::Deserializer::parse(text).map_err(|e| {
-        let (line, col) = e.span().map_or((0, 0), |s| line_col(text, s.start));
+        let (line, col) = e
+            .span()
+            .map_or((0, 0), |s| crate::util::located::line_col(text, s.start));
         LabError::usage(format!("{file}:{line}:{col}: {}", e.message().trim()))
     })?;
     let mut raw: Config = serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
         let inner = e.into_inner();
-        let (line, col) = inner.span().map_or((0, 0), |s| line_col(text, s.start));
-        LabError::usage(format!(
-            "{file}:{line}:{col}: field `{field}`: {}",
-            inner.message().trim()
-        ))
+        let (line, col) = inner
+            .span()
+            .map_or((0, 0), |s| crate::util::located::line_col(text, s.start));
+        crate::util::located::error(&file, line, Some(col), &field, inner.message().trim())
     })?;
     raw.path = path.to_path_buf();
     validate(raw, text, secrets)
@@ -411,7 +404,7 @@ fn validate(raw: Config, text: &str, secrets: bool) -> anyhow::Result<Loaded> {
     let file = raw.path.display().to_string();
     let mut warnings = vec![];
     let at = |line: usize, field: &str, why: String| -> anyhow::Error {
-        LabError::usage(format!("{file}:{line}: field `{field}`: {why}")).into()
+        crate::util::located::error(&file, line, None, field, why).into()
     };
     let key_line = |key: &str| -> usize {
         text.lines()
@@ -646,7 +639,7 @@ fn keep_policy(r: &RetentionConfig) -> Result<KeepPolicy, FieldError> {
 /// one of the webhook URL's file or variable. Returns the timeout.
 fn check_notify_shape(n: &NotifyConfig, file: &str, line: usize) -> anyhow::Result<Duration> {
     let at = |field: &str, why: String| -> anyhow::Error {
-        LabError::usage(format!("{file}:{line}: field `notify.{field}`: {why}")).into()
+        crate::util::located::error(file, line, None, &format!("notify.{field}"), why).into()
     };
     let timeout = parse_duration(&n.timeout).map_err(|e| at("timeout", e))?;
     match (&n.webhook_url_file, &n.webhook_url_env) {
@@ -664,7 +657,7 @@ fn check_notify_shape(n: &NotifyConfig, file: &str, line: usize) -> anyhow::Resu
 
 fn resolve_notify(n: &NotifyConfig, file: &str, line: usize) -> anyhow::Result<Notify> {
     let at = |field: &str, why: String| -> anyhow::Error {
-        LabError::usage(format!("{file}:{line}: field `notify.{field}`: {why}")).into()
+        crate::util::located::error(file, line, None, &format!("notify.{field}"), why).into()
     };
     let timeout = check_notify_shape(n, file, line)?;
     let (url, origin) = match (&n.webhook_url_file, &n.webhook_url_env) {

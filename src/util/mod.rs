@@ -5,6 +5,7 @@
 //! module except [`crate::error`].
 
 pub mod directio;
+pub mod located;
 pub mod lock;
 pub mod progress;
 pub mod secret;
