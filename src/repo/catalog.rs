@@ -70,6 +70,17 @@ pub struct Catalog {
     path: PathBuf,
 }
 
+/// A `blobs` row selected as `(id or pack, kind, offset, length, raw_len)`.
+fn blob_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Id, BlobKind, u32, u32, u32)> {
+    Ok((
+        id_of(r.get(0)?),
+        BlobKind::from_u8(r.get(1)?).unwrap_or(BlobKind::Data),
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+    ))
+}
+
 fn id_of(v: Vec<u8>) -> Id {
     Id::from_slice(&v).unwrap_or(Id([0; 32]))
 }
@@ -220,12 +231,13 @@ impl Catalog {
              ORDER BY pack IN (SELECT id FROM marked_packs), pack",
         )?;
         let rows = st.query_map([&id.0[..]], |r| {
+            let (pack, kind, offset, length, raw_len) = blob_row(r)?;
             Ok(BlobLocation {
-                pack: id_of(r.get(0)?),
-                kind: BlobKind::from_u8(r.get(1)?).unwrap_or(BlobKind::Data),
-                offset: r.get(2)?,
-                length: r.get(3)?,
-                raw_len: r.get(4)?,
+                pack,
+                kind,
+                offset,
+                length,
+                raw_len,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -270,12 +282,13 @@ impl Catalog {
             "SELECT id,kind,offset,length,raw_len FROM blobs WHERE pack=?1 ORDER BY offset",
         )?;
         let rows = st.query_map([&pack.0[..]], |r| {
+            let (id, kind, offset, length, raw_len) = blob_row(r)?;
             Ok(PackEntry {
-                id: id_of(r.get(0)?),
-                kind: BlobKind::from_u8(r.get(1)?).unwrap_or(BlobKind::Data),
-                offset: r.get(2)?,
-                length: r.get(3)?,
-                raw_len: r.get(4)?,
+                id,
+                kind,
+                offset,
+                length,
+                raw_len,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
