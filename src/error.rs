@@ -40,35 +40,94 @@ impl ExitCode {
     }
 }
 
-/// A classified error: what went wrong, on which object, and what to do.
+/// A classified error: what kind of failure (one variant per exit code),
+/// and a message naming the object and what to do.
 #[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct LabError {
-    pub kind: ExitCode,
-    pub message: String,
+pub enum LabError {
+    /// A wrong flag, argument or setting (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// Data or a check found corrupted, truncated or missing (exit 4).
+    #[error("{0}")]
+    Integrity(String),
+    /// A wrong, unreadable or too-open key file, or one without the role
+    /// needed (exit 5).
+    #[error("{0}")]
+    Key(String),
+    /// Refused: a non-empty target, an existing object (exit 6).
+    #[error("{0}")]
+    Refused(String),
+    /// Repository storage unreachable or failing (exit 7).
+    #[error("{0}")]
+    Storage(String),
+    /// Something that fails the work without a more specific kind: a dump
+    /// command that exited non-zero, a VM that did not come up (exit 1).
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl LabError {
-    pub fn new(kind: ExitCode, message: impl Into<String>) -> Self {
-        LabError {
-            kind,
-            message: message.into(),
+    /// An error of the kind that exits with `code` (codes without a kind of
+    /// their own, 0 and 3, become [`LabError::Failed`]).
+    pub fn new(code: ExitCode, message: impl Into<String>) -> Self {
+        let m = message.into();
+        match code {
+            ExitCode::Usage => LabError::Usage(m),
+            ExitCode::Integrity => LabError::Integrity(m),
+            ExitCode::Key => LabError::Key(m),
+            ExitCode::Refused => LabError::Refused(m),
+            ExitCode::Storage => LabError::Storage(m),
+            ExitCode::Success | ExitCode::Failure | ExitCode::PartialBackup => LabError::Failed(m),
         }
     }
     pub fn usage(message: impl Into<String>) -> Self {
-        Self::new(ExitCode::Usage, message)
+        LabError::Usage(message.into())
     }
     pub fn integrity(message: impl Into<String>) -> Self {
-        Self::new(ExitCode::Integrity, message)
+        LabError::Integrity(message.into())
     }
     pub fn key(message: impl Into<String>) -> Self {
-        Self::new(ExitCode::Key, message)
+        LabError::Key(message.into())
     }
     pub fn refused(message: impl Into<String>) -> Self {
-        Self::new(ExitCode::Refused, message)
+        LabError::Refused(message.into())
     }
     pub fn storage(message: impl Into<String>) -> Self {
-        Self::new(ExitCode::Storage, message)
+        LabError::Storage(message.into())
+    }
+    pub fn failed(message: impl Into<String>) -> Self {
+        LabError::Failed(message.into())
+    }
+
+    /// The documented exit code of this kind.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            LabError::Usage(_) => ExitCode::Usage,
+            LabError::Integrity(_) => ExitCode::Integrity,
+            LabError::Key(_) => ExitCode::Key,
+            LabError::Refused(_) => ExitCode::Refused,
+            LabError::Storage(_) => ExitCode::Storage,
+            LabError::Failed(_) => ExitCode::Failure,
+        }
+    }
+
+    /// Whether another attempt may succeed: storage trouble and plain
+    /// failures may pass; usage, key, integrity and refusal errors are
+    /// permanent.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, LabError::Storage(_) | LabError::Failed(_))
+    }
+
+    /// The message, without the kind.
+    pub fn message(&self) -> &str {
+        match self {
+            LabError::Usage(m)
+            | LabError::Integrity(m)
+            | LabError::Key(m)
+            | LabError::Refused(m)
+            | LabError::Storage(m)
+            | LabError::Failed(m) => m,
+        }
     }
 }
 
@@ -160,7 +219,7 @@ impl BackendError {
 pub fn exit_code_for(err: &anyhow::Error) -> ExitCode {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<LabError>() {
-            return e.kind;
+            return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<BackendError>() {
             return e.exit_code();
@@ -176,10 +235,7 @@ pub fn exit_code_for(err: &anyhow::Error) -> ExitCode {
 pub fn is_retryable(err: &anyhow::Error) -> bool {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<LabError>() {
-            return !matches!(
-                e.kind,
-                ExitCode::Usage | ExitCode::Key | ExitCode::Integrity | ExitCode::Refused
-            );
+            return e.is_retryable();
         }
         if let Some(e) = cause.downcast_ref::<BackendError>() {
             return e.is_retryable() || e.exit_code() == ExitCode::Storage;
@@ -201,7 +257,7 @@ mod tests {
         assert!(!is_retryable(&key.context("opening")));
         let usage: anyhow::Error = LabError::usage("bad flag").into();
         assert!(!is_retryable(&usage));
-        let failed: anyhow::Error = LabError::new(ExitCode::Failure, "pg_dump exited 1").into();
+        let failed: anyhow::Error = LabError::failed("pg_dump exited 1").into();
         assert!(is_retryable(&failed));
         let io: anyhow::Error = BackendError::Io {
             name: "packs/x".into(),

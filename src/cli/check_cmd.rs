@@ -44,7 +44,7 @@ pub fn run_check(g: &GlobalArgs, c: CheckCmd) -> anyhow::Result<ExitCode> {
         (true, _) => ReadData::All,
         (false, Some(s)) => {
             let share = crate::util::units::parse_percent(s)
-                .map_err(|e| LabError::usage(format!("--read-data-subset: {}", e.message)))?;
+                .map_err(|e| LabError::usage(format!("--read-data-subset: {}", e.message())))?;
             if share == 0.0 {
                 return Err(LabError::usage("--read-data-subset must be more than 0%").into());
             }

@@ -190,15 +190,12 @@ pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|a| format!("{}: {}", a.name, a.error.as_deref().unwrap_or("failed")))
                 .collect();
-            Err(LabError::new(
-                ExitCode::Failure,
-                format!(
-                    "{} of {} VM(s) failed (the others were completed):\n  {}",
-                    failed.len(),
-                    applied.len(),
-                    lines.join("\n  ")
-                ),
-            )
+            Err(LabError::failed(format!(
+                "{} of {} VM(s) failed (the others were completed):\n  {}",
+                failed.len(),
+                applied.len(),
+                lines.join("\n  ")
+            ))
             .into())
         }
         ProvisionCmd::Destroy { name, p, yes } => {

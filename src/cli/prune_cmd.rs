@@ -43,7 +43,7 @@ pub struct PruneCmd {
 
 pub fn run_forget(g: &GlobalArgs, c: ForgetCmd) -> anyhow::Result<ExitCode> {
     let policy = c.keep.policy().map_err(|(field, e)| {
-        LabError::usage(format!("--{}: {}", field.replace('_', "-"), e.message))
+        LabError::usage(format!("--{}: {}", field.replace('_', "-"), e.message()))
     })?;
     let by: Vec<&str> = c.group_by.split(',').map(|s| s.trim()).collect();
     if let Some(bad) = by.iter().find(|k| !["source", "host", "tags"].contains(k)) {

@@ -187,7 +187,7 @@ mod tests {
         assert_eq!(
             decode(&c, &id_key, &key, &wrong, noise.len(), "b")
                 .unwrap_err()
-                .kind,
+                .exit_code(),
             crate::error::ExitCode::Integrity
         );
     }

@@ -327,7 +327,7 @@ fn read_packs(
             });
             match ok {
                 Some(Ok(_)) => rep.blobs_verified += 1,
-                Some(Err(err)) if err.kind == crate::error::ExitCode::Key => return Err(err.into()),
+                Some(Err(err @ crate::error::LabError::Key(_))) => return Err(err.into()),
                 _ => bad_blobs.push(e),
             }
         }

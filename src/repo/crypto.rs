@@ -409,7 +409,7 @@ mod tests {
         // A wrong identity is still a key error, and caches nothing.
         let other = DataIdentity::new(age::x25519::Identity::generate());
         assert_eq!(
-            decrypt(&other, &msgs[0], "t").unwrap_err().kind,
+            decrypt(&other, &msgs[0], "t").unwrap_err().exit_code(),
             crate::error::ExitCode::Key
         );
         assert!(other.cache.lock().unwrap().is_empty());
@@ -422,12 +422,12 @@ mod tests {
         let msg = encrypt(&[a.to_public()], b"secret");
         assert_eq!(decrypt(&a, &msg, "t").unwrap(), b"secret");
         let err = decrypt(&b, &msg, "t").unwrap_err();
-        assert_eq!(err.kind, crate::error::ExitCode::Key);
+        assert!(matches!(err, crate::error::LabError::Key(_)));
         let mut bad = msg.clone();
         let n = bad.len() - 3;
         bad[n] ^= 1;
         assert_eq!(
-            decrypt(&a, &bad, "t").unwrap_err().kind,
+            decrypt(&a, &bad, "t").unwrap_err().exit_code(),
             crate::error::ExitCode::Integrity
         );
     }

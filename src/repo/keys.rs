@@ -285,7 +285,7 @@ mod tests {
             }
         );
         assert_eq!(
-            b.data_identity("restore").err().map(|e| e.kind),
+            b.data_identity("restore").err().map(|e| e.exit_code()),
             Some(crate::error::ExitCode::Key)
         );
     }
@@ -299,8 +299,8 @@ mod tests {
             &format!("\"data-recipients\": \"{secret}\", \"x\": ["),
         );
         let err = Keys::from_json(&text, "k").unwrap_err();
-        assert!(!err.message.contains(&secret), "{}", err.message);
-        assert!(err.message.contains("line"), "{}", err.message);
+        assert!(!err.message().contains(&secret), "{}", err.message());
+        assert!(err.message().contains("line"), "{}", err.message());
     }
 
     #[test]
@@ -311,6 +311,6 @@ mod tests {
         assert!(Keys::load(&p).is_ok());
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
         let err = Keys::load(&p).unwrap_err();
-        assert!(err.message.contains("chmod 600"), "{}", err.message);
+        assert!(err.message().contains("chmod 600"), "{}", err.message());
     }
 }

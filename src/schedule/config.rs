@@ -330,7 +330,7 @@ pub fn default_path() -> PathBuf {
 /// Parses a duration (labctl's one grammar, see [`crate::util::units`]),
 /// with the error as text for `file:line: field:` messages.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    crate::util::units::parse_duration(text).map_err(|e| e.message)
+    crate::util::units::parse_duration(text).map_err(|e| e.message().to_string())
 }
 
 /// Finds where a `[[job]]` entry named `name` is declared, for messages.
@@ -514,7 +514,7 @@ fn validate(raw: Config, text: &str, secrets: bool) -> anyhow::Result<Loaded> {
         }
         if let Some(p) = &j.prune {
             let grace = crate::util::units::parse_time_duration(&p.grace)
-                .map_err(|e| at(line, &f("prune.grace"), e.message))?;
+                .map_err(|e| at(line, &f("prune.grace"), e.message().to_string()))?;
             if grace < time::Duration::hours(24) {
                 warnings.push(format!("{file}:{line}: job '{}': prune grace {} is under 24h: a backup running longer than that can lose data it deduplicated", j.name, p.grace));
             }
@@ -632,7 +632,7 @@ fn backup_action(b: &crate::sources::SourceSpec) -> Result<Action, FieldError> {
 
 fn keep_policy(r: &RetentionConfig) -> Result<KeepPolicy, FieldError> {
     r.policy()
-        .map_err(|(field, e)| (field.to_string(), e.message))
+        .map_err(|(field, e)| (field.to_string(), e.message().to_string()))
 }
 
 /// The parts of `[notify]` that need no secret: the timeout, and exactly

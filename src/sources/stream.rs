@@ -117,10 +117,9 @@ pub fn backup_stream(
             if e.downcast_ref::<crate::error::Cancelled>().is_some() {
                 return e;
             }
-            LabError::new(
-                crate::error::ExitCode::Failure,
-                format!("reading the stream failed, nothing was committed: {e}"),
-            )
+            LabError::failed(format!(
+                "reading the stream failed, nothing was committed: {e}"
+            ))
             .into()
         })?;
     let size = run.summary_mut().bytes_read;

@@ -70,7 +70,7 @@ fn backup_key_cannot_decrypt_any_blob() {
             let blob = &bytes[e.offset as usize..(e.offset + e.length) as usize];
             // ... but no blob opens with the only secret identity it holds ...
             let err = crypto::decrypt(&backup.meta_identity, blob, "blob").unwrap_err();
-            assert_eq!(err.kind, labctl::error::ExitCode::Key);
+            assert_eq!(err.exit_code(), labctl::error::ExitCode::Key);
             // ... while the restore key opens every one, through labctl's
             // caching identity and as a plain age identity (standard age).
             let data = restore.data_identity.as_ref().unwrap();

@@ -16,7 +16,7 @@
 
 mod by_pack;
 
-use crate::error::{ExitCode, LabError};
+use crate::error::LabError;
 use crate::repo::catalog::BlobLocation;
 use crate::repo::tree::{ContentRef, Node, NodeType};
 use crate::repo::{read_blob_at, read_tree_blob_at, Id, Repository};
@@ -1105,5 +1105,5 @@ fn find_file(repo: &Repository, root: &[Id], path: Option<&str>) -> anyhow::Resu
             .ok_or_else(|| LabError::usage(format!("{part} in {path} is not a directory")))?;
         tree = repo.read_tree(&sub)?;
     }
-    Err(LabError::new(ExitCode::Usage, "empty path").into())
+    Err(LabError::usage("empty path").into())
 }
