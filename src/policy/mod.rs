@@ -48,7 +48,30 @@ pub struct Settings {
     /// The longest grant allowed, in days from today.
     #[serde(default)]
     pub max_grant_days: Option<u32>,
+    /// More namespaces no profile may use (beside [`RESERVED_NAMESPACES`]
+    /// and every `kube-*` name).
+    #[serde(default)]
+    pub reserved_namespaces: Vec<String>,
 }
+
+/// Namespaces of Kubernetes, Kubeflow and its dependencies, and Kubeflow's
+/// example profile: a profile there would put RoleBindings, LimitRanges and
+/// namespace-wide ALLOW AuthorizationPolicies into them (in Istio's root
+/// namespace such a policy applies mesh-wide). `kube-*` is reserved too
+/// (Kubernetes keeps that prefix for the system).
+pub const RESERVED_NAMESPACES: [&str; 11] = [
+    "kube-system",
+    "kube-public",
+    "kube-node-lease",
+    "default",
+    "kubeflow",
+    "istio-system",
+    "cert-manager",
+    "auth",
+    "knative-serving",
+    "knative-eventing",
+    "kubeflow-user-example-com",
+];
 
 fn default_version() -> String {
     "1.8".into()
@@ -73,6 +96,7 @@ impl Default for Settings {
             gateway_principals: default_principals(),
             gpu_capacity: None,
             max_grant_days: None,
+            reserved_namespaces: vec![],
         }
     }
 }
@@ -201,19 +225,31 @@ pub fn parse_date(s: &str) -> Result<Date, String> {
         .map_err(|_| format!("'{s}' is not a date like 2027-01-31"))
 }
 
-/// Whether `email` looks like an address Kubeflow's user-id header carries.
+/// Whether `email` is an address the lab's identity provider (Dex, OIDC)
+/// puts in the user-id header: a dot-atom local part (RFC 5322 `atext`,
+/// apostrophes included, single dots, none at either end) and a host name
+/// of two or more labels (letters, digits and inner hyphens).
 pub fn valid_email(email: &str) -> bool {
     let Some((local, domain)) = email.split_once('@') else {
         return false;
     };
-    !local.is_empty()
-        && domain.contains('.')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && email
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._%+-@".contains(c))
-        && email.matches('@').count() == 1
+    let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+/=?^_`{|}~-".contains(c);
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && local
+            .split('.')
+            .all(|part| !part.is_empty() && part.chars().all(atext));
+    let labels: Vec<&str> = domain.split('.').collect();
+    let domain_ok = labels.len() >= 2
+        && domain.len() <= 253
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    local_ok && domain_ok
 }
 
 /// Valid ResourceQuota keys (the common ones; see KUBEFLOW.md).
@@ -475,6 +511,24 @@ fn validate(p: &mut Policy, texts: &BTreeMap<PathBuf, String>, today: Date) -> a
             &mut warnings,
         )?;
     }
+    // KFAM names a person's RoleBinding after the email with every run of
+    // other characters turned into one '-', lowercased: two people whose
+    // names collapse alike would share one binding (the last apply wins).
+    let mut stems: BTreeMap<String, (&String, &Origin)> = BTreeMap::new();
+    for (email, (_, o)) in &p.researchers {
+        let stem = render::kfam_name(email, "x");
+        if let Some((first, fo)) = stems.get(&stem) {
+            let first_line = line_of(&text_of(fo), fo, "email", first);
+            return Err(at(
+                o,
+                "email",
+                email,
+                "email",
+                format!("'{email}' and '{first}' ({}:{first_line}) get the same KFAM binding name ({}): one would silently lose access; Kubeflow cannot tell them apart", fo.file.display(), stem.trim_end_matches("-clusterrole-x")),
+            ));
+        }
+        stems.insert(stem, (email, o));
+    }
     let known = |e: &str| p.researchers.contains_key(e);
     for (name, (g, o)) in &p.groups {
         if !known(&g.owner) {
@@ -564,6 +618,18 @@ fn validate(p: &mut Policy, texts: &BTreeMap<PathBuf, String>, today: Date) -> a
                 name,
                 "name",
                 format!("'{name}' is not a namespace name (lowercase letters, digits, '-')"),
+            ));
+        }
+        let reserved = RESERVED_NAMESPACES.contains(&name.as_str())
+            || name.starts_with("kube-")
+            || p.settings.reserved_namespaces.iter().any(|r| r == name);
+        if reserved {
+            return Err(at(
+                o,
+                "name",
+                name,
+                "name",
+                format!("'{name}' is a reserved namespace (Kubernetes, Kubeflow or Settings.reservedNamespaces): a profile there would write RoleBindings, LimitRanges and AuthorizationPolicies into it; choose another name"),
             ));
         }
         if !known(&pr.owner) {
@@ -741,5 +807,38 @@ impl Policy {
             }
         }
         out.into_values().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_follow_what_the_identity_provider_accepts() {
+        for ok in [
+            "alice@uni.edu",
+            "o'neil@uni.edu",
+            "a.b+c@mail.uni.edu",
+            "x-@uni.edu",
+            "a_b@x-y.org",
+        ] {
+            assert!(valid_email(ok), "{ok}");
+        }
+        for bad in [
+            "alice@uni..edu",
+            ".alice@uni.edu",
+            "alice.@uni.edu",
+            "a..b@uni.edu",
+            "alice@-uni.edu",
+            "alice@uni-.edu",
+            "alice@localhost",
+            "alice",
+            "a@b@uni.edu",
+            "al ice@uni.edu",
+            "alice@uni.edu.",
+        ] {
+            assert!(!valid_email(bad), "{bad}");
+        }
     }
 }

@@ -158,6 +158,8 @@ pub struct CommandReader {
     child: Arc<Mutex<Child>>,
     stdout: std::process::ChildStdout,
     stderr_tail: Arc<Mutex<Vec<u8>>>,
+    /// Closed when the stderr reader has seen the end of the command's stderr.
+    stderr_done: crossbeam_channel::Receiver<()>,
     program: String,
     done: Arc<std::sync::atomic::AtomicBool>,
     cancel: CancelFlag,
@@ -185,7 +187,9 @@ impl CommandReader {
         let mut stderr = child.stderr.take().expect("piped stderr");
         let tail = Arc::new(Mutex::new(Vec::new()));
         let t2 = tail.clone();
+        let (stderr_done_tx, stderr_done) = crossbeam_channel::bounded::<()>(0);
         std::thread::spawn(move || {
+            let _done = stderr_done_tx; // dropped (channel closed) at the end
             let mut buf = [0u8; 4096];
             while let Ok(n) = stderr.read(&mut buf) {
                 if n == 0 {
@@ -218,6 +222,7 @@ impl CommandReader {
             child,
             stdout,
             stderr_tail: tail,
+            stderr_done,
             program: command[0].clone(),
             done,
             cancel: cancel.clone(),
@@ -239,6 +244,11 @@ impl Read for CommandReader {
         if status.success() {
             return Ok(0);
         }
+        // The command has exited: give the stderr reader a moment to take
+        // its last lines (a grandchild holding stderr open must not hang us).
+        let _ = self
+            .stderr_done
+            .recv_timeout(std::time::Duration::from_secs(2));
         let tail = String::from_utf8_lossy(&self.stderr_tail.lock().expect("tail"))
             .trim()
             .to_string();

@@ -252,6 +252,62 @@ fn broken(file: &str, edit: impl Fn(&str) -> String) -> (Option<i32>, String) {
 }
 
 #[test]
+fn reserved_namespaces_and_kfam_name_collisions_are_refused() {
+    for ns in [
+        "kubeflow",
+        "istio-system",
+        "kube-system",
+        "kube-anything",
+        "default",
+        "kubeflow-user-example-com",
+    ] {
+        let (code, err) = broken("profiles/teaching.yaml", |t| {
+            t.replacen("name: nlp-teaching", &format!("name: {ns}"), 1)
+        });
+        assert_eq!(code, Some(2), "{ns}: {err}");
+        assert!(
+            err.contains(&format!(
+                "profiles/teaching.yaml:3: field `name`: '{ns}' is a reserved namespace"
+            )),
+            "{ns}: {err}"
+        );
+    }
+    // Settings.reservedNamespaces adds the lab's own.
+    let (code, err) = broken("settings.yaml", |t| {
+        format!("{t}reservedNamespaces: [nlp-teaching]\n")
+    });
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("'nlp-teaching' is a reserved namespace"),
+        "{err}"
+    );
+    // Two people whose emails collapse to one KFAM binding name.
+    for twin in ["alice-@uni.edu", "Alice@uni.edu", "-alice@uni.edu"] {
+        let (code, err) = broken("people.yaml", |t| {
+            format!("{t}---\nkind: Researcher\nemail: {twin}\nname: Twin\n")
+        });
+        assert_eq!(code, Some(2), "{twin}: {err}");
+        assert!(err.contains("same KFAM binding name"), "{twin}: {err}");
+        // Both entries' lines: alice's (7) and the twin's (25).
+        assert!(err.contains("people.yaml:7"), "{twin}: {err}");
+        assert!(err.contains("people.yaml:25"), "{twin}: {err}");
+    }
+    // An apostrophe is a valid address; a double dot is not.
+    let (code, err) = broken("people.yaml", |t| {
+        format!("{t}---\nkind: Researcher\nemail: o'neil@uni.edu\nname: O'Neil\n")
+    });
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = broken("people.yaml", |t| {
+        t.replacen("email: carla@uni.edu", "email: carla@uni..edu", 1)
+    });
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("people.yaml:16: field `email`: 'carla@uni..edu' is not an email address"),
+        "{err}"
+    );
+}
+
+#[test]
 fn every_validation_error_names_file_line_and_field() {
     // (file, text, replacement, the error expected)
     let cases = [
