@@ -308,6 +308,13 @@ pub struct Done {
     pub name: String,
 }
 
+/// What an apply did: the changes made, in order, and the step it stopped
+/// at when one failed (with the error); nothing after it was tried.
+pub struct Applied {
+    pub done: Vec<Done>,
+    pub failed: Option<(Done, anyhow::Error)>,
+}
+
 /// Applies a plan (server-side apply, then deletes).
 ///
 /// # Errors
@@ -316,7 +323,7 @@ pub async fn apply(
     client: &kube::Client,
     plan: &Plan,
     allow_data_loss: bool,
-) -> anyhow::Result<Vec<Done>> {
+) -> anyhow::Result<Applied> {
     let blocked = plan.profile_deletes();
     if !blocked.is_empty() && !allow_data_loss {
         let list: Vec<String> = blocked
@@ -342,31 +349,44 @@ pub async fn apply(
     let pp = PatchParams::apply("labctl").force();
     let mut done = vec![];
     for s in &plan.steps {
+        if !matches!(s.action.as_str(), "create" | "update" | "delete") {
+            continue;
+        }
+        let step = Done {
+            action: s.action.clone(),
+            kind: s.kind.clone(),
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+        };
         let a = api(client, &s.kind, s.namespace.as_deref());
-        match s.action.as_str() {
-            "create" | "update" => {
+        let result: anyhow::Result<()> = async {
+            if s.action == "delete" {
+                match a.delete(&s.name, &DeleteParams::default()).await {
+                    // Already gone (a deleted Profile takes its namespace along).
+                    Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404, .. })) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
                 let obj = s.object.as_ref().expect("rendered object");
                 a.patch(&s.name, &pp, &Patch::Apply(obj)).await?;
                 if let Some((_, new)) = &s.owner_transfer {
                     transfer_owner(client, &s.name, new).await?;
                 }
             }
-            "delete" => match a.delete(&s.name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                // Already gone (a deleted Profile takes its namespace along).
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            },
-            _ => continue,
+            Ok(())
         }
-        done.push(Done {
-            action: s.action.clone(),
-            kind: s.kind.clone(),
-            namespace: s.namespace.clone(),
-            name: s.name.clone(),
-        });
+        .await;
+        match result {
+            Ok(()) => done.push(step),
+            Err(e) => {
+                return Ok(Applied {
+                    done,
+                    failed: Some((step, e)),
+                })
+            }
+        }
     }
-    Ok(done)
+    Ok(Applied { done, failed: None })
 }
 
 /// The owner-transfer sequence that works with a stock profile controller

@@ -58,16 +58,19 @@ pub fn apply_recorded(
     audit: &AuditEntry<'_>,
 ) -> anyhow::Result<(Plan, Vec<Done>)> {
     let objects = super::render::render(pol, today);
-    let (plan, done) = crate::util::runtime()?.block_on(async {
+    let (plan, applied) = crate::util::runtime()?.block_on(async {
         let (c, url) = kube.connect().await?;
         let plan = cluster::plan(&c, &objects)
             .await
             .map_err(|e| reach(e, &url))?;
-        let done = cluster::apply(&c, &plan, allow_data_loss).await?;
-        Ok::<_, anyhow::Error>((plan, done))
+        let applied = cluster::apply(&c, &plan, allow_data_loss).await?;
+        Ok::<_, anyhow::Error>((plan, applied))
     })?;
-    if !done.is_empty() {
-        let changes: Vec<serde_json::Value> = done
+    let cluster::Applied { done, failed } = applied;
+    // What was applied is recorded also when a later step failed, with the
+    // step that failed and why.
+    if !done.is_empty() || failed.is_some() {
+        let mut changes: Vec<serde_json::Value> = done
             .iter()
             .map(|d| {
                 let step = plan
@@ -78,6 +81,10 @@ pub fn apply_recorded(
                     "fields": step.map(|s| s.changes.clone()).unwrap_or_default()})
             })
             .collect();
+        if let Some((d, e)) = &failed {
+            changes.push(serde_json::json!({"action": d.action, "kind": d.kind, "namespace": d.namespace, "name": d.name,
+                "failed": format!("{e:#}")}));
+        }
         crate::records::policy_audit::record(
             audit.log,
             audit.actor,
@@ -85,6 +92,16 @@ pub fn apply_recorded(
             audit.policies,
             serde_json::json!(changes),
         )?;
+    }
+    if let Some((d, e)) = failed {
+        return Err(e.context(format!(
+            "{} {} {}{} failed after {} change(s) were applied (the audit log records them and the failure); nothing after it was tried",
+            d.action,
+            d.kind,
+            d.namespace.map(|n| format!("{n}/")).unwrap_or_default(),
+            d.name,
+            done.len()
+        )));
     }
     Ok((plan, done))
 }

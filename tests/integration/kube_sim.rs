@@ -59,6 +59,9 @@ pub struct Store {
     pub controller: bool,
     /// A cluster without Kubeflow: no kubeflow.org API group.
     pub without_kubeflow: bool,
+    /// Resources (plurals) labctl's identity may read but not write, as when
+    /// its RBAC Role lacks a verb: writes get the RBAC authorizer's 403.
+    pub forbidden: Vec<String>,
     pub requests: Vec<String>,
 }
 
@@ -484,6 +487,26 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
             ),
         )
     };
+    // RBAC: a write the identity's Role does not allow is refused with 403
+    // Forbidden and the authorizer's message (k8s.io/apiserver
+    // pkg/endpoints/handlers/responsewriters/errors.go, forbiddenMessage).
+    if method != "GET" && s.forbidden.iter().any(|f| f == plural) {
+        let verb = match method.as_str() {
+            "PATCH" => "patch",
+            "DELETE" => "delete",
+            _ => "create",
+        };
+        return reply(status(
+            403,
+            "Forbidden",
+            &format!(
+                "{plural}{} \"{}\" is forbidden: User \"system:serviceaccount:labctl:labctl\" cannot {verb} resource \"{plural}\" in API group \"{g}\" in the namespace \"{}\"",
+                if g.is_empty() { String::new() } else { format!(".{g}") },
+                name.unwrap_or(""),
+                ns.unwrap_or("")
+            ),
+        ));
+    }
     match (method.as_str(), name) {
         ("GET", None) => {
             let sel = query.get("labelSelector").cloned().unwrap_or_default();

@@ -800,6 +800,56 @@ fn the_rbac_for_labctl_covers_what_it_does_and_no_more() {
 }
 
 #[test]
+fn a_partial_apply_is_audited_with_the_step_that_failed() {
+    use crate::kube_sim::KubeSim;
+    let sim = KubeSim::start();
+    // labctl's Role may not write LimitRanges: the apply stops there.
+    sim.with(|s| s.forbidden.push("limitranges".into()));
+    let d = copy_example();
+    let kc = sim.kubeconfig(d.path());
+    let log = d.path().join("audit.jsonl");
+    let out = kube(
+        d.path(),
+        &kc,
+        &["policy", "apply", "--audit-log", log.to_str().unwrap()],
+        "2026-11-26",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("failed after"), "{err}");
+    assert!(err.contains("is forbidden"), "{err}");
+    let text = std::fs::read_to_string(&log).expect("an audit entry for the partial apply");
+    let entry: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let changes = entry["changes"].as_array().unwrap();
+    let last = changes.last().unwrap();
+    assert_eq!(last["kind"], "LimitRange", "{entry}");
+    assert!(
+        last["failed"].as_str().unwrap().contains("forbidden"),
+        "{entry}"
+    );
+    assert!(
+        changes.len() > 1,
+        "what was applied before is recorded: {entry}"
+    );
+    assert!(changes[..changes.len() - 1]
+        .iter()
+        .all(|c| c["failed"].is_null()));
+    // What the audit says was applied is on the server.
+    for c in &changes[..changes.len() - 1] {
+        if c["kind"] == "Profile" {
+            assert!(sim
+                .get("profiles", "", c["name"].as_str().unwrap())
+                .is_some());
+        }
+    }
+}
+
+#[test]
 fn applies_are_audited_in_a_hash_chain_that_detects_tampering() {
     use crate::kube_sim::KubeSim;
     let sim = KubeSim::start();
