@@ -160,7 +160,7 @@ fn diff(want: &Value, live: &Value) -> Vec<String> {
 ///
 /// # Errors
 /// Kubernetes API errors.
-pub async fn plan(client: &kube::Client, objects: &[Value]) -> anyhow::Result<Plan> {
+pub async fn plan(client: &kube::Client, objects: &[Value], set: &str) -> anyhow::Result<Plan> {
     // The CRDs must be there (discovery), or nothing below makes sense.
     for (gv, plural, what) in [
         ("kubeflow.org/v1", "profiles", "Kubeflow's Profile CRD"),
@@ -230,6 +230,17 @@ pub async fn plan(client: &kube::Client, objects: &[Value]) -> anyhow::Result<Pl
             let ns = l.metadata.namespace.clone();
             let name = l.metadata.name.clone().unwrap_or_default();
             if wanted.contains(&(kind.to_string(), ns.clone(), name.clone())) {
+                continue;
+            }
+            // Another policy set's object is never ours to prune. One without
+            // the set label was written before labctl labelled sets: the set
+            // that applies first adopts (and may prune) it.
+            let its_set = l
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|m| m.get(super::render::POLICY_SET));
+            if its_set.is_some_and(|s| s != set) {
                 continue;
             }
             let mut pvcs = vec![];

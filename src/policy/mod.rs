@@ -34,6 +34,10 @@ impl std::fmt::Display for Origin {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Settings {
     pub kind: String,
+    /// The policy set's name (required): every object labctl applies is
+    /// labelled with it (`labctl.io/policy-set`), and apply prunes only
+    /// objects of this set, so two policy folders can share a cluster.
+    pub name: String,
     #[serde(default = "default_version")]
     pub kubeflow_version: String,
     #[serde(default = "default_header")]
@@ -90,6 +94,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             kind: "Settings".into(),
+            name: String::new(),
             kubeflow_version: default_version(),
             user_id_header: default_header(),
             user_id_prefix: String::new(),
@@ -426,6 +431,26 @@ pub fn load(dir: &Path, today: Date) -> anyhow::Result<Policy> {
                         .into());
                     }
                     p.settings = de(&doc, &origin)?;
+                    let n = &p.settings.name;
+                    // A label value (k8s.io/apimachinery validation
+                    // IsValidLabelValue): 63 characters at most,
+                    // alphanumerics at both ends, '-', '_', '.' inside.
+                    let label_ok = !n.is_empty()
+                        && n.len() <= 63
+                        && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                        && n.starts_with(|c: char| c.is_ascii_alphanumeric())
+                        && n.ends_with(|c: char| c.is_ascii_alphanumeric());
+                    if !label_ok {
+                        let line = line_of(&doc, &origin, "name", n);
+                        return Err(crate::util::located::error(
+                            origin.file.display(),
+                            line,
+                            None,
+                            "name",
+                            format!("'{n}' is not a policy-set name (a Kubernetes label value: up to 63 letters, digits, '-', '_', '.', starting and ending with a letter or digit)"),
+                        )
+                        .into());
+                    }
                     settings_seen = Some(origin);
                 }
                 "Researcher" => {
@@ -461,6 +486,13 @@ pub fn load(dir: &Path, today: Date) -> anyhow::Result<Policy> {
             }
             texts.insert(file.clone(), text.clone());
         }
+    }
+    if settings_seen.is_none() {
+        return Err(LabError::usage(format!(
+            "{}: no Settings document: add one (kind: Settings) with the policy set's `name`; apply labels and prunes by it",
+            dir.display()
+        ))
+        .into());
     }
     validate(&mut p, &texts, today)?;
     Ok(p)

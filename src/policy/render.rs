@@ -15,6 +15,10 @@ use time::Date;
 /// The label on everything labctl manages (pruning looks only at these).
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "labctl");
 
+/// The label naming the policy set (Settings `name`) an object belongs to:
+/// apply prunes only its own set's objects.
+pub const POLICY_SET: &str = "labctl.io/policy-set";
+
 /// KFAM's binding name: `user-<email with non-alphanumeric runs as ->-clusterrole-<role>`,
 /// lowercased, runs of non-alphanumerics collapsed again.
 pub fn kfam_name(email: &str, role: &str) -> String {
@@ -64,7 +68,11 @@ fn managed_annotations(a: &Access) -> serde_json::Map<String, Value> {
 
 /// Every object labctl would apply, in a stable order.
 pub fn render(p: &Policy, today: Date) -> Vec<Value> {
-    let labels = json!({ MANAGED_BY.0: MANAGED_BY.1 });
+    let labels = if p.settings.name.is_empty() {
+        json!({ MANAGED_BY.0: MANAGED_BY.1 })
+    } else {
+        json!({ MANAGED_BY.0: MANAGED_BY.1, POLICY_SET: p.settings.name })
+    };
     let mut out = vec![];
     for (name, (pr, _)) in &p.profiles {
         let quota = pr

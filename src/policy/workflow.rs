@@ -28,7 +28,7 @@ pub fn plan(pol: &Policy, today: Date, kube: &KubeTarget) -> anyhow::Result<Plan
     let objects = super::render::render(pol, today);
     crate::util::runtime()?.block_on(async {
         let (c, url) = kube.connect().await?;
-        cluster::plan(&c, &objects)
+        cluster::plan(&c, &objects, &pol.settings.name)
             .await
             .map_err(|e| reach(e, &url))
     })
@@ -60,7 +60,7 @@ pub fn apply_recorded(
     let objects = super::render::render(pol, today);
     let (plan, applied) = crate::util::runtime()?.block_on(async {
         let (c, url) = kube.connect().await?;
-        let plan = cluster::plan(&c, &objects)
+        let plan = cluster::plan(&c, &objects, &pol.settings.name)
             .await
             .map_err(|e| reach(e, &url))?;
         let applied = cluster::apply(&c, &plan, allow_data_loss).await?;

@@ -800,6 +800,72 @@ fn the_rbac_for_labctl_covers_what_it_does_and_no_more() {
 }
 
 #[test]
+fn two_policy_sets_share_a_cluster_without_pruning_each_other() {
+    use crate::kube_sim::KubeSim;
+    let sim = KubeSim::start();
+    let a = copy_example();
+    let kc = sim.kubeconfig(a.path());
+    json_of(&kube(
+        a.path(),
+        &kc,
+        &["--json", "policy", "apply"],
+        "2026-11-26",
+    ));
+    let profile = sim.get("profiles", "", "nlp-lab").expect("set A applied");
+    assert_eq!(
+        profile["metadata"]["labels"]["labctl.io/policy-set"],
+        "lab-main"
+    );
+    // Set B: another name, other profiles.
+    let b = copy_example();
+    let edit = |rel: &str, from: &str, to: &str| {
+        let path = b.path().join(rel);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace(from, to)).unwrap();
+    };
+    edit("settings.yaml", "name: lab-main", "name: lab-b");
+    edit("profiles/nlp-lab.yaml", "name: nlp-lab", "name: b-nlp");
+    edit(
+        "profiles/teaching.yaml",
+        "name: nlp-teaching",
+        "name: b-teaching",
+    );
+    let plan = json_of(&kube(
+        b.path(),
+        &kc,
+        &["--json", "policy", "plan"],
+        "2026-11-26",
+    ));
+    let deletes: Vec<&serde_json::Value> = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["action"] == "delete")
+        .collect();
+    assert!(deletes.is_empty(), "set B would prune set A: {deletes:?}");
+    json_of(&kube(
+        b.path(),
+        &kc,
+        &["--json", "policy", "apply"],
+        "2026-11-26",
+    ));
+    assert!(sim.get("profiles", "", "nlp-lab").is_some());
+    assert!(sim.get("profiles", "", "b-nlp").is_some());
+    // A set's name is required, and a label value.
+    let (code, err) = broken("settings.yaml", |t| {
+        t.replace("name: lab-main", "name: -bad-")
+    });
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("settings.yaml:3: field `name`: '-bad-' is not a policy-set name"),
+        "{err}"
+    );
+    let (code, err) = broken("settings.yaml", |t| t.replace("name: lab-main", ""));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("missing field `name`"), "{err}");
+}
+
+#[test]
 fn a_partial_apply_is_audited_with_the_step_that_failed() {
     use crate::kube_sim::KubeSim;
     let sim = KubeSim::start();
