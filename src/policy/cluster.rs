@@ -182,6 +182,36 @@ pub async fn plan(client: &kube::Client, objects: &[Value], set: &str) -> anyhow
             .into());
         }
     }
+    // A new Profile must not take over a namespace someone else made: the
+    // profile controller would adopt it only if its owner annotation says
+    // the same owner, and labctl would write RoleBindings, LimitRanges and
+    // AuthorizationPolicies into it either way.
+    let mut foreign = vec![];
+    for o in objects.iter().filter(|o| o["kind"] == "Profile") {
+        let name = meta_str(o, "name").unwrap_or_default();
+        if api(client, "Profile", None).get_opt(name).await?.is_some() {
+            continue;
+        }
+        if let Some(n) = api(client, "Namespace", None).get_opt(name).await? {
+            let owner = o["spec"]["owner"]["name"].as_str().unwrap_or_default();
+            let ann = n.metadata.annotations.unwrap_or_default();
+            if ann.get("owner").map(String::as_str) != Some(owner) {
+                foreign.push(format!(
+                    "{name} (exists, owner annotation {})",
+                    ann.get("owner")
+                        .map(|o| format!("'{o}'"))
+                        .unwrap_or_else(|| "none".into())
+                ));
+            }
+        }
+    }
+    if !foreign.is_empty() {
+        return Err(crate::error::LabError::refused(format!(
+            "namespace(s) {} already exist without a Profile of this owner: a new Profile there would take over someone else's namespace. Rename the profile, or delete the namespace if it is really unused. Nothing was applied",
+            foreign.join("; ")
+        ))
+        .into());
+    }
     let mut steps = vec![];
     let mut wanted = BTreeSet::new();
     for o in objects {

@@ -800,6 +800,43 @@ fn the_rbac_for_labctl_covers_what_it_does_and_no_more() {
 }
 
 #[test]
+fn a_profile_never_takes_over_a_namespace_someone_else_made() {
+    use crate::kube_sim::KubeSim;
+    let sim = KubeSim::start();
+    sim.with(|s| {
+        s.put(
+            "namespaces",
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": "nlp-lab", "annotations": {"owner": "someone@else.org"}}}),
+        )
+    });
+    let d = copy_example();
+    let kc = sim.kubeconfig(d.path());
+    for cmd in ["plan", "apply"] {
+        let out = kube(d.path(), &kc, &["policy", cmd], "2026-11-26");
+        assert_eq!(
+            out.status.code(),
+            Some(6),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("nlp-lab (exists, owner annotation 'someone@else.org')"),
+            "{err}"
+        );
+    }
+    assert!(
+        sim.get("profiles", "", "nlp-lab").is_none(),
+        "nothing applied"
+    );
+    assert!(
+        sim.get("profiles", "", "nlp-teaching").is_none(),
+        "nothing applied"
+    );
+}
+
+#[test]
 fn two_policy_sets_share_a_cluster_without_pruning_each_other() {
     use crate::kube_sim::KubeSim;
     let sim = KubeSim::start();
