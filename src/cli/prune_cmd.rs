@@ -16,7 +16,7 @@ pub struct ForgetCmd {
     #[arg(long, default_value = "source", value_name = "KEYS")]
     pub group_by: String,
     #[command(flatten)]
-    pub filter: super::snapshots_cmd::SnapshotFilter,
+    pub filter: crate::repo::select::SnapshotFilter,
     /// Show what would be removed and why each kept snapshot stays; change nothing.
     #[arg(long)]
     pub dry_run: bool,

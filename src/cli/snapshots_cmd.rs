@@ -14,7 +14,7 @@ pub struct SnapshotsCmd {
     pub filter: SnapshotFilter,
 }
 
-pub use crate::repo::select::SnapshotFilter;
+use crate::repo::select::SnapshotFilter;
 
 #[derive(Args, Debug)]
 pub struct LsCmd {

@@ -25,13 +25,22 @@ fn reach(e: anyhow::Error, url: &str) -> anyhow::Error {
 /// # Errors
 /// Connection or API errors, naming the server.
 pub fn plan(pol: &Policy, today: Date, kube: &KubeTarget) -> anyhow::Result<Plan> {
+    crate::util::runtime()?.block_on(async { Ok(connect_and_plan(pol, today, kube).await?.1) })
+}
+
+/// Connects and plans the rendered policy (the client stays usable for
+/// applying that plan).
+async fn connect_and_plan(
+    pol: &Policy,
+    today: Date,
+    kube: &KubeTarget,
+) -> anyhow::Result<(kube::Client, Plan)> {
     let objects = super::render::render(pol, today);
-    crate::util::runtime()?.block_on(async {
-        let (c, url) = kube.connect().await?;
-        cluster::plan(&c, &objects, &pol.settings.name)
-            .await
-            .map_err(|e| reach(e, &url))
-    })
+    let (c, url) = kube.connect().await?;
+    let plan = cluster::plan(&c, &objects, &pol.settings.name)
+        .await
+        .map_err(|e| reach(e, &url))?;
+    Ok((c, plan))
 }
 
 /// Who made a change and why, for the audit chain.
@@ -57,12 +66,8 @@ pub fn apply_recorded(
     allow_data_loss: bool,
     audit: &AuditEntry<'_>,
 ) -> anyhow::Result<(Plan, Vec<Done>)> {
-    let objects = super::render::render(pol, today);
     let (plan, applied) = crate::util::runtime()?.block_on(async {
-        let (c, url) = kube.connect().await?;
-        let plan = cluster::plan(&c, &objects, &pol.settings.name)
-            .await
-            .map_err(|e| reach(e, &url))?;
+        let (c, plan) = connect_and_plan(pol, today, kube).await?;
         let applied = cluster::apply(&c, &plan, allow_data_loss).await?;
         Ok::<_, anyhow::Error>((plan, applied))
     })?;

@@ -728,27 +728,27 @@ impl<T, E: std::error::Error + Send + Sync + 'static> ContextObj<T> for Result<T
 /// Storage or key errors; a pack whose trailer is unreadable is skipped
 /// (check reports it).
 pub fn adopt_orphan_packs(repo: &Repository) -> anyhow::Result<usize> {
-    let mut orphans = vec![];
+    adopt_listed_packs(repo, &repo.list_packs()?)
+}
+
+/// [`adopt_orphan_packs`] over a listing the caller already has (see
+/// [`Repository::list_packs`]), so a command lists storage once.
+///
+/// # Errors
+/// As [`adopt_orphan_packs`].
+pub fn adopt_listed_packs(
+    repo: &Repository,
+    listed: &std::collections::HashMap<Id, u64>,
+) -> anyhow::Result<usize> {
     let cat = &repo.catalog;
-    let mut err = None;
-    repo.backend.list("packs/", &mut |o| {
-        let Some(id) = o.name.rsplit('/').next().and_then(Id::from_hex) else {
-            return;
-        };
+    let mut orphans = vec![];
+    for (id, size) in listed {
         // A marked pack is on its way out: a prune may be between deleting
         // the index fragments that list it and deleting the pack itself.
         // Adopting it would leave an index entry pointing at nothing.
-        match cat
-            .has_pack(&id)
-            .and_then(|known| Ok(known || cat.is_marked(&id)?))
-        {
-            Ok(true) => {}
-            Ok(false) => orphans.push((id, o.size)),
-            Err(e) => err = Some(e),
+        if !cat.has_pack(id)? && !cat.is_marked(id)? {
+            orphans.push((*id, *size));
         }
-    })?;
-    if let Some(e) = err {
-        return Err(e);
     }
     let mut adopted = 0;
     for (id, size) in orphans {

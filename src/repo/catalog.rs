@@ -70,15 +70,29 @@ pub struct Catalog {
     path: PathBuf,
 }
 
-/// A `blobs` row selected as `(id or pack, kind, offset, length, raw_len)`.
-fn blob_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Id, BlobKind, u32, u32, u32)> {
+/// The five `blobs` columns `(id or pack, kind, offset, length, raw_len)`,
+/// selected from column `at` on.
+fn blob_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<(Id, BlobKind, u32, u32, u32)> {
     Ok((
-        id_of(r.get(0)?),
-        BlobKind::from_u8(r.get(1)?).unwrap_or(BlobKind::Data),
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
+        id_of(r.get(at)?),
+        BlobKind::from_u8(r.get(at + 1)?).unwrap_or(BlobKind::Data),
+        r.get(at + 2)?,
+        r.get(at + 3)?,
+        r.get(at + 4)?,
     ))
+}
+
+/// A [`BlobLocation`] from `pack, kind, offset, length, raw_len` selected
+/// from column `at` on.
+fn location_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<BlobLocation> {
+    let (pack, kind, offset, length, raw_len) = blob_row(r, at)?;
+    Ok(BlobLocation {
+        pack,
+        kind,
+        offset,
+        length,
+        raw_len,
+    })
 }
 
 fn id_of(v: Vec<u8>) -> Id {
@@ -219,8 +233,16 @@ impl Catalog {
         Ok(st.exists([&id.0[..]])?)
     }
 
+    /// A stored copy of a blob, one in a pack not marked for deletion when
+    /// there is one (restores look up every chunk: one row, no list).
     pub fn blob(&self, id: &Id) -> anyhow::Result<Option<BlobLocation>> {
-        Ok(self.blob_locations(id)?.into_iter().next())
+        let mut st = self.conn.prepare_cached(
+            "SELECT pack,kind,offset,length,raw_len FROM blobs WHERE id=?1
+             ORDER BY pack IN (SELECT id FROM marked_packs), pack LIMIT 1",
+        )?;
+        Ok(st
+            .query_row([&id.0[..]], |r| location_at(r, 0))
+            .optional()?)
     }
 
     /// Every stored copy of a blob, those in packs not marked for deletion
@@ -230,16 +252,7 @@ impl Catalog {
             "SELECT pack,kind,offset,length,raw_len FROM blobs WHERE id=?1
              ORDER BY pack IN (SELECT id FROM marked_packs), pack",
         )?;
-        let rows = st.query_map([&id.0[..]], |r| {
-            let (pack, kind, offset, length, raw_len) = blob_row(r)?;
-            Ok(BlobLocation {
-                pack,
-                kind,
-                offset,
-                length,
-                raw_len,
-            })
-        })?;
+        let rows = st.query_map([&id.0[..]], |r| location_at(r, 0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -282,7 +295,7 @@ impl Catalog {
             "SELECT id,kind,offset,length,raw_len FROM blobs WHERE pack=?1 ORDER BY offset",
         )?;
         let rows = st.query_map([&pack.0[..]], |r| {
-            let (id, kind, offset, length, raw_len) = blob_row(r)?;
+            let (id, kind, offset, length, raw_len) = blob_row(r, 0)?;
             Ok(PackEntry {
                 id,
                 kind,
@@ -325,19 +338,6 @@ impl Catalog {
     /// Marks packs as listed by no index fragment (a prune is deleting them).
     pub fn mark_unindexed(&self, packs: &[Id]) -> anyhow::Result<()> {
         self.each_id("UPDATE packs SET index_id=NULL WHERE id=?1", packs)
-    }
-
-    /// Whether some pack is said to be indexed by a fragment this catalog no
-    /// longer knows (a process stopped between dropping the fragment and
-    /// updating its packs): the index must be reloaded.
-    pub fn has_stale_index_refs(&self) -> anyhow::Result<bool> {
-        Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT 1 FROM packs WHERE index_id IS NOT NULL
-                 AND index_id NOT IN (SELECT id FROM index_files) LIMIT 1",
-            )?
-            .exists([])?)
     }
 
     pub fn has_index_file(&self, id: &Id) -> anyhow::Result<bool> {
@@ -492,15 +492,6 @@ impl Catalog {
         self.commit()
     }
 
-    /// The packs holding a copy of a blob.
-    pub fn blob_packs(&self, id: &Id) -> anyhow::Result<Vec<Id>> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT pack FROM blobs WHERE id=?1")?;
-        let rows = st.query_map([&id.0[..]], |r| Ok(id_of(r.get(0)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
     pub fn pack_blob_count(&self, pack: &Id) -> anyhow::Result<usize> {
         Ok(self
             .conn
@@ -556,14 +547,15 @@ impl Catalog {
         ])?)
     }
 
-    /// Used directory listings and the packs holding them (for keeping
-    /// [`crate::repo::TREE_COPIES`] copies of each).
-    pub fn used_tree_packs(&self) -> anyhow::Result<Vec<(Id, Id)>> {
+    /// Used directory listings and every stored copy of each, grouped by
+    /// listing (for keeping [`crate::repo::TREE_COPIES`] copies of each).
+    pub fn used_tree_locations(&self) -> anyhow::Result<Vec<(Id, BlobLocation)>> {
         let mut st = self.conn.prepare(
-            "SELECT id,pack FROM blobs WHERE kind=?1 AND id IN (SELECT id FROM temp.used) ORDER BY id",
+            "SELECT id,pack,kind,offset,length,raw_len FROM blobs
+             WHERE kind=?1 AND id IN (SELECT id FROM temp.used) ORDER BY id",
         )?;
         let rows = st.query_map([BlobKind::Tree as u8], |r| {
-            Ok((id_of(r.get(0)?), id_of(r.get(1)?)))
+            Ok((id_of(r.get(0)?), location_at(r, 1)?))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

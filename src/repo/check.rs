@@ -73,12 +73,7 @@ pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
     }
     // Per-pack facts only; per-blob lookups go to the on-disk catalog, so
     // memory does not grow with the number of blobs.
-    let mut listed: HashMap<Id, u64> = HashMap::new();
-    repo.backend.list("packs/", &mut |o| {
-        if let Some(id) = o.name.rsplit('/').next().and_then(Id::from_hex) {
-            listed.insert(id, o.size);
-        }
-    })?;
+    let listed: HashMap<Id, u64> = repo.list_packs()?;
     rep.packs = listed.len() as u64;
 
     // Index fragments against the listing: (pack size, blob count) per pack.

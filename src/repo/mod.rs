@@ -373,9 +373,7 @@ impl Repository {
         let known = self.catalog.index_files()?;
         let present: std::collections::HashSet<Id> = index_ids.iter().copied().collect();
         // An index fragment vanished (prune replaced it): reload everything.
-        let reload = reload
-            || known.iter().any(|k| !present.contains(k))
-            || self.catalog.has_stale_index_refs()?;
+        let reload = reload || known.iter().any(|k| !present.contains(k));
         let mut todo = vec![];
         for id in &index_ids {
             if reload || !self.catalog.has_index_file(id)? {
@@ -464,16 +462,11 @@ impl Repository {
     /// Storage, key or catalog errors.
     pub fn repair_index(&self) -> anyhow::Result<RepairReport> {
         let mut report = RepairReport::default();
-        backup::adopt_orphan_packs(self)?;
-        let mut listed = std::collections::HashSet::new();
-        self.backend.list("packs/", &mut |o| {
-            if let Some(id) = o.name.rsplit('/').next().and_then(Id::from_hex) {
-                listed.insert(id);
-            }
-        })?;
+        let listed = self.list_packs()?;
+        backup::adopt_listed_packs(self, &listed)?;
         let mut packs = vec![];
         for (id, size) in self.catalog.unindexed_packs()? {
-            if listed.contains(&id) && !self.catalog.is_marked(&id)? {
+            if listed.contains_key(&id) && !self.catalog.is_marked(&id)? {
                 packs.push(index::IndexedPack {
                     id,
                     size,
@@ -488,7 +481,7 @@ impl Repository {
             .catalog
             .packs()?
             .into_iter()
-            .filter(|(id, _, indexed)| *indexed && !listed.contains(id))
+            .filter(|(id, _, indexed)| *indexed && !listed.contains_key(id))
             .map(|(id, size, _)| (id, size))
             .collect();
         if !missing.is_empty() {
@@ -503,7 +496,7 @@ impl Repository {
 
         prune::load_used(self)?;
         let mut alive = std::collections::HashSet::new();
-        for id in listed {
+        for id in listed.into_keys() {
             if !self.catalog.is_marked(&id)? {
                 alive.insert(id);
             }
@@ -517,6 +510,20 @@ impl Repository {
             .map(|_| written.len())
             .unwrap_or(0);
         Ok(report)
+    }
+
+    /// Every pack in storage with its size: one listing of `packs/`.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn list_packs(&self) -> anyhow::Result<std::collections::HashMap<Id, u64>> {
+        let mut listed = std::collections::HashMap::new();
+        self.backend.list("packs/", &mut |o| {
+            if let Some(id) = o.name.rsplit('/').next().and_then(Id::from_hex) {
+                listed.insert(id, o.size);
+            }
+        })?;
+        Ok(listed)
     }
 
     /// Makes packs written outside a backup (prune's repacks, repair's

@@ -35,7 +35,7 @@ use crate::repo::index::IndexedPack;
 use crate::repo::pack::{PackBuilder, PackEntry};
 use crate::repo::{index, Id, Repository, TREE_COPIES};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use time::OffsetDateTime;
 
 /// How long a pack must have been seen without an index before prune marks
@@ -173,12 +173,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
             start_index.push(id);
         }
     })?;
-    let mut listed: HashSet<Id> = HashSet::new();
-    repo.backend.list("packs/", &mut |o| {
-        if let Some(id) = o.name.rsplit('/').next().and_then(Id::from_hex) {
-            listed.insert(id);
-        }
-    })?;
+    let listed = repo.list_packs()?;
 
     let snap_ids = load_used(repo)?;
     report.snapshots = snap_ids.len() as u64;
@@ -192,7 +187,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
     let absent: Vec<Id> = packs
         .iter()
         .map(|(p, _)| *p)
-        .filter(|p| !listed.contains(p))
+        .filter(|p| !listed.contains_key(p))
         .collect();
     cat.set_absent(&absent)?;
 
@@ -211,7 +206,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
     let mut delete: Vec<(Id, u64)> = vec![];
     let sizes: BTreeMap<Id, u64> = packs.iter().copied().collect();
     for (pack, at) in marks.clone() {
-        if !listed.contains(&pack) {
+        if !listed.contains_key(&pack) {
             marks.remove(&pack); // already gone
             continue;
         }
@@ -239,7 +234,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
     let mut repack_out: Vec<IndexedPack> = vec![];
     let mut builder = PackBuilder::new();
     for (pack, _) in &packs {
-        if marks.contains_key(pack) || !listed.contains(pack) {
+        if marks.contains_key(pack) || !listed.contains_key(pack) {
             continue;
         }
         let entries = cat.pack_entries(pack)?;
@@ -288,12 +283,12 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
     // INDEX_FLUSH_INTERVAL, so a pack this catalog has seen unindexed for
     // ORPHAN_MIN_AGE (and the grace period) belongs to no running backup,
     // whatever grace was asked for.
-    crate::repo::backup::adopt_orphan_packs(repo)?;
+    crate::repo::backup::adopt_listed_packs(repo, &listed)?;
     let orphans: Vec<Id> = cat
         .unindexed_packs()?
         .into_iter()
         .map(|(p, _)| p)
-        .filter(|p| listed.contains(p) && !marks.contains_key(p))
+        .filter(|p| listed.contains_key(p) && !marks.contains_key(p))
         .collect();
     let now = opts.now.unix_timestamp();
     let first_seen = cat.note_orphans(&orphans, now)?;
@@ -317,7 +312,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneRepo
         repack_out.push(write_pack(repo, builder)?);
     }
     let alive: HashSet<Id> = listed
-        .iter()
+        .keys()
         .filter(|p| !marks.contains_key(p))
         .copied()
         .collect();
@@ -395,14 +390,14 @@ fn keepers(
     repo: &Repository,
     id: &Id,
     kind: BlobKind,
-    listed: &HashSet<Id>,
+    listed: &HashMap<Id, u64>,
 ) -> anyhow::Result<Vec<Id>> {
     Ok(repo
         .catalog
         .blob_locations(id)?
         .into_iter()
         .map(|l| l.pack)
-        .filter(|p| listed.contains(p))
+        .filter(|p| listed.contains_key(p))
         .take(copies(kind))
         .collect())
 }
@@ -444,12 +439,15 @@ pub fn restore_tree_copies(
     alive: &HashSet<Id>,
     dry_run: bool,
 ) -> anyhow::Result<(u64, Vec<IndexedPack>)> {
-    let rows = repo.catalog.used_tree_packs()?;
+    let rows = repo.catalog.used_tree_locations()?;
     let mut builders: Vec<PackBuilder> = (0..TREE_COPIES).map(|_| PackBuilder::new()).collect();
     let (mut out, mut count) = (vec![], 0u64);
     for group in rows.chunk_by(|a, b| a.0 == b.0) {
         let blob = group[0].0;
-        let have = group.iter().filter(|(_, p)| alive.contains(p)).count();
+        let have = group
+            .iter()
+            .filter(|(_, l)| alive.contains(&l.pack))
+            .count();
         if have >= TREE_COPIES {
             continue;
         }
@@ -459,7 +457,7 @@ pub fn restore_tree_copies(
             continue;
         }
         let mut cipher = None;
-        for loc in repo.catalog.blob_locations(&blob)? {
+        for (_, loc) in group {
             if let Ok(bytes) = repo.backend.get_range(
                 &format::pack_name(&loc.pack),
                 loc.offset as u64,

@@ -20,11 +20,13 @@ const DURATION_HELP: &str =
 /// # Errors
 /// A usage error naming the text and the grammar.
 pub fn parse_duration(text: &str) -> Result<Duration, LabError> {
-    parse_parts(text).map(|parts| {
-        Duration::from_secs(parts.iter().fold(0u64, |t, (n, mult, _)| {
-            t.saturating_add(n.saturating_mul(*mult))
-        }))
-    })
+    parse_parts(text).map(|parts| total(&parts))
+}
+
+fn total(parts: &[(u64, u64, String)]) -> Duration {
+    Duration::from_secs(parts.iter().fold(0u64, |t, (n, mult, _)| {
+        t.saturating_add(n.saturating_mul(*mult))
+    }))
 }
 
 /// [`parse_duration`] for retention windows and prune grace periods, where
@@ -41,7 +43,7 @@ pub fn parse_retention_duration(text: &str) -> Result<Duration, LabError> {
             text.replace('m', "mo")
         )));
     }
-    parse_duration(text)
+    Ok(total(&parts))
 }
 
 /// [`parse_duration`] as a `time::Duration` (for date arithmetic).

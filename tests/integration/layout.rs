@@ -86,6 +86,8 @@ fn modules_import_only_downwards() {
     let g = graph();
     // What each module may import (besides itself). A module not listed
     // here fails the test: add it, with its place in docs/DEVELOPING.md.
+    // `cli` sits on top and may import every module listed; none may
+    // import it.
     let allowed: BTreeMap<&str, &[&str]> = [
         ("error", &[][..]),
         ("util", &["error"][..]),
@@ -125,30 +127,17 @@ fn modules_import_only_downwards() {
             "demo",
             &["error", "util", "backend", "repo", "sources", "restore"][..],
         ),
-        (
-            "cli",
-            &[
-                "error",
-                "util",
-                "backend",
-                "repo",
-                "records",
-                "sources",
-                "restore",
-                "k8s",
-                "proxmox",
-                "policy",
-                "provision",
-                "schedule",
-                "demo",
-            ][..],
-        ),
     ]
     .into_iter()
     .collect();
     let mut bad = vec![];
+    let everything: Vec<&str> = allowed.keys().copied().collect();
     for (m, deps) in &g {
-        let Some(ok) = allowed.get(m.as_str()) else {
+        let ok = if m == "cli" {
+            &everything[..]
+        } else if let Some(ok) = allowed.get(m.as_str()) {
+            *ok
+        } else {
             bad.push(format!("module `{m}` has no place in the layout rules"));
             continue;
         };
