@@ -10,6 +10,9 @@ command -v setpriv >/dev/null || need_apt+=(util-linux)   # unprivileged-user te
 command -v cc >/dev/null || need_apt+=(gcc)                # rusqlite bundles SQLite (C)
 command -v openssl >/dev/null || need_apt+=(openssl)       # the TLS test makes a private CA
 command -v mount >/dev/null || need_apt+=(mount)           # the full-disk test mounts a small tmpfs
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler) # etcd-client's build generates its gRPC code
+command -v etcd >/dev/null || need_apt+=(etcd-server)      # the etcd source's tests run a real member
+command -v etcdctl >/dev/null || need_apt+=(etcd-client)   # ... and restore with etcdctl 3.4
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

@@ -80,13 +80,13 @@ pub enum Command {
     /// Create a repository and its two key files.
     #[command(subcommand)]
     Repo(repo_cmd::RepoCmd),
-    /// Back up a source (a directory tree, a stream) into one snapshot.
+    /// Back up a source (a directory tree, a stream, an etcd member) into one snapshot.
     Backup(backup_cmd::BackupCmd),
     /// List snapshots, newest last.
     Snapshots(snapshots_cmd::SnapshotsCmd),
     /// List the files in a snapshot (needs the restore key).
     Ls(snapshots_cmd::LsCmd),
-    /// Restore a snapshot into a directory or to stdout (needs the restore key).
+    /// Restore a snapshot into a directory, to stdout, or as an etcd data directory (needs the restore key).
     Restore(restore_cmd::RestoreCmd),
     /// Verify the repository: structure, or with --read-data every byte.
     Check(check_cmd::CheckCmd),

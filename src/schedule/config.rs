@@ -753,12 +753,12 @@ mod tests {
         ));
         assert!(e.starts_with("lab.toml:6: field `job[0].schedule`"), "{e}");
         let e = err_of(&format!(
-            "{base}schedule = \"0 2 * * *\"\nbackup = {{ source = \"etcd\" }}\n"
+            "{base}schedule = \"0 2 * * *\"\nbackup = {{ source = \"vm\" }}\n"
         ));
         assert!(
             e.starts_with("lab.toml:8:")
                 && e.contains("job[0].backup")
-                && e.contains("unknown variant `etcd`, expected `path` or `stream`"),
+                && e.contains("unknown variant `vm`, expected one of `path`, `stream`, `etcd`"),
             "{e}"
         );
         let e = err_of(&format!("{base}schedule = \"0 2 * * *\"\n"));

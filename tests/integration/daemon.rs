@@ -918,8 +918,16 @@ fn validate_example(text: &str, name: &str) {
         .replace("/etc/labctl/keys/", &format!("{}/etc/", root.display()))
         .replace("/etc/labctl/", &format!("{}/etc/", root.display()))
         .replace("/var/cache/labctl", &format!("{}/cache", root.display()))
-        .replace("/srv/labctl/repo", &format!("{}/repo", root.display()));
-    std::fs::create_dir_all(root.join("etc")).unwrap();
+        .replace("/srv/labctl/repo", &format!("{}/repo", root.display()))
+        .replace(
+            "/etc/kubernetes/pki/etcd/",
+            &format!("{}/etc/pki/etcd/", root.display()),
+        );
+    std::fs::create_dir_all(root.join("etc/pki/etcd")).unwrap();
+    // kubeadm's etcd client files, as `--host` checks them (present, key private).
+    for f in ["ca.crt", "healthcheck-client.crt", "healthcheck-client.key"] {
+        write_private(&root.join("etc/pki/etcd").join(f), "-----BEGIN X-----\n");
+    }
     let path = root.join(name);
     std::fs::write(&path, &text).unwrap();
     write_private(

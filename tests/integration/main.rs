@@ -10,6 +10,7 @@ mod cli;
 mod daemon;
 mod damage;
 mod dedup;
+mod etcd;
 mod faultproxy;
 mod fixture;
 mod integrity;
