@@ -339,6 +339,8 @@ struct MemberState {
     keys: i64,
     version: String,
     db_size: i64,
+    /// The member's alarms and errors (`NOSPACE`, ...).
+    alarms: Vec<String>,
 }
 
 async fn within<T, F>(t: Duration, endpoint: &str, what: &str, f: F) -> Result<T, LabError>
@@ -361,11 +363,20 @@ async fn member_state(
     endpoint: &str,
     t: Duration,
 ) -> Result<MemberState, LabError> {
-    let status = within(t, endpoint, "asking its status", client.status()).await?;
-    if !status.errors().is_empty() {
+    let status = within(t, endpoint, FIRST_REQUEST, client.status()).await?;
+    // A member that reports corruption, or knows no leader (its data may be
+    // behind the cluster's), is not snapshotted. NOSPACE and other alarms
+    // are not a reason to skip a backup (it is the moment one is wanted):
+    // they are recorded in the facts.
+    if let Some(e) = status.errors().iter().find(|e| e.contains("CORRUPT")) {
+        return Err(LabError::integrity(format!(
+            "etcd at {endpoint} reports corruption ({}); not taking a snapshot of it",
+            e.trim()
+        )));
+    }
+    if status.leader() == 0 {
         return Err(LabError::failed(format!(
-            "etcd at {endpoint} is unhealthy: {}",
-            status.errors().join("; ")
+            "etcd at {endpoint} is unhealthy: it knows no leader, so its data may be behind the cluster's"
         )));
     }
     let count = within(
@@ -393,6 +404,11 @@ async fn member_state(
         keys: count.count(),
         version: status.version().to_string(),
         db_size: status.db_size(),
+        alarms: status
+            .errors()
+            .iter()
+            .map(|e| e.trim().to_string())
+            .collect(),
     })
 }
 
@@ -420,6 +436,9 @@ fn facts(
     f.insert("etcd.version".into(), json!(before.version));
     f.insert("etcd.db-size".into(), json!(size.saturating_sub(32)));
     f.insert("etcd.status-db-size".into(), json!(before.db_size));
+    if !before.alarms.is_empty() {
+        f.insert("etcd.alarms".into(), json!(before.alarms));
+    }
     if before.revision == after.revision {
         f.insert("etcd.revision".into(), json!(before.revision));
         f.insert("etcd.keys".into(), json!(before.keys));
@@ -445,17 +464,22 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 
 fn source_error(endpoint: &str, what: &str, e: &etcd_client::Error) -> LabError {
     let text = describe(e);
+    // The first request over TLS that fails after the TCP connection was
+    // made: the handshake, or the member refusing our certificate (under
+    // TLS 1.3 the client learns that only as a closed connection).
     let hint = if endpoint.starts_with("https://")
-        && ["certificate", "broken pipe", "handshake", "tls"]
-            .iter()
-            .any(|w| text.to_lowercase().contains(w))
+        && what == FIRST_REQUEST
+        && !text.contains("tcp connect error")
     {
-        " (the TLS handshake failed: are --cacert, --cert and --client-key the member's?)"
+        " (the TLS handshake failed or the member closed the connection: are --cacert, --cert and --client-key the member's, and the client certificate valid?)"
     } else {
         ""
     };
     LabError::failed(format!("etcd at {endpoint}: {what}: {text}{hint}"))
 }
+
+/// What the first request is called in errors.
+const FIRST_REQUEST: &str = "asking its status";
 
 /// Checks a snapshot stream as it passes: the size the first message
 /// announces, the messages after it, and the sha256 trailer (the last 32

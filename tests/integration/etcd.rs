@@ -38,6 +38,11 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA and a certificate it signs (`name.crt`, `name.key`, mode 0600).
 fn issue(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
+    issue_for(dir, ca, name, cn, ext, "2")
+}
+
+/// As [`issue`], valid for `days` (`-1`: expired yesterday).
+fn issue_for(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str, days: &str) {
     openssl(
         dir,
         &[
@@ -69,7 +74,7 @@ fn issue(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
             "-out",
             &format!("{name}.crt"),
             "-days",
-            "2",
+            days,
             "-extfile",
             &format!("{name}.ext"),
         ],
@@ -122,6 +127,14 @@ fn make_pki(dir: &Path) -> PathBuf {
         "kube-etcd-healthcheck-client",
         "extendedKeyUsage=clientAuth\n",
     );
+    issue_for(
+        &d,
+        "ca",
+        "expired-client",
+        "kube-etcd-healthcheck-client",
+        "extendedKeyUsage=clientAuth\n",
+        "-1",
+    );
     new_ca(&d, "other-ca", "someone else's CA");
     issue(
         &d,
@@ -144,6 +157,17 @@ impl Etcd {
     /// Starts etcd on `data` (a new dir, or one restored with the given
     /// peer port), with TLS and client-certificate auth when `pki` is given.
     pub fn start(data: &Path, name: &str, peer_port: u16, pki: Option<&Path>) -> Etcd {
+        Etcd::start_with(data, name, peer_port, pki, &[])
+    }
+
+    /// As [`Etcd::start`], with more etcd flags.
+    pub fn start_with(
+        data: &Path,
+        name: &str,
+        peer_port: u16,
+        pki: Option<&Path>,
+        extra: &[&str],
+    ) -> Etcd {
         let client_port = free_port();
         let scheme = if pki.is_some() { "https" } else { "http" };
         let client = format!("{scheme}://127.0.0.1:{client_port}");
@@ -165,6 +189,7 @@ impl Etcd {
                 &peer,
             ])
             .args(["--initial-cluster", &format!("{name}={peer}")])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -413,6 +438,45 @@ fn etcd_with_tls_backs_up_10000_keys_restores_with_etcdctl_and_verifies_on_a_liv
     assert!(got == at_backup, "restored keys differ from the backup's");
     drop(served);
 
+    // With etcdutl (3.5+) on PATH, it is preferred, and the restore bumps
+    // the revision and marks it compacted. The etcdutl here is a test
+    // double of its CLI (etcd's etcdutl/etcdutl/snapshot_command.go: the
+    // `version` output and the restore flags); it records its arguments
+    // and restores with the real etcdctl 3.4 (which lacks those two flags).
+    let bin = env.path("fake-bin");
+    fs::create_dir_all(&bin).unwrap();
+    fs::write(
+        bin.join("etcdutl"),
+        "#!/bin/sh\nd=$(dirname \"$0\")\n\
+         if [ \"$1\" = version ]; then echo 'etcdutl version: 3.5.17'; echo 'API version: 3.5'; exit 0; fi\n\
+         echo \"$*\" > \"$d/args\"\nskip=0\nfor a do\n  shift\n\
+           if [ $skip = 1 ]; then skip=0; continue; fi\n\
+           case \"$a\" in --bump-revision) skip=1; continue;; --mark-compacted) continue;; esac\n\
+           set -- \"$@\" \"$a\"\ndone\nETCDCTL_API=3 exec etcdctl \"$@\"\n",
+    )
+    .unwrap();
+    fs::set_permissions(bin.join("etcdutl"), fs::Permissions::from_mode(0o755)).unwrap();
+    let data35 = env.path("restored/with-etcdutl");
+    let out = env
+        .cmd()
+        .env("LABCTL_RESTORE_KEY", &env.restore_key)
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .args(["--json", "restore", &id, "--etcd-data-dir"])
+        .arg(&data35)
+        .output()
+        .unwrap();
+    assert_success(&out, &["restore", "--etcd-data-dir"]);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["restore"]["revision-bumped"], true, "{r}");
+    assert_eq!(r["restore"]["tool-version"], "3.5.17", "{r}");
+    let args = fs::read_to_string(bin.join("args")).unwrap();
+    assert!(
+        args.starts_with("snapshot restore ")
+            && args.contains("--bump-revision 1000000000 --mark-compacted"),
+        "{args}"
+    );
+    assert!(data35.join("member").is_dir());
+
     // A data dir that is not empty is refused and left as it was.
     let busy = env.path("busy");
     fs::create_dir_all(&busy).unwrap();
@@ -463,9 +527,19 @@ fn etcd_with_tls_backs_up_10000_keys_restores_with_etcdctl_and_verifies_on_a_liv
     assert!(stderr(&out).contains("not an etcd one"), "{}", stderr(&out));
 }
 
-/// A TCP proxy that forwards until `limit` bytes went from the server to
-/// the client, then cuts both directions (a member dying mid-stream).
-fn cutting_proxy(upstream: u16, limit: u64) -> u16 {
+/// What the proxy does to the server-to-client bytes of each connection.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Forward this many bytes, then cut both directions (a member dying
+    /// mid-stream).
+    CutAfter(u64),
+    /// Flip one bit of the byte at this offset (a corruption no layer
+    /// below gRPC notices on a plaintext connection).
+    FlipAt(u64),
+}
+
+/// A TCP proxy in front of `upstream` that applies `fault`.
+fn faulty_proxy(upstream: u16, fault: Fault) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -488,10 +562,16 @@ fn cutting_proxy(upstream: u16, limit: u64) -> u16 {
                         Ok(n) => n,
                     };
                     let before = sent.fetch_add(n as u64, Ordering::SeqCst);
-                    if before + n as u64 > limit {
-                        let keep = (limit.saturating_sub(before)) as usize;
-                        let _ = d2.write_all(&buf[..keep]);
-                        break;
+                    match fault {
+                        Fault::CutAfter(limit) if before + n as u64 > limit => {
+                            let keep = (limit.saturating_sub(before)) as usize;
+                            let _ = d2.write_all(&buf[..keep]);
+                            break;
+                        }
+                        Fault::FlipAt(at) if (before..before + n as u64).contains(&at) => {
+                            buf[(at - before) as usize] ^= 0x10;
+                        }
+                        _ => {}
                     }
                     if d2.write_all(&buf[..n]).is_err() {
                         break;
@@ -549,6 +629,18 @@ fn etcd_refusals_and_a_cut_stream_commit_nothing() {
     ];
     let out = backup(&url, &stranger);
     expect(&out, 1, &format!("etcd at {url}"));
+    expect(
+        &out,
+        1,
+        "are --cacert, --cert and --client-key the member's",
+    );
+    // An expired client certificate from the right CA.
+    let mut expired = tls_args(&pki);
+    expired[3] = pki.join("expired-client.crt").display().to_string();
+    expired[5] = pki.join("expired-client.key").display().to_string();
+    let out = backup(&url, &expired);
+    expect(&out, 1, &format!("etcd at {url}"));
+    expect(&out, 1, "client certificate valid?");
     // A CA that did not sign the member's certificate.
     let out = backup(&url, &swap("--cacert", pki.join("other-ca.crt")));
     expect(&out, 1, &format!("etcd at {url}"));
@@ -569,7 +661,7 @@ fn etcd_refusals_and_a_cut_stream_commit_nothing() {
     expect(&out, 2, "not a client URL");
 
     // The stream cut after 1 MiB: nothing committed.
-    let cut = cutting_proxy(etcd.client_port, 1 << 20);
+    let cut = faulty_proxy(etcd.client_port, Fault::CutAfter(1 << 20));
     let cut_url = format!("https://127.0.0.1:{cut}");
     let out = backup(&cut_url, &tls_args(&pki));
     expect(&out, 1, &format!("etcd at {cut_url}"));
@@ -626,4 +718,68 @@ fn etcd_refusals_and_a_cut_stream_commit_nothing() {
     ]);
     env.ok(&["jobs", "run", "etcd", "--config", cfg.to_str().unwrap()]);
     assert_eq!(snapshot_count(&env), 2);
+
+    // One flipped bit in the snapshot stream (plaintext, so neither TLS nor
+    // gRPC notices): the sha256 trailer does not match, exit 4, nothing
+    // committed. The offset is 2 MiB into the stream, inside a 32 KiB
+    // blob; should it land on HTTP/2 or gRPC framing instead (about 1 in
+    // 1000), the stream breaks (exit 1) and a second offset is tried.
+    let plain = Etcd::start(&env.path("plain-data"), "plain", free_port(), None);
+    let mut pc = client(&rt, &plain.url(), None);
+    put_all(&rt, &mut pc, &kv);
+    let before = snapshot_count(&env);
+    let mut flipped = None;
+    for at in [2 << 20, (3 << 20) + 12_345] {
+        let port = faulty_proxy(plain.client_port, Fault::FlipAt(at));
+        let out = env.run(&[
+            "backup",
+            "etcd",
+            "--endpoint",
+            &format!("http://127.0.0.1:{port}"),
+        ]);
+        if out.status.code() == Some(4) {
+            flipped = Some(out);
+            break;
+        }
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    }
+    let out = flipped.expect("a flipped bit inside a blob must fail the checksum");
+    let e = stderr(&out);
+    assert!(
+        e.contains("sha256 does not match") && e.contains("nothing was committed"),
+        "{e}"
+    );
+    assert_eq!(snapshot_count(&env), before);
+    env.ok(&["check"]);
+    drop(plain);
+
+    // A member in a NOSPACE alarm is backed up (that is when a backup is
+    // wanted), and the alarm is in the facts.
+    drop(etcd);
+    let full = Etcd::start_with(
+        &env.path("full-data"),
+        "full",
+        free_port(),
+        None,
+        &["--quota-backend-bytes", "1048576"],
+    );
+    let mut c = client(&rt, &full.url(), None);
+    let filled = rt.block_on(async {
+        for i in 0..64u64 {
+            if c.put(format!("k{i}"), noise(100_000, i), None)
+                .await
+                .is_err()
+            {
+                return true;
+            }
+        }
+        false
+    });
+    assert!(filled, "the quota should have been reached");
+    let out = env.run(&["--json", "backup", "etcd", "--endpoint", &full.url()]);
+    assert_success(&out, &["backup", "etcd"]);
+    let snaps: Vec<serde_json::Value> =
+        serde_json::from_slice(&env.ok(&["--json", "snapshots"]).stdout).unwrap();
+    let alarms = snaps.last().unwrap()["facts"]["etcd.alarms"].to_string();
+    assert!(alarms.contains("NOSPACE"), "{alarms}");
 }
