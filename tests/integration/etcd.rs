@@ -342,6 +342,24 @@ fn etcd_with_tls_backs_up_10000_keys_restores_with_etcdctl_and_verifies_on_a_liv
     at_backup.insert("/labctl/sentinel".into(), b"here".to_vec());
     put_all(&rt, &mut c, &at_backup);
 
+    // What etcdctl itself saves of this (now quiet) member.
+    let reference = env.path("etcdctl-save.db");
+    let saved = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(etcd.url())
+        .arg("--cacert")
+        .arg(pki.join("ca.crt"))
+        .arg("--cert")
+        .arg(pki.join("healthcheck-client.crt"))
+        .arg("--key")
+        .arg(pki.join("healthcheck-client.key"))
+        .args(["snapshot", "save"])
+        .arg(&reference)
+        .output()
+        .unwrap();
+    assert!(saved.status.success(), "{}", stderr(&saved));
+
     // Back up through the TLS endpoint, as the daemon would.
     let mut args: Vec<String> = ["--json", "backup", "etcd", "--endpoint"]
         .iter()
@@ -384,6 +402,10 @@ fn etcd_with_tls_backs_up_10000_keys_restores_with_etcdctl_and_verifies_on_a_liv
     let db = env.path("snap.db");
     let out = env.ok_restore(&["restore", &id, "--stdout"]);
     fs::write(&db, &out.stdout).unwrap();
+    assert!(
+        out.stdout == fs::read(&reference).unwrap(),
+        "restore --stdout must give the bytes `etcdctl snapshot save` wrote"
+    );
     assert_eq!(
         out.stdout.len() as i64,
         facts["etcd.db-size"].as_i64().unwrap() + 32
