@@ -5,6 +5,8 @@
 //!
 //! Must not know any resource kind: callers build their own APIs.
 
+pub mod validation;
+
 use std::path::PathBuf;
 
 /// Where a job finds the cluster (a client factory: a `kube::Client` is

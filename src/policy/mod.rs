@@ -257,53 +257,60 @@ pub fn valid_email(email: &str) -> bool {
     local_ok && domain_ok
 }
 
-/// Valid ResourceQuota keys (the common ones; see KUBEFLOW.md).
+/// A ResourceQuota `spec.hard` key: the API server's rules
+/// ([`crate::k8s::validation::quota_resource_problem`]), plus one of
+/// labctl's: an extended resource (`nvidia.com/gpu`) is quota'd only with
+/// the `requests.` prefix (Kubernetes accepts other spellings and then
+/// limits nothing, because extended resources cannot be overcommitted).
 fn quota_key_problem(key: &str) -> Option<String> {
-    const PLAIN: [&str; 12] = [
-        "requests.cpu",
-        "requests.memory",
-        "limits.cpu",
-        "limits.memory",
-        "cpu",
-        "memory",
-        "requests.storage",
-        "persistentvolumeclaims",
-        "pods",
-        "services",
-        "requests.ephemeral-storage",
-        "limits.ephemeral-storage",
-    ];
-    if PLAIN.contains(&key) || key.starts_with("count/") {
+    if let Some(p) = crate::k8s::validation::quota_resource_problem(key) {
+        return Some(p);
+    }
+    // Object counts and per-StorageClass storage are quota names of their
+    // own, not extended resources.
+    if key.starts_with("count/") || key.contains(".storageclass.storage.k8s.io/") {
         return None;
     }
-    if key.ends_with(".storageclass.storage.k8s.io/requests.storage")
-        || key.ends_with(".storageclass.storage.k8s.io/persistentvolumeclaims")
-    {
-        return None;
-    }
-    if key.contains('/') && !key.starts_with("requests.") {
+    let bare = key.strip_prefix("limits.").unwrap_or(key);
+    if crate::k8s::validation::is_extended_resource(bare) {
         return Some(format!(
-            "'{key}': extended resources are only quota'd with the requests. prefix (requests.{key})"
+            "'{key}': an extended resource is quota'd only as requests.{bare} (Kubernetes would accept '{key}' and limit nothing)"
         ));
     }
-    if key.starts_with("requests.") && key.contains('/') {
-        return None;
-    }
-    Some(format!("'{key}' is not a ResourceQuota key (requests.cpu, limits.memory, requests.nvidia.com/gpu, pods, count/<resource>, ...)"))
+    None
 }
 
-/// Kubernetes quantity (a simple, conservative check).
-fn valid_quantity(v: &str) -> bool {
-    let num_end = v
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(v.len());
-    let (n, suffix) = v.split_at(num_end);
-    !n.is_empty()
-        && n.parse::<f64>().is_ok()
-        && [
-            "", "m", "k", "M", "G", "T", "P", "Ki", "Mi", "Gi", "Ti", "Pi",
-        ]
-        .contains(&suffix)
+/// The first value of a LimitRange's container defaults that the API
+/// server's `ValidateLimitRange` would refuse: `(section, key, value, why)`.
+fn limit_range_problem(lr: &LimitDefaults) -> Option<(&'static str, String, String, String)> {
+    use crate::k8s::validation::{container_resource_problem, quantity_problem, Quantity};
+    for (section, map) in [
+        ("default", &lr.default),
+        ("defaultRequest", &lr.default_request),
+    ] {
+        for (k, v) in map {
+            if let Some(why) = container_resource_problem(k) {
+                return Some((section, k.clone(), String::new(), why));
+            }
+            if let Some(why) = quantity_problem(k, v) {
+                return Some((section, k.clone(), v.clone(), why));
+            }
+        }
+    }
+    for (k, req) in &lr.default_request {
+        if let Some(lim) = lr.default.get(k) {
+            let (rq, lq) = (Quantity::parse(req).ok()?, Quantity::parse(lim).ok()?);
+            if rq.cmp_value(&lq) == std::cmp::Ordering::Greater {
+                return Some((
+                    "defaultRequest",
+                    k.clone(),
+                    req.clone(),
+                    format!("default request value {req} must be less than or equal to default limit value {lim}"),
+                ));
+            }
+        }
+    }
+    None
 }
 
 fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
@@ -603,17 +610,24 @@ fn validate(p: &mut Policy, texts: &BTreeMap<PathBuf, String>, today: Date) -> a
     for (name, (q, o)) in &p.quota_classes {
         for (k, v) in &q.hard {
             if let Some(why) = quota_key_problem(k) {
+                return Err(at(o, k, "", &format!("hard.{k}"), why));
+            }
+            if let Some(why) = crate::k8s::validation::quantity_problem(k, v) {
                 return Err(at(o, k, v, &format!("hard.{k}"), why));
             }
-            if !valid_quantity(v) {
-                return Err(at(
-                    o,
-                    k,
-                    v,
-                    &format!("hard.{k}"),
-                    format!("'{v}' is not a quantity like 16, 500m or 64Gi"),
-                ));
-            }
+        }
+        if let Some(lr) = &q.limit_range {
+            limit_range_problem(lr).map_or(Ok(()), |(section, k, v, why)| {
+                let line = crate::util::located::yaml_line_in(&text_of(o), section, &k, &v)
+                    .map_or(o.line, |i| o.line + i);
+                Err(crate::util::located::error(
+                    o.file.display(),
+                    line,
+                    None,
+                    &format!("limitRange.{section}.{k}"),
+                    why,
+                ))
+            })?;
         }
         let cpu_mem = q.hard.keys().any(|k| {
             [

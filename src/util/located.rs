@@ -35,6 +35,7 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// matches any; an empty `key` finds the list item `- value`).
 pub fn yaml_line(text: &str, key: &str, value: &str) -> Option<usize> {
     let unquote = |v: &str| v.trim().trim_matches('"').trim_matches('\'').to_string();
+    // A quoted key (`"nvidia.com/gpu": 1`) is the same key.
     text.lines().position(|l| {
         let l = l.trim_start().trim_start_matches("- ");
         let l = l.split(" #").next().unwrap_or(l).trim();
@@ -42,8 +43,28 @@ pub fn yaml_line(text: &str, key: &str, value: &str) -> Option<usize> {
             return unquote(l) == value;
         }
         l.split_once(':')
-            .is_some_and(|(k, v)| k.trim() == key && (value.is_empty() || unquote(v) == value))
+            .is_some_and(|(k, v)| unquote(k) == key && (value.is_empty() || unquote(v) == value))
     })
+}
+
+/// As [`yaml_line`], for a key inside the block `section:` of the first
+/// YAML document of `text` (keys that occur in several sections). A flow
+/// mapping on the section's own line (`default: { cpu: "2" }`) is that
+/// line; a key not found in the block gives the section's line.
+pub fn yaml_line_in(text: &str, section: &str, key: &str, value: &str) -> Option<usize> {
+    let doc: Vec<&str> = text.lines().take_while(|l| l.trim() != "---").collect();
+    let start = yaml_line(&doc.join("\n"), section, "")?;
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let head = doc[start];
+    if head.contains('{') {
+        return Some(start);
+    }
+    let block: Vec<&str> = doc[start + 1..]
+        .iter()
+        .take_while(|l| l.trim().is_empty() || indent(l) > indent(head))
+        .copied()
+        .collect();
+    Some(yaml_line(&block.join("\n"), key, value).map_or(start, |i| start + 1 + i))
 }
 
 /// serde_norway's message without its own location and path prefix (the

@@ -316,7 +316,7 @@ fn every_validation_error_names_file_line_and_field() {
         ("profiles/nlp-lab.yaml", "group: nlp-students-2027s1", "group: nlp-students", "profiles/nlp-lab.yaml:11: field `grants[1].group`: no Group 'nlp-students'"),
         ("people.yaml", "email: carla@uni.edu", "email: carla(at)uni.edu", "people.yaml:16: field `email`: 'carla(at)uni.edu' is not an email address"),
         ("profiles/teaching.yaml", "name: nlp-teaching", "name: nlp-lab", "profiles/teaching.yaml:3: field `name`: Profile 'nlp-lab' is defined twice (first at"),
-        ("quotas.yaml", "requests.nvidia.com/gpu: \"2\"", "nvidia.com/gpu: \"2\"", "quotas.yaml:19: field `hard.nvidia.com/gpu`: 'nvidia.com/gpu': extended resources are only quota'd with the requests. prefix"),
+        ("quotas.yaml", "requests.nvidia.com/gpu: \"2\"", "nvidia.com/gpu: \"2\"", "quotas.yaml:19: field `hard.nvidia.com/gpu`: 'nvidia.com/gpu': an extended resource is quota'd only as requests.nvidia.com/gpu"),
         ("quotas.yaml", "limitRange:\n  defaultRequest: { cpu: 500m, memory: 1Gi }\n  default: { cpu: \"2\", memory: 4Gi }\n", "", "quotas.yaml:3: field `limitRange`: a cpu/memory quota rejects pods"),
         ("profiles/nlp-lab.yaml", "expires: 2027-09-30", "expires: 2029-09-30", "profiles/nlp-lab.yaml:9: field `grants[0].expires`: 2029-09-30 is more than 400 days away"),
         ("profiles/nlp-lab.yaml", "role: edit\n    expires", "role: owner\n    expires", "profiles/nlp-lab.yaml:8: field `grants[0].role`: 'owner': use view, edit or admin"),
@@ -345,6 +345,45 @@ fn every_validation_error_names_file_line_and_field() {
         err.contains("people.yaml:22: Researcher reviewer@partner-lab.org expired on 2026-01-31"),
         "{err}"
     );
+}
+
+#[test]
+fn quotas_and_limit_ranges_are_checked_as_the_api_server_checks_them() {
+    // What ValidateResourceQuota / ValidateLimitRange refuse, at the line
+    // of the offending key (quoted keys included).
+    let hard = "  persistentvolumeclaims: \"10\"\n  requests.storage: 200Gi";
+    let refused = [
+        (hard.replace("\"10\"", "\"1.5\""), "quotas.yaml:8: field `hard.persistentvolumeclaims`: '1.5' must be an integer for persistentvolumeclaims"),
+        (format!("{hard}\n  pods: 500m"), "quotas.yaml:10: field `hard.pods`: '500m' must be an integer for pods"),
+        (format!("{hard}\n  \"requests.nvidia.com/GPU_x!\": \"1\""), "quotas.yaml:10: field `hard.requests.nvidia.com/GPU_x!`: 'requests.nvidia.com/GPU_x!' is not a resource name"),
+        (format!("{hard}\n  count/foo!: \"1\""), "quotas.yaml:10: field `hard.count/foo!`: 'count/foo!' is not a resource name"),
+        (format!("{hard}\n  limits.nvidia.com/gpu: \"1\""), "quotas.yaml:10: field `hard.limits.nvidia.com/gpu`: 'limits.nvidia.com/gpu': an extended resource is quota'd only as requests.nvidia.com/gpu"),
+        (format!("{hard}\n  limits.ephemeral-storage: 8GB"), "quotas.yaml:10: field `hard.limits.ephemeral-storage`: '8GB' is not a quantity"),
+    ];
+    for (to, want) in &refused {
+        let (code, err) = broken("quotas.yaml", |t| t.replacen(hard, to, 1));
+        assert_eq!(code, Some(2), "{want}\n{err}");
+        assert!(err.contains(want), "want: {want}\ngot:  {err}");
+        assert!(!err.contains("requests.limits."), "{err}");
+    }
+    let lr = "limitRange:\n  defaultRequest: { cpu: 500m, memory: 1Gi }\n  default: { cpu: \"2\", memory: 4Gi }\n";
+    let refused_lr = [
+        ("limitRange:\n  defaultRequest:\n    cpu: 500m\n    memory: 8GB\n  default: { cpu: \"2\", memory: 4Gi }\n", "quotas.yaml:13: field `limitRange.defaultRequest.memory`: '8GB' is not a quantity"),
+        ("limitRange:\n  defaultRequest: { cpu: 500m, memory: 1Gi }\n  default:\n    cpu: \"-1\"\n    memory: 4Gi\n", "quotas.yaml:13: field `limitRange.default.cpu`: '-1' must be greater than or equal to 0"),
+        ("limitRange:\n  defaultRequest: { cpu: \"3\", memory: 1Gi }\n  default: { cpu: \"2\", memory: 4Gi }\n", "quotas.yaml:11: field `limitRange.defaultRequest.cpu`: default request value 3 must be less than or equal to default limit value 2"),
+        ("limitRange:\n  defaultRequest: { cpu: 500m, memory: 1Gi, gpu: \"1\" }\n  default: { cpu: \"2\", memory: 4Gi }\n", "quotas.yaml:11: field `limitRange.defaultRequest.gpu`: 'gpu' is not a container resource"),
+    ];
+    for (to, want) in refused_lr {
+        let (code, err) = broken("quotas.yaml", |t| t.replacen(lr, to, 1));
+        assert_eq!(code, Some(2), "{want}\n{err}");
+        assert!(err.contains(want), "want: {want}\ngot:  {err}");
+    }
+    // What the API server accepts is accepted.
+    let accepted = format!(
+        "{hard}\n  pods: 1e3\n  requests.ephemeral-storage: 1Ei\n  secrets: \"20\"\n  configmaps: \"20\"\n  services.loadbalancers: \"0\"\n  ephemeral-storage: 50Gi\n  requests.hugepages-2Mi: 1Gi\n  count/deployments.apps: \"5\"\n  gold.storageclass.storage.k8s.io/requests.storage: 100Gi"
+    );
+    let (code, err) = broken("quotas.yaml", |t| t.replacen(hard, &accepted, 1));
+    assert_eq!(code, Some(0), "{err}");
 }
 
 /// A copy of the example policies in a temp dir.
