@@ -93,9 +93,12 @@ pub fn run_config(g: &GlobalArgs, c: ConfigCmd) -> anyhow::Result<ExitCode> {
         }
         check_cache_dir(&schedule::runner::cache_dir(&loaded.raw.repository))?;
         for j in &loaded.jobs {
-            if let config::Action::Backup(src) = &j.action {
-                src.check_host()
-                    .map_err(|e| LabError::new(e.exit_code(), format!("job {}: {e}", j.name)))?;
+            if let config::Action::Backup(sources) = &j.action {
+                for src in sources {
+                    src.check_host().map_err(|e| {
+                        LabError::new(e.exit_code(), format!("job {}: {e}", j.name))
+                    })?;
+                }
             }
         }
         loaded = config::load(&config.config)?;

@@ -5,6 +5,7 @@
 mod backup_cmd;
 mod check_cmd;
 mod daemon_cmd;
+mod points_cmd;
 mod policy_cmd;
 mod provision_cmd;
 mod prune_cmd;
@@ -86,6 +87,9 @@ pub enum Command {
     Snapshots(snapshots_cmd::SnapshotsCmd),
     /// List the files in a snapshot (needs the restore key).
     Ls(snapshots_cmd::LsCmd),
+    /// List restore points (one multi-source job run's snapshots): time,
+    /// complete or partial, sources and sizes; `points show ID` for one.
+    Points(points_cmd::PointsCmd),
     /// Restore a snapshot into a directory, to stdout, or as an etcd data directory (needs the restore key).
     Restore(restore_cmd::RestoreCmd),
     /// Verify the repository: structure, or with --read-data every byte.
@@ -165,6 +169,7 @@ pub fn run(cli: Cli) -> anyhow::Result<crate::error::ExitCode> {
         Command::Repo(c) => repo_cmd::run_repo(g, c),
         Command::Backup(c) => backup_cmd::run(g, c),
         Command::Snapshots(c) => snapshots_cmd::run_snapshots(g, c),
+        Command::Points(c) => points_cmd::run(g, c),
         Command::Ls(c) => snapshots_cmd::run_ls(g, c),
         Command::Restore(c) => restore_cmd::run(g, c),
         Command::Check(c) => check_cmd::run_check(g, c),

@@ -288,6 +288,46 @@ pub struct ForgetReport {
     pub locked: Vec<String>,
 }
 
+/// A complete restore point is never split: its snapshots are kept
+/// together when any of them is kept, or when some of them are outside the
+/// decisions (another source's selection); they go together only when
+/// every one of them is decided and none is kept.
+pub fn keep_points_whole(
+    decisions: &mut [Decision],
+    all: &[(Id, crate::repo::snapshot::Snapshot)],
+) {
+    let points = crate::repo::select::restore_points(all.iter().map(|(i, s)| (i, s)));
+    for p in points.iter().filter(|p| p.complete && p.members.len() > 1) {
+        let idx: Vec<usize> = decisions
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| p.members.iter().any(|m| m.snapshot == d.id))
+            .map(|(i, _)| i)
+            .collect();
+        if idx.is_empty() {
+            continue;
+        }
+        let outside = p.members.len() - idx.len();
+        let any_kept = idx.iter().any(|&i| decisions[i].keep);
+        let reason = if outside > 0 {
+            format!(
+                "restore point {} is kept whole: {outside} of its snapshots are outside this selection (select all its sources to forget it)",
+                p.id
+            )
+        } else if any_kept {
+            format!("restore point {} is kept whole", p.id)
+        } else {
+            continue;
+        };
+        for i in idx {
+            if !decisions[i].keep {
+                decisions[i].keep = true;
+                decisions[i].reasons.push(reason.clone());
+            }
+        }
+    }
+}
+
 /// The group a snapshot belongs to under `by` (source, host, tags).
 pub fn group_key(snap: &crate::repo::snapshot::Snapshot, by: &[&str]) -> String {
     let mut parts = vec![];
@@ -325,28 +365,30 @@ pub fn apply(
         )
         .into());
     }
+    let mut all = vec![];
     let mut candidates = vec![];
     for row in repo.catalog.snapshots()? {
         let snap: crate::repo::snapshot::Snapshot = serde_json::from_str(&row.json)?;
-        if !filter(&snap) {
-            continue;
-        }
-        let time =
-            OffsetDateTime::parse(&snap.time, &time::format_description::well_known::Rfc3339)
-                .map_err(|_| {
+        if filter(&snap) {
+            let time =
+                OffsetDateTime::parse(&snap.time, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| {
                     LabError::integrity(format!(
                         "snapshot {}: bad time {}",
                         row.id.short(),
                         snap.time
                     ))
                 })?;
-        candidates.push(Candidate {
-            id: row.id,
-            time,
-            group: group_key(&snap, by),
-        });
+            candidates.push(Candidate {
+                id: row.id,
+                time,
+                group: group_key(&snap, by),
+            });
+        }
+        all.push((row.id, snap));
     }
-    let decisions = decide(candidates, policy);
+    let mut decisions = decide(candidates, policy);
+    keep_points_whole(&mut decisions, &all);
     let mut locked = vec![];
     if !dry_run {
         for d in decisions.iter().filter(|d| !d.keep) {

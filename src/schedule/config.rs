@@ -196,9 +196,11 @@ pub struct JobConfig {
     /// Overrides `[daemon] missed_runs` for this job.
     #[serde(default)]
     pub missed_runs: Option<MissedRuns>,
-    /// Exactly one of `backup`, `forget`, `prune`, `check`.
+    /// Exactly one of `backup`, `forget`, `prune`, `check`. `backup` is
+    /// one source table, or an array of them: one run then writes one
+    /// snapshot per source, all in one restore point.
     #[serde(default)]
-    pub backup: Option<crate::sources::SourceSpec>,
+    pub backup: Option<BackupSources>,
     #[serde(default)]
     pub forget: Option<RetentionConfig>,
     #[serde(default)]
@@ -208,6 +210,41 @@ pub struct JobConfig {
     /// Retention applied to this job's source after each successful backup.
     #[serde(default)]
     pub retention: Option<RetentionConfig>,
+}
+
+/// A job's `backup`: one source table, or an array of them (a restore
+/// point).
+#[derive(Debug, Clone)]
+pub struct BackupSources(pub Vec<crate::sources::SourceSpec>);
+
+impl<'de> serde::Deserialize<'de> for BackupSources {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BackupSources;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a source table { source = \"...\", ... } or an array of them")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<Self::Value, A::Error> {
+                use serde::Deserialize;
+                crate::sources::SourceSpec::deserialize(MapAccessDeserializer::new(m))
+                    .map(|s| BackupSources(vec![s]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                s: A,
+            ) -> Result<Self::Value, A::Error> {
+                use serde::Deserialize;
+                Vec::<crate::sources::SourceSpec>::deserialize(SeqAccessDeserializer::new(s))
+                    .map(BackupSources)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn default_retry_delay() -> String {
@@ -247,8 +284,9 @@ pub struct CheckJob {
 /// A job's action, validated.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// Back up one source (see [`crate::sources::SourceSpec`]).
-    Backup(crate::sources::SourceSpec),
+    /// Back up one source, or several as one restore point (see
+    /// [`crate::sources::SourceSpec`]).
+    Backup(Vec<crate::sources::SourceSpec>),
     Forget(KeepPolicy),
     Prune {
         grace: time::Duration,
@@ -504,9 +542,14 @@ fn validate(raw: Config, text: &str, secrets: bool) -> anyhow::Result<Loaded> {
         let jitter = dur(&j.jitter, "jitter")?.unwrap_or_default();
         let mut actions = vec![];
         if let Some(b) = &j.backup {
-            actions.push(
-                backup_action(b).map_err(|(fld, e)| at(line, &f(&format!("backup.{fld}")), e))?,
-            );
+            actions.push(backup_action(b).map_err(|(fld, e)| {
+                let fld = match fld.as_str() {
+                    "" => "backup".to_string(),
+                    f if f.starts_with('[') => format!("backup{f}"),
+                    f => format!("backup.{f}"),
+                };
+                at(line, &f(&fld), e)
+            })?);
         }
         if let Some(r) = &j.forget {
             let p = keep_policy(r).map_err(|(fld, e)| at(line, &f(&format!("forget.{fld}")), e))?;
@@ -625,9 +668,24 @@ fn validate(raw: Config, text: &str, secrets: bool) -> anyhow::Result<Loaded> {
 
 type FieldError = (String, String);
 
-fn backup_action(b: &crate::sources::SourceSpec) -> Result<Action, FieldError> {
-    b.validate(true)?;
-    Ok(Action::Backup(b.clone()))
+fn backup_action(b: &BackupSources) -> Result<Action, FieldError> {
+    match b.0.as_slice() {
+        [] => Err((
+            String::new(),
+            "backup = [] lists no source: give one table, or an array of them".into(),
+        )),
+        [one] => {
+            one.validate(true)?;
+            Ok(Action::Backup(b.0.clone()))
+        }
+        many => {
+            for (i, s) in many.iter().enumerate() {
+                s.validate(true)
+                    .map_err(|(f, e)| (format!("[{i}].{f}"), e))?;
+            }
+            Ok(Action::Backup(b.0.clone()))
+        }
+    }
 }
 
 fn keep_policy(r: &RetentionConfig) -> Result<KeepPolicy, FieldError> {

@@ -63,8 +63,8 @@ pub fn execute(ctx: &super::ExecContext<'_>) -> anyhow::Result<RunFacts> {
     let repo = ctx.open_repo(need_data)?;
     cancel.check()?;
     match &job.action {
-        Action::Backup(source) => {
-            let out = source.backup(crate::sources::SourceContext {
+        Action::Backup(sources) if sources.len() == 1 => {
+            let out = sources[0].backup(crate::sources::SourceContext {
                 repo: &repo,
                 opts: backup_options(job, cancel),
                 progress: crate::util::progress::Progress::hidden(),
@@ -72,6 +72,7 @@ pub fn execute(ctx: &super::ExecContext<'_>) -> anyhow::Result<RunFacts> {
             })?;
             finish_backup(&repo, job, out)
         }
+        Action::Backup(sources) => backup_point(&repo, job, cancel, sources),
         Action::Forget(policy) => {
             let r = crate::repo::forget::apply(&repo, policy, &["source"], |_| true, false)?;
             let removed = r.decisions.iter().filter(|d| !d.keep).count();
@@ -187,23 +188,126 @@ fn finish_backup(
             ));
         }
     }
-    if let Some(policy) = &job.retention {
-        // Retention for this job's own source only (other sources are
-        // other jobs' business).
-        let snap = repo.load_snapshot(&out.snapshot_id)?.0;
-        let (kind, name) = (snap.source.kind.clone(), snap.source.name.clone());
-        let r = crate::repo::forget::apply(
-            repo,
-            policy,
-            &["source"],
-            |s| s.source.kind == kind && s.source.name == name,
-            false,
-        )?;
-        let removed = r.decisions.iter().filter(|d| !d.keep).count() - r.locked.len();
-        facts
-            .detail
-            .push_str(&format!("; retention removed {removed} snapshot(s)"));
+    retention(repo, job, &[out.snapshot_id], &mut facts)?;
+    Ok(facts)
+}
+
+/// Retention for the sources of the snapshots this run wrote only (other
+/// sources are other jobs' business); complete restore points are kept or
+/// removed whole.
+fn retention(
+    repo: &Repository,
+    job: &Job,
+    written: &[crate::repo::Id],
+    facts: &mut RunFacts,
+) -> anyhow::Result<()> {
+    let Some(policy) = &job.retention else {
+        return Ok(());
+    };
+    let mut sources = vec![];
+    for id in written {
+        let snap = repo.load_snapshot(id)?.0;
+        sources.push((snap.source.kind.clone(), snap.source.name.clone()));
     }
+    let r = crate::repo::forget::apply(
+        repo,
+        policy,
+        &["source"],
+        |s| {
+            sources
+                .iter()
+                .any(|(k, n)| s.source.kind == *k && s.source.name == *n)
+        },
+        false,
+    )?;
+    let removed = r.decisions.iter().filter(|d| !d.keep).count() - r.locked.len();
+    facts
+        .detail
+        .push_str(&format!("; retention removed {removed} snapshot(s)"));
+    Ok(())
+}
+
+/// A multi-source job: one snapshot per source, all in one restore point
+/// whose snapshots record the kinds it was to hold (so its completeness is
+/// known from the repository alone). A failing source does not stop the
+/// others; the run then fails naming it, and the point stays partial.
+fn backup_point(
+    repo: &Repository,
+    job: &Job,
+    cancel: &CancelFlag,
+    sources: &[crate::sources::SourceSpec],
+) -> anyhow::Result<RunFacts> {
+    use crate::repo::select::{POINT_INDEX, POINT_SOURCES};
+    let now = time::OffsetDateTime::now_utc();
+    let point = format!(
+        "{}-{:04}{:02}{:02}T{:02}{:02}{:02}Z-{:04x}",
+        job.name,
+        now.year(),
+        now.month() as u8,
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        rand::random::<u16>()
+    );
+    let kinds: Vec<&str> = sources.iter().map(|s| s.kind()).collect();
+    let mut facts = RunFacts::default();
+    let mut written = vec![];
+    let mut done = vec![];
+    let mut failed = vec![];
+    for (i, src) in sources.iter().enumerate() {
+        cancel.check()?;
+        let mut opts = backup_options(job, cancel);
+        opts.restore_point = Some(point.clone());
+        opts.facts
+            .insert(POINT_SOURCES.into(), serde_json::json!(kinds));
+        opts.facts.insert(POINT_INDEX.into(), serde_json::json!(i));
+        let out = src.backup(crate::sources::SourceContext {
+            repo,
+            opts,
+            progress: crate::util::progress::Progress::hidden(),
+            stdin: None,
+        });
+        match out {
+            Ok(out) => {
+                let s = &out.summary;
+                facts.bytes_read += s.bytes_read;
+                facts.bytes_added += s.bytes_added;
+                facts.partial |= !s.is_complete();
+                facts.snapshots.push(out.snapshot_id.to_string());
+                done.push(format!(
+                    "#{} {} {}",
+                    i + 1,
+                    kinds[i],
+                    out.snapshot_id.short()
+                ));
+                written.push(out.snapshot_id);
+            }
+            Err(e) if is_cancelled(&e) => return Err(e),
+            Err(e) => failed.push(format!("#{} {}: {e:#}", i + 1, kinds[i])),
+        }
+    }
+    if !failed.is_empty() {
+        return Err(LabError::failed(format!(
+            "restore point {point} is partial: {} of {} source(s) failed: {}{}",
+            failed.len(),
+            sources.len(),
+            failed.join("; "),
+            if done.is_empty() {
+                String::new()
+            } else {
+                format!(" (written: {})", done.join(", "))
+            }
+        ))
+        .into());
+    }
+    facts.detail = format!(
+        "restore point {point} complete: {}; read {} bytes, added {}",
+        done.join(", "),
+        facts.bytes_read,
+        facts.bytes_added
+    );
+    retention(repo, job, &written, &mut facts)?;
     Ok(facts)
 }
 

@@ -18,6 +18,7 @@ mod keys;
 mod killed;
 mod kube_sim;
 mod layout;
+mod points;
 mod policy;
 mod provision;
 mod prune;
