@@ -272,6 +272,9 @@ impl EtcdSource {
             failure: failure.clone(),
             done: false,
         };
+        // The member's db size (plus the trailer) is the stream's length.
+        ctx.progress
+            .set_total(u64::try_from(before.db_size).unwrap_or(0) + 32);
         let mut run = BackupRun::start(ctx.repo, ctx.opts.threads, ctx.progress)?;
         run.set_cancel(ctx.opts.cancel.clone());
         let content = run.add_stream(reader, ChunkerKind::Fixed, &format!("etcd at {endpoint}"));

@@ -40,6 +40,21 @@ impl Progress {
         Progress { bar: Some(bar) }
     }
 
+    /// Learns the total after starting (a source that knows its size only
+    /// once connected): the spinner becomes a bar with an ETA.
+    pub fn set_total(&self, total: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(total);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+        }
+    }
+
     pub fn add(&self, n: u64) {
         if let Some(b) = &self.bar {
             b.inc(n);

@@ -558,12 +558,21 @@ enum Fault {
     /// Flip one bit of the byte at this offset (a corruption no layer
     /// below gRPC notices on a plaintext connection).
     FlipAt(u64),
+    /// Forward about 1.6 MB/s, so the test can act mid-stream.
+    Slow,
 }
 
 /// A TCP proxy in front of `upstream` that applies `fault`.
 fn faulty_proxy(upstream: u16, fault: Fault) -> u16 {
+    faulty_proxy_counted(upstream, fault).0
+}
+
+/// As [`faulty_proxy`], also returning the bytes forwarded to clients so far.
+fn faulty_proxy_counted(upstream: u16, fault: Fault) -> (u16, Arc<AtomicU64>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
+    let total = Arc::new(AtomicU64::new(0));
+    let total2 = total.clone();
     std::thread::spawn(move || {
         for conn in l.incoming() {
             let Ok(down) = conn else { return };
@@ -576,6 +585,7 @@ fn faulty_proxy(upstream: u16, fault: Fault) -> u16 {
                 let _ = std::io::copy(&mut d1, &mut u1);
             });
             let (mut d2, mut u2) = (down, up);
+            let total = total2.clone();
             std::thread::spawn(move || {
                 let mut buf = [0u8; 16384];
                 loop {
@@ -593,8 +603,10 @@ fn faulty_proxy(upstream: u16, fault: Fault) -> u16 {
                         Fault::FlipAt(at) if (before..before + n as u64).contains(&at) => {
                             buf[(at - before) as usize] ^= 0x10;
                         }
+                        Fault::Slow => std::thread::sleep(Duration::from_millis(10)),
                         _ => {}
                     }
+                    total.fetch_add(n as u64, Ordering::SeqCst);
                     if d2.write_all(&buf[..n]).is_err() {
                         break;
                     }
@@ -604,7 +616,7 @@ fn faulty_proxy(upstream: u16, fault: Fault) -> u16 {
             });
         }
     });
-    port
+    (port, total)
 }
 
 #[test]
@@ -773,7 +785,35 @@ fn etcd_refusals_and_a_cut_stream_commit_nothing() {
     );
     assert_eq!(snapshot_count(&env), before);
     env.ok(&["check"]);
-    drop(plain);
+
+    // The member killed while its snapshot streams (slowed by a proxy so
+    // the kill lands mid-stream): exit 1 naming the endpoint, nothing
+    // committed, the repository consistent.
+    let (port, forwarded) = faulty_proxy_counted(plain.client_port, Fault::Slow);
+    let slow = format!("http://127.0.0.1:{port}");
+    let child = env
+        .cmd()
+        .env("LABCTL_KEY", &env.backup_key)
+        .args(["backup", "etcd", "--endpoint", &slow])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while forwarded.load(Ordering::SeqCst) < 1 << 20 {
+        assert!(Instant::now() < deadline, "the stream never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(plain); // SIGKILL
+    let out = child.wait_with_output().unwrap();
+    expect(&out, 1, &format!("etcd at {slow}"));
+    assert!(
+        stderr(&out).contains("nothing was committed"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(snapshot_count(&env), before);
+    env.ok(&["check"]);
 
     // A member in a NOSPACE alarm is backed up (that is when a backup is
     // wanted), and the alarm is in the facts.
