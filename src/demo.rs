@@ -40,7 +40,7 @@ pub struct DemoReport {
 ///
 /// # Errors
 /// Any failure of init, backup or restore.
-pub fn run(state: &Path, sample_mib: u64, talk: bool) -> anyhow::Result<DemoReport> {
+pub fn run(state: &Path, sample_mib: u64, talk: bool) -> crate::error::Result<DemoReport> {
     let say = |s: String| {
         if talk {
             eprintln!("demo: {s}");
@@ -152,7 +152,7 @@ pub fn run(state: &Path, sample_mib: u64, talk: bool) -> anyhow::Result<DemoRepo
 ///
 /// # Errors
 /// I/O errors.
-pub fn generate_sample(dir: &Path, mib: u64) -> anyhow::Result<u64> {
+pub fn generate_sample(dir: &Path, mib: u64) -> crate::error::Result<u64> {
     fs::create_dir_all(dir.join("vm"))?;
     fs::create_dir_all(dir.join("mlflow/artifacts/run-1"))?;
     fs::create_dir_all(dir.join("notebooks/ünïcødé"))?;

@@ -1,10 +1,13 @@
-//! Exit codes and the typed errors that map to them: [`LabError`] (a kind
-//! and a message naming the object), [`BackendError`] (storage, naming the
-//! object), [`Cancelled`]. Library modules return them inside `anyhow`
-//! chains (with context); [`exit_code_for`] is the one place a chain becomes
-//! an exit code, and [`is_retryable`] the one place the daemon asks whether
-//! another attempt can help. The table below is the contract documented in
-//! the README and the man pages; do not renumber.
+//! Exit codes and the typed errors that map to them. Every library function
+//! returns [`Result`], whose [`Error`] carries an [`ErrorKind`] (one per
+//! exit code, plus cancellation) and the chain of context that names the
+//! object. Inside, modules raise [`LabError`] (a kind and a message),
+//! [`BackendError`] (storage, naming the object) or [`Cancelled`], and add
+//! context with `anyhow` or [`ResultExt`]; [`Error`]'s `From` classifies a
+//! chain once ([`exit_code_for`], the one place a chain becomes an exit
+//! code), and [`Error::is_retryable`] is the one place the daemon asks
+//! whether another attempt can help. The table below is the contract
+//! documented in the README and the man pages; do not renumber.
 //!
 //! Must not import anything from labctl: every other module depends on it.
 //!
@@ -244,8 +247,185 @@ pub fn is_retryable(err: &anyhow::Error) -> bool {
     true
 }
 
-/// Shorthand for results whose errors carry context chains.
-pub type Result<T> = anyhow::Result<T>;
+/// What kind of failure an [`Error`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// A wrong flag, argument or setting (exit 2).
+    Usage,
+    /// Corrupted, truncated or missing data (exit 4).
+    Integrity,
+    /// A key problem (exit 5).
+    Key,
+    /// Refused: a non-empty target, an existing object (exit 6).
+    Refused,
+    /// Repository storage unreachable or failing (exit 7).
+    Storage,
+    /// Stopped because it was asked to (a timeout or shutdown; exit 1).
+    Cancelled,
+    /// Anything else (exit 1).
+    Failed,
+}
+
+/// The library's error: its [`ErrorKind`] and the chain of context that
+/// names the object and what to do. Printed whole (`a: b: c`).
+pub struct Error {
+    kind: ErrorKind,
+    retryable: bool,
+    chain: anyhow::Error,
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The documented exit code of this error.
+    pub fn exit_code(&self) -> ExitCode {
+        match self.kind {
+            ErrorKind::Usage => ExitCode::Usage,
+            ErrorKind::Integrity => ExitCode::Integrity,
+            ErrorKind::Key => ExitCode::Key,
+            ErrorKind::Refused => ExitCode::Refused,
+            ErrorKind::Storage => ExitCode::Storage,
+            ErrorKind::Cancelled | ErrorKind::Failed => ExitCode::Failure,
+        }
+    }
+
+    /// Whether another attempt may succeed (see [`is_retryable`]).
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+
+    /// Whether the work was cancelled (a timeout or shutdown).
+    pub fn is_cancelled(&self) -> bool {
+        self.kind == ErrorKind::Cancelled
+    }
+
+    /// Each error of the chain, outermost first.
+    pub fn chain(&self) -> anyhow::Chain<'_> {
+        self.chain.chain()
+    }
+
+    /// The first error of type `E` in the chain.
+    pub fn find<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        self.chain.chain().find_map(|c| c.downcast_ref::<E>())
+    }
+
+    /// The error (or context) of type `E` at the top of the chain, as
+    /// `anyhow::Error::downcast_ref` finds it.
+    pub fn downcast_ref<E>(&self) -> Option<&E>
+    where
+        E: fmt::Display + fmt::Debug + Send + Sync + 'static,
+    {
+        self.chain.downcast_ref::<E>()
+    }
+
+    /// Adds context (what was being done), keeping the kind.
+    pub fn context<C>(self, context: C) -> Error
+    where
+        C: fmt::Display + Send + Sync + 'static,
+    {
+        Error {
+            chain: self.chain.context(context),
+            ..self
+        }
+    }
+
+    /// The chain as an `anyhow::Error` (for code that collects errors).
+    pub fn into_anyhow(self) -> anyhow::Error {
+        self.chain
+    }
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Error {
+    fn from(e: E) -> Self {
+        let chain: anyhow::Error = e.into();
+        let cancelled = chain
+            .chain()
+            .any(|c| c.downcast_ref::<Cancelled>().is_some());
+        let kind = if cancelled {
+            ErrorKind::Cancelled
+        } else {
+            match exit_code_for(&chain) {
+                ExitCode::Usage => ErrorKind::Usage,
+                ExitCode::Integrity => ErrorKind::Integrity,
+                ExitCode::Key => ErrorKind::Key,
+                ExitCode::Refused => ErrorKind::Refused,
+                ExitCode::Storage => ErrorKind::Storage,
+                _ => ErrorKind::Failed,
+            }
+        };
+        Error {
+            kind,
+            retryable: is_retryable(&chain),
+            chain,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#}", self.chain)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} error: {:?}", self.kind, self.chain)
+    }
+}
+
+/// `.context()` / `.with_context()` on the library's own [`Result`] (for
+/// other errors, `anyhow::Context` does the same and `?` classifies).
+pub trait ResultExt<T> {
+    /// Adds context, keeping the error's kind.
+    ///
+    /// # Errors
+    /// The error, with the context on top.
+    fn context<C>(self, context: C) -> Result<T>
+    where
+        C: fmt::Display + Send + Sync + 'static;
+
+    /// Adds lazily built context, keeping the error's kind.
+    ///
+    /// # Errors
+    /// The error, with the context on top.
+    fn with_context<C, F>(self, f: F) -> Result<T>
+    where
+        C: fmt::Display + Send + Sync + 'static,
+        F: FnOnce() -> C;
+}
+
+impl<T> ResultExt<T> for Result<T> {
+    fn context<C>(self, context: C) -> Result<T>
+    where
+        C: fmt::Display + Send + Sync + 'static,
+    {
+        self.map_err(|e| e.context(context))
+    }
+
+    fn with_context<C, F>(self, f: F) -> Result<T>
+    where
+        C: fmt::Display + Send + Sync + 'static,
+        F: FnOnce() -> C,
+    {
+        self.map_err(|e| e.context(f()))
+    }
+}
+
+/// `return Err(...)` with a formatted message, for [`Result`] and
+/// `anyhow::Result` alike.
+macro_rules! bail {
+    ($($t:tt)*) => {
+        return ::std::result::Result::Err(::anyhow::anyhow!($($t)*).into())
+    };
+}
+pub(crate) use bail;
 
 #[cfg(test)]
 mod tests {
@@ -273,5 +453,37 @@ mod tests {
         assert!(!is_retryable(&gone));
         assert_eq!(exit_code_for(&gone.context("reading")), ExitCode::Integrity);
         assert!(is_retryable(&anyhow::anyhow!("connection reset")));
+    }
+
+    #[test]
+    fn the_typed_error_keeps_its_kind_through_context_and_conversions() {
+        fn inner() -> Result<()> {
+            Err(LabError::refused("target not empty").into())
+        }
+        fn outer() -> Result<()> {
+            inner().context("restoring into /srv")?;
+            Ok(())
+        }
+        let e = outer().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Refused);
+        assert_eq!(e.exit_code(), ExitCode::Refused);
+        assert!(!e.is_retryable());
+        assert_eq!(e.to_string(), "restoring into /srv: target not empty");
+        assert!(e.find::<LabError>().is_some());
+
+        fn io() -> Result<Vec<u8>> {
+            use anyhow::Context;
+            Ok(std::fs::read("/nonexistent/labctl").context("reading x")?)
+        }
+        let e = io().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Failed);
+        assert!(e.is_retryable());
+        assert!(e.find::<std::io::Error>().is_some());
+
+        let c: Error = anyhow::Error::new(Cancelled).context("job x").into();
+        assert!(c.is_cancelled());
+        assert_eq!(c.exit_code(), ExitCode::Failure);
+        let s: Error = BackendError::NotFound { name: "p".into() }.into();
+        assert_eq!(s.kind(), ErrorKind::Integrity);
     }
 }

@@ -11,13 +11,13 @@ fn main() {
                 std::process::exit(0);
             }
             eprintln!("error: {err:#}");
-            labctl::error::exit_code_for(&err).code()
+            err.exit_code().code()
         }
     };
     std::process::exit(code);
 }
 
-fn is_broken_pipe(err: &anyhow::Error) -> bool {
+fn is_broken_pipe(err: &labctl::error::Error) -> bool {
     err.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)

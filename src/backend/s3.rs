@@ -144,7 +144,7 @@ impl S3Backend {
     /// # Errors
     /// A usage error for a malformed URL; a key error for a credentials file
     /// other users can read.
-    pub fn open(url: &str) -> anyhow::Result<S3Backend> {
+    pub fn open(url: &str) -> crate::error::Result<S3Backend> {
         Self::open_with(url, &super::OpenOptions::default())
     }
 
@@ -153,7 +153,7 @@ impl S3Backend {
     ///
     /// # Errors
     /// As [`S3Backend::open`].
-    pub fn open_with(url: &str, opts: &super::OpenOptions) -> anyhow::Result<S3Backend> {
+    pub fn open_with(url: &str, opts: &super::OpenOptions) -> crate::error::Result<S3Backend> {
         let rest = url.strip_prefix("s3://").expect("an s3:// URL");
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
@@ -229,7 +229,7 @@ impl S3Backend {
                             .unwrap_or_else(|| "us-east-1".into())
                     )
                 });
-            Ok::<_, anyhow::Error>((Client::from_conf(b.build()), endpoint))
+            Ok::<_, crate::error::Error>((Client::from_conf(b.build()), endpoint))
         })?;
         let (client, endpoint) = client;
         let endpoint = without_userinfo(&endpoint);
@@ -612,7 +612,7 @@ impl S3Backend {
 /// AWS-standard `AWS_CA_BUNDLE`), for stores with a private CA.
 fn ca_http_client(
     file: Option<&std::path::Path>,
-) -> anyhow::Result<Option<aws_sdk_s3::config::SharedHttpClient>> {
+) -> crate::error::Result<Option<aws_sdk_s3::config::SharedHttpClient>> {
     use aws_smithy_http_client::tls;
     let Some(path) = file.map(|p| p.as_os_str().to_owned()).or_else(|| {
         std::env::var_os("LABCTL_S3_CA_FILE").or_else(|| std::env::var_os("AWS_CA_BUNDLE"))

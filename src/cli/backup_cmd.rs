@@ -48,7 +48,7 @@ fn options(c: &CommonBackupArgs) -> BackupOptions {
     o
 }
 
-pub fn run(g: &GlobalArgs, cmd: BackupCmd) -> anyhow::Result<ExitCode> {
+pub fn run(g: &GlobalArgs, cmd: BackupCmd) -> crate::error::Result<ExitCode> {
     cmd.source
         .validate(false)
         .map_err(|(field, why)| LabError::usage(format!("{field}: {why}")))?;
@@ -67,7 +67,7 @@ pub fn run(g: &GlobalArgs, cmd: BackupCmd) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn report(g: &GlobalArgs, o: &BackupOutcome) -> anyhow::Result<()> {
+fn report(g: &GlobalArgs, o: &BackupOutcome) -> crate::error::Result<()> {
     let s = &o.summary;
     if g.json {
         return print_json(o);

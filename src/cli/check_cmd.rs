@@ -39,7 +39,7 @@ pub enum RepairCmd {
     Index,
 }
 
-pub fn run_check(g: &GlobalArgs, c: CheckCmd) -> anyhow::Result<ExitCode> {
+pub fn run_check(g: &GlobalArgs, c: CheckCmd) -> crate::error::Result<ExitCode> {
     let read = match (&c.read_data, &c.read_data_subset) {
         (true, _) => ReadData::All,
         (false, Some(s)) => {
@@ -94,7 +94,7 @@ pub fn run_check(g: &GlobalArgs, c: CheckCmd) -> anyhow::Result<ExitCode> {
     })
 }
 
-pub fn run_repair(g: &GlobalArgs, c: RepairCmd) -> anyhow::Result<ExitCode> {
+pub fn run_repair(g: &GlobalArgs, c: RepairCmd) -> crate::error::Result<ExitCode> {
     match c {
         RepairCmd::Index => {
             let repo = g.open(false)?;
@@ -147,7 +147,7 @@ pub fn run_repair(g: &GlobalArgs, c: RepairCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
-pub fn run_catalog(g: &GlobalArgs, c: CatalogCmd) -> anyhow::Result<ExitCode> {
+pub fn run_catalog(g: &GlobalArgs, c: CatalogCmd) -> crate::error::Result<ExitCode> {
     match c {
         CatalogCmd::Rebuild => {
             let repo = g.open(false)?;

@@ -80,7 +80,7 @@ pub enum JobsCmd {
     },
 }
 
-pub fn run_config(g: &GlobalArgs, c: ConfigCmd) -> anyhow::Result<ExitCode> {
+pub fn run_config(g: &GlobalArgs, c: ConfigCmd) -> crate::error::Result<ExitCode> {
     let ConfigCmd::Validate { config, host } = c;
     let mut loaded = config::load_without_secrets(&config.config)?;
     let mut repo_id = None;
@@ -158,7 +158,7 @@ pub fn run_config(g: &GlobalArgs, c: ConfigCmd) -> anyhow::Result<ExitCode> {
 }
 
 /// The cache directory exists (or can be made) and is writable.
-fn check_cache_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+fn check_cache_dir(dir: &std::path::Path) -> crate::error::Result<()> {
     let bad = |e: std::io::Error| {
         LabError::usage(format!(
             "cache directory {} is not writable: {e}",
@@ -181,7 +181,7 @@ fn age(secs: i64) -> String {
     }
 }
 
-pub fn run_status(g: &GlobalArgs, c: StatusCmd) -> anyhow::Result<ExitCode> {
+pub fn run_status(g: &GlobalArgs, c: StatusCmd) -> crate::error::Result<ExitCode> {
     let loaded = config::load_without_secrets(&c.config.config)?;
     let st = schedule::status(&loaded, chrono::Utc::now())?;
     if g.json {
@@ -222,7 +222,7 @@ pub fn run_status(g: &GlobalArgs, c: StatusCmd) -> anyhow::Result<ExitCode> {
 fn context(
     loaded: &config::Loaded,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<JobContext> {
+) -> crate::error::Result<JobContext> {
     Ok(JobContext {
         state_dir: schedule::runner::state_dir(&loaded.raw.repository)?,
         env: schedule::JobEnv::from_config(&loaded.raw),
@@ -238,7 +238,7 @@ fn context(
     })
 }
 
-pub fn run_jobs(g: &GlobalArgs, c: JobsCmd) -> anyhow::Result<ExitCode> {
+pub fn run_jobs(g: &GlobalArgs, c: JobsCmd) -> crate::error::Result<ExitCode> {
     match c {
         JobsCmd::Run {
             name,
@@ -341,7 +341,7 @@ pub fn run_jobs(g: &GlobalArgs, c: JobsCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
-pub fn run_daemon(_g: &GlobalArgs, c: DaemonCmd) -> anyhow::Result<ExitCode> {
+pub fn run_daemon(_g: &GlobalArgs, c: DaemonCmd) -> crate::error::Result<ExitCode> {
     let path = c.config.config;
     let loaded = config::load(&path)?;
     for w in &loaded.warnings {

@@ -163,7 +163,7 @@ pub enum Command {
 ///
 /// # Errors
 /// Any failure, classified for the exit code (see [`crate::error`]).
-pub fn run(cli: Cli) -> anyhow::Result<crate::error::ExitCode> {
+pub fn run(cli: Cli) -> crate::error::Result<crate::error::ExitCode> {
     let g = &cli.global;
     match cli.command {
         Command::Repo(c) => repo_cmd::run_repo(g, c),
@@ -205,14 +205,14 @@ pub fn run(cli: Cli) -> anyhow::Result<crate::error::ExitCode> {
 ///
 /// # Errors
 /// I/O errors.
-pub fn write_man_pages(dir: &Path) -> anyhow::Result<()> {
+pub fn write_man_pages(dir: &Path) -> crate::error::Result<()> {
     use clap::CommandFactory;
     std::fs::create_dir_all(dir)?;
     let cmd = Cli::command();
     write_man_rec(dir, cmd, "labctl")
 }
 
-fn write_man_rec(dir: &Path, cmd: clap::Command, name: &str) -> anyhow::Result<()> {
+fn write_man_rec(dir: &Path, cmd: clap::Command, name: &str) -> crate::error::Result<()> {
     let cmd = cmd.name(name.to_string());
     let mut buf = vec![];
     clap_mangen::Man::new(cmd.clone()).render(&mut buf)?;
@@ -243,13 +243,13 @@ impl GlobalArgs {
         }
     }
 
-    fn open(&self, need_data: bool) -> anyhow::Result<Repository> {
+    fn open(&self, need_data: bool) -> crate::error::Result<Repository> {
         self.spec().open(need_data)
     }
 }
 
 /// Prints `value` as pretty JSON on stdout.
-fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+fn print_json<T: serde::Serialize>(value: &T) -> crate::error::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

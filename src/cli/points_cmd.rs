@@ -25,7 +25,7 @@ pub enum PointsSub {
     },
 }
 
-fn load(g: &GlobalArgs) -> anyhow::Result<Vec<RestorePoint>> {
+fn load(g: &GlobalArgs) -> crate::error::Result<Vec<RestorePoint>> {
     let repo = g.open(false)?;
     let mut snaps = vec![];
     for row in repo.catalog.snapshots()? {
@@ -43,7 +43,7 @@ fn state(p: &RestorePoint) -> String {
     }
 }
 
-pub fn run(g: &GlobalArgs, c: PointsCmd) -> anyhow::Result<ExitCode> {
+pub fn run(g: &GlobalArgs, c: PointsCmd) -> crate::error::Result<ExitCode> {
     let points = load(g)?;
     match c.show {
         None => {

@@ -23,13 +23,13 @@ pub struct PoliciesArg {
 }
 
 impl PoliciesArg {
-    fn today(&self) -> anyhow::Result<time::Date> {
+    fn today(&self) -> crate::error::Result<time::Date> {
         match &self.today {
             Some(d) => Ok(policy::parse_date(d).map_err(LabError::usage)?),
             None => Ok(time::OffsetDateTime::now_utc().date()),
         }
     }
-    fn load(&self, g: &GlobalArgs) -> anyhow::Result<(policy::Policy, time::Date)> {
+    fn load(&self, g: &GlobalArgs) -> crate::error::Result<(policy::Policy, time::Date)> {
         let today = self.today()?;
         let p = policy::load(&self.policies, today)?;
         if !g.quiet && !g.json {
@@ -73,7 +73,7 @@ pub enum AuditCmd {
     },
 }
 
-pub fn run_audit(g: &GlobalArgs, c: AuditCmd) -> anyhow::Result<ExitCode> {
+pub fn run_audit(g: &GlobalArgs, c: AuditCmd) -> crate::error::Result<ExitCode> {
     let AuditCmd::Verify { a } = c;
     let path = a.path(g);
     let n = crate::records::policy_audit::verify(&path)?;
@@ -255,7 +255,7 @@ fn apply_policy(
     allow_data_loss: bool,
     a: &AuditArgs,
     reason: Option<&str>,
-) -> anyhow::Result<(policy::cluster::Plan, Vec<policy::cluster::Done>)> {
+) -> crate::error::Result<(policy::cluster::Plan, Vec<policy::cluster::Done>)> {
     let (pol, today) = p.load(g)?;
     let actor = a
         .actor
@@ -275,7 +275,7 @@ fn apply_policy(
     )
 }
 
-pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> anyhow::Result<ExitCode> {
+pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> crate::error::Result<ExitCode> {
     match c {
         PolicyCmd::Validate { p } => {
             let (pol, today) = p.load(g)?;
@@ -428,7 +428,7 @@ pub struct OffboardCmd {
     pub p: PoliciesArg,
 }
 
-pub fn run_offboard(g: &GlobalArgs, c: OffboardCmd) -> anyhow::Result<ExitCode> {
+pub fn run_offboard(g: &GlobalArgs, c: OffboardCmd) -> crate::error::Result<ExitCode> {
     let done = policy::edit::offboard(&c.p.policies, c.p.today()?, &c.email)?;
     if g.json {
         print_json(&done)?;
@@ -443,7 +443,7 @@ pub fn run_offboard(g: &GlobalArgs, c: OffboardCmd) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::Success)
 }
 
-pub fn run_profile(g: &GlobalArgs, c: ProfileCmd) -> anyhow::Result<ExitCode> {
+pub fn run_profile(g: &GlobalArgs, c: ProfileCmd) -> crate::error::Result<ExitCode> {
     let (profile, p) = match c {
         ProfileCmd::Grant {
             email,
@@ -565,7 +565,7 @@ fn print_access(
     rows: &[serde_json::Value],
     first: &str,
     width: usize,
-) -> anyhow::Result<ExitCode> {
+) -> crate::error::Result<ExitCode> {
     if g.json {
         print_json(&rows)?;
         return Ok(ExitCode::Success);
@@ -585,7 +585,7 @@ fn print_access(
     Ok(ExitCode::Success)
 }
 
-pub fn run_access(g: &GlobalArgs, c: AccessCmd) -> anyhow::Result<ExitCode> {
+pub fn run_access(g: &GlobalArgs, c: AccessCmd) -> crate::error::Result<ExitCode> {
     let (pol, today) = c.p.load(g)?;
     let mut rows: Vec<serde_json::Value> = pol
         .profiles

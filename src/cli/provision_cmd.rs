@@ -67,7 +67,7 @@ pub enum ProvisionCmd {
     },
 }
 
-fn load(p: &PlatformArg, g: &GlobalArgs) -> anyhow::Result<platform::Platform> {
+fn load(p: &PlatformArg, g: &GlobalArgs) -> crate::error::Result<platform::Platform> {
     let pf = platform::load(&p.platform)?;
     if !g.quiet {
         for w in &pf.warnings {
@@ -117,7 +117,7 @@ fn print_plan(plan: &provision::Plan) {
     }
 }
 
-pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> anyhow::Result<ExitCode> {
+pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> crate::error::Result<ExitCode> {
     match c {
         ProvisionCmd::Validate { p } => {
             let pf = load(&p, g)?;

@@ -41,7 +41,7 @@ pub struct PruneCmd {
     pub prune_dry_run: bool,
 }
 
-pub fn run_forget(g: &GlobalArgs, c: ForgetCmd) -> anyhow::Result<ExitCode> {
+pub fn run_forget(g: &GlobalArgs, c: ForgetCmd) -> crate::error::Result<ExitCode> {
     let policy = c.keep.policy().map_err(|(field, e)| {
         LabError::usage(format!("--{}: {}", field.replace('_', "-"), e.message()))
     })?;
@@ -103,7 +103,7 @@ pub fn run_forget(g: &GlobalArgs, c: ForgetCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::Success)
 }
 
-pub fn run_prune(g: &GlobalArgs, c: PruneCmd, dry_run: bool) -> anyhow::Result<ExitCode> {
+pub fn run_prune(g: &GlobalArgs, c: PruneCmd, dry_run: bool) -> crate::error::Result<ExitCode> {
     let repo = g.open(false)?;
     prune_with(g, &repo, &c, dry_run)
 }
@@ -113,7 +113,7 @@ fn prune_with(
     repo: &Repository,
     c: &PruneCmd,
     dry_run: bool,
-) -> anyhow::Result<ExitCode> {
+) -> crate::error::Result<ExitCode> {
     let grace = crate::util::units::parse_time_duration(&c.grace)?;
     if grace < time::Duration::hours(24) && !g.quiet {
         eprintln!("warning: grace period {} is under 24h: a backup running longer than that can lose data it deduplicated", c.grace);

@@ -98,13 +98,13 @@ pub struct DemoCmd {
     pub sample_mib: u64,
 }
 
-pub fn run_repo(g: &GlobalArgs, cmd: RepoCmd) -> anyhow::Result<ExitCode> {
+pub fn run_repo(g: &GlobalArgs, cmd: RepoCmd) -> crate::error::Result<ExitCode> {
     match cmd {
         RepoCmd::Init(c) => init(g, c),
     }
 }
 
-fn init(g: &GlobalArgs, c: InitCmd) -> anyhow::Result<ExitCode> {
+fn init(g: &GlobalArgs, c: InitCmd) -> crate::error::Result<ExitCode> {
     // `--restore-key` (a global flag) names where the new restore key goes.
     let restore_out = g.restore_key.clone().ok_or_else(|| {
         LabError::usage("repo init needs --restore-key <file> (where to write the restore key)")
@@ -189,7 +189,7 @@ fn init(g: &GlobalArgs, c: InitCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::Success)
 }
 
-pub fn run_key(g: &GlobalArgs, cmd: KeyCmd) -> anyhow::Result<ExitCode> {
+pub fn run_key(g: &GlobalArgs, cmd: KeyCmd) -> crate::error::Result<ExitCode> {
     let KeyCmd::Recover(c) = cmd;
     let passphrase = c
         .passphrase_file
@@ -239,7 +239,7 @@ pub fn run_key(g: &GlobalArgs, cmd: KeyCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::Success)
 }
 
-pub fn run_demo(g: &GlobalArgs, c: DemoCmd) -> anyhow::Result<ExitCode> {
+pub fn run_demo(g: &GlobalArgs, c: DemoCmd) -> crate::error::Result<ExitCode> {
     let report = crate::demo::run(&c.state_dir, c.sample_mib, !g.json && !g.quiet)?;
     if g.json {
         print_json(&report)?;

@@ -67,7 +67,7 @@ pub enum ReadOrderArg {
     File,
 }
 
-pub fn run(g: &GlobalArgs, c: RestoreCmd) -> anyhow::Result<ExitCode> {
+pub fn run(g: &GlobalArgs, c: RestoreCmd) -> crate::error::Result<ExitCode> {
     let repo = g.open(true)?;
     let id = repo.resolve_snapshot(&c.snapshot)?;
     if c.stdout {
@@ -145,7 +145,7 @@ fn run_etcd(
     repo: &crate::repo::Repository,
     id: &crate::repo::Id,
     c: &RestoreCmd,
-) -> anyhow::Result<ExitCode> {
+) -> crate::error::Result<ExitCode> {
     use crate::sources::etcd;
     let mut report = serde_json::json!({"snapshot": id.hex()});
     if let Some(dir) = &c.etcd.etcd_data_dir {

@@ -32,7 +32,7 @@ struct Listed {
     snap: Snapshot,
 }
 
-pub fn run_snapshots(g: &GlobalArgs, c: SnapshotsCmd) -> anyhow::Result<ExitCode> {
+pub fn run_snapshots(g: &GlobalArgs, c: SnapshotsCmd) -> crate::error::Result<ExitCode> {
     let repo = g.open(false)?;
     let mut out = vec![];
     for row in repo.catalog.snapshots()? {
@@ -162,7 +162,7 @@ pub fn shell_escape(raw: &[u8]) -> String {
     out
 }
 
-pub fn run_ls(g: &GlobalArgs, c: LsCmd) -> anyhow::Result<ExitCode> {
+pub fn run_ls(g: &GlobalArgs, c: LsCmd) -> crate::error::Result<ExitCode> {
     let repo = g.open(true)?;
     let id: Id = repo.resolve_snapshot(&c.snapshot)?;
     let (snap, _) = repo.load_snapshot(&id)?;

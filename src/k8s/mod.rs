@@ -29,7 +29,7 @@ impl KubeTarget {
     ///
     /// # Errors
     /// As [`connect`].
-    pub async fn connect(&self) -> anyhow::Result<(kube::Client, String)> {
+    pub async fn connect(&self) -> crate::error::Result<(kube::Client, String)> {
         connect(self.kubeconfig.as_deref(), self.context.as_deref()).await
     }
 }
@@ -42,7 +42,7 @@ impl KubeTarget {
 pub async fn connect(
     path: Option<&std::path::Path>,
     context: Option<&str>,
-) -> anyhow::Result<(kube::Client, String)> {
+) -> crate::error::Result<(kube::Client, String)> {
     let opts = kube::config::KubeConfigOptions {
         context: context.map(String::from),
         ..Default::default()

@@ -160,7 +160,11 @@ fn diff(want: &Value, live: &Value) -> Vec<String> {
 ///
 /// # Errors
 /// Kubernetes API errors.
-pub async fn plan(client: &kube::Client, objects: &[Value], set: &str) -> anyhow::Result<Plan> {
+pub async fn plan(
+    client: &kube::Client,
+    objects: &[Value],
+    set: &str,
+) -> crate::error::Result<Plan> {
     // The CRDs must be there (discovery), or nothing below makes sense.
     for (gv, plural, what) in [
         ("kubeflow.org/v1", "profiles", "Kubeflow's Profile CRD"),
@@ -353,7 +357,7 @@ pub struct Done {
 /// at when one failed (with the error); nothing after it was tried.
 pub struct Applied {
     pub done: Vec<Done>,
-    pub failed: Option<(Done, anyhow::Error)>,
+    pub failed: Option<(Done, crate::error::Error)>,
 }
 
 /// Applies a plan (server-side apply, then deletes).
@@ -364,7 +368,7 @@ pub async fn apply(
     client: &kube::Client,
     plan: &Plan,
     allow_data_loss: bool,
-) -> anyhow::Result<Applied> {
+) -> crate::error::Result<Applied> {
     let blocked = plan.profile_deletes();
     if !blocked.is_empty() && !allow_data_loss {
         let list: Vec<String> = blocked
@@ -400,7 +404,7 @@ pub async fn apply(
             name: s.name.clone(),
         };
         let a = api(client, &s.kind, s.namespace.as_deref());
-        let result: anyhow::Result<()> = async {
+        let result: crate::error::Result<()> = async {
             if s.action == "delete" {
                 match a.delete(&s.name, &DeleteParams::default()).await {
                     // Already gone (a deleted Profile takes its namespace along).
@@ -439,7 +443,7 @@ async fn transfer_owner(
     client: &kube::Client,
     profile: &str,
     new_owner: &str,
-) -> anyhow::Result<()> {
+) -> crate::error::Result<()> {
     let patch = serde_json::json!({ "metadata": { "annotations": { "owner": new_owner } } });
     api(client, "Namespace", None)
         .patch(profile, &PatchParams::default(), &Patch::Merge(&patch))
@@ -477,7 +481,7 @@ pub struct Found {
 pub async fn unmanaged_contributors(
     client: &kube::Client,
     profiles: &[String],
-) -> anyhow::Result<Vec<Found>> {
+) -> crate::error::Result<Vec<Found>> {
     let mut out = vec![];
     for p in profiles {
         let list = api(client, "RoleBinding", Some(p))

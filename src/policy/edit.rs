@@ -41,7 +41,7 @@ fn list_items(
     lines: &[String],
     (start, end): (usize, usize),
     key: &str,
-) -> anyhow::Result<Option<(usize, Vec<Item>)>> {
+) -> crate::error::Result<Option<(usize, Vec<Item>)>> {
     let Some(k) = (start..end)
         .find(|&i| indent(&lines[i]) == 0 && lines[i].trim_end().starts_with(&format!("{key}:")))
     else {
@@ -123,7 +123,7 @@ struct Files {
 }
 
 impl Files {
-    fn lines(&mut self, f: &Path) -> anyhow::Result<Vec<String>> {
+    fn lines(&mut self, f: &Path) -> crate::error::Result<Vec<String>> {
         if !self.texts.contains_key(f) {
             let t = std::fs::read_to_string(f)
                 .map_err(|e| LabError::usage(format!("{}: {e}", f.display())))?;
@@ -137,7 +137,7 @@ impl Files {
 }
 
 /// Writes the edited files only if the whole policy still validates.
-fn commit(dir: &Path, files: &Files, today: Date) -> anyhow::Result<Policy> {
+fn commit(dir: &Path, files: &Files, today: Date) -> crate::error::Result<Policy> {
     let mut originals = vec![];
     for (f, text) in &files.texts {
         let old = std::fs::read_to_string(f).unwrap_or_default();
@@ -186,7 +186,7 @@ pub fn grant(
     role: &str,
     expires: Option<&str>,
     reason: Option<&str>,
-) -> anyhow::Result<GrantChange> {
+) -> crate::error::Result<GrantChange> {
     if !super::valid_email(email) {
         return Err(LabError::usage(format!("'{email}' is not an email address")).into());
     }
@@ -294,7 +294,12 @@ pub fn grant(
 /// # Errors
 /// A usage error when there is no such grant (naming the group if the
 /// access comes through one).
-pub fn revoke(dir: &Path, today: Date, email: &str, profile: &str) -> anyhow::Result<PathBuf> {
+pub fn revoke(
+    dir: &Path,
+    today: Date,
+    email: &str,
+    profile: &str,
+) -> crate::error::Result<PathBuf> {
     let p = load(dir, today)?;
     let (pr, origin) = p
         .profiles
@@ -343,7 +348,7 @@ pub fn revoke(dir: &Path, today: Date, email: &str, profile: &str) -> anyhow::Re
 ///
 /// # Errors
 /// A refusal naming what they own.
-pub fn offboard(dir: &Path, today: Date, email: &str) -> anyhow::Result<Vec<String>> {
+pub fn offboard(dir: &Path, today: Date, email: &str) -> crate::error::Result<Vec<String>> {
     let p = load(dir, today)?;
     let owns: Vec<String> = p
         .profiles

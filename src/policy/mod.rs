@@ -313,7 +313,7 @@ fn limit_range_problem(lr: &LimitDefaults) -> Option<(&'static str, String, Stri
     None
 }
 
-fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> crate::error::Result<()> {
     let rd = std::fs::read_dir(dir).map_err(|e| {
         LabError::usage(format!("cannot read policy folder {}: {e}", dir.display()))
     })?;
@@ -357,7 +357,7 @@ pub fn documents(text: &str) -> Vec<(usize, String)> {
     docs
 }
 
-fn de<T: serde::de::DeserializeOwned>(doc: &str, origin: &Origin) -> anyhow::Result<T> {
+fn de<T: serde::de::DeserializeOwned>(doc: &str, origin: &Origin) -> crate::error::Result<T> {
     let d = serde_norway::Deserializer::from_str(doc);
     serde_path_to_error::deserialize(d).map_err(|e| {
         let field = e.path().to_string();
@@ -380,8 +380,8 @@ fn insert_once<T>(
     key: String,
     value: T,
     origin: Origin,
-    dup: impl Fn(&str, &Origin) -> anyhow::Error,
-) -> anyhow::Result<()> {
+    dup: impl Fn(&str, &Origin) -> crate::error::Error,
+) -> crate::error::Result<()> {
     if let Some((_, first)) = map.get(&key) {
         return Err(dup(&key, first));
     }
@@ -393,7 +393,7 @@ fn insert_once<T>(
 ///
 /// # Errors
 /// A usage error naming the file, line and field of the first problem.
-pub fn load(dir: &Path, today: Date) -> anyhow::Result<Policy> {
+pub fn load(dir: &Path, today: Date) -> crate::error::Result<Policy> {
     let mut files = vec![];
     yaml_files(dir, &mut files)?;
     let mut p = Policy::default();
@@ -416,7 +416,7 @@ pub fn load(dir: &Path, today: Date) -> anyhow::Result<Policy> {
                 ))
             })?;
             let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-            let dup = |what: &str, name: &str, first: &Origin| -> anyhow::Error {
+            let dup = |what: &str, name: &str, first: &Origin| -> crate::error::Error {
                 let key = if what == "Researcher" {
                     "email"
                 } else {
@@ -505,22 +505,27 @@ pub fn load(dir: &Path, today: Date) -> anyhow::Result<Policy> {
     Ok(p)
 }
 
-fn validate(p: &mut Policy, texts: &BTreeMap<PathBuf, String>, today: Date) -> anyhow::Result<()> {
+fn validate(
+    p: &mut Policy,
+    texts: &BTreeMap<PathBuf, String>,
+    today: Date,
+) -> crate::error::Result<()> {
     let text_of = |o: &Origin| -> String {
         let t = texts.get(&o.file).cloned().unwrap_or_default();
         t.lines().skip(o.line - 1).collect::<Vec<_>>().join("\n")
     };
-    let at = |o: &Origin, key: &str, value: &str, field: &str, why: String| -> anyhow::Error {
-        let line = line_of(&text_of(o), o, key, value);
-        crate::util::located::error(o.file.display(), line, None, field, why).into()
-    };
+    let at =
+        |o: &Origin, key: &str, value: &str, field: &str, why: String| -> crate::error::Error {
+            let line = line_of(&text_of(o), o, key, value);
+            crate::util::located::error(o.file.display(), line, None, field, why).into()
+        };
     let mut warnings = vec![];
     let date = |o: &Origin,
                 s: &Option<String>,
                 field: &str,
                 what: &str,
                 warnings: &mut Vec<String>|
-     -> anyhow::Result<Option<Date>> {
+     -> crate::error::Result<Option<Date>> {
         let Some(s) = s else { return Ok(None) };
         let d = parse_date(s).map_err(|e| at(o, "expires", s, field, e))?;
         if d < today {

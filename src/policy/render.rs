@@ -144,7 +144,7 @@ pub fn render(p: &Policy, today: Date) -> Vec<Value> {
 ///
 /// # Errors
 /// Serialisation errors (none expected).
-pub fn to_yaml(objects: &[Value]) -> anyhow::Result<String> {
+pub fn to_yaml(objects: &[Value]) -> crate::error::Result<String> {
     let mut s = String::new();
     for o in objects {
         s.push_str("---\n");

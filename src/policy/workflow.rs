@@ -13,7 +13,7 @@ use time::Date;
 
 /// Names the API server in errors that happened talking to it (a
 /// classified error already says what went wrong and is left alone).
-fn reach(e: anyhow::Error, url: &str) -> anyhow::Error {
+fn reach(e: crate::error::Error, url: &str) -> crate::error::Error {
     if e.downcast_ref::<crate::error::LabError>().is_some() {
         return e;
     }
@@ -24,7 +24,7 @@ fn reach(e: anyhow::Error, url: &str) -> anyhow::Error {
 ///
 /// # Errors
 /// Connection or API errors, naming the server.
-pub fn plan(pol: &Policy, today: Date, kube: &KubeTarget) -> anyhow::Result<Plan> {
+pub fn plan(pol: &Policy, today: Date, kube: &KubeTarget) -> crate::error::Result<Plan> {
     crate::util::runtime()?.block_on(async { Ok(connect_and_plan(pol, today, kube).await?.1) })
 }
 
@@ -34,7 +34,7 @@ async fn connect_and_plan(
     pol: &Policy,
     today: Date,
     kube: &KubeTarget,
-) -> anyhow::Result<(kube::Client, Plan)> {
+) -> crate::error::Result<(kube::Client, Plan)> {
     let objects = super::render::render(pol, today);
     let (c, url) = kube.connect().await?;
     let plan = cluster::plan(&c, &objects, &pol.settings.name)
@@ -65,11 +65,11 @@ pub fn apply_recorded(
     kube: &KubeTarget,
     allow_data_loss: bool,
     audit: &AuditEntry<'_>,
-) -> anyhow::Result<(Plan, Vec<Done>)> {
+) -> crate::error::Result<(Plan, Vec<Done>)> {
     let (plan, applied) = crate::util::runtime()?.block_on(async {
         let (c, plan) = connect_and_plan(pol, today, kube).await?;
         let applied = cluster::apply(&c, &plan, allow_data_loss).await?;
-        Ok::<_, anyhow::Error>((plan, applied))
+        Ok::<_, crate::error::Error>((plan, applied))
     })?;
     let cluster::Applied { done, failed } = applied;
     // What was applied is recorded also when a later step failed, with the
@@ -123,7 +123,7 @@ pub fn import_bindings(
     today: Date,
     kube: &KubeTarget,
     dry_run: bool,
-) -> anyhow::Result<Vec<Found>> {
+) -> crate::error::Result<Vec<Found>> {
     let names: Vec<String> = pol.profiles.keys().cloned().collect();
     let found = crate::util::runtime()?.block_on(async {
         let (c, url) = kube.connect().await?;

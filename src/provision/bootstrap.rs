@@ -20,7 +20,7 @@ pub fn new_token() -> String {
     format!("{}.{}", pick(6), pick(16))
 }
 
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+fn write_private(path: &Path, text: &str) -> crate::error::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -32,7 +32,7 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ip(vm: &Vm) -> anyhow::Result<&str> {
+fn ip(vm: &Vm) -> crate::error::Result<&str> {
     vm.ip.as_deref().ok_or_else(|| {
         LabError::usage(format!(
             "{}: the bootstrap needs a static ipconfig.ip (it has none, or dhcp)",
@@ -48,7 +48,7 @@ fn ip(vm: &Vm) -> anyhow::Result<&str> {
 /// # Errors
 /// A usage error without a `kubernetes:` section or static IPs; a refusal
 /// when a file exists.
-pub fn render(p: &Platform, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub fn render(p: &Platform, dir: &Path) -> crate::error::Result<Vec<PathBuf>> {
     let k = p.kubernetes.as_ref().ok_or_else(|| {
         LabError::usage(format!(
             "{}: add a kubernetes: section (pod_cidr, service_cidr, cri_socket) to render the bootstrap",
@@ -137,7 +137,7 @@ nodeRegistration:
         "# Ansible inventory rendered by labctl from {}\n[control_plane]\n",
         p.path.display()
     );
-    let line = |v: &Vm| -> anyhow::Result<String> {
+    let line = |v: &Vm| -> crate::error::Result<String> {
         Ok(format!(
             "{} ansible_host={} ansible_user={} pve_node={} vmid={}\n",
             v.name,

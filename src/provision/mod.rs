@@ -111,7 +111,7 @@ impl Plan {
 ///
 /// # Errors
 /// The last endpoint's error.
-pub async fn connect(p: &Platform) -> anyhow::Result<Client> {
+pub async fn connect(p: &Platform) -> crate::error::Result<Client> {
     let token = p.token()?;
     let mut last = None;
     for e in &p.endpoints {
@@ -452,7 +452,7 @@ async fn plan_existing(c: &Client, vm: &Vm, live: &LiveVm) -> Result<Step, PveEr
 ///
 /// # Errors
 /// PVE errors.
-pub async fn plan(c: &Client, p: &Platform) -> anyhow::Result<Plan> {
+pub async fn plan(c: &Client, p: &Platform) -> crate::error::Result<Plan> {
     let live = live_vms(c).await.map_err(PveError::into_lab)?;
     let mut steps = vec![];
     for vm in &p.vms {
@@ -535,14 +535,14 @@ pub fn apply_recorded(
     records: &std::path::Path,
     quiet: bool,
     on_plan: impl FnOnce(&Plan),
-) -> anyhow::Result<(Plan, Vec<Applied>)> {
+) -> crate::error::Result<(Plan, Vec<Applied>)> {
     let _lock = crate::records::provision::lock(records)?;
     let (plan, applied) = crate::util::runtime()?.block_on(async {
         let c = connect(pf).await?;
         let plan = plan(&c, pf).await?;
         on_plan(&plan);
         let applied = apply(&c, pf, &plan, quiet).await;
-        Ok::<_, anyhow::Error>((plan, applied))
+        Ok::<_, crate::error::Error>((plan, applied))
     })?;
     let rows: Vec<_> = applied.iter().map(Applied::record).collect();
     crate::records::provision::record(records, &pf.path, &rows)?;
@@ -559,7 +559,7 @@ pub fn destroy_recorded(
     records: &std::path::Path,
     name: &str,
     quiet: bool,
-) -> anyhow::Result<LiveVm> {
+) -> crate::error::Result<LiveVm> {
     let _lock = crate::records::provision::lock(records)?;
     let gone = crate::util::runtime()?.block_on(async {
         let c = connect(pf).await?;
@@ -907,7 +907,12 @@ pub async fn apply(c: &Client, p: &Platform, plan: &Plan, quiet: bool) -> Vec<Ap
 ///
 /// # Errors
 /// A refusal for VMs without the managed tag; PVE errors.
-pub async fn destroy(c: &Client, p: &Platform, name: &str, quiet: bool) -> anyhow::Result<LiveVm> {
+pub async fn destroy(
+    c: &Client,
+    p: &Platform,
+    name: &str,
+    quiet: bool,
+) -> crate::error::Result<LiveVm> {
     let live = live_vms(c).await.map_err(PveError::into_lab)?;
     let declared = p.vms.iter().find(|v| v.name == name).map(|v| v.vmid);
     let target = live

@@ -225,7 +225,7 @@ impl Platform {
     /// # Errors
     /// A key error for a missing or too-open secret file, a usage error for
     /// an unset variable.
-    pub fn token(&self) -> anyhow::Result<Token> {
+    pub fn token(&self) -> crate::error::Result<Token> {
         let secret = if let Some(p) = &self.token_secret_file {
             let meta = std::fs::metadata(p).map_err(|e| {
                 LabError::key(format!("PVE token secret file {}: {e}", p.display()))
@@ -291,7 +291,7 @@ fn valid_cidr(s: &str) -> bool {
 ///
 /// # Errors
 /// A usage error `file:line:col: field: why`.
-pub fn load(path: &Path) -> anyhow::Result<Platform> {
+pub fn load(path: &Path) -> crate::error::Result<Platform> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         LabError::usage(format!("cannot read platform file {}: {e}", path.display()))
     })?;
@@ -302,7 +302,7 @@ pub fn load(path: &Path) -> anyhow::Result<Platform> {
 ///
 /// # Errors
 /// As [`load`].
-pub fn parse(text: &str, path: &Path) -> anyhow::Result<Platform> {
+pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
     let file = path.display().to_string();
     let de = serde_norway::Deserializer::from_str(text);
     let raw: PlatformFile = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -312,7 +312,7 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Platform> {
         let msg = crate::util::located::yaml_message(&inner);
         crate::util::located::error(&file, line, Some(col), &field, msg)
     })?;
-    let err = |line: usize, field: &str, why: String| -> anyhow::Error {
+    let err = |line: usize, field: &str, why: String| -> crate::error::Error {
         crate::util::located::error(&file, line, None, field, why).into()
     };
     let mut warnings = vec![];

@@ -84,9 +84,9 @@ impl PveError {
         }
     }
     /// As a classified error for the CLI's exit code.
-    pub fn into_lab(self) -> anyhow::Error {
+    pub fn into_lab(self) -> crate::error::Error {
         let code = self.exit_code();
-        anyhow::Error::new(crate::error::LabError::new(code, self.to_string()))
+        crate::error::LabError::new(code, self.to_string()).into()
     }
 }
 
@@ -178,7 +178,7 @@ impl Client {
     ///
     /// # Errors
     /// A usage error for an unreadable CA file.
-    pub fn new(endpoint: &str, token: &Token, opts: Options) -> anyhow::Result<Client> {
+    pub fn new(endpoint: &str, token: &Token, opts: Options) -> crate::error::Result<Client> {
         let mut b = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .connect_timeout(Duration::from_secs(10))
@@ -502,7 +502,7 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
     }
 }
 
-fn pinned_tls(fp: Vec<u8>) -> anyhow::Result<rustls::ClientConfig> {
+fn pinned_tls(fp: Vec<u8>) -> crate::error::Result<rustls::ClientConfig> {
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?

@@ -27,7 +27,7 @@ impl JobHistory {
     ///
     /// # Errors
     /// When the file cannot be opened.
-    pub fn open(path: &Path) -> anyhow::Result<JobHistory> {
+    pub fn open(path: &Path) -> crate::error::Result<JobHistory> {
         crate::util::sqlite::private_file(path)?;
         let conn = Connection::open(path)
             .with_context(|| format!("opening job history {}", path.display()))?;
@@ -44,7 +44,7 @@ impl JobHistory {
         trigger: &str,
         scheduled_ms: Option<i64>,
         started_ms: i64,
-    ) -> anyhow::Result<i64> {
+    ) -> crate::error::Result<i64> {
         self.conn.execute(
             "INSERT INTO job_runs(job,trigger,scheduled_ms,started_ms,outcome) VALUES(?1,?2,?3,?4,'running')",
             params![job, trigger, scheduled_ms, started_ms],
@@ -53,7 +53,7 @@ impl JobHistory {
     }
 
     /// Records how a job run ended.
-    pub fn job_run_finish(&self, id: i64, r: &JobRun) -> anyhow::Result<()> {
+    pub fn job_run_finish(&self, id: i64, r: &JobRun) -> crate::error::Result<()> {
         self.conn.execute(
             "UPDATE job_runs SET finished_ms=?2, outcome=?3, attempts=?4, bytes_read=?5, bytes_added=?6,
              snapshots=?7, error=?8 WHERE id=?1",
@@ -72,7 +72,7 @@ impl JobHistory {
     }
 
     /// Marks `running` rows of `job` as `interrupted` (their process died).
-    pub fn job_runs_interrupted(&self, job: &str, now_ms: i64) -> anyhow::Result<usize> {
+    pub fn job_runs_interrupted(&self, job: &str, now_ms: i64) -> crate::error::Result<usize> {
         Ok(self.conn.execute(
             "UPDATE job_runs SET outcome='interrupted', finished_ms=?2,
              error='the process running it stopped before it finished' WHERE job=?1 AND outcome='running'",
@@ -80,7 +80,11 @@ impl JobHistory {
         )?)
     }
 
-    fn job_rows(&self, sql: &str, args: impl rusqlite::Params) -> anyhow::Result<Vec<JobRun>> {
+    fn job_rows(
+        &self,
+        sql: &str,
+        args: impl rusqlite::Params,
+    ) -> crate::error::Result<Vec<JobRun>> {
         let mut st = self.conn.prepare_cached(sql)?;
         let rows = st.query_map(args, |r| {
             let snaps: String = r.get(10)?;
@@ -107,7 +111,7 @@ impl JobHistory {
     }
 
     /// The newest runs of a job (all jobs with `None`), newest first.
-    pub fn job_runs(&self, job: Option<&str>, limit: usize) -> anyhow::Result<Vec<JobRun>> {
+    pub fn job_runs(&self, job: Option<&str>, limit: usize) -> crate::error::Result<Vec<JobRun>> {
         const COLS: &str = "id,job,trigger,scheduled_ms,started_ms,finished_ms,outcome,attempts,bytes_read,bytes_added,snapshots,error";
         match job {
             Some(j) => self.job_rows(
@@ -122,7 +126,11 @@ impl JobHistory {
     }
 
     /// The newest finished run of a job with one of `outcomes`.
-    pub fn job_last_with(&self, job: &str, outcomes: &[Outcome]) -> anyhow::Result<Option<JobRun>> {
+    pub fn job_last_with(
+        &self,
+        job: &str,
+        outcomes: &[Outcome],
+    ) -> crate::error::Result<Option<JobRun>> {
         const COLS: &str = "id,job,trigger,scheduled_ms,started_ms,finished_ms,outcome,attempts,bytes_read,bytes_added,snapshots,error";
         let list = outcomes
             .iter()
@@ -138,7 +146,7 @@ impl JobHistory {
     }
 
     /// The latest scheduled time the daemon handled for a job (ran or skipped).
-    pub fn job_last_scheduled(&self, job: &str) -> anyhow::Result<Option<i64>> {
+    pub fn job_last_scheduled(&self, job: &str) -> crate::error::Result<Option<i64>> {
         Ok(self.conn.query_row(
             "SELECT MAX(scheduled_ms) FROM job_runs WHERE job=?1",
             [job],
@@ -147,7 +155,7 @@ impl JobHistory {
     }
 
     /// Keeps only the newest `keep` runs of a job.
-    pub fn job_runs_trim(&self, job: &str, keep: usize) -> anyhow::Result<()> {
+    pub fn job_runs_trim(&self, job: &str, keep: usize) -> crate::error::Result<()> {
         self.conn.execute(
             "DELETE FROM job_runs WHERE job=?1 AND id < (SELECT MIN(id) FROM
              (SELECT id FROM job_runs WHERE job=?1 ORDER BY id DESC LIMIT ?2))",
@@ -157,7 +165,7 @@ impl JobHistory {
     }
 
     /// How many runs of a job ended with each outcome.
-    pub fn job_outcome_counts(&self, job: &str) -> anyhow::Result<Vec<(Outcome, u64)>> {
+    pub fn job_outcome_counts(&self, job: &str) -> crate::error::Result<Vec<(Outcome, u64)>> {
         let mut st = self.conn.prepare_cached(
             "SELECT outcome, COUNT(*) FROM job_runs WHERE job=?1 AND outcome<>'running' GROUP BY outcome",
         )?;

@@ -55,7 +55,7 @@ pub fn local_user() -> String {
         .unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }))
 }
 
-fn last(path: &Path) -> anyhow::Result<(u64, String)> {
+fn last(path: &Path) -> crate::error::Result<(u64, String)> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, GENESIS.into())),
@@ -88,7 +88,7 @@ pub fn record(
     reason: Option<&str>,
     policies: &Path,
     changes: Value,
-) -> anyhow::Result<Value> {
+) -> crate::error::Result<Value> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
@@ -132,7 +132,7 @@ pub fn record(
 ///
 /// # Errors
 /// An integrity error naming the first line that does not fit.
-pub fn verify(path: &Path) -> anyhow::Result<u64> {
+pub fn verify(path: &Path) -> crate::error::Result<u64> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| LabError::usage(format!("{}: {e}", path.display())))?;
     let mut prev = GENESIS.to_string();
@@ -141,7 +141,7 @@ pub fn verify(path: &Path) -> anyhow::Result<u64> {
         if line.trim().is_empty() {
             continue;
         }
-        let bad = |why: String| -> anyhow::Error {
+        let bad = |why: String| -> crate::error::Error {
             LabError::integrity(format!(
                 "{}:{}: {why}: the audit trail was altered at or before this entry",
                 path.display(),

@@ -18,7 +18,7 @@ pub struct AppliedVm {
     pub error: Option<String>,
 }
 
-fn open(path: &Path) -> anyhow::Result<Connection> {
+fn open(path: &Path) -> crate::error::Result<Connection> {
     crate::util::sqlite::private_file(path)?;
     let c = Connection::open(path)?;
     c.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -41,7 +41,11 @@ fn user() -> String {
 ///
 /// # Errors
 /// SQLite errors.
-pub fn record(path: &Path, platform_file: &Path, applied: &[AppliedVm]) -> anyhow::Result<()> {
+pub fn record(
+    path: &Path,
+    platform_file: &Path,
+    applied: &[AppliedVm],
+) -> crate::error::Result<()> {
     let c = open(path)?;
     let now = crate::util::now_rfc3339();
     let host = gethostname::gethostname().to_string_lossy().to_string();
@@ -70,7 +74,7 @@ pub fn record(path: &Path, platform_file: &Path, applied: &[AppliedVm]) -> anyho
 ///
 /// # Errors
 /// SQLite errors.
-pub fn last_per_vm(path: &Path) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
+pub fn last_per_vm(path: &Path) -> crate::error::Result<BTreeMap<String, serde_json::Value>> {
     let c = open(path)?;
     let mut st = c.prepare(
         "SELECT vm, vmid, time, user, host, action, changes, ok, error FROM applied
@@ -100,7 +104,7 @@ pub fn last_per_vm(path: &Path) -> anyhow::Result<BTreeMap<String, serde_json::V
 ///
 /// # Errors
 /// A refusal when another one runs.
-pub fn lock(db: &Path) -> anyhow::Result<std::fs::File> {
+pub fn lock(db: &Path) -> crate::error::Result<std::fs::File> {
     let path = db.with_extension("lock");
     let Some(f) = crate::util::lock::try_exclusive(&path)? else {
         return Err(crate::error::LabError::refused(format!(

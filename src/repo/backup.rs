@@ -269,15 +269,15 @@ impl Uploader {
         }
     }
 
-    fn check_failure(&self) -> anyhow::Result<()> {
+    fn check_failure(&self) -> crate::error::Result<()> {
         if let Some(e) = self.failure.lock().unwrap().take() {
-            return Err(e);
+            return Err(e.into());
         }
         Ok(())
     }
 
     /// Closes the queues and waits for every pack to be written.
-    fn finish(&mut self) -> anyhow::Result<()> {
+    fn finish(&mut self) -> crate::error::Result<()> {
         self.jobs = None;
         for t in self.threads.drain(..) {
             t.join()
@@ -321,7 +321,11 @@ impl<'r> BackupRun<'r> {
     ///
     /// # Errors
     /// Storage or key errors while listing or reading pack trailers.
-    pub fn start(repo: &'r Repository, threads: usize, progress: Progress) -> anyhow::Result<Self> {
+    pub fn start(
+        repo: &'r Repository,
+        threads: usize,
+        progress: Progress,
+    ) -> crate::error::Result<Self> {
         adopt_orphan_packs(repo)?;
         Ok(BackupRun {
             repo,
@@ -358,7 +362,7 @@ impl<'r> BackupRun<'r> {
     ///
     /// # Errors
     /// Catalog errors.
-    pub fn use_file_cache(&mut self, source: &str) -> anyhow::Result<()> {
+    pub fn use_file_cache(&mut self, source: &str) -> crate::error::Result<()> {
         let cat = &self.repo.catalog;
         let run_id: i64 = cat
             .get_meta("last-run")?
@@ -375,7 +379,10 @@ impl<'r> BackupRun<'r> {
     ///
     /// # Errors
     /// Catalog errors.
-    pub fn cached_file(&self, rel: &[u8]) -> anyhow::Result<Option<(FileFacts, Vec<ContentRef>)>> {
+    pub fn cached_file(
+        &self,
+        rel: &[u8],
+    ) -> crate::error::Result<Option<(FileFacts, Vec<ContentRef>)>> {
         let Some((source, _)) = &self.file_cache else {
             return Ok(None);
         };
@@ -397,7 +404,7 @@ impl<'r> BackupRun<'r> {
         rel: &[u8],
         content: &[ContentRef],
         size: u64,
-    ) -> anyhow::Result<bool> {
+    ) -> crate::error::Result<bool> {
         for c in content {
             if let ContentRef::Chunk(id) = c {
                 if !self.pending.contains(id) && !self.catalog().has_blob(id)? {
@@ -428,7 +435,7 @@ impl<'r> BackupRun<'r> {
         rel: &[u8],
         facts: &FileFacts,
         content: &[ContentRef],
-    ) -> anyhow::Result<()> {
+    ) -> crate::error::Result<()> {
         let Some((source, run_id)) = self.file_cache.clone() else {
             return Ok(());
         };
@@ -441,7 +448,7 @@ impl<'r> BackupRun<'r> {
     ///
     /// # Errors
     /// [`crate::error::Cancelled`].
-    pub fn check_cancel(&self) -> anyhow::Result<()> {
+    pub fn check_cancel(&self) -> crate::error::Result<()> {
         if let Some(c) = &self.cancel {
             c.check()?;
         }
@@ -452,7 +459,7 @@ impl<'r> BackupRun<'r> {
         &self.repo.catalog
     }
 
-    fn tx_begin(&mut self) -> anyhow::Result<()> {
+    fn tx_begin(&mut self) -> crate::error::Result<()> {
         if !self.in_tx {
             self.repo.catalog.begin()?;
             self.in_tx = true;
@@ -460,7 +467,7 @@ impl<'r> BackupRun<'r> {
         Ok(())
     }
 
-    fn tx_commit(&mut self) -> anyhow::Result<()> {
+    fn tx_commit(&mut self) -> crate::error::Result<()> {
         if self.in_tx {
             self.repo.catalog.commit()?;
             self.in_tx = false;
@@ -470,7 +477,7 @@ impl<'r> BackupRun<'r> {
     }
 
     /// Counts one catalog write in the current batch, committing full batches.
-    fn tx_op(&mut self) -> anyhow::Result<()> {
+    fn tx_op(&mut self) -> crate::error::Result<()> {
         self.tx_begin()?;
         self.tx_ops += 1;
         if self.tx_ops >= TX_OPS {
@@ -480,7 +487,7 @@ impl<'r> BackupRun<'r> {
     }
 
     /// Records packs the packer has written.
-    fn collect_done(&mut self) -> anyhow::Result<()> {
+    fn collect_done(&mut self) -> crate::error::Result<()> {
         let mut got = false;
         while let Ok(done) = self.up.done.try_recv() {
             if !got {
@@ -513,7 +520,7 @@ impl<'r> BackupRun<'r> {
 
     /// Writes an index fragment for the packs written so far (and any
     /// unindexed ones adopted at start).
-    fn write_index(&mut self) -> anyhow::Result<()> {
+    fn write_index(&mut self) -> crate::error::Result<()> {
         let mut packs = std::mem::take(&mut self.written);
         let listed: HashSet<Id> = packs.iter().map(|p| p.id).collect();
         for (id, size) in self.catalog().unindexed_packs()? {
@@ -546,7 +553,12 @@ impl<'r> BackupRun<'r> {
     ///
     /// # Errors
     /// A failure of the packer (storage) or the catalog.
-    pub fn add_chunk(&mut self, kind: BlobKind, data: Vec<u8>, level: i32) -> anyhow::Result<Id> {
+    pub fn add_chunk(
+        &mut self,
+        kind: BlobKind,
+        data: Vec<u8>,
+        level: i32,
+    ) -> crate::error::Result<Id> {
         let id = crypto::chunk_id(&self.repo.keys.dedup_key, &data);
         self.referenced.insert(id);
         self.collect_done()?;
@@ -567,7 +579,7 @@ impl<'r> BackupRun<'r> {
             .is_err()
         {
             self.up.check_failure()?;
-            anyhow::bail!("backup workers stopped unexpectedly");
+            crate::error::bail!("backup workers stopped unexpectedly");
         }
         Ok(id)
     }
@@ -581,7 +593,7 @@ impl<'r> BackupRun<'r> {
         reader: impl Read,
         kind: ChunkerKind,
         what: &str,
-    ) -> anyhow::Result<Vec<ContentRef>> {
+    ) -> crate::error::Result<Vec<ContentRef>> {
         let buf = std::mem::take(&mut self.chunk_buf);
         let mut chunker =
             Chunker::with_buffer(reader, kind, &self.repo.cdc, &self.repo.config.chunker, buf);
@@ -629,7 +641,7 @@ impl<'r> BackupRun<'r> {
     ///
     /// # Errors
     /// Storage or catalog errors.
-    pub fn add_tree(&mut self, tree: &Tree) -> anyhow::Result<Vec<Id>> {
+    pub fn add_tree(&mut self, tree: &Tree) -> crate::error::Result<Vec<Id>> {
         let json = serde_json::to_vec(tree)?;
         let mut chunker = Chunker::new(
             &json[..],
@@ -657,7 +669,7 @@ impl<'r> BackupRun<'r> {
         root: Vec<Id>,
         opts: &BackupOptions,
         started: Instant,
-    ) -> anyhow::Result<BackupOutcome> {
+    ) -> crate::error::Result<BackupOutcome> {
         // A cancelled run never commits a snapshot.
         self.check_cancel()?;
         if let Some((source, run_id)) = &self.file_cache {
@@ -668,7 +680,7 @@ impl<'r> BackupRun<'r> {
         self.write_index()?;
         self.tx_commit()?;
         if let Some(id) = self.pending.iter().next() {
-            anyhow::bail!(
+            crate::error::bail!(
                 "internal error: chunk {} was queued but never written",
                 id.short()
             );
@@ -713,11 +725,15 @@ impl std::fmt::Display for SourceError {
 impl std::error::Error for SourceError {}
 
 trait ContextObj<T> {
-    fn context_obj(self, what: &str, id: &Id) -> anyhow::Result<T>;
+    fn context_obj(self, what: &str, id: &Id) -> crate::error::Result<T>;
 }
 impl<T, E: std::error::Error + Send + Sync + 'static> ContextObj<T> for Result<T, E> {
-    fn context_obj(self, what: &str, id: &Id) -> anyhow::Result<T> {
-        self.map_err(|e| anyhow::Error::new(e).context(format!("{what} {}", id.short())))
+    fn context_obj(self, what: &str, id: &Id) -> crate::error::Result<T> {
+        self.map_err(|e| {
+            anyhow::Error::new(e)
+                .context(format!("{what} {}", id.short()))
+                .into()
+        })
     }
 }
 
@@ -727,7 +743,7 @@ impl<T, E: std::error::Error + Send + Sync + 'static> ContextObj<T> for Result<T
 /// # Errors
 /// Storage or key errors; a pack whose trailer is unreadable is skipped
 /// (check reports it).
-pub fn adopt_orphan_packs(repo: &Repository) -> anyhow::Result<usize> {
+pub fn adopt_orphan_packs(repo: &Repository) -> crate::error::Result<usize> {
     adopt_listed_packs(repo, &repo.list_packs()?)
 }
 
@@ -739,7 +755,7 @@ pub fn adopt_orphan_packs(repo: &Repository) -> anyhow::Result<usize> {
 pub fn adopt_listed_packs(
     repo: &Repository,
     listed: &std::collections::HashMap<Id, u64>,
-) -> anyhow::Result<usize> {
+) -> crate::error::Result<usize> {
     let cat = &repo.catalog;
     let mut orphans = vec![];
     for (id, size) in listed {
@@ -766,7 +782,11 @@ pub fn adopt_listed_packs(
 ///
 /// # Errors
 /// Storage, key or integrity errors naming the pack.
-pub fn read_pack_trailer(repo: &Repository, id: &Id, size: u64) -> anyhow::Result<Vec<PackEntry>> {
+pub fn read_pack_trailer(
+    repo: &Repository,
+    id: &Id,
+    size: u64,
+) -> crate::error::Result<Vec<PackEntry>> {
     let name = format::pack_name(id);
     let mut want = size.min(64 * 1024);
     loop {

@@ -104,7 +104,7 @@ impl Catalog {
     ///
     /// # Errors
     /// When the file cannot be opened or has a newer schema.
-    pub fn open(path: &Path) -> anyhow::Result<Catalog> {
+    pub fn open(path: &Path) -> crate::error::Result<Catalog> {
         crate::util::sqlite::private_file(path)?;
         let conn = Connection::open(path)
             .with_context(|| format!("opening catalog {}", path.display()))?;
@@ -151,11 +151,11 @@ impl Catalog {
         &self.path
     }
 
-    pub fn begin(&self) -> anyhow::Result<()> {
+    pub fn begin(&self) -> crate::error::Result<()> {
         self.conn.execute_batch("BEGIN")?;
         Ok(())
     }
-    pub fn commit(&self) -> anyhow::Result<()> {
+    pub fn commit(&self) -> crate::error::Result<()> {
         self.conn.execute_batch("COMMIT")?;
         Ok(())
     }
@@ -167,7 +167,10 @@ impl Catalog {
     ///
     /// # Errors
     /// `f`'s error, or SQLite's.
-    pub fn atomically<T>(&self, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    pub fn atomically<T>(
+        &self,
+        f: impl FnOnce() -> crate::error::Result<T>,
+    ) -> crate::error::Result<T> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         match f() {
             Ok(v) => {
@@ -181,13 +184,13 @@ impl Catalog {
         }
     }
 
-    pub fn get_meta(&self, key: &str) -> anyhow::Result<Option<String>> {
+    pub fn get_meta(&self, key: &str) -> crate::error::Result<Option<String>> {
         Ok(self
             .conn
             .query_row("SELECT value FROM meta WHERE key=?1", [key], |r| r.get(0))
             .optional()?)
     }
-    pub fn set_meta(&self, key: &str, value: &str) -> anyhow::Result<()> {
+    pub fn set_meta(&self, key: &str, value: &str) -> crate::error::Result<()> {
         self.conn.execute(
             "INSERT OR REPLACE INTO meta(key,value) VALUES(?1,?2)",
             params![key, value],
@@ -202,7 +205,7 @@ impl Catalog {
         size: u64,
         index_id: Option<&Id>,
         entries: &[PackEntry],
-    ) -> anyhow::Result<()> {
+    ) -> crate::error::Result<()> {
         self.conn.execute(
             "INSERT INTO packs(id,size,index_id) VALUES(?1,?2,?3)
              ON CONFLICT(id) DO UPDATE SET index_id=COALESCE(excluded.index_id, packs.index_id)",
@@ -226,7 +229,7 @@ impl Catalog {
 
     /// Whether a blob is stored in a pack that is not marked for deletion
     /// (backups deduplicate only against those).
-    pub fn has_blob(&self, id: &Id) -> anyhow::Result<bool> {
+    pub fn has_blob(&self, id: &Id) -> crate::error::Result<bool> {
         let mut st = self.conn.prepare_cached(
             "SELECT 1 FROM blobs WHERE id=?1 AND pack NOT IN (SELECT id FROM marked_packs)",
         )?;
@@ -235,7 +238,7 @@ impl Catalog {
 
     /// A stored copy of a blob, one in a pack not marked for deletion when
     /// there is one (restores look up every chunk: one row, no list).
-    pub fn blob(&self, id: &Id) -> anyhow::Result<Option<BlobLocation>> {
+    pub fn blob(&self, id: &Id) -> crate::error::Result<Option<BlobLocation>> {
         let mut st = self.conn.prepare_cached(
             "SELECT pack,kind,offset,length,raw_len FROM blobs WHERE id=?1
              ORDER BY pack IN (SELECT id FROM marked_packs), pack LIMIT 1",
@@ -247,7 +250,7 @@ impl Catalog {
 
     /// Every stored copy of a blob, those in packs not marked for deletion
     /// first (directory listings have two, see [`crate::repo::TREE_COPIES`]).
-    pub fn blob_locations(&self, id: &Id) -> anyhow::Result<Vec<BlobLocation>> {
+    pub fn blob_locations(&self, id: &Id) -> crate::error::Result<Vec<BlobLocation>> {
         let mut st = self.conn.prepare_cached(
             "SELECT pack,kind,offset,length,raw_len FROM blobs WHERE id=?1
              ORDER BY pack IN (SELECT id FROM marked_packs), pack",
@@ -257,7 +260,7 @@ impl Catalog {
     }
 
     /// All packs: (id, size, indexed?).
-    pub fn packs(&self) -> anyhow::Result<Vec<(Id, u64, bool)>> {
+    pub fn packs(&self) -> crate::error::Result<Vec<(Id, u64, bool)>> {
         let mut st = self
             .conn
             .prepare("SELECT id,size,index_id IS NOT NULL FROM packs")?;
@@ -271,7 +274,7 @@ impl Catalog {
     ///
     /// # Errors
     /// Database errors.
-    pub fn pack_size(&self, id: &Id) -> anyhow::Result<Option<u64>> {
+    pub fn pack_size(&self, id: &Id) -> crate::error::Result<Option<u64>> {
         let mut st = self
             .conn
             .prepare_cached("SELECT size FROM packs WHERE id=?1")?;
@@ -282,7 +285,7 @@ impl Catalog {
         })
     }
 
-    pub fn has_pack(&self, id: &Id) -> anyhow::Result<bool> {
+    pub fn has_pack(&self, id: &Id) -> crate::error::Result<bool> {
         let mut st = self
             .conn
             .prepare_cached("SELECT 1 FROM packs WHERE id=?1")?;
@@ -290,7 +293,7 @@ impl Catalog {
     }
 
     /// Blobs stored in one pack.
-    pub fn pack_entries(&self, pack: &Id) -> anyhow::Result<Vec<PackEntry>> {
+    pub fn pack_entries(&self, pack: &Id) -> crate::error::Result<Vec<PackEntry>> {
         let mut st = self.conn.prepare_cached(
             "SELECT id,kind,offset,length,raw_len FROM blobs WHERE pack=?1 ORDER BY offset",
         )?;
@@ -308,7 +311,7 @@ impl Catalog {
     }
 
     /// Packs not yet listed in any index fragment.
-    pub fn unindexed_packs(&self) -> anyhow::Result<Vec<(Id, u64)>> {
+    pub fn unindexed_packs(&self) -> crate::error::Result<Vec<(Id, u64)>> {
         let mut st = self
             .conn
             .prepare("SELECT id,size FROM packs WHERE index_id IS NULL")?;
@@ -316,7 +319,7 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn mark_indexed(&self, packs: &[Id], index_id: &Id) -> anyhow::Result<()> {
+    pub fn mark_indexed(&self, packs: &[Id], index_id: &Id) -> crate::error::Result<()> {
         let mut st = self
             .conn
             .prepare_cached("UPDATE packs SET index_id=?1 WHERE id=?2")?;
@@ -327,7 +330,7 @@ impl Catalog {
     }
 
     /// Runs `sql` (one `?1` parameter) once per id.
-    fn each_id(&self, sql: &str, ids: &[Id]) -> anyhow::Result<()> {
+    fn each_id(&self, sql: &str, ids: &[Id]) -> crate::error::Result<()> {
         let mut st = self.conn.prepare_cached(sql)?;
         for id in ids {
             st.execute([&id.0[..]])?;
@@ -336,45 +339,45 @@ impl Catalog {
     }
 
     /// Marks packs as listed by no index fragment (a prune is deleting them).
-    pub fn mark_unindexed(&self, packs: &[Id]) -> anyhow::Result<()> {
+    pub fn mark_unindexed(&self, packs: &[Id]) -> crate::error::Result<()> {
         self.each_id("UPDATE packs SET index_id=NULL WHERE id=?1", packs)
     }
 
-    pub fn has_index_file(&self, id: &Id) -> anyhow::Result<bool> {
+    pub fn has_index_file(&self, id: &Id) -> crate::error::Result<bool> {
         Ok(self
             .conn
             .prepare_cached("SELECT 1 FROM index_files WHERE id=?1")?
             .exists([&id.0[..]])?)
     }
-    pub fn add_index_file(&self, id: &Id) -> anyhow::Result<()> {
+    pub fn add_index_file(&self, id: &Id) -> crate::error::Result<()> {
         self.conn.execute(
             "INSERT OR IGNORE INTO index_files(id) VALUES(?1)",
             [&id.0[..]],
         )?;
         Ok(())
     }
-    pub fn index_files(&self) -> anyhow::Result<Vec<Id>> {
+    pub fn index_files(&self) -> crate::error::Result<Vec<Id>> {
         let mut st = self.conn.prepare("SELECT id FROM index_files")?;
         let rows = st.query_map([], |r| Ok(id_of(r.get(0)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Forgets the whole index working copy (before reloading it).
-    pub fn clear_index(&self) -> anyhow::Result<()> {
+    pub fn clear_index(&self) -> crate::error::Result<()> {
         self.conn.execute_batch(
             "DELETE FROM blobs; DELETE FROM packs; DELETE FROM index_files; DELETE FROM damaged_index;",
         )?;
         Ok(())
     }
 
-    pub fn remove_index_file(&self, id: &Id) -> anyhow::Result<()> {
+    pub fn remove_index_file(&self, id: &Id) -> crate::error::Result<()> {
         self.conn
             .execute("DELETE FROM index_files WHERE id=?1", [&id.0[..]])?;
         Ok(())
     }
 
     /// Forgets packs (after prune deleted them).
-    pub fn remove_packs(&self, packs: &[Id]) -> anyhow::Result<()> {
+    pub fn remove_packs(&self, packs: &[Id]) -> crate::error::Result<()> {
         self.begin()?;
         for p in packs {
             self.conn
@@ -386,7 +389,7 @@ impl Catalog {
     }
 
     /// Packs whose (first) index fragment is one of `files`, with sizes.
-    pub fn packs_in_index_files(&self, files: &[Id]) -> anyhow::Result<Vec<(Id, u64)>> {
+    pub fn packs_in_index_files(&self, files: &[Id]) -> crate::error::Result<Vec<(Id, u64)>> {
         let set: std::collections::HashSet<Id> = files.iter().copied().collect();
         let mut st = self
             .conn
@@ -418,7 +421,7 @@ impl Catalog {
         &self,
         ids: &[String],
         now: i64,
-    ) -> anyhow::Result<std::collections::HashMap<String, i64>> {
+    ) -> crate::error::Result<std::collections::HashMap<String, i64>> {
         self.note_seen("upload:", ids, now)
     }
 
@@ -428,7 +431,7 @@ impl Catalog {
         &self,
         packs: &[Id],
         now: i64,
-    ) -> anyhow::Result<std::collections::HashMap<Id, i64>> {
+    ) -> crate::error::Result<std::collections::HashMap<Id, i64>> {
         let ids: Vec<String> = packs.iter().map(|p| p.hex()).collect();
         let seen = self.note_seen("orphan:", &ids, now)?;
         Ok(seen
@@ -444,7 +447,7 @@ impl Catalog {
         prefix: &str,
         ids: &[String],
         now: i64,
-    ) -> anyhow::Result<std::collections::HashMap<String, i64>> {
+    ) -> crate::error::Result<std::collections::HashMap<String, i64>> {
         self.begin()?;
         let mut seen = std::collections::HashMap::new();
         for id in ids {
@@ -480,7 +483,7 @@ impl Catalog {
         Ok(seen)
     }
 
-    pub fn set_marks(&self, packs: &[Id]) -> anyhow::Result<()> {
+    pub fn set_marks(&self, packs: &[Id]) -> crate::error::Result<()> {
         self.begin()?;
         self.conn.execute("DELETE FROM marked_packs", [])?;
         for p in packs {
@@ -492,14 +495,14 @@ impl Catalog {
         self.commit()
     }
 
-    pub fn pack_blob_count(&self, pack: &Id) -> anyhow::Result<usize> {
+    pub fn pack_blob_count(&self, pack: &Id) -> crate::error::Result<usize> {
         Ok(self
             .conn
             .prepare_cached("SELECT COUNT(*) FROM blobs WHERE pack=?1")?
             .query_row([&pack.0[..]], |r| r.get::<_, i64>(0))? as usize)
     }
 
-    pub fn is_marked(&self, pack: &Id) -> anyhow::Result<bool> {
+    pub fn is_marked(&self, pack: &Id) -> crate::error::Result<bool> {
         Ok(self
             .conn
             .prepare_cached("SELECT 1 FROM marked_packs WHERE id=?1")?
@@ -507,14 +510,14 @@ impl Catalog {
     }
 
     /// Empties the (per-connection, temporary) set of used chunks.
-    pub fn used_reset(&self) -> anyhow::Result<()> {
+    pub fn used_reset(&self) -> crate::error::Result<()> {
         self.conn.execute("DELETE FROM temp.used", [])?;
         Ok(())
     }
-    pub fn used_add(&self, ids: &[Id]) -> anyhow::Result<()> {
+    pub fn used_add(&self, ids: &[Id]) -> crate::error::Result<()> {
         self.each_id("INSERT OR IGNORE INTO temp.used(id) VALUES(?1)", ids)
     }
-    pub fn is_used(&self, id: &Id) -> anyhow::Result<bool> {
+    pub fn is_used(&self, id: &Id) -> crate::error::Result<bool> {
         Ok(self
             .conn
             .prepare_cached("SELECT 1 FROM temp.used WHERE id=?1")?
@@ -524,7 +527,7 @@ impl Catalog {
     /// Sets the packs this catalog lists that storage no longer holds (for
     /// this connection): [`Catalog::pack_holds_needed_blob`] never counts
     /// their copies.
-    pub fn set_absent(&self, packs: &[Id]) -> anyhow::Result<()> {
+    pub fn set_absent(&self, packs: &[Id]) -> crate::error::Result<()> {
         self.conn.execute("DELETE FROM temp.absent", [])?;
         self.each_id("INSERT OR IGNORE INTO temp.absent(id) VALUES(?1)", packs)
     }
@@ -532,7 +535,7 @@ impl Catalog {
     /// Whether `pack` holds a used blob of which unmarked packs other than
     /// it (and not absent from storage) hold fewer copies than its kind needs (one for data, two for
     /// directory listings).
-    pub fn pack_holds_needed_blob(&self, pack: &Id) -> anyhow::Result<bool> {
+    pub fn pack_holds_needed_blob(&self, pack: &Id) -> crate::error::Result<bool> {
         let mut st = self.conn.prepare_cached(
             "SELECT 1 FROM blobs b WHERE b.pack=?1 AND b.id IN (SELECT id FROM temp.used)
              AND (SELECT COUNT(*) FROM blobs o WHERE o.id=b.id AND o.pack<>b.pack
@@ -549,7 +552,7 @@ impl Catalog {
 
     /// Used directory listings and every stored copy of each, grouped by
     /// listing (for keeping [`crate::repo::TREE_COPIES`] copies of each).
-    pub fn used_tree_locations(&self) -> anyhow::Result<Vec<(Id, BlobLocation)>> {
+    pub fn used_tree_locations(&self) -> crate::error::Result<Vec<(Id, BlobLocation)>> {
         let mut st = self.conn.prepare(
             "SELECT id,pack,kind,offset,length,raw_len FROM blobs
              WHERE kind=?1 AND id IN (SELECT id FROM temp.used) ORDER BY id",
@@ -564,7 +567,7 @@ impl Catalog {
         &self,
         id: &Id,
         snap: &crate::repo::snapshot::Snapshot,
-    ) -> anyhow::Result<()> {
+    ) -> crate::error::Result<()> {
         self.conn.execute(
             "INSERT OR REPLACE INTO snapshots(id,time,kind,name,host,tags,json) VALUES(?1,?2,?3,?4,?5,?6,?7)",
             params![
@@ -579,14 +582,14 @@ impl Catalog {
         )?;
         Ok(())
     }
-    pub fn remove_snapshot(&self, id: &Id) -> anyhow::Result<()> {
+    pub fn remove_snapshot(&self, id: &Id) -> crate::error::Result<()> {
         self.conn
             .execute("DELETE FROM snapshots WHERE id=?1", [&id.0[..]])?;
         Ok(())
     }
     /// Notes an index fragment that could not be read (its packs were
     /// indexed from their trailers instead).
-    pub fn note_damaged_index(&self, id: &Id, why: &str) -> anyhow::Result<()> {
+    pub fn note_damaged_index(&self, id: &Id, why: &str) -> crate::error::Result<()> {
         self.conn.execute(
             "INSERT OR REPLACE INTO damaged_index(id,why) VALUES(?1,?2)",
             params![&id.0[..], why],
@@ -594,14 +597,14 @@ impl Catalog {
         Ok(())
     }
     /// Index fragments noted as damaged: (id, why).
-    pub fn damaged_index(&self) -> anyhow::Result<Vec<(Id, String)>> {
+    pub fn damaged_index(&self) -> crate::error::Result<Vec<(Id, String)>> {
         let mut st = self.conn.prepare("SELECT id,why FROM damaged_index")?;
         let rows = st.query_map([], |r| Ok((id_of(r.get(0)?), r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
     /// Moves a snapshot that storage no longer has, and that no `forget`
     /// of this catalog removed, to the vanished list (`check` reports it).
-    pub fn note_vanished(&self, id: &Id, noticed: &str) -> anyhow::Result<()> {
+    pub fn note_vanished(&self, id: &Id, noticed: &str) -> crate::error::Result<()> {
         self.conn.execute(
             "INSERT OR REPLACE INTO vanished(id,json,noticed) SELECT id,json,?2 FROM snapshots WHERE id=?1",
             params![&id.0[..], noticed],
@@ -609,7 +612,7 @@ impl Catalog {
         self.remove_snapshot(id)
     }
     /// Snapshots that vanished from storage: (id, snapshot JSON, when noticed).
-    pub fn vanished(&self) -> anyhow::Result<Vec<(Id, String, String)>> {
+    pub fn vanished(&self) -> crate::error::Result<Vec<(Id, String, String)>> {
         let mut st = self
             .conn
             .prepare("SELECT id,json,noticed FROM vanished ORDER BY noticed, id")?;
@@ -617,17 +620,17 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
     /// Forgets the vanished list (`catalog rebuild`: the operator acknowledged it).
-    pub fn clear_vanished(&self) -> anyhow::Result<()> {
+    pub fn clear_vanished(&self) -> crate::error::Result<()> {
         self.conn.execute("DELETE FROM vanished", [])?;
         Ok(())
     }
-    pub fn snapshot_ids(&self) -> anyhow::Result<Vec<Id>> {
+    pub fn snapshot_ids(&self) -> crate::error::Result<Vec<Id>> {
         let mut st = self.conn.prepare("SELECT id FROM snapshots")?;
         let rows = st.query_map([], |r| Ok(id_of(r.get(0)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
     /// Snapshots, oldest first.
-    pub fn snapshots(&self) -> anyhow::Result<Vec<SnapshotRow>> {
+    pub fn snapshots(&self) -> crate::error::Result<Vec<SnapshotRow>> {
         let mut st = self
             .conn
             .prepare("SELECT id,json FROM snapshots ORDER BY time, id")?;
@@ -644,7 +647,7 @@ impl Catalog {
         &self,
         source: &str,
         path: &[u8],
-    ) -> anyhow::Result<Option<(FileFacts, Vec<u8>)>> {
+    ) -> crate::error::Result<Option<(FileFacts, Vec<u8>)>> {
         let mut st = self.conn.prepare_cached(
             "SELECT size,mtime_ns,ctime_ns,ino,content FROM file_cache WHERE source=?1 AND path=?2",
         )?;
@@ -669,7 +672,7 @@ impl Catalog {
         f: &FileFacts,
         content: &[u8],
         run: i64,
-    ) -> anyhow::Result<()> {
+    ) -> crate::error::Result<()> {
         let mut st = self.conn.prepare_cached(
             "INSERT OR REPLACE INTO file_cache(source,path,size,mtime_ns,ctime_ns,ino,content,run) VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
         )?;
@@ -685,7 +688,12 @@ impl Catalog {
         ])?;
         Ok(())
     }
-    pub fn file_cache_touch(&self, source: &str, path: &[u8], run: i64) -> anyhow::Result<()> {
+    pub fn file_cache_touch(
+        &self,
+        source: &str,
+        path: &[u8],
+        run: i64,
+    ) -> crate::error::Result<()> {
         let mut st = self
             .conn
             .prepare_cached("UPDATE file_cache SET run=?3 WHERE source=?1 AND path=?2")?;
@@ -693,7 +701,7 @@ impl Catalog {
         Ok(())
     }
     /// Drops cache entries for files not seen in run `run`.
-    pub fn file_cache_prune(&self, source: &str, run: i64) -> anyhow::Result<()> {
+    pub fn file_cache_prune(&self, source: &str, run: i64) -> crate::error::Result<()> {
         self.conn.execute(
             "DELETE FROM file_cache WHERE source=?1 AND run<>?2",
             params![source, run],

@@ -61,7 +61,7 @@ impl CheckReport {
 /// # Errors
 /// Storage errors that stop the check itself, or a key error for
 /// `--read-data` without the restore key. Problems found are in the report.
-pub fn check(repo: &Repository, read: ReadData) -> anyhow::Result<CheckReport> {
+pub fn check(repo: &Repository, read: ReadData) -> crate::error::Result<CheckReport> {
     if read != ReadData::None {
         repo.keys.data_identity("check --read-data")?;
     }
@@ -227,7 +227,7 @@ fn check_file_sizes(
     repo: &Repository,
     snaps: &[crate::repo::catalog::SnapshotRow],
     rep: &mut CheckReport,
-) -> anyhow::Result<()> {
+) -> crate::error::Result<()> {
     let mut seen: HashSet<Vec<Id>> = HashSet::new();
     for row in snaps {
         let Ok((s, _)) = repo.load_snapshot(&row.id) else {
@@ -282,7 +282,7 @@ fn read_packs(
     indexed: &HashMap<Id, (u64, usize)>,
     listed: &HashMap<Id, u64>,
     rep: &mut CheckReport,
-) -> anyhow::Result<()> {
+) -> crate::error::Result<()> {
     let identity = repo.keys.data_identity("check --read-data")?;
     let mut ids: Vec<Id> = indexed
         .keys()
@@ -384,7 +384,7 @@ enum Visit<'a> {
     /// A directory about to be read (`.` for the root); `false` skips it.
     Dir(&'a str, &'a [Id]),
     /// A directory whose listing could not be read.
-    Unreadable(&'a str, anyhow::Error),
+    Unreadable(&'a str, crate::error::Error),
     /// A regular file, by its path from the root.
     File(&'a str, &'a crate::repo::tree::Node),
 }
@@ -466,7 +466,7 @@ fn affected_files(repo: &Repository, snap: &Id, bad: &HashSet<Id>) -> Vec<String
 ///
 /// # Errors
 /// Storage, key or integrity errors.
-pub fn rebuild_catalog(repo: &Repository) -> anyhow::Result<()> {
+pub fn rebuild_catalog(repo: &Repository) -> crate::error::Result<()> {
     repo.sync_index(true)?;
     for id in repo.catalog.snapshot_ids()? {
         repo.catalog.remove_snapshot(&id)?;

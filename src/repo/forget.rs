@@ -358,7 +358,7 @@ pub fn apply(
     by: &[&str],
     filter: impl Fn(&crate::repo::snapshot::Snapshot) -> bool,
     dry_run: bool,
-) -> anyhow::Result<ForgetReport> {
+) -> crate::error::Result<ForgetReport> {
     if policy.is_empty() {
         return Err(LabError::usage(
             "give at least one keep rule; forget refuses to remove every snapshot",

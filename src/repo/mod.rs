@@ -73,7 +73,7 @@ impl Default for InitOptions {
 ///
 /// # Errors
 /// Refused when a repository (a `config`) already exists there.
-pub fn init(backend: &dyn Backend, opts: &InitOptions) -> anyhow::Result<Keys> {
+pub fn init(backend: &dyn Backend, opts: &InitOptions) -> crate::error::Result<Keys> {
     opts.chunker.validate().map_err(LabError::usage)?;
     if !(0..=19).contains(&opts.compression_level)
         || !(0..=19).contains(&opts.image_compression_level)
@@ -139,7 +139,7 @@ pub fn recover_key(
     backend: &dyn Backend,
     passphrase: Option<&str>,
     identity: Option<&age::x25519::Identity>,
-) -> anyhow::Result<Keys> {
+) -> crate::error::Result<Keys> {
     let mut names = vec![];
     backend.list("keys/", &mut |o| names.push(o.name))?;
     if names.is_empty() {
@@ -284,7 +284,7 @@ impl Repository {
         backend: Arc<dyn Backend>,
         keys: Keys,
         cache_dir: &Path,
-    ) -> anyhow::Result<Repository> {
+    ) -> crate::error::Result<Repository> {
         let bytes = match backend.get(format::CONFIG_NAME) {
             Ok(b) => b,
             Err(BackendError::NotFound { .. }) => {
@@ -348,7 +348,7 @@ impl Repository {
     ///
     /// # Errors
     /// Storage, key or integrity errors naming the object.
-    pub fn sync_catalog(&self) -> anyhow::Result<()> {
+    pub fn sync_catalog(&self) -> crate::error::Result<()> {
         self.sync_index(false)?;
         self.sync_snapshots()
     }
@@ -363,7 +363,7 @@ impl Repository {
     /// # Errors
     /// Storage, key or integrity errors naming the fragment (nothing is
     /// changed then).
-    pub fn sync_index(&self, reload: bool) -> anyhow::Result<()> {
+    pub fn sync_index(&self, reload: bool) -> crate::error::Result<()> {
         let mut index_ids = vec![];
         self.backend.list("index/", &mut |o| {
             if let Some(id) = o.name.strip_prefix("index/").and_then(Id::from_hex) {
@@ -427,8 +427,8 @@ impl Repository {
     ///
     /// # Errors
     /// Storage or catalog errors.
-    pub fn ensure_indexed(&self, chunks: &[Id]) -> anyhow::Result<usize> {
-        let missing = |cat: &Catalog| -> anyhow::Result<usize> {
+    pub fn ensure_indexed(&self, chunks: &[Id]) -> crate::error::Result<usize> {
+        let missing = |cat: &Catalog| -> crate::error::Result<usize> {
             let mut n = 0;
             for c in chunks {
                 if !cat.has_blob(c)? {
@@ -460,7 +460,7 @@ impl Repository {
     ///
     /// # Errors
     /// Storage, key or catalog errors.
-    pub fn repair_index(&self) -> anyhow::Result<RepairReport> {
+    pub fn repair_index(&self) -> crate::error::Result<RepairReport> {
         let mut report = RepairReport::default();
         let listed = self.list_packs()?;
         backup::adopt_listed_packs(self, &listed)?;
@@ -516,7 +516,7 @@ impl Repository {
     ///
     /// # Errors
     /// Storage errors.
-    pub fn list_packs(&self) -> anyhow::Result<std::collections::HashMap<Id, u64>> {
+    pub fn list_packs(&self) -> crate::error::Result<std::collections::HashMap<Id, u64>> {
         let mut listed = std::collections::HashMap::new();
         self.backend.list("packs/", &mut |o| {
             if let Some(id) = o.name.rsplit('/').next().and_then(Id::from_hex) {
@@ -532,7 +532,7 @@ impl Repository {
     ///
     /// # Errors
     /// Storage or catalog errors.
-    pub fn publish_packs(&self, packs: &[index::IndexedPack]) -> anyhow::Result<Option<Id>> {
+    pub fn publish_packs(&self, packs: &[index::IndexedPack]) -> crate::error::Result<Option<Id>> {
         if packs.is_empty() {
             return Ok(None);
         }
@@ -552,7 +552,7 @@ impl Repository {
     }
 
     /// Loads new snapshots and prune marks, forgets deleted snapshots.
-    fn sync_snapshots(&self) -> anyhow::Result<()> {
+    fn sync_snapshots(&self) -> crate::error::Result<()> {
         let mut snap_ids = vec![];
         self.backend.list("snapshots/", &mut |o| {
             if let Some(id) = o.name.strip_prefix("snapshots/").and_then(Id::from_hex) {
@@ -588,7 +588,7 @@ impl Repository {
     /// Storage, key or integrity errors naming the snapshot.
     /// The last one read is kept (snapshots never change once written), so
     /// a command that reads the same snapshot twice fetches it once.
-    pub fn load_snapshot(&self, id: &Id) -> anyhow::Result<(snapshot::Snapshot, Vec<Id>)> {
+    pub fn load_snapshot(&self, id: &Id) -> crate::error::Result<(snapshot::Snapshot, Vec<Id>)> {
         if let Some((last, snap)) = &*self.last_snapshot.lock().unwrap() {
             if last == id {
                 return Ok(snap.clone());
@@ -614,7 +614,7 @@ impl Repository {
     ///
     /// # Errors
     /// A usage error when nothing or more than one snapshot matches.
-    pub fn resolve_snapshot(&self, spec: &str) -> anyhow::Result<Id> {
+    pub fn resolve_snapshot(&self, spec: &str) -> crate::error::Result<Id> {
         let rows = self.catalog.snapshots()?;
         if spec == "latest" {
             return rows
@@ -649,7 +649,7 @@ impl Repository {
     ///
     /// # Errors
     /// Missing blob, storage, key or integrity errors naming pack and blob.
-    pub fn read_blob(&self, id: &Id) -> anyhow::Result<Vec<u8>> {
+    pub fn read_blob(&self, id: &Id) -> crate::error::Result<Vec<u8>> {
         self.read_any_copy(id, |loc| read_blob_at(&*self.backend, &self.keys, id, loc))
     }
 
@@ -659,8 +659,8 @@ impl Repository {
     fn read_any_copy(
         &self,
         id: &Id,
-        mut read: impl FnMut(&crate::repo::catalog::BlobLocation) -> anyhow::Result<Vec<u8>>,
-    ) -> anyhow::Result<Vec<u8>> {
+        mut read: impl FnMut(&crate::repo::catalog::BlobLocation) -> crate::error::Result<Vec<u8>>,
+    ) -> crate::error::Result<Vec<u8>> {
         let mut first_err = None;
         for loc in self.catalog.blob_locations(id)? {
             match read(&loc) {
@@ -683,7 +683,7 @@ impl Repository {
     ///
     /// # Errors
     /// As [`Repository::read_blob`], or a malformed tree.
-    pub fn read_tree(&self, chunks: &[Id]) -> anyhow::Result<tree::Tree> {
+    pub fn read_tree(&self, chunks: &[Id]) -> crate::error::Result<tree::Tree> {
         let mut json = vec![];
         for c in chunks {
             json.extend_from_slice(&self.read_any_copy(c, |loc| {
@@ -713,7 +713,7 @@ pub fn read_tree_blob_at(
     id: &Id,
     loc: &crate::repo::catalog::BlobLocation,
     pack_size: u64,
-) -> anyhow::Result<Vec<u8>> {
+) -> crate::error::Result<Vec<u8>> {
     let (start, end) = (
         loc.offset as usize,
         loc.offset as usize + loc.length as usize,
@@ -735,7 +735,7 @@ pub fn read_blob_at(
     keys: &Keys,
     id: &Id,
     loc: &crate::repo::catalog::BlobLocation,
-) -> anyhow::Result<Vec<u8>> {
+) -> crate::error::Result<Vec<u8>> {
     let name = format::pack_name(&loc.pack);
     let cipher = backend
         .get_range(&name, loc.offset as u64, loc.length as u64)
@@ -755,7 +755,7 @@ pub fn decode_blob(
     id: &Id,
     loc: &crate::repo::catalog::BlobLocation,
     cipher: &[u8],
-) -> anyhow::Result<Vec<u8>> {
+) -> crate::error::Result<Vec<u8>> {
     let identity = keys.data_identity(purpose)?;
     let what = format!("blob {} in pack {}", id.short(), loc.pack.hex());
     Ok(blob::decode(

@@ -61,7 +61,7 @@ impl RepoSpec {
     ///
     /// # Errors
     /// A key error naming the file, or saying how to give the key.
-    pub fn keys(&self, need_data: bool) -> anyhow::Result<Keys> {
+    pub fn keys(&self, need_data: bool) -> crate::error::Result<Keys> {
         if need_data {
             if let Some(p) = &self.restore_key {
                 return Ok(Keys::load(p)?);
@@ -97,7 +97,7 @@ impl RepoSpec {
     ///
     /// # Errors
     /// Usage (no or malformed URL) or storage errors.
-    pub fn open_backend(&self) -> anyhow::Result<std::sync::Arc<dyn backend::Backend>> {
+    pub fn open_backend(&self) -> crate::error::Result<std::sync::Arc<dyn backend::Backend>> {
         let url = self.url.as_deref().ok_or_else(|| {
             LabError::usage("no repository given: pass --repo <url> or set LABCTL_REPO")
         })?;
@@ -109,7 +109,7 @@ impl RepoSpec {
     ///
     /// # Errors
     /// Usage (no URL), key, storage or integrity errors.
-    pub fn open(&self, need_data: bool) -> anyhow::Result<Repository> {
+    pub fn open(&self, need_data: bool) -> crate::error::Result<Repository> {
         let keys = self.keys(need_data)?;
         Repository::open(self.open_backend()?, keys, &self.cache_dir())
     }

@@ -123,7 +123,7 @@ fn rfc3339(t: OffsetDateTime) -> String {
 /// Storage, key or integrity errors naming the object.
 pub fn load_marks(
     repo: &Repository,
-) -> anyhow::Result<(Vec<String>, BTreeMap<Id, OffsetDateTime>)> {
+) -> crate::error::Result<(Vec<String>, BTreeMap<Id, OffsetDateTime>)> {
     let mut names = vec![];
     repo.backend.list("prune/", &mut |o| names.push(o.name))?;
     let mut marks: BTreeMap<Id, OffsetDateTime> = BTreeMap::new();
@@ -157,7 +157,7 @@ pub fn load_marks(
 /// # Errors
 /// Storage, key or integrity errors. A failure leaves the repository
 /// consistent (see the module docs); running prune again continues.
-pub fn prune(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneReport> {
+pub fn prune(repo: &Repository, opts: &PruneOptions) -> crate::error::Result<PruneReport> {
     if !(0.0..=1.0).contains(&opts.repack_threshold) {
         return Err(LabError::usage("the repack threshold must be between 0% and 100%").into());
     }
@@ -391,7 +391,7 @@ fn keepers(
     id: &Id,
     kind: BlobKind,
     listed: &HashMap<Id, u64>,
-) -> anyhow::Result<Vec<Id>> {
+) -> crate::error::Result<Vec<Id>> {
     Ok(repo
         .catalog
         .blob_locations(id)?
@@ -407,7 +407,7 @@ fn keepers(
 ///
 /// # Errors
 /// Storage, key or integrity errors naming the snapshot.
-pub fn load_used(repo: &Repository) -> anyhow::Result<Vec<Id>> {
+pub fn load_used(repo: &Repository) -> crate::error::Result<Vec<Id>> {
     let cat = &repo.catalog;
     cat.used_reset()?;
     let mut snap_ids = vec![];
@@ -438,7 +438,7 @@ pub fn restore_tree_copies(
     repo: &Repository,
     alive: &HashSet<Id>,
     dry_run: bool,
-) -> anyhow::Result<(u64, Vec<IndexedPack>)> {
+) -> crate::error::Result<(u64, Vec<IndexedPack>)> {
     let rows = repo.catalog.used_tree_locations()?;
     let mut builders: Vec<PackBuilder> = (0..TREE_COPIES).map(|_| PackBuilder::new()).collect();
     let (mut out, mut count) = (vec![], 0u64);
@@ -495,7 +495,7 @@ pub fn restore_tree_copies(
 /// so an upload goes only when the store says it started more than the grace
 /// period ago *and* this catalog first saw it at least that long ago: some
 /// stores report a fixed or wrong start time (moto says 2010 for all).
-fn abort_stale_uploads(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<u64> {
+fn abort_stale_uploads(repo: &Repository, opts: &PruneOptions) -> crate::error::Result<u64> {
     let uploads = repo.backend.unfinished_uploads()?;
     let now = opts.now.unix_timestamp();
     let ids: Vec<String> = uploads.iter().map(|u| u.id.clone()).collect();
@@ -521,7 +521,7 @@ fn abort_stale_uploads(repo: &Repository, opts: &PruneOptions) -> anyhow::Result
     Ok(aborted)
 }
 
-fn write_pack(repo: &Repository, builder: PackBuilder) -> anyhow::Result<IndexedPack> {
+fn write_pack(repo: &Repository, builder: PackBuilder) -> crate::error::Result<IndexedPack> {
     let (id, bytes, entries) = builder.finish(&repo.keys.meta_recipient());
     match repo.backend.put(&format::pack_name(&id), &bytes) {
         Ok(()) | Err(crate::backend::BackendError::AlreadyExists { .. }) => {}
@@ -541,7 +541,7 @@ pub(crate) fn consolidate_index(
     start: &[Id],
     delete: &[(Id, u64)],
     locked: &HashSet<Id>,
-) -> anyhow::Result<u64> {
+) -> crate::error::Result<u64> {
     let cat = &repo.catalog;
     let gone: HashSet<Id> = delete.iter().map(|(p, _)| *p).collect();
     let mut keep = vec![];
@@ -591,7 +591,7 @@ fn locked_until(
     repo: &Repository,
     name: &str,
     now: OffsetDateTime,
-) -> anyhow::Result<Option<OffsetDateTime>> {
+) -> crate::error::Result<Option<OffsetDateTime>> {
     Ok(repo.backend.locked_until(name)?.filter(|t| *t > now))
 }
 
@@ -599,7 +599,7 @@ pub(crate) fn locked_fragments(
     repo: &Repository,
     start: &[Id],
     now: OffsetDateTime,
-) -> anyhow::Result<HashSet<Id>> {
+) -> crate::error::Result<HashSet<Id>> {
     let mut out = HashSet::new();
     if repo.config.object_lock.is_none() {
         return Ok(out);
@@ -621,7 +621,7 @@ fn extend_locks(
     snaps: &[Id],
     days: u32,
     now: OffsetDateTime,
-) -> anyhow::Result<u64> {
+) -> crate::error::Result<u64> {
     let threshold = now + time::Duration::days(days as i64) / 2;
     let mut names: Vec<String> = packs
         .iter()

@@ -13,14 +13,19 @@ use std::path::Path;
 ///
 /// # Errors
 /// I/O errors reading either tree.
-pub fn compare_trees(a: &Path, b: &Path) -> anyhow::Result<Vec<String>> {
+pub fn compare_trees(a: &Path, b: &Path) -> crate::error::Result<Vec<String>> {
     let mut diffs = vec![];
     compare_dir(a, b, Path::new(""), &mut diffs)?;
     Ok(diffs)
 }
 
-fn compare_dir(a: &Path, b: &Path, rel: &Path, diffs: &mut Vec<String>) -> anyhow::Result<()> {
-    let names = |d: &Path| -> anyhow::Result<Vec<std::ffi::OsString>> {
+fn compare_dir(
+    a: &Path,
+    b: &Path,
+    rel: &Path,
+    diffs: &mut Vec<String>,
+) -> crate::error::Result<()> {
+    let names = |d: &Path| -> crate::error::Result<Vec<std::ffi::OsString>> {
         let mut v: Vec<_> = fs::read_dir(d)?
             .map(|e| e.map(|e| e.file_name()))
             .collect::<Result<_, _>>()?;
@@ -79,7 +84,7 @@ fn compare_dir(a: &Path, b: &Path, rel: &Path, diffs: &mut Vec<String>) -> anyho
     Ok(())
 }
 
-fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
+fn same_content(a: &Path, b: &Path) -> crate::error::Result<bool> {
     use std::io::Read;
     let (mut fa, mut fb) = (fs::File::open(a)?, fs::File::open(b)?);
     let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);

@@ -388,12 +388,12 @@ fn job_line(text: &str, name: &str) -> usize {
 /// # Errors
 /// A usage error `file:line:col: field: why` for anything wrong; a key error
 /// for a secret file other users can read.
-pub fn load(path: &Path) -> anyhow::Result<Loaded> {
+pub fn load(path: &Path) -> crate::error::Result<Loaded> {
     let text = read(path)?;
     parse(&text, path)
 }
 
-fn read(path: &Path) -> anyhow::Result<String> {
+fn read(path: &Path) -> crate::error::Result<String> {
     Ok(std::fs::read_to_string(path)
         .map_err(|e| LabError::usage(format!("cannot read config file {}: {e}", path.display())))?)
 }
@@ -404,7 +404,7 @@ fn read(path: &Path) -> anyhow::Result<String> {
 ///
 /// # Errors
 /// As [`load`].
-pub fn load_without_secrets(path: &Path) -> anyhow::Result<Loaded> {
+pub fn load_without_secrets(path: &Path) -> crate::error::Result<Loaded> {
     let text = read(path)?;
     parse_inner(&text, path, false)
 }
@@ -414,11 +414,11 @@ pub fn load_without_secrets(path: &Path) -> anyhow::Result<Loaded> {
 ///
 /// # Errors
 /// As [`load`].
-pub fn parse(text: &str, path: &Path) -> anyhow::Result<Loaded> {
+pub fn parse(text: &str, path: &Path) -> crate::error::Result<Loaded> {
     parse_inner(text, path, true)
 }
 
-fn parse_inner(text: &str, path: &Path, secrets: bool) -> anyhow::Result<Loaded> {
+fn parse_inner(text: &str, path: &Path, secrets: bool) -> crate::error::Result<Loaded> {
     let file = path.display().to_string();
     let de = toml::Deserializer::parse(text).map_err(|e| {
         let (line, col) = e
@@ -438,10 +438,10 @@ fn parse_inner(text: &str, path: &Path, secrets: bool) -> anyhow::Result<Loaded>
     validate(raw, text, secrets)
 }
 
-fn validate(raw: Config, text: &str, secrets: bool) -> anyhow::Result<Loaded> {
+fn validate(raw: Config, text: &str, secrets: bool) -> crate::error::Result<Loaded> {
     let file = raw.path.display().to_string();
     let mut warnings = vec![];
-    let at = |line: usize, field: &str, why: String| -> anyhow::Error {
+    let at = |line: usize, field: &str, why: String| -> crate::error::Error {
         crate::util::located::error(&file, line, None, field, why).into()
     };
     let key_line = |key: &str| -> usize {
@@ -528,7 +528,7 @@ fn validate(raw: Config, text: &str, secrets: bool) -> anyhow::Result<Loaded> {
         }
         let schedule = crate::schedule::cron::CronSchedule::parse(&j.schedule)
             .map_err(|e| at(line, &f("schedule"), e))?;
-        let dur = |v: &Option<String>, name: &str| -> anyhow::Result<Option<Duration>> {
+        let dur = |v: &Option<String>, name: &str| -> crate::error::Result<Option<Duration>> {
             v.as_deref()
                 .map(parse_duration)
                 .transpose()
@@ -695,8 +695,8 @@ fn keep_policy(r: &RetentionConfig) -> Result<KeepPolicy, FieldError> {
 
 /// The parts of `[notify]` that need no secret: the timeout, and exactly
 /// one of the webhook URL's file or variable. Returns the timeout.
-fn check_notify_shape(n: &NotifyConfig, file: &str, line: usize) -> anyhow::Result<Duration> {
-    let at = |field: &str, why: String| -> anyhow::Error {
+fn check_notify_shape(n: &NotifyConfig, file: &str, line: usize) -> crate::error::Result<Duration> {
+    let at = |field: &str, why: String| -> crate::error::Error {
         crate::util::located::error(file, line, None, &format!("notify.{field}"), why).into()
     };
     let timeout = parse_duration(&n.timeout).map_err(|e| at("timeout", e))?;
@@ -713,8 +713,8 @@ fn check_notify_shape(n: &NotifyConfig, file: &str, line: usize) -> anyhow::Resu
     }
 }
 
-fn resolve_notify(n: &NotifyConfig, file: &str, line: usize) -> anyhow::Result<Notify> {
-    let at = |field: &str, why: String| -> anyhow::Error {
+fn resolve_notify(n: &NotifyConfig, file: &str, line: usize) -> crate::error::Result<Notify> {
+    let at = |field: &str, why: String| -> crate::error::Error {
         crate::util::located::error(file, line, None, &format!("notify.{field}"), why).into()
     };
     let timeout = check_notify_shape(n, file, line)?;

@@ -122,7 +122,7 @@ pub struct JobContext {
 }
 
 /// The function that runs one attempt of a job on its own thread.
-pub type Executor = fn(&ExecContext<'_>) -> anyhow::Result<runner::RunFacts>;
+pub type Executor = fn(&ExecContext<'_>) -> crate::error::Result<runner::RunFacts>;
 
 /// What jobs may reach, from labctl.toml: the repository, the cluster,
 /// Proxmox VE and the restore plans. Replaced as a whole on reload.
@@ -166,7 +166,7 @@ impl ExecContext<'_> {
     ///
     /// # Errors
     /// Key, storage or integrity errors.
-    pub fn open_repo(&self, need_data: bool) -> anyhow::Result<crate::repo::Repository> {
+    pub fn open_repo(&self, need_data: bool) -> crate::error::Result<crate::repo::Repository> {
         self.env.repo.spec().open(need_data)
     }
 
@@ -176,7 +176,7 @@ impl ExecContext<'_> {
     /// # Errors
     /// A usage error when labctl.toml names no platform file; the platform
     /// file's own errors; connection errors.
-    pub async fn pve(&self) -> anyhow::Result<crate::proxmox::Client> {
+    pub async fn pve(&self) -> crate::error::Result<crate::proxmox::Client> {
         let path = self.env.platform_file.as_ref().ok_or_else(|| {
             crate::error::LabError::usage(
                 "this job needs Proxmox VE: set platform.platform_file in labctl.toml",
@@ -203,11 +203,11 @@ impl JobContext {
         let _ = self.events.send(ev);
     }
 
-    fn catalog(&self) -> anyhow::Result<JobHistory> {
+    fn catalog(&self) -> crate::error::Result<JobHistory> {
         JobHistory::open(&self.state_dir.join("jobs.db"))
     }
 
-    fn lock_path(&self, job: &str) -> anyhow::Result<PathBuf> {
+    fn lock_path(&self, job: &str) -> crate::error::Result<PathBuf> {
         Ok(self.state_dir.join("locks").join(format!("{job}.lock")))
     }
 }
@@ -259,7 +259,7 @@ pub fn log_event(now: &DateTime<Utc>, ev: &DaemonEvent) {
 }
 
 /// An exclusive, non-blocking flock on a job's lock file (`None`: held elsewhere).
-fn take_lock(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
+fn take_lock(path: &Path) -> crate::error::Result<Option<std::fs::File>> {
     crate::util::lock::try_exclusive(path)
 }
 
@@ -287,7 +287,7 @@ pub async fn run_job(
     trigger: &str,
     scheduled: Option<DateTime<Utc>>,
     lock: LockMode,
-) -> anyhow::Result<JobRun> {
+) -> crate::error::Result<JobRun> {
     run_job_marking(ctx, job, trigger, scheduled, lock, None).await
 }
 
@@ -299,7 +299,7 @@ async fn run_job_marking(
     scheduled: Option<DateTime<Utc>>,
     lock: LockMode,
     busy: Option<&std::sync::atomic::AtomicBool>,
-) -> anyhow::Result<JobRun> {
+) -> crate::error::Result<JobRun> {
     let clear = || {
         if let Some(b) = busy {
             b.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -544,7 +544,7 @@ async fn attempt_once(
             None => (
                 Outcome::Failure,
                 Err(format!("{e:#}")),
-                crate::error::is_retryable(&e),
+                e.is_retryable(),
             ),
         },
         Ok(Err(panic)) => {
@@ -629,7 +629,7 @@ fn initial_slot(
     job: &Job,
     loaded: &Loaded,
     now: DateTime<Utc>,
-) -> anyhow::Result<Slot> {
+) -> crate::error::Result<Slot> {
     let local = local(loaded);
     let cat = ctx.catalog()?;
     if lock_is_free(&ctx.lock_path(&job.name)?) {
@@ -667,7 +667,7 @@ fn initial_slot(
     Ok(slot)
 }
 
-fn seed_metrics(ctx: &JobContext, job: &Job) -> anyhow::Result<()> {
+fn seed_metrics(ctx: &JobContext, job: &Job) -> crate::error::Result<()> {
     let cat = ctx.catalog()?;
     let last_success = cat.job_last_with(&job.name, &[Outcome::Success])?;
     let last = cat.job_runs(Some(&job.name), 1)?.pop();
@@ -697,7 +697,7 @@ pub async fn run_daemon(
     loaded: Loaded,
     opts: DaemonOptions,
     mut control: mpsc::Receiver<Control>,
-) -> anyhow::Result<()> {
+) -> crate::error::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut loaded = loaded;
     let mut ctx = JobContext {
@@ -922,7 +922,7 @@ pub struct JobStatus {
 ///
 /// # Errors
 /// Key or catalog errors.
-pub fn status(loaded: &Loaded, now: DateTime<Utc>) -> anyhow::Result<Vec<JobStatus>> {
+pub fn status(loaded: &Loaded, now: DateTime<Utc>) -> crate::error::Result<Vec<JobStatus>> {
     let repo = &loaded.raw.repository;
     let cat = JobHistory::open(&runner::history_path(repo)?)?;
     let locks = runner::cache_dir(repo)

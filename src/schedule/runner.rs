@@ -2,7 +2,7 @@
 //! the repository from the configuration, do the action, apply retention.
 //! The same function serves the daemon and `labctl jobs run`.
 
-use crate::error::{CancelFlag, Cancelled, LabError};
+use crate::error::{CancelFlag, LabError};
 use crate::repo::keys::Keys;
 use crate::repo::Repository;
 use crate::schedule::config::{Action, Job, RepositoryConfig};
@@ -30,7 +30,7 @@ pub fn cache_dir(repo: &RepositoryConfig) -> PathBuf {
 ///
 /// # Errors
 /// Key errors (missing, unreadable, too open).
-pub fn repo_id(repo: &RepositoryConfig) -> anyhow::Result<String> {
+pub fn repo_id(repo: &RepositoryConfig) -> crate::error::Result<String> {
     Ok(Keys::load(&repo.backup_key)?.repo_id)
 }
 
@@ -39,7 +39,7 @@ pub fn repo_id(repo: &RepositoryConfig) -> anyhow::Result<String> {
 ///
 /// # Errors
 /// As [`repo_id`].
-pub fn state_dir(repo: &RepositoryConfig) -> anyhow::Result<PathBuf> {
+pub fn state_dir(repo: &RepositoryConfig) -> crate::error::Result<PathBuf> {
     Ok(cache_dir(repo).join(repo_id(repo)?))
 }
 
@@ -47,7 +47,7 @@ pub fn state_dir(repo: &RepositoryConfig) -> anyhow::Result<PathBuf> {
 ///
 /// # Errors
 /// As [`repo_id`].
-pub fn history_path(repo: &RepositoryConfig) -> anyhow::Result<PathBuf> {
+pub fn history_path(repo: &RepositoryConfig) -> crate::error::Result<PathBuf> {
     Ok(state_dir(repo)?.join("jobs.db"))
 }
 
@@ -55,7 +55,7 @@ pub fn history_path(repo: &RepositoryConfig) -> anyhow::Result<PathBuf> {
 ///
 /// # Errors
 /// Whatever stopped the job ([`Cancelled`] when `cancel` was set).
-pub fn execute(ctx: &super::ExecContext<'_>) -> anyhow::Result<RunFacts> {
+pub fn execute(ctx: &super::ExecContext<'_>) -> crate::error::Result<RunFacts> {
     let (job, cancel) = (ctx.job, ctx.cancel);
     cancel.check()?;
     let need_data =
@@ -158,7 +158,7 @@ fn finish_backup(
     repo: &Repository,
     job: &Job,
     out: crate::repo::backup::BackupOutcome,
-) -> anyhow::Result<RunFacts> {
+) -> crate::error::Result<RunFacts> {
     let s = &out.summary;
     let mut facts = RunFacts {
         bytes_read: s.bytes_read,
@@ -200,7 +200,7 @@ fn retention(
     job: &Job,
     written: &[crate::repo::Id],
     facts: &mut RunFacts,
-) -> anyhow::Result<()> {
+) -> crate::error::Result<()> {
     let Some(policy) = &job.retention else {
         return Ok(());
     };
@@ -236,7 +236,7 @@ fn backup_point(
     job: &Job,
     cancel: &CancelFlag,
     sources: &[crate::sources::SourceSpec],
-) -> anyhow::Result<RunFacts> {
+) -> crate::error::Result<RunFacts> {
     use crate::repo::select::{POINT_INDEX, POINT_SOURCES};
     let now = time::OffsetDateTime::now_utc();
     let point = format!(
@@ -312,6 +312,6 @@ fn backup_point(
 }
 
 /// True when `e` (or its cause) is a cancellation.
-pub fn is_cancelled(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<Cancelled>().is_some())
+pub fn is_cancelled(e: &crate::error::Error) -> bool {
+    e.is_cancelled()
 }

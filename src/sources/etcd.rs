@@ -196,7 +196,7 @@ impl EtcdSource {
     /// An unreachable or unhealthy endpoint, a refused certificate, a stream
     /// cut short (exit 1, naming the endpoint), a trailer that does not match
     /// (exit 4), storage errors: nothing is committed then.
-    pub fn backup(&self, ctx: SourceContext<'_>) -> anyhow::Result<BackupOutcome> {
+    pub fn backup(&self, ctx: SourceContext<'_>) -> crate::error::Result<BackupOutcome> {
         let started = Instant::now();
         let endpoint = self.endpoint.clone();
         let rt = crate::util::runtime()?;
@@ -715,7 +715,10 @@ fn find_tool(given: Option<&Path>) -> Result<Tool, LabError> {
     })
 }
 
-fn check_snapshot(repo: &Repository, id: &Id) -> anyhow::Result<crate::repo::snapshot::Snapshot> {
+fn check_snapshot(
+    repo: &Repository,
+    id: &Id,
+) -> crate::error::Result<crate::repo::snapshot::Snapshot> {
     let (snap, _) = repo.load_snapshot(id)?;
     if snap.source.kind != KIND {
         return Err(LabError::usage(format!(
@@ -729,7 +732,7 @@ fn check_snapshot(repo: &Repository, id: &Id) -> anyhow::Result<crate::repo::sna
 }
 
 /// Writes the snapshot's `snapshot.db` to `file`, checking its trailer.
-fn write_db(repo: &Repository, id: &Id, file: &Path, threads: usize) -> anyhow::Result<u64> {
+fn write_db(repo: &Repository, id: &Id, file: &Path, threads: usize) -> crate::error::Result<u64> {
     let f = std::fs::File::create(file)?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
     let n = extract::restore_to_writer(repo, id, Some(FILE_NAME), &mut w, threads)?;
@@ -740,7 +743,7 @@ fn write_db(repo: &Repository, id: &Id, file: &Path, threads: usize) -> anyhow::
 }
 
 /// Checks a saved snapshot file's sha256 trailer.
-fn check_file(file: &Path) -> anyhow::Result<()> {
+fn check_file(file: &Path) -> crate::error::Result<()> {
     let mut f = std::fs::File::open(file)?;
     let len = f.metadata()?.len();
     if len < 32 {
@@ -786,7 +789,7 @@ fn run_tool(
     dir: &Path,
     m: &Membership<'_>,
     bump: bool,
-) -> anyhow::Result<()> {
+) -> crate::error::Result<()> {
     let mut cmd = Command::new(&tool.path);
     cmd.env("ETCDCTL_API", "3")
         .arg("snapshot")
@@ -827,7 +830,7 @@ fn run_tool(
 struct Scratch(PathBuf);
 
 impl Scratch {
-    fn beside(near: &Path, tag: &str) -> anyhow::Result<Scratch> {
+    fn beside(near: &Path, tag: &str) -> crate::error::Result<Scratch> {
         let parent = near
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -864,7 +867,7 @@ pub fn restore(
     args: &EtcdRestore,
     dir: &Path,
     threads: usize,
-) -> anyhow::Result<RestoreReport> {
+) -> crate::error::Result<RestoreReport> {
     check_snapshot(repo, id)?;
     if let Ok(mut entries) = std::fs::read_dir(dir) {
         if entries.next().is_some() {
@@ -913,7 +916,7 @@ pub fn restore(
     })
 }
 
-fn free_port() -> anyhow::Result<u16> {
+fn free_port() -> crate::error::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -947,7 +950,7 @@ pub fn verify(
     args: &EtcdRestore,
     near: &Path,
     threads: usize,
-) -> anyhow::Result<VerifyReport> {
+) -> crate::error::Result<VerifyReport> {
     let started = Instant::now();
     let snap = check_snapshot(repo, id)?;
     let tool = find_tool(args.etcdutl.as_deref())?;

@@ -112,7 +112,7 @@ impl SourceSpec {
     /// # Errors
     /// Whatever stopped the source or the repository; nothing is committed
     /// then (partial reads of a directory tree are in the summary instead).
-    pub fn backup(&self, ctx: SourceContext<'_>) -> anyhow::Result<BackupOutcome> {
+    pub fn backup(&self, ctx: SourceContext<'_>) -> crate::error::Result<BackupOutcome> {
         match self {
             SourceSpec::Path(s) => s.backup(ctx),
             SourceSpec::Stream(s) => s.backup(ctx),

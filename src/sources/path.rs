@@ -58,7 +58,7 @@ impl PathSource {
     /// # Errors
     /// Storage or catalog errors. Unreadable files do not fail the backup:
     /// they are listed in `summary.errors` (exit code 3 at the CLI).
-    pub fn backup(&self, ctx: SourceContext<'_>) -> anyhow::Result<BackupOutcome> {
+    pub fn backup(&self, ctx: SourceContext<'_>) -> crate::error::Result<BackupOutcome> {
         let started = Instant::now();
         let dir = &self.path;
         let abs = fs::canonicalize(dir)
@@ -102,7 +102,7 @@ pub fn backup_path(
     dir: &Path,
     opts: &crate::repo::backup::BackupOptions,
     progress: crate::util::progress::Progress,
-) -> anyhow::Result<BackupOutcome> {
+) -> crate::error::Result<BackupOutcome> {
     PathSource {
         path: dir.to_path_buf(),
         chunker: ChunkerChoice::Auto,
@@ -144,7 +144,7 @@ fn mtime_ns(m: &fs::Metadata) -> i128 {
 }
 
 impl TreeWalker<'_, '_> {
-    fn dir(&mut self, abs: &Path, rel: &[u8]) -> anyhow::Result<Vec<Id>> {
+    fn dir(&mut self, abs: &Path, rel: &[u8]) -> crate::error::Result<Vec<Id>> {
         let mut entries: Vec<_> =
             match fs::read_dir(abs).and_then(|rd| rd.collect::<Result<Vec<_>, _>>()) {
                 Ok(v) => v,
@@ -184,7 +184,7 @@ impl TreeWalker<'_, '_> {
         self.run.add_tree(&Tree { v: 1, nodes })
     }
 
-    fn node(&mut self, path: &Path, rel: &[u8], name: &[u8]) -> anyhow::Result<Option<Node>> {
+    fn node(&mut self, path: &Path, rel: &[u8], name: &[u8]) -> crate::error::Result<Option<Node>> {
         self.run.check_cancel()?;
         let meta = fs::symlink_metadata(path)?;
         let ft = meta.file_type();
@@ -247,7 +247,7 @@ impl TreeWalker<'_, '_> {
         rel: &[u8],
         meta: &fs::Metadata,
         size: &mut u64,
-    ) -> anyhow::Result<Vec<ContentRef>> {
+    ) -> crate::error::Result<Vec<ContentRef>> {
         let facts = file_facts(meta);
         let cached = self.run.cached_file(rel)?;
         if let Some((old, content)) = &cached {
@@ -284,9 +284,9 @@ impl TreeWalker<'_, '_> {
         f: &mut fs::File,
         path: &Path,
         kind: ChunkerKind,
-    ) -> anyhow::Result<StableRead> {
+    ) -> crate::error::Result<StableRead> {
         use std::io::{Seek, SeekFrom};
-        let fstat = |f: &fs::File| -> anyhow::Result<FileFacts> {
+        let fstat = |f: &fs::File| -> crate::error::Result<FileFacts> {
             let m = f
                 .metadata()
                 .map_err(|e| SourceError(format!("cannot stat: {e}")))?;

@@ -65,7 +65,7 @@ impl StreamSource {
     /// # Errors
     /// A command that cannot start or fails, a read error, storage errors:
     /// nothing is committed then.
-    pub fn backup(&self, mut ctx: SourceContext<'_>) -> anyhow::Result<BackupOutcome> {
+    pub fn backup(&self, mut ctx: SourceContext<'_>) -> crate::error::Result<BackupOutcome> {
         if self.command.is_empty() {
             let stdin = ctx.stdin.take().ok_or_else(|| {
                 LabError::usage("source 'stream' needs a command (there is no standard input here)")
@@ -103,7 +103,7 @@ pub fn backup_stream(
     chunker: ChunkerChoice,
     opts: &BackupOptions,
     progress: Progress,
-) -> anyhow::Result<BackupOutcome> {
+) -> crate::error::Result<BackupOutcome> {
     let started = Instant::now();
     let mut run = BackupRun::start(repo, opts.threads, progress)?;
     run.set_cancel(opts.cancel.clone());
@@ -171,7 +171,7 @@ impl CommandReader {
     ///
     /// # Errors
     /// A usage error when the program cannot be started.
-    pub fn spawn(command: &[String], cancel: &CancelFlag) -> anyhow::Result<CommandReader> {
+    pub fn spawn(command: &[String], cancel: &CancelFlag) -> crate::error::Result<CommandReader> {
         use std::os::unix::process::CommandExt;
         // Its own process group, so cancelling kills what it started too
         // (a shell's children would otherwise keep the pipe open).

@@ -12,7 +12,7 @@ use std::path::Path;
 ///
 /// # Errors
 /// When the file cannot be created or locked for another reason.
-pub fn try_exclusive(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
+pub fn try_exclusive(path: &Path) -> crate::error::Result<Option<std::fs::File>> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
@@ -30,5 +30,5 @@ pub fn try_exclusive(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
     if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
         return Ok(None);
     }
-    Err(anyhow::anyhow!("locking {}: {e}", path.display()))
+    Err(anyhow::anyhow!("locking {}: {e}", path.display()).into())
 }

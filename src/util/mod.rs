@@ -24,7 +24,7 @@ pub fn now_rfc3339() -> String {
 ///
 /// # Errors
 /// When the runtime cannot start.
-pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn runtime() -> crate::error::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -16,7 +16,7 @@ use std::path::Path;
 ///
 /// # Errors
 /// When the directory or file cannot be created or its mode set.
-pub fn private_file(path: &Path) -> anyhow::Result<()> {
+pub fn private_file(path: &Path) -> crate::error::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new()
@@ -39,7 +39,7 @@ pub fn private_file(path: &Path) -> anyhow::Result<()> {
 
 /// Switches to WAL. Switching needs an exclusive lock and SQLite does not
 /// wait for it through the busy handler, so concurrent first opens retry.
-pub fn set_wal(conn: &Connection) -> anyhow::Result<()> {
+pub fn set_wal(conn: &Connection) -> crate::error::Result<()> {
     let mut tries = 0;
     loop {
         match conn.pragma_update(None, "journal_mode", "WAL") {

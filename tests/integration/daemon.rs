@@ -75,7 +75,7 @@ struct Running {
     ctl: mpsc::Sender<Control>,
     events: broadcast::Receiver<DaemonEvent>,
     metrics: labctl::schedule::metrics::SharedMetrics,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    handle: tokio::task::JoinHandle<labctl::error::Result<()>>,
 }
 
 fn start_with(
@@ -516,7 +516,7 @@ fn failures_retry_notify_and_recover_without_stopping_the_daemon() {
 
 static PANICS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-fn panics_once(ctx: &schedule::ExecContext<'_>) -> anyhow::Result<runner::RunFacts> {
+fn panics_once(ctx: &schedule::ExecContext<'_>) -> labctl::error::Result<runner::RunFacts> {
     if PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
         panic!("simulated bug in a job");
     }

@@ -123,14 +123,14 @@ struct Shared {
     is_root: bool,
     progress: Progress,
     summary: Mutex<RestoreSummary>,
-    fatal: Mutex<Option<anyhow::Error>>,
+    fatal: Mutex<Option<crate::error::Error>>,
     stop: AtomicBool,
     /// Large writes use `O_DIRECT` until the filesystem refuses it.
     direct: AtomicBool,
 }
 
 impl Shared {
-    fn set_fatal(&self, e: anyhow::Error) {
+    fn set_fatal(&self, e: crate::error::Error) {
         let mut f = self.fatal.lock().unwrap();
         if f.is_none() {
             *f = Some(e);
@@ -149,7 +149,7 @@ impl Shared {
 
     /// Renames a complete file into place (or removes a failed one) and
     /// counts it. The file system work runs outside the summary's lock.
-    fn finish(&self, p: &Pending) -> anyhow::Result<()> {
+    fn finish(&self, p: &Pending) -> crate::error::Result<()> {
         p.done.store(true, Ordering::Release);
         let error = p.error.lock().unwrap().take();
         let file = p.file.lock().unwrap().take();
@@ -244,7 +244,7 @@ impl<'a> PackOrder<'a> {
     }
 
     /// Hands the batch to the readers, grouped by pack.
-    fn dispatch(&mut self) -> anyhow::Result<()> {
+    fn dispatch(&mut self) -> crate::error::Result<()> {
         let batch = std::mem::take(&mut self.batch);
         let mut order: Vec<Id> = vec![];
         let mut by_pack: HashMap<Id, Vec<Need>> = HashMap::new();
@@ -293,7 +293,7 @@ impl<'a> PackOrder<'a> {
         self.check_fatal()
     }
 
-    fn check_fatal(&self) -> anyhow::Result<()> {
+    fn check_fatal(&self) -> crate::error::Result<()> {
         match self.shared.fatal.lock().unwrap().take() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -309,7 +309,7 @@ impl<'a> PackOrder<'a> {
     }
 
     /// Reads what is left and returns what the restore did.
-    pub(super) fn finish(mut self) -> anyhow::Result<RestoreSummary> {
+    pub(super) fn finish(mut self) -> crate::error::Result<RestoreSummary> {
         let r = self.dispatch();
         self.close();
         if let Err(e) = r.and_then(|_| self.check_fatal()) {
@@ -334,7 +334,12 @@ impl<'a> PackOrder<'a> {
 }
 
 impl FileSink for PackOrder<'_> {
-    fn file(&mut self, _repo: &Repository, path: PathBuf, mut node: Node) -> anyhow::Result<()> {
+    fn file(
+        &mut self,
+        _repo: &Repository,
+        path: PathBuf,
+        mut node: Node,
+    ) -> crate::error::Result<()> {
         let tmp = temp_name(&path);
         let content = std::mem::take(&mut node.content);
         let deferred = content
@@ -448,7 +453,7 @@ fn read_range(backend: &dyn Backend, keys: &Keys, shared: &Shared, range: RangeJ
         Err(e @ (BackendError::NotFound { .. } | BackendError::ShortRead { .. })) => e.to_string(),
         Err(e) => {
             // BackendError::Io: exit code 7 (storage); the next run resumes.
-            shared.set_fatal(anyhow::Error::from(e).context(format!(
+            shared.set_fatal(crate::error::Error::from(e).context(format!(
                 "restore stopped reading pack {}; temporary files were removed",
                 pack.short()
             )));

@@ -65,11 +65,11 @@ pub enum ReadOrder {
 
 /// Where the directory walk sends regular files.
 trait FileSink {
-    fn file(&mut self, repo: &Repository, path: PathBuf, node: Node) -> anyhow::Result<()>;
+    fn file(&mut self, repo: &Repository, path: PathBuf, node: Node) -> crate::error::Result<()>;
 }
 
 impl FileSink for Pipeline {
-    fn file(&mut self, repo: &Repository, path: PathBuf, node: Node) -> anyhow::Result<()> {
+    fn file(&mut self, repo: &Repository, path: PathBuf, node: Node) -> crate::error::Result<()> {
         let content = node.content.clone();
         self.op(Op::FileStart {
             path,
@@ -98,7 +98,7 @@ pub struct RestoreSummary {
 
 enum Op {
     FileStart { path: PathBuf, node: Box<Node> },
-    Data(anyhow::Result<Vec<u8>>),
+    Data(crate::error::Result<Vec<u8>>),
     Zero(u64),
     FileEnd,
 }
@@ -191,7 +191,7 @@ fn fetch_group(
     backend: &dyn crate::backend::Backend,
     keys: &crate::repo::keys::Keys,
     group: &FetchGroup,
-) -> Vec<(u64, anyhow::Result<Vec<u8>>)> {
+) -> Vec<(u64, crate::error::Result<Vec<u8>>)> {
     let first = group[0].2;
     let last = group[group.len() - 1].2;
     if group.len() == 1 {
@@ -261,7 +261,7 @@ impl Pipeline {
         }
     }
 
-    fn flush_group(&mut self) -> anyhow::Result<()> {
+    fn flush_group(&mut self) -> crate::error::Result<()> {
         if self.group.is_empty() {
             return Ok(());
         }
@@ -270,12 +270,12 @@ impl Pipeline {
             .as_ref()
             .unwrap()
             .send(group)
-            .map_err(|_| anyhow::anyhow!("restore workers stopped"))
+            .map_err(|_| anyhow::anyhow!("restore workers stopped").into())
     }
 
     /// Takes `tok` from the window. When the window is full, the pending
     /// group goes out first: the writer may be waiting for it.
-    fn take(&mut self, tok: Tok) -> anyhow::Result<u64> {
+    fn take(&mut self, tok: Tok) -> crate::error::Result<u64> {
         let (rx, n) = match tok {
             Tok::Ctl => (self.ctl_credits.clone(), 1),
             Tok::Data(n) => (self.data_credits.clone(), n),
@@ -291,7 +291,7 @@ impl Pipeline {
         Ok(self.seq - 1)
     }
 
-    fn op(&mut self, op: Op) -> anyhow::Result<()> {
+    fn op(&mut self, op: Op) -> crate::error::Result<()> {
         let s = self.take(Tok::Ctl)?;
         self.ops_tx
             .as_ref()
@@ -303,7 +303,7 @@ impl Pipeline {
 
     /// Queues a chunk fetch, joining the pending group when it is the next
     /// neighbour in the same pack.
-    fn fetch(&mut self, id: Id, loc: BlobLocation) -> anyhow::Result<()> {
+    fn fetch(&mut self, id: Id, loc: BlobLocation) -> crate::error::Result<()> {
         let s = self.take(Tok::Data(units(&loc)))?;
         if let (Some(first), Some(last)) = (self.group.first(), self.group.last()) {
             let (first, last) = (first.2, last.2);
@@ -321,7 +321,7 @@ impl Pipeline {
         Ok(())
     }
 
-    fn content(&mut self, repo: &Repository, content: &[ContentRef]) -> anyhow::Result<()> {
+    fn content(&mut self, repo: &Repository, content: &[ContentRef]) -> crate::error::Result<()> {
         for c in content {
             match c {
                 ContentRef::Zero { zero } => self.op(Op::Zero(*zero))?,
@@ -348,11 +348,11 @@ impl Pipeline {
     }
 }
 
-fn run_writer<F: FnMut(Op) -> anyhow::Result<()>>(
+fn run_writer<F: FnMut(Op) -> crate::error::Result<()>>(
     rx: Receiver<OpMsg>,
     giver: Giver,
     mut apply: F,
-) -> anyhow::Result<()> {
+) -> crate::error::Result<()> {
     let mut next = 0u64;
     let mut held: BTreeMap<u64, (Op, Tok)> = BTreeMap::new();
     for (seq, op, tok) in rx {
@@ -367,7 +367,7 @@ fn run_writer<F: FnMut(Op) -> anyhow::Result<()>>(
     Ok(())
 }
 
-fn target_is_empty(target: &Path) -> anyhow::Result<bool> {
+fn target_is_empty(target: &Path) -> crate::error::Result<bool> {
     match fs::read_dir(target) {
         Ok(mut rd) => Ok(rd.next().is_none()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
@@ -406,7 +406,7 @@ pub fn restore_to_dir(
     target: &Path,
     opts: &RestoreOptions,
     progress: Progress,
-) -> anyhow::Result<RestoreSummary> {
+) -> crate::error::Result<RestoreSummary> {
     repo.keys.data_identity("restore")?;
     if !opts.overwrite && !target_is_empty(target)? {
         return Err(LabError::refused(format!(
@@ -507,7 +507,7 @@ fn restore_in_file_order(
     target: &Path,
     is_root: bool,
     progress: &Progress,
-) -> anyhow::Result<RestoreSummary> {
+) -> crate::error::Result<RestoreSummary> {
     let (ops_tx, ops_rx) = crossbeam_channel::unbounded::<OpMsg>();
     let (giver, data_credits, ctl_credits) = window();
     let mut pipe = Pipeline::start(repo, opts.threads, ops_tx, data_credits, ctl_credits);
@@ -554,7 +554,7 @@ impl DirWalk<'_> {
         path: PathBuf,
         child_rel: &str,
         mut node: Node,
-    ) -> anyhow::Result<()> {
+    ) -> crate::error::Result<()> {
         if self.opts.no_setuid {
             node.mode &= !0o6000;
         }
@@ -579,7 +579,7 @@ impl DirWalk<'_> {
         nodes: Vec<Node>,
         dir: &Path,
         rel: &str,
-    ) -> anyhow::Result<()> {
+    ) -> crate::error::Result<()> {
         let mut subtrees = prefetch_subtrees(self.repo, &nodes, &self.opts.include, rel);
         for node in nodes {
             let name_bytes = node.name_bytes();
@@ -621,7 +621,7 @@ impl DirWalk<'_> {
                             .remove(ids)
                             .map(Ok)
                             .unwrap_or_else(|| self.repo.read_tree(ids)),
-                        None => Err(anyhow::anyhow!("directory without a tree")),
+                        None => Err(anyhow::anyhow!("directory without a tree").into()),
                     };
                     match sub {
                         Ok(t) => self.tree(pipe, t.nodes, &path, &child_rel)?,
@@ -746,7 +746,7 @@ fn prefetch_subtrees(
             let handles: Vec<_> = located
                 .iter()
                 .map(|(_, locs)| {
-                    s.spawn(move || -> anyhow::Result<crate::repo::tree::Tree> {
+                    s.spawn(move || -> crate::error::Result<crate::repo::tree::Tree> {
                         let mut json = vec![];
                         for (id, loc, size) in locs {
                             json.extend_from_slice(&read_tree_blob_at(
@@ -761,7 +761,7 @@ fn prefetch_subtrees(
                 .into_iter()
                 .map(|h| {
                     h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("tree reader panicked")))
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("tree reader panicked").into()))
                 })
                 .collect()
         });
@@ -835,7 +835,7 @@ struct DirWriter {
 }
 
 impl DirWriter {
-    fn apply(&mut self, op: Op) -> anyhow::Result<()> {
+    fn apply(&mut self, op: Op) -> crate::error::Result<()> {
         match op {
             Op::FileStart { path, node } => {
                 let tmp = temp_name(&path);
@@ -888,7 +888,7 @@ impl DirWriter {
         Ok(())
     }
 
-    fn finish_file(&mut self, cur: OpenFile) -> anyhow::Result<()> {
+    fn finish_file(&mut self, cur: OpenFile) -> crate::error::Result<()> {
         let (error, file) = match cur.error {
             Some(err) => (Some(err), None),
             None => {
@@ -926,7 +926,7 @@ fn put_in_place(
     is_root: bool,
     error: Option<String>,
     file: Option<fs::File>,
-) -> anyhow::Result<Option<String>> {
+) -> crate::error::Result<Option<String>> {
     if let Some(err) = error {
         drop(file);
         let _ = fs::remove_file(tmp);
@@ -996,7 +996,7 @@ pub fn restore_to_writer(
     path: Option<&str>,
     out: &mut (dyn Write + Send),
     threads: usize,
-) -> anyhow::Result<u64> {
+) -> crate::error::Result<u64> {
     repo.keys.data_identity("restore")?;
     let (snap, chunks) = repo.load_snapshot(snap_id)?;
     repo.ensure_indexed(&chunks)?;
@@ -1057,7 +1057,7 @@ pub fn restore_to_writer(
 ///
 /// # Errors
 /// Catalog errors.
-pub fn content_len(repo: &Repository, content: &[ContentRef]) -> anyhow::Result<Option<u64>> {
+pub fn content_len(repo: &Repository, content: &[ContentRef]) -> crate::error::Result<Option<u64>> {
     let mut len = 0u64;
     for c in content {
         match c {
@@ -1071,7 +1071,7 @@ pub fn content_len(repo: &Repository, content: &[ContentRef]) -> anyhow::Result<
     Ok(Some(len))
 }
 
-fn find_file(repo: &Repository, root: &[Id], path: Option<&str>) -> anyhow::Result<Node> {
+fn find_file(repo: &Repository, root: &[Id], path: Option<&str>) -> crate::error::Result<Node> {
     let mut tree = repo.read_tree(root)?;
     let Some(path) = path else {
         let files: Vec<_> = tree
