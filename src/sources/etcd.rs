@@ -23,7 +23,6 @@ use crate::repo::backup::{BackupOutcome, BackupRun};
 use crate::repo::chunker::ChunkerKind;
 use crate::repo::extract;
 use crate::repo::snapshot::Source;
-use crate::repo::tree::{Node, NodeType, Tree};
 use crate::repo::{Id, Repository};
 use crate::util::units::parse_duration;
 use sha2::{Digest, Sha256};
@@ -299,28 +298,10 @@ impl EtcdSource {
             }
         };
         let size = run.summary_mut().bytes_read;
-        run.summary_mut().bytes_total = size;
-        run.summary_mut().files_new = 1;
-
         let after = rt.block_on(member_state(&mut client, &endpoint, timeout))?;
         let mut opts = ctx.opts.clone();
         facts(&mut opts.facts, &endpoint, &before, &after, size);
-
-        let mut node = Node::new(
-            FILE_NAME.as_bytes(),
-            NodeType::File,
-            0o100600,
-            // SAFETY: getuid/getgid cannot fail.
-            unsafe { libc::getuid() },
-            unsafe { libc::getgid() },
-            time::OffsetDateTime::now_utc().unix_timestamp_nanos(),
-        );
-        node.size = size;
-        node.content = content;
-        let root = run.add_tree(&Tree {
-            v: 1,
-            nodes: vec![node],
-        })?;
+        let root = super::one_file_root(&mut run, FILE_NAME.as_bytes(), content)?;
         run.finish(
             Source {
                 kind: KIND.into(),

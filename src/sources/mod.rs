@@ -38,6 +38,38 @@ impl SourceContext<'_> {
     }
 }
 
+/// Stores the listing of a snapshot that holds one file (a stream, an
+/// etcd snapshot) whose `content` was just added, counting it in the
+/// summary; returns the root tree's chunks for `finish`.
+///
+/// # Errors
+/// Storage errors.
+pub(crate) fn one_file_root(
+    run: &mut crate::repo::backup::BackupRun<'_>,
+    name: &[u8],
+    content: Vec<crate::repo::tree::ContentRef>,
+) -> crate::error::Result<Vec<crate::repo::Id>> {
+    use crate::repo::tree::{Node, NodeType, Tree};
+    let size = run.summary_mut().bytes_read;
+    run.summary_mut().bytes_total = size;
+    run.summary_mut().files_new = 1;
+    let mut node = Node::new(
+        name,
+        NodeType::File,
+        0o100600,
+        // SAFETY: getuid/getgid cannot fail.
+        unsafe { libc::getuid() },
+        unsafe { libc::getgid() },
+        time::OffsetDateTime::now_utc().unix_timestamp_nanos(),
+    );
+    node.size = size;
+    node.content = content;
+    run.add_tree(&Tree {
+        v: 1,
+        nodes: vec![node],
+    })
+}
+
 /// Every source kind, as a CLI subcommand (`labctl backup <kind>`) and as a
 /// `labctl.toml` job table (`backup = { source = "<kind>", ... }`). Adding
 /// a kind is a new file in this folder and one line here (and in the

@@ -10,7 +10,6 @@ use crate::error::{CancelFlag, Cancelled, LabError};
 use crate::repo::backup::{BackupOptions, BackupOutcome, BackupRun, ChunkerChoice};
 use crate::repo::chunker::ChunkerKind;
 use crate::repo::snapshot::Source;
-use crate::repo::tree::{Node, NodeType, Tree};
 use crate::repo::Repository;
 use crate::util::progress::Progress;
 use std::io::Read;
@@ -122,24 +121,7 @@ pub fn backup_stream(
             ))
             .into()
         })?;
-    let size = run.summary_mut().bytes_read;
-    run.summary_mut().bytes_total = size;
-    run.summary_mut().files_new = 1;
-    let mut node = Node::new(
-        name.as_bytes(),
-        NodeType::File,
-        0o100600,
-        // SAFETY: getuid/getgid cannot fail.
-        unsafe { libc::getuid() },
-        unsafe { libc::getgid() },
-        time::OffsetDateTime::now_utc().unix_timestamp_nanos(),
-    );
-    node.size = size;
-    node.content = content;
-    let root = run.add_tree(&Tree {
-        v: 1,
-        nodes: vec![node],
-    })?;
+    let root = super::one_file_root(&mut run, name.as_bytes(), content)?;
     run.finish(
         Source {
             kind: KIND.into(),

@@ -198,21 +198,24 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Runs openssl in `dir`, asserting success.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Makes a private CA (`ca.pem`) and a server certificate for 127.0.0.1 it
 /// signed (`srv.pem`, `srv.key`) in `d`, with openssl.
 pub fn make_private_ca(d: &Path) {
-    let sh = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(d)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let sh = |args: &[&str]| openssl(d, args);
     sh(&[
         "req",
         "-x509",

@@ -23,19 +23,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A CA and a certificate it signs (`name.crt`, `name.key`, mode 0600).
 fn issue(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
     issue_for(dir, ca, name, cn, ext, "2")
@@ -324,13 +311,20 @@ fn snapshot_count(env: &Env) -> usize {
         .len()
 }
 
-#[test]
-fn etcd_with_tls_backs_up_10000_keys_restores_with_etcdctl_and_verifies_on_a_live_member() {
-    let env = Env::new();
+/// kubeadm's PKI in `env`, a member with TLS and client-certificate auth,
+/// a runtime and a client of the member.
+fn tls_member(env: &Env) -> (PathBuf, Etcd, tokio::runtime::Runtime, etcd_client::Client) {
     let pki = make_pki(env.dir.path());
     let etcd = Etcd::start(&env.path("etcd-data"), "cp1", free_port(), Some(&pki));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut c = client(&rt, &etcd.url(), Some(&pki));
+    let c = client(&rt, &etcd.url(), Some(&pki));
+    (pki, etcd, rt, c)
+}
+
+#[test]
+fn etcd_with_tls_backs_up_10000_keys_restores_with_etcdctl_and_verifies_on_a_live_member() {
+    let env = Env::new();
+    let (pki, etcd, rt, mut c) = tls_member(&env);
     let mut at_backup: BTreeMap<String, Vec<u8>> = (0..10_000)
         .map(|i| {
             (
@@ -622,10 +616,7 @@ fn faulty_proxy_counted(upstream: u16, fault: Fault) -> (u16, Arc<AtomicU64>) {
 #[test]
 fn etcd_refusals_and_a_cut_stream_commit_nothing() {
     let env = Env::new();
-    let pki = make_pki(env.dir.path());
-    let etcd = Etcd::start(&env.path("etcd-data"), "cp1", free_port(), Some(&pki));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut c = client(&rt, &etcd.url(), Some(&pki));
+    let (pki, etcd, rt, mut c) = tls_member(&env);
     // ~8 MiB of values, so a cut after 1 MiB lands mid-stream.
     let kv: BTreeMap<String, Vec<u8>> = (0..2000)
         .map(|i| (format!("/registry/secrets/k{i}"), noise(4096, i)))
