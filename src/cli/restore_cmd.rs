@@ -158,9 +158,12 @@ fn run_etcd(
                 r.tool,
                 r.tool_version,
                 if r.revision_bumped {
-                    " (revision bumped by 1000000000, marked compacted)"
+                    format!(
+                        " (revision bumped by {}, marked compacted)",
+                        etcd::REVISION_BUMP
+                    )
                 } else {
-                    ""
+                    String::new()
                 }
             );
         }

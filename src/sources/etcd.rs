@@ -38,6 +38,20 @@ pub const KIND: &str = "etcd";
 /// The file the snapshot holds (what `labctl restore --target DIR` writes).
 pub const FILE_NAME: &str = "snapshot.db";
 
+/// kubeadm's defaults: the local member and its health-check client files.
+const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:2379";
+const DEFAULT_CACERT: &str = "/etc/kubernetes/pki/etcd/ca.crt";
+const DEFAULT_CERT: &str = "/etc/kubernetes/pki/etcd/healthcheck-client.crt";
+const DEFAULT_CLIENT_KEY: &str = "/etc/kubernetes/pki/etcd/healthcheck-client.key";
+const DEFAULT_TIMEOUT: &str = "10s";
+
+/// What `etcdutl snapshot restore --bump-revision` adds, so that watchers
+/// and caches of the old cluster see every key as changed and resync.
+pub const REVISION_BUMP: u64 = 1_000_000_000;
+
+/// The member name and cluster token of the member `verify` starts.
+const VERIFY_MEMBER: &str = "labctl-verify";
+
 /// How long a restored member may take to become healthy in `verify`.
 const VERIFY_START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -51,55 +65,43 @@ const VERIFY_START_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct EtcdSource {
     /// Client URL of the member to snapshot (https:// with the TLS files
     /// below, or http:// without them).
-    #[arg(long, default_value = "https://127.0.0.1:2379")]
+    #[arg(long, default_value = DEFAULT_ENDPOINT)]
     #[serde(default = "default_endpoint")]
     pub endpoint: String,
     /// CA certificate that signed the member's server certificate.
-    #[arg(
-        long,
-        value_name = "FILE",
-        default_value = "/etc/kubernetes/pki/etcd/ca.crt"
-    )]
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_CACERT)]
     #[serde(default = "default_cacert")]
     pub cacert: PathBuf,
     /// Client certificate (etcd runs with --client-cert-auth under kubeadm).
-    #[arg(
-        long,
-        value_name = "FILE",
-        default_value = "/etc/kubernetes/pki/etcd/healthcheck-client.crt"
-    )]
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_CERT)]
     #[serde(default = "default_cert")]
     pub cert: PathBuf,
     /// The client certificate's private key; refused when other users can
     /// read it. (`--key` is the repository key, as everywhere in labctl.)
-    #[arg(
-        long,
-        value_name = "FILE",
-        default_value = "/etc/kubernetes/pki/etcd/healthcheck-client.key"
-    )]
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_CLIENT_KEY)]
     #[serde(default = "default_client_key")]
     pub client_key: PathBuf,
     /// Time allowed to connect and for each status request (the stream
     /// itself may take as long as it needs).
-    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_TIMEOUT)]
     #[serde(default = "default_timeout")]
     pub timeout: String,
 }
 
 fn default_endpoint() -> String {
-    "https://127.0.0.1:2379".into()
+    DEFAULT_ENDPOINT.into()
 }
 fn default_cacert() -> PathBuf {
-    "/etc/kubernetes/pki/etcd/ca.crt".into()
+    DEFAULT_CACERT.into()
 }
 fn default_cert() -> PathBuf {
-    "/etc/kubernetes/pki/etcd/healthcheck-client.crt".into()
+    DEFAULT_CERT.into()
 }
 fn default_client_key() -> PathBuf {
-    "/etc/kubernetes/pki/etcd/healthcheck-client.key".into()
+    DEFAULT_CLIENT_KEY.into()
 }
 fn default_timeout() -> String {
-    "10s".into()
+    DEFAULT_TIMEOUT.into()
 }
 
 impl EtcdSource {
@@ -480,6 +482,15 @@ pub struct SnapshotCheck {
 }
 
 impl SnapshotCheck {
+    /// A check of a stream whose backend size is already known (a stored
+    /// snapshot file: its size less the 32-byte trailer).
+    pub fn expecting(db_size: u64) -> SnapshotCheck {
+        SnapshotCheck {
+            size: Some(db_size),
+            ..Default::default()
+        }
+    }
+
     /// Takes one message.
     ///
     /// # Errors
@@ -712,50 +723,54 @@ fn check_snapshot(
     Ok(snap)
 }
 
-/// Writes the snapshot's `snapshot.db` to `file`, checking its trailer.
-fn write_db(repo: &Repository, id: &Id, file: &Path, threads: usize) -> crate::error::Result<u64> {
+/// Writes the snapshot's `snapshot.db` (`size` bytes, trailer included)
+/// to `file`, checking its sha256 trailer as it is written.
+fn write_db(
+    repo: &Repository,
+    id: &Id,
+    size: u64,
+    file: &Path,
+    threads: usize,
+) -> crate::error::Result<u64> {
     let f = std::fs::File::create(file)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let mut w = CheckingWriter {
+        inner: std::io::BufWriter::with_capacity(1 << 20, f),
+        check: SnapshotCheck::expecting(size.saturating_sub(32)),
+    };
     let n = extract::restore_to_writer(repo, id, Some(FILE_NAME), &mut w, threads)?;
-    let f = w.into_inner().map_err(|e| e.into_error())?;
+    let f = w.inner.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
-    check_file(file)?;
+    w.check.finish().map_err(|e| {
+        LabError::new(
+            e.exit_code(),
+            format!("{}: {}", file.display(), e.message()),
+        )
+    })?;
     Ok(n)
 }
 
-/// Checks a saved snapshot file's sha256 trailer.
-fn check_file(file: &Path) -> crate::error::Result<()> {
-    let mut f = std::fs::File::open(file)?;
-    let len = f.metadata()?.len();
-    if len < 32 {
-        return Err(LabError::integrity(format!(
-            "{} is too short for an etcd snapshot",
-            file.display()
-        ))
-        .into());
-    }
-    let mut h = Sha256::new();
-    let mut left = len - 32;
-    let mut buf = vec![0u8; 1 << 20];
-    while left > 0 {
-        let n = (left as usize).min(buf.len());
-        f.read_exact(&mut buf[..n])?;
-        h.update(&buf[..n]);
-        left -= n as u64;
-    }
-    let mut trailer = [0u8; 32];
-    f.read_exact(&mut trailer)?;
-    if h.finalize().as_slice() != trailer {
-        return Err(LabError::integrity(format!(
-            "{}: the snapshot's sha256 does not match its trailer",
-            file.display()
-        ))
-        .into());
-    }
-    Ok(())
+/// A writer that passes the restored file through [`SnapshotCheck`], as
+/// it passed when it streamed from the member.
+struct CheckingWriter<W> {
+    inner: W,
+    check: SnapshotCheck,
 }
 
-/// Runs the restore tool on `db` into `dir` (which must not exist).
+impl<W: std::io::Write> std::io::Write for CheckingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        // The size is known, so the `remaining_bytes` argument is unused.
+        self.check
+            .feed(0, &buf[..n])
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Who the restored member is (the `snapshot restore` flags).
 struct Membership<'a> {
     name: &'a str,
@@ -764,6 +779,7 @@ struct Membership<'a> {
     peer_urls: &'a str,
 }
 
+/// Runs the restore tool on `db` into `dir` (which must not exist).
 fn run_tool(
     tool: &Tool,
     db: &Path,
@@ -788,7 +804,9 @@ fn run_tool(
         .arg(m.peer_urls)
         .stdin(Stdio::null());
     if bump {
-        cmd.args(["--bump-revision", "1000000000", "--mark-compacted"]);
+        cmd.arg("--bump-revision")
+            .arg(REVISION_BUMP.to_string())
+            .arg("--mark-compacted");
     }
     let out = cmd
         .output()
@@ -849,7 +867,7 @@ pub fn restore(
     dir: &Path,
     threads: usize,
 ) -> crate::error::Result<RestoreReport> {
-    check_snapshot(repo, id)?;
+    let snap = check_snapshot(repo, id)?;
     if let Ok(mut entries) = std::fs::read_dir(dir) {
         if entries.next().is_some() {
             return Err(LabError::refused(format!(
@@ -870,7 +888,7 @@ pub fn restore(
         .unwrap_or_else(|| format!("{}={peer}", args.name));
     let scratch = Scratch::beside(dir, "restore")?;
     let db = scratch.0.join(FILE_NAME);
-    let bytes = write_db(repo, id, &db, threads)?;
+    let bytes = write_db(repo, id, snap.summary.bytes_total, &db, threads)?;
     let staged = scratch.0.join("data");
     let member = Membership {
         name: &args.name,
@@ -945,24 +963,24 @@ pub fn verify(
     };
     let scratch = Scratch::beside(near, "verify")?;
     let db = scratch.0.join(FILE_NAME);
-    write_db(repo, id, &db, threads)?;
+    write_db(repo, id, snap.summary.bytes_total, &db, threads)?;
     let data = scratch.0.join("data");
     let (client_port, peer_port) = (free_port()?, free_port()?);
     let peer = format!("http://127.0.0.1:{peer_port}");
     let client_url = format!("http://127.0.0.1:{client_port}");
     // No revision bump here: the point is to compare with the facts.
-    let cluster = format!("labctl-verify={peer}");
+    let cluster = format!("{VERIFY_MEMBER}={peer}");
     let member = Membership {
-        name: "labctl-verify",
+        name: VERIFY_MEMBER,
         cluster: &cluster,
-        token: "labctl-verify",
+        token: VERIFY_MEMBER,
         peer_urls: &peer,
     };
     run_tool(&tool, &db, &data, &member, false)?;
     let log = std::fs::File::create(scratch.0.join("etcd.log"))?;
     let child = Command::new(&etcd)
         .arg("--name")
-        .arg("labctl-verify")
+        .arg(VERIFY_MEMBER)
         .arg("--data-dir")
         .arg(&data)
         .arg("--listen-client-urls")
@@ -974,7 +992,7 @@ pub fn verify(
         .arg("--initial-advertise-peer-urls")
         .arg(&peer)
         .arg("--initial-cluster")
-        .arg(format!("labctl-verify={peer}"))
+        .arg(&cluster)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
