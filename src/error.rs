@@ -271,7 +271,6 @@ pub enum ErrorKind {
 /// names the object and what to do. Printed whole (`a: b: c`).
 pub struct Error {
     kind: ErrorKind,
-    retryable: bool,
     chain: anyhow::Error,
 }
 
@@ -298,7 +297,7 @@ impl Error {
 
     /// Whether another attempt may succeed (see [`is_retryable`]).
     pub fn is_retryable(&self) -> bool {
-        self.retryable
+        is_retryable(&self.chain)
     }
 
     /// Whether the work was cancelled (a timeout or shutdown).
@@ -360,11 +359,7 @@ impl<E: Into<anyhow::Error>> From<E> for Error {
                 _ => ErrorKind::Failed,
             }
         };
-        Error {
-            kind,
-            retryable: is_retryable(&chain),
-            chain,
-        }
+        Error { kind, chain }
     }
 }
 

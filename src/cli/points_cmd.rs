@@ -4,7 +4,6 @@
 use super::{print_json, GlobalArgs};
 use crate::error::{ExitCode, LabError};
 use crate::repo::select::{restore_points, RestorePoint};
-use crate::repo::snapshot::Snapshot;
 use crate::util::units::human_bytes;
 use clap::{Args, Subcommand};
 
@@ -26,12 +25,7 @@ pub enum PointsSub {
 }
 
 fn load(g: &GlobalArgs) -> crate::error::Result<Vec<RestorePoint>> {
-    let repo = g.open(false)?;
-    let mut snaps = vec![];
-    for row in repo.catalog.snapshots()? {
-        let snap: Snapshot = serde_json::from_str(&row.json)?;
-        snaps.push((row.id, snap));
-    }
+    let snaps = g.open(false)?.catalog.snapshot_manifests()?;
     Ok(restore_points(snaps.iter().map(|(i, s)| (i, s))))
 }
 

@@ -35,15 +35,11 @@ struct Listed {
 pub fn run_snapshots(g: &GlobalArgs, c: SnapshotsCmd) -> crate::error::Result<ExitCode> {
     let repo = g.open(false)?;
     let mut out = vec![];
-    for row in repo.catalog.snapshots()? {
-        let snap: Snapshot = serde_json::from_str(&row.json)?;
+    for (id, snap) in repo.catalog.snapshot_manifests()? {
         if !c.filter.matches(&snap) {
             continue;
         }
-        out.push(Listed {
-            id: row.id.hex(),
-            snap,
-        });
+        out.push(Listed { id: id.hex(), snap });
     }
     if g.json {
         print_json(&out)?;

@@ -154,7 +154,9 @@ impl Quantity {
     }
 }
 
-fn is_dns1123_label(s: &str) -> bool {
+/// A DNS-1123 label (a namespace name): at most 63 lowercase letters,
+/// digits and '-', starting and ending with a letter or digit.
+pub fn is_dns1123_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.chars()
@@ -165,6 +167,21 @@ fn is_dns1123_label(s: &str) -> bool {
 
 fn is_dns1123_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// The name part of a qualified name, and a non-empty label value
+/// (`IsValidLabelValue`): at most 63 characters of `[A-Za-z0-9_.-]`,
+/// starting and ending with an alphanumeric.
+pub fn is_label_value(name: &str) -> bool {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let ends = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    !name.is_empty()
+        && name.len() <= 63
+        && ok_chars
+        && ends(name.chars().next())
+        && ends(name.chars().last())
 }
 
 /// `IsQualifiedName`: `[prefix/]name`, the prefix a DNS subdomain, the name
@@ -192,16 +209,7 @@ pub fn qualified_name_problem(s: &str) -> Option<String> {
             )
         }
     };
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    let ends = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
-    if name.is_empty()
-        || name.len() > 63
-        || !ok_chars
-        || !ends(name.chars().next())
-        || !ends(name.chars().last())
-    {
+    if !is_label_value(name) {
         return Some(format!(
             "name part '{name}' must be at most 63 characters of letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
         ));

@@ -439,15 +439,7 @@ pub fn load(dir: &Path, today: Date) -> crate::error::Result<Policy> {
                     }
                     p.settings = de(&doc, &origin)?;
                     let n = &p.settings.name;
-                    // A label value (k8s.io/apimachinery validation
-                    // IsValidLabelValue): 63 characters at most,
-                    // alphanumerics at both ends, '-', '_', '.' inside.
-                    let label_ok = !n.is_empty()
-                        && n.len() <= 63
-                        && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                        && n.starts_with(|c: char| c.is_ascii_alphanumeric())
-                        && n.ends_with(|c: char| c.is_ascii_alphanumeric());
-                    if !label_ok {
+                    if !crate::k8s::validation::is_label_value(n) {
                         let line = line_of(&doc, &origin, "name", n);
                         return Err(crate::util::located::error(
                             origin.file.display(),
@@ -655,14 +647,7 @@ fn validate(
     }
     let mut gpu_total = 0.0;
     for (name, (pr, o)) in &p.profiles {
-        let dns = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            && !name.starts_with('-')
-            && !name.ends_with('-');
-        if !dns {
+        if !crate::k8s::validation::is_dns1123_label(name) {
             return Err(at(
                 o,
                 "name",

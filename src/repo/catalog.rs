@@ -619,6 +619,16 @@ impl Catalog {
         let rows = st.query_map([], |r| Ok((id_of(r.get(0)?), r.get(1)?, r.get(2)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+    /// Snapshot manifests, oldest first, parsed (for listing, retention and
+    /// restore points, which decide on the manifest alone).
+    pub fn snapshot_manifests(
+        &self,
+    ) -> crate::error::Result<Vec<(Id, crate::repo::snapshot::Snapshot)>> {
+        self.snapshots()?
+            .into_iter()
+            .map(|row| Ok((row.id, serde_json::from_str(&row.json)?)))
+            .collect()
+    }
     /// Forgets the vanished list (`catalog rebuild`: the operator acknowledged it).
     pub fn clear_vanished(&self) -> crate::error::Result<()> {
         self.conn.execute("DELETE FROM vanished", [])?;

@@ -297,12 +297,16 @@ pub fn keep_points_whole(
     all: &[(Id, crate::repo::snapshot::Snapshot)],
 ) {
     let points = crate::repo::select::restore_points(all.iter().map(|(i, s)| (i, s)));
+    let decided: std::collections::HashMap<Id, usize> = decisions
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.id, i))
+        .collect();
     for p in points.iter().filter(|p| p.complete && p.members.len() > 1) {
-        let idx: Vec<usize> = decisions
+        let idx: Vec<usize> = p
+            .members
             .iter()
-            .enumerate()
-            .filter(|(_, d)| p.members.iter().any(|m| m.snapshot == d.id))
-            .map(|(i, _)| i)
+            .filter_map(|m| decided.get(&m.snapshot).copied())
             .collect();
         if idx.is_empty() {
             continue;
@@ -365,27 +369,21 @@ pub fn apply(
         )
         .into());
     }
-    let mut all = vec![];
+    let all = repo.catalog.snapshot_manifests()?;
     let mut candidates = vec![];
-    for row in repo.catalog.snapshots()? {
-        let snap: crate::repo::snapshot::Snapshot = serde_json::from_str(&row.json)?;
-        if filter(&snap) {
+    for (id, snap) in &all {
+        if filter(snap) {
             let time =
                 OffsetDateTime::parse(&snap.time, &time::format_description::well_known::Rfc3339)
                     .map_err(|_| {
-                    LabError::integrity(format!(
-                        "snapshot {}: bad time {}",
-                        row.id.short(),
-                        snap.time
-                    ))
+                    LabError::integrity(format!("snapshot {}: bad time {}", id.short(), snap.time))
                 })?;
             candidates.push(Candidate {
-                id: row.id,
+                id: *id,
                 time,
-                group: group_key(&snap, by),
+                group: group_key(snap, by),
             });
         }
-        all.push((row.id, snap));
     }
     let mut decisions = decide(candidates, policy);
     keep_points_whole(&mut decisions, &all);

@@ -238,18 +238,12 @@ fn backup_point(
     sources: &[crate::sources::SourceSpec],
 ) -> crate::error::Result<RunFacts> {
     use crate::repo::select::{POINT_INDEX, POINT_SOURCES};
-    let now = time::OffsetDateTime::now_utc();
-    let point = format!(
-        "{}-{:04}{:02}{:02}T{:02}{:02}{:02}Z-{:04x}",
-        job.name,
-        now.year(),
-        now.month() as u8,
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second(),
-        rand::random::<u16>()
-    );
+    let stamp = time::OffsetDateTime::now_utc()
+        .format(time::macros::format_description!(
+            "[year][month][day]T[hour][minute][second]Z"
+        ))
+        .expect("a UTC time formats");
+    let point = format!("{}-{stamp}-{:04x}", job.name, rand::random::<u16>());
     let kinds: Vec<&str> = sources.iter().map(|s| s.kind()).collect();
     let mut facts = RunFacts::default();
     let mut written = vec![];
@@ -283,7 +277,7 @@ fn backup_point(
                 ));
                 written.push(out.snapshot_id);
             }
-            Err(e) if is_cancelled(&e) => return Err(e),
+            Err(e) if e.is_cancelled() => return Err(e),
             Err(e) => failed.push(format!("#{} {}: {e:#}", i + 1, kinds[i])),
         }
     }
@@ -309,9 +303,4 @@ fn backup_point(
     );
     retention(repo, job, &written, &mut facts)?;
     Ok(facts)
-}
-
-/// True when `e` (or its cause) is a cancellation.
-pub fn is_cancelled(e: &crate::error::Error) -> bool {
-    e.is_cancelled()
 }
