@@ -212,53 +212,95 @@ pub fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// A self-signed CA valid for two days: `{stem}.key` and
+/// `{stem}.{cert_ext}`, subject `CN={cn}`.
+pub fn new_ca(dir: &Path, stem: &str, cert_ext: &str, cn: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{stem}.key"),
+            "-out",
+            &format!("{stem}.{cert_ext}"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+}
+
+/// A certificate the CA `ca_stem` signs: `{stem}.key` (mode 0600) and
+/// `{stem}.{cert_ext}`, subject `CN={cn}`, with the X.509 extensions `ext`
+/// (openssl extfile lines), valid for `days` (`-1`: expired yesterday).
+pub fn issue_cert(
+    dir: &Path,
+    ca_stem: &str,
+    stem: &str,
+    cert_ext: &str,
+    cn: &str,
+    ext: &str,
+    days: &str,
+) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{stem}.key"),
+            "-out",
+            &format!("{stem}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+    fs::write(dir.join(format!("{stem}.ext")), ext).unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{stem}.csr"),
+            "-CA",
+            &format!("{ca_stem}.{cert_ext}"),
+            "-CAkey",
+            &format!("{ca_stem}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{stem}.{cert_ext}"),
+            "-days",
+            days,
+            "-extfile",
+            &format!("{stem}.ext"),
+        ],
+    );
+    fs::set_permissions(
+        dir.join(format!("{stem}.key")),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+}
+
 /// Makes a private CA (`ca.pem`) and a server certificate for 127.0.0.1 it
 /// signed (`srv.pem`, `srv.key`) in `d`, with openssl.
 pub fn make_private_ca(d: &Path) {
-    let sh = |args: &[&str]| openssl(d, args);
-    sh(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
+    new_ca(d, "ca", "pem", "labctl test CA");
+    issue_cert(
+        d,
+        "ca",
+        "srv",
+        "pem",
+        "127.0.0.1",
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
         "2",
-        "-subj",
-        "/CN=labctl test CA",
-    ]);
-    sh(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "srv.key",
-        "-out",
-        "srv.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    fs::write(d.join("ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n").unwrap();
-    sh(&[
-        "x509",
-        "-req",
-        "-in",
-        "srv.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "srv.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext",
-    ]);
+    );
 }

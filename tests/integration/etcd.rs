@@ -23,75 +23,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A CA and a certificate it signs (`name.crt`, `name.key`, mode 0600).
+/// A certificate the CA `ca` signs, valid two days: `name.crt`, `name.key`.
 fn issue(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
-    issue_for(dir, ca, name, cn, ext, "2")
-}
-
-/// As [`issue`], valid for `days` (`-1`: expired yesterday).
-fn issue_for(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str, days: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={cn}"),
-        ],
-    );
-    fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.crt"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.crt"),
-            "-days",
-            days,
-            "-extfile",
-            &format!("{name}.ext"),
-        ],
-    );
-    fs::set_permissions(
-        dir.join(format!("{name}.key")),
-        fs::Permissions::from_mode(0o600),
-    )
-    .unwrap();
-}
-
-fn new_ca(dir: &Path, name: &str, cn: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={cn}"),
-        ],
-    );
+    issue_cert(dir, ca, name, "crt", cn, ext, "2")
 }
 
 /// kubeadm's etcd PKI (`ca`, `server`, `healthcheck-client`) plus a second
@@ -99,7 +33,7 @@ fn new_ca(dir: &Path, name: &str, cn: &str) {
 fn make_pki(dir: &Path) -> PathBuf {
     let d = dir.join("pki/etcd");
     fs::create_dir_all(&d).unwrap();
-    new_ca(&d, "ca", "etcd-ca");
+    new_ca(&d, "ca", "crt", "etcd-ca");
     issue(
         &d,
         "ca",
@@ -114,15 +48,16 @@ fn make_pki(dir: &Path) -> PathBuf {
         "kube-etcd-healthcheck-client",
         "extendedKeyUsage=clientAuth\n",
     );
-    issue_for(
+    issue_cert(
         &d,
         "ca",
         "expired-client",
+        "crt",
         "kube-etcd-healthcheck-client",
         "extendedKeyUsage=clientAuth\n",
         "-1",
     );
-    new_ca(&d, "other-ca", "someone else's CA");
+    new_ca(&d, "other-ca", "crt", "someone else's CA");
     issue(
         &d,
         "other-ca",
