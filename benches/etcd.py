@@ -60,6 +60,27 @@ def value(i, night):
     return rnd + text
 
 
+def start_etcd(tmp):
+    """A real etcd on free loopback ports with its data in tmp/etcd and an
+    8 GiB quota; returns (process, client URL) once it answers."""
+    cport, pport = free_port(), free_port()
+    url = f"http://127.0.0.1:{cport}"
+    etcd = subprocess.Popen(
+        ["etcd", "--data-dir", f"{tmp}/etcd", "--quota-backend-bytes", str(8 << 30),
+         "--listen-client-urls", url, "--advertise-client-urls", url,
+         "--listen-peer-urls", f"http://127.0.0.1:{pport}",
+         "--initial-advertise-peer-urls", f"http://127.0.0.1:{pport}",
+         "--initial-cluster", f"default=http://127.0.0.1:{pport}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/health").read()
+            break
+        except Exception:
+            time.sleep(0.1)
+    return etcd, url
+
+
 def timed(cmd, env=None):
     t = time.monotonic()
     out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -79,22 +100,8 @@ def main():
     if not os.path.exists(a.labctl):
         subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True)
     tmp = tempfile.mkdtemp(prefix="labctl-etcd-bench-")
-    cport, pport = free_port(), free_port()
-    url = f"http://127.0.0.1:{cport}"
-    etcd = subprocess.Popen(
-        ["etcd", "--data-dir", f"{tmp}/etcd", "--quota-backend-bytes", str(8 << 30),
-         "--listen-client-urls", url, "--advertise-client-urls", url,
-         "--listen-peer-urls", f"http://127.0.0.1:{pport}",
-         "--initial-advertise-peer-urls", f"http://127.0.0.1:{pport}",
-         "--initial-cluster", f"default=http://127.0.0.1:{pport}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    etcd, url = start_etcd(tmp)
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/health").read()
-                break
-            except Exception:
-                time.sleep(0.1)
         n = a.size_mib * 1024 * 1024 // 8192
         t = time.monotonic()
         for start in range(0, n, 64):

@@ -13,9 +13,19 @@ command -v mount >/dev/null || need_apt+=(mount)           # the full-disk test 
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler) # etcd-client's build generates its gRPC code
 command -v etcd >/dev/null || need_apt+=(etcd-server)      # the etcd source's tests run a real member
 command -v etcdctl >/dev/null || need_apt+=(etcd-client)   # ... and restore with etcdctl 3.4
+command -v ssh-keygen >/dev/null || need_apt+=(openssh-client) # the VM source talks to nodes over SSH
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)         # ... and its tests run a real sshd on loopback
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
+    # No package may start a service here (openssh-server would listen on
+    # port 22): the tests start what they need on loopback themselves.
+    guard=/usr/sbin/policy-rc.d made_guard=
+    if [ ! -e "$guard" ]; then
+      printf '#!/bin/sh\nexit 101\n' > "$guard" && chmod +x "$guard" && made_guard=1
+      trap 'rm -f "$guard"' EXIT
+    fi
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+    if [ -n "$made_guard" ]; then rm -f "$guard"; trap - EXIT; fi
   else
     echo "missing packages: ${need_apt[*]} (install them, or run as root)" >&2
     exit 1
@@ -39,6 +49,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
+# The VM tests run examples/fakepve.rs as the test sshd's vzdump/qmrestore:
+# `cargo test --all-targets` builds examples as test harnesses only.
+cargo build --locked --example fakepve
 cargo test --locked --all-targets
 echo "== doc tests"
 cargo test --locked --doc

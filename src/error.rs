@@ -41,6 +41,23 @@ impl ExitCode {
     pub fn code(self) -> i32 {
         self as i32
     }
+
+    /// The code for a number recorded earlier (an unknown one is a failure).
+    pub fn from_code(code: i32) -> ExitCode {
+        [
+            ExitCode::Success,
+            ExitCode::Failure,
+            ExitCode::Usage,
+            ExitCode::PartialBackup,
+            ExitCode::Integrity,
+            ExitCode::Key,
+            ExitCode::Refused,
+            ExitCode::Storage,
+        ]
+        .into_iter()
+        .find(|c| c.code() == code)
+        .unwrap_or(ExitCode::Failure)
+    }
 }
 
 /// A classified error: what kind of failure (one variant per exit code),

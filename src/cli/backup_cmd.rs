@@ -53,11 +53,19 @@ pub fn run(g: &GlobalArgs, cmd: BackupCmd) -> crate::error::Result<ExitCode> {
         .validate(false)
         .map_err(|(field, why)| LabError::usage(format!("{field}: {why}")))?;
     let repo = g.open(false)?;
+    if let SourceSpec::Vm(v) = &cmd.source {
+        if v.vm.len() > 1 {
+            return backup_vms(g, &repo, v, &cmd.common);
+        }
+    }
     let outcome = cmd.source.backup(SourceContext {
         repo: &repo,
         opts: options(&cmd.common),
         progress: Progress::bytes(g.progress_enabled(), "backup", None),
-        stdin: Some(Box::new(std::io::stdin().lock())),
+        stdin: Some({
+            crate::sources::stream::widen_pipe(0);
+            Box::new(std::io::stdin().lock())
+        }),
     })?;
     report(g, &outcome)?;
     Ok(if outcome.summary.is_complete() {
@@ -65,6 +73,46 @@ pub fn run(g: &GlobalArgs, cmd: BackupCmd) -> crate::error::Result<ExitCode> {
     } else {
         ExitCode::PartialBackup
     })
+}
+
+/// `labctl backup vm a b c`: one snapshot per VM, as one restore point.
+fn backup_vms(
+    g: &GlobalArgs,
+    repo: &crate::repo::Repository,
+    v: &crate::sources::vm::VmSource,
+    common: &CommonBackupArgs,
+) -> crate::error::Result<ExitCode> {
+    let specs: Vec<SourceSpec> = v.each().into_iter().map(SourceSpec::Vm).collect();
+    let run = crate::sources::backup_point(repo, "vms", &specs, &options(common), &|s| {
+        Progress::bytes(
+            g.progress_enabled(),
+            &format!("backup vm {}", s.what()),
+            None,
+        )
+    })?;
+    if g.json {
+        print_json(&serde_json::json!({
+            "restore-point": run.point,
+            "snapshots": run.written.iter().map(|(_, _, o)| o).collect::<Vec<_>>(),
+            "failed": run.failed,
+        }))?;
+    } else {
+        for (_, _, o) in &run.written {
+            report(g, o)?;
+        }
+        if !g.quiet {
+            eprintln!("restore point {}", run.point);
+        }
+    }
+    if !run.failed.is_empty() {
+        return Err(LabError::failed(format!(
+            "restore point {} is partial: {}",
+            run.point,
+            run.failed.join("; ")
+        ))
+        .into());
+    }
+    Ok(ExitCode::Success)
 }
 
 fn report(g: &GlobalArgs, o: &BackupOutcome) -> crate::error::Result<()> {

@@ -225,7 +225,7 @@ fn context(
 ) -> crate::error::Result<JobContext> {
     Ok(JobContext {
         state_dir: schedule::runner::state_dir(&loaded.raw.repository)?,
-        env: schedule::JobEnv::from_config(&loaded.raw),
+        env: schedule::JobEnv::from_config(loaded),
         notify: loaded.settings.notify.clone(),
         clock: Arc::new(SystemClock),
         events: tokio::sync::broadcast::channel(64).0,
@@ -381,5 +381,60 @@ pub fn run_daemon(_g: &GlobalArgs, c: DaemonCmd) -> crate::error::Result<ExitCod
         )
         .await
     })?;
+    Ok(ExitCode::Success)
+}
+
+/// `labctl drills`.
+#[derive(Args, Debug)]
+pub struct DrillsCmd {
+    /// Only this drill job.
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// How many drills.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+}
+
+pub fn run_drills(g: &GlobalArgs, c: DrillsCmd) -> crate::error::Result<ExitCode> {
+    let loaded = config::load_without_secrets(&c.config.config)?;
+    let cat = crate::records::jobs::JobHistory::open(&schedule::runner::history_path(
+        &loaded.raw.repository,
+    )?)?;
+    let drills = cat.drills(c.name.as_deref(), false, c.limit)?;
+    if g.json {
+        print_json(&drills)?;
+        return Ok(ExitCode::Success);
+    }
+    if drills.is_empty() {
+        println!("no drills recorded yet (a job with drill = {{ plan = ... }} runs them)");
+    }
+    for d in &drills {
+        let t = chrono::DateTime::from_timestamp_millis(d.started_ms)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+            .unwrap_or_default();
+        let objective = d.report["rto-objective-seconds"]
+            .as_u64()
+            .map(|o| {
+                let met = d.report["within-objective"].as_bool() == Some(true);
+                format!(" (objective {o}s{})", if met { " met" } else { " MISSED" })
+            })
+            .unwrap_or_default();
+        println!(
+            "{t}  {:<14} {:<8} point {}  RTO {:.1}s{objective}",
+            d.job, d.outcome, d.point, d.seconds
+        );
+        for s in d.report["steps"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<7} {:<32} {:<9} {:>10} {:>7.1}s  {}",
+                s["kind"].as_str().unwrap_or(""),
+                s["name"].as_str().unwrap_or(""),
+                s["outcome"].as_str().unwrap_or(""),
+                human_bytes(s["bytes"].as_u64().unwrap_or(0)),
+                s["seconds"].as_f64().unwrap_or(0.0),
+                s["error"].as_str().or(s["verified"].as_str()).unwrap_or("")
+            );
+        }
+    }
     Ok(ExitCode::Success)
 }

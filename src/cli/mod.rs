@@ -90,8 +90,12 @@ pub enum Command {
     /// List restore points (one multi-source job run's snapshots): time,
     /// complete or partial, sources and sizes; `points show ID` for one.
     Points(points_cmd::PointsCmd),
-    /// Restore a snapshot into a directory, to stdout, or as an etcd data directory (needs the restore key).
-    Restore(restore_cmd::RestoreCmd),
+    /// Restore a snapshot (into a directory, to stdout, as an etcd data
+    /// directory) or a whole restore point through a plan (--to staging).
+    Restore(Box<restore_cmd::RestoreCmd>),
+    /// Restore plans (restore-plans/ENV.yaml): validate them.
+    #[command(subcommand)]
+    RestorePlan(restore_cmd::RestorePlanCmd),
     /// Verify the repository: structure, or with --read-data every byte.
     Check(check_cmd::CheckCmd),
     /// Remove snapshots by retention rules (per source); --dry-run explains each decision.
@@ -113,7 +117,7 @@ pub enum Command {
     /// Recover key files from the escrow copies in the repository.
     #[command(subcommand)]
     Key(repo_cmd::KeyCmd),
-    /// Run the scheduled jobs of labctl.toml: backups, retention, prune, check;
+    /// Run the scheduled jobs of labctl.toml: backups, retention, prune, check, drills;
     /// Prometheus metrics, webhooks. SIGTERM stops gracefully, SIGHUP reloads.
     Daemon(daemon_cmd::DaemonCmd),
     /// Check the daemon configuration file.
@@ -124,6 +128,10 @@ pub enum Command {
     /// Run a configured job now, or show job history.
     #[command(subcommand)]
     Jobs(daemon_cmd::JobsCmd),
+    /// Restore drills the daemon ran (newest first): time, point, outcome,
+    /// measured restore time (RTO) against the plan's objective, and each
+    /// source's result.
+    Drills(daemon_cmd::DrillsCmd),
     /// Researcher profiles, RBAC and quotas from policy files: validate, render, expiring.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCmd),
@@ -171,7 +179,8 @@ pub fn run(cli: Cli) -> crate::error::Result<crate::error::ExitCode> {
         Command::Snapshots(c) => snapshots_cmd::run_snapshots(g, c),
         Command::Points(c) => points_cmd::run(g, c),
         Command::Ls(c) => snapshots_cmd::run_ls(g, c),
-        Command::Restore(c) => restore_cmd::run(g, c),
+        Command::Restore(c) => restore_cmd::run(g, *c),
+        Command::RestorePlan(c) => restore_cmd::run_restore_plan(g, c),
         Command::Check(c) => check_cmd::run_check(g, c),
         Command::Catalog(c) => check_cmd::run_catalog(g, c),
         Command::Repair(c) => check_cmd::run_repair(g, c),
@@ -189,6 +198,7 @@ pub fn run(cli: Cli) -> crate::error::Result<crate::error::ExitCode> {
         Command::Config(c) => daemon_cmd::run_config(g, c),
         Command::Status(c) => daemon_cmd::run_status(g, c),
         Command::Jobs(c) => daemon_cmd::run_jobs(g, c),
+        Command::Drills(c) => daemon_cmd::run_drills(g, c),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "labctl", &mut std::io::stdout());

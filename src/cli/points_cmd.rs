@@ -2,7 +2,7 @@
 //! multi-source job wrote), complete or partial.
 
 use super::{print_json, GlobalArgs};
-use crate::error::{ExitCode, LabError};
+use crate::error::ExitCode;
 use crate::repo::select::{restore_points, RestorePoint};
 use crate::util::units::human_bytes;
 use clap::{Args, Subcommand};
@@ -62,29 +62,7 @@ pub fn run(g: &GlobalArgs, c: PointsCmd) -> crate::error::Result<ExitCode> {
             Ok(ExitCode::Success)
         }
         Some(PointsSub::Show { id }) => {
-            let found: Vec<&RestorePoint> = if id == "latest" {
-                points.iter().rev().filter(|p| p.complete).take(1).collect()
-            } else if let Some(p) = points.iter().find(|p| p.id == id) {
-                vec![p]
-            } else {
-                points.iter().filter(|p| p.id.starts_with(&id)).collect()
-            };
-            let p = match found.as_slice() {
-                [p] => *p,
-                [] => {
-                    return Err(LabError::usage(format!(
-                        "no restore point {id} (see `labctl points`)"
-                    ))
-                    .into())
-                }
-                _ => {
-                    return Err(LabError::usage(format!(
-                        "{id} matches {} restore points; give more of the ID",
-                        found.len()
-                    ))
-                    .into())
-                }
-            };
+            let p = crate::repo::select::find_point(&points, &id)?;
             if g.json {
                 return print_json(p).map(|_| ExitCode::Success);
             }

@@ -5,7 +5,6 @@ use crate::error::{ExitCode, LabError};
 use crate::repo::chunker::ChunkerParams;
 use crate::repo::keys::{read_passphrase_file, KeyRole};
 use crate::repo::{self, InitOptions};
-use crate::util::units::human_bytes;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 
@@ -245,8 +244,15 @@ pub fn run_demo(g: &GlobalArgs, c: DemoCmd) -> crate::error::Result<ExitCode> {
         print_json(&report)?;
     } else if !g.quiet {
         println!(
-            "demo complete: {} restored byte-identical in {} (state in {})",
-            human_bytes(report.sample_bytes),
+            "demo complete: restore point {} ({} source(s){}) restored into staging and verified in {:.1}s; the tree is in {} (state in {})",
+            report.point,
+            report.sources.len(),
+            if report.skipped.is_empty() {
+                String::new()
+            } else {
+                format!("; left out: {}", report.skipped.join(", "))
+            },
+            report.restore.seconds,
             report.staging.display(),
             c.state_dir.display()
         );

@@ -13,13 +13,24 @@ use std::path::PathBuf;
     clap::ArgGroup::new("dest")
         .required(true)
         .multiple(true)
-        .args(["target", "stdout", "etcd_data_dir", "verify"])
+        .args(["target", "stdout", "etcd_data_dir", "verify", "to", "to_vm"])
 ))]
+#[command(after_help = "\
+Examples:
+  labctl restore latest --target /tmp/r                 # the newest snapshot into /tmp/r
+  labctl restore 3f2a --stdout > dump.pgc               # a stream snapshot
+  labctl restore 9c1e --etcd-data-dir /var/lib/etcd-new --verify
+  labctl restore --to staging --dry-run                 # what the staging plan would do
+  labctl restore --to staging --only etcd,stream        # restore, verify, report the RTO
+  labctl restore --to production --point platform-20261204T020000Z-1a2b \\
+      --confirm platform-20261204T020000Z-1a2b")]
 pub struct RestoreCmd {
-    /// Snapshot ID (or a unique prefix), or `latest`.
-    pub snapshot: String,
+    /// Snapshot ID (or a unique prefix), or `latest`. Not with --to, which
+    /// restores a whole restore point.
+    #[arg(required_unless_present = "to", conflicts_with = "to")]
+    pub snapshot: Option<String>,
     /// Directory to restore into (created if missing; must be empty unless --overwrite).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["stdout", "etcd_data_dir", "verify"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["stdout", "etcd_data_dir", "verify", "to_vm"])]
     pub target: Option<PathBuf>,
     /// Write one file to stdout: a stream snapshot's data, an etcd
     /// snapshot's `snapshot.db` (as `etcdctl snapshot save` writes it), or
@@ -34,6 +45,8 @@ pub struct RestoreCmd {
     pub verify: bool,
     #[command(flatten)]
     pub etcd: crate::sources::etcd::EtcdRestore,
+    #[command(flatten)]
+    pub vm: crate::sources::vm::VmRestore,
     /// Restore only this path (and what is below it); repeatable. With --stdout: the file to write.
     #[arg(long = "path", value_name = "PATH")]
     pub paths: Vec<String>,
@@ -58,6 +71,47 @@ pub struct RestoreCmd {
     /// staging or scratch area should not leave setuid-root programs there.
     #[arg(long)]
     pub no_setuid: bool,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+}
+
+/// `labctl restore --to ENV`: a whole restore point through a restore plan.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Restore points through a plan")]
+pub struct PlanArgs {
+    /// Restore a whole restore point into this environment as its restore
+    /// plan says (restore-plans/ENV.yaml): in dependency order, each source
+    /// verified, a report with the restore time (RTO). A staging plan that
+    /// names a production endpoint of the daemon's jobs is refused.
+    #[arg(long, value_enum, value_name = "ENV", conflicts_with_all = ["target", "stdout", "etcd_data_dir", "verify", "paths", "overwrite", "to_vm"])]
+    pub to: Option<crate::restore::plan::Environment>,
+    /// The restore plan (default: restore-plans/ENV.yaml here, else in
+    /// labctl.toml's platform.restore_plans folder, else
+    /// /etc/labctl/restore-plans/ENV.yaml).
+    #[arg(long, value_name = "FILE", requires = "to")]
+    pub plan: Option<PathBuf>,
+    /// The restore point (ID, unique prefix or `latest`); default: the
+    /// newest complete point.
+    #[arg(long, value_name = "ID", requires = "to", conflicts_with = "at")]
+    pub point: Option<String>,
+    /// The newest complete point taken at or before this time (RFC 3339,
+    /// or 2026-12-01 / 2026-12-01T03:00 in UTC).
+    #[arg(long, value_name = "TIME", requires = "to")]
+    pub at: Option<String>,
+    /// Only these source kinds (etcd, path, stream), comma-separated.
+    #[arg(long, value_name = "KINDS", value_delimiter = ',', requires = "to")]
+    pub only: Vec<String>,
+    /// Print the plan (what goes where, in order, the bytes, what each
+    /// target holds now) and stop: nothing is written.
+    #[arg(long, requires = "to")]
+    pub dry_run: bool,
+    /// With --to production: the point's ID, typed again.
+    #[arg(long, value_name = "ID", requires = "to")]
+    pub confirm: Option<String>,
+    /// The daemon configuration whose backup jobs define production (for
+    /// refusing a staging plan that points at it).
+    #[arg(long, env = "LABCTL_CONFIG", value_name = "FILE", requires = "to")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -68,14 +122,22 @@ pub enum ReadOrderArg {
 }
 
 pub fn run(g: &GlobalArgs, c: RestoreCmd) -> crate::error::Result<ExitCode> {
+    if let Some(env) = c.plan.to {
+        return run_plan(g, env, &c.plan, c.threads);
+    }
     let repo = g.open(true)?;
-    let id = repo.resolve_snapshot(&c.snapshot)?;
+    let id = repo.resolve_snapshot(
+        c.snapshot
+            .as_deref()
+            .expect("clap requires it without --to"),
+    )?;
     if c.stdout {
         if c.paths.len() > 1 {
             return Err(
                 LabError::usage("--stdout writes one file: give at most one --path").into(),
             );
         }
+        crate::sources::stream::widen_pipe(1);
         let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
         let n = extract::restore_to_writer(
             &repo,
@@ -86,6 +148,31 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> crate::error::Result<ExitCode> {
         )?;
         if !g.quiet && !g.json {
             eprintln!("restored {} from snapshot {}", human_bytes(n), id.short());
+        }
+        return Ok(ExitCode::Success);
+    }
+    if c.vm.to_vm {
+        let r = crate::sources::vm::restore(&repo, &id, &c.vm, c.threads)?;
+        if g.json {
+            print_json(&serde_json::json!({"snapshot": id.hex(), "vm": r}))?;
+        } else if !g.quiet {
+            eprintln!(
+                "restored VM snapshot {} as VM {} on node {} ({}){}{}; {}",
+                id.short(),
+                r.vmid,
+                r.node,
+                human_bytes(r.bytes),
+                r.bridge
+                    .as_ref()
+                    .map(|b| format!(", network on bridge {b}"))
+                    .unwrap_or_default(),
+                if r.started {
+                    ", started"
+                } else {
+                    ", left stopped"
+                },
+                r.verified
+            );
         }
         return Ok(ExitCode::Success);
     }
@@ -192,6 +279,244 @@ fn run_etcd(
     }
     if g.json {
         print_json(&report)?;
+    }
+    Ok(ExitCode::Success)
+}
+
+/// The production a plan must not touch, from the daemon's configuration:
+/// the file given, else the default one if it exists (else nothing, said
+/// on stderr).
+pub(crate) fn production(
+    g: &GlobalArgs,
+    config: Option<&std::path::Path>,
+) -> crate::error::Result<(
+    crate::restore::plan::Production,
+    Option<crate::schedule::config::Loaded>,
+)> {
+    let path = match config {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let p = crate::schedule::config::default_path();
+            if !p.exists() {
+                if !g.quiet {
+                    eprintln!(
+                        "note: no daemon configuration at {} (--config): the plan is checked against no production jobs",
+                        p.display()
+                    );
+                }
+                return Ok((Default::default(), None));
+            }
+            p
+        }
+    };
+    let loaded = crate::schedule::config::load_without_secrets(&path)?;
+    Ok((loaded.production(), Some(loaded)))
+}
+
+/// The plan file for `env`: as given, else the first that exists of
+/// restore-plans/ENV.yaml, the config's folder, /etc/labctl/restore-plans.
+fn plan_path(
+    env: crate::restore::plan::Environment,
+    given: Option<&std::path::Path>,
+    loaded: Option<&crate::schedule::config::Loaded>,
+) -> crate::error::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let file = format!("{}.yaml", env.as_str());
+    let mut tried = vec![PathBuf::from("restore-plans").join(&file)];
+    if let Some(l) = loaded {
+        if let Some(d) = &l.raw.platform.restore_plans {
+            tried.push(l.relative(d).join(&file));
+        }
+    }
+    tried.push(PathBuf::from("/etc/labctl/restore-plans").join(&file));
+    tried.iter().find(|p| p.exists()).cloned().ok_or_else(|| {
+        LabError::usage(format!(
+            "no restore plan for {}: looked for {}; give one with --plan",
+            env.as_str(),
+            tried
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .into()
+    })
+}
+
+/// `labctl restore --to ENV`.
+fn run_plan(
+    g: &GlobalArgs,
+    env: crate::restore::plan::Environment,
+    a: &PlanArgs,
+    threads: usize,
+) -> crate::error::Result<ExitCode> {
+    use crate::restore::{plan, staging};
+    let (prod, loaded) = production(g, a.config.as_deref())?;
+    let file = plan_path(env, a.plan.as_deref(), loaded.as_ref())?;
+    let plan = plan::load(&file)?;
+    if plan.environment != env {
+        return Err(LabError::usage(format!(
+            "{} is a plan for {}, not {}",
+            file.display(),
+            plan.environment.as_str(),
+            env.as_str()
+        ))
+        .into());
+    }
+    let opts = staging::Options {
+        point: a.point.clone(),
+        at: a.at.clone(),
+        only: a.only.clone(),
+        confirm: a.confirm.clone(),
+        threads,
+        progress: g.progress_enabled(),
+        cancel: None,
+    };
+    // The backup key lists points; restoring needs the restore key, which
+    // a dry run does not.
+    let repo = g.open(!a.dry_run)?;
+    let prep = staging::prepare(&repo, &plan, &prod, &opts)?;
+    if a.dry_run {
+        if g.json {
+            print_json(&prep)?;
+        } else {
+            print_prepared(&prep);
+            println!("dry run: nothing was written");
+        }
+        return Ok(if prep.steps.iter().any(|s| s.problem.is_some()) {
+            ExitCode::Refused
+        } else {
+            ExitCode::Success
+        });
+    }
+    if !g.quiet && !g.json {
+        print_prepared(&prep);
+    }
+    let quiet = g.quiet || g.json;
+    let report = staging::execute(&repo, &plan, &prep, &opts, &mut |line| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    })?;
+    if g.json {
+        print_json(&report)?;
+    } else if !g.quiet {
+        let ok = report
+            .steps
+            .iter()
+            .filter(|s| s.outcome == "restored")
+            .count();
+        println!(
+            "restored {ok} of {} sources of point {} into {} in {:.1}s (the RTO){}",
+            report.steps.len(),
+            report.point,
+            report.environment,
+            report.seconds,
+            match (report.rto_objective_seconds, report.within_objective) {
+                (Some(o), Some(true)) => format!("; objective {o}s met"),
+                (Some(o), Some(false)) => format!("; objective {o}s MISSED"),
+                _ => String::new(),
+            }
+        );
+        for f in report.failures() {
+            println!("  failed: {f}");
+        }
+    }
+    Ok(report.exit_code())
+}
+
+fn print_prepared(p: &crate::restore::staging::Prepared) {
+    println!(
+        "restore point {} ({}{}) into {} with {}",
+        p.point,
+        p.point_time,
+        if p.point_complete {
+            ", complete"
+        } else {
+            ", PARTIAL"
+        },
+        p.environment.as_str(),
+        p.plan.display()
+    );
+    println!(
+        "  {:>2}  {:<7} {:<28} {:<44} {:>10}  STATE",
+        "#", "KIND", "SOURCE", "TARGET", "SIZE"
+    );
+    for (i, s) in p.steps.iter().enumerate() {
+        println!(
+            "  {:>2}  {:<7} {:<28} {:<44} {:>10}  {}",
+            i + 1,
+            s.kind,
+            s.name,
+            s.target,
+            human_bytes(s.bytes),
+            s.problem
+                .as_ref()
+                .map(|p| format!("REFUSED: {p}"))
+                .unwrap_or_else(|| s.state.clone())
+        );
+    }
+    for l in &p.left_out {
+        println!("      left out by --only: {l}");
+    }
+    println!("  total {}", human_bytes(p.bytes));
+}
+
+/// `labctl restore-plan ...`.
+#[derive(clap::Subcommand, Debug)]
+pub enum RestorePlanCmd {
+    /// Check restore plans: every field (file, line and field in the
+    /// message), and for a staging plan, that no target is production's
+    /// (a path the daemon's jobs back up, their etcd member, a database
+    /// their dumps read). Exit 2 for a malformed plan, 6 for a clash.
+    Validate {
+        /// The plan files.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// The daemon configuration whose backup jobs define production
+        /// (default: /etc/labctl/labctl.toml when it exists).
+        #[arg(long, env = "LABCTL_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+pub fn run_restore_plan(g: &GlobalArgs, c: RestorePlanCmd) -> crate::error::Result<ExitCode> {
+    let RestorePlanCmd::Validate { files, config } = c;
+    let (prod, _) = production(g, config.as_deref())?;
+    let mut out = vec![];
+    for f in &files {
+        let plan = crate::restore::plan::load(f)?;
+        plan.refuse_clashes(&prod)?;
+        let unchecked = plan.unchecked();
+        if !g.quiet && !g.json {
+            for n in &unchecked {
+                eprintln!("note: {}: {n}", f.display());
+            }
+        }
+        out.push(serde_json::json!({
+            "unchecked": unchecked,
+            "file": f,
+            "environment": plan.environment.as_str(),
+            "kinds": plan.kinds(),
+            "rto-objective-seconds": plan.rto_objective.map(|d| d.as_secs()),
+            "checked-against": prod.origin,
+        }));
+        if !g.json && !g.quiet {
+            println!(
+                "{}: ok ({}; targets: {}{})",
+                f.display(),
+                plan.environment.as_str(),
+                plan.kinds().join(", "),
+                plan.rto_objective
+                    .map(|d| format!("; RTO objective {}", crate::util::units::format_duration(d)))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if g.json {
+        print_json(&out)?;
     }
     Ok(ExitCode::Success)
 }

@@ -9,7 +9,8 @@
 //! are updated or destroyed.
 
 pub mod bootstrap;
-pub mod platform;
+/// The platform file lives beside the PVE client (sources read it too).
+pub use crate::proxmox::platform;
 
 use crate::proxmox::{Client, Ctx, PveError};
 use platform::{Platform, Vm, MANAGED_TAG};
@@ -107,31 +108,7 @@ impl Plan {
     }
 }
 
-/// Connects to the first endpoint that answers `/version`.
-///
-/// # Errors
-/// The last endpoint's error.
-pub async fn connect(p: &Platform) -> crate::error::Result<Client> {
-    let token = p.token()?;
-    let mut last = None;
-    for e in &p.endpoints {
-        let c = Client::new(
-            e,
-            &token,
-            crate::proxmox::Options {
-                trust: p.trust.clone(),
-                task_timeout: p.task_timeout,
-                ..Default::default()
-            },
-        )?;
-        match c.get("/version", &[], &Ctx::default()).await {
-            Ok(_) => return Ok(c),
-            Err(err) if err.status == 401 || err.status == 403 => return Err(err.into_lab()),
-            Err(err) => last = Some(err),
-        }
-    }
-    Err(last.expect("at least one endpoint").into_lab())
-}
+pub use crate::proxmox::platform::connect;
 
 fn tags_of(v: &Value) -> BTreeSet<String> {
     v.as_str()
@@ -586,60 +563,6 @@ fn progress(quiet: bool, name: &str, msg: &str) {
     }
 }
 
-async fn wait_agent(
-    c: &Client,
-    node: &str,
-    vmid: u32,
-    timeout: std::time::Duration,
-) -> Result<Vec<String>, PveError> {
-    let ctx = Ctx::vm(node, vmid);
-    let path = format!("/nodes/{node}/qemu/{vmid}/agent/network-get-interfaces");
-    let started = tokio::time::Instant::now();
-    loop {
-        match c.get(&path, &[], &ctx).await {
-            Ok(v) => {
-                let mut ips = vec![];
-                for iface in v
-                    .get("result")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default()
-                {
-                    for a in iface
-                        .get("ip-addresses")
-                        .and_then(Value::as_array)
-                        .cloned()
-                        .unwrap_or_default()
-                    {
-                        let ip = a.get("ip-address").and_then(Value::as_str).unwrap_or("");
-                        let v4 = a.get("ip-address-type").and_then(Value::as_str) == Some("ipv4");
-                        if v4 && !ip.starts_with("127.") {
-                            ips.push(ip.to_string());
-                        }
-                    }
-                }
-                if !ips.is_empty() {
-                    return Ok(ips);
-                }
-            }
-            Err(e) if started.elapsed() < timeout && (e.status == 500 || e.transient()) => {}
-            Err(e) => return Err(e),
-        }
-        if started.elapsed() >= timeout {
-            return Err(PveError {
-                method: "GET".into(),
-                path,
-                status: 0,
-                message: format!("the guest agent did not report an IPv4 address within {}s: is qemu-guest-agent installed in the template?", timeout.as_secs()),
-                node: Some(node.into()),
-                vmid: Some(vmid),
-                upid: None,
-            });
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-}
-
 async fn create(
     c: &Client,
     vm: &Vm,
@@ -763,7 +686,7 @@ async fn create(
     .await?;
     if vm.agent {
         progress(quiet, &vm.name, "waiting for the guest agent");
-        return wait_agent(c, &vm.node, vm.vmid, timeout).await;
+        return crate::proxmox::wait_agent(c, &vm.node, vm.vmid, timeout).await;
     }
     Ok(vec![])
 }
@@ -826,7 +749,7 @@ async fn update(
         .await?;
     }
     if vm.agent && *start {
-        return wait_agent(c, node, *vmid, timeout).await;
+        return crate::proxmox::wait_agent(c, node, *vmid, timeout).await;
     }
     Ok(vec![])
 }

@@ -1,5 +1,6 @@
-//! A Proxmox VE API client (reqwest, API-token authentication), shared by
-//! `labctl provision` and, later, VM backups.
+//! A Proxmox VE API client (reqwest, API-token authentication), and the
+//! platform file that says how to reach the cluster ([`platform`]), shared
+//! by `labctl provision` and the VM source.
 //!
 //! - Every error carries what it was about: method and path, node, VMID and
 //!   task UPID where known, and PVE's own message.
@@ -12,6 +13,9 @@
 //!   task status right after the task started (the UPID is not visible yet).
 //! - The token secret is sent only in the `Authorization` header and never
 //!   appears in errors or logs.
+
+pub mod platform;
+pub mod ssh;
 
 use secrecy::ExposeSecret;
 use serde_json::Value;
@@ -510,4 +514,63 @@ fn pinned_tls(fp: Vec<u8>) -> crate::error::Result<rustls::ClientConfig> {
         .with_custom_certificate_verifier(std::sync::Arc::new(Pinned { fp, provider }))
         .with_no_client_auth();
     Ok(cfg)
+}
+
+/// Waits until the VM's guest agent reports a non-loopback IPv4 address
+/// (the guest booted and its network is up); returns the addresses.
+///
+/// # Errors
+/// The API's error, or a timeout naming the VM.
+pub async fn wait_agent(
+    c: &Client,
+    node: &str,
+    vmid: u32,
+    timeout: std::time::Duration,
+) -> Result<Vec<String>, PveError> {
+    let ctx = Ctx::vm(node, vmid);
+    let path = format!("/nodes/{node}/qemu/{vmid}/agent/network-get-interfaces");
+    let started = tokio::time::Instant::now();
+    loop {
+        match c.get(&path, &[], &ctx).await {
+            Ok(v) => {
+                let mut ips = vec![];
+                for iface in v
+                    .get("result")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    for a in iface
+                        .get("ip-addresses")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default()
+                    {
+                        let ip = a.get("ip-address").and_then(Value::as_str).unwrap_or("");
+                        let v4 = a.get("ip-address-type").and_then(Value::as_str) == Some("ipv4");
+                        if v4 && !ip.starts_with("127.") {
+                            ips.push(ip.to_string());
+                        }
+                    }
+                }
+                if !ips.is_empty() {
+                    return Ok(ips);
+                }
+            }
+            Err(e) if started.elapsed() < timeout && (e.status == 500 || e.transient()) => {}
+            Err(e) => return Err(e),
+        }
+        if started.elapsed() >= timeout {
+            return Err(PveError {
+                method: "GET".into(),
+                path,
+                status: 0,
+                message: format!("the guest agent did not report an IPv4 address within {}s: is qemu-guest-agent installed in the template?", timeout.as_secs()),
+                node: Some(node.into()),
+                vmid: Some(vmid),
+                upid: None,
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }

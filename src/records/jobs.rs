@@ -15,7 +15,27 @@ CREATE TABLE IF NOT EXISTS job_runs(id INTEGER PRIMARY KEY AUTOINCREMENT, job TE
     outcome TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, bytes_read INTEGER NOT NULL DEFAULT 0,
     bytes_added INTEGER NOT NULL DEFAULT 0, snapshots TEXT NOT NULL DEFAULT '', error TEXT);
 CREATE INDEX IF NOT EXISTS job_runs_by_job ON job_runs(job, id);
+CREATE TABLE IF NOT EXISTS drills(id INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL,
+    started_ms INTEGER NOT NULL, point TEXT NOT NULL, outcome TEXT NOT NULL,
+    seconds REAL NOT NULL, report TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS drills_by_job ON drills(job, id);
 ";
+
+/// One drill's report as recorded (the report itself is the JSON the
+/// restore layer wrote; records does not interpret it).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DrillRecord {
+    pub id: i64,
+    pub job: String,
+    pub started_ms: i64,
+    pub point: String,
+    /// `success` or `failure`.
+    pub outcome: String,
+    /// The measured restore time (RTO).
+    pub seconds: f64,
+    pub report: serde_json::Value,
+}
 
 /// The daemon's job history (`jobs.db` beside the catalog).
 pub struct JobHistory {
@@ -162,6 +182,49 @@ impl JobHistory {
             params![job, keep as i64],
         )?;
         Ok(())
+    }
+
+    /// Records a drill's report (`d.id` is ignored); keeps the newest
+    /// `keep` of the job.
+    pub fn drill_record(&self, d: &DrillRecord, keep: usize) -> crate::error::Result<()> {
+        let job = d.job.as_str();
+        self.conn.execute(
+            "INSERT INTO drills(job,started_ms,point,outcome,seconds,report) VALUES(?1,?2,?3,?4,?5,?6)",
+            params![job, d.started_ms, d.point, d.outcome, d.seconds, d.report.to_string()],
+        )?;
+        self.conn.execute(
+            "DELETE FROM drills WHERE job=?1 AND id < (SELECT MIN(id) FROM
+             (SELECT id FROM drills WHERE job=?1 ORDER BY id DESC LIMIT ?2))",
+            params![job, keep as i64],
+        )?;
+        Ok(())
+    }
+
+    /// The newest drills (of one job, or all), newest first; with
+    /// `success_only`, only drills that passed.
+    pub fn drills(
+        &self,
+        job: Option<&str>,
+        success_only: bool,
+        limit: usize,
+    ) -> crate::error::Result<Vec<DrillRecord>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT id,job,started_ms,point,outcome,seconds,report FROM drills
+             WHERE (?1 IS NULL OR job=?1) AND (?2=0 OR outcome='success') ORDER BY id DESC LIMIT ?3",
+        )?;
+        let rows = st.query_map(params![job, success_only as i64, limit as i64], |r| {
+            let report: String = r.get(6)?;
+            Ok(DrillRecord {
+                id: r.get(0)?,
+                job: r.get(1)?,
+                started_ms: r.get(2)?,
+                point: r.get(3)?,
+                outcome: r.get(4)?,
+                seconds: r.get(5)?,
+                report: serde_json::from_str(&report).unwrap_or(serde_json::Value::Null),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// How many runs of a job ended with each outcome.

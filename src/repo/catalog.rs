@@ -270,6 +270,16 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// How many packs the catalog knows and their total size in bytes (the
+    /// repository's size, as `/metrics` reports it).
+    pub fn packs_total(&self) -> crate::error::Result<(u64, u64)> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(size),0) FROM packs",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+
     /// A pack's size, when the index knows the pack.
     ///
     /// # Errors

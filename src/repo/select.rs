@@ -73,6 +73,40 @@ pub struct RestorePoint {
     pub members: Vec<PointMember>,
 }
 
+/// The restore point `spec` names: its ID, a unique prefix of it, or
+/// `latest` (the newest complete point).
+///
+/// # Errors
+/// A usage error when none or several match.
+pub fn find_point<'a>(
+    points: &'a [RestorePoint],
+    spec: &str,
+) -> crate::error::Result<&'a RestorePoint> {
+    let found: Vec<&RestorePoint> = if spec == "latest" {
+        points.iter().rev().filter(|p| p.complete).take(1).collect()
+    } else if let Some(p) = points.iter().find(|p| p.id == spec) {
+        vec![p]
+    } else {
+        points.iter().filter(|p| p.id.starts_with(spec)).collect()
+    };
+    match found.as_slice() {
+        [p] => Ok(p),
+        [] if spec == "latest" => Err(crate::error::LabError::usage(
+            "there is no complete restore point yet (see `labctl points`)",
+        )
+        .into()),
+        [] => Err(crate::error::LabError::usage(format!(
+            "no restore point {spec} (see `labctl points`)"
+        ))
+        .into()),
+        _ => Err(crate::error::LabError::usage(format!(
+            "{spec} matches {} restore points; give more of the ID",
+            found.len()
+        ))
+        .into()),
+    }
+}
+
 /// Groups snapshots into restore points, oldest first.
 pub fn restore_points<'a>(
     snaps: impl IntoIterator<Item = (&'a crate::repo::Id, &'a Snapshot)>,

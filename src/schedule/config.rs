@@ -97,8 +97,14 @@ pub struct PlatformConfig {
     pub kube_context: Option<String>,
     /// The platform file (deploy/platform.yaml): PVE endpoint, token, VMs.
     pub platform_file: Option<PathBuf>,
-    /// The folder of restore plans (restore-plans/) drills use.
+    /// The folder of restore plans (restore-plans/) drills use; relative
+    /// to this file's folder.
     pub restore_plans: Option<PathBuf>,
+    /// The production daemon's labctl.toml, when this one (a staging or
+    /// drill host's) is another: its backup jobs are production too, and a
+    /// drill's staging plan must not name what they read. Relative to this
+    /// file's folder.
+    pub production_config: Option<PathBuf>,
 }
 
 /// `[daemon]`
@@ -207,6 +213,8 @@ pub struct JobConfig {
     pub prune: Option<PruneJob>,
     #[serde(default)]
     pub check: Option<CheckJob>,
+    #[serde(default)]
+    pub drill: Option<DrillJob>,
     /// Retention applied to this job's source after each successful backup.
     #[serde(default)]
     pub retention: Option<RetentionConfig>,
@@ -281,6 +289,23 @@ pub struct CheckJob {
     pub read_data_subset: Option<String>,
 }
 
+/// `drill = { plan = "staging.yaml", cleanup = true }`: restore the newest
+/// complete restore point into staging as the plan says, verify it, record
+/// the report and the RTO, and (with `cleanup`) remove what it created.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillJob {
+    /// The restore plan; a relative path is taken from
+    /// `platform.restore_plans`, else from this file's folder.
+    pub plan: PathBuf,
+    /// Remove what the drill created once it is verified (or failed).
+    #[serde(default)]
+    pub cleanup: bool,
+    /// Only these source kinds.
+    #[serde(default)]
+    pub only: Vec<String>,
+}
+
 /// A job's action, validated.
 #[derive(Debug, Clone)]
 pub enum Action {
@@ -293,6 +318,13 @@ pub enum Action {
         repack_threshold: f64,
     },
     Check(crate::repo::check::ReadData),
+    /// A restore drill: the plan (loaded and checked at load time, read
+    /// again for each run), cleanup, and the kinds.
+    Drill {
+        plan: PathBuf,
+        cleanup: bool,
+        only: Vec<String>,
+    },
 }
 
 impl Action {
@@ -302,6 +334,7 @@ impl Action {
             Action::Forget(_) => "forget",
             Action::Prune { .. } => "prune",
             Action::Check(_) => "check",
+            Action::Drill { .. } => "drill",
         }
     }
 }
@@ -354,8 +387,51 @@ pub struct Loaded {
     pub raw: Config,
     pub settings: Settings,
     pub jobs: Vec<Job>,
+    /// The backup sources of `platform.production_config` (job name,
+    /// source), and that file.
+    pub linked_production: Option<(PathBuf, Vec<(String, crate::sources::SourceSpec)>)>,
     /// Non-fatal findings (printed by `config validate`).
     pub warnings: Vec<String>,
+}
+
+impl Loaded {
+    /// What production is, for refusing a staging restore plan that
+    /// points at it: every backup job's sources.
+    pub fn production(&self) -> crate::restore::plan::Production {
+        let mut origin = self.raw.path.display().to_string();
+        let mut sources = self.backup_sources();
+        if let Some((file, linked)) = &self.linked_production {
+            origin = format!("{origin} (and {})", file.display());
+            sources.extend(linked.iter().cloned());
+        }
+        crate::restore::plan::Production { origin, sources }
+    }
+
+    /// Every backup job's sources, with the job's name.
+    fn backup_sources(&self) -> Vec<(String, crate::sources::SourceSpec)> {
+        let mut sources = vec![];
+        for j in &self.jobs {
+            if let Action::Backup(list) = &j.action {
+                for s in list {
+                    sources.push((j.name.clone(), s.clone()));
+                }
+            }
+        }
+        sources
+    }
+
+    /// A path of this file, relative to its folder.
+    pub fn relative(&self, p: &Path) -> PathBuf {
+        relative_to(&self.raw.path, p)
+    }
+}
+
+/// `p` taken from the folder of the file `config` (as is when absolute).
+fn relative_to(config: &Path, p: &Path) -> PathBuf {
+    match config.parent() {
+        Some(d) if p.is_relative() => d.join(p),
+        _ => p.to_path_buf(),
+    }
 }
 
 /// The default config file: `$LABCTL_CONFIG`, else `/etc/labctl/labctl.toml`.
@@ -406,7 +482,7 @@ fn read(path: &Path) -> crate::error::Result<String> {
 /// As [`load`].
 pub fn load_without_secrets(path: &Path) -> crate::error::Result<Loaded> {
     let text = read(path)?;
-    parse_inner(&text, path, false)
+    parse_inner(&text, path, false, true)
 }
 
 /// Parses and validates configuration text (`path` is for messages and
@@ -415,10 +491,16 @@ pub fn load_without_secrets(path: &Path) -> crate::error::Result<Loaded> {
 /// # Errors
 /// As [`load`].
 pub fn parse(text: &str, path: &Path) -> crate::error::Result<Loaded> {
-    parse_inner(text, path, true)
+    parse_inner(text, path, true, true)
 }
 
-fn parse_inner(text: &str, path: &Path, secrets: bool) -> crate::error::Result<Loaded> {
+/// `follow`: load `platform.production_config` too (not from inside it).
+fn parse_inner(
+    text: &str,
+    path: &Path,
+    secrets: bool,
+    follow: bool,
+) -> crate::error::Result<Loaded> {
     let file = path.display().to_string();
     let de = toml::Deserializer::parse(text).map_err(|e| {
         let (line, col) = e
@@ -435,10 +517,10 @@ fn parse_inner(text: &str, path: &Path, secrets: bool) -> crate::error::Result<L
         crate::util::located::error(&file, line, Some(col), &field, inner.message().trim())
     })?;
     raw.path = path.to_path_buf();
-    validate(raw, text, secrets)
+    validate(raw, text, secrets, follow)
 }
 
-fn validate(raw: Config, text: &str, secrets: bool) -> crate::error::Result<Loaded> {
+fn validate(raw: Config, text: &str, secrets: bool, follow: bool) -> crate::error::Result<Loaded> {
     let file = raw.path.display().to_string();
     let mut warnings = vec![];
     let at = |line: usize, field: &str, why: String| -> crate::error::Error {
@@ -604,20 +686,63 @@ fn validate(raw: Config, text: &str, secrets: bool) -> crate::error::Result<Load
             }
             actions.push(Action::Check(rd));
         }
+        if let Some(dj) = &j.drill {
+            if raw.repository.restore_key.is_none() {
+                return Err(at(
+                    line,
+                    &f("drill"),
+                    "a drill restores data: it needs repository.restore_key".into(),
+                ));
+            }
+            let plan = match &raw.platform.restore_plans {
+                Some(d) => relative_to(&raw.path, d).join(&dj.plan),
+                None => relative_to(&raw.path, &dj.plan),
+            };
+            let loaded = crate::restore::plan::load(&plan)
+                .map_err(|e| at(line, &f("drill.plan"), e.to_string()))?;
+            if loaded.environment != crate::restore::plan::Environment::Staging {
+                return Err(at(
+                    line,
+                    &f("drill.plan"),
+                    format!(
+                        "{} is a {} plan: drills restore into staging only",
+                        plan.display(),
+                        loaded.environment.as_str()
+                    ),
+                ));
+            }
+            for k in &dj.only {
+                if !crate::restore::staging::ORDER.contains(&k.as_str()) {
+                    return Err(at(
+                        line,
+                        &f("drill.only"),
+                        format!(
+                            "'{k}' is not a kind labctl restores ({})",
+                            crate::restore::staging::ORDER.join(", ")
+                        ),
+                    ));
+                }
+            }
+            actions.push(Action::Drill {
+                plan,
+                cleanup: dj.cleanup,
+                only: dj.only.clone(),
+            });
+        }
         let action = match actions.len() {
             1 => actions.pop().expect("one action"),
             0 => {
                 return Err(at(
                     line,
                     &format!("job[{i}]"),
-                    format!("job '{}' has nothing to do: give one of backup, forget, prune, check", j.name),
+                    format!("job '{}' has nothing to do: give one of backup, forget, prune, check, drill", j.name),
                 ))
             }
             _ => {
                 return Err(at(
                     line,
                     &format!("job[{i}]"),
-                    format!("job '{}' has several actions: give exactly one of backup, forget, prune, check (make one job each)", j.name),
+                    format!("job '{}' has several actions: give exactly one of backup, forget, prune, check, drill (make one job each)", j.name),
                 ))
             }
         };
@@ -658,12 +783,44 @@ fn validate(raw: Config, text: &str, secrets: bool) -> crate::error::Result<Load
         timezone: d.timezone,
         notify,
     };
-    Ok(Loaded {
+    let linked_production = match (&raw.platform.production_config, follow) {
+        (Some(p), true) => {
+            let file = relative_to(&raw.path, p);
+            let other = read(&file)
+                .and_then(|t| parse_inner(&t, &file, false, false))
+                .map_err(|e| {
+                    at(
+                        key_line("production_config"),
+                        "platform.production_config",
+                        e.to_string(),
+                    )
+                })?;
+            Some((file, other.backup_sources()))
+        }
+        _ => None,
+    };
+    let loaded = Loaded {
         raw,
         settings,
         jobs,
         warnings,
-    })
+        linked_production,
+    };
+    // A drill's staging plan must not name what the backup jobs read.
+    let production = loaded.production();
+    for (i, j) in loaded.jobs.iter().enumerate() {
+        if let Action::Drill { plan, .. } = &j.action {
+            let p = crate::restore::plan::load(plan)?;
+            p.refuse_clashes(&production).map_err(|e| {
+                at(
+                    job_line(text, &j.name),
+                    &format!("job[{i}].drill.plan"),
+                    e.to_string(),
+                )
+            })?;
+        }
+    }
+    Ok(loaded)
 }
 
 type FieldError = (String, String);
@@ -811,12 +968,14 @@ mod tests {
         ));
         assert!(e.starts_with("lab.toml:6: field `job[0].schedule`"), "{e}");
         let e = err_of(&format!(
-            "{base}schedule = \"0 2 * * *\"\nbackup = {{ source = \"vm\" }}\n"
+            "{base}schedule = \"0 2 * * *\"\nbackup = {{ source = \"mlflow\" }}\n"
         ));
         assert!(
             e.starts_with("lab.toml:8:")
                 && e.contains("job[0].backup")
-                && e.contains("unknown variant `vm`, expected one of `path`, `stream`, `etcd`"),
+                && e.contains(
+                    "unknown variant `mlflow`, expected one of `path`, `stream`, `etcd`, `vm`"
+                ),
             "{e}"
         );
         let e = err_of(&format!("{base}schedule = \"0 2 * * *\"\n"));

@@ -21,6 +21,14 @@ pub struct JobMetrics {
     pub outcomes: BTreeMap<Outcome, u64>,
     pub running: bool,
     pub next_run: Option<DateTime<Utc>>,
+    /// A multi-source backup job: its last success is its newest complete
+    /// restore point.
+    pub writes_points: bool,
+    /// Drill jobs: when the last drill passed, its restore time per source
+    /// (`kind:name`) and in total, and the plan's objective.
+    pub drill_last_success: Option<DateTime<Utc>>,
+    pub drill_rto: Vec<(String, f64)>,
+    pub drill_rto_objective: Option<f64>,
 }
 
 /// Shared metrics state.
@@ -31,6 +39,8 @@ pub struct Metrics {
     pub shutting_down: bool,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
+    /// The repository's packs and their bytes, as of the last job run.
+    pub repository: Option<(u64, u64)>,
 }
 
 pub type SharedMetrics = Arc<Mutex<Metrics>>;
@@ -144,6 +154,76 @@ impl Metrics {
             "gauge",
             "Unix time of the job's next scheduled run.",
             job_rows(&|j| j.next_run.map(ts)),
+        );
+        let now = ts(Utc::now());
+        family(
+            "labctl_restore_point_age_seconds",
+            "gauge",
+            "Seconds since the multi-source backup job last wrote a complete restore point.",
+            self.jobs
+                .iter()
+                .filter(|(_, j)| j.writes_points)
+                .filter_map(|(n, j)| {
+                    j.last_success
+                        .map(|t| (format!("{{job=\"{}\"}}", label(n)), (now - ts(t)).max(0.0)))
+                })
+                .collect(),
+        );
+        family(
+            "labctl_drill_last_success_timestamp_seconds",
+            "gauge",
+            "Unix time the drill job last restored a point into staging and verified it.",
+            self.jobs
+                .iter()
+                .filter_map(|(n, j)| {
+                    j.drill_last_success
+                        .map(|t| (format!("{{job=\"{}\"}}", label(n)), ts(t)))
+                })
+                .collect(),
+        );
+        family(
+            "labctl_drill_rto_seconds",
+            "gauge",
+            "Restore time of the last passed drill, per source (kind:name) and in total (source=\"total\").",
+            self.jobs
+                .iter()
+                .flat_map(|(n, j)| {
+                    j.drill_rto.iter().map(move |(src, v)| {
+                        (
+                            format!("{{job=\"{}\",source=\"{}\"}}", label(n), label(src)),
+                            *v,
+                        )
+                    })
+                })
+                .collect(),
+        );
+        family(
+            "labctl_drill_rto_objective_seconds",
+            "gauge",
+            "The drill plan's rto_objective.",
+            self.jobs
+                .iter()
+                .filter_map(|(n, j)| {
+                    j.drill_rto_objective
+                        .map(|v| (format!("{{job=\"{}\"}}", label(n)), v))
+                })
+                .collect(),
+        );
+        family(
+            "labctl_repository_size_bytes",
+            "gauge",
+            "Bytes of packs in the repository (as of the last job run).",
+            self.repository
+                .map(|(_, b)| vec![(String::new(), b as f64)])
+                .unwrap_or_default(),
+        );
+        family(
+            "labctl_repository_packs",
+            "gauge",
+            "Packs in the repository (as of the last job run).",
+            self.repository
+                .map(|(p, _)| vec![(String::new(), p as f64)])
+                .unwrap_or_default(),
         );
         family(
             "labctl_daemon_start_time_seconds",

@@ -135,12 +135,17 @@ pub struct JobEnv {
     pub platform_file: Option<PathBuf>,
     /// The folder of restore plans.
     pub restore_plans: Option<PathBuf>,
+    /// What production is (every backup job's sources): a drill's staging
+    /// plan must not name it.
+    pub production: crate::restore::plan::Production,
 }
 
 impl JobEnv {
     /// The environment a configuration file describes.
-    pub fn from_config(c: &crate::schedule::config::Config) -> JobEnv {
+    pub fn from_config(loaded: &crate::schedule::config::Loaded) -> JobEnv {
+        let c = &loaded.raw;
         JobEnv {
+            production: loaded.production(),
             repo: c.repository.clone(),
             kube: crate::k8s::KubeTarget {
                 kubeconfig: c.platform.kubeconfig.clone(),
@@ -272,7 +277,33 @@ fn update_metrics(ctx: &JobContext, job: &Job, f: impl FnOnce(&mut metrics::JobM
     let mut m = ctx.metrics.lock().expect("metrics");
     let e = m.jobs.entry(job.name.clone()).or_default();
     e.kind = job.action.kind().into();
+    e.writes_points = matches!(&job.action, config::Action::Backup(s) if s.len() > 1);
     f(e);
+}
+
+/// A drill job's metrics from its newest passed drill in the history.
+fn seed_drill_metrics(ctx: &JobContext, job: &Job) -> crate::error::Result<()> {
+    if !matches!(job.action, config::Action::Drill { .. }) {
+        return Ok(());
+    }
+    let last = ctx.catalog()?.drills(Some(&job.name), true, 1)?.pop();
+    let Some(d) = last else { return Ok(()) };
+    let report: crate::restore::staging::Report = match serde_json::from_value(d.report) {
+        Ok(r) => r,
+        Err(_) => return Ok(()),
+    };
+    update_metrics(ctx, job, |m| {
+        m.drill_last_success =
+            DateTime::from_timestamp(d.started_ms / 1000 + report.seconds as i64, 0);
+        m.drill_rto = report
+            .steps
+            .iter()
+            .map(|s| (format!("{}:{}", s.kind, s.name), s.seconds))
+            .chain([("total".to_string(), report.seconds)])
+            .collect();
+        m.drill_rto_objective = report.rto_objective_seconds.map(|o| o as f64);
+    });
+    Ok(())
 }
 
 /// Runs one job now: lock, attempts with timeout and retries, history,
@@ -448,6 +479,10 @@ async fn run_job_marking(
             m.last_success = Some(finished);
         }
     });
+    if let Some(r) = facts.repository {
+        ctx.metrics.lock().expect("metrics").repository = Some(r);
+    }
+    seed_drill_metrics(ctx, job)?;
     clear();
     ctx.emit(DaemonEvent::Finished(run.clone()));
     if let Some(n) = &ctx.notify {
@@ -684,7 +719,7 @@ fn seed_metrics(ctx: &JobContext, job: &Job) -> crate::error::Result<()> {
             m.outcomes.insert(o, n);
         }
     });
-    Ok(())
+    seed_drill_metrics(ctx, job)
 }
 
 /// Runs the daemon until [`Control::Shutdown`] (or the control channel
@@ -702,7 +737,7 @@ pub async fn run_daemon(
     let mut loaded = loaded;
     let mut ctx = JobContext {
         state_dir: runner::state_dir(&loaded.raw.repository)?,
-        env: JobEnv::from_config(&loaded.raw),
+        env: JobEnv::from_config(&loaded),
         notify: loaded.settings.notify.clone(),
         clock: opts.clock.clone(),
         events: opts.events.clone(),
@@ -836,7 +871,7 @@ pub async fn run_daemon(
                                 continue;
                             }
                         }
-                        ctx.env = JobEnv::from_config(&new.raw);
+                        ctx.env = JobEnv::from_config(&new);
                         ctx.notify = new.settings.notify.clone();
                         if new.settings.max_concurrent_jobs != loaded.settings.max_concurrent_jobs {
                             ctx.permits = Arc::new(Semaphore::new(new.settings.max_concurrent_jobs));

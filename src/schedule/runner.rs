@@ -19,6 +19,8 @@ pub struct RunFacts {
     pub partial: bool,
     /// One line for logs and notifications.
     pub detail: String,
+    /// The repository's packs and bytes after the run (for `/metrics`).
+    pub repository: Option<(u64, u64)>,
 }
 
 /// The catalog/cache directory for a configuration.
@@ -58,23 +60,33 @@ pub fn history_path(repo: &RepositoryConfig) -> crate::error::Result<PathBuf> {
 pub fn execute(ctx: &super::ExecContext<'_>) -> crate::error::Result<RunFacts> {
     let (job, cancel) = (ctx.job, ctx.cancel);
     cancel.check()?;
-    let need_data =
-        matches!(&job.action, Action::Check(r) if *r != crate::repo::check::ReadData::None);
+    let need_data = match &job.action {
+        Action::Check(r) => *r != crate::repo::check::ReadData::None,
+        Action::Drill { .. } => true,
+        _ => false,
+    };
     let repo = ctx.open_repo(need_data)?;
     cancel.check()?;
+    let mut facts = run_action(ctx, &repo)?;
+    facts.repository = repo.catalog.packs_total().ok();
+    Ok(facts)
+}
+
+fn run_action(ctx: &super::ExecContext<'_>, repo: &Repository) -> crate::error::Result<RunFacts> {
+    let (job, cancel) = (ctx.job, ctx.cancel);
     match &job.action {
         Action::Backup(sources) if sources.len() == 1 => {
             let out = sources[0].backup(crate::sources::SourceContext {
-                repo: &repo,
+                repo,
                 opts: backup_options(job, cancel),
                 progress: crate::util::progress::Progress::hidden(),
                 stdin: None,
             })?;
-            finish_backup(&repo, job, out)
+            finish_backup(repo, job, out)
         }
-        Action::Backup(sources) => backup_point(&repo, job, cancel, sources),
+        Action::Backup(sources) => backup_point(repo, job, cancel, sources),
         Action::Forget(policy) => {
-            let r = crate::repo::forget::apply(&repo, policy, &["source"], |_| true, false)?;
+            let r = crate::repo::forget::apply(repo, policy, &["source"], |_| true, false)?;
             let removed = r.decisions.iter().filter(|d| !d.keep).count();
             Ok(RunFacts {
                 detail: format!(
@@ -94,7 +106,7 @@ pub fn execute(ctx: &super::ExecContext<'_>) -> crate::error::Result<RunFacts> {
             repack_threshold,
         } => {
             let r = crate::repo::prune::prune(
-                &repo,
+                repo,
                 &crate::repo::prune::PruneOptions {
                     grace: *grace,
                     repack_threshold: *repack_threshold,
@@ -112,8 +124,13 @@ pub fn execute(ctx: &super::ExecContext<'_>) -> crate::error::Result<RunFacts> {
                 ..Default::default()
             })
         }
+        Action::Drill {
+            plan,
+            cleanup,
+            only,
+        } => drill(ctx, repo, plan, *cleanup, only),
         Action::Check(read) => {
-            let r = crate::repo::check::check(&repo, *read)?;
+            let r = crate::repo::check::check(repo, *read)?;
             if !r.is_clean() {
                 let mut problems = r.errors.clone();
                 problems.extend(
@@ -174,6 +191,7 @@ fn finish_backup(
             s.bytes_read,
             s.bytes_added
         ),
+        ..Default::default()
     };
     for (list, what) in [
         (&s.changed, "changed while being read"),
@@ -237,56 +255,32 @@ fn backup_point(
     cancel: &CancelFlag,
     sources: &[crate::sources::SourceSpec],
 ) -> crate::error::Result<RunFacts> {
-    use crate::repo::select::{POINT_INDEX, POINT_SOURCES};
-    let stamp = time::OffsetDateTime::now_utc()
-        .format(time::macros::format_description!(
-            "[year][month][day]T[hour][minute][second]Z"
-        ))
-        .expect("a UTC time formats");
-    let point = format!("{}-{stamp}-{:04x}", job.name, rand::random::<u16>());
-    let kinds: Vec<&str> = sources.iter().map(|s| s.kind()).collect();
+    let run = crate::sources::backup_point(
+        repo,
+        &job.name,
+        sources,
+        &backup_options(job, cancel),
+        &|_| crate::util::progress::Progress::hidden(),
+    )?;
+    let point = &run.point;
     let mut facts = RunFacts::default();
     let mut written = vec![];
     let mut done = vec![];
-    let mut failed = vec![];
-    for (i, src) in sources.iter().enumerate() {
-        cancel.check()?;
-        let mut opts = backup_options(job, cancel);
-        opts.restore_point = Some(point.clone());
-        opts.facts
-            .insert(POINT_SOURCES.into(), serde_json::json!(kinds));
-        opts.facts.insert(POINT_INDEX.into(), serde_json::json!(i));
-        let out = src.backup(crate::sources::SourceContext {
-            repo,
-            opts,
-            progress: crate::util::progress::Progress::hidden(),
-            stdin: None,
-        });
-        match out {
-            Ok(out) => {
-                let s = &out.summary;
-                facts.bytes_read += s.bytes_read;
-                facts.bytes_added += s.bytes_added;
-                facts.partial |= !s.is_complete();
-                facts.snapshots.push(out.snapshot_id.to_string());
-                done.push(format!(
-                    "#{} {} {}",
-                    i + 1,
-                    kinds[i],
-                    out.snapshot_id.short()
-                ));
-                written.push(out.snapshot_id);
-            }
-            Err(e) if e.is_cancelled() => return Err(e),
-            Err(e) => failed.push(format!("#{} {}: {e:#}", i + 1, kinds[i])),
-        }
+    for (i, kind, out) in &run.written {
+        let s = &out.summary;
+        facts.bytes_read += s.bytes_read;
+        facts.bytes_added += s.bytes_added;
+        facts.partial |= !s.is_complete();
+        facts.snapshots.push(out.snapshot_id.to_string());
+        done.push(format!("#{} {kind} {}", i + 1, out.snapshot_id.short()));
+        written.push(out.snapshot_id);
     }
-    if !failed.is_empty() {
+    if !run.failed.is_empty() {
         return Err(LabError::failed(format!(
             "restore point {point} is partial: {} of {} source(s) failed: {}{}",
-            failed.len(),
+            run.failed.len(),
             sources.len(),
-            failed.join("; "),
+            run.failed.join("; "),
             if done.is_empty() {
                 String::new()
             } else {
@@ -303,4 +297,88 @@ fn backup_point(
     );
     retention(repo, job, &written, &mut facts)?;
     Ok(facts)
+}
+
+/// How many drill reports each job keeps in `jobs.db`.
+const DRILLS_KEEP: usize = 400;
+
+/// A restore drill: the newest complete point into staging as the plan
+/// says, verified; the report recorded (whatever the outcome) with its RTO;
+/// with `cleanup`, what it created removed. Fails naming each source that
+/// failed and why.
+fn drill(
+    ctx: &super::ExecContext<'_>,
+    repo: &Repository,
+    plan_path: &std::path::Path,
+    cleanup: bool,
+    only: &[String],
+) -> crate::error::Result<RunFacts> {
+    use crate::restore::{plan, staging};
+    let started_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let plan = plan::load(plan_path)?;
+    if plan.environment != plan::Environment::Staging {
+        return Err(LabError::refused(format!(
+            "{} is not a staging plan: drills restore into staging only",
+            plan_path.display()
+        ))
+        .into());
+    }
+    let opts = staging::Options {
+        only: only.to_vec(),
+        cancel: Some(ctx.cancel.clone()),
+        ..Default::default()
+    };
+    let prep = staging::prepare(repo, &plan, &ctx.env.production, &opts)?;
+    let mut report = staging::execute(repo, &plan, &prep, &opts, &mut |_| {})?;
+    if cleanup {
+        staging::cleanup(&mut report);
+    }
+    let history = crate::records::jobs::JobHistory::open(&history_path(&ctx.env.repo)?)?;
+    history.drill_record(
+        &crate::records::jobs::DrillRecord {
+            id: 0,
+            job: ctx.job.name.clone(),
+            started_ms,
+            point: report.point.clone(),
+            outcome: report.outcome.clone(),
+            seconds: report.seconds,
+            report: serde_json::to_value(&report)?,
+        },
+        DRILLS_KEEP,
+    )?;
+    if report.outcome != "success" {
+        return Err(LabError::new(
+            report.exit_code(),
+            format!(
+                "drill of restore point {} failed: {}",
+                report.point,
+                report.failures().join("; ")
+            ),
+        )
+        .into());
+    }
+    if !report.cleanup_errors.is_empty() {
+        return Err(LabError::failed(format!(
+            "drill of restore point {} passed, but cleanup could not remove: {}",
+            report.point,
+            report.cleanup_errors.join("; ")
+        ))
+        .into());
+    }
+    Ok(RunFacts {
+        bytes_read: report.bytes,
+        snapshots: report.steps.iter().map(|s| s.snapshot.clone()).collect(),
+        detail: format!(
+            "drill: restore point {} restored into staging and verified ({} source(s)) in {:.1}s{}",
+            report.point,
+            report.steps.len(),
+            report.seconds,
+            match (report.rto_objective_seconds, report.within_objective) {
+                (Some(o), Some(true)) => format!(", within the {o}s objective"),
+                (Some(o), Some(false)) => format!(", ABOVE the {o}s objective"),
+                _ => String::new(),
+            }
+        ),
+        ..Default::default()
+    })
 }

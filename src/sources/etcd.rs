@@ -667,7 +667,8 @@ struct Tool {
     version: String,
 }
 
-fn on_path(name: &str) -> Option<PathBuf> {
+/// The first `name` on PATH.
+pub fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(name))
@@ -915,7 +916,8 @@ pub fn restore(
     })
 }
 
-fn free_port() -> crate::error::Result<u16> {
+/// A free TCP port on 127.0.0.1 (for members labctl starts to verify).
+pub fn free_loopback_port() -> crate::error::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -953,21 +955,14 @@ pub fn verify(
     let started = Instant::now();
     let snap = check_snapshot(repo, id)?;
     let tool = find_tool(args.etcdutl.as_deref())?;
-    let etcd = match &args.etcd {
-        Some(p) => p.clone(),
-        None => on_path("etcd").ok_or_else(|| {
-            LabError::usage(
-                "etcd is not on PATH: install it (Debian: etcd-server) or name it with --etcd",
-            )
-        })?,
-    };
+    let etcd = server_binary(args)?;
     let scratch = Scratch::beside(near, "verify")?;
     let db = scratch.0.join(FILE_NAME);
     write_db(repo, id, snap.summary.bytes_total, &db, threads)?;
     let data = scratch.0.join("data");
-    let (client_port, peer_port) = (free_port()?, free_port()?);
-    let peer = format!("http://127.0.0.1:{peer_port}");
-    let client_url = format!("http://127.0.0.1:{client_port}");
+    // The member is started with its own loopback URLs; this peer URL is
+    // only recorded in the scratch membership.
+    let peer = format!("http://127.0.0.1:{}", free_loopback_port()?);
     // No revision bump here: the point is to compare with the facts.
     let cluster = format!("{VERIFY_MEMBER}={peer}");
     let member = Membership {
@@ -977,22 +972,97 @@ pub fn verify(
         peer_urls: &peer,
     };
     run_tool(&tool, &db, &data, &member, false)?;
-    let log = std::fs::File::create(scratch.0.join("etcd.log"))?;
-    let child = Command::new(&etcd)
+    serve_and_compare(
+        &etcd,
+        VERIFY_MEMBER,
+        &data,
+        &scratch.0,
+        &snap,
+        id,
+        args.sentinel_key.as_deref(),
+        0,
+        started,
+    )
+}
+
+/// Verifies a data directory [`restore`] wrote: starts a member on it
+/// (free loopback ports; its stored membership is kept) and compares its
+/// key count and revision with the snapshot's facts, the revision raised
+/// by [`REVISION_BUMP`] when the restore bumped it.
+///
+/// # Errors
+/// As [`verify`].
+pub fn verify_data_dir(
+    repo: &Repository,
+    id: &Id,
+    args: &EtcdRestore,
+    restored: &RestoreReport,
+) -> crate::error::Result<VerifyReport> {
+    let started = Instant::now();
+    let snap = check_snapshot(repo, id)?;
+    let etcd = server_binary(args)?;
+    let scratch = Scratch::beside(&restored.data_dir, "verify")?;
+    serve_and_compare(
+        &etcd,
+        &args.name,
+        &restored.data_dir,
+        &scratch.0,
+        &snap,
+        id,
+        args.sentinel_key.as_deref(),
+        if restored.revision_bumped {
+            REVISION_BUMP as i64
+        } else {
+            0
+        },
+        started,
+    )
+}
+
+fn server_binary(args: &EtcdRestore) -> Result<PathBuf, LabError> {
+    match &args.etcd {
+        Some(p) => Ok(p.clone()),
+        None => on_path("etcd").ok_or_else(|| {
+            LabError::usage(
+                "etcd is not on PATH: install it (Debian: etcd-server) or name it with --etcd",
+            )
+        }),
+    }
+}
+
+/// Starts etcd on the data directory `data` (which holds its membership)
+/// with loopback URLs, waits for it to answer, reads its state, stops it,
+/// and compares with the snapshot's facts (`bump` added to the revision).
+#[allow(clippy::too_many_arguments)]
+fn serve_and_compare(
+    etcd: &Path,
+    name: &str,
+    data: &Path,
+    log_dir: &Path,
+    snap: &crate::repo::snapshot::Snapshot,
+    id: &Id,
+    sentinel_key: Option<&str>,
+    bump: i64,
+    started: Instant,
+) -> crate::error::Result<VerifyReport> {
+    let (client_port, peer_port) = (free_loopback_port()?, free_loopback_port()?);
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let client_url = format!("http://127.0.0.1:{client_port}");
+    let log_file = log_dir.join("etcd.log");
+    let log = std::fs::File::create(&log_file)?;
+    // A data directory with a WAL restarts its stored member: etcd reads
+    // no --initial-* flag then (etcdserver/server.go, the haveWAL case).
+    let child = Command::new(etcd)
         .arg("--name")
-        .arg(VERIFY_MEMBER)
+        .arg(name)
         .arg("--data-dir")
-        .arg(&data)
+        .arg(data)
         .arg("--listen-client-urls")
         .arg(&client_url)
         .arg("--advertise-client-urls")
         .arg(&client_url)
         .arg("--listen-peer-urls")
         .arg(&peer)
-        .arg("--initial-advertise-peer-urls")
-        .arg(&peer)
-        .arg("--initial-cluster")
-        .arg(&cluster)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -1006,7 +1076,7 @@ pub fn verify(
             if let Ok(Some(status)) = member.0.try_wait() {
                 return Err(LabError::failed(format!(
                     "the restored etcd member exited with {status} before it answered: {}",
-                    last_line(&scratch.0.join("etcd.log"))
+                    last_line(&log_file)
                 )));
             }
             let attempt = async {
@@ -1020,7 +1090,7 @@ pub fn verify(
                 .await
                 .map_err(|e| source_error(&client_url, "connecting", &e))?;
                 let s = member_state(&mut c, &client_url, Duration::from_secs(5)).await?;
-                let sentinel = match &args.sentinel_key {
+                let sentinel = match sentinel_key {
                     Some(k) => Some(
                         within(
                             Duration::from_secs(5),
@@ -1052,7 +1122,7 @@ pub fn verify(
     let (state, sentinel) = state;
     let fact = |k: &str| snap.facts.get(k).and_then(|v| v.as_i64());
     let expected_keys = fact("etcd.keys");
-    let expected_revision = fact("etcd.revision");
+    let expected_revision = fact("etcd.revision").map(|r| r + bump);
     let mut problems = vec![];
     if let Some(k) = expected_keys {
         if k != state.keys {
@@ -1068,15 +1138,17 @@ pub fn verify(
             "revision {}, the snapshot's facts say {r}",
             state.revision
         )),
-        (None, Some(lo), Some(hi)) if !(lo..=hi).contains(&state.revision) => {
+        (None, Some(lo), Some(hi)) if !(lo + bump..=hi + bump).contains(&state.revision) => {
             problems.push(format!(
-                "revision {}, the snapshot's facts say {lo}..={hi}",
-                state.revision
+                "revision {}, the snapshot's facts say {}..={}",
+                state.revision,
+                lo + bump,
+                hi + bump
             ))
         }
         _ => {}
     }
-    if let (Some(k), Some(0)) = (&args.sentinel_key, sentinel) {
+    if let (Some(k), Some(0)) = (sentinel_key, sentinel) {
         problems.push(format!("the sentinel key {k:?} is missing"));
     }
     if !problems.is_empty() {
@@ -1092,7 +1164,7 @@ pub fn verify(
         revision: state.revision,
         expected_keys,
         expected_revision,
-        sentinel_key: args.sentinel_key.clone(),
+        sentinel_key: sentinel_key.map(str::to_string),
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -252,8 +252,38 @@ fn demo_runs_the_main_job() {
         .unwrap();
     assert_success(&out, &["demo"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["verified"], true);
-    assert_same_tree(&state.join("sample"), &state.join("staging"));
+    assert_eq!(v["verified"], true, "{v}");
+    assert_same_tree(
+        &state.join("sample"),
+        std::path::Path::new(v["staging"].as_str().unwrap()),
+    );
+    // The whole story: one restore point of the tree, the dump and (etcd
+    // is installed by the test command) a live etcd member, restored into
+    // staging in order, each verified, with the RTO.
+    let kinds: Vec<&str> = v["restore"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["etcd", "path", "stream"], "{v}");
+    assert!(v["restore"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["outcome"] == "restored" && s["verified"].is_string()));
+    assert!(v["restore"]["seconds"].as_f64().unwrap() > 0.0);
+    assert!(v["point"].as_str().unwrap().starts_with("demo-"));
+    // A second run reuses the repository and restores the new point.
+    let out = env
+        .cmd()
+        .args(["--json", "demo", "--state-dir", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_success(&out, &["demo (again)"]);
+    let w: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(w["point"], v["point"]);
+    assert_eq!(w["verified"], true);
 }
 
 #[test]

@@ -304,3 +304,20 @@ pub fn make_private_ca(d: &Path) {
         "2",
     );
 }
+
+/// A labctl.toml in `env` for its repository and cache (metrics off) with
+/// the given `[[job]]` tables.
+pub fn daemon_config(env: &Env, jobs: &str) -> PathBuf {
+    let cfg = env.path("labctl.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[repository]\nurl = \"{}\"\nbackup_key = \"{}\"\ncache_dir = \"{}\"\n\n[daemon]\nmetrics_listen = \"\"\n\n{jobs}",
+            env.repo.display(),
+            env.backup_key.display(),
+            env.cache.display(),
+        ),
+    )
+    .unwrap();
+    cfg
+}

@@ -399,7 +399,7 @@ fn a_job_never_runs_twice_at_once() {
 }
 
 /// A tiny HTTP server collecting webhook bodies.
-fn webhook_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
+pub fn webhook_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!(
         "http://{}/hooks/T000/SECRET",
@@ -681,7 +681,7 @@ fn shutdown_lets_jobs_finish_within_grace_then_cancels() {
     d.env.ok(&["check"]);
 }
 
-fn http_get(addr: &str, path: &str) -> (u16, String) {
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
         s,
@@ -930,6 +930,20 @@ fn validate_example(text: &str, name: &str) {
     }
     let path = root.join(name);
     std::fs::write(&path, &text).unwrap();
+    // The shipped platform file (VM jobs read it), with its files here.
+    let platform =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/platform.yaml"))
+            .unwrap()
+            .replace("/etc/labctl/", &format!("{}/etc/", root.display()));
+    std::fs::write(root.join("etc/platform.yaml"), platform).unwrap();
+    for f in [
+        "pve-token",
+        "pve-ssh.key",
+        "pve-known_hosts",
+        "pve-root-ca.pem",
+    ] {
+        write_private(&root.join("etc").join(f), "placeholder\n");
+    }
     write_private(
         &root.join("etc/s3-credentials"),
         "[default]\naws_access_key_id = x\naws_secret_access_key = y\n",

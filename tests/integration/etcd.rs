@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -161,7 +161,7 @@ impl Drop for Etcd {
 }
 
 /// The test's own etcd client (the same crate labctl uses).
-fn client(rt: &tokio::runtime::Runtime, url: &str, pki: Option<&Path>) -> etcd_client::Client {
+pub fn client(rt: &tokio::runtime::Runtime, url: &str, pki: Option<&Path>) -> etcd_client::Client {
     let mut o = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(5));
     if let Some(p) = pki {
         o = o.with_tls(
@@ -191,7 +191,7 @@ fn client(rt: &tokio::runtime::Runtime, url: &str, pki: Option<&Path>) -> etcd_c
     }
 }
 
-fn put_all(
+pub fn put_all(
     rt: &tokio::runtime::Runtime,
     c: &mut etcd_client::Client,
     kv: &BTreeMap<String, Vec<u8>>,
@@ -753,12 +753,17 @@ fn etcd_refusals_and_a_cut_stream_commit_nothing() {
     );
     let mut c = client(&rt, &full.url(), None);
     let filled = rt.block_on(async {
-        for i in 0..64u64 {
+        // etcd checks the quota against the backend's size, which grows
+        // when a batch commits (every 100 ms): give commits time to land.
+        for i in 0..300u64 {
             if c.put(format!("k{i}"), noise(100_000, i), None)
                 .await
                 .is_err()
             {
                 return true;
+            }
+            if i % 8 == 7 {
+                tokio::time::sleep(std::time::Duration::from_millis(120)).await;
             }
         }
         false

@@ -2,24 +2,10 @@
 //! in one point, complete only when every source succeeded; `labctl points`
 //! lists them; `forget` never splits a complete point.
 
+use crate::common::daemon_config as config;
 use crate::common::*;
 use std::fs;
 use std::path::Path;
-
-fn config(env: &Env, jobs: &str) -> std::path::PathBuf {
-    let cfg = env.path("labctl.toml");
-    fs::write(
-        &cfg,
-        format!(
-            "[repository]\nurl = \"{}\"\nbackup_key = \"{}\"\ncache_dir = \"{}\"\n\n[daemon]\nmetrics_listen = \"\"\n\n{jobs}",
-            env.repo.display(),
-            env.backup_key.display(),
-            env.cache.display(),
-        ),
-    )
-    .unwrap();
-    cfg
-}
 
 fn points(env: &Env) -> Vec<serde_json::Value> {
     serde_json::from_slice(&env.ok(&["--json", "points"]).stdout).unwrap()

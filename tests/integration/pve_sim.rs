@@ -82,6 +82,88 @@ pub struct Sim {
     next_task: u64,
     pub task_ms: u64,
     pub boot_ms: u64,
+    /// The cluster filesystem shared with the nodes' shells (as pmxcfs's
+    /// `/etc/pve` is on PVE): VM configs in `nodes/<node>/qemu-server/
+    /// <vmid>.conf`, written by the test `qmrestore` and read by the test
+    /// `vzdump` (examples/fakepve.rs). Synced before and after each request.
+    pub pmxcfs: Option<std::path::PathBuf>,
+    /// VMs destroyed since the last export (their config files go too).
+    removed: Vec<u32>,
+}
+
+impl Sim {
+    /// Takes in VMs a node created (`qmrestore` writes its config file;
+    /// the API lists it from then on, as PVE does).
+    fn import_pmxcfs(&mut self) {
+        let Some(root) = self.pmxcfs.clone() else {
+            return;
+        };
+        let Ok(nodes) = std::fs::read_dir(root.join("nodes")) else {
+            return;
+        };
+        for n in nodes.flatten() {
+            let node = n.file_name().to_string_lossy().to_string();
+            let Ok(files) = std::fs::read_dir(n.path().join("qemu-server")) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().to_string();
+                let Some(vmid) = name
+                    .strip_suffix(".conf")
+                    .and_then(|v| v.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if self.vms.contains_key(&vmid) {
+                    continue;
+                }
+                let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+                // PVE's config format: `key: value` lines (qemu-server's
+                // PVE::QemuServer::parse_vm_config), until a snapshot section.
+                let config: BTreeMap<String, String> = text
+                    .lines()
+                    .take_while(|l| !l.starts_with('['))
+                    .filter_map(|l| l.split_once(": "))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                self.vms.insert(
+                    vmid,
+                    SimVm {
+                        name: config.get("name").cloned().unwrap_or_default(),
+                        node: node.clone(),
+                        template: config.get("template").is_some_and(|t| t == "1"),
+                        running: false,
+                        config,
+                        pool: None,
+                        lock: None,
+                        booted_at: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Writes every VM's config where the nodes read it.
+    fn export_pmxcfs(&mut self) {
+        let Some(root) = &self.pmxcfs else { return };
+        for vmid in std::mem::take(&mut self.removed) {
+            if let Ok(nodes) = std::fs::read_dir(root.join("nodes")) {
+                for n in nodes.flatten() {
+                    let _ = std::fs::remove_file(n.path().join(format!("qemu-server/{vmid}.conf")));
+                }
+            }
+        }
+        for (vmid, vm) in &self.vms {
+            let dir = root.join("nodes").join(&vm.node).join("qemu-server");
+            std::fs::create_dir_all(&dir).unwrap();
+            let text: String = vm
+                .config
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}\n"))
+                .collect();
+            std::fs::write(dir.join(format!("{vmid}.conf")), text).unwrap();
+        }
+    }
 }
 
 pub struct PveSim {
@@ -579,6 +661,7 @@ impl Sim {
                         }
                     } else {
                         self.vms.remove(&v);
+                        self.removed.push(v);
                     }
                 }
                 Effect::Start(v) => {
@@ -595,6 +678,7 @@ impl Sim {
                 }
                 Effect::Delete(v) => {
                     self.vms.remove(&v);
+                    self.removed.push(v);
                 }
             }
         }
@@ -602,6 +686,17 @@ impl Sim {
 }
 
 async fn handle(
+    req: hyper::Request<hyper::body::Incoming>,
+    st: &Mutex<Sim>,
+    schema: &Value,
+) -> Resp {
+    st.lock().unwrap().import_pmxcfs();
+    let resp = handle_request(req, st, schema).await;
+    st.lock().unwrap().export_pmxcfs();
+    resp
+}
+
+async fn handle_request(
     req: hyper::Request<hyper::body::Incoming>,
     st: &Mutex<Sim>,
     schema: &Value,

@@ -79,6 +79,9 @@ pub fn create_bucket(port: u16, name: &str, object_lock: bool) {
 /// An S3 repository environment: a fresh bucket on moto (optionally behind a proxy port).
 pub struct S3Env {
     pub env: Env,
+    /// moto's port and the bucket, for raw requests.
+    pub port: u16,
+    pub bucket: String,
 }
 
 impl S3Env {
@@ -105,7 +108,7 @@ impl S3Env {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        S3Env { env }
+        S3Env { env, port, bucket }
     }
 
     /// `repo init` with small packs, so tests produce several.
@@ -141,8 +144,9 @@ fn tree(env: &Env, n: u64, size: usize, seed: u64) -> PathBuf {
     src
 }
 
-/// `(key, etag)` of every object under `prefix`, by a raw ListObjectsV2.
-fn list_etags(port: u16, bucket: &str, prefix: &str) -> Vec<(String, String)> {
+/// `tags` of every object under `prefix` (`Key`, `ETag`, `Size`...), by a
+/// raw ListObjectsV2 (moto does not check signatures on reads).
+fn list_objects(port: u16, bucket: &str, prefix: &str, tags: &[&str]) -> Vec<Vec<String>> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(s, "GET /{bucket}?list-type=2&prefix={prefix} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").unwrap();
     let mut resp = String::new();
@@ -158,8 +162,49 @@ fn list_etags(port: u16, bucket: &str, prefix: &str) -> Vec<(String, String)> {
     };
     resp.split("<Contents>")
         .skip(1)
-        .map(|c| (field(c, "Key"), field(c, "ETag")))
+        .map(|c| tags.iter().map(|t| field(c, t)).collect())
         .collect()
+}
+
+/// `(key, etag)` of every object under `prefix`.
+fn list_etags(port: u16, bucket: &str, prefix: &str) -> Vec<(String, String)> {
+    list_objects(port, bucket, prefix, &["Key", "ETag"])
+        .into_iter()
+        .map(|v| (v[0].clone(), v[1].clone()))
+        .collect()
+}
+
+/// `(key, size)` of every object under `prefix`.
+pub fn list_sizes(port: u16, bucket: &str, prefix: &str) -> Vec<(String, u64)> {
+    list_objects(port, bucket, prefix, &["Key", "Size"])
+        .into_iter()
+        .map(|v| (v[0].clone(), v[1].parse().unwrap()))
+        .collect()
+}
+
+/// Deletes one object (damage, as an operator's mistake or a failing store
+/// would do it), with boto3 from the test venv: moto refuses an unsigned
+/// DELETE.
+pub fn delete_object(port: u16, bucket: &str, key: &str) {
+    let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python");
+    let out = Command::new(py)
+        .env_clear()
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .args([
+            "-c",
+            "import boto3, sys; boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1').delete_object(Bucket=sys.argv[2], Key=sys.argv[3])",
+            &format!("http://127.0.0.1:{port}"),
+            bucket,
+            key,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "deleting {key}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

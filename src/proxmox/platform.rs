@@ -20,6 +20,42 @@ pub struct PlatformFile {
     pub vms: Vec<VmSpec>,
     #[serde(default)]
     pub kubernetes: Option<KubernetesConfig>,
+    /// How labctl reaches the nodes' shells (VM backup and restore run
+    /// `vzdump` and `qmrestore` there: the API refuses pipes).
+    #[serde(default)]
+    pub ssh: Option<SshConfig>,
+}
+
+/// `ssh:` — the nodes' SSH access for VM backups and restores.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshConfig {
+    /// The remote user (vzdump and qmrestore need root).
+    #[serde(default = "default_ssh_user")]
+    pub user: String,
+    /// The private key (refused when other users can read it).
+    pub identity_file: PathBuf,
+    /// The nodes' host keys, pinned (`ssh-keyscan` once, checked by hand):
+    /// a node whose key is not in it is refused.
+    pub known_hosts: PathBuf,
+    #[serde(default = "default_ssh_port")]
+    pub port: u16,
+    /// Where each node's sshd is, when not at the node's name.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, String>,
+    /// Seconds to wait for a connection.
+    #[serde(default = "default_ssh_timeout")]
+    pub connect_timeout_secs: u32,
+}
+
+fn default_ssh_user() -> String {
+    "root".into()
+}
+fn default_ssh_port() -> u16 {
+    22
+}
+fn default_ssh_timeout() -> u32 {
+    10
 }
 
 /// How to reach the PVE API.
@@ -197,7 +233,7 @@ pub struct Vm {
     pub agent: bool,
 }
 
-pub use crate::proxmox::{Token, Trust};
+pub use super::{Token, Trust};
 
 /// A validated platform file.
 #[derive(Debug, Clone)]
@@ -212,6 +248,7 @@ pub struct Platform {
     pub task_timeout: std::time::Duration,
     pub vms: Vec<Vm>,
     pub kubernetes: Option<KubernetesConfig>,
+    pub ssh: Option<SshConfig>,
     pub warnings: Vec<String>,
 }
 
@@ -676,6 +713,33 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
             ));
         }
     }
+    if let Some(ssh) = &raw.ssh {
+        let line = line_of_key(text, "ssh", "");
+        if ssh.user.is_empty()
+            || !ssh
+                .user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        {
+            return Err(err(
+                line,
+                "ssh.user",
+                format!("'{}' is not a user name", ssh.user),
+            ));
+        }
+        if ssh.port == 0 {
+            return Err(err(line, "ssh.port", "must be 1-65535".into()));
+        }
+        for (node, host) in &ssh.hosts {
+            if host.is_empty() || host.contains(char::is_whitespace) || host.starts_with('-') {
+                return Err(err(
+                    line_of_key(text, node, ""),
+                    &format!("ssh.hosts.{node}"),
+                    format!("'{host}' is not a host name or address"),
+                ));
+            }
+        }
+    }
     Ok(Platform {
         path: path.to_path_buf(),
         endpoints: p
@@ -691,6 +755,33 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
         task_timeout: std::time::Duration::from_secs(p.task_timeout_secs),
         vms,
         kubernetes: raw.kubernetes.clone(),
+        ssh: raw.ssh.clone(),
         warnings,
     })
+}
+
+/// Connects to the first endpoint that answers `/version`.
+///
+/// # Errors
+/// The last endpoint's error.
+pub async fn connect(p: &Platform) -> crate::error::Result<super::Client> {
+    let token = p.token()?;
+    let mut last = None;
+    for e in &p.endpoints {
+        let c = super::Client::new(
+            e,
+            &token,
+            super::Options {
+                trust: p.trust.clone(),
+                task_timeout: p.task_timeout,
+                ..Default::default()
+            },
+        )?;
+        match c.get("/version", &[], &super::Ctx::default()).await {
+            Ok(_) => return Ok(c),
+            Err(err) if err.status == 401 || err.status == 403 => return Err(err.into_lab()),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.expect("at least one endpoint").into_lab())
 }

@@ -1,0 +1,774 @@
+//! Restore plans: `restore-plans/<environment>.yaml` says where each source
+//! kind of a restore point goes in one environment, how it is verified, and
+//! the recovery-time objective. Loading checks every field (file, line and
+//! field in the message, as the other loaders do); [`RestorePlan::clashes`]
+//! refuses a staging plan whose targets are production's.
+//!
+//! Kinds with a target section today: `path`, `stream` and `etcd`. The
+//! platform kinds (Kubernetes objects, PVC data, MLflow, Kubeflow
+//! Pipelines, Proxmox VMs) gain their sections as their sources land; a
+//! point holding a kind the plan has no section for fails that source with
+//! a message saying so, and the others still restore.
+//!
+//! Must not restore anything: [`super::staging`] runs a plan.
+
+use crate::error::LabError;
+use crate::sources::SourceSpec;
+use serde::Deserialize;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+/// Which environment a plan restores into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Environment {
+    /// A scratch copy of the platform for drills: never production's
+    /// endpoints (a plan that names one is refused).
+    Staging,
+    /// The platform itself: needs `--confirm <point ID>`.
+    Production,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Staging => "staging",
+            Environment::Production => "production",
+        }
+    }
+}
+
+/// What a restore does when its target already holds data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Existing {
+    /// Fail that source (exit 6); the target is left as it was.
+    #[default]
+    Refuse,
+    /// Restore beside the target, then swap it in and remove the old one:
+    /// the target is never half-overwritten, and a failed restore leaves
+    /// the old one in place.
+    Replace,
+}
+
+/// The plan file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanFile {
+    environment: Environment,
+    #[serde(default)]
+    rto_objective: Option<String>,
+    #[serde(default)]
+    path: Option<PathTarget>,
+    #[serde(default)]
+    stream: Option<StreamTarget>,
+    #[serde(default)]
+    etcd: Option<EtcdTarget>,
+    #[serde(default)]
+    vm: Option<VmTarget>,
+}
+
+/// `vm:` — Proxmox VMs, restored with qmrestore as new VMIDs.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmTarget {
+    /// The node to restore on.
+    pub node: String,
+    /// The VMIDs restores may use, `FIRST-LAST`: the point's VMs get them
+    /// in order; one that exists is refused.
+    pub vmid_range: String,
+    /// The storage for the disks (default: as in the backup).
+    #[serde(default)]
+    pub storage: Option<String>,
+    /// Every network interface goes on this bridge: an isolated staging
+    /// network (refused when a production VM of the platform file uses it).
+    pub bridge: String,
+    /// The platform file (PVE API, `ssh:`, and the production VMs).
+    #[serde(default = "default_platform")]
+    pub platform: PathBuf,
+    /// Start the restored VMs (default: left stopped).
+    #[serde(default)]
+    pub start: bool,
+}
+
+fn default_platform() -> PathBuf {
+    crate::sources::vm::DEFAULT_PLATFORM.into()
+}
+
+impl VmTarget {
+    /// The range, parsed.
+    pub fn range(&self) -> (u32, u32) {
+        crate::sources::vm::parse_range(&self.vmid_range).expect("checked when loaded")
+    }
+}
+
+/// `path:` — directory trees.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathTarget {
+    /// A tree backed up from `/srv/data` is restored into `<root>/srv/data`.
+    pub root: PathBuf,
+    #[serde(default)]
+    pub existing: Existing,
+    /// Keep setuid/setgid bits. Default: false in staging (no setuid-root
+    /// programs left in a scratch area), true in production.
+    #[serde(default)]
+    pub keep_setuid: Option<bool>,
+    /// Check the restored tree against the snapshot's listing (default true).
+    #[serde(default = "yes")]
+    pub verify: bool,
+}
+
+/// `stream:` — single streams (dumps, archives).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamTarget {
+    /// A stream named `N` is written to `<dir>/N`, unless `commands` has
+    /// an entry for it.
+    pub dir: Option<PathBuf>,
+    #[serde(default)]
+    pub existing: Existing,
+    /// Per stream name: a program that reads the stream on its standard
+    /// input (`pg_restore --dbname=...`), and a check run after it.
+    #[serde(default)]
+    pub commands: std::collections::BTreeMap<String, StreamCommand>,
+}
+
+/// One stream's loader.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamCommand {
+    /// Program and arguments (no shell); the stream is its standard input.
+    pub command: Vec<String>,
+    /// Program and arguments run afterwards; exit status 0 means verified.
+    #[serde(default)]
+    pub verify: Vec<String>,
+}
+
+/// `etcd:` — an etcd snapshot restored as a new member's data directory.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTarget {
+    pub data_dir: PathBuf,
+    #[serde(default = "default_member")]
+    pub name: String,
+    #[serde(default)]
+    pub initial_cluster: Option<String>,
+    #[serde(default = "default_token")]
+    pub initial_cluster_token: String,
+    #[serde(default)]
+    pub initial_advertise_peer_urls: Option<String>,
+    #[serde(default)]
+    pub etcdutl: Option<PathBuf>,
+    #[serde(default)]
+    pub etcd: Option<PathBuf>,
+    #[serde(default)]
+    pub existing: Existing,
+    /// Start a member on the restored data directory (loopback ports) and
+    /// compare its key count and revision with the snapshot's facts
+    /// (default true).
+    #[serde(default = "yes")]
+    pub verify: bool,
+    /// With `verify`: a key that must exist.
+    #[serde(default)]
+    pub sentinel_key: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_member() -> String {
+    "staging".into()
+}
+fn default_token() -> String {
+    "labctl-staging".into()
+}
+
+impl EtcdTarget {
+    /// The etcd source's restore settings for this target.
+    pub fn restore_args(&self) -> crate::sources::etcd::EtcdRestore {
+        crate::sources::etcd::EtcdRestore {
+            etcd_data_dir: Some(self.data_dir.clone()),
+            name: self.name.clone(),
+            initial_cluster: self.initial_cluster.clone(),
+            initial_cluster_token: self.initial_cluster_token.clone(),
+            initial_advertise_peer_urls: self.initial_advertise_peer_urls.clone(),
+            etcdutl: self.etcdutl.clone(),
+            etcd: self.etcd.clone(),
+            sentinel_key: self.sentinel_key.clone(),
+        }
+    }
+}
+
+/// A loaded, checked plan.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestorePlan {
+    pub file: PathBuf,
+    pub environment: Environment,
+    pub rto_objective: Option<Duration>,
+    pub path: Option<PathTarget>,
+    pub stream: Option<StreamTarget>,
+    pub etcd: Option<EtcdTarget>,
+    pub vm: Option<VmTarget>,
+    /// The file's text, for locating fields in later messages.
+    #[serde(skip)]
+    text: String,
+}
+
+/// What production is, for [`RestorePlan::clashes`]: the sources the
+/// daemon's jobs back up (their paths, etcd endpoints and database
+/// commands are production's).
+#[derive(Debug, Default, Clone)]
+pub struct Production {
+    /// Where the list came from (for messages): the daemon's config file.
+    pub origin: String,
+    pub sources: Vec<(String, SourceSpec)>,
+}
+
+/// One reason a staging plan touches production.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Clash {
+    pub line: usize,
+    pub field: String,
+    pub why: String,
+}
+
+/// Reads and checks a plan file.
+///
+/// # Errors
+/// A usage error `file:line[:col]: field `name`: why`.
+pub fn load(path: &Path) -> crate::error::Result<RestorePlan> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        LabError::usage(format!("cannot read restore plan {}: {e}", path.display()))
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and checks plan text (`path` names it in messages).
+///
+/// # Errors
+/// As [`load`].
+pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
+    let file = path.display().to_string();
+    let de = serde_norway::Deserializer::from_str(text);
+    let raw: PlanFile = serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        let (line, col) = inner.location().map_or((0, 0), |l| (l.line(), l.column()));
+        crate::util::located::error(
+            &file,
+            line,
+            Some(col),
+            &field,
+            crate::util::located::yaml_message(&inner),
+        )
+    })?;
+    let at = |section: &str, key: &str, why: String| -> crate::error::Error {
+        let line = line_in(text, section, key);
+        let field = if key.is_empty() {
+            section.to_string()
+        } else {
+            format!("{section}.{key}")
+        };
+        crate::util::located::error(&file, line, None, &field, why).into()
+    };
+    let rto_objective = match &raw.rto_objective {
+        Some(t) => Some(
+            crate::util::units::parse_duration(t)
+                .map_err(|e| at("rto_objective", "", e.message().to_string()))?,
+        ),
+        None => None,
+    };
+    if raw.path.is_none() && raw.stream.is_none() && raw.etcd.is_none() && raw.vm.is_none() {
+        return Err(at(
+            "environment",
+            "",
+            "the plan has no target: give at least one of vm, etcd, path, stream".into(),
+        ));
+    }
+    if let Some(v) = &raw.vm {
+        crate::sources::vm::parse_range(&v.vmid_range)
+            .map_err(|e| at("vm", "vmid_range", e.message().to_string()))?;
+        for (key, val) in [
+            ("node", Some(&v.node)),
+            ("bridge", Some(&v.bridge)),
+            ("storage", v.storage.as_ref()),
+        ] {
+            if let Some(val) = val {
+                if !crate::sources::vm::is_name(val) {
+                    return Err(at("vm", key, format!("'{val}' is not a name")));
+                }
+            }
+        }
+    }
+    let absolute = |section: &str, key: &str, p: &Path| -> crate::error::Result<()> {
+        if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) {
+            return Err(at(
+                section,
+                key,
+                format!("{} must be an absolute path without `..`", p.display()),
+            ));
+        }
+        if p == Path::new("/") {
+            return Err(at(
+                section,
+                key,
+                "is `/`: restore into a directory of its own".into(),
+            ));
+        }
+        Ok(())
+    };
+    if let Some(p) = &raw.path {
+        absolute("path", "root", &p.root)?;
+    }
+    if let Some(s) = &raw.stream {
+        if let Some(d) = &s.dir {
+            absolute("stream", "dir", d)?;
+        }
+        for (name, c) in &s.commands {
+            if c.command.first().is_none_or(|p| p.is_empty()) {
+                return Err(at(
+                    "stream",
+                    name,
+                    "command must name a program: command: [program, arg, ...]".into(),
+                ));
+            }
+            if !c.verify.is_empty() && c.verify[0].is_empty() {
+                return Err(at("stream", name, "verify must name a program".into()));
+            }
+        }
+        if s.dir.is_none() && s.commands.is_empty() {
+            return Err(at(
+                "stream",
+                "",
+                "give dir (streams are written there) or commands (per stream name)".into(),
+            ));
+        }
+    }
+    if let Some(e) = &raw.etcd {
+        absolute("etcd", "data_dir", &e.data_dir)?;
+        if e.name.is_empty() {
+            return Err(at("etcd", "name", "is empty".into()));
+        }
+        if let Some(c) = &e.initial_cluster {
+            if !c
+                .split(',')
+                .any(|m| m.split_once('=').is_some_and(|(n, _)| n == e.name))
+            {
+                return Err(at(
+                    "etcd",
+                    "initial_cluster",
+                    format!("does not list this member ({}=URL)", e.name),
+                ));
+            }
+        }
+    }
+    Ok(RestorePlan {
+        file: path.to_path_buf(),
+        environment: raw.environment,
+        rto_objective,
+        path: raw.path,
+        stream: raw.stream,
+        etcd: raw.etcd,
+        vm: raw.vm,
+        text: text.to_string(),
+    })
+}
+
+/// The 1-based line of `key` in `section` (the section's line when the key
+/// is not found; 0 when neither is).
+fn line_in(text: &str, section: &str, key: &str) -> usize {
+    if key.is_empty() {
+        return crate::util::located::yaml_line(text, section, "").map_or(0, |i| i + 1);
+    }
+    crate::util::located::yaml_line_in(text, section, key, "").map_or(0, |i| i + 1)
+}
+
+impl RestorePlan {
+    /// The source kinds this plan has a target for.
+    pub fn kinds(&self) -> Vec<&'static str> {
+        let mut v = vec![];
+        if self.vm.is_some() {
+            v.push(crate::sources::vm::KIND);
+        }
+        if self.etcd.is_some() {
+            v.push(crate::sources::etcd::KIND);
+        }
+        if self.path.is_some() {
+            v.push(crate::sources::path::KIND);
+        }
+        if self.stream.is_some() {
+            v.push(crate::sources::stream::KIND);
+        }
+        v
+    }
+
+    /// Whether setuid bits are kept for path restores.
+    pub fn keep_setuid(&self) -> bool {
+        self.path
+            .as_ref()
+            .and_then(|p| p.keep_setuid)
+            .unwrap_or(self.environment == Environment::Production)
+    }
+
+    /// Where each target of a staging plan meets production: a restore
+    /// path that overlaps a path production backs up (or kubeadm's etcd
+    /// data directory), an etcd member URL on a production etcd endpoint's
+    /// host and port (or its peer port), a stream command naming a database
+    /// a production dump reads. Empty for a production plan.
+    pub fn clashes(&self, prod: &Production) -> Vec<Clash> {
+        if self.environment == Environment::Production {
+            return vec![];
+        }
+        let mut out = vec![];
+        let mut clash = |section: &str, key: &str, why: String| {
+            out.push(Clash {
+                line: line_in(&self.text, section, key),
+                field: format!("{section}.{key}"),
+                why,
+            })
+        };
+        let prod_paths: Vec<(&str, &Path)> = prod
+            .sources
+            .iter()
+            .filter_map(|(job, s)| match s {
+                SourceSpec::Path(p) => Some((job.as_str(), p.path.as_path())),
+                _ => None,
+            })
+            .collect();
+        // Whether `dir` meets a production path (each meeting recorded).
+        let mut check_dir = |section: &str, key: &str, dir: &Path, what: &str| -> bool {
+            let mut found = false;
+            for (job, q) in &prod_paths {
+                if overlaps(dir, q) {
+                    found = true;
+                    clash(
+                        section,
+                        key,
+                        format!(
+                            "{what} {} overlaps {}, which job `{job}` of {} backs up (production data)",
+                            dir.display(),
+                            q.display(),
+                            prod.origin
+                        ),
+                    );
+                }
+            }
+            found
+        };
+        if let Some(p) = &self.path {
+            // A tree from P lands in <root>/P: it must not meet any
+            // production path (nor may the root itself).
+            if !check_dir("path", "root", &p.root, "the restore root") {
+                for (_, src) in &prod_paths {
+                    let dest = under(&p.root, src);
+                    check_dir("path", "root", &dest, "the restore target");
+                }
+            }
+        }
+        if let Some(s) = &self.stream {
+            if let Some(d) = &s.dir {
+                check_dir("stream", "dir", d, "the stream directory");
+            }
+        }
+        if let Some(e) = &self.etcd {
+            check_dir("etcd", "data_dir", &e.data_dir, "the etcd data directory");
+        }
+        if let Some(e) = &self.etcd {
+            if e.data_dir == Path::new(KUBEADM_ETCD_DATA) {
+                clash(
+                    "etcd",
+                    "data_dir",
+                    format!("{KUBEADM_ETCD_DATA} is kubeadm's production etcd data directory"),
+                );
+            }
+            let urls: Vec<&str> = e
+                .initial_advertise_peer_urls
+                .iter()
+                .flat_map(|u| u.split(','))
+                .chain(
+                    e.initial_cluster
+                        .iter()
+                        .flat_map(|c| c.split(','))
+                        .filter_map(|m| m.split_once('=').map(|(_, u)| u)),
+                )
+                .collect();
+            for (job, s) in &prod.sources {
+                let SourceSpec::Etcd(src) = s else { continue };
+                let Some((host, port)) = host_port(&src.endpoint) else {
+                    continue;
+                };
+                for u in &urls {
+                    let Some((h, p)) = host_port(u) else { continue };
+                    // etcd's peer port is the client port + 1 by convention
+                    // (2379/2380, etcd's and kubeadm's defaults).
+                    if h == host && (p == port || p == port + 1) {
+                        clash(
+                            "etcd",
+                            if e.initial_advertise_peer_urls.is_some() {
+                                "initial_advertise_peer_urls"
+                            } else {
+                                "initial_cluster"
+                            },
+                            format!(
+                                "{u} is the production etcd member of job `{job}` ({}) in {}",
+                                src.endpoint, prod.origin
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(v) = &self.vm {
+            // The production VMs are the platform file's; a staging range
+            // must not hold one, nor may staging use their bridges.
+            // An unreadable platform file is said by `unchecked`.
+            if let Ok(p) = crate::proxmox::platform::load(&v.platform) {
+                let (a, b) = v.range();
+                for pv in &p.vms {
+                    if (a..=b).contains(&pv.vmid) {
+                        clash(
+                            "vm",
+                            "vmid_range",
+                            format!(
+                                "{} holds VMID {} ({}), a production VM of {}",
+                                v.vmid_range,
+                                pv.vmid,
+                                pv.name,
+                                v.platform.display()
+                            ),
+                        );
+                    }
+                    if pv
+                        .networks
+                        .iter()
+                        .any(|(_, net)| net.split(',').any(|f| f == format!("bridge={}", v.bridge)))
+                    {
+                        clash(
+                            "vm",
+                            "bridge",
+                            format!(
+                                "bridge {} carries production VM {} ({}): staging needs an isolated bridge",
+                                v.bridge,
+                                pv.name,
+                                v.platform.display()
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(s) = &self.stream {
+            for (name, c) in &s.commands {
+                let mine = database_targets(&c.command);
+                for (job, src) in &prod.sources {
+                    let SourceSpec::Stream(p) = src else { continue };
+                    for db in database_targets(&p.command) {
+                        if mine.contains(&db) {
+                            clash(
+                                "stream",
+                                name,
+                                format!(
+                                    "the command loads database {db:?}, which job `{job}`'s stream `{}` dumps from production ({})",
+                                    p.name, prod.origin
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// What [`Self::clashes`] could not check here: the VM target's
+    /// platform file, when it cannot be read on this machine.
+    pub fn unchecked(&self) -> Vec<String> {
+        match &self.vm {
+            Some(v) if self.environment == Environment::Staging => {
+                match crate::proxmox::platform::load(&v.platform) {
+                    Ok(_) => vec![],
+                    Err(e) => vec![format!(
+                        "vm: the VMID range and bridge were not checked against the production VMs: {e}"
+                    )],
+                }
+            }
+            _ => vec![],
+        }
+    }
+
+    /// [`Self::clashes`] as one refusal naming every clash (exit 6).
+    ///
+    /// # Errors
+    /// The refusal.
+    pub fn refuse_clashes(&self, prod: &Production) -> crate::error::Result<()> {
+        let c = self.clashes(prod);
+        if c.is_empty() {
+            return Ok(());
+        }
+        let lines: Vec<String> = c
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}:{}: field `{}`: {}",
+                    self.file.display(),
+                    c.line,
+                    c.field,
+                    c.why
+                )
+            })
+            .collect();
+        Err(LabError::refused(format!(
+            "the staging plan points at production, nothing was written:\n  {}",
+            lines.join("\n  ")
+        ))
+        .into())
+    }
+}
+
+/// kubeadm's etcd data directory on a control-plane node.
+const KUBEADM_ETCD_DATA: &str = "/var/lib/etcd";
+
+/// `p` re-rooted under `root` (`/srv/x` under `/stage` is `/stage/srv/x`).
+pub fn under(root: &Path, p: &Path) -> PathBuf {
+    let rel: PathBuf = p
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
+    root.join(rel)
+}
+
+/// One path is the other or inside it.
+fn overlaps(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+/// Host and port of a URL (`https://10.0.0.1:2379`); the scheme's default
+/// port when none is written.
+fn host_port(url: &str) -> Option<(String, u16)> {
+    let (scheme, rest) = url.trim().split_once("://")?;
+    let authority = rest.split('/').next()?;
+    let authority = authority.rsplit('@').next()?;
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+            (h.to_string(), p.parse().ok()?)
+        }
+        _ => (
+            authority.to_string(),
+            if scheme == "https" { 443 } else { 80 },
+        ),
+    };
+    let host = match host.as_str() {
+        "localhost" | "127.0.0.1" | "[::1]" => "loopback".to_string(),
+        _ => host.to_ascii_lowercase(),
+    };
+    Some((host, port))
+}
+
+/// The databases a dump or load command names: `--dbname=X`, `--dbname X`,
+/// `-d X`, `--database=X` and any `scheme://` URI (without its password).
+fn database_targets(argv: &[String]) -> Vec<String> {
+    let mut out = vec![];
+    let mut it = argv.iter().skip(1).peekable();
+    while let Some(a) = it.next() {
+        let v = if let Some(v) = a
+            .strip_prefix("--dbname=")
+            .or_else(|| a.strip_prefix("--database="))
+        {
+            Some(v.to_string())
+        } else if a == "--dbname" || a == "-d" || a == "--database" {
+            it.next().cloned()
+        } else if a.contains("://") {
+            Some(a.clone())
+        } else {
+            None
+        };
+        if let Some(v) = v {
+            out.push(strip_password(&v));
+        }
+    }
+    out
+}
+
+fn strip_password(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_string();
+    };
+    let (auth, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match auth.rsplit_once('@') {
+        Some((user, host)) => {
+            let user = user.split(':').next().unwrap_or(user);
+            format!("{scheme}://{user}@{host}{tail}")
+        }
+        None => uri.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(text: &str) -> crate::error::Result<RestorePlan> {
+        parse(text, Path::new("p.yaml"))
+    }
+
+    #[test]
+    fn fields_are_checked_with_file_line_and_field() {
+        let e = plan("environment: staging\npath:\n  root: rel/dir\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "p.yaml:3: field `path.root`: rel/dir must be an absolute path without `..`"
+        );
+        let e = plan("environment: qa\n").unwrap_err().to_string();
+        assert!(e.starts_with("p.yaml:1:14: field `environment`"), "{e}");
+        let e = plan("environment: staging\netcd:\n  data_dir: /x\n  nmae: a\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("p.yaml:4:3: field `etcd.nmae`: unknown field `nmae`"),
+            "{e}"
+        );
+        let e = plan("environment: staging\nrto_objective: soon\npath: {root: /s}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("p.yaml:2: field `rto_objective`"), "{e}");
+        let e = plan("environment: staging\n").unwrap_err().to_string();
+        assert!(e.contains("no target"), "{e}");
+        let e = plan(
+            "environment: staging\netcd:\n  data_dir: /x\n  name: a\n  initial_cluster: b=http://h:2380\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("p.yaml:5: field `etcd.initial_cluster`"),
+            "{e}"
+        );
+        let p = plan("environment: staging\nrto_objective: 30m\npath: {root: /s}\n").unwrap();
+        assert_eq!(p.rto_objective, Some(Duration::from_secs(1800)));
+        assert!(!p.keep_setuid());
+    }
+
+    #[test]
+    fn urls_and_database_names_compare_as_production_would() {
+        assert_eq!(
+            host_port("https://127.0.0.1:2379"),
+            Some(("loopback".into(), 2379))
+        );
+        assert_eq!(host_port("http://Node1"), Some(("node1".into(), 80)));
+        let argv = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        assert_eq!(
+            database_targets(&argv("pg_dump --format=custom --dbname=mlflow")),
+            ["mlflow"]
+        );
+        assert_eq!(
+            database_targets(&argv("pg_restore -d postgresql://u:secret@db/mlflow")),
+            ["postgresql://u@db/mlflow"]
+        );
+        assert_eq!(
+            under(Path::new("/s"), Path::new("/srv/x")),
+            Path::new("/s/srv/x")
+        );
+    }
+}
