@@ -13,13 +13,15 @@ use std::path::PathBuf;
     clap::ArgGroup::new("dest")
         .required(true)
         .multiple(true)
-        .args(["target", "stdout", "etcd_data_dir", "verify", "to", "to_vm"])
+        .args(["target", "stdout", "etcd_data_dir", "verify", "to", "to_vm", "to_cluster"])
 ))]
 #[command(after_help = "\
 Examples:
   labctl restore latest --target /tmp/r                 # the newest snapshot into /tmp/r
   labctl restore 3f2a --stdout > dump.pgc               # a stream snapshot
   labctl restore 9c1e --etcd-data-dir /var/lib/etcd-new --verify
+  labctl restore 5d0b --to-cluster --namespace-map '*=*-staging' --dry-run
+  labctl restore 5d0b --to-cluster --path nlp-lab --context staging
   labctl restore --to staging --dry-run                 # what the staging plan would do
   labctl restore --to staging --only etcd,stream        # restore, verify, report the RTO
   labctl restore --to production --point platform-20261204T020000Z-1a2b \\
@@ -30,12 +32,12 @@ pub struct RestoreCmd {
     #[arg(required_unless_present = "to", conflicts_with = "to")]
     pub snapshot: Option<String>,
     /// Directory to restore into (created if missing; must be empty unless --overwrite).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["stdout", "etcd_data_dir", "verify", "to_vm"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["stdout", "etcd_data_dir", "verify", "to_vm", "to_cluster"])]
     pub target: Option<PathBuf>,
     /// Write one file to stdout: a stream snapshot's data, an etcd
     /// snapshot's `snapshot.db` (as `etcdctl snapshot save` writes it), or
     /// the file named by --path.
-    #[arg(long, conflicts_with_all = ["etcd_data_dir", "verify"])]
+    #[arg(long, conflicts_with_all = ["etcd_data_dir", "verify", "to_cluster"])]
     pub stdout: bool,
     /// Verify the restore on a live service: for an etcd snapshot, restore
     /// it into a scratch directory, start etcd on free loopback ports,
@@ -47,7 +49,11 @@ pub struct RestoreCmd {
     pub etcd: crate::sources::etcd::EtcdRestore,
     #[command(flatten)]
     pub vm: crate::sources::vm::VmRestore,
-    /// Restore only this path (and what is below it); repeatable. With --stdout: the file to write.
+    #[command(flatten)]
+    pub kube: crate::sources::kube::KubeRestore,
+    /// Restore only this path (and what is below it); repeatable. With
+    /// --stdout: the file to write. With --to-cluster: a namespace
+    /// (`nlp-lab`), `_cluster`, or deeper (`nlp-lab/kubeflow.org/Notebook`).
     #[arg(long = "path", value_name = "PATH")]
     pub paths: Vec<String>,
     /// Allow a non-empty target. Existing files are replaced whole (written
@@ -83,7 +89,7 @@ pub struct PlanArgs {
     /// plan says (restore-plans/ENV.yaml): in dependency order, each source
     /// verified, a report with the restore time (RTO). A staging plan that
     /// names a production endpoint of the daemon's jobs is refused.
-    #[arg(long, value_enum, value_name = "ENV", conflicts_with_all = ["target", "stdout", "etcd_data_dir", "verify", "paths", "overwrite", "to_vm"])]
+    #[arg(long, value_enum, value_name = "ENV", conflicts_with_all = ["target", "stdout", "etcd_data_dir", "verify", "paths", "overwrite", "to_vm", "to_cluster"])]
     pub to: Option<crate::restore::plan::Environment>,
     /// The restore plan (default: restore-plans/ENV.yaml here, else in
     /// labctl.toml's platform.restore_plans folder, else
@@ -102,8 +108,9 @@ pub struct PlanArgs {
     #[arg(long, value_name = "KINDS", value_delimiter = ',', requires = "to")]
     pub only: Vec<String>,
     /// Print the plan (what goes where, in order, the bytes, what each
-    /// target holds now) and stop: nothing is written.
-    #[arg(long, requires = "to")]
+    /// target holds now) and stop: nothing is written. With --to-cluster:
+    /// each object's action (create, exists, skip and why).
+    #[arg(long)]
     pub dry_run: bool,
     /// With --to production: the point's ID, typed again.
     #[arg(long, value_name = "ID", requires = "to")]
@@ -124,6 +131,9 @@ pub enum ReadOrderArg {
 pub fn run(g: &GlobalArgs, c: RestoreCmd) -> crate::error::Result<ExitCode> {
     if let Some(env) = c.plan.to {
         return run_plan(g, env, &c.plan, c.threads);
+    }
+    if c.plan.dry_run && !c.kube.to_cluster {
+        return Err(LabError::usage("--dry-run goes with --to ENV or --to-cluster").into());
     }
     let repo = g.open(true)?;
     let id = repo.resolve_snapshot(
@@ -150,6 +160,9 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> crate::error::Result<ExitCode> {
             eprintln!("restored {} from snapshot {}", human_bytes(n), id.short());
         }
         return Ok(ExitCode::Success);
+    }
+    if c.kube.to_cluster {
+        return run_kube(g, &repo, &id, &c);
     }
     if c.vm.to_vm {
         let r = crate::sources::vm::restore(&repo, &id, &c.vm, c.threads)?;
@@ -223,6 +236,59 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> crate::error::Result<ExitCode> {
         ExitCode::Success
     } else {
         ExitCode::Integrity
+    })
+}
+
+/// `--to-cluster` on a kube snapshot.
+fn run_kube(
+    g: &GlobalArgs,
+    repo: &crate::repo::Repository,
+    id: &crate::repo::Id,
+    c: &RestoreCmd,
+) -> crate::error::Result<ExitCode> {
+    let r = crate::sources::kube::restore(repo, id, &c.paths, &c.kube, c.plan.dry_run)?;
+    if g.json {
+        print_json(&serde_json::json!({"snapshot": id.hex(), "kube": r}))?;
+    } else if !g.quiet {
+        for o in &r.objects {
+            if r.dry_run || o.action == "failed" {
+                eprintln!(
+                    "{:<7} {}{}",
+                    o.action,
+                    o.label(),
+                    o.reason
+                        .as_ref()
+                        .map(|w| format!(" ({w})"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        eprintln!(
+            "{} kube snapshot {} to {}: {} {}, {} {}, {} skipped, {} failed{}; {:.1}s",
+            if r.dry_run { "dry run of" } else { "restored" },
+            id.short(),
+            r.server,
+            r.created,
+            if r.dry_run { "to create" } else { "created" },
+            r.updated,
+            if r.dry_run { "to update" } else { "updated" },
+            r.skipped,
+            r.failed,
+            if r.dry_run {
+                String::new()
+            } else {
+                format!(
+                    ", {} verified, {} owner references re-linked",
+                    r.verified, r.owner_links
+                )
+            },
+            r.seconds
+        );
+    }
+    Ok(if r.failed == 0 {
+        ExitCode::Success
+    } else {
+        ExitCode::Failure
     })
 }
 

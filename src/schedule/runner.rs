@@ -76,15 +76,24 @@ fn run_action(ctx: &super::ExecContext<'_>, repo: &Repository) -> crate::error::
     let (job, cancel) = (ctx.job, ctx.cancel);
     match &job.action {
         Action::Backup(sources) if sources.len() == 1 => {
-            let out = sources[0].backup(crate::sources::SourceContext {
-                repo,
-                opts: backup_options(job, cancel),
-                progress: crate::util::progress::Progress::hidden(),
-                stdin: None,
-            })?;
+            let out =
+                sources[0]
+                    .with_platform(&ctx.env.kube)
+                    .backup(crate::sources::SourceContext {
+                        repo,
+                        opts: backup_options(job, cancel),
+                        progress: crate::util::progress::Progress::hidden(),
+                        stdin: None,
+                    })?;
             finish_backup(repo, job, out)
         }
-        Action::Backup(sources) => backup_point(repo, job, cancel, sources),
+        Action::Backup(sources) => {
+            let sources: Vec<_> = sources
+                .iter()
+                .map(|s| s.with_platform(&ctx.env.kube))
+                .collect();
+            backup_point(repo, job, cancel, &sources)
+        }
         Action::Forget(policy) => {
             let r = crate::repo::forget::apply(repo, policy, &["source"], |_| true, false)?;
             let removed = r.decisions.iter().filter(|d| !d.keep).count();

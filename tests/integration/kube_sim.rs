@@ -1,54 +1,257 @@
 //! A Kubernetes API server test double (HTTP on 127.0.0.1).
 //!
 //! No Kubernetes API server can run here, so this speaks the Kubernetes REST
-//! API for the kinds labctl's policy commands use, following its semantics:
-//! a generic object store with `resourceVersion`, `uid` and
-//! `creationTimestamp`; `404 NotFound` and `409 Conflict` as `Status`
-//! objects; lists with label selectors (`k=v`, `k!=v`, `k`), across all
-//! namespaces or in one; server-side apply (`PATCH` with
-//! `application/apply-patch+yaml`, `fieldManager`, `force`) that merges
-//! labels and annotations, removes what the same manager applied before and
-//! no longer applies, and answers 409 when another manager owns a field and
-//! `force` is off; bearer-token authentication (401 without it); discovery
-//! for the CRD groups (`/apis/kubeflow.org/v1`,
-//! `/apis/security.istio.io/v1beta1`). A small stand-in for the Kubeflow
-//! profile controller creates, per Profile, its Namespace (with the `owner`
-//! annotation), `namespaceAdmin` and `kf-resource-quota`, and deleting a
-//! Profile deletes its namespace and everything in it — as upstream does.
-//! labctl reaches it through kube with a kubeconfig file, exactly as in
-//! production.
+//! API for the kinds labctl uses, following its semantics, each rule beside
+//! the upstream code it follows:
+//! - a generic object store with `resourceVersion`, `uid` and
+//!   `creationTimestamp`; `404 NotFound` and `409 Conflict` as `Status`
+//!   objects; bearer-token authentication (401 without it);
+//! - discovery (`/api`, `/api/v1`, `/apis`, `/apis/{group}/{version}`, with
+//!   subresources and create-only resources as the real server lists them;
+//!   an aggregated `metrics.k8s.io` that can be down: 503), `/version`;
+//! - lists with label selectors, across all namespaces or in one, paginated
+//!   with `limit` and opaque `continue` tokens (an expired one is 410
+//!   `Expired`, a malformed one 400); items of built-in kinds carry no
+//!   `apiVersion`/`kind` (typed lists), custom resources do;
+//! - server-side apply (`PATCH` with `application/apply-patch+yaml`,
+//!   `fieldManager`, `force`) that merges labels and annotations, removes
+//!   what the same manager applied before and no longer applies, and
+//!   answers 409 when another manager owns a field and `force` is off;
+//! - CustomResourceDefinitions: an applied CRD becomes `Established` after a
+//!   short delay, and only then is its kind in discovery and served;
+//! - RBAC: either single resources whose writes are forbidden, or a whole
+//!   ClusterRole's rules (as shipped in deploy/kubernetes/) that every
+//!   request's verb is checked against, with the authorizer's 403 message.
+//!
+//! A small stand-in for the Kubeflow profile controller creates, per
+//! Profile, its Namespace (with the `owner` annotation), `namespaceAdmin`
+//! and `kf-resource-quota`, and deleting a Profile deletes its namespace
+//! and everything in it — as upstream does. labctl reaches it through kube
+//! with a kubeconfig file, exactly as in production.
 
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub const TOKEN: &str = "kube-sim-test-token";
 
-/// (plural) → (group, version, kind, namespaced)
-fn resources() -> BTreeMap<&'static str, (&'static str, &'static str, &'static str, bool)> {
-    BTreeMap::from([
-        ("profiles", ("kubeflow.org", "v1", "Profile", false)),
-        (
-            "rolebindings",
-            ("rbac.authorization.k8s.io", "v1", "RoleBinding", true),
+/// One served resource.
+#[derive(Clone, Debug)]
+pub struct Res {
+    pub group: String,
+    pub version: String,
+    pub plural: String,
+    pub kind: String,
+    pub namespaced: bool,
+    pub verbs: Vec<&'static str>,
+    /// A custom resource (its list items keep apiVersion/kind).
+    pub custom: bool,
+}
+
+/// The verbs of a regular stored resource (what `kubectl api-resources -o
+/// wide` prints for, say, configmaps).
+const RW: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
+
+/// The built-in resources of a Kubernetes 1.30 API server with Kubeflow's
+/// and Istio's CRDs installed, plus subresources and create-only ones as
+/// discovery lists them (k8s.io/kubernetes pkg/controlplane, `kubectl
+/// api-resources`).
+fn builtin() -> Vec<Res> {
+    let r = |g: &str, v: &str, p: &str, k: &str, n: bool, verbs: &[&'static str]| Res {
+        group: g.into(),
+        version: v.into(),
+        plural: p.into(),
+        kind: k.into(),
+        namespaced: n,
+        verbs: verbs.to_vec(),
+        custom: false,
+    };
+    let mut v = vec![
+        r("", "v1", "namespaces", "Namespace", false, RW),
+        r(
+            "",
+            "v1",
+            "namespaces/status",
+            "Namespace",
+            false,
+            &["get", "patch", "update"],
         ),
-        (
-            "authorizationpolicies",
-            ("security.istio.io", "v1beta1", "AuthorizationPolicy", true),
+        r("", "v1", "configmaps", "ConfigMap", true, RW),
+        r("", "v1", "secrets", "Secret", true, RW),
+        r("", "v1", "serviceaccounts", "ServiceAccount", true, RW),
+        r(
+            "",
+            "v1",
+            "serviceaccounts/token",
+            "TokenRequest",
+            true,
+            &["create"],
         ),
-        ("limitranges", ("", "v1", "LimitRange", true)),
-        ("namespaces", ("", "v1", "Namespace", false)),
-        ("resourcequotas", ("", "v1", "ResourceQuota", true)),
-        (
+        r("", "v1", "services", "Service", true, RW),
+        r("", "v1", "pods", "Pod", true, RW),
+        r("", "v1", "pods/log", "Pod", true, &["get"]),
+        r("", "v1", "events", "Event", true, RW),
+        r("", "v1", "endpoints", "Endpoints", true, RW),
+        r(
+            "",
+            "v1",
             "persistentvolumeclaims",
-            ("", "v1", "PersistentVolumeClaim", true),
+            "PersistentVolumeClaim",
+            true,
+            RW,
         ),
-    ])
+        r("", "v1", "persistentvolumes", "PersistentVolume", false, RW),
+        r("", "v1", "limitranges", "LimitRange", true, RW),
+        r("", "v1", "resourcequotas", "ResourceQuota", true, RW),
+        r("", "v1", "bindings", "Binding", true, &["create"]),
+        r("apps", "v1", "deployments", "Deployment", true, RW),
+        r("apps", "v1", "statefulsets", "StatefulSet", true, RW),
+        r("apps", "v1", "replicasets", "ReplicaSet", true, RW),
+        r("batch", "v1", "jobs", "Job", true, RW),
+        r("rbac.authorization.k8s.io", "v1", "roles", "Role", true, RW),
+        r(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "rolebindings",
+            "RoleBinding",
+            true,
+            RW,
+        ),
+        r(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "clusterroles",
+            "ClusterRole",
+            false,
+            RW,
+        ),
+        r(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "clusterrolebindings",
+            "ClusterRoleBinding",
+            false,
+            RW,
+        ),
+        r("coordination.k8s.io", "v1", "leases", "Lease", true, RW),
+        r(
+            "discovery.k8s.io",
+            "v1",
+            "endpointslices",
+            "EndpointSlice",
+            true,
+            RW,
+        ),
+        // events.k8s.io serves the same stored events as core v1.
+        r("events.k8s.io", "v1", "events", "Event", true, RW),
+        r(
+            "apiextensions.k8s.io",
+            "v1",
+            "customresourcedefinitions",
+            "CustomResourceDefinition",
+            false,
+            RW,
+        ),
+        r(
+            "authentication.k8s.io",
+            "v1",
+            "tokenreviews",
+            "TokenReview",
+            false,
+            &["create"],
+        ),
+        r(
+            "storage.k8s.io",
+            "v1",
+            "storageclasses",
+            "StorageClass",
+            false,
+            RW,
+        ),
+        r(
+            "metrics.k8s.io",
+            "v1beta1",
+            "pods",
+            "PodMetrics",
+            true,
+            &["get", "list"],
+        ),
+        r("kubeflow.org", "v1", "profiles", "Profile", false, RW),
+        r(
+            "security.istio.io",
+            "v1beta1",
+            "authorizationpolicies",
+            "AuthorizationPolicy",
+            true,
+            RW,
+        ),
+    ];
+    for x in v
+        .iter_mut()
+        .filter(|x| x.group == "kubeflow.org" || x.group == "security.istio.io")
+    {
+        x.custom = true;
+    }
+    v
 }
 
 /// Key: (plural, namespace or "", name).
 type Key = (String, String, String);
 
+/// One rule of a ClusterRole (k8s.io/api rbac/v1 PolicyRule).
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub api_groups: Vec<String>,
+    pub resources: Vec<String>,
+    pub verbs: Vec<String>,
+}
+
+impl Rule {
+    /// Every rule of the ClusterRoles in a YAML file (several documents).
+    pub fn from_cluster_roles(yaml: &str) -> Vec<Rule> {
+        let mut out = vec![];
+        for doc in serde_norway::Deserializer::from_str(yaml) {
+            let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            if v["kind"] != "ClusterRole" {
+                continue;
+            }
+            for r in v["rules"].as_array().cloned().unwrap_or_default() {
+                let list = |k: &str| -> Vec<String> {
+                    r[k].as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|s| s.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                out.push(Rule {
+                    api_groups: list("apiGroups"),
+                    resources: list("resources"),
+                    verbs: list("verbs"),
+                });
+            }
+        }
+        out
+    }
+
+    /// k8s.io/kubernetes pkg/apis/rbac/v1/evaluation_helpers.go:
+    /// VerbMatches, APIGroupMatches, ResourceMatches (`*` matches all).
+    fn allows(&self, group: &str, plural: &str, verb: &str) -> bool {
+        let any = |l: &[String], x: &str| l.iter().any(|e| e == "*" || e == x);
+        any(&self.verbs, verb) && any(&self.api_groups, group) && any(&self.resources, plural)
+    }
+}
 #[derive(Default)]
 pub struct Store {
     pub objects: BTreeMap<Key, Value>,
@@ -62,9 +265,20 @@ pub struct Store {
     /// Resources (plurals) labctl's identity may read but not write, as when
     /// its RBAC Role lacks a verb: writes get the RBAC authorizer's 403.
     pub forbidden: Vec<String>,
+    /// When set, every resource request is authorized against these rules
+    /// (a ClusterRole bound to labctl's identity).
+    pub rbac: Option<Vec<Rule>>,
+    /// The next this-many `continue` tokens presented are refused with
+    /// 410 Expired (as after etcd compacted their revision).
+    pub expire_continue: usize,
+    /// The metrics.k8s.io aggregated API's backend is down (503).
+    pub metrics_down: bool,
+    /// When each CRD (by name) is Established.
+    crd_ready: BTreeMap<String, Instant>,
+    /// How long an applied CRD takes to become Established.
+    pub crd_delay: Duration,
     pub requests: Vec<String>,
 }
-
 pub struct KubeSim {
     pub store: Arc<Mutex<Store>>,
     pub port: u16,
@@ -92,6 +306,75 @@ fn selector_matches(sel: &str, labels: &Map<String, Value>) -> bool {
 }
 
 impl Store {
+    /// What is served now: the built-in resources and each Established
+    /// CRD's served versions (apiextensions-apiserver
+    /// customresource_discovery_controller.go skips CRDs that are not
+    /// Established; versions with `served: false` are not listed).
+    pub fn registry(&self) -> Vec<Res> {
+        let mut v: Vec<Res> = builtin()
+            .into_iter()
+            .filter(|r| !(self.without_kubeflow && r.group == "kubeflow.org"))
+            .collect();
+        let now = Instant::now();
+        for ((p, _, name), crd) in &self.objects {
+            if p != "customresourcedefinitions" || self.crd_ready.get(name).is_none_or(|t| *t > now)
+            {
+                continue;
+            }
+            let spec = &crd["spec"];
+            let group = spec["group"].as_str().unwrap_or("").to_string();
+            let plural = spec["names"]["plural"].as_str().unwrap_or("").to_string();
+            for ver in spec["versions"].as_array().cloned().unwrap_or_default() {
+                let version = ver["name"].as_str().unwrap_or("").to_string();
+                if ver["served"] == false
+                    || v.iter()
+                        .any(|r| r.group == group && r.version == version && r.plural == plural)
+                {
+                    continue;
+                }
+                v.push(Res {
+                    group: group.clone(),
+                    version,
+                    plural: plural.clone(),
+                    kind: spec["names"]["kind"].as_str().unwrap_or("").to_string(),
+                    namespaced: spec["scope"] == "Namespaced",
+                    verbs: RW.to_vec(),
+                    custom: true,
+                });
+            }
+        }
+        v
+    }
+
+    /// A server-side apply by another field manager, forced (`kubectl
+    /// apply --server-side --force-conflicts`).
+    pub fn apply_as(
+        &mut self,
+        key: Key,
+        kind: &str,
+        api_version: &str,
+        patch: Value,
+        manager: &str,
+    ) {
+        self.apply(key, kind, api_version, patch, manager, true);
+    }
+
+    /// A CRD as the server shows it: `status.conditions` says whether it
+    /// is Established (apiextensions-apiserver pkg/controller/establish).
+    fn with_crd_status(&self, mut crd: Value) -> Value {
+        let name = crd["metadata"]["name"].as_str().unwrap_or("");
+        let established = self
+            .crd_ready
+            .get(name)
+            .is_some_and(|t| *t <= Instant::now());
+        crd["status"] = json!({"conditions": [
+            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts"},
+            {"type": "Established", "status": if established { "True" } else { "False" },
+             "reason": if established { "InitialNamesAccepted" } else { "Installing" }}
+        ]});
+        crd
+    }
+
     fn next_rv(&mut self) -> String {
         self.rv += 1;
         self.rv.to_string()
@@ -110,6 +393,12 @@ impl Store {
         m.entry("uid").or_insert(json!(format!("uid-{rv}")));
         m.entry("creationTimestamp")
             .or_insert(json!("2026-11-26T00:00:00Z"));
+        if plural == "customresourcedefinitions" {
+            // Objects put by a fixture are established already.
+            self.crd_ready
+                .entry(name.clone())
+                .or_insert_with(Instant::now);
+        }
         self.objects.insert((plural.into(), ns, name), obj);
     }
 
@@ -220,6 +509,22 @@ impl Store {
                 obj["metadata"][section] = Value::Object(map);
             }
         }
+        // metadata.ownerReferences is a list keyed by uid
+        // (+listType=map): the applier's entries replace what it applied
+        // before (a single manager here, as labctl applies it).
+        match patch["metadata"].get("ownerReferences") {
+            Some(refs) => obj["metadata"]["ownerReferences"] = refs.clone(),
+            None if prev
+                .as_ref()
+                .is_some_and(|p| p["metadata"].get("ownerReferences").is_some()) =>
+            {
+                obj["metadata"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("ownerReferences");
+            }
+            None => {}
+        }
         if let Some(old) = &prev {
             for k in old.as_object().unwrap().keys() {
                 if !["apiVersion", "kind", "metadata"].contains(&k.as_str())
@@ -233,6 +538,12 @@ impl Store {
             if !["apiVersion", "kind", "metadata"].contains(&k.as_str()) {
                 obj[k] = v.clone();
             }
+        }
+        if key.0 == "customresourcedefinitions" && existing.is_none() {
+            // apiextensions-apiserver pkg/controller/establish: a new CRD is
+            // Established by a controller shortly after it is created.
+            self.crd_ready
+                .insert(key.2.clone(), Instant::now() + self.crd_delay);
         }
         let changed = existing.as_ref() != Some(&obj);
         self.applied
@@ -279,6 +590,7 @@ impl KubeSim {
     pub fn start() -> KubeSim {
         let store = Arc::new(Mutex::new(Store {
             controller: true,
+            crd_delay: Duration::from_millis(300),
             ..Default::default()
         }));
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -397,42 +709,93 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
     let mut s = st.lock().unwrap();
     s.requests.push(format!("{method} {path}"));
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    if s.without_kubeflow && segs.get(1) == Some(&"kubeflow.org") {
-        return reply(status(
+    let not_served = || {
+        reply(status(
             404,
             "NotFound",
             "the server could not find the requested resource",
-        ));
-    }
-    // Discovery for the CRD groups.
-    if method == "GET" && segs.len() == 3 && segs[0] == "apis" {
-        let list: Vec<Value> = resources()
-            .iter()
-            .filter(|(_, (g, v, _, _))| *g == segs[1] && *v == segs[2])
-            .map(|(p, (_, _, k, n))| json!({"name": p, "kind": k, "namespaced": n, "verbs": ["get", "list", "patch", "delete", "create"]}))
-            .collect();
-        if list.is_empty() {
-            return reply(status(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            ));
+        ))
+    };
+    let registry = s.registry();
+    // Discovery and /version: non-resource URLs every authenticated user
+    // may read (the system:discovery ClusterRole).
+    if method == "GET" {
+        let resource_list = |group: &str, version: &str| -> Option<Value> {
+            let list: Vec<Value> = registry
+                .iter()
+                .filter(|r| r.group == group && r.version == version)
+                .map(|r| json!({"name": r.plural, "singularName": "", "kind": r.kind, "namespaced": r.namespaced, "verbs": r.verbs}))
+                .collect();
+            let gv = if group.is_empty() {
+                version.to_string()
+            } else {
+                format!("{group}/{version}")
+            };
+            (!list.is_empty()).then(|| json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list}))
+        };
+        match segs.as_slice() {
+            ["version"] => {
+                return reply((
+                    200,
+                    json!({"major": "1", "minor": "30", "gitVersion": "v1.30.4-kubesim", "gitCommit": "0", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.22", "compiler": "gc", "platform": "linux/amd64"}),
+                ))
+            }
+            ["api"] => {
+                return reply((
+                    200,
+                    json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:6443"}]}),
+                ))
+            }
+            ["api", v] => {
+                return match resource_list("", v) {
+                    Some(l) => reply((200, l)),
+                    None => not_served(),
+                }
+            }
+            ["apis"] => {
+                let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+                for r in registry.iter().filter(|r| !r.group.is_empty()) {
+                    let vs = groups.entry(&r.group).or_default();
+                    if !vs.contains(&r.version.as_str()) {
+                        vs.push(&r.version);
+                    }
+                }
+                let groups: Vec<Value> = groups
+                    .iter()
+                    .map(|(g, vs)| {
+                        let versions: Vec<Value> = vs
+                            .iter()
+                            .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+                            .collect();
+                        json!({"name": g, "versions": versions, "preferredVersion": versions[0]})
+                    })
+                    .collect();
+                return reply((
+                    200,
+                    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+                ));
+            }
+            ["apis", "metrics.k8s.io", _] if s.metrics_down => {
+                // kube-aggregator: an APIService whose backend is unavailable.
+                return reply(status(
+                    503,
+                    "ServiceUnavailable",
+                    "the server is currently unable to handle the request",
+                ));
+            }
+            ["apis", g, v] => {
+                return match resource_list(g, v) {
+                    Some(l) => reply((200, l)),
+                    None => not_served(),
+                }
+            }
+            _ => {}
         }
-        return reply((
-            200,
-            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": format!("{}/{}", segs[1], segs[2]), "resources": list}),
-        ));
     }
     let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
         ["api", v, rest @ ..] => ("", *v, rest),
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
-        _ => {
-            return reply(status(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            ))
-        }
+        _ => return not_served(),
     };
     let (ns, plural, name): (Option<&str>, &str, Option<&str>) = match rest {
         ["namespaces", n] if group.is_empty() => (None, "namespaces", Some(*n)),
@@ -440,77 +803,120 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
         ["namespaces", n, p, name] => (Some(*n), *p, Some(*name)),
         [p] => (None, *p, None),
         [p, name] => (None, *p, Some(*name)),
-        _ => {
-            return reply(status(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            ))
-        }
+        _ => return not_served(),
     };
-    let table = resources();
-    let Some(&(g, v, kind, namespaced)) = table.get(plural) else {
+    let Some(res) = registry
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+        .cloned()
+    else {
         return reply(status(
             404,
             "NotFound",
             &format!("the server could not find the requested resource ({plural})"),
         ));
     };
-    if g != group || v != version {
-        return reply(status(
-            404,
-            "NotFound",
-            "the server could not find the requested resource",
-        ));
-    }
+    let (g, kind, namespaced) = (res.group.as_str(), res.kind.as_str(), res.namespaced);
     let api_version = if g.is_empty() {
-        v.to_string()
+        version.to_string()
     } else {
-        format!("{g}/{v}")
+        format!("{g}/{version}")
     };
     let ns_key = if namespaced {
         ns.unwrap_or("").to_string()
     } else {
         String::new()
     };
-    let not_found = |n: &str| {
-        status(
-            404,
-            "NotFound",
-            &format!(
-                "{plural}{} \"{n}\" not found",
-                if g.is_empty() {
-                    String::new()
-                } else {
-                    format!(".{g}")
-                }
-            ),
-        )
+    let qualified = if g.is_empty() {
+        plural.to_string()
+    } else {
+        format!("{plural}.{g}")
     };
-    // RBAC: a write the identity's Role does not allow is refused with 403
-    // Forbidden and the authorizer's message (k8s.io/apiserver
-    // pkg/endpoints/handlers/responsewriters/errors.go, forbiddenMessage).
-    if method != "GET" && s.forbidden.iter().any(|f| f == plural) {
-        let verb = match method.as_str() {
-            "PATCH" => "patch",
-            "DELETE" => "delete",
-            _ => "create",
+    let not_found = |n: &str| status(404, "NotFound", &format!("{qualified} \"{n}\" not found"));
+    // The request's verb (k8s.io/apiserver pkg/endpoints/request/
+    // requestinfo.go: GET with a name is get, without one list; PATCH
+    // patch; DELETE delete; POST create; PUT update).
+    let verb = match (method.as_str(), name) {
+        ("GET", Some(_)) => "get",
+        ("GET", None) => "list",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        ("PUT", _) => "update",
+        _ => "create",
+    };
+    if !res.verbs.contains(&verb) {
+        return reply(status(
+            405,
+            "MethodNotAllowed",
+            &format!("the server does not allow this method on the requested resource ({verb} {qualified})"),
+        ));
+    }
+    // RBAC (k8s.io/apiserver pkg/endpoints/handlers/responsewriters/
+    // errors.go forbiddenMessage; apierrors.NewForbidden).
+    let allowed = match &s.rbac {
+        Some(rules) => rules.iter().any(|r| r.allows(g, plural, verb)),
+        None => !(method != "GET" && s.forbidden.iter().any(|f| f == plural)),
+    };
+    if !allowed {
+        let scope = match ns {
+            Some(n) => format!("in the namespace \"{n}\""),
+            None => "at the cluster scope".to_string(),
+        };
+        let subject = match name {
+            Some(n) => format!("{qualified} \"{n}\""),
+            None => qualified.clone(),
         };
         return reply(status(
             403,
             "Forbidden",
             &format!(
-                "{plural}{} \"{}\" is forbidden: User \"system:serviceaccount:labctl:labctl\" cannot {verb} resource \"{plural}\" in API group \"{g}\" in the namespace \"{}\"",
-                if g.is_empty() { String::new() } else { format!(".{g}") },
-                name.unwrap_or(""),
-                ns.unwrap_or("")
+                "{subject} is forbidden: User \"system:serviceaccount:labctl:labctl\" cannot {verb} resource \"{plural}\" in API group \"{g}\" {scope}"
             ),
         ));
     }
     match (method.as_str(), name) {
         ("GET", None) => {
             let sel = query.get("labelSelector").cloned().unwrap_or_default();
-            let items: Vec<Value> = s
+            let limit: usize = query
+                .get("limit")
+                .and_then(|l| l.parse().ok())
+                .filter(|l| *l > 0)
+                .unwrap_or(usize::MAX);
+            // Continue tokens (k8s.io/apiserver pkg/storage/continue.go):
+            // base64 of {"v":"meta.k8s.io/v1","rv":N,"start":"key\u0000"};
+            // a compacted revision is 410 Expired (storage/etcd3/store.go,
+            // apierrors.NewResourceExpired), a bad token 400.
+            let mut start = String::new();
+            let mut list_rv = s.rv;
+            if let Some(tok) = query.get("continue").filter(|t| !t.is_empty()) {
+                use base64::Engine;
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(tok)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+                let Some(c) = decoded.filter(|c| c["v"] == "meta.k8s.io/v1") else {
+                    return reply(status(
+                        400,
+                        "BadRequest",
+                        "continue key is not valid: incorrect encoded start resourceVersion (version meta.k8s.io/v1)",
+                    ));
+                };
+                if s.expire_continue > 0 {
+                    s.expire_continue -= 1;
+                    return reply(status(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.",
+                    ));
+                }
+                start = c["start"]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_end_matches('\0')
+                    .to_string();
+                list_rv = c["rv"].as_u64().unwrap_or(list_rv);
+            }
+            let matching: Vec<(String, Value)> = s
                 .objects
                 .iter()
                 .filter(|((p, n, _), _)| p == plural && (ns.is_none() || Some(n.as_str()) == ns))
@@ -523,15 +929,44 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
                             .unwrap_or_default(),
                     )
                 })
-                .map(|(_, o)| o.clone())
+                .map(|((_, n, name), o)| (format!("{n}/{name}"), o.clone()))
+                .filter(|(k, _)| start.is_empty() || *k > start)
                 .collect();
-            let rv = s.rv.to_string();
+            let more = matching.len() > limit;
+            let page: Vec<(String, Value)> = matching.into_iter().take(limit).collect();
+            let mut meta = json!({"resourceVersion": list_rv.to_string()});
+            if more {
+                use base64::Engine;
+                let last = &page.last().unwrap().0;
+                let tok =
+                    json!({"v": "meta.k8s.io/v1", "rv": list_rv, "start": format!("{last}\u{0}")});
+                meta["continue"] =
+                    json!(base64::engine::general_purpose::STANDARD.encode(tok.to_string()));
+            }
+            let items: Vec<Value> = page
+                .into_iter()
+                .map(|(_, mut o)| {
+                    if !res.custom {
+                        // Typed lists encode items without TypeMeta.
+                        let m = o.as_object_mut().unwrap();
+                        m.remove("apiVersion");
+                        m.remove("kind");
+                    }
+                    if plural == "customresourcedefinitions" {
+                        o = s.with_crd_status(o);
+                    }
+                    o
+                })
+                .collect();
             reply((
                 200,
-                json!({"apiVersion": api_version, "kind": format!("{kind}List"), "metadata": {"resourceVersion": rv}, "items": items}),
+                json!({"apiVersion": api_version, "kind": format!("{kind}List"), "metadata": meta, "items": items}),
             ))
         }
         ("GET", Some(n)) => match s.objects.get(&(plural.into(), ns_key, n.into())) {
+            Some(o) if plural == "customresourcedefinitions" => {
+                reply((200, s.with_crd_status(o.clone())))
+            }
             Some(o) => reply((200, o.clone())),
             None => reply(not_found(n)),
         },
@@ -588,6 +1023,35 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
                     "BadRequest",
                     "apiVersion, kind and metadata.name of the patch must match the URL",
                 ));
+            }
+            // A namespaced object needs its namespace to exist
+            // (NamespaceLifecycle admission plugin).
+            if namespaced
+                && !s
+                    .objects
+                    .contains_key(&("namespaces".into(), String::new(), ns_key.clone()))
+            {
+                return reply(status(
+                    404,
+                    "NotFound",
+                    &format!("namespaces \"{ns_key}\" not found"),
+                ));
+            }
+            // metadata.uid of an owner reference must name a live object
+            // the garbage collector can find; the server does not check it
+            // on write, but an empty one is refused by validation
+            // (apimachinery ValidateOwnerReferences: uid must not be empty).
+            if let Some(refs) = patch["metadata"]["ownerReferences"].as_array() {
+                if refs
+                    .iter()
+                    .any(|r| r["uid"].as_str().is_none_or(str::is_empty))
+                {
+                    return reply(status(
+                        422,
+                        "Invalid",
+                        &format!("{kind} \"{n}\" is invalid: metadata.ownerReferences.uid: Invalid value: \"\": uid must not be empty"),
+                    ));
+                }
             }
             let force = query.get("force").is_some_and(|f| f == "true");
             let key = (plural.to_string(), ns_key, n.to_string());

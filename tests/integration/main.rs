@@ -17,6 +17,7 @@ mod fixture;
 mod integrity;
 mod keys;
 mod killed;
+mod kube;
 mod kube_sim;
 mod layout;
 mod points;

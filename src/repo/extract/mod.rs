@@ -375,8 +375,10 @@ fn target_is_empty(target: &Path) -> crate::error::Result<bool> {
     }
 }
 
-fn included(rel: &str, include: &[String]) -> (bool, bool) {
-    // (restore this node, descend into it)
+/// Whether the node at `rel` (a `/`-separated path from the snapshot
+/// root) is selected by `include` paths (all when empty), and whether to
+/// descend into it: `(take, descend)`.
+pub fn included(rel: &str, include: &[String]) -> (bool, bool) {
     if include.is_empty() {
         return (true, true);
     }
