@@ -104,7 +104,7 @@ pub struct PlanArgs {
     /// or 2026-12-01 / 2026-12-01T03:00 in UTC).
     #[arg(long, value_name = "TIME", requires = "to")]
     pub at: Option<String>,
-    /// Only these source kinds (etcd, path, stream), comma-separated.
+    /// Only these source kinds (vm, etcd, kube, path, stream), comma-separated.
     #[arg(long, value_name = "KINDS", value_delimiter = ',', requires = "to")]
     pub only: Vec<String>,
     /// Print the plan (what goes where, in order, the bytes, what each

@@ -4,9 +4,9 @@
 //! field in the message, as the other loaders do); [`RestorePlan::clashes`]
 //! refuses a staging plan whose targets are production's.
 //!
-//! Kinds with a target section today: `path`, `stream` and `etcd`. The
-//! platform kinds (Kubernetes objects, PVC data, MLflow, Kubeflow
-//! Pipelines, Proxmox VMs) gain their sections as their sources land; a
+//! Kinds with a target section today: `vm`, `etcd`, `kube`, `path` and
+//! `stream`. The other platform kinds (PVC data, MLflow, Kubeflow
+//! Pipelines) gain their sections as their sources land; a
 //! point holding a kind the plan has no section for fails that source with
 //! a message saying so, and the others still restore.
 //!
@@ -66,6 +66,69 @@ struct PlanFile {
     etcd: Option<EtcdTarget>,
     #[serde(default)]
     vm: Option<VmTarget>,
+    #[serde(default)]
+    kube: Option<ClusterTarget>,
+}
+
+/// `kube:` — Kubernetes objects, server-side applied to a cluster.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTarget {
+    /// Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Its context (default: the current one).
+    #[serde(default)]
+    pub context: Option<String>,
+    /// Namespace FROM is restored as TO; `"*": "*-staging"` maps every
+    /// namespace. Namespaces it does not name are skipped.
+    #[serde(default)]
+    pub namespace_map: std::collections::BTreeMap<String, String>,
+    /// Objects that exist: `skip` (default) or `update`.
+    #[serde(default)]
+    pub existing: crate::sources::kube::Existing,
+    /// Apply cluster-scoped objects too (CRDs, ClusterRoles, ...): only for
+    /// a cluster of its own. Default false: only the mapped namespaces'
+    /// objects, Namespaces and Profiles.
+    #[serde(default)]
+    pub cluster_resources: bool,
+}
+
+impl ClusterTarget {
+    /// The kube source's restore settings for this target.
+    pub fn restore_args(&self) -> crate::sources::kube::KubeRestore {
+        crate::sources::kube::KubeRestore {
+            to_cluster: true,
+            namespace_map: self.map_pairs(),
+            existing: self.existing,
+            skip_cluster_resources: !self.cluster_resources,
+            cluster: crate::k8s::KubeTarget {
+                kubeconfig: self.kubeconfig.clone(),
+                context: self.context.clone(),
+            },
+        }
+    }
+
+    /// `FROM=TO` pairs.
+    pub fn map_pairs(&self) -> Vec<String> {
+        self.namespace_map
+            .iter()
+            .map(|(f, t)| format!("{f}={t}"))
+            .collect()
+    }
+
+    /// The target in words.
+    pub fn describe(&self) -> String {
+        format!(
+            "cluster {}{}",
+            self.context.as_deref().unwrap_or("(current context)"),
+            if self.namespace_map.is_empty() {
+                String::new()
+            } else {
+                format!(", namespaces {}", self.map_pairs().join(" "))
+            }
+        )
+    }
 }
 
 /// `vm:` — Proxmox VMs, restored with qmrestore as new VMIDs.
@@ -210,6 +273,7 @@ pub struct RestorePlan {
     pub stream: Option<StreamTarget>,
     pub etcd: Option<EtcdTarget>,
     pub vm: Option<VmTarget>,
+    pub kube: Option<ClusterTarget>,
     /// The file's text, for locating fields in later messages.
     #[serde(skip)]
     text: String,
@@ -279,12 +343,21 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
         ),
         None => None,
     };
-    if raw.path.is_none() && raw.stream.is_none() && raw.etcd.is_none() && raw.vm.is_none() {
+    if raw.path.is_none()
+        && raw.stream.is_none()
+        && raw.etcd.is_none()
+        && raw.vm.is_none()
+        && raw.kube.is_none()
+    {
         return Err(at(
             "environment",
             "",
-            "the plan has no target: give at least one of vm, etcd, path, stream".into(),
+            "the plan has no target: give at least one of vm, etcd, kube, path, stream".into(),
         ));
+    }
+    if let Some(k) = &raw.kube {
+        crate::sources::kube::NamespaceMap::parse(&k.map_pairs())
+            .map_err(|e| at("kube", "namespace_map", format!("{e:#}")))?;
     }
     if let Some(v) = &raw.vm {
         crate::sources::vm::parse_range(&v.vmid_range)
@@ -371,6 +444,7 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
         stream: raw.stream,
         etcd: raw.etcd,
         vm: raw.vm,
+        kube: raw.kube,
         text: text.to_string(),
     })
 }
@@ -393,6 +467,9 @@ impl RestorePlan {
         }
         if self.etcd.is_some() {
             v.push(crate::sources::etcd::KIND);
+        }
+        if self.kube.is_some() {
+            v.push(crate::sources::kube::KIND);
         }
         if self.path.is_some() {
             v.push(crate::sources::path::KIND);
@@ -558,6 +635,9 @@ impl RestorePlan {
                 }
             }
         }
+        if let Some(k) = &self.kube {
+            self.kube_clashes(k, prod, &mut clash);
+        }
         if let Some(s) = &self.stream {
             for (name, c) in &s.commands {
                 let mine = database_targets(&c.command);
@@ -579,6 +659,66 @@ impl RestorePlan {
             }
         }
         out
+    }
+
+    /// A staging `kube:` target in a cluster production's kube jobs back
+    /// up (same kubeconfig and context) must rename every namespace it
+    /// restores away from production's, and must leave cluster-scoped
+    /// objects alone (they are production's).
+    fn kube_clashes(
+        &self,
+        k: &ClusterTarget,
+        prod: &Production,
+        clash: &mut dyn FnMut(&str, &str, String),
+    ) {
+        let map = crate::sources::kube::NamespaceMap::parse(&k.map_pairs()).unwrap_or_default();
+        for (job, s) in &prod.sources {
+            let SourceSpec::Kube(src) = s else { continue };
+            // Another cluster only when provably so: both name a kubeconfig
+            // (or a context) and they differ; an unnamed one is whatever
+            // the host's default is, which may be production's.
+            fn differ<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+                matches!((a, b), (Some(x), Some(y)) if x != y)
+            }
+            if differ(&src.kubeconfig, &k.kubeconfig) || differ(&src.context, &k.context) {
+                continue;
+            }
+            let cluster = format!(
+                "context {} of job `{job}` in {}",
+                k.context.as_deref().unwrap_or("(current)"),
+                prod.origin
+            );
+            if k.cluster_resources {
+                clash(
+                    "kube",
+                    "cluster_resources",
+                    format!("the cluster is production's ({cluster}): its cluster-scoped objects must not be applied from staging"),
+                );
+            }
+            if map.0.is_empty() {
+                clash(
+                    "kube",
+                    if k.context.is_some() { "context" } else { "namespace_map" },
+                    format!("the cluster is production's ({cluster}) and no namespace_map renames its namespaces: the restore would write into production's namespaces"),
+                );
+                continue;
+            }
+            let prod_ns: Vec<&String> = src.namespace.iter().collect();
+            for (from, to) in &map.0 {
+                let identity = if from == "*" { to == "*" } else { from == to };
+                if identity
+                    || prod_ns
+                        .iter()
+                        .any(|n| map.map(n).as_deref() == Some(n.as_str()) || *n == to)
+                {
+                    clash(
+                        "kube",
+                        "namespace_map",
+                        format!("{from}: {to} restores into a namespace production backs up ({cluster})"),
+                    );
+                }
+            }
+        }
     }
 
     /// What [`Self::clashes`] could not check here: the VM target's

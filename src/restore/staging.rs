@@ -14,7 +14,7 @@ use crate::error::{CancelFlag, ExitCode, LabError};
 use crate::repo::extract::{self, RestoreOptions};
 use crate::repo::select::{restore_points, RestorePoint};
 use crate::repo::{Id, Repository};
-use crate::sources::{etcd, path, stream, vm};
+use crate::sources::{etcd, kube, path, stream, vm};
 use crate::util::progress::Progress;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -22,7 +22,7 @@ use std::time::Instant;
 /// The order kinds are restored in: the platform's layers bottom up
 /// (VMs, etcd, Kubernetes objects, PVC data, then databases and files).
 /// Kinds land here as their sources do.
-pub const ORDER: &[&str] = &[vm::KIND, etcd::KIND, path::KIND, stream::KIND];
+pub const ORDER: &[&str] = &[vm::KIND, etcd::KIND, kube::KIND, path::KIND, stream::KIND];
 
 /// How to pick the point and what to restore.
 #[derive(Debug, Clone, Default)]
@@ -109,6 +109,20 @@ pub struct StepReport {
     /// A VM this run created (what cleanup destroys).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_vm: Option<CreatedVm>,
+    /// Namespaces this run created in a cluster (what cleanup deletes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_namespaces: Option<CreatedNamespaces>,
+}
+
+/// Namespaces a run created (labelled `labctl.io/restore`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CreatedNamespaces {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    pub namespaces: Vec<String>,
 }
 
 /// A VM a run restored.
@@ -423,6 +437,10 @@ fn target_of(
                 }
             }
         },
+        k if k == kube::KIND => match &plan.kube {
+            None => missing("kube"),
+            Some(t) => (t.describe(), "-".into(), None, None),
+        },
         k if k == vm::KIND => match &plan.vm {
             None => missing("vm"),
             Some(_) => ("-".into(), "-".into(), None, None),
@@ -464,22 +482,14 @@ pub fn execute(
             step.name,
             step.target
         ));
-        let mut created = vec![];
-        let mut created_vm = None;
+        let mut created = Created::default();
         let mut verify_seconds = 0.0;
         let result = if opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
             Err(crate::error::Cancelled.into())
         } else if let Some(p) = &step.problem {
             Err(LabError::new(step.problem_code.unwrap_or(ExitCode::Failure), p.clone()).into())
         } else {
-            run_step(
-                repo,
-                plan,
-                step,
-                opts,
-                &mut (&mut created, &mut created_vm),
-                &mut verify_seconds,
-            )
+            run_step(repo, plan, step, opts, &mut created, &mut verify_seconds)
         };
         let seconds = t0.elapsed().as_secs_f64();
         let r = match result {
@@ -504,8 +514,9 @@ pub fn execute(
                     verified,
                     error: None,
                     exit_code: None,
-                    created,
-                    created_vm: created_vm.clone(),
+                    created: created.paths.clone(),
+                    created_vm: created.vm.clone(),
+                    created_namespaces: created.namespaces.clone(),
                 }
             }
             Err(e) => {
@@ -523,8 +534,9 @@ pub fn execute(
                     verified: None,
                     error: Some(msg),
                     exit_code: Some(e.exit_code().code()),
-                    created,
-                    created_vm: created_vm.clone(),
+                    created: created.paths.clone(),
+                    created_vm: created.vm.clone(),
+                    created_namespaces: created.namespaces.clone(),
                 }
             }
         };
@@ -571,6 +583,18 @@ fn remove_created(report: &Report) -> Vec<String> {
                 .map(|e| format!("VM {} on {}: {e:#}", v.vmid, v.node))
         })
         .collect();
+    for s in &report.steps {
+        if let Some(c) = &s.created_namespaces {
+            let target = crate::k8s::KubeTarget {
+                kubeconfig: c.kubeconfig.clone(),
+                context: c.context.clone(),
+            };
+            match kube::delete_restored_namespaces(&target, &c.namespaces) {
+                Ok(e) => errors.extend(e),
+                Err(e) => errors.push(format!("namespaces {}: {e:#}", c.namespaces.join(", "))),
+            }
+        }
+    }
     errors.extend(remove_created_paths(report));
     errors
 }
@@ -675,13 +699,21 @@ fn write_place(target: &Path) -> (PathBuf, bool) {
     }
 }
 
+/// What one step created (what cleanup removes).
+#[derive(Default)]
+struct Created {
+    paths: Vec<PathBuf>,
+    vm: Option<CreatedVm>,
+    namespaces: Option<CreatedNamespaces>,
+}
+
 /// Restores and verifies one step; returns (bytes, what was verified).
 fn run_step(
     repo: &Repository,
     plan: &RestorePlan,
     step: &Step,
     opts: &Options,
-    created: &mut (&mut Vec<PathBuf>, &mut Option<CreatedVm>),
+    created: &mut Created,
     verify_seconds: &mut f64,
 ) -> crate::error::Result<(u64, Option<String>)> {
     let id = &step.snapshot;
@@ -718,7 +750,7 @@ fn run_step(
                 swap_in(&place, &target)?;
             }
             leftover.0 = None;
-            created.0.extend(top);
+            created.paths.extend(top);
             Ok((summary.bytes, verified))
         }
         k if k == stream::KIND => {
@@ -755,7 +787,7 @@ fn run_step(
             }
             swap_in(&tmp, &target)?;
             leftover.0 = None;
-            created.0.push(top.unwrap_or(target));
+            created.paths.push(top.unwrap_or(target));
             Ok((
                 n,
                 Some(format!("{n} bytes, every chunk checked against its ID")),
@@ -787,8 +819,44 @@ fn run_step(
                 swap_in(&place, &t.data_dir)?;
             }
             leftover.0 = None;
-            created.0.extend(top);
+            created.paths.extend(top);
             Ok((r.bytes, verified))
+        }
+        k if k == kube::KIND => {
+            let t = plan.kube.as_ref().expect("prepared with a target");
+            let args = t.restore_args();
+            let r = kube::restore(repo, id, &[], &args, false)?;
+            if !r.created_namespaces.is_empty() {
+                created.namespaces = Some(CreatedNamespaces {
+                    kubeconfig: t.kubeconfig.clone(),
+                    context: t.context.clone(),
+                    namespaces: r.created_namespaces.clone(),
+                });
+            }
+            *verify_seconds += r.verify_seconds;
+            let failures = r.failures();
+            if !failures.is_empty() {
+                return Err(LabError::failed(format!(
+                    "{} of {} objects failed: {}{}",
+                    failures.len(),
+                    r.objects.len(),
+                    failures
+                        .iter()
+                        .take(5)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    if failures.len() > 5 { "; ..." } else { "" }
+                ))
+                .into());
+            }
+            Ok((
+                step.bytes,
+                Some(format!(
+                    "{} objects created, {} updated, {} skipped; {} read back equal, {} owner references re-linked",
+                    r.created, r.updated, r.skipped, r.verified, r.owner_links
+                )),
+            ))
         }
         k if k == vm::KIND => {
             let t = plan.vm.as_ref().expect("prepared with a target");
@@ -813,7 +881,7 @@ fn run_step(
                     .unwrap_or(false),
             };
             if exists {
-                *created.1 = Some(CreatedVm {
+                created.vm = Some(CreatedVm {
                     platform: t.platform.clone(),
                     node: t.node.clone(),
                     vmid,

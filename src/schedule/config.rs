@@ -410,10 +410,14 @@ impl Loaded {
     /// Every backup job's sources, with the job's name.
     fn backup_sources(&self) -> Vec<(String, crate::sources::SourceSpec)> {
         let mut sources = vec![];
+        let cluster = crate::k8s::KubeTarget {
+            kubeconfig: self.raw.platform.kubeconfig.clone(),
+            context: self.raw.platform.kube_context.clone(),
+        };
         for j in &self.jobs {
             if let Action::Backup(list) = &j.action {
                 for s in list {
-                    sources.push((j.name.clone(), s.clone()));
+                    sources.push((j.name.clone(), s.with_platform(&cluster)));
                 }
             }
         }

@@ -761,6 +761,11 @@ pub struct KubeRestore {
     /// An object that exists in the cluster: skip it, or update it.
     #[arg(long, value_enum, default_value_t = Existing::Skip, requires = "to_cluster")]
     pub existing: Existing,
+    /// Leave cluster-scoped objects out (CRDs, ClusterRoles, StorageClasses,
+    /// ...), except the Namespaces and Profiles of restored namespaces: for
+    /// staging namespaces inside the production cluster.
+    #[arg(long, requires = "to_cluster")]
+    pub skip_cluster_resources: bool,
     #[command(flatten)]
     pub cluster: KubeTarget,
 }
@@ -860,6 +865,8 @@ pub struct KubeRestoreReport {
     pub created_namespaces: Vec<String>,
     pub objects: Vec<ObjectOutcome>,
     pub seconds: f64,
+    /// Of `seconds`, the time reading back took.
+    pub verify_seconds: f64,
 }
 
 impl KubeRestoreReport {
@@ -975,7 +982,12 @@ fn outcome(obj: &Value, action: &str, reason: Option<String>) -> ObjectOutcome {
 }
 
 /// Maps one object into the target; `Err` is why it is skipped.
-fn prepare(mut obj: Value, map: &NamespaceMap, snap: &str) -> Result<Prepared, (Value, String)> {
+fn prepare(
+    mut obj: Value,
+    map: &NamespaceMap,
+    snap: &str,
+    skip_cluster: bool,
+) -> Result<Prepared, (Value, String)> {
     let kind = obj["kind"].as_str().unwrap_or("").to_string();
     let av = obj["apiVersion"].as_str().unwrap_or("").to_string();
     if kind == "PersistentVolume" && av == "v1" {
@@ -991,9 +1003,15 @@ fn prepare(mut obj: Value, map: &NamespaceMap, snap: &str) -> Result<Prepared, (
             None => return Err((obj, format!("namespace {ns} is not in --namespace-map"))),
         }
     }
-    let renamed_with_namespace = (kind == "Namespace" && av == "v1")
+    let with_namespace = (kind == "Namespace" && av == "v1")
         || (kind == "Profile" && av.starts_with("kubeflow.org/"));
-    if renamed_with_namespace {
+    if skip_cluster && obj["metadata"].get("namespace").is_none() && !with_namespace {
+        return Err((
+            obj,
+            "cluster-scoped, left out (--skip-cluster-resources)".into(),
+        ));
+    }
+    if with_namespace {
         let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
         match map.map(&name) {
             Some(to) => obj["metadata"]["name"] = json!(to),
@@ -1174,7 +1192,7 @@ pub fn restore(
         &args.cluster,
         objects,
         &map,
-        args.existing,
+        (args.existing, args.skip_cluster_resources),
         dry_run,
         &id.short(),
     ))?;
@@ -1186,7 +1204,7 @@ async fn apply_all(
     target: &KubeTarget,
     objects: Vec<Value>,
     map: &NamespaceMap,
-    existing: Existing,
+    (existing, skip_cluster): (Existing, bool),
     dry_run: bool,
     snap: &str,
 ) -> crate::error::Result<KubeRestoreReport> {
@@ -1198,7 +1216,7 @@ async fn apply_all(
     };
     let mut prepared = vec![];
     for o in objects {
-        match prepare(o, map, snap) {
+        match prepare(o, map, snap, skip_cluster) {
             Ok(p) => prepared.push(p),
             Err((o, why)) => report.objects.push(outcome(&o, "skip", Some(why))),
         }
@@ -1372,6 +1390,7 @@ async fn apply_all(
         }
     }
     // Verify: read each applied object back.
+    let vt = Instant::now();
     for (body, _, r, namespaced) in &applied {
         let api = api_for(&client, r, *namespaced, body);
         let name = body["metadata"]["name"].as_str().unwrap_or("");
@@ -1395,7 +1414,82 @@ async fn apply_all(
             report.failed += 1;
         }
     }
+    report.verify_seconds = vt.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Deletes namespaces a restore created: only those that still carry the
+/// [`RESTORE_LABEL`] (a namespace someone else made is never touched), and
+/// the Kubeflow Profiles of the same name that the restore made.
+/// Returns one line per namespace that could not be deleted.
+///
+/// # Errors
+/// An unreachable cluster or credentials refused.
+pub fn delete_restored_namespaces(
+    target: &KubeTarget,
+    names: &[String],
+) -> crate::error::Result<Vec<String>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (client, _) = target.connect().await?;
+        let r = ApiResource {
+            group: String::new(),
+            version: "v1".into(),
+            api_version: "v1".into(),
+            kind: "Namespace".into(),
+            plural: "namespaces".into(),
+        };
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &r);
+        let profiles: Api<DynamicObject> = Api::all_with(
+            client,
+            &ApiResource {
+                group: "kubeflow.org".into(),
+                version: "v1".into(),
+                api_version: "kubeflow.org/v1".into(),
+                kind: "Profile".into(),
+                plural: "profiles".into(),
+            },
+        );
+        let mut errors = vec![];
+        for n in names {
+            // A Profile the restore made owns the namespace: the profile
+            // controller would recreate a namespace deleted under it, so
+            // the Profile goes first (and takes its namespace with it).
+            if let Ok(Some(p)) = profiles.get_opt(n).await {
+                let ours = p
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key(RESTORED_FROM));
+                if ours {
+                    if let Err(e) = profiles.delete(n, &Default::default()).await {
+                        errors.push(format!("profile {n}: {:#}", api_error(e, "deleting it")));
+                    }
+                }
+            }
+            match api.get_opt(n).await {
+                Ok(Some(ns)) => {
+                    let ours = ns
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .is_some_and(|l| l.contains_key(RESTORE_LABEL));
+                    if !ours {
+                        errors.push(format!(
+                            "namespace {n}: no {RESTORE_LABEL} label any more, left alone"
+                        ));
+                    } else if let Err(e) = api.delete(n, &Default::default()).await {
+                        errors.push(format!("namespace {n}: {:#}", api_error(e, "deleting it")));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => errors.push(format!("namespace {n}: {:#}", api_error(e, "reading it"))),
+            }
+        }
+        Ok(errors)
+    })
 }
 
 /// Waits (up to a minute) until each CRD reports `Established`.
@@ -1459,7 +1553,7 @@ mod tests {
         let rb = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
             "metadata": {"name": "x", "namespace": "nlp", "ownerReferences": [{"apiVersion": "kubeflow.org/v1", "kind": "Profile", "name": "nlp", "uid": "old"}]},
             "subjects": [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "nlp"}, {"kind": "User", "name": "a@b"}]});
-        let p = prepare(rb, &m, "abcd").unwrap();
+        let p = prepare(rb, &m, "abcd", false).unwrap();
         assert_eq!(p.obj["metadata"]["namespace"], "nlp-staging");
         assert_eq!(p.obj["subjects"][0]["namespace"], "nlp-staging");
         assert!(p.obj["subjects"][1].get("namespace").is_none());
@@ -1467,32 +1561,32 @@ mod tests {
         assert_eq!(p.owners.len(), 1);
         assert_eq!(p.obj["metadata"]["annotations"][RESTORED_FROM], "abcd");
         let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "namespace": "nlp"}, "spec": {"clusterIP": "10.0.0.1", "clusterIPs": ["10.0.0.1"], "ports": []}});
-        let p = prepare(svc, &m, "abcd").unwrap();
+        let p = prepare(svc, &m, "abcd", false).unwrap();
         assert!(
             p.obj["spec"].get("clusterIP").is_none() && p.obj["spec"].get("clusterIPs").is_none()
         );
         let headless = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "h", "namespace": "nlp"}, "spec": {"clusterIP": "None"}});
         assert_eq!(
-            prepare(headless, &m, "x").unwrap().obj["spec"]["clusterIP"],
+            prepare(headless, &m, "x", false).unwrap().obj["spec"]["clusterIP"],
             "None"
         );
         let pvc = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "d", "namespace": "nlp", "annotations": {"pv.kubernetes.io/bind-completed": "yes"}}, "spec": {"volumeName": "pvc-1"}});
-        let p = prepare(pvc, &m, "x").unwrap();
+        let p = prepare(pvc, &m, "x", false).unwrap();
         assert!(p.obj["spec"].get("volumeName").is_none());
         assert!(p.obj["metadata"]["annotations"]
             .get("pv.kubernetes.io/bind-completed")
             .is_none());
         let prof = json!({"apiVersion": "kubeflow.org/v1", "kind": "Profile", "metadata": {"name": "nlp"}, "spec": {"owner": {"kind": "User", "name": "a@b"}}});
         assert_eq!(
-            prepare(prof, &m, "x").unwrap().obj["metadata"]["name"],
+            prepare(prof, &m, "x", false).unwrap().obj["metadata"]["name"],
             "nlp-staging"
         );
         let pv =
             json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "pv"}});
-        assert!(prepare(pv, &m, "x").is_err());
+        assert!(prepare(pv, &m, "x", false).is_err());
         let only = NamespaceMap::parse(&["a=b".into()]).unwrap();
         let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "z"}});
-        assert!(prepare(cm, &only, "x")
+        assert!(prepare(cm, &only, "x", false)
             .unwrap_err()
             .1
             .contains("not in --namespace-map"));

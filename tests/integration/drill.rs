@@ -91,14 +91,19 @@ fn a_daemon_makes_points_drills_them_into_staging_and_alerts_when_a_point_is_bro
     write(&data.join("notebooks/small.py"), b"print('hi')\n");
     let dump = s3.path("dump.sql");
     fs::write(&dump, b"CREATE TABLE runs (id int);\n").unwrap();
+    // The cluster (the Kubernetes double): a Kubeflow profile namespace.
+    let kube = crate::kube_sim::KubeSim::start();
+    crate::kube::lab(&kube);
+    let kc = kube.kubeconfig(&s3.path(""));
     let stage = s3.path("stage");
     let plan = s3.path("staging.yaml");
     fs::write(
         &plan,
         format!(
-            "environment: staging\nrto_objective: 10m\netcd:\n  data_dir: {s}/etcd\n  name: staging\n  initial_advertise_peer_urls: http://127.0.0.1:{p}\npath:\n  root: {s}/files\nstream:\n  dir: {s}/streams\n",
+            "environment: staging\nrto_objective: 10m\netcd:\n  data_dir: {s}/etcd\n  name: staging\n  initial_advertise_peer_urls: http://127.0.0.1:{p}\npath:\n  root: {s}/files\nstream:\n  dir: {s}/streams\nkube:\n  kubeconfig: {kc}\n  namespace_map:\n    \"*\": \"*-staging\"\n",
             s = stage.display(),
-            p = free_port()
+            p = free_port(),
+            kc = kc.display()
         ),
     )
     .unwrap();
@@ -133,6 +138,7 @@ schedule = \"*/3 * * * * *\"
 backup = [
   {{ source = \"etcd\", endpoint = \"{etcd}\" }},
   {{ source = \"path\", path = \"{data}\" }},
+  {{ source = \"kube\", namespace = [\"nlp-lab\"], kubeconfig = \"{kc}\" }},
   {{ source = \"stream\", name = \"mlflow-db\", command = [\"cat\", \"{dump}\"] }},
 ]
 
@@ -148,6 +154,7 @@ drill = {{ plan = \"{plan}\", cleanup = true }}
             data = data.display(),
             dump = dump.display(),
             plan = plan.display(),
+            kc = kc.display(),
         ),
     )
     .unwrap();
@@ -207,7 +214,32 @@ drill = {{ plan = \"{plan}\", cleanup = true }}
     let passed = drills.iter().find(|r| r["outcome"] == "success").unwrap();
     let steps = passed["report"]["steps"].as_array().unwrap();
     let kinds: Vec<&str> = steps.iter().map(|s| s["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["etcd", "path", "stream"], "{passed}");
+    assert_eq!(kinds, ["etcd", "kube", "path", "stream"], "{passed}");
+    // The Kubernetes objects went into nlp-lab-staging (created, labelled)
+    // and cleanup deleted the Profile and the namespace it made, nothing else.
+    let reqs = kube.with(|s| s.requests.clone());
+    assert!(
+        reqs.iter()
+            .any(|r| r == "PATCH /api/v1/namespaces/nlp-lab-staging"),
+        "{reqs:?}"
+    );
+    assert!(
+        reqs.iter()
+            .any(|r| r == "DELETE /apis/kubeflow.org/v1/profiles/nlp-lab-staging"),
+        "{reqs:?}"
+    );
+    assert!(kube.get("namespaces", "", "nlp-lab-staging").is_none());
+    assert!(kube.get("notebooks", "nlp-lab-staging", "nb1").is_none());
+    assert!(kube.get("notebooks", "nlp-lab", "nb1").is_some());
+    assert!(kube.get("profiles", "", "nlp-lab").is_some());
+    let kstep = steps.iter().find(|s| s["kind"] == "kube").unwrap();
+    assert!(
+        kstep["verified"]
+            .as_str()
+            .unwrap()
+            .contains("read back equal"),
+        "{kstep}"
+    );
     assert!(steps.iter().all(|s| s["verified"].is_string()), "{passed}");
     assert_eq!(passed["report"]["cleaned-up"], true);
 

@@ -29,7 +29,7 @@ fn notebook_crd() -> Value {
 /// StatefulSet and pod, secrets, services, a PVC, the noise a real
 /// namespace holds (events, endpoints, leases, token secrets, the root CA
 /// bundle), and a second namespace with enough ConfigMaps to need pages.
-fn lab(sim: &KubeSim) {
+pub fn lab(sim: &KubeSim) {
     sim.with(|s| {
         s.put("customresourcedefinitions", notebook_crd());
         s.put("profiles", json!({"apiVersion": "kubeflow.org/v1", "kind": "Profile", "metadata": {"name": "nlp-lab", "uid": "prof-uid"}, "spec": {"owner": {"kind": "User", "name": "alice@uni.edu"}}}));

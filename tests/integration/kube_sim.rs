@@ -577,6 +577,12 @@ impl Store {
                 self.controller_for(&p);
             }
         }
+        if key.0 == "namespaces" {
+            // The namespace lifecycle controller deletes everything in a
+            // deleted namespace (pkg/controller/namespace/deletion).
+            let ns = key.2.clone();
+            self.objects.retain(|(_, n, _), _| *n != ns);
+        }
         if key.0 == "profiles" {
             // The namespace goes, and everything in it.
             let ns = key.2.clone();

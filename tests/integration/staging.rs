@@ -292,7 +292,7 @@ fn a_staging_plan_that_names_production_is_refused_before_anything_is_written() 
     let cfg = config(
         &env,
         &format!(
-            "[[job]]\nname = \"platform\"\nschedule = \"0 2 * * *\"\nbackup = [\n  {{ source = \"etcd\", endpoint = \"https://127.0.0.1:2379\" }},\n  {{ source = \"path\", path = \"{}\" }},\n  {{ source = \"stream\", name = \"mlflow\", command = [\"pg_dump\", \"--format=custom\", \"--dbname=mlflow\"] }},\n]\n",
+            "[[job]]\nname = \"platform\"\nschedule = \"0 2 * * *\"\nbackup = [\n  {{ source = \"etcd\", endpoint = \"https://127.0.0.1:2379\" }},\n  {{ source = \"path\", path = \"{}\" }},\n  {{ source = \"stream\", name = \"mlflow\", command = [\"pg_dump\", \"--format=custom\", \"--dbname=mlflow\"] }},\n  {{ source = \"kube\", all_namespaces = true }},\n]\n",
             data.display()
         ),
     );
@@ -313,6 +313,10 @@ stream:
   commands:
     mlflow:
       command: [pg_restore, --clean, --dbname=mlflow]
+kube:
+  namespace_map:
+    \"nlp-lab\": \"nlp-lab\"
+  cluster_resources: true
 ",
             stage = env.path("stage").display(),
             data = data.display()
@@ -332,6 +336,47 @@ stream:
             "{file}:11: field `stream.mlflow`: the command loads database \"mlflow\""
         )),
         "{e}"
+    );
+
+    assert!(e.contains(&format!("{file}:14: field `kube.namespace_map`: nlp-lab: nlp-lab restores into a namespace production backs up")), "{e}");
+    assert!(
+        e.contains(&format!(
+            "{file}:16: field `kube.cluster_resources`: the cluster is production's"
+        )),
+        "{e}"
+    );
+    // No map at all in production's cluster: refused too; a map that
+    // renames every namespace is fine.
+    let kube_only = |body: &str| {
+        let p = env.path("kube.yaml");
+        fs::write(&p, format!("environment: staging\nkube:\n{body}")).unwrap();
+        env.run(&[
+            "restore-plan",
+            "validate",
+            p.to_str().unwrap(),
+            "--config",
+            c,
+        ])
+    };
+    let out = kube_only("  context: lab\n");
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("field `kube.context`: the cluster is production's"),
+        "{}",
+        stderr(&out)
+    );
+    let out = kube_only("  namespace_map:\n    \"*\": \"*\"\n");
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert_success(
+        &kube_only("  context: lab\n  namespace_map:\n    \"*\": \"*-staging\"\n"),
+        &["kube plan"],
+    );
+    let out = kube_only("  namespace_map:\n    \"*\": \"staging\"\n");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("kube.yaml:3: field `kube.namespace_map`"),
+        "{}",
+        stderr(&out)
     );
 
     // restore --to staging with it: refused before any read or write.
@@ -364,7 +409,7 @@ stream:
     let out = env.ok(&args);
     assert!(
         stdout(&out).contains(
-            "staging.yaml: ok (staging; targets: vm, etcd, path, stream; RTO objective 30m)"
+            "staging.yaml: ok (staging; targets: vm, etcd, kube, path, stream; RTO objective 30m)"
         ),
         "{}",
         stdout(&out)
