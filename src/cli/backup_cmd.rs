@@ -53,12 +53,28 @@ pub fn run(g: &GlobalArgs, cmd: BackupCmd) -> crate::error::Result<ExitCode> {
         .validate(false)
         .map_err(|(field, why)| LabError::usage(format!("{field}: {why}")))?;
     let repo = g.open(false)?;
-    if let SourceSpec::Vm(v) = &cmd.source {
-        if v.vm.len() > 1 {
-            return backup_vms(g, &repo, v, &cmd.common);
+    let (specs, notes) = match &cmd.source {
+        SourceSpec::Vm(_) | SourceSpec::Pvc(_) => cmd.source.expand()?,
+        other => (vec![other.clone()], vec![]),
+    };
+    if !g.quiet {
+        for n in &notes {
+            eprintln!("note: {n}");
         }
     }
-    let outcome = cmd.source.backup(SourceContext {
+    if specs.is_empty() {
+        if !g.quiet {
+            eprintln!("nothing to back up here: {}", cmd.source.what());
+        }
+        if g.json {
+            print_json(&serde_json::json!({"snapshots": [], "notes": notes}))?;
+        }
+        return Ok(ExitCode::Success);
+    }
+    if specs.len() > 1 {
+        return backup_several(g, &repo, &specs, &notes, &cmd.common);
+    }
+    let outcome = specs[0].backup(SourceContext {
         repo: &repo,
         opts: options(&cmd.common),
         progress: Progress::bytes(g.progress_enabled(), "backup", None),
@@ -75,18 +91,20 @@ pub fn run(g: &GlobalArgs, cmd: BackupCmd) -> crate::error::Result<ExitCode> {
     })
 }
 
-/// `labctl backup vm a b c`: one snapshot per VM, as one restore point.
-fn backup_vms(
+/// `labctl backup vm a b c`, `labctl backup pvc --all`: one snapshot per
+/// VM or claim, as one restore point.
+fn backup_several(
     g: &GlobalArgs,
     repo: &crate::repo::Repository,
-    v: &crate::sources::vm::VmSource,
+    specs: &[SourceSpec],
+    notes: &[String],
     common: &CommonBackupArgs,
 ) -> crate::error::Result<ExitCode> {
-    let specs: Vec<SourceSpec> = v.each().into_iter().map(SourceSpec::Vm).collect();
-    let run = crate::sources::backup_point(repo, "vms", &specs, &options(common), &|s| {
+    let label = format!("{}s", specs[0].kind());
+    let run = crate::sources::backup_point(repo, &label, specs, &options(common), &|s| {
         Progress::bytes(
             g.progress_enabled(),
-            &format!("backup vm {}", s.what()),
+            &format!("backup {} {}", s.kind(), s.what()),
             None,
         )
     })?;
@@ -95,6 +113,7 @@ fn backup_vms(
             "restore-point": run.point,
             "snapshots": run.written.iter().map(|(_, _, o)| o).collect::<Vec<_>>(),
             "failed": run.failed,
+            "notes": notes,
         }))?;
     } else {
         for (_, _, o) in &run.written {

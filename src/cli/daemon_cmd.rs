@@ -296,6 +296,8 @@ pub fn run_jobs(g: &GlobalArgs, c: JobsCmd) -> crate::error::Result<ExitCode> {
             }
             if let Some(e) = &run.error {
                 eprintln!("{}: {e}", run.outcome);
+            } else if let (Some(d), false, false) = (&run.detail, g.json, g.quiet) {
+                eprintln!("{d}");
             }
             Ok(match run.outcome {
                 Outcome::Success => ExitCode::Success,

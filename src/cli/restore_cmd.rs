@@ -13,7 +13,7 @@ use std::path::PathBuf;
     clap::ArgGroup::new("dest")
         .required(true)
         .multiple(true)
-        .args(["target", "stdout", "etcd_data_dir", "verify", "to", "to_vm", "to_cluster"])
+        .args(["target", "stdout", "etcd_data_dir", "verify", "to", "to_vm", "to_cluster", "to_pvc"])
 ))]
 #[command(after_help = "\
 Examples:
@@ -22,6 +22,7 @@ Examples:
   labctl restore 9c1e --etcd-data-dir /var/lib/etcd-new --verify
   labctl restore 5d0b --to-cluster --namespace-map '*=*-staging' --dry-run
   labctl restore 5d0b --to-cluster --path nlp-lab --context staging
+  labctl restore 77e1 --to-pvc nlp-lab-staging/nb1-data --storage-class local-path
   labctl restore --to staging --dry-run                 # what the staging plan would do
   labctl restore --to staging --only etcd,stream        # restore, verify, report the RTO
   labctl restore --to production --point platform-20261204T020000Z-1a2b \\
@@ -32,7 +33,7 @@ pub struct RestoreCmd {
     #[arg(required_unless_present = "to", conflicts_with = "to")]
     pub snapshot: Option<String>,
     /// Directory to restore into (created if missing; must be empty unless --overwrite).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["stdout", "etcd_data_dir", "verify", "to_vm", "to_cluster"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["stdout", "etcd_data_dir", "verify", "to_vm", "to_cluster", "to_pvc"])]
     pub target: Option<PathBuf>,
     /// Write one file to stdout: a stream snapshot's data, an etcd
     /// snapshot's `snapshot.db` (as `etcdctl snapshot save` writes it), or
@@ -51,6 +52,8 @@ pub struct RestoreCmd {
     pub vm: crate::sources::vm::VmRestore,
     #[command(flatten)]
     pub kube: crate::sources::kube::KubeRestore,
+    #[command(flatten)]
+    pub pvc: crate::sources::pvc::PvcRestore,
     /// Restore only this path (and what is below it); repeatable. With
     /// --stdout: the file to write. With --to-cluster: a namespace
     /// (`nlp-lab`), `_cluster`, or deeper (`nlp-lab/kubeflow.org/Notebook`).
@@ -89,7 +92,7 @@ pub struct PlanArgs {
     /// plan says (restore-plans/ENV.yaml): in dependency order, each source
     /// verified, a report with the restore time (RTO). A staging plan that
     /// names a production endpoint of the daemon's jobs is refused.
-    #[arg(long, value_enum, value_name = "ENV", conflicts_with_all = ["target", "stdout", "etcd_data_dir", "verify", "paths", "overwrite", "to_vm", "to_cluster"])]
+    #[arg(long, value_enum, value_name = "ENV", conflicts_with_all = ["target", "stdout", "etcd_data_dir", "verify", "paths", "overwrite", "to_vm", "to_cluster", "to_pvc"])]
     pub to: Option<crate::restore::plan::Environment>,
     /// The restore plan (default: restore-plans/ENV.yaml here, else in
     /// labctl.toml's platform.restore_plans folder, else
@@ -163,6 +166,31 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> crate::error::Result<ExitCode> {
     }
     if c.kube.to_cluster {
         return run_kube(g, &repo, &id, &c);
+    }
+    if c.pvc.to_pvc.is_some() {
+        let restore_key = g.restore_key.as_deref().ok_or_else(|| {
+            LabError::usage("--to-pvc passes the restore key to the Job: give --restore-key or LABCTL_RESTORE_KEY")
+        })?;
+        let url = g.repo.as_deref().unwrap_or_default();
+        let access = crate::sources::pvc::JobAccess {
+            repo_url: url,
+            restore_key,
+        };
+        let r = crate::sources::pvc::restore_to_pvc(&repo, &id, &c.pvc, &c.kube.cluster, &access)?;
+        if g.json {
+            print_json(&serde_json::json!({"snapshot": id.hex(), "pvc": r}))?;
+        } else if !g.quiet {
+            eprintln!(
+                "restored snapshot {} into PVC {}/{} (class {}) with Job {} in {:.1}s",
+                id.short(),
+                r.namespace,
+                r.pvc,
+                r.storage_class.as_deref().unwrap_or("default"),
+                r.job,
+                r.seconds
+            );
+        }
+        return Ok(ExitCode::Success);
     }
     if c.vm.to_vm {
         let r = crate::sources::vm::restore(&repo, &id, &c.vm, c.threads)?;

@@ -125,6 +125,7 @@ impl JobHistory {
                     .map(String::from)
                     .collect(),
                 error: r.get(11)?,
+                detail: None,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -336,6 +337,10 @@ pub struct JobRun {
     pub bytes_added: u64,
     pub snapshots: Vec<String>,
     pub error: Option<String>,
+    /// What the run did, in words (a point's members, what a source left
+    /// out and why); in the daemon's log, not kept in the history.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 #[cfg(test)]

@@ -243,6 +243,7 @@ pub fn log_event(now: &DateTime<Utc>, ev: &DaemonEvent) {
             r.error
                 .as_ref()
                 .map(|e| format!(" error={e}"))
+                .or_else(|| r.detail.as_ref().map(|d| format!(" detail={d}")))
                 .unwrap_or_default()
         ),
         DaemonEvent::Skipped { job, reason } => format!("job={job} skipped: {reason}"),
@@ -461,6 +462,7 @@ async fn run_job_marking(
     run.bytes_read = facts.bytes_read;
     run.bytes_added = facts.bytes_added;
     run.snapshots = facts.snapshots.clone();
+    run.detail = (!facts.detail.is_empty() && run.error.is_none()).then(|| facts.detail.clone());
     let history = ctx.catalog()?;
     history.job_run_finish(id, &run)?;
     history.job_runs_trim(&job.name, HISTORY_KEEP)?;

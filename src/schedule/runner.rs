@@ -75,7 +75,9 @@ pub fn execute(ctx: &super::ExecContext<'_>) -> crate::error::Result<RunFacts> {
 fn run_action(ctx: &super::ExecContext<'_>, repo: &Repository) -> crate::error::Result<RunFacts> {
     let (job, cancel) = (ctx.job, ctx.cancel);
     match &job.action {
-        Action::Backup(sources) if sources.len() == 1 => {
+        Action::Backup(sources)
+            if sources.len() == 1 && !matches!(sources[0], crate::sources::SourceSpec::Pvc(_)) =>
+        {
             let out =
                 sources[0]
                     .with_platform(&ctx.env.kube)
@@ -88,11 +90,28 @@ fn run_action(ctx: &super::ExecContext<'_>, repo: &Repository) -> crate::error::
             finish_backup(repo, job, out)
         }
         Action::Backup(sources) => {
-            let sources: Vec<_> = sources
-                .iter()
-                .map(|s| s.with_platform(&ctx.env.kube))
-                .collect();
-            backup_point(repo, job, cancel, &sources)
+            // Selections of several (every PVC on this node) resolved now.
+            let mut expanded = vec![];
+            let mut notes = vec![];
+            for s in sources {
+                let (list, n) = s.with_platform(&ctx.env.kube).expand()?;
+                expanded.extend(list);
+                notes.extend(n);
+            }
+            let mut facts = if expanded.is_empty() {
+                RunFacts {
+                    detail: "nothing to back up on this host".into(),
+                    ..Default::default()
+                }
+            } else {
+                backup_point(repo, job, cancel, &expanded)?
+            };
+            if !notes.is_empty() {
+                facts
+                    .detail
+                    .push_str(&format!("; left out: {}", notes.join("; ")));
+            }
+            Ok(facts)
         }
         Action::Forget(policy) => {
             let r = crate::repo::forget::apply(repo, policy, &["source"], |_| true, false)?;

@@ -14,6 +14,7 @@
 pub mod etcd;
 pub mod kube;
 pub mod path;
+pub mod pvc;
 pub mod stream;
 pub mod vm;
 
@@ -189,6 +190,17 @@ pub enum SourceSpec {
     /// it). Secrets are kept: the repository is encrypted. Restore with
     /// `labctl restore SNAP --to-cluster [--namespace-map FROM=TO]`.
     Kube(kube::KubeSource),
+    /// Back up the data of PersistentVolumeClaims of Rancher's local-path
+    /// provisioner that live on this node: each bound claim's volume
+    /// directory (`hostPath`/`local`) as a tree snapshot `pvc/NS/NAME`
+    /// with the claim's spec, volume, node, class and capacity as facts.
+    ///
+    /// A claim on another node is left to that node's agent
+    /// (deploy/kubernetes/labctl-agent.yaml); unbound claims and other
+    /// volume types (CSI, NFS) are reported by name and type. Several
+    /// claims are written as one restore point. Restore with `--target
+    /// DIR`, or `--to-pvc NS/NAME` (a new claim filled by a Job).
+    Pvc(pvc::PvcSource),
 }
 
 impl SourceSpec {
@@ -200,6 +212,7 @@ impl SourceSpec {
             SourceSpec::Etcd(_) => etcd::KIND,
             SourceSpec::Vm(_) => vm::KIND,
             SourceSpec::Kube(_) => kube::KIND,
+            SourceSpec::Pvc(_) => pvc::KIND,
         }
     }
 
@@ -212,6 +225,7 @@ impl SourceSpec {
             SourceSpec::Etcd(s) => s.endpoint.clone(),
             SourceSpec::Vm(s) => s.vm.join(","),
             SourceSpec::Kube(s) => s.what(),
+            SourceSpec::Pvc(s) => s.what(),
         }
     }
 
@@ -227,6 +241,7 @@ impl SourceSpec {
             SourceSpec::Etcd(s) => s.validate(from_config),
             SourceSpec::Vm(s) => s.validate(from_config),
             SourceSpec::Kube(s) => s.validate(from_config),
+            SourceSpec::Pvc(s) => s.validate(from_config),
         }
     }
 
@@ -242,6 +257,7 @@ impl SourceSpec {
             SourceSpec::Etcd(s) => s.check_host(),
             SourceSpec::Vm(s) => s.check_host(),
             SourceSpec::Kube(s) => s.check_host(),
+            SourceSpec::Pvc(s) => s.check_host(),
         }
     }
 
@@ -250,7 +266,25 @@ impl SourceSpec {
     pub fn with_platform(&self, kube_target: &crate::k8s::KubeTarget) -> SourceSpec {
         match self {
             SourceSpec::Kube(s) => SourceSpec::Kube(s.with_default_target(kube_target)),
+            SourceSpec::Pvc(s) => SourceSpec::Pvc(s.with_default_target(kube_target)),
             other => other.clone(),
+        }
+    }
+
+    /// One source per snapshot: a selection that stands for several (every
+    /// PVC on this node) resolved, with notes on what was left out and why.
+    /// A VM list becomes one source per VM.
+    ///
+    /// # Errors
+    /// What resolving needs (the cluster) failing.
+    pub fn expand(&self) -> crate::error::Result<(Vec<SourceSpec>, Vec<String>)> {
+        match self {
+            SourceSpec::Pvc(s) => {
+                let (list, notes) = s.expand()?;
+                Ok((list.into_iter().map(SourceSpec::Pvc).collect(), notes))
+            }
+            SourceSpec::Vm(v) => Ok((v.each().into_iter().map(SourceSpec::Vm).collect(), vec![])),
+            other => Ok((vec![other.clone()], vec![])),
         }
     }
 
@@ -266,6 +300,7 @@ impl SourceSpec {
             SourceSpec::Etcd(s) => s.backup(ctx),
             SourceSpec::Vm(s) => s.backup(ctx),
             SourceSpec::Kube(s) => s.backup(ctx),
+            SourceSpec::Pvc(s) => s.backup(ctx),
         }
     }
 }

@@ -59,37 +59,56 @@ impl PathSource {
     /// Storage or catalog errors. Unreadable files do not fail the backup:
     /// they are listed in `summary.errors` (exit code 3 at the CLI).
     pub fn backup(&self, ctx: SourceContext<'_>) -> crate::error::Result<BackupOutcome> {
-        let started = Instant::now();
-        let dir = &self.path;
-        let abs = fs::canonicalize(dir)
-            .map_err(|e| LabError::usage(format!("cannot back up {}: {e}", dir.display())))?;
-        if !abs.is_dir() {
-            return Err(LabError::usage(format!(
-                "{} is not a directory; use `labctl backup stream` for a single stream",
-                abs.display()
-            ))
-            .into());
-        }
-        let source_key = abs.to_string_lossy().to_string();
-        let mut run = BackupRun::start(ctx.repo, ctx.opts.threads, ctx.progress)?;
-        run.set_cancel(ctx.opts.cancel.clone());
-        run.use_file_cache(&source_key)?;
-        let mut walker = TreeWalker {
-            links: Default::default(),
-            run: &mut run,
-            choice: self.chunker,
-        };
-        let root = walker.dir(&abs, b"")?;
-        run.finish(
-            Source {
-                kind: KIND.into(),
-                name: source_key.clone(),
-            },
-            root,
-            &ctx.opts,
-            started,
-        )
+        backup_tree_as(ctx, &self.path, KIND, "", self.chunker)
     }
+}
+
+/// Backs up the tree at `dir` as a snapshot of `kind` named `name` (the
+/// canonical path when empty): the path source, and sources whose data is
+/// a directory (a PVC's).
+///
+/// # Errors
+/// As [`PathSource::backup`].
+pub(crate) fn backup_tree_as(
+    ctx: SourceContext<'_>,
+    dir: &Path,
+    kind: &str,
+    name: &str,
+    chunker: ChunkerChoice,
+) -> crate::error::Result<BackupOutcome> {
+    let started = Instant::now();
+    let abs = fs::canonicalize(dir)
+        .map_err(|e| LabError::usage(format!("cannot back up {}: {e}", dir.display())))?;
+    if !abs.is_dir() {
+        return Err(LabError::usage(format!(
+            "{} is not a directory; use `labctl backup stream` for a single stream",
+            abs.display()
+        ))
+        .into());
+    }
+    let source_key = abs.to_string_lossy().to_string();
+    let mut run = BackupRun::start(ctx.repo, ctx.opts.threads, ctx.progress)?;
+    run.set_cancel(ctx.opts.cancel.clone());
+    run.use_file_cache(&source_key)?;
+    let mut walker = TreeWalker {
+        links: Default::default(),
+        run: &mut run,
+        choice: chunker,
+    };
+    let root = walker.dir(&abs, b"")?;
+    run.finish(
+        Source {
+            kind: kind.into(),
+            name: if name.is_empty() {
+                source_key.clone()
+            } else {
+                name.to_string()
+            },
+        },
+        root,
+        &ctx.opts,
+        started,
+    )
 }
 
 /// Backs up `dir` with the automatic chunker: [`PathSource::backup`] for

@@ -22,3 +22,14 @@ pub fn check_private(path: &Path, meta: &fs::Metadata) -> Result<(), LabError> {
     }
     Ok(())
 }
+
+/// Reads a secret file after [`check_private`].
+///
+/// # Errors
+/// A key error for a missing, unreadable or too-open file.
+pub fn read_private(path: &Path) -> Result<Vec<u8>, LabError> {
+    let meta = fs::metadata(path)
+        .map_err(|e| LabError::key(format!("cannot read {}: {e}", path.display())))?;
+    check_private(path, &meta)?;
+    fs::read(path).map_err(|e| LabError::key(format!("cannot read {}: {e}", path.display())))
+}

@@ -277,6 +277,12 @@ pub struct Store {
     crd_ready: BTreeMap<String, Instant>,
     /// How long an applied CRD takes to become Established.
     pub crd_delay: Duration,
+    /// A stand-in for the Job controller and kubelet: `Some(true)` makes
+    /// every created Job succeed shortly after, `Some(false)` fail; `None`
+    /// leaves Jobs running.
+    pub job_outcome: Option<bool>,
+    /// When each Job (namespace, name) finishes.
+    job_done: BTreeMap<(String, String), Instant>,
     pub requests: Vec<String>,
 }
 pub struct KubeSim {
@@ -357,6 +363,33 @@ impl Store {
         manager: &str,
     ) {
         self.apply(key, kind, api_version, patch, manager, true);
+    }
+
+    /// A Job as the server shows it once the Job controller has seen its
+    /// pod finish (batch/v1 JobStatus: `succeeded`/`failed` counts and the
+    /// `Complete`/`Failed` conditions).
+    fn with_job_status(&self, mut job: Value) -> Value {
+        let key = (
+            job["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            job["metadata"]["name"].as_str().unwrap_or("").to_string(),
+        );
+        let done = self
+            .job_done
+            .get(&key)
+            .is_some_and(|t| *t <= Instant::now());
+        job["status"] = match (self.job_outcome, done) {
+            (Some(true), true) => {
+                json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
+            }
+            (Some(false), true) => {
+                json!({"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]})
+            }
+            _ => json!({"active": 1}),
+        };
+        job
     }
 
     /// A CRD as the server shows it: `status.conditions` says whether it
@@ -538,6 +571,12 @@ impl Store {
             if !["apiVersion", "kind", "metadata"].contains(&k.as_str()) {
                 obj[k] = v.clone();
             }
+        }
+        if key.0 == "jobs" && existing.is_none() {
+            self.job_done.insert(
+                (key.1.clone(), key.2.clone()),
+                Instant::now() + Duration::from_millis(300),
+            );
         }
         if key.0 == "customresourcedefinitions" && existing.is_none() {
             // apiextensions-apiserver pkg/controller/establish: a new CRD is
@@ -973,6 +1012,7 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
             Some(o) if plural == "customresourcedefinitions" => {
                 reply((200, s.with_crd_status(o.clone())))
             }
+            Some(o) if plural == "jobs" => reply((200, s.with_job_status(o.clone()))),
             Some(o) => reply((200, o.clone())),
             None => reply(not_found(n)),
         },
@@ -1059,6 +1099,9 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
                     ));
                 }
             }
+            if let Some(why) = typed_problem(kind, &patch) {
+                return reply(status(400, "BadRequest", &why));
+            }
             let force = query.get("force").is_some_and(|f| f == "true");
             let key = (plural.to_string(), ns_key, n.to_string());
             reply(s.apply(key, kind, &api_version, patch, &manager, force))
@@ -1100,4 +1143,102 @@ fn merge(target: &mut Value, patch: &Value) {
         }
         other => *target = other.clone(),
     }
+}
+
+/// Server-side apply converts the patch to the kind's schema first
+/// (k8s.io/apiserver pkg/endpoints/handlers/fieldmanager: "failed to create
+/// typed patch object"; structured-merge-diff: "field not declared in
+/// schema"), so an unknown field is refused, not dropped. For the kinds
+/// labctl creates (Job, PersistentVolumeClaim, Secret) the schema is
+/// k8s-openapi's typed struct: a field lost on the round trip is unknown.
+/// Jobs are also validated as pkg/apis/batch/validation does for what
+/// labctl sets (restartPolicy, containers' names and images).
+fn typed_problem(kind: &str, patch: &Value) -> Option<String> {
+    fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(
+        v: &Value,
+    ) -> Result<Value, String> {
+        let t: T = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+        Ok(serde_json::to_value(t).unwrap())
+    }
+    fn missing(want: &Value, got: &Value, path: &str) -> Option<String> {
+        match (want, got) {
+            (Value::Object(w), Value::Object(g)) => w.iter().find_map(|(k, v)| {
+                let p = format!("{path}.{k}");
+                match g.get(k) {
+                    None if !v.is_null() => Some(p),
+                    None => None,
+                    Some(gv) => missing(v, gv, &p),
+                }
+            }),
+            (Value::Array(w), Value::Array(g)) => w
+                .iter()
+                .zip(g)
+                .enumerate()
+                .find_map(|(i, (a, b))| missing(a, b, &format!("{path}[{i}]"))),
+            _ => None,
+        }
+    }
+    let gvk = match kind {
+        "Job" => "batch/v1, Kind=Job",
+        "PersistentVolumeClaim" => "/v1, Kind=PersistentVolumeClaim",
+        "Secret" => "/v1, Kind=Secret",
+        _ => return None,
+    };
+    let back = match kind {
+        "Job" => roundtrip::<k8s_openapi::api::batch::v1::Job>(patch),
+        "PersistentVolumeClaim" => {
+            roundtrip::<k8s_openapi::api::core::v1::PersistentVolumeClaim>(patch)
+        }
+        _ => roundtrip::<k8s_openapi::api::core::v1::Secret>(patch),
+    };
+    let back = match back {
+        Ok(b) => b,
+        Err(e) => return Some(format!("failed to create typed patch object ({gvk}): {e}")),
+    };
+    if let Some(p) = missing(patch, &back, "") {
+        return Some(format!(
+            "failed to create typed patch object ({gvk}): {p}: field not declared in schema"
+        ));
+    }
+    if kind == "Job" {
+        let pod = &patch["spec"]["template"]["spec"];
+        if !["Never", "OnFailure"].contains(&pod["restartPolicy"].as_str().unwrap_or("")) {
+            return Some("Job.batch is invalid: spec.template.spec.restartPolicy: Required value: valid values: \"OnFailure\", \"Never\"".into());
+        }
+        for c in pod["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(pod["initContainers"].as_array().into_iter().flatten())
+        {
+            if c["name"].as_str().is_none_or(str::is_empty)
+                || c["image"].as_str().is_none_or(str::is_empty)
+            {
+                return Some(
+                    "Job.batch is invalid: spec.template.spec.containers[0].image: Required value"
+                        .into(),
+                );
+            }
+        }
+        let vols: Vec<&str> = pod["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["name"].as_str())
+            .collect();
+        for c in pod["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(pod["initContainers"].as_array().into_iter().flatten())
+        {
+            for m in c["volumeMounts"].as_array().into_iter().flatten() {
+                let n = m["name"].as_str().unwrap_or("");
+                if !vols.contains(&n) {
+                    return Some(format!("Job.batch is invalid: spec.template.spec.containers[0].volumeMounts[0].name: Not found: \"{n}\""));
+                }
+            }
+        }
+    }
+    None
 }

@@ -24,6 +24,7 @@ mod points;
 mod policy;
 mod provision;
 mod prune;
+mod pvc;
 mod pve_sim;
 mod roundtrip;
 pub mod s3;
