@@ -190,6 +190,9 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> crate::error::Result<ExitCode> {
                 r.seconds
             );
         }
+        for w in &r.warnings {
+            eprintln!("warning: {w}");
+        }
         return Ok(ExitCode::Success);
     }
     if c.vm.to_vm {

@@ -449,6 +449,8 @@ pub struct PvcRestoreReport {
     pub job: String,
     pub outcome: String,
     pub seconds: f64,
+    /// What needs a person (a Secret that could not be deleted).
+    pub warnings: Vec<String>,
 }
 
 /// The repository the Job reads, and the key it reads it with.
@@ -596,8 +598,19 @@ pub fn restore_to_pvc(
         let labels = json!({"app.kubernetes.io/name": "labctl", super::kube::RESTORE_LABEL: short});
         let secret_obj = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret, "namespace": ns, "labels": labels}, "type": "Opaque", "stringData": string_data});
         secrets.patch(&secret, &pp, &Patch::Apply(&secret_obj)).await.map_err(|e| api_error(e, &format!("creating Secret {ns}/{secret}")))?;
+        // The restore key must not outlive the Job: a Secret that cannot
+        // be deleted is said, with the command that removes it.
         let cleanup_secret = || async {
-            let _ = secrets.delete(&secret, &Default::default()).await;
+            secrets
+                .delete(&secret, &Default::default())
+                .await
+                .err()
+                .map(|e| {
+                    format!(
+                        "the Secret {ns}/{secret} holding the restore key could not be deleted ({:#}): delete it now (kubectl delete secret -n {ns} {secret})",
+                        api_error(e, "deleting it")
+                    )
+                })
         };
         let mut claim_labels = snap.facts.get("pvc.labels").cloned().unwrap_or_else(|| json!({}));
         claim_labels[super::kube::RESTORE_LABEL] = json!(short);
@@ -605,12 +618,12 @@ pub fn restore_to_pvc(
             "metadata": {"name": name, "namespace": ns, "labels": claim_labels, "annotations": {super::kube::RESTORED_FROM: short}},
             "spec": spec});
         if let Err(e) = claims.patch(name, &pp, &Patch::Apply(&claim)).await {
-            cleanup_secret().await;
+            let _ = cleanup_secret().await;
             return Err(api_error(e, &format!("creating PVC {target}")));
         }
         let job_obj = restore_job(ns, &job, name, &secret, &args.image, &id.hex());
         if let Err(e) = jobs.patch(&job, &pp, &Patch::Apply(&job_obj)).await {
-            cleanup_secret().await;
+            let _ = cleanup_secret().await;
             let _ = claims.delete(name, &Default::default()).await;
             return Err(api_error(e, &format!("creating Job {ns}/{job}")));
         }
@@ -639,10 +652,17 @@ pub fn restore_to_pvc(
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
-        cleanup_secret().await;
+        let lingering = cleanup_secret().await;
         if let Err(why) = outcome {
-            let _ = claims.delete(name, &Default::default()).await;
-            return Err(LabError::failed(format!("{why}; the half-filled claim {target} was deleted")).into());
+            let claim_gone = match claims.delete(name, &Default::default()).await {
+                Ok(_) => format!("the half-filled claim {target} was deleted"),
+                Err(e) => format!("the half-filled claim {target} could not be deleted ({:#})", api_error(e, "deleting it")),
+            };
+            return Err(LabError::failed(format!(
+                "{why}; {claim_gone}{}",
+                lingering.map(|l| format!("; {l}")).unwrap_or_default()
+            ))
+            .into());
         }
         Ok(PvcRestoreReport {
             namespace: ns.to_string(),
@@ -651,6 +671,7 @@ pub fn restore_to_pvc(
             job,
             outcome: "restored".into(),
             seconds: started.elapsed().as_secs_f64(),
+            warnings: lingering.into_iter().collect(),
         })
     })
 }

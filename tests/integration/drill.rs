@@ -94,6 +94,21 @@ fn a_daemon_makes_points_drills_them_into_staging_and_alerts_when_a_point_is_bro
     // The cluster (the Kubernetes double): a Kubeflow profile namespace.
     let kube = crate::kube_sim::KubeSim::start();
     crate::kube::lab(&kube);
+    // Backup and drill (restore and cleanup) under the shipped roles.
+    let roles = ["labctl-backup-rbac.yaml", "labctl-restore-rbac.yaml"]
+        .iter()
+        .flat_map(|f| {
+            crate::kube_sim::Rule::from_cluster_roles(
+                &fs::read_to_string(
+                    Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("deploy/kubernetes")
+                        .join(f),
+                )
+                .unwrap(),
+            )
+        })
+        .collect();
+    kube.with(|s| s.rbac = Some(roles));
     let kc = kube.kubeconfig(&s3.path(""));
     let stage = s3.path("stage");
     let plan = s3.path("staging.yaml");

@@ -296,7 +296,15 @@ fn a_pvc_restore_creates_the_claim_and_a_job_that_mounts_it() {
             &rk,
         ])
     };
-    sim.with(|s| s.job_outcome = Some(true));
+    // Under exactly the shipped restore role.
+    let role = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/labctl-restore-rbac.yaml"),
+    )
+    .unwrap();
+    sim.with(|s| {
+        s.job_outcome = Some(true);
+        s.rbac = Some(crate::kube_sim::Rule::from_cluster_roles(&role));
+    });
     let out = restore("nlp-lab-staging/nb1-data");
     assert_success(&out, &["restore --to-pvc"]);
     let r = out_json(&out)["pvc"].clone();
