@@ -44,6 +44,16 @@ if ! "$venv/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$MOT
   "$venv/bin/pip" install -q "moto[server]==$MOTO_VERSION"
 fi
 
+# A real MLflow tracking server for the mlflow source's tests, in a venv of
+# its own (its Flask and Werkzeug pins differ from moto's).
+MLFLOW_VERSION=3.17.2
+mlvenv=target/mlflow-venv
+if ! "$mlvenv/bin/python" -c "import mlflow, sys; sys.exit(mlflow.__version__ != '$MLFLOW_VERSION')" 2>/dev/null; then
+  rm -rf "$mlvenv"
+  python3 -m venv "$mlvenv"
+  "$mlvenv/bin/pip" install -q "mlflow==$MLFLOW_VERSION"
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"

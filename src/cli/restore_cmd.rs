@@ -13,7 +13,7 @@ use std::path::PathBuf;
     clap::ArgGroup::new("dest")
         .required(true)
         .multiple(true)
-        .args(["target", "stdout", "etcd_data_dir", "verify", "to", "to_vm", "to_cluster", "to_pvc"])
+        .args(["target", "stdout", "etcd_data_dir", "verify", "to", "to_vm", "to_cluster", "to_pvc", "mlflow_backend_store_uri", "verify_tracking_uri"])
 ))]
 #[command(after_help = "\
 Examples:
@@ -23,6 +23,8 @@ Examples:
   labctl restore 5d0b --to-cluster --namespace-map '*=*-staging' --dry-run
   labctl restore 5d0b --to-cluster --path nlp-lab --context staging
   labctl restore 77e1 --to-pvc nlp-lab-staging/nb1-data --storage-class local-path
+  labctl restore 41c0 --mlflow-backend-store-uri sqlite:////srv/mlflow-staging/mlflow.db \\
+      --mlflow-artifacts /srv/mlflow-staging/artifacts
   labctl restore --to staging --dry-run                 # what the staging plan would do
   labctl restore --to staging --only etcd,stream        # restore, verify, report the RTO
   labctl restore --to production --point platform-20261204T020000Z-1a2b \\
@@ -54,6 +56,8 @@ pub struct RestoreCmd {
     pub kube: crate::sources::kube::KubeRestore,
     #[command(flatten)]
     pub pvc: crate::sources::pvc::PvcRestore,
+    #[command(flatten)]
+    pub mlflow: crate::sources::mlflow::MlflowRestore,
     /// Restore only this path (and what is below it); repeatable. With
     /// --stdout: the file to write. With --to-cluster: a namespace
     /// (`nlp-lab`), `_cluster`, or deeper (`nlp-lab/kubeflow.org/Notebook`).
@@ -167,6 +171,9 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> crate::error::Result<ExitCode> {
     if c.kube.to_cluster {
         return run_kube(g, &repo, &id, &c);
     }
+    if c.mlflow.mlflow_backend_store_uri.is_some() || c.mlflow.verify_tracking_uri.is_some() {
+        return run_mlflow(g, &repo, &id, &c);
+    }
     if c.pvc.to_pvc.is_some() {
         let restore_key = g.restore_key.as_deref().ok_or_else(|| {
             LabError::usage("--to-pvc passes the restore key to the Job: give --restore-key or LABCTL_RESTORE_KEY")
@@ -268,6 +275,55 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> crate::error::Result<ExitCode> {
     } else {
         ExitCode::Integrity
     })
+}
+
+/// `--mlflow-backend-store-uri` and/or `--verify-tracking-uri` on an
+/// mlflow snapshot.
+fn run_mlflow(
+    g: &GlobalArgs,
+    repo: &crate::repo::Repository,
+    id: &crate::repo::Id,
+    c: &RestoreCmd,
+) -> crate::error::Result<ExitCode> {
+    use crate::sources::mlflow;
+    let mut report = serde_json::json!({"snapshot": id.hex()});
+    if c.mlflow.mlflow_backend_store_uri.is_some() {
+        let r = mlflow::restore(repo, id, &c.mlflow, c.overwrite, c.threads)?;
+        if !g.quiet && !g.json {
+            eprintln!(
+                "restored MLflow snapshot {}: database {} (alembic {}), artifacts {} ({}); artifact URIs rewritten: {}",
+                id.short(),
+                r.database.display(),
+                r.alembic_revision,
+                r.artifacts.display(),
+                human_bytes(r.bytes),
+                if r.rewritten.is_empty() {
+                    "none".to_string()
+                } else {
+                    r.rewritten
+                        .iter()
+                        .map(|(k, n)| format!("{k} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+        }
+        report["restore"] = serde_json::to_value(&r)?;
+    }
+    if let Some(u) = &c.mlflow.verify_tracking_uri {
+        let v = mlflow::verify(repo, id, u, c.threads)?;
+        if !g.quiet && !g.json {
+            eprintln!(
+                "verified through MLflow {} at {u}: {} experiments, {} runs, {} registered models, {} versions, {} metric histories and {} artifacts as backed up",
+                v.server_version, v.experiments, v.runs, v.registered_models, v.model_versions, v.metric_histories, v.artifacts
+            );
+        }
+        report["verify"] = serde_json::to_value(&v)?;
+    }
+    if g.json {
+        print_json(&report)?;
+    }
+    Ok(ExitCode::Success)
 }
 
 /// `--to-cluster` on a kube snapshot.

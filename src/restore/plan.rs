@@ -68,6 +68,58 @@ struct PlanFile {
     vm: Option<VmTarget>,
     #[serde(default)]
     kube: Option<ClusterTarget>,
+    #[serde(default)]
+    mlflow: Option<MlflowTarget>,
+}
+
+/// `mlflow:` — an MLflow store (database and artifact root), its artifact
+/// URIs rewritten to the new root, verified through a server on it.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlflowTarget {
+    /// `sqlite:////abs/path/mlflow.db`.
+    pub backend_store_uri: String,
+    /// The new artifact root (absolute).
+    pub artifacts: PathBuf,
+    #[serde(default)]
+    pub existing: Existing,
+    /// OLD: NEW artifact URI prefixes, instead of the recorded root to
+    /// `artifacts`.
+    #[serde(default)]
+    pub rewrite_artifact_root: std::collections::BTreeMap<String, String>,
+    /// The server to verify through (REST).
+    #[serde(default)]
+    pub verify_tracking_uri: Option<String>,
+    /// A program and arguments (no shell) that serves the restored store at
+    /// `verify_tracking_uri`: started after the restore, waited for (2 min),
+    /// used for verification, stopped.
+    #[serde(default)]
+    pub verify_server: Vec<String>,
+}
+
+impl MlflowTarget {
+    /// The database file.
+    pub fn database(&self) -> PathBuf {
+        PathBuf::from(
+            self.backend_store_uri
+                .strip_prefix("sqlite:///")
+                .unwrap_or_default(),
+        )
+    }
+
+    /// The mlflow source's restore settings for this target.
+    pub fn restore_args(&self) -> crate::sources::mlflow::MlflowRestore {
+        crate::sources::mlflow::MlflowRestore {
+            mlflow_backend_store_uri: Some(self.backend_store_uri.clone()),
+            mlflow_artifacts: Some(self.artifacts.clone()),
+            rewrite_artifact_root: self
+                .rewrite_artifact_root
+                .iter()
+                .map(|(o, n)| format!("{o}={n}"))
+                .collect(),
+            verify_tracking_uri: None,
+        }
+    }
 }
 
 /// `kube:` — Kubernetes objects, server-side applied to a cluster.
@@ -274,6 +326,7 @@ pub struct RestorePlan {
     pub etcd: Option<EtcdTarget>,
     pub vm: Option<VmTarget>,
     pub kube: Option<ClusterTarget>,
+    pub mlflow: Option<MlflowTarget>,
     /// The file's text, for locating fields in later messages.
     #[serde(skip)]
     text: String,
@@ -348,11 +401,13 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
         && raw.etcd.is_none()
         && raw.vm.is_none()
         && raw.kube.is_none()
+        && raw.mlflow.is_none()
     {
         return Err(at(
             "environment",
             "",
-            "the plan has no target: give at least one of vm, etcd, kube, path, stream".into(),
+            "the plan has no target: give at least one of vm, etcd, kube, path, mlflow, stream"
+                .into(),
         ));
     }
     if let Some(k) = &raw.kube {
@@ -393,6 +448,30 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
     };
     if let Some(p) = &raw.path {
         absolute("path", "root", &p.root)?;
+    }
+    if let Some(m) = &raw.mlflow {
+        if !m.backend_store_uri.starts_with("sqlite:///") {
+            return Err(at(
+                "mlflow",
+                "backend_store_uri",
+                format!(
+                    "'{}': only sqlite:////abs/path/mlflow.db stores for now",
+                    crate::util::redact_url(&m.backend_store_uri)
+                ),
+            ));
+        }
+        absolute("mlflow", "backend_store_uri", &m.database())?;
+        absolute("mlflow", "artifacts", &m.artifacts)?;
+        if !m.verify_server.is_empty() && m.verify_tracking_uri.is_none() {
+            return Err(at(
+                "mlflow",
+                "verify_server",
+                "needs verify_tracking_uri (where the server answers)".into(),
+            ));
+        }
+        if m.verify_server.first().is_some_and(|p| p.is_empty()) {
+            return Err(at("mlflow", "verify_server", "must name a program".into()));
+        }
     }
     if let Some(s) = &raw.stream {
         if let Some(d) = &s.dir {
@@ -445,17 +524,35 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
         etcd: raw.etcd,
         vm: raw.vm,
         kube: raw.kube,
+        mlflow: raw.mlflow,
         text: text.to_string(),
     })
 }
 
-/// The 1-based line of `key` in `section` (the section's line when the key
-/// is not found; 0 when neither is).
+/// The 1-based line of `key` in the top-level `section` (the section's
+/// line when the key is not found; 0 when neither is). Sections are the
+/// plan's top-level keys: a nested key of the same name (a stream command
+/// called `mlflow`) is not the section.
 fn line_in(text: &str, section: &str, key: &str) -> usize {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(start) = lines.iter().position(|l| {
+        !l.starts_with(char::is_whitespace)
+            && l.split_once(':')
+                .is_some_and(|(k, _)| k.trim().trim_matches('"') == section)
+    }) else {
+        return 0;
+    };
     if key.is_empty() {
-        return crate::util::located::yaml_line(text, section, "").map_or(0, |i| i + 1);
+        return start + 1;
     }
-    crate::util::located::yaml_line_in(text, section, key, "").map_or(0, |i| i + 1)
+    let block: Vec<&str> = lines[start + 1..]
+        .iter()
+        .take_while(|l| {
+            l.trim().is_empty() || l.starts_with(char::is_whitespace) || l.starts_with('#')
+        })
+        .copied()
+        .collect();
+    crate::util::located::yaml_line(&block.join("\n"), key, "").map_or(start + 1, |i| start + 2 + i)
 }
 
 impl RestorePlan {
@@ -473,6 +570,9 @@ impl RestorePlan {
         }
         if self.path.is_some() {
             v.push(crate::sources::path::KIND);
+        }
+        if self.mlflow.is_some() {
+            v.push(crate::sources::mlflow::KIND);
         }
         if self.stream.is_some() {
             v.push(crate::sources::stream::KIND);
@@ -550,6 +650,20 @@ impl RestorePlan {
         }
         if let Some(e) = &self.etcd {
             check_dir("etcd", "data_dir", &e.data_dir, "the etcd data directory");
+        }
+        if let Some(m) = &self.mlflow {
+            check_dir(
+                "mlflow",
+                "artifacts",
+                &m.artifacts,
+                "the MLflow artifact root",
+            );
+            check_dir(
+                "mlflow",
+                "backend_store_uri",
+                &m.database(),
+                "the MLflow database",
+            );
         }
         if let Some(e) = &self.etcd {
             if e.data_dir == Path::new(KUBEADM_ETCD_DATA) {
@@ -637,6 +751,44 @@ impl RestorePlan {
         }
         if let Some(k) = &self.kube {
             self.kube_clashes(k, prod, &mut clash);
+        }
+        if let Some(m) = &self.mlflow {
+            for (job, s) in &prod.sources {
+                let SourceSpec::Mlflow(src) = s else { continue };
+                let prod_db = PathBuf::from(
+                    src.backend_store_uri
+                        .strip_prefix("sqlite:///")
+                        .unwrap_or_default(),
+                );
+                if prod_db == m.database() {
+                    clash(
+                        "mlflow",
+                        "backend_store_uri",
+                        format!(
+                            "{} is the production MLflow database job `{job}` backs up ({})",
+                            prod_db.display(),
+                            prod.origin
+                        ),
+                    );
+                }
+                let prod_art = PathBuf::from(
+                    src.artifacts
+                        .strip_prefix("file://")
+                        .unwrap_or(&src.artifacts),
+                );
+                if overlaps(&m.artifacts, &prod_art) {
+                    clash(
+                        "mlflow",
+                        "artifacts",
+                        format!(
+                            "{} overlaps the production artifact root {} of job `{job}` ({})",
+                            m.artifacts.display(),
+                            prod_art.display(),
+                            prod.origin
+                        ),
+                    );
+                }
+            }
         }
         if let Some(s) = &self.stream {
             for (name, c) in &s.commands {

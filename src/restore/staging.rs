@@ -14,7 +14,7 @@ use crate::error::{CancelFlag, ExitCode, LabError};
 use crate::repo::extract::{self, RestoreOptions};
 use crate::repo::select::{restore_points, RestorePoint};
 use crate::repo::{Id, Repository};
-use crate::sources::{etcd, kube, path, stream, vm};
+use crate::sources::{etcd, kube, mlflow, path, stream, vm};
 use crate::util::progress::Progress;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -22,7 +22,14 @@ use std::time::Instant;
 /// The order kinds are restored in: the platform's layers bottom up
 /// (VMs, etcd, Kubernetes objects, PVC data, then databases and files).
 /// Kinds land here as their sources do.
-pub const ORDER: &[&str] = &[vm::KIND, etcd::KIND, kube::KIND, path::KIND, stream::KIND];
+pub const ORDER: &[&str] = &[
+    vm::KIND,
+    etcd::KIND,
+    kube::KIND,
+    path::KIND,
+    mlflow::KIND,
+    stream::KIND,
+];
 
 /// How to pick the point and what to restore.
 #[derive(Debug, Clone, Default)]
@@ -437,6 +444,33 @@ fn target_of(
                 }
             }
         },
+        k if k == mlflow::KIND => match &plan.mlflow {
+            None => missing("mlflow"),
+            Some(t) => {
+                // The database and the artifact root are one target: either
+                // holding data is the target holding data.
+                let db = t.database();
+                let (s1, p1) = state_of(&db, t.existing);
+                let (s2, p2) = state_of(&t.artifacts, t.existing);
+                let state = if s1 == s2 {
+                    s1
+                } else {
+                    format!("database {s1}, artifacts {s2}")
+                };
+                let problem = p1.or(p2);
+                let code = problem.as_ref().map(|_| ExitCode::Refused);
+                (
+                    format!(
+                        "database {}, artifacts {}",
+                        db.display(),
+                        t.artifacts.display()
+                    ),
+                    state,
+                    problem,
+                    code,
+                )
+            }
+        },
         k if k == kube::KIND => match &plan.kube {
             None => missing("kube"),
             Some(t) => (t.describe(), "-".into(), None, None),
@@ -822,6 +856,44 @@ fn run_step(
             created.paths.extend(top);
             Ok((r.bytes, verified))
         }
+        k if k == mlflow::KIND => {
+            let t = plan.mlflow.as_ref().expect("prepared with a target");
+            let db = t.database();
+            let tops: Vec<PathBuf> = [first_missing(&db), first_missing(&t.artifacts)]
+                .into_iter()
+                .flatten()
+                .collect();
+            let r = mlflow::restore(
+                repo,
+                id,
+                &t.restore_args(),
+                t.existing == Existing::Replace,
+                opts.threads,
+            )?;
+            created.paths.extend(tops);
+            let vt = Instant::now();
+            let verified = match &t.verify_tracking_uri {
+                Some(url) => {
+                    let _server = if t.verify_server.is_empty() {
+                        None
+                    } else {
+                        Some(Server::start(&t.verify_server, url)?)
+                    };
+                    let v = mlflow::verify(repo, id, url, opts.threads)?;
+                    Some(format!(
+                        "MLflow {} on the restored store serves {} experiments, {} runs, {} registered models, {} versions as backed up; {} metric histories and {} artifacts compared",
+                        v.server_version, v.experiments, v.runs, v.registered_models, v.model_versions, v.metric_histories, v.artifacts
+                    ))
+                }
+                None => Some(format!(
+                    "alembic {}; {} artifact URI(s) rewritten",
+                    r.alembic_revision,
+                    r.rewritten.values().sum::<usize>()
+                )),
+            };
+            *verify_seconds += vt.elapsed().as_secs_f64();
+            Ok((r.bytes, verified))
+        }
         k if k == kube::KIND => {
             let t = plan.kube.as_ref().expect("prepared with a target");
             let args = t.restore_args();
@@ -894,6 +966,70 @@ fn run_step(
             ))
         }
         other => Err(LabError::usage(format!("cannot restore '{other}' snapshots")).into()),
+    }
+}
+
+/// A server a plan starts to verify a restore through (MLflow on the
+/// restored store), stopped (its whole process group) when dropped.
+struct Server(std::process::Child);
+
+impl Server {
+    /// Starts `argv` and waits (up to 2 minutes) until `url` answers.
+    fn start(argv: &[String], url: &str) -> crate::error::Result<Server> {
+        use std::os::unix::process::CommandExt;
+        let child = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| LabError::usage(format!("cannot start {}: {e}", argv[0])))?;
+        let mut server = Server(child);
+        let addr = url
+            .split("://")
+            .nth(1)
+            .unwrap_or(url)
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let end = Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Ok(Some(st)) = server.0.try_wait() {
+                return Err(LabError::failed(format!(
+                    "the verification server `{}` exited ({st}) before answering at {url}",
+                    argv.join(" ")
+                ))
+                .into());
+            }
+            // Ready when /health answers 200 (MLflow's readiness endpoint).
+            if let Ok(mut c) = std::net::TcpStream::connect(&addr) {
+                use std::io::{Read, Write};
+                let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                let _ = write!(c, "GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+                let mut head = [0u8; 12];
+                if c.read_exact(&mut head).is_ok() && head.ends_with(b" 200") {
+                    return Ok(server);
+                }
+            }
+            if Instant::now() > end {
+                return Err(LabError::failed(format!(
+                    "the verification server `{}` did not answer at {url} within 2 minutes",
+                    argv.join(" ")
+                ))
+                .into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signalling the process group this Server started.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGTERM) };
+        let _ = self.0.wait();
     }
 }
 

@@ -972,13 +972,13 @@ mod tests {
         ));
         assert!(e.starts_with("lab.toml:6: field `job[0].schedule`"), "{e}");
         let e = err_of(&format!(
-            "{base}schedule = \"0 2 * * *\"\nbackup = {{ source = \"mlflow\" }}\n"
+            "{base}schedule = \"0 2 * * *\"\nbackup = {{ source = \"kfp\" }}\n"
         ));
         assert!(
             e.starts_with("lab.toml:8:")
                 && e.contains("job[0].backup")
                 && e.contains(
-                    "unknown variant `mlflow`, expected one of `path`, `stream`, `etcd`, `vm`"
+                    "unknown variant `kfp`, expected one of `path`, `stream`, `etcd`, `vm`, `kube`, `pvc`, `mlflow`"
                 ),
             "{e}"
         );

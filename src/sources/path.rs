@@ -111,6 +111,27 @@ pub(crate) fn backup_tree_as(
     )
 }
 
+/// Stores the tree at `abs` (a canonical directory) in `run` as the folder
+/// `rel` of the snapshot and returns its listing's chunks: for sources
+/// whose snapshot holds a directory among other things (MLflow's artifact
+/// root beside its database).
+///
+/// # Errors
+/// Storage errors; unreadable files are in the run's summary.
+pub(crate) fn walk_tree(
+    run: &mut BackupRun<'_>,
+    abs: &Path,
+    rel: &[u8],
+    chunker: ChunkerChoice,
+) -> crate::error::Result<Vec<Id>> {
+    let mut walker = TreeWalker {
+        links: Default::default(),
+        run,
+        choice: chunker,
+    };
+    walker.dir(abs, rel)
+}
+
 /// Backs up `dir` with the automatic chunker: [`PathSource::backup`] for
 /// library callers (the demo, tests) that have no [`SourceContext`].
 ///

@@ -30,3 +30,38 @@ pub fn runtime() -> crate::error::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()?)
 }
+
+/// A URL with any password in its user part removed (`scheme://user:pw@host`
+/// becomes `scheme://user@host`): what may appear in names, facts and
+/// messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match auth.rsplit_once('@') {
+        Some((user, host)) => {
+            let user = user.split_once(':').map_or(user, |(u, _)| u);
+            format!("{scheme}://{user}@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    #[test]
+    fn passwords_leave_urls() {
+        assert_eq!(
+            super::redact_url("postgresql://ml:s3cret@db:5432/mlflow"),
+            "postgresql://ml@db:5432/mlflow"
+        );
+        assert_eq!(
+            super::redact_url("sqlite:////srv/m.db"),
+            "sqlite:////srv/m.db"
+        );
+    }
+}

@@ -922,8 +922,15 @@ fn validate_example(text: &str, name: &str) {
         .replace(
             "/etc/kubernetes/pki/etcd/",
             &format!("{}/etc/pki/etcd/", root.display()),
+        )
+        .replace(
+            "/srv/mlflow-course/",
+            &format!("{}/srv/mlflow-course/", root.display()),
         );
     std::fs::create_dir_all(root.join("etc/pki/etcd")).unwrap();
+    // The MLflow job's store, as `--host` checks it (database and artifact root present).
+    std::fs::create_dir_all(root.join("srv/mlflow-course/artifacts")).unwrap();
+    std::fs::write(root.join("srv/mlflow-course/mlflow.db"), b"").unwrap();
     // kubeadm's etcd client files, as `--host` checks them (present, key private).
     for f in ["ca.crt", "healthcheck-client.crt", "healthcheck-client.key"] {
         write_private(&root.join("etc/pki/etcd").join(f), "-----BEGIN X-----\n");

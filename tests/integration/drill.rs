@@ -110,15 +110,24 @@ fn a_daemon_makes_points_drills_them_into_staging_and_alerts_when_a_point_is_bro
         .collect();
     kube.with(|s| s.rbac = Some(roles));
     let kc = kube.kubeconfig(&s3.path(""));
+    // MLflow on SQLite with runs, metrics, artifacts and a model.
+    let ml = s3.path("ml");
+    fs::create_dir_all(ml.join("artifacts")).unwrap();
+    let ml_db = ml.join("mlflow.db");
+    let ml_prod = crate::mlflow::MlflowServer::start(&ml, &ml_db, &ml.join("artifacts"));
+    crate::mlflow::log_runs(&ml, &ml_prod.url);
+    let ml_port = free_port();
     let stage = s3.path("stage");
     let plan = s3.path("staging.yaml");
     fs::write(
         &plan,
         format!(
-            "environment: staging\nrto_objective: 10m\netcd:\n  data_dir: {s}/etcd\n  name: staging\n  initial_advertise_peer_urls: http://127.0.0.1:{p}\npath:\n  root: {s}/files\nstream:\n  dir: {s}/streams\nkube:\n  kubeconfig: {kc}\n  namespace_map:\n    \"*\": \"*-staging\"\n",
+            "environment: staging\nrto_objective: 10m\netcd:\n  data_dir: {s}/etcd\n  name: staging\n  initial_advertise_peer_urls: http://127.0.0.1:{p}\npath:\n  root: {s}/files\nstream:\n  dir: {s}/streams\nkube:\n  kubeconfig: {kc}\n  namespace_map:\n    \"*\": \"*-staging\"\nmlflow:\n  backend_store_uri: sqlite:///{s}/mlflow/mlflow.db\n  artifacts: {s}/mlflow/artifacts\n  verify_tracking_uri: http://127.0.0.1:{mp}\n  verify_server: [/usr/bin/env, MLFLOW_DISABLE_TELEMETRY=true, DO_NOT_TRACK=1, {mlbin}, server, --backend-store-uri, \"sqlite:///{s}/mlflow/mlflow.db\", --default-artifact-root, {s}/mlflow/artifacts, --host, 127.0.0.1, --port, \"{mp}\", --workers, \"1\"]\n",
             s = stage.display(),
             p = free_port(),
-            kc = kc.display()
+            kc = kc.display(),
+            mp = ml_port,
+            mlbin = crate::mlflow::venv_bin("mlflow").display()
         ),
     )
     .unwrap();
@@ -154,6 +163,7 @@ backup = [
   {{ source = \"etcd\", endpoint = \"{etcd}\" }},
   {{ source = \"path\", path = \"{data}\" }},
   {{ source = \"kube\", namespace = [\"nlp-lab\"], kubeconfig = \"{kc}\" }},
+  {{ source = \"mlflow\", backend_store_uri = \"sqlite:///{mldb}\", artifacts = \"{mlart}\" }},
   {{ source = \"stream\", name = \"mlflow-db\", command = [\"cat\", \"{dump}\"] }},
 ]
 
@@ -170,6 +180,8 @@ drill = {{ plan = \"{plan}\", cleanup = true }}
             dump = dump.display(),
             plan = plan.display(),
             kc = kc.display(),
+            mldb = ml_db.display(),
+            mlart = ml.join("artifacts").display(),
         ),
     )
     .unwrap();
@@ -229,7 +241,19 @@ drill = {{ plan = \"{plan}\", cleanup = true }}
     let passed = drills.iter().find(|r| r["outcome"] == "success").unwrap();
     let steps = passed["report"]["steps"].as_array().unwrap();
     let kinds: Vec<&str> = steps.iter().map(|s| s["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["etcd", "kube", "path", "stream"], "{passed}");
+    assert_eq!(
+        kinds,
+        ["etcd", "kube", "path", "mlflow", "stream"],
+        "{passed}"
+    );
+    let mstep = steps.iter().find(|s| s["kind"] == "mlflow").unwrap();
+    assert!(
+        mstep["verified"]
+            .as_str()
+            .unwrap()
+            .contains("serves 3 experiments, 6 runs, 1 registered models, 2 versions as backed up"),
+        "{mstep}"
+    );
     // The Kubernetes objects went into nlp-lab-staging (created, labelled)
     // and cleanup deleted the Profile and the namespace it made, nothing else.
     let reqs = kube.with(|s| s.requests.clone());
@@ -296,6 +320,7 @@ drill = {{ plan = \"{plan}\", cleanup = true }}
         "a failed drill leaves no half-restored tree"
     );
     drop(etcd);
+    drop(ml_prod);
 }
 
 /// Every query of the shipped Grafana dashboard names metrics labctl

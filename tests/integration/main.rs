@@ -20,6 +20,7 @@ mod killed;
 mod kube;
 mod kube_sim;
 mod layout;
+mod mlflow;
 mod points;
 mod policy;
 mod provision;

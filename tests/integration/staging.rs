@@ -292,7 +292,7 @@ fn a_staging_plan_that_names_production_is_refused_before_anything_is_written() 
     let cfg = config(
         &env,
         &format!(
-            "[[job]]\nname = \"platform\"\nschedule = \"0 2 * * *\"\nbackup = [\n  {{ source = \"etcd\", endpoint = \"https://127.0.0.1:2379\" }},\n  {{ source = \"path\", path = \"{}\" }},\n  {{ source = \"stream\", name = \"mlflow\", command = [\"pg_dump\", \"--format=custom\", \"--dbname=mlflow\"] }},\n  {{ source = \"kube\", all_namespaces = true }},\n]\n",
+            "[[job]]\nname = \"platform\"\nschedule = \"0 2 * * *\"\nbackup = [\n  {{ source = \"etcd\", endpoint = \"https://127.0.0.1:2379\" }},\n  {{ source = \"path\", path = \"{}\" }},\n  {{ source = \"stream\", name = \"mlflow\", command = [\"pg_dump\", \"--format=custom\", \"--dbname=mlflow\"] }},\n  {{ source = \"kube\", all_namespaces = true }},\n  {{ source = \"mlflow\", backend_store_uri = \"sqlite:////srv/mlflow/mlflow.db\", artifacts = \"/srv/mlflow/artifacts\" }},\n]\n",
             data.display()
         ),
     );
@@ -317,6 +317,9 @@ kube:
   namespace_map:
     \"nlp-lab\": \"nlp-lab\"
   cluster_resources: true
+mlflow:
+  backend_store_uri: sqlite:////srv/mlflow/mlflow.db
+  artifacts: /srv/mlflow/artifacts/staging
 ",
             stage = env.path("stage").display(),
             data = data.display()
@@ -345,6 +348,8 @@ kube:
         )),
         "{e}"
     );
+    assert!(e.contains(&format!("{file}:18: field `mlflow.backend_store_uri`: /srv/mlflow/mlflow.db is the production MLflow database job `platform` backs up")), "{e}");
+    assert!(e.contains(&format!("{file}:19: field `mlflow.artifacts`: /srv/mlflow/artifacts/staging overlaps the production artifact root")), "{e}");
     // No map at all in production's cluster: refused too; a map that
     // renames every namespace is fine.
     let kube_only = |body: &str| {
@@ -409,7 +414,7 @@ kube:
     let out = env.ok(&args);
     assert!(
         stdout(&out).contains(
-            "staging.yaml: ok (staging; targets: vm, etcd, kube, path, stream; RTO objective 30m)"
+            "staging.yaml: ok (staging; targets: vm, etcd, kube, path, mlflow, stream; RTO objective 30m)"
         ),
         "{}",
         stdout(&out)

@@ -1,0 +1,869 @@
+//! The `mlflow` source: an MLflow tracking server's state — its backend
+//! store (the SQL database alembic manages) and its artifact root — as one
+//! snapshot: `backend/mlflow.db` (a consistent copy through SQLite's online
+//! backup API, taken first) and `artifacts/` (the artifact root's tree,
+//! read after the dump, so it holds at least every artifact the database
+//! names). The facts record the alembic revision, the artifact root, the
+//! counts of experiments, runs, registered models and versions, and a
+//! sample of runs (metric history lengths, artifact paths) that a restore
+//! is verified against through MLflow's REST API.
+//!
+//! Restore writes the database and the artifacts beside their targets,
+//! rewrites every stored absolute artifact URI from the old root to the new
+//! one (any text column of any table, so columns later alembic revisions
+//! add are covered), then moves both into place: a failure leaves the
+//! targets as they were. IDs, names and version numbers are unchanged.
+//!
+//! Contract (PLATFORM.md, MLflow): stored artifact URIs are absolute
+//! (`experiments.artifact_location`, `runs.artifact_uri`,
+//! `model_versions.source`/`storage_location`, `logged_models`...); REST
+//! `experiments/search`, `runs/search`, `metrics/get-history`,
+//! `registered-models/search`, `model-versions/search`, `/get-artifact`,
+//! `/version`. Backends other than SQLite (`postgresql://`, `mysql://`)
+//! are refused for now, saying so.
+
+use super::SourceContext;
+use crate::error::LabError;
+use crate::repo::backup::{BackupOutcome, BackupRun, ChunkerChoice};
+use crate::repo::chunker::ChunkerKind;
+use crate::repo::extract::{self, RestoreOptions};
+use crate::repo::snapshot::Source;
+use crate::repo::tree::{Node, NodeType, Tree};
+use crate::repo::{Id, Repository};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The snapshot's `source.kind`.
+pub const KIND: &str = "mlflow";
+/// The database's name in the snapshot.
+pub const DB_FILE: &str = "backend/mlflow.db";
+/// The artifact root's folder in the snapshot.
+pub const ARTIFACTS_DIR: &str = "artifacts";
+/// Runs sampled for verification.
+const SAMPLE_RUNS: usize = 3;
+
+/// `labctl backup mlflow` / `{ source = "mlflow", backend_store_uri = "sqlite:////srv/mlflow/mlflow.db", artifacts = "/srv/mlflow/artifacts" }`.
+#[derive(Debug, Clone, clap::Args, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlflowSource {
+    /// The tracking server's backend store, as `mlflow server
+    /// --backend-store-uri` takes it: `sqlite:////abs/path/mlflow.db`.
+    /// (`postgresql://` and `mysql://` stores: not yet; back them up with
+    /// `labctl backup stream -- pg_dump ...` meanwhile.)
+    #[arg(long, value_name = "URI")]
+    pub backend_store_uri: String,
+    /// The artifact root: a directory (`--default-artifact-root` or
+    /// `--artifacts-destination` of the server, a path or `file://` URI).
+    #[arg(long, value_name = "DIR")]
+    pub artifacts: String,
+    /// The tracking server, to record its MLflow version (`/version`).
+    #[arg(long, value_name = "URL")]
+    #[serde(default)]
+    pub tracking_uri: Option<String>,
+}
+
+/// A local path from `sqlite:///rel`, `sqlite:////abs` or a plain path.
+fn sqlite_path(uri: &str) -> Option<PathBuf> {
+    uri.strip_prefix("sqlite:///").map(PathBuf::from)
+}
+
+/// A directory from `/abs`, `file:///abs`.
+fn dir_of(uri: &str) -> PathBuf {
+    PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri))
+}
+
+fn unsupported(uri: &str) -> Option<String> {
+    let scheme = uri.split("://").next().unwrap_or("");
+    match scheme {
+        "sqlite" => None,
+        s if s.starts_with("postgresql") || s.starts_with("mysql") => Some(format!(
+            "backend store {s}:// is not supported yet (only sqlite:///); back the database up with `labctl backup stream --name mlflow-db -- pg_dump --format=custom ...` (or mysqldump --single-transaction) and the artifacts with `labctl backup path` meanwhile"
+        )),
+        _ => Some(format!(
+            "'{}' is not an MLflow backend store URI (sqlite:////path/mlflow.db)",
+            crate::util::redact_url(uri)
+        )),
+    }
+}
+
+impl MlflowSource {
+    /// The URI's scheme is supported and the paths are absolute.
+    ///
+    /// # Errors
+    /// `(field, why)`.
+    pub fn validate(&self, from_config: bool) -> Result<(), (String, String)> {
+        if let Some(why) = unsupported(&self.backend_store_uri) {
+            return Err(("backend_store_uri".into(), why));
+        }
+        let db = sqlite_path(&self.backend_store_uri).unwrap_or_default();
+        if from_config && !db.is_absolute() {
+            return Err((
+                "backend_store_uri".into(),
+                "use an absolute path: sqlite:////srv/mlflow/mlflow.db".into(),
+            ));
+        }
+        if self.artifacts.contains("://") && !self.artifacts.starts_with("file://") {
+            return Err((
+                "artifacts".into(),
+                format!(
+                    "'{}': only a directory (or file:// URI) for now; s3:// artifact stores are not supported yet",
+                    self.artifacts
+                ),
+            ));
+        }
+        if from_config && !dir_of(&self.artifacts).is_absolute() {
+            return Err(("artifacts".into(), "use an absolute path".into()));
+        }
+        Ok(())
+    }
+
+    /// The database and the artifact root exist here.
+    ///
+    /// # Errors
+    /// A usage error naming what is missing.
+    pub fn check_host(&self) -> Result<(), LabError> {
+        let db = sqlite_path(&self.backend_store_uri).unwrap_or_default();
+        if !db.is_file() {
+            return Err(LabError::usage(format!(
+                "MLflow database {} does not exist",
+                db.display()
+            )));
+        }
+        let a = dir_of(&self.artifacts);
+        if !a.is_dir() {
+            return Err(LabError::usage(format!(
+                "MLflow artifact root {} is not a directory",
+                a.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The source in words.
+    pub fn what(&self) -> String {
+        crate::util::redact_url(&self.backend_store_uri)
+    }
+
+    /// Dumps the database consistently, then reads the artifact root, into
+    /// one snapshot.
+    ///
+    /// # Errors
+    /// A store that cannot be opened or dumped, an artifact root that is
+    /// not a directory (nothing is committed); unreadable artifact files
+    /// are in the snapshot's errors (exit 3).
+    pub fn backup(&self, ctx: SourceContext<'_>) -> crate::error::Result<BackupOutcome> {
+        if let Some(why) = unsupported(&self.backend_store_uri) {
+            return Err(LabError::usage(why).into());
+        }
+        let started = Instant::now();
+        let db = sqlite_path(&self.backend_store_uri).expect("checked");
+        let art = std::fs::canonicalize(dir_of(&self.artifacts)).map_err(|e| {
+            LabError::usage(format!("MLflow artifact root {}: {e}", self.artifacts))
+        })?;
+        if !art.is_dir() {
+            return Err(LabError::usage(format!(
+                "MLflow artifact root {} is not a directory",
+                art.display()
+            ))
+            .into());
+        }
+        if !db.is_file() {
+            return Err(LabError::usage(format!(
+                "MLflow database {} does not exist",
+                db.display()
+            ))
+            .into());
+        }
+        // The dump first (a consistent copy, while the server writes on).
+        let copy = Scratch::new(&std::env::temp_dir(), "mlflow-dump")?;
+        let dump = copy.0.join("mlflow.db");
+        {
+            let src = rusqlite::Connection::open_with_flags(
+                &db,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| {
+                LabError::failed(format!("opening MLflow database {}: {e}", db.display()))
+            })?;
+            src.busy_timeout(Duration::from_secs(30))?;
+            let mut dst = rusqlite::Connection::open(&dump)?;
+            let b = rusqlite::backup::Backup::new(&src, &mut dst)?;
+            b.run_to_completion(256, Duration::from_millis(5), None)
+                .map_err(|e| {
+                    LabError::failed(format!("dumping MLflow database {}: {e}", db.display()))
+                })?;
+        }
+        let facts = describe(&dump, &art)?;
+        let server_version = match &self.tracking_uri {
+            Some(u) => Some(server_version(u)?),
+            None => None,
+        };
+        let mut run = BackupRun::start(ctx.repo, ctx.opts.threads, ctx.progress)?;
+        run.set_cancel(ctx.opts.cancel.clone());
+        let db_bytes = std::fs::read(&dump)?;
+        let size = db_bytes.len() as u64;
+        let content = run.add_stream(&db_bytes[..], ChunkerKind::Cdc, "MLflow database")?;
+        drop(db_bytes);
+        run.check_cancel()?;
+        let art_root = super::path::walk_tree(
+            &mut run,
+            &art,
+            ARTIFACTS_DIR.as_bytes(),
+            ChunkerChoice::Auto,
+        )?;
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+        let mut file = Node::new(b"mlflow.db", NodeType::File, 0o100600, uid, gid, now);
+        file.size = size;
+        file.content = content;
+        run.summary_mut().files_new += 1;
+        let backend = run.add_tree(&Tree {
+            v: 1,
+            nodes: vec![file],
+        })?;
+        let mut bdir = Node::new(b"backend", NodeType::Dir, 0o040700, uid, gid, now);
+        bdir.subtree = Some(backend);
+        let mut adir = Node::new(
+            ARTIFACTS_DIR.as_bytes(),
+            NodeType::Dir,
+            0o040755,
+            uid,
+            gid,
+            now,
+        );
+        adir.subtree = Some(art_root);
+        let root = run.add_tree(&Tree {
+            v: 1,
+            nodes: vec![adir, bdir],
+        })?;
+        let total = run.summary_mut().bytes_read;
+        run.summary_mut().bytes_total = total;
+        let mut opts = ctx.opts.clone();
+        for (k, v) in facts {
+            opts.facts.insert(k, v);
+        }
+        opts.facts.insert("mlflow.backend".into(), json!("sqlite"));
+        opts.facts.insert(
+            "mlflow.artifact_root".into(),
+            json!(art.display().to_string()),
+        );
+        if let Some(v) = server_version {
+            opts.facts.insert("mlflow.server_version".into(), json!(v));
+        }
+        run.finish(
+            Source {
+                kind: KIND.into(),
+                name: self.what(),
+            },
+            root,
+            &opts,
+            started,
+        )
+    }
+}
+
+/// A scratch directory removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(near: &Path, tag: &str) -> crate::error::Result<Scratch> {
+        let p = near.join(format!(
+            ".labctl-{tag}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&p)?;
+        Ok(Scratch(p))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What the dump holds: the alembic revision, counts, and a sample of runs
+/// with their metric history lengths and artifact files.
+fn describe(db: &Path, art: &Path) -> crate::error::Result<Vec<(String, Value)>> {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let one = |sql: &str| -> crate::error::Result<i64> {
+        c.query_row(sql, [], |r| r.get(0)).map_err(|e| {
+            LabError::failed(format!(
+                "the MLflow database does not look like one ({e}); is it an MLflow backend store?"
+            ))
+            .into()
+        })
+    };
+    let rev: String = c
+        .query_row("SELECT version_num FROM alembic_version", [], |r| r.get(0))
+        .map_err(|e| {
+            LabError::failed(format!(
+                "the database has no alembic revision ({e}): is it an MLflow backend store?"
+            ))
+        })?;
+    let counts = json!({
+        "experiments": one("SELECT count(*) FROM experiments")?,
+        "runs": one("SELECT count(*) FROM runs")?,
+        "registered_models": one("SELECT count(*) FROM registered_models")?,
+        "model_versions": one("SELECT count(*) FROM model_versions")?,
+    });
+    let mut sample = vec![];
+    let mut st = c.prepare(
+        "SELECT run_uuid, experiment_id, artifact_uri FROM runs ORDER BY start_time DESC, run_uuid LIMIT ?1",
+    )?;
+    let runs: Vec<(String, i64, String)> = st
+        .query_map([SAMPLE_RUNS as i64], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    for (id, exp, uri) in runs {
+        let mut m = c.prepare(
+            "SELECT key, count(*) FROM metrics WHERE run_uuid = ?1 GROUP BY key ORDER BY key",
+        )?;
+        let metrics: BTreeMap<String, i64> = m
+            .query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        // The run's artifact files, as paths under its artifact URI.
+        let dir = dir_of(&uri);
+        let mut files = vec![];
+        if dir.starts_with(art) {
+            let mut stack = vec![dir.clone()];
+            while let Some(d) = stack.pop() {
+                let Ok(rd) = std::fs::read_dir(&d) else {
+                    continue;
+                };
+                for e in rd.flatten() {
+                    let p = e.path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else if let Ok(rel) = p.strip_prefix(&dir) {
+                        files.push(rel.display().to_string());
+                    }
+                    if files.len() >= 5 {
+                        break;
+                    }
+                }
+            }
+            files.sort();
+        }
+        sample.push(json!({"run_id": id, "experiment_id": exp.to_string(), "metrics": metrics, "artifacts": files}));
+    }
+    Ok(vec![
+        ("mlflow.alembic_revision".into(), json!(rev)),
+        ("mlflow.counts".into(), counts),
+        ("mlflow.sample".into(), Value::Array(sample)),
+    ])
+}
+
+fn runtime() -> crate::error::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn client() -> crate::error::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?)
+}
+
+/// The tracking server's MLflow version (`GET /version`).
+fn server_version(base: &str) -> crate::error::Result<String> {
+    let url = format!("{}/version", base.trim_end_matches('/'));
+    runtime()?.block_on(async {
+        let r = client()?.get(&url).send().await.map_err(|e| {
+            LabError::failed(format!(
+                "asking the MLflow server {base} for its version: {e}"
+            ))
+        })?;
+        if !r.status().is_success() {
+            return Err(LabError::failed(format!("{url}: HTTP {}", r.status())).into());
+        }
+        Ok(r.text().await?.trim().to_string())
+    })
+}
+
+// ---------------------------------------------------------------- restore
+
+/// `labctl restore SNAP --mlflow-backend-store-uri URI --mlflow-artifacts DIR`.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "MLflow (mlflow snapshots)")]
+pub struct MlflowRestore {
+    /// Restore an mlflow snapshot's database here (`sqlite:////path/mlflow.db`);
+    /// an existing database with tables is refused unless --overwrite (then
+    /// replaced whole). Every stored artifact URI under the old root is
+    /// rewritten to --mlflow-artifacts.
+    #[arg(long, value_name = "URI", requires = "mlflow_artifacts")]
+    pub mlflow_backend_store_uri: Option<String>,
+    /// Restore the artifact root into this directory (must be empty unless
+    /// --overwrite).
+    #[arg(long, value_name = "DIR", requires = "mlflow_backend_store_uri")]
+    pub mlflow_artifacts: Option<PathBuf>,
+    /// Rewrite stored artifact URIs starting with OLD to NEW instead of the
+    /// recorded root to --mlflow-artifacts (repeatable; for an artifact
+    /// root the server sees under another path).
+    #[arg(long, value_name = "OLD=NEW", requires = "mlflow_backend_store_uri")]
+    pub rewrite_artifact_root: Vec<String>,
+    /// After restoring, check through this MLflow server (started on the
+    /// restored store) that experiments, runs, registered models, versions,
+    /// sampled metric histories and artifacts are what was backed up.
+    #[arg(long, value_name = "URL")]
+    pub verify_tracking_uri: Option<String>,
+}
+
+/// What an MLflow restore did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MlflowRestoreReport {
+    pub database: PathBuf,
+    pub artifacts: PathBuf,
+    pub alembic_revision: String,
+    /// `table.column` → values rewritten.
+    pub rewritten: BTreeMap<String, usize>,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+fn has_tables(db: &Path) -> bool {
+    rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|c| {
+            c.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .map(|n| n > 0)
+        .unwrap_or(true)
+}
+
+fn non_empty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+}
+
+/// Restores an mlflow snapshot (see [`MlflowRestore`]).
+///
+/// # Errors
+/// Not an mlflow snapshot or an unsupported URI (exit 2); a target that
+/// holds data without `overwrite` (exit 6); storage, key and integrity
+/// errors. The targets are untouched unless everything succeeded.
+pub fn restore(
+    repo: &Repository,
+    id: &Id,
+    args: &MlflowRestore,
+    overwrite: bool,
+    threads: usize,
+) -> crate::error::Result<MlflowRestoreReport> {
+    let started = Instant::now();
+    let uri = args.mlflow_backend_store_uri.as_deref().expect("given");
+    if let Some(why) = unsupported(uri) {
+        return Err(LabError::usage(why).into());
+    }
+    let db = sqlite_path(uri).expect("checked");
+    let art = args.mlflow_artifacts.clone().expect("given");
+    let (snap, _) = repo.load_snapshot(id)?;
+    if snap.source.kind != KIND {
+        return Err(LabError::usage(format!(
+            "snapshot {} is a {} snapshot, not an mlflow one",
+            id.short(),
+            snap.source.kind
+        ))
+        .into());
+    }
+    if !overwrite {
+        if db.exists() && has_tables(&db) {
+            return Err(LabError::refused(format!(
+                "MLflow database {} already has tables: restore into a new one, or pass --overwrite to replace it whole; nothing was written",
+                db.display()
+            ))
+            .into());
+        }
+        if non_empty_dir(&art) {
+            return Err(LabError::refused(format!(
+                "artifact directory {} is not empty: choose an empty one, or pass --overwrite to replace it whole; nothing was written",
+                art.display()
+            ))
+            .into());
+        }
+    }
+    let old_root = snap
+        .facts
+        .get("mlflow.artifact_root")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let new_root = absolute(&art)?;
+    let mut pairs: Vec<(String, String)> = vec![];
+    for p in &args.rewrite_artifact_root {
+        let (o, n) = p.split_once('=').ok_or_else(|| {
+            LabError::usage(format!("--rewrite-artifact-root {p:?}: expected OLD=NEW"))
+        })?;
+        pairs.push((
+            o.trim_end_matches('/').to_string(),
+            n.trim_end_matches('/').to_string(),
+        ));
+    }
+    if pairs.is_empty() && !old_root.is_empty() {
+        let new = new_root.display().to_string();
+        pairs.push((format!("file://{old_root}"), format!("file://{new}")));
+        pairs.push((old_root.clone(), new));
+    }
+    // Everything is written beside the targets first.
+    let art_parent = new_root.parent().unwrap_or(Path::new("/")).to_path_buf();
+    std::fs::create_dir_all(&art_parent)?;
+    let scratch = Scratch::new(&art_parent, "mlflow-restore")?;
+    let summary = extract::restore_to_dir(
+        repo,
+        id,
+        &scratch.0,
+        &RestoreOptions {
+            threads,
+            ..Default::default()
+        },
+        crate::util::progress::Progress::hidden(),
+    )?;
+    if !summary.failed.is_empty() {
+        return Err(LabError::integrity(format!(
+            "{} file(s) of the snapshot could not be restored: {}; the targets were not touched",
+            summary.failed.len(),
+            summary.failed.join("; ")
+        ))
+        .into());
+    }
+    let new_db = scratch.0.join(DB_FILE);
+    let rewritten = rewrite_uris(&new_db, &pairs)?;
+    let rev: String = rusqlite::Connection::open(&new_db)?.query_row(
+        "SELECT version_num FROM alembic_version",
+        [],
+        |r| r.get(0),
+    )?;
+    // Into place: the database by rename (beside it, then over it), the
+    // artifacts by rename of the whole folder.
+    let db_parent = db
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(db_parent)?;
+    let db_tmp = db_parent.join(format!(
+        ".{}.labctl-new",
+        db.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("mlflow.db")
+    ));
+    std::fs::copy(&new_db, &db_tmp)?;
+    std::fs::File::open(&db_tmp)?.sync_all()?;
+    if art.exists() {
+        std::fs::remove_dir_all(&art)?;
+    }
+    std::fs::rename(scratch.0.join(ARTIFACTS_DIR), &art)?;
+    std::fs::rename(&db_tmp, &db)?;
+    for side in ["-wal", "-shm", "-journal"] {
+        let mut p = db.clone().into_os_string();
+        p.push(side);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
+    Ok(MlflowRestoreReport {
+        database: db,
+        artifacts: art,
+        alembic_revision: rev,
+        rewritten,
+        bytes: summary.bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn absolute(p: &Path) -> crate::error::Result<PathBuf> {
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
+}
+
+/// Rewrites every text value starting with an OLD root (whole path
+/// components) to its NEW root, in every text column of every table.
+fn rewrite_uris(
+    db: &Path,
+    pairs: &[(String, String)],
+) -> crate::error::Result<BTreeMap<String, usize>> {
+    let mut c = rusqlite::Connection::open(db)?;
+    let tx = c.transaction()?;
+    let mut out = BTreeMap::new();
+    let tables: Vec<String> = {
+        let mut st = tx.prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+        )?;
+        let v = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        v
+    };
+    for t in tables {
+        let cols: Vec<(String, String)> = {
+            let mut st = tx.prepare(&format!(
+                "PRAGMA table_info(\"{}\")",
+                t.replace('"', "\"\"")
+            ))?;
+            let v = st
+                .query_map([], |r| Ok((r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
+                .collect::<Result<_, _>>()?;
+            v
+        };
+        for (col, ty) in cols {
+            let ty = ty.to_ascii_uppercase();
+            if !(ty.contains("CHAR") || ty.contains("TEXT") || ty.contains("CLOB")) {
+                continue;
+            }
+            for (old, new) in pairs {
+                // substr is 1-based: keep what follows the old root.
+                let sql = format!(
+                    "UPDATE \"{t}\" SET \"{col}\" = ?2 || substr(\"{col}\", length(?1) + 1) WHERE \"{col}\" = ?1 OR substr(\"{col}\", 1, length(?1) + 1) = ?1 || '/'",
+                    t = t.replace('"', "\"\""),
+                    col = col.replace('"', "\"\"")
+                );
+                let n = tx.execute(&sql, rusqlite::params![old, new])?;
+                if n > 0 {
+                    *out.entry(format!("{t}.{col}")).or_default() += n;
+                }
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+/// What verification through the REST API found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MlflowVerify {
+    pub experiments: u64,
+    pub runs: u64,
+    pub registered_models: u64,
+    pub model_versions: u64,
+    pub metric_histories: usize,
+    pub artifacts: usize,
+    pub server_version: String,
+    pub seconds: f64,
+}
+
+/// Checks a server started on the restored store against the snapshot's
+/// facts: counts, sampled runs' metric histories, and sampled artifacts
+/// byte for byte (against the snapshot's own files).
+///
+/// # Errors
+/// An integrity error naming each difference; an unreachable server.
+pub fn verify(
+    repo: &Repository,
+    id: &Id,
+    tracking_uri: &str,
+    threads: usize,
+) -> crate::error::Result<MlflowVerify> {
+    let started = Instant::now();
+    let (snap, _) = repo.load_snapshot(id)?;
+    let counts = snap.facts.get("mlflow.counts").cloned().unwrap_or_default();
+    let sample = snap.facts.get("mlflow.sample").cloned().unwrap_or_default();
+    let base = tracking_uri.trim_end_matches('/').to_string();
+    // The sampled artifacts' bytes, from the snapshot itself.
+    let mut expected_files = vec![];
+    for s in sample.as_array().into_iter().flatten() {
+        for f in s["artifacts"].as_array().into_iter().flatten() {
+            let run = s["run_id"].as_str().unwrap_or("");
+            let exp = s["experiment_id"].as_str().unwrap_or("");
+            let rel = f.as_str().unwrap_or("");
+            let path = format!("{ARTIFACTS_DIR}/{exp}/{run}/artifacts/{rel}");
+            let mut bytes = vec![];
+            if extract::restore_to_writer(repo, id, Some(&path), &mut bytes, threads).is_ok() {
+                expected_files.push((run.to_string(), rel.to_string(), bytes));
+            }
+        }
+    }
+    let mut v = MlflowVerify::default();
+    let mut problems = vec![];
+    runtime()?.block_on(async {
+        let http = client()?;
+        let unreachable = |e: reqwest::Error| -> crate::error::Error {
+            LabError::failed(format!("the MLflow server {base} did not answer: {e}")).into()
+        };
+        v.server_version = http.get(format!("{base}/version")).send().await.map_err(unreachable)?.text().await.unwrap_or_default();
+        // Experiments (every lifecycle stage), with paging.
+        let mut exp_ids = vec![];
+        let mut token: Option<String> = None;
+        loop {
+            let mut body = json!({"max_results": 1000, "view_type": "ALL"});
+            if let Some(t) = &token {
+                body["page_token"] = json!(t);
+            }
+            let r: Value = http.post(format!("{base}/api/2.0/mlflow/experiments/search")).json(&body).send().await.map_err(unreachable)?.json().await?;
+            for e in r["experiments"].as_array().into_iter().flatten() {
+                exp_ids.push(e["experiment_id"].as_str().unwrap_or("").to_string());
+            }
+            token = r["next_page_token"].as_str().map(String::from);
+            if token.is_none() {
+                break;
+            }
+        }
+        v.experiments = exp_ids.len() as u64;
+        for chunk in exp_ids.chunks(100) {
+            let mut token: Option<String> = None;
+            loop {
+                let mut body = json!({"experiment_ids": chunk, "max_results": 1000, "run_view_type": "ALL"});
+                if let Some(t) = &token {
+                    body["page_token"] = json!(t);
+                }
+                let r: Value = http.post(format!("{base}/api/2.0/mlflow/runs/search")).json(&body).send().await.map_err(unreachable)?.json().await?;
+                v.runs += r["runs"].as_array().map_or(0, |a| a.len()) as u64;
+                token = r["next_page_token"].as_str().map(String::from);
+                if token.is_none() {
+                    break;
+                }
+            }
+        }
+        let mut token: Option<String> = None;
+        loop {
+            let mut q = vec![("max_results".to_string(), "1000".to_string())];
+            if let Some(t) = &token {
+                q.push(("page_token".into(), t.clone()));
+            }
+            let r: Value = http.get(format!("{base}/api/2.0/mlflow/registered-models/search")).query(&q).send().await.map_err(unreachable)?.json().await?;
+            v.registered_models += r["registered_models"].as_array().map_or(0, |a| a.len()) as u64;
+            token = r["next_page_token"].as_str().map(String::from);
+            if token.is_none() {
+                break;
+            }
+        }
+        let mut token: Option<String> = None;
+        loop {
+            let mut q = vec![("max_results".to_string(), "10000".to_string())];
+            if let Some(t) = &token {
+                q.push(("page_token".into(), t.clone()));
+            }
+            let r: Value = http.get(format!("{base}/api/2.0/mlflow/model-versions/search")).query(&q).send().await.map_err(unreachable)?.json().await?;
+            v.model_versions += r["model_versions"].as_array().map_or(0, |a| a.len()) as u64;
+            token = r["next_page_token"].as_str().map(String::from);
+            if token.is_none() {
+                break;
+            }
+        }
+        for s in sample.as_array().into_iter().flatten() {
+            let run = s["run_id"].as_str().unwrap_or("");
+            for (key, n) in s["metrics"].as_object().into_iter().flatten() {
+                let r: Value = http
+                    .get(format!("{base}/api/2.0/mlflow/metrics/get-history"))
+                    .query(&[("run_id", run), ("metric_key", key.as_str()), ("max_results", "25000")])
+                    .send()
+                    .await
+                    .map_err(unreachable)?
+                    .json()
+                    .await?;
+                let got = r["metrics"].as_array().map_or(0, |a| a.len()) as u64;
+                if Some(got) != n.as_u64() {
+                    problems.push(format!("run {run} metric {key}: {got} points through the API, {n} backed up"));
+                }
+                v.metric_histories += 1;
+            }
+        }
+        for (run, rel, want) in &expected_files {
+            let r = http
+                .get(format!("{base}/get-artifact"))
+                .query(&[("path", rel.as_str()), ("run_uuid", run.as_str())])
+                .send()
+                .await
+                .map_err(unreachable)?;
+            let ok = r.status().is_success();
+            let got = r.bytes().await?;
+            if !ok || got.as_ref() != want.as_slice() {
+                problems.push(format!("run {run} artifact {rel}: not what was backed up ({} bytes through the API, {} backed up)", got.len(), want.len()));
+            }
+            v.artifacts += 1;
+        }
+        Ok::<_, crate::error::Error>(())
+    })?;
+    for (name, got) in [
+        ("experiments", v.experiments),
+        ("runs", v.runs),
+        ("registered_models", v.registered_models),
+        ("model_versions", v.model_versions),
+    ] {
+        let want = counts[name].as_u64().unwrap_or(0);
+        if got != want {
+            problems.push(format!("{name}: {got} through the API, {want} backed up"));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(LabError::integrity(format!(
+            "the restored MLflow store at {base} differs from the backup: {}",
+            problems.join("; ")
+        ))
+        .into());
+    }
+    v.seconds = started.elapsed().as_secs_f64();
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_are_rewritten_at_path_boundaries_in_every_text_column() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("m.db");
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch(
+            "CREATE TABLE experiments (experiment_id INTEGER, artifact_location VARCHAR(256));
+             CREATE TABLE logged_models (id TEXT, artifact_location TEXT, n INTEGER);
+             INSERT INTO experiments VALUES (1, '/srv/art/1'), (2, '/srv/art'), (3, '/srv/artifacts-other/3'), (4, 'file:///srv/art/4');
+             INSERT INTO logged_models VALUES ('m', '/srv/art/1/models/m', 5);",
+        )
+        .unwrap();
+        drop(c);
+        let n = rewrite_uris(
+            &db,
+            &[
+                ("file:///srv/art".into(), "file:///stage/art".into()),
+                ("/srv/art".into(), "/stage/art".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(n["experiments.artifact_location"], 3);
+        assert_eq!(n["logged_models.artifact_location"], 1);
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let got: Vec<String> = c
+            .prepare("SELECT artifact_location FROM experiments ORDER BY experiment_id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "/stage/art/1",
+                "/stage/art",
+                "/srv/artifacts-other/3",
+                "file:///stage/art/4"
+            ]
+        );
+    }
+
+    #[test]
+    fn other_backends_are_refused_saying_what_to_do() {
+        let s = MlflowSource {
+            backend_store_uri: "postgresql://mlflow:secret@db/mlflow".into(),
+            artifacts: "/srv/a".into(),
+            tracking_uri: None,
+        };
+        let (_, why) = s.validate(true).unwrap_err();
+        assert!(
+            why.contains("not supported yet") && !why.contains("secret"),
+            "{why}"
+        );
+    }
+}
