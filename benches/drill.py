@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--tree-mib", type=int, default=1024)
     ap.add_argument("--stream-mib", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--mlflow-runs", type=int, default=200,
+                    help="runs logged to a real MLflow server (target/mlflow-venv); 0 leaves MLflow out")
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--quiet", "--locked", "--bin", "labctl",
@@ -56,7 +58,53 @@ def main():
     labctl = os.path.join(ROOT, "target/release/labctl")
     tmp = tempfile.mkdtemp(prefix="labctl-drill-bench-")
     etcd, url = start_etcd(tmp)
+    mlserver = None
+    mlbin = os.path.join(ROOT, "target/mlflow-venv/bin")
+    with_mlflow = a.mlflow_runs > 0 and os.path.exists(f"{mlbin}/mlflow")
+    mlenv = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
     try:
+        ml_source = ""
+        ml_plan = ""
+        if with_mlflow:
+            # MLflow on SQLite: runs with a 100-step metric history and a
+            # 64 KiB artifact each, logged through its REST API.
+            os.makedirs(f"{tmp}/ml/artifacts")
+            port = free_port()
+            mlserver = subprocess.Popen(
+                [f"{mlbin}/mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp}/ml/mlflow.db",
+                 "--default-artifact-root", f"{tmp}/ml/artifacts", "--host", "127.0.0.1",
+                 "--port", str(port), "--workers", "1"],
+                env=mlenv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            log = f"""
+import os, sys, time, mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+mlflow.set_tracking_uri("http://127.0.0.1:{port}")
+for _ in range(300):
+    try:
+        mlflow.search_experiments(); break
+    except Exception:
+        time.sleep(0.2)
+c = MlflowClient()
+mlflow.set_experiment("bench")
+for r in range({a.mlflow_runs}):
+    with mlflow.start_run() as run:
+        c.log_batch(run.info.run_id, metrics=[Metric("loss", 1.0 / (s + 1), int(time.time() * 1000), s) for s in range(100)])
+        p = "{tmp}/ml/a.bin"
+        open(p, "wb").write(os.urandom(65536))
+        mlflow.log_artifact(p)
+"""
+            subprocess.run([f"{mlbin}/python", "-c", log], env=mlenv, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ml_source = (f'  {{ source = "mlflow", backend_store_uri = "sqlite:///{tmp}/ml/mlflow.db", '
+                         f'artifacts = "{tmp}/ml/artifacts" }},\n')
+            vport = free_port()
+            ml_plan = f"""mlflow:
+  backend_store_uri: sqlite:///{tmp}/stage/mlflow/mlflow.db
+  artifacts: {tmp}/stage/mlflow/artifacts
+  verify_tracking_uri: http://127.0.0.1:{vport}
+  verify_server: [/usr/bin/env, MLFLOW_DISABLE_TELEMETRY=true, DO_NOT_TRACK=1, {mlbin}/mlflow, server, --backend-store-uri, "sqlite:///{tmp}/stage/mlflow/mlflow.db", --default-artifact-root, {tmp}/stage/mlflow/artifacts, --host, 127.0.0.1, --port, "{vport}", --workers, "1"]
+"""
         n = a.etcd_mib * 1024 * 1024 // 8192
         for start in range(0, n, 64):
             txn(url, [(f"/registry/bench/k{i:07}".encode(), value(i, 0))
@@ -91,7 +139,7 @@ schedule = "0 2 * * *"
 backup = [
   {{ source = "etcd", endpoint = "{url}" }},
   {{ source = "path", path = "{tree}" }},
-  {{ source = "stream", name = "mlflow-db", command = ["cat", "{dump}"] }},
+{ml_source}  {{ source = "stream", name = "mlflow-db", command = ["cat", "{dump}"] }},
 ]
 """)
         t = time.monotonic()
@@ -110,7 +158,7 @@ path:
   root: {stage}/files
 stream:
   dir: {stage}/streams
-""")
+{ml_plan}""")
         renv = dict(env, LABCTL_RESTORE_KEY=f"{tmp}/r.key")
         reports = []
         for _ in range(a.repeat):
@@ -150,8 +198,9 @@ stream:
             for s in rep["steps"]:
                 steps.setdefault(s["kind"], []).append(s)
         total = statistics.median(r["seconds"] for r in reports)
-        print(f"platform: etcd {a.etcd_mib} MiB of values, tree {a.tree_mib} MiB, stream {a.stream_mib} MiB;"
-              f" backup as one point {backup_s:.1f}s")
+        print(f"platform: etcd {a.etcd_mib} MiB of values, tree {a.tree_mib} MiB, stream {a.stream_mib} MiB"
+              + (f", MLflow {a.mlflow_runs} runs" if with_mlflow else "")
+              + f"; backup as one point {backup_s:.1f}s")
         print(f"staging drill, median of {a.repeat}:")
         rows = {}
         for kind, ss in steps.items():
@@ -169,6 +218,9 @@ stream:
                 json.dump({"steps": rows, "rto": total, "backup": backup_s, "peers": peers,
                            "reports": reports}, f, indent=1)
     finally:
+        if mlserver:
+            os.killpg(mlserver.pid, 15)
+            mlserver.wait()
         etcd.kill()
         etcd.wait()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,6 +25,16 @@ pub struct KubeTarget {
 }
 
 impl KubeTarget {
+    /// This target, or `fallback` when it names neither a kubeconfig nor a
+    /// context (a source's table falling back to labctl.toml's `[platform]`).
+    pub fn or(&self, fallback: &KubeTarget) -> KubeTarget {
+        if self.kubeconfig.is_none() && self.context.is_none() {
+            fallback.clone()
+        } else {
+            self.clone()
+        }
+    }
+
     /// Connects (see [`connect`]).
     ///
     /// # Errors

@@ -210,12 +210,15 @@ impl KubeSource {
     /// Fills the cluster from labctl.toml's `[platform]` when the table
     /// names none.
     pub fn with_default_target(&self, t: &KubeTarget) -> KubeSource {
-        let mut s = self.clone();
-        if s.kubeconfig.is_none() && s.context.is_none() {
-            s.kubeconfig.clone_from(&t.kubeconfig);
-            s.context.clone_from(&t.context);
+        let KubeTarget {
+            kubeconfig,
+            context,
+        } = self.target().or(t);
+        KubeSource {
+            kubeconfig,
+            context,
+            ..self.clone()
         }
-        s
     }
 
     fn target(&self) -> KubeTarget {
@@ -523,75 +526,99 @@ struct Resources {
     unavailable: Vec<String>,
 }
 
-async fn discover(client: &kube::Client, server: &str) -> crate::error::Result<Resources> {
+/// One served resource: how to address it, whether it is namespaced,
+/// and its verbs.
+struct Served {
+    resource: ApiResource,
+    namespaced: bool,
+    verbs: Vec<String>,
+}
+
+/// Every top-level resource the cluster serves, from the core group and
+/// each API group (its preferred version, or every version with
+/// `all_versions`), and the groups that did not answer: an aggregated API
+/// whose backend is down (503) must not stop the rest.
+async fn served(
+    client: &kube::Client,
+    server: &str,
+    all_versions: bool,
+) -> crate::error::Result<(Vec<Served>, Vec<String>)> {
     let what = format!("discovery at {server}");
-    let mut out = Resources {
-        list: vec![],
-        unavailable: vec![],
-    };
     let mut lists = vec![];
+    let mut unavailable = vec![];
     let core = client
         .list_core_api_versions()
         .await
         .map_err(|e| api_error(e, &what))?;
-    for v in core.versions.iter().filter(|v| *v == "v1") {
-        lists.push((
-            String::new(),
-            client
-                .list_core_api_resources(v)
-                .await
-                .map_err(|e| api_error(e, &what))?,
-        ));
+    for v in &core.versions {
+        let l = client
+            .list_core_api_resources(v)
+            .await
+            .map_err(|e| api_error(e, &what))?;
+        lists.push((String::new(), l));
     }
     let groups = client
         .list_api_groups()
         .await
         .map_err(|e| api_error(e, &what))?;
     for g in groups.groups {
-        let Some(gv) = g
+        let preferred = g
             .preferred_version
             .as_ref()
             .map(|p| p.group_version.clone())
-            .or_else(|| g.versions.first().map(|v| v.group_version.clone()))
-        else {
-            continue;
+            .or_else(|| g.versions.first().map(|v| v.group_version.clone()));
+        let versions: Vec<String> = if all_versions {
+            g.versions.iter().map(|v| v.group_version.clone()).collect()
+        } else {
+            preferred.into_iter().collect()
         };
-        match client.list_api_group_resources(&gv).await {
-            Ok(l) => lists.push((g.name.clone(), l)),
-            // An aggregated API whose backend is down (503) must not stop
-            // the rest; the snapshot says which group is missing.
-            Err(kube::Error::Api(e)) if e.code != 401 && e.code != 403 => out.unavailable.push(
-                format!("API group {gv} did not answer discovery: {}", e.message),
-            ),
-            Err(e) => return Err(api_error(e, &what)),
+        for gv in versions {
+            match client.list_api_group_resources(&gv).await {
+                Ok(l) => lists.push((g.name.clone(), l)),
+                Err(kube::Error::Api(e)) if e.code != 401 && e.code != 403 => unavailable.push(
+                    format!("API group {gv} did not answer discovery: {}", e.message),
+                ),
+                Err(e) => return Err(api_error(e, &what)),
+            }
         }
     }
+    let mut out = vec![];
     for (group, l) in lists {
         let version = l
             .group_version
             .rsplit_once('/')
-            .map(|(_, v)| v.to_string())
-            .unwrap_or_else(|| l.group_version.clone());
-        for r in &l.resources {
-            if r.name.contains('/')
-                || !r.verbs.iter().any(|v| v == "list")
-                || !r.verbs.iter().any(|v| v == "get")
-            {
-                continue;
-            }
-            out.list.push((
-                ApiResource {
+            .map_or_else(|| l.group_version.clone(), |(_, v)| v.to_string());
+        // Subresources (`pods/log`) are not objects of their own.
+        for r in l.resources.iter().filter(|r| !r.name.contains('/')) {
+            out.push(Served {
+                resource: ApiResource {
                     group: group.clone(),
                     version: version.clone(),
                     api_version: l.group_version.clone(),
                     kind: r.kind.clone(),
                     plural: r.name.clone(),
                 },
-                r.namespaced,
-            ));
+                namespaced: r.namespaced,
+                verbs: r.verbs.clone(),
+            });
         }
     }
-    Ok(out)
+    Ok((out, unavailable))
+}
+
+/// What a backup reads: each group's preferred version of every resource
+/// that can be listed and read.
+async fn discover(client: &kube::Client, server: &str) -> crate::error::Result<Resources> {
+    let (all, unavailable) = served(client, server, false).await?;
+    let can = |s: &Served, verb: &str| s.verbs.iter().any(|v| v == verb);
+    Ok(Resources {
+        list: all
+            .into_iter()
+            .filter(|s| can(s, "list") && can(s, "get"))
+            .map(|s| (s.resource, s.namespaced))
+            .collect(),
+        unavailable,
+    })
 }
 
 /// Lists every object of `r` (in `ns`, or everywhere), page by page; an
@@ -1088,58 +1115,16 @@ async fn resource_map(
     client: &kube::Client,
     server: &str,
 ) -> crate::error::Result<BTreeMap<(String, String), (ApiResource, bool)>> {
-    let what = format!("discovery at {server}");
-    let mut out = BTreeMap::new();
-    let mut lists = vec![];
-    for v in client
-        .list_core_api_versions()
-        .await
-        .map_err(|e| api_error(e, &what))?
-        .versions
-    {
-        lists.push((
-            String::new(),
-            client
-                .list_core_api_resources(&v)
-                .await
-                .map_err(|e| api_error(e, &what))?,
-        ));
-    }
-    for g in client
-        .list_api_groups()
-        .await
-        .map_err(|e| api_error(e, &what))?
-        .groups
-    {
-        for v in &g.versions {
-            if let Ok(l) = client.list_api_group_resources(&v.group_version).await {
-                lists.push((g.name.clone(), l));
-            }
-        }
-    }
-    for (group, l) in lists {
-        let version = l
-            .group_version
-            .rsplit_once('/')
-            .map(|(_, v)| v.to_string())
-            .unwrap_or_else(|| l.group_version.clone());
-        for r in l.resources.iter().filter(|r| !r.name.contains('/')) {
-            out.insert(
-                (l.group_version.clone(), r.kind.clone()),
-                (
-                    ApiResource {
-                        group: group.clone(),
-                        version: version.clone(),
-                        api_version: l.group_version.clone(),
-                        kind: r.kind.clone(),
-                        plural: r.name.clone(),
-                    },
-                    r.namespaced,
-                ),
-            );
-        }
-    }
-    Ok(out)
+    let (all, _) = served(client, server, true).await?;
+    Ok(all
+        .into_iter()
+        .map(|s| {
+            (
+                (s.resource.api_version.clone(), s.resource.kind.clone()),
+                (s.resource, s.namespaced),
+            )
+        })
+        .collect())
 }
 
 fn api_for(

@@ -136,12 +136,15 @@ impl PvcSource {
 
     /// Fills the cluster from labctl.toml's `[platform]`.
     pub fn with_default_target(&self, t: &KubeTarget) -> PvcSource {
-        let mut s = self.clone();
-        if s.kubeconfig.is_none() && s.context.is_none() {
-            s.kubeconfig.clone_from(&t.kubeconfig);
-            s.context.clone_from(&t.context);
+        let KubeTarget {
+            kubeconfig,
+            context,
+        } = self.target().or(t);
+        PvcSource {
+            kubeconfig,
+            context,
+            ..self.clone()
         }
-        s
     }
 
     fn target(&self) -> KubeTarget {
