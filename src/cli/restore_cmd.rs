@@ -526,6 +526,7 @@ fn run_plan(
         threads,
         progress: g.progress_enabled(),
         cancel: None,
+        job_access: g.repo.clone().zip(g.restore_key.clone()),
     };
     // The backup key lists points; restoring needs the restore key, which
     // a dry run does not.

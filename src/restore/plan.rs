@@ -70,6 +70,56 @@ struct PlanFile {
     kube: Option<ClusterTarget>,
     #[serde(default)]
     mlflow: Option<MlflowTarget>,
+    #[serde(default)]
+    pvc: Option<PvcTarget>,
+}
+
+/// `pvc:` — PVC data, restored into claims by Jobs in the cluster.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PvcTarget {
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    pub context: Option<String>,
+    /// Namespace FROM's claims go to TO; `"*": "*-staging"` for all.
+    #[serde(default)]
+    pub namespace_map: std::collections::BTreeMap<String, String>,
+    /// The new claims' storage class (default: the stored one).
+    #[serde(default)]
+    pub storage_class: Option<String>,
+    /// labctl's image for the restore Jobs.
+    #[serde(default = "default_image")]
+    pub image: String,
+    #[serde(default = "default_job_timeout")]
+    pub job_timeout: String,
+}
+
+fn default_image() -> String {
+    crate::sources::pvc::DEFAULT_IMAGE.into()
+}
+fn default_job_timeout() -> String {
+    "2h".into()
+}
+
+impl PvcTarget {
+    /// The cluster.
+    pub fn cluster(&self) -> crate::k8s::KubeTarget {
+        crate::k8s::KubeTarget {
+            kubeconfig: self.kubeconfig.clone(),
+            context: self.context.clone(),
+        }
+    }
+
+    /// The namespace map.
+    pub fn map(&self) -> crate::sources::kube::NamespaceMap {
+        let pairs: Vec<String> = self
+            .namespace_map
+            .iter()
+            .map(|(f, t)| format!("{f}={t}"))
+            .collect();
+        crate::sources::kube::NamespaceMap::parse(&pairs).unwrap_or_default()
+    }
 }
 
 /// `mlflow:` — an MLflow store (database and artifact root), its artifact
@@ -327,6 +377,7 @@ pub struct RestorePlan {
     pub vm: Option<VmTarget>,
     pub kube: Option<ClusterTarget>,
     pub mlflow: Option<MlflowTarget>,
+    pub pvc: Option<PvcTarget>,
     /// The file's text, for locating fields in later messages.
     #[serde(skip)]
     text: String,
@@ -402,17 +453,29 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
         && raw.vm.is_none()
         && raw.kube.is_none()
         && raw.mlflow.is_none()
+        && raw.pvc.is_none()
     {
         return Err(at(
             "environment",
             "",
-            "the plan has no target: give at least one of vm, etcd, kube, path, mlflow, stream"
+            "the plan has no target: give at least one of vm, etcd, kube, pvc, path, mlflow, stream"
                 .into(),
         ));
     }
     if let Some(k) = &raw.kube {
         crate::sources::kube::NamespaceMap::parse(&k.map_pairs())
             .map_err(|e| at("kube", "namespace_map", format!("{e:#}")))?;
+    }
+    if let Some(p) = &raw.pvc {
+        let pairs: Vec<String> = p
+            .namespace_map
+            .iter()
+            .map(|(f, t)| format!("{f}={t}"))
+            .collect();
+        crate::sources::kube::NamespaceMap::parse(&pairs)
+            .map_err(|e| at("pvc", "namespace_map", format!("{e:#}")))?;
+        crate::util::units::parse_duration(&p.job_timeout)
+            .map_err(|e| at("pvc", "job_timeout", e.message().to_string()))?;
     }
     if let Some(v) = &raw.vm {
         crate::sources::vm::parse_range(&v.vmid_range)
@@ -525,6 +588,7 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
         vm: raw.vm,
         kube: raw.kube,
         mlflow: raw.mlflow,
+        pvc: raw.pvc,
         text: text.to_string(),
     })
 }
@@ -567,6 +631,9 @@ impl RestorePlan {
         }
         if self.kube.is_some() {
             v.push(crate::sources::kube::KIND);
+        }
+        if self.pvc.is_some() {
+            v.push(crate::sources::pvc::KIND);
         }
         if self.path.is_some() {
             v.push(crate::sources::path::KIND);
@@ -752,6 +819,29 @@ impl RestorePlan {
         if let Some(k) = &self.kube {
             self.kube_clashes(k, prod, &mut clash);
         }
+        if let Some(p) = &self.pvc {
+            // Claims restored into production's cluster must land in
+            // namespaces renamed away from production's.
+            let as_cluster = ClusterTarget {
+                kubeconfig: p.kubeconfig.clone(),
+                context: p.context.clone(),
+                namespace_map: p.namespace_map.clone(),
+                existing: crate::sources::kube::Existing::Skip,
+                cluster_resources: false,
+            };
+            let mut renamed = vec![];
+            self.kube_clashes(&as_cluster, prod, &mut |_, key, why| {
+                renamed.push((key.to_string(), why))
+            });
+            for (key, why) in renamed {
+                let key = if key == "context" {
+                    "context"
+                } else {
+                    "namespace_map"
+                };
+                clash("pvc", key, why);
+            }
+        }
         if let Some(m) = &self.mlflow {
             for (job, s) in &prod.sources {
                 let SourceSpec::Mlflow(src) = s else { continue };
@@ -825,7 +915,18 @@ impl RestorePlan {
     ) {
         let map = crate::sources::kube::NamespaceMap::parse(&k.map_pairs()).unwrap_or_default();
         for (job, s) in &prod.sources {
-            let SourceSpec::Kube(src) = s else { continue };
+            let src = match s {
+                SourceSpec::Kube(k) => k.clone(),
+                SourceSpec::Pvc(p) => crate::sources::kube::KubeSource {
+                    namespace: p.namespace.iter().cloned().collect(),
+                    all_namespaces: p.namespace.is_none(),
+                    kubeconfig: p.kubeconfig.clone(),
+                    context: p.context.clone(),
+                    ..Default::default()
+                },
+                _ => continue,
+            };
+            let src = &src;
             // Another cluster only when provably so: both name a kubeconfig
             // (or a context) and they differ; an unnamed one is whatever
             // the host's default is, which may be production's.

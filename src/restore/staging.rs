@@ -14,7 +14,7 @@ use crate::error::{CancelFlag, ExitCode, LabError};
 use crate::repo::extract::{self, RestoreOptions};
 use crate::repo::select::{restore_points, RestorePoint};
 use crate::repo::{Id, Repository};
-use crate::sources::{etcd, kube, mlflow, path, stream, vm};
+use crate::sources::{etcd, kube, mlflow, path, pvc, stream, vm};
 use crate::util::progress::Progress;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -26,6 +26,7 @@ pub const ORDER: &[&str] = &[
     vm::KIND,
     etcd::KIND,
     kube::KIND,
+    pvc::KIND,
     path::KIND,
     mlflow::KIND,
     stream::KIND,
@@ -47,6 +48,9 @@ pub struct Options {
     /// Progress bars on a terminal.
     pub progress: bool,
     pub cancel: Option<CancelFlag>,
+    /// The repository URL and restore key file that restore Jobs in the
+    /// cluster read with (PVC data).
+    pub job_access: Option<(String, PathBuf)>,
 }
 
 /// One source of the point, and where it goes.
@@ -119,6 +123,9 @@ pub struct StepReport {
     /// Namespaces this run created in a cluster (what cleanup deletes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_namespaces: Option<CreatedNamespaces>,
+    /// A claim this run created (`NS/NAME`; what cleanup deletes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_claim: Option<CreatedNamespaces>,
 }
 
 /// Namespaces a run created (labelled `labctl.io/restore`).
@@ -444,6 +451,38 @@ fn target_of(
                 }
             }
         },
+        k if k == pvc::KIND => match &plan.pvc {
+            None => missing("pvc"),
+            Some(t) => {
+                // The snapshot is named pvc/<namespace>/<claim>.
+                let Some((ns, claim)) = name.strip_prefix("pvc/").and_then(|r| r.split_once('/'))
+                else {
+                    return (
+                        "-".into(),
+                        "-".into(),
+                        Some(format!("'{name}' is not a pvc/<namespace>/<name> snapshot")),
+                        Some(ExitCode::Usage),
+                    );
+                };
+                match t.map().map(ns) {
+                    Some(to) => (
+                        format!("PVC {to}/{claim} (a Job restores into it)"),
+                        "-".into(),
+                        None,
+                        None,
+                    ),
+                    None => (
+                        "-".into(),
+                        "-".into(),
+                        Some(format!(
+                            "namespace {ns} is not in pvc.namespace_map of {}",
+                            plan.file.display()
+                        )),
+                        Some(ExitCode::Usage),
+                    ),
+                }
+            }
+        },
         k if k == mlflow::KIND => match &plan.mlflow {
             None => missing("mlflow"),
             Some(t) => {
@@ -551,6 +590,7 @@ pub fn execute(
                     created: created.paths.clone(),
                     created_vm: created.vm.clone(),
                     created_namespaces: created.namespaces.clone(),
+                    created_claim: created.claim.clone(),
                 }
             }
             Err(e) => {
@@ -571,6 +611,7 @@ pub fn execute(
                     created: created.paths.clone(),
                     created_vm: created.vm.clone(),
                     created_namespaces: created.namespaces.clone(),
+                    created_claim: created.claim.clone(),
                 }
             }
         };
@@ -617,6 +658,18 @@ fn remove_created(report: &Report) -> Vec<String> {
                 .map(|e| format!("VM {} on {}: {e:#}", v.vmid, v.node))
         })
         .collect();
+    for s in &report.steps {
+        if let Some(c) = &s.created_claim {
+            let target = crate::k8s::KubeTarget {
+                kubeconfig: c.kubeconfig.clone(),
+                context: c.context.clone(),
+            };
+            match pvc::delete_restored_claims(&target, &c.namespaces) {
+                Ok(e) => errors.extend(e),
+                Err(e) => errors.push(format!("claims {}: {e:#}", c.namespaces.join(", "))),
+            }
+        }
+    }
     for s in &report.steps {
         if let Some(c) = &s.created_namespaces {
             let target = crate::k8s::KubeTarget {
@@ -739,6 +792,7 @@ struct Created {
     paths: Vec<PathBuf>,
     vm: Option<CreatedVm>,
     namespaces: Option<CreatedNamespaces>,
+    claim: Option<CreatedNamespaces>,
 }
 
 /// Restores and verifies one step; returns (bytes, what was verified).
@@ -855,6 +909,46 @@ fn run_step(
             leftover.0 = None;
             created.paths.extend(top);
             Ok((r.bytes, verified))
+        }
+        k if k == pvc::KIND => {
+            let t = plan.pvc.as_ref().expect("prepared with a target");
+            let (ns, claim) = step
+                .name
+                .strip_prefix("pvc/")
+                .and_then(|r| r.split_once('/'))
+                .expect("prepared");
+            let to = t.map().map(ns).expect("prepared");
+            let (url, key) = opts.job_access.clone().ok_or_else(|| {
+                LabError::usage("restoring PVC data runs Jobs that read the repository: they need its URL and the restore key")
+            })?;
+            let args = pvc::PvcRestore {
+                to_pvc: Some(format!("{to}/{claim}")),
+                storage_class: t.storage_class.clone(),
+                image: t.image.clone(),
+                job_timeout: t.job_timeout.clone(),
+                adopt_restored: true,
+            };
+            let access = pvc::JobAccess {
+                repo_url: &url,
+                restore_key: &key,
+            };
+            let cluster = t.cluster();
+            let r = pvc::restore_to_pvc(repo, id, &args, &cluster, &access)?;
+            created.claim = Some(CreatedNamespaces {
+                kubeconfig: t.kubeconfig.clone(),
+                context: t.context.clone(),
+                namespaces: vec![format!("{to}/{claim}")],
+            });
+            if !r.warnings.is_empty() {
+                return Err(LabError::failed(r.warnings.join("; ")).into());
+            }
+            Ok((
+                step.bytes,
+                Some(format!(
+                    "Job {} restored it into PVC {}/{} and exited 0 (every chunk checked against its ID)",
+                    r.job, r.namespace, r.pvc
+                )),
+            ))
         }
         k if k == mlflow::KIND => {
             let t = plan.mlflow.as_ref().expect("prepared with a target");

@@ -354,6 +354,12 @@ fn drill(
     let opts = staging::Options {
         only: only.to_vec(),
         cancel: Some(ctx.cancel.clone()),
+        job_access: ctx
+            .env
+            .repo
+            .restore_key
+            .clone()
+            .map(|k| (ctx.env.repo.url.clone(), k)),
         ..Default::default()
     };
     let prep = staging::prepare(repo, &plan, &ctx.env.production, &opts)?;

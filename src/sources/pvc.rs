@@ -435,6 +435,10 @@ pub struct PvcRestore {
         default_value = "2h"
     )]
     pub job_timeout: String,
+    /// Restore into a claim a restore of Kubernetes objects just created
+    /// (restore plans: the kube step makes the claims, this one fills them).
+    #[arg(skip)]
+    pub adopt_restored: bool,
 }
 
 /// The image the shipped manifests use.
@@ -585,9 +589,21 @@ pub fn restore_to_pvc(
         let (client, _) = cluster.connect().await?;
         let pp = PatchParams::apply(FIELD_MANAGER);
         let claims: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &res("", "persistentvolumeclaims", "PersistentVolumeClaim"));
-        if claims.get_opt(name).await.map_err(|e| api_error(e, &format!("reading PVC {target}")))?.is_some() {
-            return Err(LabError::refused(format!("PVC {target} exists: restore into a new claim (or into a directory with --target); nothing was changed")).into());
-        }
+        // A claim that exists is refused, unless a restore plan's Kubernetes
+        // step created it a moment ago (it carries the restored-from
+        // annotation and holds nothing yet): then the data goes into it.
+        let adopted = match claims.get_opt(name).await.map_err(|e| api_error(e, &format!("reading PVC {target}")))? {
+            Some(c)
+                if args.adopt_restored
+                    && c.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(super::kube::RESTORED_FROM)) =>
+            {
+                true
+            }
+            Some(_) => {
+                return Err(LabError::refused(format!("PVC {target} exists: restore into a new claim (or into a directory with --target); nothing was changed")).into())
+            }
+            None => false,
+        };
         let secrets: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &res("", "secrets", "Secret"));
         let jobs: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &res("batch", "jobs", "Job"));
         let mut string_data = serde_json::Map::new();
@@ -620,14 +636,18 @@ pub fn restore_to_pvc(
         let claim = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
             "metadata": {"name": name, "namespace": ns, "labels": claim_labels, "annotations": {super::kube::RESTORED_FROM: short}},
             "spec": spec});
-        if let Err(e) = claims.patch(name, &pp, &Patch::Apply(&claim)).await {
-            let _ = cleanup_secret().await;
-            return Err(api_error(e, &format!("creating PVC {target}")));
+        if !adopted {
+            if let Err(e) = claims.patch(name, &pp, &Patch::Apply(&claim)).await {
+                let _ = cleanup_secret().await;
+                return Err(api_error(e, &format!("creating PVC {target}")));
+            }
         }
         let job_obj = restore_job(ns, &job, name, &secret, &args.image, &id.hex());
         if let Err(e) = jobs.patch(&job, &pp, &Patch::Apply(&job_obj)).await {
             let _ = cleanup_secret().await;
-            let _ = claims.delete(name, &Default::default()).await;
+            if !adopted {
+                let _ = claims.delete(name, &Default::default()).await;
+            }
             return Err(api_error(e, &format!("creating Job {ns}/{job}")));
         }
         let deadline = Instant::now() + timeout;
@@ -657,9 +677,13 @@ pub fn restore_to_pvc(
         };
         let lingering = cleanup_secret().await;
         if let Err(why) = outcome {
-            let claim_gone = match claims.delete(name, &Default::default()).await {
-                Ok(_) => format!("the half-filled claim {target} was deleted"),
-                Err(e) => format!("the half-filled claim {target} could not be deleted ({:#})", api_error(e, "deleting it")),
+            let claim_gone = if adopted {
+                format!("the claim {target} (made by this restore's Kubernetes step) holds a partial restore")
+            } else {
+                match claims.delete(name, &Default::default()).await {
+                    Ok(_) => format!("the half-filled claim {target} was deleted"),
+                    Err(e) => format!("the half-filled claim {target} could not be deleted ({:#})", api_error(e, "deleting it")),
+                }
             };
             return Err(LabError::failed(format!(
                 "{why}; {claim_gone}{}",
@@ -676,6 +700,49 @@ pub fn restore_to_pvc(
             seconds: started.elapsed().as_secs_f64(),
             warnings: lingering.into_iter().collect(),
         })
+    })
+}
+
+/// Deletes claims a restore created (only those still labelled
+/// `labctl.io/restore`); returns what could not be deleted.
+///
+/// # Errors
+/// An unreachable cluster or credentials refused.
+pub fn delete_restored_claims(
+    cluster: &KubeTarget,
+    claims: &[String],
+) -> crate::error::Result<Vec<String>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (client, _) = cluster.connect().await?;
+        let mut errors = vec![];
+        for c in claims {
+            let Some((ns, name)) = c.split_once('/') else {
+                continue;
+            };
+            let api: Api<DynamicObject> = Api::namespaced_with(
+                client.clone(),
+                ns,
+                &res("", "persistentvolumeclaims", "PersistentVolumeClaim"),
+            );
+            match api.get_opt(name).await {
+                Ok(Some(o))
+                    if o.metadata
+                        .labels
+                        .as_ref()
+                        .is_some_and(|l| l.contains_key(super::kube::RESTORE_LABEL)) =>
+                {
+                    if let Err(e) = api.delete(name, &Default::default()).await {
+                        errors.push(format!("PVC {c}: {:#}", api_error(e, "deleting it")));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => errors.push(format!("PVC {c}: {:#}", api_error(e, "reading it"))),
+            }
+        }
+        Ok(errors)
     })
 }
 

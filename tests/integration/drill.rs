@@ -26,6 +26,7 @@ impl Daemon {
         let mut child = s3
             .cmd()
             .env("HOOK", hook)
+            .env("LABCTL_PVE_POLL_MS", "50")
             .args(["daemon", "--config", config.to_str().unwrap()])
             .stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
@@ -109,6 +110,15 @@ fn a_daemon_makes_points_drills_them_into_staging_and_alerts_when_a_point_is_bro
         })
         .collect();
     kube.with(|s| s.rbac = Some(roles));
+    // The notebook's claim: a local-path volume on this "node".
+    let pv_dir = s3.path("local-path/pvc-1234");
+    write(&pv_dir.join("data.csv"), &noise(50_000, 11));
+    kube.with(|s| {
+        s.job_outcome = Some(true);
+        s.put("persistentvolumes", serde_json::json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "pvc-1234"},
+            "spec": {"capacity": {"storage": "5Gi"}, "storageClassName": "local-path", "hostPath": {"path": pv_dir.display().to_string()},
+                     "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": ["nodo1"]}]}]}}}}));
+    });
     let kc = kube.kubeconfig(&s3.path(""));
     // MLflow on SQLite with runs, metrics, artifacts and a model.
     let ml = s3.path("ml");
@@ -117,16 +127,22 @@ fn a_daemon_makes_points_drills_them_into_staging_and_alerts_when_a_point_is_bro
     let ml_prod = crate::mlflow::MlflowServer::start(&ml, &ml_db, &ml.join("artifacts"));
     crate::mlflow::log_runs(&ml, &ml_prod.url);
     let ml_port = free_port();
+    // A Proxmox VM: the PVE simulator and a real sshd whose vzdump and
+    // qmrestore are the test programs.
+    let node = crate::vm::Node::start();
+    let pve = crate::vm::sim_with_vm(&node, "16M");
+    let plat = crate::vm::platform(&s3.path("pve"), &pve, &node, &node.known_hosts);
     let stage = s3.path("stage");
     let plan = s3.path("staging.yaml");
     fs::write(
         &plan,
         format!(
-            "environment: staging\nrto_objective: 10m\netcd:\n  data_dir: {s}/etcd\n  name: staging\n  initial_advertise_peer_urls: http://127.0.0.1:{p}\npath:\n  root: {s}/files\nstream:\n  dir: {s}/streams\nkube:\n  kubeconfig: {kc}\n  namespace_map:\n    \"*\": \"*-staging\"\nmlflow:\n  backend_store_uri: sqlite:///{s}/mlflow/mlflow.db\n  artifacts: {s}/mlflow/artifacts\n  verify_tracking_uri: http://127.0.0.1:{mp}\n  verify_server: [/usr/bin/env, MLFLOW_DISABLE_TELEMETRY=true, DO_NOT_TRACK=1, {mlbin}, server, --backend-store-uri, \"sqlite:///{s}/mlflow/mlflow.db\", --default-artifact-root, {s}/mlflow/artifacts, --host, 127.0.0.1, --port, \"{mp}\", --workers, \"1\"]\n",
+            "environment: staging\nrto_objective: 10m\nvm:\n  node: pve1\n  vmid_range: 9701-9703\n  bridge: vmbr99\n  platform: {plat}\netcd:\n  data_dir: {s}/etcd\n  name: staging\n  initial_advertise_peer_urls: http://127.0.0.1:{p}\npath:\n  root: {s}/files\nstream:\n  dir: {s}/streams\nkube:\n  kubeconfig: {kc}\n  namespace_map:\n    \"*\": \"*-staging\"\npvc:\n  kubeconfig: {kc}\n  namespace_map:\n    \"*\": \"*-staging\"\n  image: labctl:test\n  job_timeout: 30s\nmlflow:\n  backend_store_uri: sqlite:///{s}/mlflow/mlflow.db\n  artifacts: {s}/mlflow/artifacts\n  verify_tracking_uri: http://127.0.0.1:{mp}\n  verify_server: [/usr/bin/env, MLFLOW_DISABLE_TELEMETRY=true, DO_NOT_TRACK=1, {mlbin}, server, --backend-store-uri, \"sqlite:///{s}/mlflow/mlflow.db\", --default-artifact-root, {s}/mlflow/artifacts, --host, 127.0.0.1, --port, \"{mp}\", --workers, \"1\"]\n",
             s = stage.display(),
             p = free_port(),
             kc = kc.display(),
             mp = ml_port,
+            plat = plat.display(),
             mlbin = crate::mlflow::venv_bin("mlflow").display()
         ),
     )
@@ -160,9 +176,11 @@ webhook_url_env = \"HOOK\"
 name = \"platform\"
 schedule = \"*/3 * * * * *\"
 backup = [
+  {{ source = \"vm\", vm = \"controlador\", platform = \"{plat}\" }},
   {{ source = \"etcd\", endpoint = \"{etcd}\" }},
   {{ source = \"path\", path = \"{data}\" }},
   {{ source = \"kube\", namespace = [\"nlp-lab\"], kubeconfig = \"{kc}\" }},
+  {{ source = \"pvc\", all = true, node = \"nodo1\", kubeconfig = \"{kc}\" }},
   {{ source = \"mlflow\", backend_store_uri = \"sqlite:///{mldb}\", artifacts = \"{mlart}\" }},
   {{ source = \"stream\", name = \"mlflow-db\", command = [\"cat\", \"{dump}\"] }},
 ]
@@ -182,6 +200,7 @@ drill = {{ plan = \"{plan}\", cleanup = true }}
             kc = kc.display(),
             mldb = ml_db.display(),
             mlart = ml.join("artifacts").display(),
+            plat = plat.display(),
         ),
     )
     .unwrap();
@@ -243,8 +262,31 @@ drill = {{ plan = \"{plan}\", cleanup = true }}
     let kinds: Vec<&str> = steps.iter().map(|s| s["kind"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
-        ["etcd", "kube", "path", "mlflow", "stream"],
+        ["vm", "etcd", "kube", "pvc", "path", "mlflow", "stream"],
         "{passed}"
+    );
+    // The VM came back as 9701 on the isolated bridge; cleanup destroyed
+    // it and nothing else.
+    let vstep = steps.iter().find(|s| s["kind"] == "vm").unwrap();
+    assert!(
+        vstep["verified"].as_str().unwrap().contains("VM 9701"),
+        "{vstep}"
+    );
+    assert!(pve.with(|s| !s.vms.contains_key(&9701) && s.vms.contains_key(&701)));
+    // The claim the Kubernetes step made was filled by a restore Job.
+    let pstep = steps.iter().find(|s| s["kind"] == "pvc").unwrap();
+    assert!(
+        pstep["verified"]
+            .as_str()
+            .unwrap()
+            .contains("into PVC nlp-lab-staging/nb1-data"),
+        "{pstep}"
+    );
+    let reqs = kube.with(|s| s.requests.clone());
+    assert!(
+        reqs.iter().any(|r| r
+            .starts_with("PATCH /apis/batch/v1/namespaces/nlp-lab-staging/jobs/labctl-restore-")),
+        "{reqs:?}"
     );
     let mstep = steps.iter().find(|s| s["kind"] == "mlflow").unwrap();
     assert!(

@@ -376,6 +376,22 @@ mlflow:
         &kube_only("  context: lab\n  namespace_map:\n    \"*\": \"*-staging\"\n"),
         &["kube plan"],
     );
+    // PVC data into production's cluster without renamed namespaces: refused.
+    let p = env.path("pvc.yaml");
+    fs::write(&p, "environment: staging\npvc:\n  context: lab\n").unwrap();
+    let out = env.run(&[
+        "restore-plan",
+        "validate",
+        p.to_str().unwrap(),
+        "--config",
+        c,
+    ]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("pvc.yaml:3: field `pvc.context`: the cluster is production's"),
+        "{}",
+        stderr(&out)
+    );
     let out = kube_only("  namespace_map:\n    \"*\": \"staging\"\n");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
@@ -414,7 +430,7 @@ mlflow:
     let out = env.ok(&args);
     assert!(
         stdout(&out).contains(
-            "staging.yaml: ok (staging; targets: vm, etcd, kube, path, mlflow, stream; RTO objective 30m)"
+            "staging.yaml: ok (staging; targets: vm, etcd, kube, pvc, path, mlflow, stream; RTO objective 30m)"
         ),
         "{}",
         stdout(&out)
