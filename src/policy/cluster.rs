@@ -414,6 +414,11 @@ pub async fn apply(
             } else {
                 let obj = s.object.as_ref().expect("rendered object");
                 a.patch(&s.name, &pp, &Patch::Apply(obj)).await?;
+                if s.kind == "Profile" && s.action == "create" {
+                    // What follows lives in the namespace the profile
+                    // controller makes for the Profile, some time later.
+                    wait_for_namespace(client, &s.name).await?;
+                }
                 if let Some((_, new)) = &s.owner_transfer {
                     transfer_owner(client, &s.name, new).await?;
                 }
@@ -432,6 +437,52 @@ pub async fn apply(
         }
     }
     Ok(Applied { done, failed: None })
+}
+
+/// Waits (bounded: `LABCTL_PROFILE_WAIT_SECS`, default 120) until the
+/// profile controller has made a new Profile's namespace and its
+/// `namespaceAdmin` binding: a real controller does so some time after the
+/// Profile appears, and until then every namespaced apply gets 404 (the
+/// NamespaceLifecycle admission plugin). Says what it waits for on stderr
+/// when it takes more than a moment.
+///
+/// # Errors
+/// A timeout naming what is missing; API errors.
+async fn wait_for_namespace(client: &kube::Client, profile: &str) -> crate::error::Result<()> {
+    let secs: u64 = std::env::var("LABCTL_PROFILE_WAIT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120);
+    let started = std::time::Instant::now();
+    let deadline = started + std::time::Duration::from_secs(secs);
+    let mut said = false;
+    loop {
+        let ns = api(client, "Namespace", None).get_opt(profile).await?;
+        let admin = match ns {
+            Some(_) => {
+                api(client, "RoleBinding", Some(profile))
+                    .get_opt("namespaceAdmin")
+                    .await?
+            }
+            None => None,
+        };
+        let missing = match (&ns, &admin) {
+            (None, _) => format!("namespace {profile}"),
+            (Some(_), None) => format!("RoleBinding {profile}/namespaceAdmin"),
+            (Some(_), Some(_)) => return Ok(()),
+        };
+        if std::time::Instant::now() >= deadline {
+            return Err(crate::error::LabError::failed(format!(
+                "the profile controller did not create {missing} within {secs}s of Profile {profile}: is Kubeflow's profile controller running? What was applied before is in the audit entry"
+            ))
+            .into());
+        }
+        if !said && started.elapsed() > std::time::Duration::from_secs(2) {
+            eprintln!("waiting for the profile controller to create {missing} ...");
+            said = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 /// The owner-transfer sequence that works with a stock profile controller

@@ -640,6 +640,37 @@ fn rewrite_uris(
     Ok(out)
 }
 
+/// The number of `key` items over every page of a GET search endpoint
+/// (`max_results` per page, `next_page_token` to go on).
+async fn count_pages(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    max: &str,
+) -> crate::error::Result<u64> {
+    let mut n = 0u64;
+    let mut token: Option<String> = None;
+    loop {
+        let mut q = vec![("max_results".to_string(), max.to_string())];
+        if let Some(t) = &token {
+            q.push(("page_token".into(), t.clone()));
+        }
+        let r: Value = http
+            .get(url)
+            .query(&q)
+            .send()
+            .await
+            .map_err(|e| LabError::failed(format!("{url} did not answer: {e}")))?
+            .json()
+            .await?;
+        n += r[key].as_array().map_or(0, |a| a.len()) as u64;
+        token = r["next_page_token"].as_str().map(String::from);
+        if token.is_none() {
+            return Ok(n);
+        }
+    }
+}
+
 /// What verification through the REST API found.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct MlflowVerify {
@@ -725,32 +756,20 @@ pub fn verify(
                 }
             }
         }
-        let mut token: Option<String> = None;
-        loop {
-            let mut q = vec![("max_results".to_string(), "1000".to_string())];
-            if let Some(t) = &token {
-                q.push(("page_token".into(), t.clone()));
-            }
-            let r: Value = http.get(format!("{base}/api/2.0/mlflow/registered-models/search")).query(&q).send().await.map_err(unreachable)?.json().await?;
-            v.registered_models += r["registered_models"].as_array().map_or(0, |a| a.len()) as u64;
-            token = r["next_page_token"].as_str().map(String::from);
-            if token.is_none() {
-                break;
-            }
-        }
-        let mut token: Option<String> = None;
-        loop {
-            let mut q = vec![("max_results".to_string(), "10000".to_string())];
-            if let Some(t) = &token {
-                q.push(("page_token".into(), t.clone()));
-            }
-            let r: Value = http.get(format!("{base}/api/2.0/mlflow/model-versions/search")).query(&q).send().await.map_err(unreachable)?.json().await?;
-            v.model_versions += r["model_versions"].as_array().map_or(0, |a| a.len()) as u64;
-            token = r["next_page_token"].as_str().map(String::from);
-            if token.is_none() {
-                break;
-            }
-        }
+        v.registered_models = count_pages(
+            &http,
+            &format!("{base}/api/2.0/mlflow/registered-models/search"),
+            "registered_models",
+            "1000",
+        )
+        .await?;
+        v.model_versions = count_pages(
+            &http,
+            &format!("{base}/api/2.0/mlflow/model-versions/search"),
+            "model_versions",
+            "10000",
+        )
+        .await?;
         for s in sample.as_array().into_iter().flatten() {
             let run = s["run_id"].as_str().unwrap_or("");
             for (key, n) in s["metrics"].as_object().into_iter().flatten() {

@@ -277,6 +277,12 @@ pub struct Store {
     crd_ready: BTreeMap<String, Instant>,
     /// How long an applied CRD takes to become Established.
     pub crd_delay: Duration,
+    /// How long the profile controller takes to act on a new Profile (a
+    /// real one reconciles some time after the Profile appears; until then
+    /// namespaced writes into its namespace get 404).
+    pub controller_delay: Duration,
+    /// Profiles the controller has yet to act on, and when it will.
+    pending: Vec<(Instant, Value)>,
     /// A stand-in for the Job controller and kubelet: `Some(true)` makes
     /// every created Job succeed shortly after, `Some(false)` fail; `None`
     /// leaves Jobs running.
@@ -350,6 +356,18 @@ impl Store {
             }
         }
         v
+    }
+
+    /// Runs the controller actions that are due.
+    fn reconcile(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(t, _)| *t <= now);
+        self.pending = later;
+        for (_, p) in due {
+            self.controller_for(&p);
+        }
     }
 
     /// A server-side apply by another field manager, forced (`kubectl
@@ -594,7 +612,12 @@ impl Store {
             self.put(&plural, obj);
             if kind == "Profile" {
                 let p = self.objects[&key].clone();
-                self.controller_for(&p);
+                if self.controller_delay.is_zero() {
+                    self.controller_for(&p);
+                } else {
+                    self.pending
+                        .push((Instant::now() + self.controller_delay, p));
+                }
             }
         }
         (
@@ -752,6 +775,7 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
         return reply(status(401, "Unauthorized", "Unauthorized"));
     }
     let mut s = st.lock().unwrap();
+    s.reconcile();
     s.requests.push(format!("{method} {path}"));
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let not_served = || {

@@ -546,6 +546,54 @@ fn offboard_removes_a_person_everywhere_but_not_an_owner() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("owns profile nlp-lab"));
 }
 
+/// A real profile controller makes the namespace some time after the
+/// Profile: apply waits for it instead of failing on the first namespaced
+/// object (issue 20 point 5), and a controller that never comes is a
+/// timeout naming what is missing.
+#[test]
+fn apply_waits_for_the_profile_controller_to_make_the_namespace() {
+    use crate::kube_sim::KubeSim;
+    let sim = KubeSim::start();
+    sim.with(|s| s.controller_delay = std::time::Duration::from_millis(1500));
+    let d = copy_example();
+    let kc = sim.kubeconfig(d.path());
+    let out = json_of(&kube(
+        d.path(),
+        &kc,
+        &["--json", "policy", "apply"],
+        "2026-11-26",
+    ));
+    assert!(out["failed"].is_null(), "{out}");
+    assert_eq!(out["applied"].as_array().unwrap().len(), 15, "{out}");
+    assert!(sim
+        .get(
+            "rolebindings",
+            "nlp-lab",
+            "user-alice-uni-edu-clusterrole-edit"
+        )
+        .is_some());
+    // No controller at all: a bounded wait, then the missing object named.
+    let sim = KubeSim::start();
+    sim.with(|s| s.controller = false);
+    let d = copy_example();
+    let kc = sim.kubeconfig(d.path());
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("LABCTL_PROFILE_WAIT_SECS", "1")
+        .args(["policy", "apply", "--policies"])
+        .arg(d.path())
+        .args(["--today", "2026-11-26", "--kubeconfig"])
+        .arg(&kc)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("did not create namespace") && e.contains("profile controller"),
+        "{e}"
+    );
+}
+
 fn kube(policies: &Path, kubeconfig: &Path, args: &[&str], today: &str) -> Output {
     Command::new(BIN)
         .env_clear()
