@@ -118,6 +118,9 @@ fn print_plan(plan: &policy::cluster::Plan) {
             _ => {}
         }
     }
+    for m in &plan.drift {
+        println!("! drift {m}");
+    }
     for m in &plan.missing {
         println!("! missing {m}");
     }

@@ -36,6 +36,7 @@ fn resource(kind: &str) -> Option<(ApiResource, bool)> {
         "Namespace" => ("", "v1", "namespaces", false),
         "ResourceQuota" => ("", "v1", "resourcequotas", true),
         "PersistentVolumeClaim" => ("", "v1", "persistentvolumeclaims", true),
+        "ServiceAccount" => ("", "v1", "serviceaccounts", true),
         _ => return None,
     };
     let api_version = if group.is_empty() {
@@ -98,6 +99,10 @@ pub struct Plan {
     pub steps: Vec<Step>,
     /// Objects the profile controller should have created but that are missing.
     pub missing: Vec<String>,
+    /// Controller-made objects whose contents differ from what it makes
+    /// from the Profile (hand edits; the controller restores them on its
+    /// next reconcile, unless it is not running).
+    pub drift: Vec<String>,
 }
 
 impl Plan {
@@ -302,6 +307,7 @@ pub async fn plan(
     }
     // What the profile controller should have made for live Profiles.
     let mut missing = vec![];
+    let mut drift = vec![];
     for o in objects.iter().filter(|o| o["kind"] == "Profile") {
         let name = meta_str(o, "name").unwrap_or_default();
         if api(client, "Profile", None).get_opt(name).await?.is_none() {
@@ -329,19 +335,87 @@ pub async fn plan(
         {
             missing.push(format!("RoleBinding {name}/namespaceAdmin"));
         }
-        let wants_quota = o["spec"]["resourceQuotaSpec"]["hard"]
-            .as_object()
-            .is_some_and(|h| !h.is_empty());
-        if wants_quota
-            && api(client, "ResourceQuota", Some(name))
-                .get_opt("kf-resource-quota")
+        // The controller's ServiceAccounts and the owner's access policy
+        // (profile_controller.go: default-editor, default-viewer,
+        // ns-owner-access-istio).
+        for sa in ["default-editor", "default-viewer"] {
+            if api(client, "ServiceAccount", Some(name))
+                .get_opt(sa)
                 .await?
                 .is_none()
+            {
+                missing.push(format!("ServiceAccount {name}/{sa}"));
+            }
+        }
+        if api(client, "AuthorizationPolicy", Some(name))
+            .get_opt("ns-owner-access-istio")
+            .await?
+            .is_none()
         {
-            missing.push(format!("ResourceQuota {name}/kf-resource-quota"));
+            missing.push(format!("AuthorizationPolicy {name}/ns-owner-access-istio"));
+        }
+        let want = o["spec"]["resourceQuotaSpec"]["hard"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        if !want.is_empty() {
+            match api(client, "ResourceQuota", Some(name))
+                .get_opt("kf-resource-quota")
+                .await?
+            {
+                None => missing.push(format!("ResourceQuota {name}/kf-resource-quota")),
+                Some(q) => {
+                    let live = serde_json::to_value(&q)?["spec"]["hard"]
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default();
+                    let d = quota_diff(&want, &live);
+                    if !d.is_empty() {
+                        drift.push(format!(
+                            "ResourceQuota {name}/kf-resource-quota differs from the profile's quota class: {} (a hand edit? the profile controller puts the class back on its next reconcile)",
+                            d.join(", ")
+                        ));
+                    }
+                }
+            }
         }
     }
-    Ok(Plan { steps, missing })
+    Ok(Plan {
+        steps,
+        missing,
+        drift,
+    })
+}
+
+/// The keys whose quantities differ between the class (`want`) and the
+/// live quota, compared as quantities (`1Gi` equals `1024Mi`, as the API
+/// server canonicalises them).
+fn quota_diff(
+    want: &serde_json::Map<String, Value>,
+    live: &serde_json::Map<String, Value>,
+) -> Vec<String> {
+    use crate::k8s::validation::Quantity;
+    let q = |v: &Value| {
+        let t = match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        Quantity::parse(&t).ok().map(|q| (q, t))
+    };
+    let mut out = vec![];
+    for (k, w) in want {
+        match (q(w), live.get(k).and_then(q)) {
+            (Some((a, at)), Some((b, bt))) if a.cmp_value(&b) != std::cmp::Ordering::Equal => {
+                out.push(format!("{k}: {bt} live, {at} in the class"))
+            }
+            (Some((_, at)), None) => out.push(format!("{k}: missing live, {at} in the class")),
+            _ => {}
+        }
+    }
+    for k in live.keys().filter(|k| !want.contains_key(*k)) {
+        out.push(format!("{k}: set live, not in the class"));
+    }
+    out
 }
 
 /// What apply did to one object.

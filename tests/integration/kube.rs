@@ -43,6 +43,13 @@ pub fn lab(sim: &KubeSim) {
             "metadata": {"name": "default-editor", "namespace": ns},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubeflow-edit"},
             "subjects": [{"kind": "ServiceAccount", "name": "default-editor", "namespace": ns}]}));
+        // A ServiceAccount and binding of the lab's own (the profile
+        // controller makes default-editor/default-viewer itself).
+        s.put("serviceaccounts", json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "trainer", "namespace": ns}}));
+        s.put("rolebindings", json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "trainer-edit", "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubeflow-edit"},
+            "subjects": [{"kind": "ServiceAccount", "name": "trainer", "namespace": ns}]}));
         s.put("configmaps", json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings", "namespace": ns, "labels": {"app": "nb"},
             "managedFields": [{"manager": "kubectl"}], "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}}, "data": {"lr": "0.001"}}));
         s.put("configmaps", json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kube-root-ca.crt", "namespace": ns}, "data": {"ca.crt": "PEM"}}));
@@ -271,7 +278,7 @@ fn namespaces_back_up_paginated_and_restore_into_mapped_namespaces() {
         prof["metadata"]["uid"]
     );
     let rb = sim
-        .get("rolebindings", "nlp-lab-staging", "default-editor")
+        .get("rolebindings", "nlp-lab-staging", "trainer-edit")
         .unwrap();
     assert_eq!(rb["subjects"][0]["namespace"], "nlp-lab-staging");
     assert_eq!(
@@ -322,9 +329,9 @@ fn namespaces_back_up_paginated_and_restore_into_mapped_namespaces() {
             .position(|q| q.contains(frag))
             .unwrap_or_else(|| panic!("{frag} not applied: {order:?}"))
     };
-    assert!(at("/namespaces/nlp-lab-staging") < at("/serviceaccounts/default-editor"));
-    assert!(at("/serviceaccounts/") < at("/rolebindings/"));
-    assert!(at("/rolebindings/") < at("/configmaps/settings"));
+    assert!(at("/namespaces/nlp-lab-staging") < at("/serviceaccounts/trainer"));
+    assert!(at("/serviceaccounts/trainer") < at("/rolebindings/trainer-edit"));
+    assert!(at("/rolebindings/trainer-edit") < at("/configmaps/settings"));
     assert!(at("/persistentvolumeclaims/") < at("/statefulsets/"));
 
     // Again: everything exists and is skipped.

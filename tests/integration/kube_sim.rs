@@ -487,6 +487,23 @@ impl Store {
                 "metadata": {"name": "ns-owner-access-istio", "namespace": name},
                 "spec": {"rules": [{"when": [{"key": "request.headers[kubeflow-userid]", "values": [owner]}]}]}}));
         }
+        // profile_controller.go: the namespace's ServiceAccounts and their
+        // bindings to the Kubeflow roles.
+        for (sa, role) in [
+            ("default-editor", "kubeflow-edit"),
+            ("default-viewer", "kubeflow-view"),
+        ] {
+            if !self
+                .objects
+                .contains_key(&("serviceaccounts".into(), name.clone(), sa.into()))
+            {
+                self.put("serviceaccounts", json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": name}}));
+                self.put("rolebindings", json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                    "metadata": {"name": sa, "namespace": name},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                    "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": name}]}));
+            }
+        }
         if let Some(hard) = profile["spec"]["resourceQuotaSpec"]["hard"]
             .as_object()
             .filter(|h| !h.is_empty())

@@ -594,6 +594,62 @@ fn apply_waits_for_the_profile_controller_to_make_the_namespace() {
     );
 }
 
+/// What the profile controller made is checked too (issue 20 point 9):
+/// its ServiceAccounts and the owner's AuthorizationPolicy must exist, and
+/// kf-resource-quota must hold the quota class, compared as quantities.
+#[test]
+fn plan_reports_hand_edits_of_controller_objects() {
+    use crate::kube_sim::KubeSim;
+    let sim = KubeSim::start();
+    let d = copy_example();
+    let kc = sim.kubeconfig(d.path());
+    let today = "2026-11-26";
+    json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    let plan = json_of(&kube(d.path(), &kc, &["--json", "policy", "plan"], today));
+    assert_eq!(plan["drift"], serde_json::json!([]), "{plan}");
+    assert_eq!(plan["missing"], serde_json::json!([]), "{plan}");
+    let key = (
+        "resourcequotas".to_string(),
+        "nlp-lab".to_string(),
+        "kf-resource-quota".to_string(),
+    );
+    let quota = sim.get(&key.0, &key.1, &key.2).unwrap();
+    let (k, v) = quota["spec"]["hard"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find_map(|(k, v)| {
+            v.as_str()
+                .and_then(|s| s.parse::<u64>().ok())
+                .map(|n| (k.clone(), n))
+        })
+        .expect("an integer quantity in the class");
+    // The same quantity written another way is no drift (the API server
+    // canonicalises quantities).
+    let mut q = quota.clone();
+    q["spec"]["hard"][&k] = serde_json::json!(format!("{}000m", v));
+    sim.with(|s| s.put("resourcequotas", q.clone()));
+    let plan = json_of(&kube(d.path(), &kc, &["--json", "policy", "plan"], today));
+    assert_eq!(plan["drift"], serde_json::json!([]), "{plan}");
+    // A hand edit and a deleted ServiceAccount are reported.
+    q["spec"]["hard"][&k] = serde_json::json!((v + 1).to_string());
+    sim.with(|s| {
+        s.put("resourcequotas", q);
+        s.objects.remove(&(
+            "serviceaccounts".to_string(),
+            "nlp-lab".to_string(),
+            "default-viewer".to_string(),
+        ));
+    });
+    let out = kube(d.path(), &kc, &["policy", "plan"], today);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("! drift ResourceQuota nlp-lab/kf-resource-quota differs from the profile's quota class: {k}: {} live, {v} in the class", v + 1)), "{text}");
+    assert!(
+        text.contains("! missing ServiceAccount nlp-lab/default-viewer"),
+        "{text}"
+    );
+}
+
 fn kube(policies: &Path, kubeconfig: &Path, args: &[&str], today: &str) -> Output {
     Command::new(BIN)
         .env_clear()
