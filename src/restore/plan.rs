@@ -95,6 +95,11 @@ pub struct PvcTarget {
     pub job_timeout: String,
 }
 
+/// A plan's `namespace_map` as the `FROM=TO` pairs `--namespace-map` takes.
+fn map_pairs(map: &std::collections::BTreeMap<String, String>) -> Vec<String> {
+    map.iter().map(|(f, t)| format!("{f}={t}")).collect()
+}
+
 fn default_image() -> String {
     crate::sources::pvc::DEFAULT_IMAGE.into()
 }
@@ -111,14 +116,10 @@ impl PvcTarget {
         }
     }
 
-    /// The namespace map.
+    /// The namespace map (checked when the plan was loaded).
     pub fn map(&self) -> crate::sources::kube::NamespaceMap {
-        let pairs: Vec<String> = self
-            .namespace_map
-            .iter()
-            .map(|(f, t)| format!("{f}={t}"))
-            .collect();
-        crate::sources::kube::NamespaceMap::parse(&pairs).unwrap_or_default()
+        crate::sources::kube::NamespaceMap::parse(&map_pairs(&self.namespace_map))
+            .unwrap_or_default()
     }
 }
 
@@ -213,10 +214,7 @@ impl ClusterTarget {
 
     /// `FROM=TO` pairs.
     pub fn map_pairs(&self) -> Vec<String> {
-        self.namespace_map
-            .iter()
-            .map(|(f, t)| format!("{f}={t}"))
-            .collect()
+        map_pairs(&self.namespace_map)
     }
 
     /// The target in words.
@@ -467,12 +465,7 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
             .map_err(|e| at("kube", "namespace_map", format!("{e:#}")))?;
     }
     if let Some(p) = &raw.pvc {
-        let pairs: Vec<String> = p
-            .namespace_map
-            .iter()
-            .map(|(f, t)| format!("{f}={t}"))
-            .collect();
-        crate::sources::kube::NamespaceMap::parse(&pairs)
+        crate::sources::kube::NamespaceMap::parse(&map_pairs(&p.namespace_map))
             .map_err(|e| at("pvc", "namespace_map", format!("{e:#}")))?;
         crate::util::units::parse_duration(&p.job_timeout)
             .map_err(|e| at("pvc", "job_timeout", e.message().to_string()))?;

@@ -122,21 +122,32 @@ pub struct StepReport {
     pub created_vm: Option<CreatedVm>,
     /// Namespaces this run created in a cluster (what cleanup deletes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub created_namespaces: Option<CreatedNamespaces>,
+    pub created_namespaces: Option<CreatedInCluster>,
     /// A claim this run created (`NS/NAME`; what cleanup deletes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub created_claim: Option<CreatedNamespaces>,
+    pub created_claim: Option<CreatedInCluster>,
 }
 
-/// Namespaces a run created (labelled `labctl.io/restore`).
+/// What a run created in a cluster (labelled `labctl.io/restore`):
+/// namespaces, or claims as `NS/NAME`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub struct CreatedNamespaces {
+pub struct CreatedInCluster {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubeconfig: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<String>,
-    pub namespaces: Vec<String>,
+    pub names: Vec<String>,
+}
+
+impl CreatedInCluster {
+    /// The cluster they are in.
+    fn cluster(&self) -> crate::k8s::KubeTarget {
+        crate::k8s::KubeTarget {
+            kubeconfig: self.kubeconfig.clone(),
+            context: self.context.clone(),
+        }
+    }
 }
 
 /// A VM a run restored.
@@ -658,27 +669,21 @@ fn remove_created(report: &Report) -> Vec<String> {
                 .map(|e| format!("VM {} on {}: {e:#}", v.vmid, v.node))
         })
         .collect();
+    // Claims before namespaces (a namespace's deletion takes its claims
+    // along; claims in namespaces the run did not create stay otherwise).
     for s in &report.steps {
         if let Some(c) = &s.created_claim {
-            let target = crate::k8s::KubeTarget {
-                kubeconfig: c.kubeconfig.clone(),
-                context: c.context.clone(),
-            };
-            match pvc::delete_restored_claims(&target, &c.namespaces) {
+            match pvc::delete_restored_claims(&c.cluster(), &c.names) {
                 Ok(e) => errors.extend(e),
-                Err(e) => errors.push(format!("claims {}: {e:#}", c.namespaces.join(", "))),
+                Err(e) => errors.push(format!("claims {}: {e:#}", c.names.join(", "))),
             }
         }
     }
     for s in &report.steps {
         if let Some(c) = &s.created_namespaces {
-            let target = crate::k8s::KubeTarget {
-                kubeconfig: c.kubeconfig.clone(),
-                context: c.context.clone(),
-            };
-            match kube::delete_restored_namespaces(&target, &c.namespaces) {
+            match kube::delete_restored_namespaces(&c.cluster(), &c.names) {
                 Ok(e) => errors.extend(e),
-                Err(e) => errors.push(format!("namespaces {}: {e:#}", c.namespaces.join(", "))),
+                Err(e) => errors.push(format!("namespaces {}: {e:#}", c.names.join(", "))),
             }
         }
     }
@@ -791,8 +796,8 @@ fn write_place(target: &Path) -> (PathBuf, bool) {
 struct Created {
     paths: Vec<PathBuf>,
     vm: Option<CreatedVm>,
-    namespaces: Option<CreatedNamespaces>,
-    claim: Option<CreatedNamespaces>,
+    namespaces: Option<CreatedInCluster>,
+    claim: Option<CreatedInCluster>,
 }
 
 /// Restores and verifies one step; returns (bytes, what was verified).
@@ -934,10 +939,10 @@ fn run_step(
             };
             let cluster = t.cluster();
             let r = pvc::restore_to_pvc(repo, id, &args, &cluster, &access)?;
-            created.claim = Some(CreatedNamespaces {
+            created.claim = Some(CreatedInCluster {
                 kubeconfig: t.kubeconfig.clone(),
                 context: t.context.clone(),
-                namespaces: vec![format!("{to}/{claim}")],
+                names: vec![format!("{to}/{claim}")],
             });
             if !r.warnings.is_empty() {
                 return Err(LabError::failed(r.warnings.join("; ")).into());
@@ -993,10 +998,10 @@ fn run_step(
             let args = t.restore_args();
             let r = kube::restore(repo, id, &[], &args, false)?;
             if !r.created_namespaces.is_empty() {
-                created.namespaces = Some(CreatedNamespaces {
+                created.namespaces = Some(CreatedInCluster {
                     kubeconfig: t.kubeconfig.clone(),
                     context: t.context.clone(),
-                    namespaces: r.created_namespaces.clone(),
+                    names: r.created_namespaces.clone(),
                 });
             }
             *verify_seconds += r.verify_seconds;

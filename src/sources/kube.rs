@@ -1419,24 +1419,10 @@ pub fn delete_restored_namespaces(
         .build()?;
     rt.block_on(async {
         let (client, _) = target.connect().await?;
-        let r = ApiResource {
-            group: String::new(),
-            version: "v1".into(),
-            api_version: "v1".into(),
-            kind: "Namespace".into(),
-            plural: "namespaces".into(),
-        };
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &r);
-        let profiles: Api<DynamicObject> = Api::all_with(
-            client,
-            &ApiResource {
-                group: "kubeflow.org".into(),
-                version: "v1".into(),
-                api_version: "kubeflow.org/v1".into(),
-                kind: "Profile".into(),
-                plural: "profiles".into(),
-            },
-        );
+        let api: Api<DynamicObject> =
+            Api::all_with(client.clone(), &v1_resource("", "namespaces", "Namespace"));
+        let profiles: Api<DynamicObject> =
+            Api::all_with(client, &v1_resource("kubeflow.org", "profiles", "Profile"));
         let mut errors = vec![];
         for n in names {
             // A Profile the restore made owns the namespace: the profile
@@ -1477,16 +1463,32 @@ pub fn delete_restored_namespaces(
     })
 }
 
+/// A resource of version `v1` of `group` (the core group when empty), for
+/// the fixed kinds restores and cleanups address without discovery.
+pub(crate) fn v1_resource(group: &str, plural: &str, kind: &str) -> ApiResource {
+    ApiResource {
+        group: group.into(),
+        version: "v1".into(),
+        api_version: if group.is_empty() {
+            "v1".into()
+        } else {
+            format!("{group}/v1")
+        },
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
 /// Waits (up to a minute) until each CRD reports `Established`.
 async fn wait_established(client: &kube::Client, names: &[String]) -> crate::error::Result<()> {
-    let r = ApiResource {
-        group: "apiextensions.k8s.io".into(),
-        version: "v1".into(),
-        api_version: "apiextensions.k8s.io/v1".into(),
-        kind: "CustomResourceDefinition".into(),
-        plural: "customresourcedefinitions".into(),
-    };
-    let api: Api<DynamicObject> = Api::all_with(client.clone(), &r);
+    let api: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &v1_resource(
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            "CustomResourceDefinition",
+        ),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     for n in names {
         loop {

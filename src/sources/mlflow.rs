@@ -203,10 +203,13 @@ impl MlflowSource {
         };
         let mut run = BackupRun::start(ctx.repo, ctx.opts.threads, ctx.progress)?;
         run.set_cancel(ctx.opts.cancel.clone());
-        let db_bytes = std::fs::read(&dump)?;
-        let size = db_bytes.len() as u64;
-        let content = run.add_stream(&db_bytes[..], ChunkerKind::Cdc, "MLflow database")?;
-        drop(db_bytes);
+        // Streamed from the copy: a large store is not held in memory.
+        let size = std::fs::metadata(&dump)?.len();
+        let content = run.add_stream(
+            std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&dump)?),
+            ChunkerKind::Cdc,
+            "MLflow database",
+        )?;
         run.check_cancel()?;
         let art_root = super::path::walk_tree(
             &mut run,

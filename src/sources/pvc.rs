@@ -19,14 +19,13 @@
 //! and Jobs (`batch/v1`: `status.succeeded`, `status.failed`, conditions
 //! `Complete` and `Failed`).
 
-use super::kube::{api_error, FIELD_MANAGER};
+use super::kube::{api_error, v1_resource, FIELD_MANAGER};
 use super::SourceContext;
 use crate::error::LabError;
 use crate::k8s::KubeTarget;
 use crate::repo::backup::{BackupOutcome, ChunkerChoice};
 use crate::repo::{Id, Repository};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
-use kube::discovery::ApiResource;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -186,16 +185,16 @@ impl PvcSource {
             Some(n) => Api::namespaced_with(
                 client.clone(),
                 n,
-                &res("", "persistentvolumeclaims", "PersistentVolumeClaim"),
+                &v1_resource("", "persistentvolumeclaims", "PersistentVolumeClaim"),
             ),
             None => Api::all_with(
                 client.clone(),
-                &res("", "persistentvolumeclaims", "PersistentVolumeClaim"),
+                &v1_resource("", "persistentvolumeclaims", "PersistentVolumeClaim"),
             ),
         };
         let pvs: Api<DynamicObject> = Api::all_with(
             client.clone(),
-            &res("", "persistentvolumes", "PersistentVolume"),
+            &v1_resource("", "persistentvolumes", "PersistentVolume"),
         );
         let mut claims = vec![];
         if self.name.is_empty() {
@@ -373,21 +372,6 @@ impl PvcSource {
             &format!("pvc/{}/{}", r.namespace, r.name),
             ChunkerChoice::Auto,
         )
-    }
-}
-
-fn res(group: &str, plural: &str, kind: &str) -> ApiResource {
-    let api_version = if group.is_empty() {
-        "v1".to_string()
-    } else {
-        format!("{group}/v1")
-    };
-    ApiResource {
-        group: group.into(),
-        version: "v1".into(),
-        api_version,
-        kind: kind.into(),
-        plural: plural.into(),
     }
 }
 
@@ -588,7 +572,7 @@ pub fn restore_to_pvc(
     rt.block_on(async {
         let (client, _) = cluster.connect().await?;
         let pp = PatchParams::apply(FIELD_MANAGER);
-        let claims: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &res("", "persistentvolumeclaims", "PersistentVolumeClaim"));
+        let claims: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &v1_resource("", "persistentvolumeclaims", "PersistentVolumeClaim"));
         // A claim that exists is refused, unless a restore plan's Kubernetes
         // step created it a moment ago (it carries the restored-from
         // annotation and holds nothing yet): then the data goes into it.
@@ -604,8 +588,8 @@ pub fn restore_to_pvc(
             }
             None => false,
         };
-        let secrets: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &res("", "secrets", "Secret"));
-        let jobs: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &res("batch", "jobs", "Job"));
+        let secrets: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &v1_resource("", "secrets", "Secret"));
+        let jobs: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &v1_resource("batch", "jobs", "Job"));
         let mut string_data = serde_json::Map::new();
         string_data.insert("restore.key".into(), json!(String::from_utf8_lossy(&key)));
         for k in JOB_ENV {
@@ -725,7 +709,7 @@ pub fn delete_restored_claims(
             let api: Api<DynamicObject> = Api::namespaced_with(
                 client.clone(),
                 ns,
-                &res("", "persistentvolumeclaims", "PersistentVolumeClaim"),
+                &v1_resource("", "persistentvolumeclaims", "PersistentVolumeClaim"),
             );
             match api.get_opt(name).await {
                 Ok(Some(o))

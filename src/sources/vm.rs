@@ -276,59 +276,35 @@ async fn vm_config(
 
 /// `labctl restore SNAP --to-vm ...`: where a VM snapshot goes.
 #[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "VM snapshots")]
 pub struct VmRestore {
     /// Restore a VM snapshot as a new VM (qmrestore over SSH on --node,
     /// --unique 1: new MAC addresses), then set its bridge and leave it
     /// stopped.
-    #[arg(long, help_heading = "VM snapshots")]
+    #[arg(long)]
     pub to_vm: bool,
     /// The node to restore on.
-    #[arg(
-        long,
-        value_name = "NODE",
-        help_heading = "VM snapshots",
-        requires = "to_vm"
-    )]
+    #[arg(long, value_name = "NODE", requires = "to_vm")]
     pub node: Option<String>,
     /// The new VM's ID (refused when it exists or is outside --vmid-range).
-    #[arg(
-        long,
-        value_name = "VMID",
-        help_heading = "VM snapshots",
-        requires = "to_vm"
-    )]
+    #[arg(long, value_name = "VMID", requires = "to_vm")]
     pub vmid: Option<u32>,
     /// The VMIDs a restore may use, FIRST-LAST (a staging range).
-    #[arg(
-        long,
-        value_name = "FIRST-LAST",
-        help_heading = "VM snapshots",
-        requires = "to_vm"
-    )]
+    #[arg(long, value_name = "FIRST-LAST", requires = "to_vm")]
     pub vmid_range: Option<String>,
     /// The storage for the disks (default: as in the backup).
-    #[arg(
-        long,
-        value_name = "STORAGE",
-        help_heading = "VM snapshots",
-        requires = "to_vm"
-    )]
+    #[arg(long, value_name = "STORAGE", requires = "to_vm")]
     pub storage: Option<String>,
     /// Put every network interface on this bridge (an isolated staging
     /// network); default: as in the backup.
-    #[arg(
-        long,
-        value_name = "BRIDGE",
-        help_heading = "VM snapshots",
-        requires = "to_vm"
-    )]
+    #[arg(long, value_name = "BRIDGE", requires = "to_vm")]
     pub bridge: Option<String>,
     /// Start the VM after the restore and wait (up to 5 min) for its guest
     /// agent to report an address (default: left stopped).
-    #[arg(long, help_heading = "VM snapshots", requires = "to_vm")]
+    #[arg(long, requires = "to_vm")]
     pub start: bool,
     /// The platform file (PVE API and `ssh:`).
-    #[arg(long = "platform", value_name = "FILE", default_value = DEFAULT_PLATFORM, help_heading = "VM snapshots")]
+    #[arg(long = "platform", value_name = "FILE", default_value = DEFAULT_PLATFORM)]
     pub platform: PathBuf,
 }
 

@@ -278,8 +278,10 @@ pub struct Store {
     /// How long an applied CRD takes to become Established.
     pub crd_delay: Duration,
     /// How long the profile controller takes to act on a new Profile (a
-    /// real one reconciles some time after the Profile appears; until then
-    /// namespaced writes into its namespace get 404).
+    /// real one reconciles from controller-runtime's work queue some time
+    /// after the Profile appears: kubeflow/kubeflow components/
+    /// profile-controller/controllers/profile_controller.go Reconcile;
+    /// until then namespaced writes into its namespace get 404).
     pub controller_delay: Duration,
     /// Profiles the controller has yet to act on, and when it will.
     pending: Vec<(Instant, Value)>,
