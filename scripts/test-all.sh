@@ -15,6 +15,8 @@ command -v etcd >/dev/null || need_apt+=(etcd-server)      # the etcd source's t
 command -v etcdctl >/dev/null || need_apt+=(etcd-client)   # ... and restore with etcdctl 3.4
 command -v ssh-keygen >/dev/null || need_apt+=(openssh-client) # the VM source talks to nodes over SSH
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)         # ... and its tests run a real sshd on loopback
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql) # the mlflow source's tests run a real PostgreSQL
+command -v pg_dump >/dev/null || need_apt+=(postgresql-client) # ... dumped with pg_dump, restored with pg_restore and psql
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     # No package may start a service here (openssh-server would listen on
@@ -46,12 +48,17 @@ fi
 
 # A real MLflow tracking server for the mlflow source's tests, in a venv of
 # its own (its Flask and Werkzeug pins differ from moto's).
-MLFLOW_VERSION=3.17.2
+# psycopg (3: SQLAlchemy 2.1's default postgresql:// driver) lets that server
+# use the tests' PostgreSQL backend store.
+MLFLOW_VERSION=3.17.2 PSYCOPG_VERSION=3.3.9
 mlvenv=target/mlflow-venv
 if ! "$mlvenv/bin/python" -c "import mlflow, sys; sys.exit(mlflow.__version__ != '$MLFLOW_VERSION')" 2>/dev/null; then
   rm -rf "$mlvenv"
   python3 -m venv "$mlvenv"
   "$mlvenv/bin/pip" install -q "mlflow==$MLFLOW_VERSION"
+fi
+if ! "$mlvenv/bin/python" -c "import psycopg, sys; sys.exit(psycopg.__version__ != '$PSYCOPG_VERSION')" 2>/dev/null; then
+  "$mlvenv/bin/pip" install -q "psycopg[binary]==$PSYCOPG_VERSION"
 fi
 
 echo "== cargo fmt --check"

@@ -293,7 +293,7 @@ fn run_mlflow(
             eprintln!(
                 "restored MLflow snapshot {}: database {} (alembic {}), artifacts {} ({}); artifact URIs rewritten: {}",
                 id.short(),
-                r.database.display(),
+                r.database,
                 r.alembic_revision,
                 r.artifacts.display(),
                 human_bytes(r.bytes),

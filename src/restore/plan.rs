@@ -169,6 +169,7 @@ impl MlflowTarget {
                 .map(|(o, n)| format!("{o}={n}"))
                 .collect(),
             verify_tracking_uri: None,
+            mlflow_password_file: None,
         }
     }
 }

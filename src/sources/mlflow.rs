@@ -1,9 +1,12 @@
 //! The `mlflow` source: an MLflow tracking server's state — its backend
 //! store (the SQL database alembic manages) and its artifact root — as one
-//! snapshot: `backend/mlflow.db` (a consistent copy through SQLite's online
-//! backup API, taken first) and `artifacts/` (the artifact root's tree,
-//! read after the dump, so it holds at least every artifact the database
-//! names). The facts record the alembic revision, the artifact root, the
+//! snapshot: the database dump, taken first (`backend/mlflow.db`, a
+//! consistent copy through SQLite's online backup API, or
+//! `backend/mlflow.pgdump`, `pg_dump --format=custom` of a PostgreSQL store
+//! at a snapshot exported by the session that reads the facts, so the
+//! facts describe exactly the dump) and `artifacts/` (the artifact root's
+//! tree, read after the dump, so it holds at least every artifact the
+//! database names). The facts record the alembic revision, the artifact root, the
 //! counts of experiments, runs, registered models and versions, and a
 //! sample of runs (metric history lengths, artifact paths) that a restore
 //! is verified against through MLflow's REST API.
@@ -12,15 +15,16 @@
 //! rewrites every stored absolute artifact URI from the old root to the new
 //! one (any text column of any table, so columns later alembic revisions
 //! add are covered), then moves both into place: a failure leaves the
-//! targets as they were. IDs, names and version numbers are unchanged.
+//! targets as they were (PostgreSQL: the load and the rewrite are one
+//! transaction). IDs, names and version numbers are unchanged.
 //!
 //! Contract (PLATFORM.md, MLflow): stored artifact URIs are absolute
 //! (`experiments.artifact_location`, `runs.artifact_uri`,
 //! `model_versions.source`/`storage_location`, `logged_models`...); REST
 //! `experiments/search`, `runs/search`, `metrics/get-history`,
 //! `registered-models/search`, `model-versions/search`, `/get-artifact`,
-//! `/version`. Backends other than SQLite (`postgresql://`, `mysql://`)
-//! are refused for now, saying so.
+//! `/version`. MySQL stores and `s3://` artifact roots are refused for now,
+//! saying so.
 
 use super::SourceContext;
 use crate::error::LabError;
@@ -30,6 +34,7 @@ use crate::repo::extract::{self, RestoreOptions};
 use crate::repo::snapshot::Source;
 use crate::repo::tree::{Node, NodeType, Tree};
 use crate::repo::{Id, Repository};
+use crate::util::dbclient::{PgSession, PgTarget};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +44,8 @@ use std::time::{Duration, Instant};
 pub const KIND: &str = "mlflow";
 /// The database's name in the snapshot.
 pub const DB_FILE: &str = "backend/mlflow.db";
+/// A PostgreSQL store's dump (`pg_dump --format=custom`) in the snapshot.
+pub const PG_DUMP_FILE: &str = "backend/mlflow.pgdump";
 /// The artifact root's folder in the snapshot.
 pub const ARTIFACTS_DIR: &str = "artifacts";
 /// Runs sampled for verification.
@@ -49,11 +56,17 @@ const SAMPLE_RUNS: usize = 3;
 #[serde(deny_unknown_fields)]
 pub struct MlflowSource {
     /// The tracking server's backend store, as `mlflow server
-    /// --backend-store-uri` takes it: `sqlite:////abs/path/mlflow.db`.
-    /// (`postgresql://` and `mysql://` stores: not yet; back them up with
-    /// `labctl backup stream -- pg_dump ...` meanwhile.)
+    /// --backend-store-uri` takes it: `sqlite:////abs/path/mlflow.db` or
+    /// `postgresql://user@host:5432/mlflow` (no password in the URI: see
+    /// --password-file). (`mysql://` stores: not yet; back them up with
+    /// `labctl backup stream -- mysqldump ...` meanwhile.)
     #[arg(long, value_name = "URI")]
     pub backend_store_uri: String,
+    /// A file (mode 0600) holding the PostgreSQL password. Without it,
+    /// libpq's own PGPASSWORD, PGPASSFILE or ~/.pgpass apply.
+    #[arg(long, value_name = "FILE")]
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// The artifact root: a directory (`--default-artifact-root` or
     /// `--artifacts-destination` of the server, a path or `file://` URI).
     #[arg(long, value_name = "DIR")]
@@ -78,14 +91,50 @@ fn unsupported(uri: &str) -> Option<String> {
     let scheme = uri.split("://").next().unwrap_or("");
     match scheme {
         "sqlite" => None,
-        s if s.starts_with("postgresql") || s.starts_with("mysql") => Some(format!(
-            "backend store {s}:// is not supported yet (only sqlite:///); back the database up with `labctl backup stream --name mlflow-db -- pg_dump --format=custom ...` (or mysqldump --single-transaction) and the artifacts with `labctl backup path` meanwhile"
+        _ if PgTarget::is_uri(uri) => None,
+        s if s.starts_with("mysql") => Some(format!(
+            "backend store {s}:// is not supported yet (sqlite:/// and postgresql:// are); back the database up with `labctl backup stream --name mlflow-db -- mysqldump --single-transaction ...` and the artifacts with `labctl backup path` meanwhile"
         )),
         _ => Some(format!(
-            "'{}' is not an MLflow backend store URI (sqlite:////path/mlflow.db)",
+            "'{}' is not an MLflow backend store URI (sqlite:////path/mlflow.db, postgresql://user@host/db)",
             crate::util::redact_url(uri)
         )),
     }
+}
+
+/// The backend a store URI names, as the `mlflow.backend` fact spells it.
+fn backend_of(uri: &str) -> &'static str {
+    if PgTarget::is_uri(uri) {
+        "postgresql"
+    } else {
+        "sqlite"
+    }
+}
+
+/// Rows of one query, every field as text (NULL empty).
+type Rows = Vec<Vec<String>>;
+
+fn sqlite_rows(c: &rusqlite::Connection, sql: &str) -> rusqlite::Result<Rows> {
+    use rusqlite::types::ValueRef;
+    let mut st = c.prepare(sql)?;
+    let n = st.column_count();
+    let rows = st
+        .query_map([], |r| {
+            (0..n)
+                .map(|i| {
+                    Ok(match r.get_ref(i)? {
+                        ValueRef::Null => String::new(),
+                        ValueRef::Integer(v) => v.to_string(),
+                        ValueRef::Real(f) => f.to_string(),
+                        ValueRef::Text(t) | ValueRef::Blob(t) => {
+                            String::from_utf8_lossy(t).into_owned()
+                        }
+                    })
+                })
+                .collect::<rusqlite::Result<Vec<String>>>()
+        })?
+        .collect::<rusqlite::Result<Rows>>()?;
+    Ok(rows)
 }
 
 impl MlflowSource {
@@ -97,8 +146,25 @@ impl MlflowSource {
         if let Some(why) = unsupported(&self.backend_store_uri) {
             return Err(("backend_store_uri".into(), why));
         }
+        if PgTarget::is_uri(&self.backend_store_uri) {
+            PgTarget::parse(&self.backend_store_uri, None)
+                .map_err(|e| ("backend_store_uri".to_string(), e.message().to_string()))?;
+            if from_config
+                && self
+                    .password_file
+                    .as_ref()
+                    .is_some_and(|p| !p.is_absolute())
+            {
+                return Err(("password_file".into(), "use an absolute path".into()));
+            }
+        } else if self.password_file.is_some() {
+            return Err((
+                "password_file".into(),
+                "only a postgresql:// store takes a password file".into(),
+            ));
+        }
         let db = sqlite_path(&self.backend_store_uri).unwrap_or_default();
-        if from_config && !db.is_absolute() {
+        if from_config && !db.is_absolute() && !PgTarget::is_uri(&self.backend_store_uri) {
             return Err((
                 "backend_store_uri".into(),
                 "use an absolute path: sqlite:////srv/mlflow/mlflow.db".into(),
@@ -124,8 +190,15 @@ impl MlflowSource {
     /// # Errors
     /// A usage error naming what is missing.
     pub fn check_host(&self) -> Result<(), LabError> {
-        let db = sqlite_path(&self.backend_store_uri).unwrap_or_default();
-        if !db.is_file() {
+        if PgTarget::is_uri(&self.backend_store_uri) {
+            let t = PgTarget::parse(&self.backend_store_uri, self.password_file.as_deref())?;
+            t.command("psql")?;
+            t.command("pg_dump")?;
+        } else if !sqlite_path(&self.backend_store_uri)
+            .unwrap_or_default()
+            .is_file()
+        {
+            let db = sqlite_path(&self.backend_store_uri).unwrap_or_default();
             return Err(LabError::usage(format!(
                 "MLflow database {} does not exist",
                 db.display()
@@ -158,7 +231,6 @@ impl MlflowSource {
             return Err(LabError::usage(why).into());
         }
         let started = Instant::now();
-        let db = sqlite_path(&self.backend_store_uri).expect("checked");
         let art = std::fs::canonicalize(dir_of(&self.artifacts)).map_err(|e| {
             LabError::usage(format!("MLflow artifact root {}: {e}", self.artifacts))
         })?;
@@ -169,47 +241,66 @@ impl MlflowSource {
             ))
             .into());
         }
-        if !db.is_file() {
-            return Err(LabError::usage(format!(
-                "MLflow database {} does not exist",
-                db.display()
-            ))
-            .into());
-        }
-        // The dump first (a consistent copy, while the server writes on).
-        let copy = Scratch::new(&std::env::temp_dir(), "mlflow-dump")?;
-        let dump = copy.0.join("mlflow.db");
-        {
-            let src = rusqlite::Connection::open_with_flags(
-                &db,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
-                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .map_err(|e| {
-                LabError::failed(format!("opening MLflow database {}: {e}", db.display()))
-            })?;
-            src.busy_timeout(Duration::from_secs(30))?;
-            let mut dst = rusqlite::Connection::open(&dump)?;
-            let b = rusqlite::backup::Backup::new(&src, &mut dst)?;
-            b.run_to_completion(256, Duration::from_millis(5), None)
-                .map_err(|e| {
-                    LabError::failed(format!("dumping MLflow database {}: {e}", db.display()))
-                })?;
-        }
-        let facts = describe(&dump, &art)?;
+        // The dump first (a consistent copy, while the server writes on),
+        // and the facts read from exactly what is dumped.
+        let backend = backend_of(&self.backend_store_uri);
+        let mut _scratch = None;
+        let mut session = None;
+        let mut pg = None;
+        let (facts, reader, size, file_name): (_, Box<dyn std::io::Read>, Option<u64>, &str) =
+            if let Some(db) = sqlite_path(&self.backend_store_uri) {
+                let copy = sqlite_copy(&db)?;
+                let dump = copy.0.join("mlflow.db");
+                let c = rusqlite::Connection::open_with_flags(
+                    &dump,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )?;
+                let facts = describe(&mut |q| Ok(sqlite_rows(&c, q)?), &art, '"')?;
+                drop(c);
+                let size = std::fs::metadata(&dump)?.len();
+                let f = std::fs::File::open(&dump)?;
+                _scratch = Some(copy);
+                (
+                    facts,
+                    Box::new(std::io::BufReader::with_capacity(1 << 20, f)),
+                    Some(size),
+                    "mlflow.db",
+                )
+            } else {
+                let t = PgTarget::parse(&self.backend_store_uri, self.password_file.as_deref())?;
+                let mut s = PgSession::open(&t)?;
+                let facts = describe(&mut |q| Ok(s.rows(q)?), &art, '"')?;
+                let mut cmd = t.command("pg_dump")?;
+                cmd.args(["-w", "--format=custom", "--compress=0"])
+                    .arg(format!("--snapshot={}", s.snapshot));
+                let cancel = ctx.opts.cancel.clone().unwrap_or_default();
+                let r = super::stream::CommandReader::from_command(cmd, "pg_dump", &cancel)?;
+                session = Some(s);
+                pg = Some(t);
+                (facts, Box::new(r), None, "mlflow.pgdump")
+            };
         let server_version = match &self.tracking_uri {
             Some(u) => Some(server_version(u)?),
             None => None,
         };
         let mut run = BackupRun::start(ctx.repo, ctx.opts.threads, ctx.progress)?;
         run.set_cancel(ctx.opts.cancel.clone());
-        // Streamed from the copy: a large store is not held in memory.
-        let size = std::fs::metadata(&dump)?.len();
-        let content = run.add_stream(
-            std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&dump)?),
-            ChunkerKind::Cdc,
-            "MLflow database",
-        )?;
+        // Streamed: a large store is not held in memory.
+        let before = run.summary_mut().bytes_read;
+        let content = run
+            .add_stream(reader, ChunkerKind::Cdc, "MLflow database")
+            .map_err(|e| -> crate::error::Error {
+                match &pg {
+                    Some(t) if e.downcast_ref::<crate::error::Cancelled>().is_none() => {
+                        t.classify("pg_dump", &e.to_string()).into()
+                    }
+                    _ => e,
+                }
+            })?;
+        let size = size.unwrap_or(run.summary_mut().bytes_read - before);
+        if let Some(s) = session {
+            s.close();
+        }
         run.check_cancel()?;
         let art_root = super::path::walk_tree(
             &mut run,
@@ -220,16 +311,23 @@ impl MlflowSource {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
-        let mut file = Node::new(b"mlflow.db", NodeType::File, 0o100600, uid, gid, now);
+        let mut file = Node::new(
+            file_name.as_bytes(),
+            NodeType::File,
+            0o100600,
+            uid,
+            gid,
+            now,
+        );
         file.size = size;
         file.content = content;
         run.summary_mut().files_new += 1;
-        let backend = run.add_tree(&Tree {
+        let backend_tree = run.add_tree(&Tree {
             v: 1,
             nodes: vec![file],
         })?;
         let mut bdir = Node::new(b"backend", NodeType::Dir, 0o040700, uid, gid, now);
-        bdir.subtree = Some(backend);
+        bdir.subtree = Some(backend_tree);
         let mut adir = Node::new(
             ARTIFACTS_DIR.as_bytes(),
             NodeType::Dir,
@@ -249,7 +347,11 @@ impl MlflowSource {
         for (k, v) in facts {
             opts.facts.insert(k, v);
         }
-        opts.facts.insert("mlflow.backend".into(), json!("sqlite"));
+        opts.facts.insert("mlflow.backend".into(), json!(backend));
+        if let Some(t) = &pg {
+            opts.facts
+                .insert("mlflow.database".into(), json!(t.display()));
+        }
         opts.facts.insert(
             "mlflow.artifact_root".into(),
             json!(art.display().to_string()),
@@ -267,6 +369,29 @@ impl MlflowSource {
             started,
         )
     }
+}
+
+/// A consistent copy of a SQLite store (its online backup API), in a
+/// scratch directory, as `mlflow.db`.
+fn sqlite_copy(db: &Path) -> crate::error::Result<Scratch> {
+    if !db.is_file() {
+        return Err(
+            LabError::usage(format!("MLflow database {} does not exist", db.display())).into(),
+        );
+    }
+    let copy = Scratch::new(&std::env::temp_dir(), "mlflow-dump")?;
+    let src = rusqlite::Connection::open_with_flags(
+        db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| LabError::failed(format!("opening MLflow database {}: {e}", db.display())))?;
+    src.busy_timeout(Duration::from_secs(30))?;
+    let mut dst = rusqlite::Connection::open(copy.0.join("mlflow.db"))?;
+    let b = rusqlite::backup::Backup::new(&src, &mut dst)?;
+    b.run_to_completion(256, Duration::from_millis(5), None)
+        .map_err(|e| LabError::failed(format!("dumping MLflow database {}: {e}", db.display())))?;
+    drop(b);
+    Ok(copy)
 }
 
 /// A scratch directory removed when dropped.
@@ -291,50 +416,56 @@ impl Drop for Scratch {
 }
 
 /// What the dump holds: the alembic revision, counts, and a sample of runs
-/// with their metric history lengths and artifact files.
-fn describe(db: &Path, art: &Path) -> crate::error::Result<Vec<(String, Value)>> {
-    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let one = |sql: &str| -> crate::error::Result<i64> {
-        c.query_row(sql, [], |r| r.get(0)).map_err(|e| {
-            LabError::failed(format!(
-                "the MLflow database does not look like one ({e}); is it an MLflow backend store?"
-            ))
-            .into()
-        })
+/// with their metric history lengths and artifact files. `q` runs a query
+/// on the dumped state; `quote` quotes identifiers (`key` is reserved in
+/// some dialects).
+fn describe(
+    q: &mut dyn FnMut(&str) -> crate::error::Result<Rows>,
+    art: &Path,
+    quote: char,
+) -> crate::error::Result<Vec<(String, Value)>> {
+    let not_mlflow = |e: crate::error::Error| -> crate::error::Error {
+        LabError::failed(format!(
+            "reading the database: {e}: is it an MLflow backend store?"
+        ))
+        .into()
     };
-    let rev: String = c
-        .query_row("SELECT version_num FROM alembic_version", [], |r| r.get(0))
-        .map_err(|e| {
-            LabError::failed(format!(
-                "the database has no alembic revision ({e}): is it an MLflow backend store?"
-            ))
+    let rev = q("SELECT version_num FROM alembic_version")
+        .map_err(not_mlflow)?
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next())
+        .ok_or_else(|| {
+            LabError::failed("the database has no alembic revision: is it an MLflow backend store?")
         })?;
+    let mut count = |table: &str| -> crate::error::Result<i64> {
+        let r = q(&format!("SELECT count(*) FROM {table}")).map_err(not_mlflow)?;
+        Ok(r.first()
+            .and_then(|r| r.first())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    };
     let counts = json!({
-        "experiments": one("SELECT count(*) FROM experiments")?,
-        "runs": one("SELECT count(*) FROM runs")?,
-        "registered_models": one("SELECT count(*) FROM registered_models")?,
-        "model_versions": one("SELECT count(*) FROM model_versions")?,
+        "experiments": count("experiments")?,
+        "runs": count("runs")?,
+        "registered_models": count("registered_models")?,
+        "model_versions": count("model_versions")?,
     });
     let mut sample = vec![];
-    let mut st = c.prepare(
-        "SELECT run_uuid, experiment_id, artifact_uri FROM runs ORDER BY start_time DESC, run_uuid LIMIT ?1",
-    )?;
-    let runs: Vec<(String, i64, String)> = st
-        .query_map([SAMPLE_RUNS as i64], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get::<_, Option<String>>(2)?.unwrap_or_default(),
-            ))
-        })?
-        .collect::<Result<_, _>>()?;
-    for (id, exp, uri) in runs {
-        let mut m = c.prepare(
-            "SELECT key, count(*) FROM metrics WHERE run_uuid = ?1 GROUP BY key ORDER BY key",
-        )?;
-        let metrics: BTreeMap<String, i64> = m
-            .query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
+    let runs = q(&format!(
+        "SELECT run_uuid, experiment_id, artifact_uri FROM runs ORDER BY start_time DESC, run_uuid LIMIT {SAMPLE_RUNS}"
+    ))?;
+    for r in runs {
+        let [id, exp, uri] =
+            <[String; 3]>::try_from(r).map_err(|_| LabError::failed("runs: unexpected columns"))?;
+        let key = format!("{quote}key{quote}");
+        let metrics: BTreeMap<String, i64> = q(&format!(
+            "SELECT {key}, count(*) FROM metrics WHERE run_uuid = {} GROUP BY {key} ORDER BY {key}",
+            crate::util::dbclient::literal(&id)
+        ))?
+        .into_iter()
+        .filter_map(|r| Some((r.first()?.clone(), r.get(1)?.parse().ok()?)))
+        .collect();
         // The run's artifact files, as paths under its artifact URI.
         let dir = dir_of(&uri);
         let mut files = vec![];
@@ -358,7 +489,9 @@ fn describe(db: &Path, art: &Path) -> crate::error::Result<Vec<(String, Value)>>
             }
             files.sort();
         }
-        sample.push(json!({"run_id": id, "experiment_id": exp.to_string(), "metrics": metrics, "artifacts": files}));
+        sample.push(
+            json!({"run_id": id, "experiment_id": exp, "metrics": metrics, "artifacts": files}),
+        );
     }
     Ok(vec![
         ("mlflow.alembic_revision".into(), json!(rev)),
@@ -401,10 +534,13 @@ fn server_version(base: &str) -> crate::error::Result<String> {
 #[derive(Debug, Clone, Default, clap::Args)]
 #[command(next_help_heading = "MLflow (mlflow snapshots)")]
 pub struct MlflowRestore {
-    /// Restore an mlflow snapshot's database here (`sqlite:////path/mlflow.db`);
-    /// an existing database with tables is refused unless --overwrite (then
-    /// replaced whole). Every stored artifact URI under the old root is
-    /// rewritten to --mlflow-artifacts.
+    /// Restore an mlflow snapshot's database here, onto the backend it was
+    /// taken from: `sqlite:////path/mlflow.db`, or
+    /// `postgresql://user@host/db` (an existing, empty database; loaded in
+    /// one transaction). A database with tables is refused unless
+    /// --overwrite (SQLite: replaced whole; PostgreSQL: the dump's objects
+    /// dropped and loaded again). Every stored artifact URI under the old
+    /// root is rewritten to --mlflow-artifacts.
     #[arg(long, value_name = "URI", requires = "mlflow_artifacts")]
     pub mlflow_backend_store_uri: Option<String>,
     /// Restore the artifact root into this directory (must be empty unless
@@ -421,12 +557,17 @@ pub struct MlflowRestore {
     /// sampled metric histories and artifacts are what was backed up.
     #[arg(long, value_name = "URL")]
     pub verify_tracking_uri: Option<String>,
+    /// A file (mode 0600) with the password of a postgresql:// restore
+    /// target (else libpq's PGPASSWORD, PGPASSFILE or ~/.pgpass).
+    #[arg(long, value_name = "FILE", requires = "mlflow_backend_store_uri")]
+    pub mlflow_password_file: Option<PathBuf>,
 }
 
 /// What an MLflow restore did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct MlflowRestoreReport {
-    pub database: PathBuf,
+    /// The database file, or the PostgreSQL database (never a password).
+    pub database: String,
     pub artifacts: PathBuf,
     pub alembic_revision: String,
     /// `table.column` → values rewritten.
@@ -457,8 +598,9 @@ fn non_empty_dir(p: &Path) -> bool {
 /// Restores an mlflow snapshot (see [`MlflowRestore`]).
 ///
 /// # Errors
-/// Not an mlflow snapshot or an unsupported URI (exit 2); a target that
-/// holds data without `overwrite` (exit 6); storage, key and integrity
+/// Not an mlflow snapshot, an unsupported URI or another backend than the
+/// snapshot's (exit 2); a target that holds data without `overwrite` (exit
+/// 6); a refused database login (exit 5); storage, key and integrity
 /// errors. The targets are untouched unless everything succeeded.
 pub fn restore(
     repo: &Repository,
@@ -472,7 +614,6 @@ pub fn restore(
     if let Some(why) = unsupported(uri) {
         return Err(LabError::usage(why).into());
     }
-    let db = sqlite_path(uri).expect("checked");
     let art = args.mlflow_artifacts.clone().expect("given");
     let (snap, _) = repo.load_snapshot(id)?;
     if snap.source.kind != KIND {
@@ -483,13 +624,49 @@ pub fn restore(
         ))
         .into());
     }
+    let from = snap
+        .facts
+        .get("mlflow.backend")
+        .and_then(Value::as_str)
+        .unwrap_or("sqlite");
+    let to = backend_of(uri);
+    if from != to {
+        return Err(LabError::usage(format!(
+            "snapshot {} holds a {from} backend store; restore it into a {from} one (a {to} URI was given): labctl restores a store onto the same kind of database, as alembic made it; nothing was written",
+            id.short()
+        ))
+        .into());
+    }
+    let pg = if PgTarget::is_uri(uri) {
+        Some(PgTarget::parse(uri, args.mlflow_password_file.as_deref())?)
+    } else {
+        None
+    };
+    if let Some(t) = &pg {
+        for p in ["psql", "pg_restore"] {
+            t.command(p)?;
+        }
+    }
     if !overwrite {
-        if db.exists() && has_tables(&db) {
-            return Err(LabError::refused(format!(
-                "MLflow database {} already has tables: restore into a new one, or pass --overwrite to replace it whole; nothing was written",
-                db.display()
-            ))
-            .into());
+        match (&pg, sqlite_path(uri)) {
+            (Some(t), _) => {
+                let n = pg_table_count(t)?;
+                if n > 0 {
+                    return Err(LabError::refused(format!(
+                        "PostgreSQL database {} already has {n} table(s): restore into an empty database, or pass --overwrite to replace what the dump holds; nothing was written",
+                        t.display()
+                    ))
+                    .into());
+                }
+            }
+            (None, Some(db)) if db.exists() && has_tables(&db) => {
+                return Err(LabError::refused(format!(
+                    "MLflow database {} already has tables: restore into a new one, or pass --overwrite to replace it whole; nothing was written",
+                    db.display()
+                ))
+                .into());
+            }
+            _ => {}
         }
         if non_empty_dir(&art) {
             return Err(LabError::refused(format!(
@@ -543,46 +720,227 @@ pub fn restore(
         ))
         .into());
     }
-    let new_db = scratch.0.join(DB_FILE);
-    let rewritten = rewrite_uris(&new_db, &pairs)?;
-    let rev: String = rusqlite::Connection::open(&new_db)?.query_row(
-        "SELECT version_num FROM alembic_version",
-        [],
-        |r| r.get(0),
-    )?;
-    // Into place: the database by rename (beside it, then over it), the
-    // artifacts by rename of the whole folder.
-    let db_parent = db
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(db_parent)?;
-    let db_tmp = db_parent.join(format!(
-        ".{}.labctl-new",
-        db.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("mlflow.db")
-    ));
-    std::fs::copy(&new_db, &db_tmp)?;
-    std::fs::File::open(&db_tmp)?.sync_all()?;
-    if art.exists() {
-        std::fs::remove_dir_all(&art)?;
-    }
-    std::fs::rename(scratch.0.join(ARTIFACTS_DIR), &art)?;
-    std::fs::rename(&db_tmp, &db)?;
-    for side in ["-wal", "-shm", "-journal"] {
-        let mut p = db.clone().into_os_string();
-        p.push(side);
-        let _ = std::fs::remove_file(PathBuf::from(p));
-    }
+    let (database, rev, rewritten) = match &pg {
+        Some(t) => {
+            let dump = scratch.0.join(PG_DUMP_FILE);
+            if !dump.is_file() {
+                return Err(LabError::integrity(format!(
+                    "snapshot {} has no {PG_DUMP_FILE}; nothing was written",
+                    id.short()
+                ))
+                .into());
+            }
+            // The artifacts go in first (the old ones aside), the database
+            // load is one transaction; if it fails the artifacts go back.
+            let aside = art_parent.join(format!(
+                ".{}.labctl-old-{:08x}",
+                art.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("artifacts"),
+                rand::random::<u32>()
+            ));
+            let had_old = art.exists();
+            if had_old {
+                std::fs::rename(&art, &aside)?;
+            }
+            std::fs::rename(scratch.0.join(ARTIFACTS_DIR), &art)?;
+            match pg_load(t, &dump, overwrite, &pairs) {
+                Ok(rewritten) => {
+                    if had_old {
+                        let _ = std::fs::remove_dir_all(&aside);
+                    }
+                    let rev = t
+                        .query("SELECT version_num FROM alembic_version")?
+                        .into_iter()
+                        .next()
+                        .and_then(|r| r.into_iter().next())
+                        .unwrap_or_default();
+                    (t.display(), rev, rewritten)
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&art);
+                    if had_old {
+                        let _ = std::fs::rename(&aside, &art);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        None => {
+            let db = sqlite_path(uri).expect("checked");
+            let new_db = scratch.0.join(DB_FILE);
+            let rewritten = rewrite_uris(&new_db, &pairs)?;
+            let rev: String = rusqlite::Connection::open(&new_db)?.query_row(
+                "SELECT version_num FROM alembic_version",
+                [],
+                |r| r.get(0),
+            )?;
+            // Into place: the database by rename (beside it, then over it),
+            // the artifacts by rename of the whole folder.
+            let db_parent = db
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            std::fs::create_dir_all(db_parent)?;
+            let db_tmp = db_parent.join(format!(
+                ".{}.labctl-new",
+                db.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("mlflow.db")
+            ));
+            std::fs::copy(&new_db, &db_tmp)?;
+            std::fs::File::open(&db_tmp)?.sync_all()?;
+            if art.exists() {
+                std::fs::remove_dir_all(&art)?;
+            }
+            std::fs::rename(scratch.0.join(ARTIFACTS_DIR), &art)?;
+            std::fs::rename(&db_tmp, &db)?;
+            for side in ["-wal", "-shm", "-journal"] {
+                let mut p = db.clone().into_os_string();
+                p.push(side);
+                let _ = std::fs::remove_file(PathBuf::from(p));
+            }
+            (db.display().to_string(), rev, rewritten)
+        }
+    };
     Ok(MlflowRestoreReport {
-        database: db,
+        database,
         artifacts: art,
         alembic_revision: rev,
         rewritten,
         bytes: summary.bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Tables in a PostgreSQL database's own schemas.
+fn pg_table_count(t: &PgTarget) -> crate::error::Result<u64> {
+    let r = t.query(
+        "SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'",
+    )?;
+    Ok(r.first()
+        .and_then(|r| r.first())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+/// The `DO` block that rewrites artifact roots (`pairs` of OLD, NEW) in
+/// every text column of every table, at path boundaries, and reports each
+/// column's count as a `labctl-rewrote TABLE.COLUMN N` notice (the dump's
+/// script sets `client_min_messages = warning`: notices are turned back on).
+fn pg_rewrite_sql(pairs: &[(String, String)]) -> String {
+    use crate::util::dbclient::literal;
+    let arr = pairs
+        .iter()
+        .map(|(o, n)| format!("ARRAY[{}, {}]", literal(o), literal(n)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"
+SET client_min_messages = notice;
+DO $labctl$
+DECLARE r record; n bigint; pair text[]; pairs text[] := ARRAY[{arr}]::text[];
+BEGIN
+  FOR r IN SELECT c.table_schema, c.table_name, c.column_name
+           FROM information_schema.columns c JOIN information_schema.tables t
+             ON t.table_schema = c.table_schema AND t.table_name = c.table_name
+           WHERE t.table_type = 'BASE TABLE'
+             AND c.table_schema NOT IN ('pg_catalog', 'information_schema')
+             AND c.data_type IN ('text', 'character varying', 'character')
+  LOOP
+    FOREACH pair SLICE 1 IN ARRAY pairs LOOP
+      EXECUTE format('UPDATE %I.%I SET %I = $2 || substr(%I, length($1) + 1) WHERE %I = $1 OR left(%I, length($1) + 1) = $1 || chr(47)',
+                     r.table_schema, r.table_name, r.column_name, r.column_name, r.column_name, r.column_name)
+        USING pair[1], pair[2];
+      GET DIAGNOSTICS n = ROW_COUNT;
+      IF n > 0 THEN RAISE NOTICE 'labctl-rewrote %.% %', r.table_name, r.column_name, n; END IF;
+    END LOOP;
+  END LOOP;
+END
+$labctl$;
+"#
+    )
+}
+
+/// Loads a `pg_dump --format=custom` file into `t` and rewrites artifact
+/// URIs, in one transaction: `pg_restore -f -` (the dump as SQL, owners
+/// and grants left out: the staging role owns what it loads; with `clean`
+/// the dump's objects are dropped first) piped into `psql
+/// --single-transaction`, followed by [`pg_rewrite_sql`].
+fn pg_load(
+    t: &PgTarget,
+    dump: &Path,
+    clean: bool,
+    pairs: &[(String, String)],
+) -> crate::error::Result<BTreeMap<String, usize>> {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let mut psql = t
+        .command("psql")?
+        .args(["-X", "-w", "-q", "-1", "-v", "ON_ERROR_STOP=1", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| LabError::failed(format!("running psql: {e}")))?;
+    let mut perr = psql.stderr.take().expect("piped");
+    let perr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = perr.read_to_string(&mut s);
+        s
+    });
+    let mut restore = t.command("pg_restore")?;
+    restore.args(["--no-owner", "--no-privileges", "-f", "-"]);
+    if clean {
+        restore.args(["--clean", "--if-exists"]);
+    }
+    let mut restore = restore
+        .arg(dump)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| LabError::failed(format!("running pg_restore: {e}")))?;
+    let mut rerr = restore.stderr.take().expect("piped");
+    let rerr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = rerr.read_to_string(&mut s);
+        s
+    });
+    let mut stdin = psql.stdin.take().expect("piped");
+    let mut out = restore.stdout.take().expect("piped");
+    let copied = std::io::copy(&mut out, &mut stdin);
+    drop(out);
+    let rstatus = restore.wait()?;
+    let rerr = rerr.join().unwrap_or_default();
+    if !rstatus.success() || copied.is_err() {
+        // Ending psql before its input's end rolls the transaction back.
+        let _ = psql.kill();
+        let _ = psql.wait();
+        if !rstatus.success() {
+            return Err(t.classify("pg_restore", &rerr).into());
+        }
+        let perr = perr.join().unwrap_or_default();
+        return Err(t.classify("psql", &perr).into());
+    }
+    if !pairs.is_empty() {
+        // A write error means psql has stopped: its status and stderr say why.
+        let _ = stdin.write_all(pg_rewrite_sql(pairs).as_bytes());
+    }
+    drop(stdin);
+    let status = psql.wait()?;
+    let perr = perr.join().unwrap_or_default();
+    if !status.success() {
+        return Err(t.classify("psql", &perr).into());
+    }
+    let mut rewritten = BTreeMap::new();
+    for l in perr.lines() {
+        if let Some(rest) = l.split("labctl-rewrote ").nth(1) {
+            if let Some((col, n)) = rest.trim().rsplit_once(' ') {
+                *rewritten.entry(col.to_string()).or_default() += n.parse::<usize>().unwrap_or(0);
+            }
+        }
+    }
+    Ok(rewritten)
 }
 
 fn absolute(p: &Path) -> crate::error::Result<PathBuf> {
@@ -876,16 +1234,41 @@ mod tests {
     }
 
     #[test]
-    fn other_backends_are_refused_saying_what_to_do() {
-        let s = MlflowSource {
-            backend_store_uri: "postgresql://mlflow:secret@db/mlflow".into(),
+    fn other_backends_and_passwords_in_uris_are_refused_saying_what_to_do() {
+        let mut s = MlflowSource {
+            backend_store_uri: "mysql://mlflow:secret@db/mlflow".into(),
             artifacts: "/srv/a".into(),
             tracking_uri: None,
+            password_file: None,
         };
         let (_, why) = s.validate(true).unwrap_err();
         assert!(
             why.contains("not supported yet") && !why.contains("secret"),
             "{why}"
         );
+        s.backend_store_uri = "postgresql://mlflow:secret@db/mlflow".into();
+        let (field, why) = s.validate(true).unwrap_err();
+        assert!(
+            field == "backend_store_uri"
+                && why.contains("password file")
+                && !why.contains("secret"),
+            "{why}"
+        );
+        s.backend_store_uri = "postgresql://mlflow@db/mlflow".into();
+        s.validate(true).unwrap();
+        s.password_file = Some("pw".into());
+        assert_eq!(s.validate(true).unwrap_err().0, "password_file");
+        s.backend_store_uri = "sqlite:////srv/m.db".into();
+        assert_eq!(s.validate(true).unwrap_err().0, "password_file");
+    }
+
+    #[test]
+    fn the_postgresql_rewrite_quotes_roots_and_keeps_path_boundaries() {
+        let sql = pg_rewrite_sql(&[("/srv/o'art".into(), "/stage/art".into())]);
+        assert!(
+            sql.contains("ARRAY[ARRAY['/srv/o''art', '/stage/art']]"),
+            "{sql}"
+        );
+        assert!(sql.contains("$1 || chr(47)"), "{sql}");
     }
 }

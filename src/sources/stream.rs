@@ -236,17 +236,31 @@ impl CommandReader {
     /// # Errors
     /// A usage error when the program cannot be started.
     pub fn spawn(command: &[String], cancel: &CancelFlag) -> crate::error::Result<CommandReader> {
+        let mut c = Command::new(&command[0]);
+        c.args(&command[1..]);
+        Self::from_command(c, &command[0], cancel)
+    }
+
+    /// [`CommandReader::spawn`] for a command set up by the caller (its
+    /// environment, say); `program` names it in errors.
+    ///
+    /// # Errors
+    /// A usage error when the program cannot be started.
+    pub fn from_command(
+        mut command: Command,
+        program: &str,
+        cancel: &CancelFlag,
+    ) -> crate::error::Result<CommandReader> {
         use std::os::unix::process::CommandExt;
         // Its own process group, so cancelling kills what it started too
         // (a shell's children would otherwise keep the pipe open).
-        let mut child = Command::new(&command[0])
-            .args(&command[1..])
+        let mut child = command
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| LabError::usage(format!("cannot start `{}`: {e}", command[0])))?;
+            .map_err(|e| LabError::usage(format!("cannot start `{program}`: {e}")))?;
         let stdout = child.stdout.take().expect("piped stdout");
         {
             use std::os::fd::AsRawFd;
@@ -291,7 +305,7 @@ impl CommandReader {
             stdout,
             stderr_tail: tail,
             stderr_done,
-            program: command[0].clone(),
+            program: program.to_string(),
             done,
             cancel: cancel.clone(),
         })

@@ -4,6 +4,7 @@
 //! Owns no domain knowledge: nothing here imports from any other labctl
 //! module except [`crate::error`].
 
+pub mod dbclient;
 pub mod directio;
 pub mod located;
 pub mod lock;

@@ -23,6 +23,7 @@ mod layout;
 mod mlflow;
 mod points;
 mod policy;
+mod postgres;
 mod provision;
 mod prune;
 mod pvc;

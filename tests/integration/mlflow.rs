@@ -31,12 +31,24 @@ pub struct MlflowServer {
 
 impl MlflowServer {
     pub fn start(home: &Path, db: &Path, artifacts: &Path) -> MlflowServer {
+        Self::start_on(home, &format!("sqlite:///{}", db.display()), artifacts, &[])
+    }
+
+    /// A server on any backend store URI, with extra environment (libpq's
+    /// PGPASSWORD for a PostgreSQL store).
+    pub fn start_on(
+        home: &Path,
+        store: &str,
+        artifacts: &Path,
+        env: &[(&str, &str)],
+    ) -> MlflowServer {
         use std::os::unix::process::CommandExt;
         let port = free_port();
         let log = std::fs::File::create(home.join(format!("mlflow-{port}.log"))).unwrap();
         let child = Command::new(venv_bin("mlflow"))
             .args(["server", "--backend-store-uri"])
-            .arg(format!("sqlite:///{}", db.display()))
+            .arg(store)
+            .envs(env.iter().copied())
             .arg("--default-artifact-root")
             .arg(artifacts)
             .args([
@@ -288,21 +300,27 @@ fn an_mlflow_store_restores_into_a_second_store_and_a_server_on_it_agrees() {
     );
     drop(staging);
 
-    // Unsupported stores say what to do; a database that is not MLflow's is refused.
-    let out = env.run(&[
-        "backup",
-        "mlflow",
-        "--backend-store-uri",
-        "postgresql://ml:hunter2@127.0.0.1/mlflow",
-        "--artifacts",
-        art.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("not supported yet") && !stderr(&out).contains("hunter2"),
-        "{}",
-        stderr(&out)
-    );
+    // Unsupported stores say what to do, a password in a URI is refused
+    // (without repeating it); a database that is not MLflow's is refused.
+    for (uri, says) in [
+        ("mysql://ml:hunter2@127.0.0.1/mlflow", "not supported yet"),
+        ("postgresql://ml:hunter2@127.0.0.1/mlflow", "password file"),
+    ] {
+        let out = env.run(&[
+            "backup",
+            "mlflow",
+            "--backend-store-uri",
+            uri,
+            "--artifacts",
+            art.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(says) && !stderr(&out).contains("hunter2"),
+            "{}",
+            stderr(&out)
+        );
+    }
     let other = home.join("other.db");
     rusqlite::Connection::open(&other)
         .unwrap()
@@ -322,5 +340,295 @@ fn an_mlflow_store_restores_into_a_second_store_and_a_server_on_it_agrees() {
         "{}",
         stderr(&out)
     );
+    drop(prod);
+}
+
+/// A PATH directory whose `psql`, `pg_dump` and `pg_restore` record their
+/// argv (one line each) in `argv.log` and run the real programs.
+fn recording_pg_tools(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let shims = dir.join("shims");
+    std::fs::create_dir_all(&shims).unwrap();
+    let log = dir.join("argv.log");
+    for p in ["psql", "pg_dump", "pg_restore"] {
+        let f = shims.join(p);
+        std::fs::write(
+            &f,
+            format!(
+                "#!/bin/sh\necho \"{p} $*\" >> {}\nexec /usr/bin/{p} \"$@\"\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    shims
+}
+
+#[test]
+fn an_mlflow_store_on_postgresql_round_trips_through_pg_dump_and_a_server_on_it_agrees() {
+    use crate::postgres::Postgres;
+    use std::os::unix::fs::PermissionsExt;
+    const PW: &str = "pg-Secret-7f3a";
+    let pg = Postgres::start();
+    pg.su_ok(
+        "postgres",
+        &format!("CREATE ROLE mlflow LOGIN PASSWORD '{PW}'"),
+    );
+    for db in ["mlflow", "mlflow_staging"] {
+        pg.su_ok("postgres", &format!("CREATE DATABASE {db} OWNER mlflow"));
+    }
+    let env = Env::new();
+    let home = env.path("ml");
+    let art = home.join("prod/artifacts");
+    std::fs::create_dir_all(&art).unwrap();
+    let prod = MlflowServer::start_on(
+        &home,
+        &pg.uri("mlflow", "mlflow"),
+        &art,
+        &[("PGPASSWORD", PW)],
+    );
+    log_runs(&home, &prod.url);
+    let pwfile = home.join("pg.pw");
+    std::fs::write(&pwfile, format!("{PW}\n")).unwrap();
+    std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let shims = recording_pg_tools(&home);
+    let path = format!("{}:/usr/bin:/bin", shims.display());
+    let run = |restore: bool, args: &[&str]| {
+        let mut c = env.cmd();
+        c.env("PATH", &path);
+        if restore {
+            c.env("LABCTL_RESTORE_KEY", &env.restore_key);
+        } else {
+            c.env("LABCTL_KEY", &env.backup_key);
+        }
+        c.args(args).output().unwrap()
+    };
+    let prod_uri = pg.uri("mlflow", "mlflow");
+    let out = run(
+        false,
+        &[
+            "--json",
+            "backup",
+            "mlflow",
+            "--backend-store-uri",
+            &prod_uri,
+            "--password-file",
+            pwfile.to_str().unwrap(),
+            "--artifacts",
+            art.to_str().unwrap(),
+            "--tracking-uri",
+            &prod.url,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut said = stdout(&out) + &stderr(&out);
+    let b: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = b["snapshot-id"].as_str().unwrap().to_string();
+    let snaps = env.ok(&["--json", "snapshots"]);
+    said += &stdout(&snaps);
+    let snaps: Value = serde_json::from_slice(&snaps.stdout).unwrap();
+    let facts = &snaps[0]["facts"];
+    assert_eq!(facts["mlflow.backend"], "postgresql", "{facts}");
+    assert_eq!(facts["mlflow.database"], prod_uri.as_str(), "{facts}");
+    assert_eq!(facts["mlflow.counts"]["runs"], 6, "{facts}");
+    assert_eq!(facts["mlflow.counts"]["experiments"], 3, "{facts}");
+    assert_eq!(facts["mlflow.counts"]["model_versions"], 2, "{facts}");
+    assert_eq!(facts["mlflow.sample"].as_array().unwrap().len(), 3);
+    let ls = stdout(&env.ok_restore(&["ls", &id]));
+    assert!(ls.contains("backend/mlflow.pgdump"), "{ls}");
+    // pg_dump dumped the very snapshot the facts were read from.
+    let argv = std::fs::read_to_string(home.join("argv.log")).unwrap();
+    assert!(
+        argv.lines()
+            .any(|l| l.starts_with("pg_dump ")
+                && l.contains("--format=custom --compress=0 --snapshot=")),
+        "{argv}"
+    );
+
+    // Into the staging database and a second artifact root, one transaction.
+    let art2 = home.join("staging/artifacts");
+    let stage_uri = pg.uri("mlflow", "mlflow_staging");
+    let restore_args = [
+        "--json",
+        "restore",
+        &id,
+        "--mlflow-backend-store-uri",
+        &stage_uri,
+        "--mlflow-password-file",
+        pwfile.to_str().unwrap(),
+        "--mlflow-artifacts",
+        art2.to_str().unwrap(),
+    ];
+    let out = run(true, &restore_args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    said += &(stdout(&out) + &stderr(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rw = &r["restore"]["rewritten"];
+    assert_eq!(rw["runs.artifact_uri"], 6, "{r}");
+    assert_eq!(rw["experiments.artifact_location"], 3, "{r}");
+    assert_eq!(rw["model_versions.source"], 2, "{r}");
+    assert_eq!(rw["model_versions.storage_location"], 2, "{r}");
+    assert_eq!(
+        r["restore"]["alembic_revision"],
+        facts["mlflow.alembic_revision"]
+    );
+    assert_eq!(
+        pg.su_ok(
+            "mlflow_staging",
+            "SELECT count(*) FROM runs WHERE artifact_uri NOT LIKE '%staging/artifacts%'"
+        ),
+        "0"
+    );
+    // Again: the database has tables now, refused and untouched (exit 6).
+    let out = run(true, &restore_args);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    // --overwrite replaces what the dump holds, in one transaction.
+    let tags = pg.su_ok("mlflow_staging", "SELECT count(*) FROM tags");
+    pg.su_ok("mlflow_staging", "DELETE FROM tags");
+    let mut again = restore_args.to_vec();
+    again.push("--overwrite");
+    let out = run(true, &again);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        pg.su_ok("mlflow_staging", "SELECT count(*) FROM tags"),
+        tags
+    );
+    // A load that fails halfway changes nothing: the transaction rolls
+    // back and the artifact root is put back as it was.
+    let half = home.join("half-bin");
+    std::fs::create_dir_all(&half).unwrap();
+    std::os::unix::fs::symlink("/usr/bin/psql", half.join("psql")).unwrap();
+    let f = half.join("pg_restore");
+    std::fs::write(
+        &f,
+        "#!/bin/sh\necho 'DROP TABLE tags; CREATE TABLE half_loaded (x int);'\necho 'pg_restore: error: could not read from input file: end of file' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let marker = art2.join("kept-by-a-failed-restore");
+    std::fs::write(&marker, b"x").unwrap();
+    let mut c = env.cmd();
+    c.env("PATH", format!("{}:/usr/bin:/bin", half.display()))
+        .env("LABCTL_RESTORE_KEY", &env.restore_key)
+        .args(&again);
+    let out = c.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("end of file"), "{}", stderr(&out));
+    assert_eq!(
+        pg.su_ok("mlflow_staging", "SELECT count(*) FROM tags"),
+        tags
+    );
+    assert_eq!(
+        pg.su_ok(
+            "mlflow_staging",
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'half_loaded'"
+        ),
+        "0"
+    );
+    assert!(marker.exists());
+    std::fs::remove_file(&marker).unwrap();
+
+    let staging = MlflowServer::start_on(&home, &stage_uri, &art2, &[("PGPASSWORD", PW)]);
+    let out = env.ok_restore(&[
+        "--json",
+        "restore",
+        &id,
+        "--verify-tracking-uri",
+        &staging.url,
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verify"]["runs"], 6, "{v}");
+    assert_eq!(v["verify"]["model_versions"], 2, "{v}");
+    assert_eq!(v["verify"]["artifacts"], 3, "{v}");
+    let versions = |u: &str| {
+        let mut v: Vec<String> = get(&format!(
+            "{u}/api/2.0/mlflow/model-versions/search?max_results=100"
+        ))["model_versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| format!("{} {} {}", m["name"], m["version"], m["run_id"]))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(versions(&prod.url), versions(&staging.url));
+    drop(staging);
+
+    // The password never left its file: not in any argv, output or fact.
+    let argv = std::fs::read_to_string(home.join("argv.log")).unwrap();
+    assert!(!argv.contains(PW) && !said.contains(PW), "{argv}\n{said}");
+
+    // A wrong password is a key error (exit 5), nothing committed.
+    let bad = home.join("bad.pw");
+    std::fs::write(&bad, "not-it\n").unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let backup = |uri: &str, pw: &Path, path: &str| {
+        let mut c = env.cmd();
+        c.env("PATH", path).env("LABCTL_KEY", &env.backup_key);
+        c.args([
+            "backup",
+            "mlflow",
+            "--backend-store-uri",
+            uri,
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--artifacts",
+            art.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap()
+    };
+    let out = backup(&prod_uri, &bad, &path);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refused the login"),
+        "{}",
+        stderr(&out)
+    );
+    // A too-open password file is refused.
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = backup(&prod_uri, &bad, &path);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+    // An unreachable server, missing client programs (naming the package),
+    // a dump that fails: each a clear error, nothing committed.
+    let closed = format!("postgresql://mlflow@127.0.0.1:{}/mlflow", free_port());
+    let out = backup(&closed, &pwfile, &path);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot reach PostgreSQL"),
+        "{}",
+        stderr(&out)
+    );
+    let empty = home.join("empty-bin");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = backup(&prod_uri, &pwfile, empty.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("postgresql-client"),
+        "{}",
+        stderr(&out)
+    );
+    let failing = home.join("failing-bin");
+    std::fs::create_dir_all(&failing).unwrap();
+    std::os::unix::fs::symlink("/usr/bin/psql", failing.join("psql")).unwrap();
+    let f = failing.join("pg_dump");
+    std::fs::write(&f, "#!/bin/sh\necho 'pg_dump: error: query failed: ERROR:  out of shared memory' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = backup(
+        &prod_uri,
+        &pwfile,
+        &format!("{}:/usr/bin:/bin", failing.display()),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("out of shared memory"),
+        "{}",
+        stderr(&out)
+    );
+    let snaps: Value = serde_json::from_slice(&env.ok(&["--json", "snapshots"]).stdout).unwrap();
+    assert_eq!(snaps.as_array().unwrap().len(), 1, "{snaps}");
     drop(prod);
 }
