@@ -17,6 +17,8 @@ command -v ssh-keygen >/dev/null || need_apt+=(openssh-client) # the VM source t
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)         # ... and its tests run a real sshd on loopback
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql) # the mlflow source's tests run a real PostgreSQL
 command -v pg_dump >/dev/null || need_apt+=(postgresql-client) # ... dumped with pg_dump, restored with pg_restore and psql
+[ -x /usr/sbin/mariadbd ] || need_apt+=(mariadb-server)     # the kubeflow-pipelines source's tests run real MariaDB servers
+command -v mysqldump >/dev/null || need_apt+=(mariadb-client) # ... dumped with mysqldump, loaded with mysql
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     # No package may start a service here (openssh-server would listen on

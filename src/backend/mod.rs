@@ -146,6 +146,9 @@ pub struct OpenOptions {
     pub credentials_file: Option<std::path::PathBuf>,
     /// PEM CA file trusted for the S3 endpoint.
     pub ca_file: Option<std::path::PathBuf>,
+    /// The S3 endpoint (instead of `AWS_ENDPOINT_URL`): a store other than
+    /// the repository's, such as Kubeflow Pipelines' in-cluster MinIO.
+    pub endpoint_url: Option<String>,
 }
 
 /// Refuses a repository location that looks like a URL but is not a valid

@@ -202,12 +202,25 @@ impl S3Backend {
                 use aws_runtime::env_config::file::{
                     EnvConfigFileKind as ProfileFileKind, EnvConfigFiles as ProfileFiles,
                 };
-                loader = loader.profile_files(
+                let files = || {
                     ProfileFiles::builder()
                         .include_default_config_file(true)
                         .with_file(ProfileFileKind::Credentials, p)
-                        .build(),
-                );
+                        .build()
+                };
+                loader = loader.profile_files(files());
+                if opts.endpoint_url.is_some() {
+                    // A second store's own keys: the file alone, not the
+                    // environment's keys (those are the repository's).
+                    loader = loader.credentials_provider(
+                        aws_config::profile::ProfileFileCredentialsProvider::builder()
+                            .profile_files(files())
+                            .build(),
+                    );
+                }
+            }
+            if let Some(u) = &opts.endpoint_url {
+                loader = loader.endpoint_url(u);
             }
             let shared = loader.load().await;
             let mut b = aws_sdk_s3::config::Builder::from(&shared);
@@ -263,6 +276,30 @@ impl S3Backend {
         } else {
             format!("{}/{name}", self.prefix)
         }
+    }
+
+    /// Writes an object whether or not it exists (not for repositories,
+    /// whose objects are written once: for a bucket labctl restores into,
+    /// with `--overwrite`).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn put_replacing(&self, name: &str, data: Vec<u8>) -> BackendResult<()> {
+        let key = self.key(name);
+        self.ctx(
+            "PUT",
+            self.rt.block_on(async {
+                self.client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .body(ByteStream::from(bytes::Bytes::from(data)))
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| io_err(name, describe(&e)))
+            }),
+        )
     }
 
     /// Whether the bucket has Object Lock enabled.

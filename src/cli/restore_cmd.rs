@@ -13,7 +13,7 @@ use std::path::PathBuf;
     clap::ArgGroup::new("dest")
         .required(true)
         .multiple(true)
-        .args(["target", "stdout", "etcd_data_dir", "verify", "to", "to_vm", "to_cluster", "to_pvc", "mlflow_backend_store_uri", "verify_tracking_uri"])
+        .args(["target", "stdout", "etcd_data_dir", "verify", "to", "to_vm", "to_cluster", "to_pvc", "mlflow_backend_store_uri", "verify_tracking_uri", "kfp_mysql"])
 ))]
 #[command(after_help = "\
 Examples:
@@ -25,6 +25,8 @@ Examples:
   labctl restore 77e1 --to-pvc nlp-lab-staging/nb1-data --storage-class local-path
   labctl restore 41c0 --mlflow-backend-store-uri sqlite:////srv/mlflow-staging/mlflow.db \\
       --mlflow-artifacts /srv/mlflow-staging/artifacts
+  labctl restore 8a3f --kfp-mysql mysql://root@mysql-staging:3306 \\
+      --kfp-password-file /etc/labctl/kfp-staging.pw --kfp-bucket s3://mlpipeline-staging
   labctl restore --to staging --dry-run                 # what the staging plan would do
   labctl restore --to staging --only etcd,stream        # restore, verify, report the RTO
   labctl restore --to production --point platform-20261204T020000Z-1a2b \\
@@ -58,6 +60,8 @@ pub struct RestoreCmd {
     pub pvc: crate::sources::pvc::PvcRestore,
     #[command(flatten)]
     pub mlflow: crate::sources::mlflow::MlflowRestore,
+    #[command(flatten)]
+    pub kfp: crate::sources::kfp::KfpRestore,
     /// Restore only this path (and what is below it); repeatable. With
     /// --stdout: the file to write. With --to-cluster: a namespace
     /// (`nlp-lab`), `_cluster`, or deeper (`nlp-lab/kubeflow.org/Notebook`).
@@ -173,6 +177,30 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> crate::error::Result<ExitCode> {
     }
     if c.mlflow.mlflow_backend_store_uri.is_some() || c.mlflow.verify_tracking_uri.is_some() {
         return run_mlflow(g, &repo, &id, &c);
+    }
+    if c.kfp.kfp_mysql.is_some() {
+        let r = crate::sources::kfp::restore(&repo, &id, &c.kfp, c.overwrite, c.threads)?;
+        if g.json {
+            print_json(&serde_json::json!({"snapshot": id.hex(), "restore": r}))?;
+        } else if !g.quiet {
+            eprintln!(
+                "restored Kubeflow Pipelines snapshot {}: databases {} on {} ({} tables, row counts as backed up: {}), {} object(s) ({}) into {}, {} sampled object(s) read back identical",
+                id.short(),
+                r.databases.join(", "),
+                r.mysql,
+                r.tables,
+                r.rows
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.objects,
+                human_bytes(r.bytes),
+                r.bucket,
+                r.objects_verified
+            );
+        }
+        return Ok(ExitCode::Success);
     }
     if c.pvc.to_pvc.is_some() {
         let restore_key = g.restore_key.as_deref().ok_or_else(|| {

@@ -167,6 +167,7 @@ impl RepositoryConfig {
             backend: crate::backend::OpenOptions {
                 credentials_file: self.credentials_file.clone(),
                 ca_file: self.ca_file.clone(),
+                endpoint_url: None,
             },
             // A job that reads data uses the restore key only.
             backup_key: Some(self.backup_key.clone()),

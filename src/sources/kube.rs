@@ -18,9 +18,8 @@ use super::SourceContext;
 use crate::error::LabError;
 use crate::k8s::KubeTarget;
 use crate::repo::backup::{BackupOutcome, BackupRun};
-use crate::repo::chunker::ChunkerKind;
 use crate::repo::snapshot::Source;
-use crate::repo::tree::{ContentRef, Node, NodeType, Tree};
+use crate::repo::tree::{ContentRef, NodeType};
 use crate::repo::{Id, Repository};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::discovery::ApiResource;
@@ -274,11 +273,11 @@ impl KubeSource {
         let read = rt.block_on(self.read_objects(ctx.cancel()))?;
         let mut run = BackupRun::start(ctx.repo, ctx.opts.threads, ctx.progress)?;
         run.set_cancel(ctx.opts.cancel.clone());
-        let mut root = Folder::default();
+        let mut root = super::Folder::default();
         let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
         for (path, obj) in &read.objects {
             let yaml = serde_norway::to_string(obj)?;
-            root.insert(path, yaml.into_bytes());
+            root.insert(path, super::Leaf::Bytes(yaml.into_bytes()));
             *kinds.entry(kind_key(obj)).or_default() += 1;
         }
         let mtime = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
@@ -691,50 +690,6 @@ pub fn api_error(e: kube::Error, what: &str) -> crate::error::Error {
         ))
         .into(),
         _ => LabError::failed(format!("{what}: {e}")).into(),
-    }
-}
-
-/// A folder of the snapshot being built.
-#[derive(Default)]
-struct Folder {
-    dirs: BTreeMap<String, Folder>,
-    files: BTreeMap<String, Vec<u8>>,
-}
-
-impl Folder {
-    fn insert(&mut self, path: &[String], data: Vec<u8>) {
-        match path {
-            [file] => {
-                self.files.insert(file.clone(), data);
-            }
-            [dir, rest @ ..] => self.dirs.entry(dir.clone()).or_default().insert(rest, data),
-            [] => {}
-        }
-    }
-
-    fn store(self, run: &mut BackupRun<'_>, mtime: i128) -> crate::error::Result<Vec<Id>> {
-        // SAFETY: getuid/getgid cannot fail.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        let mut nodes = vec![];
-        for (name, dir) in self.dirs {
-            run.check_cancel()?;
-            let ids = dir.store(run, mtime)?;
-            run.summary_mut().dirs += 1;
-            let mut n = Node::new(name.as_bytes(), NodeType::Dir, 0o040700, uid, gid, mtime);
-            n.subtree = Some(ids);
-            nodes.push(n);
-        }
-        for (name, data) in self.files {
-            let size = data.len() as u64;
-            let content = run.add_stream(&data[..], ChunkerKind::Cdc, &name)?;
-            run.summary_mut().files_new += 1;
-            let mut n = Node::new(name.as_bytes(), NodeType::File, 0o100600, uid, gid, mtime);
-            n.size = size;
-            n.content = content;
-            nodes.push(n);
-        }
-        nodes.sort_by_key(Node::name_bytes);
-        run.add_tree(&Tree { v: 1, nodes })
     }
 }
 

@@ -12,6 +12,7 @@
 //! tables) nor import from `cli/`, `schedule/` or `restore/`.
 
 pub mod etcd;
+pub mod kfp;
 pub mod kube;
 pub mod mlflow;
 pub mod path;
@@ -72,6 +73,78 @@ pub(crate) fn one_file_root(
         v: 1,
         nodes: vec![node],
     })
+}
+
+/// A file of a snapshot being built from memory or from streams.
+pub(crate) enum Leaf {
+    /// Bytes to store.
+    Bytes(Vec<u8>),
+    /// Content already stored (`BackupRun::add_stream`) and its size.
+    Stored {
+        size: u64,
+        content: Vec<crate::repo::tree::ContentRef>,
+    },
+}
+
+/// A folder of a snapshot being built (a tree of YAML files, a bucket's
+/// objects): insert files by path, then store it as trees.
+#[derive(Default)]
+pub(crate) struct Folder {
+    dirs: std::collections::BTreeMap<String, Folder>,
+    files: std::collections::BTreeMap<String, Leaf>,
+}
+
+impl Folder {
+    pub(crate) fn insert(&mut self, path: &[String], leaf: Leaf) {
+        match path {
+            [file] => {
+                self.files.insert(file.clone(), leaf);
+            }
+            [dir, rest @ ..] => self.dirs.entry(dir.clone()).or_default().insert(rest, leaf),
+            [] => {}
+        }
+    }
+
+    /// Stores the folder (directories 0700, files 0600, owned by labctl's
+    /// user, all with `mtime`); its tree's chunks.
+    ///
+    /// # Errors
+    /// Storage errors; cancellation.
+    pub(crate) fn store(
+        self,
+        run: &mut crate::repo::backup::BackupRun<'_>,
+        mtime: i128,
+    ) -> crate::error::Result<Vec<crate::repo::Id>> {
+        use crate::repo::chunker::ChunkerKind;
+        use crate::repo::tree::{Node, NodeType, Tree};
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let mut nodes = vec![];
+        for (name, dir) in self.dirs {
+            run.check_cancel()?;
+            let ids = dir.store(run, mtime)?;
+            run.summary_mut().dirs += 1;
+            let mut n = Node::new(name.as_bytes(), NodeType::Dir, 0o040700, uid, gid, mtime);
+            n.subtree = Some(ids);
+            nodes.push(n);
+        }
+        for (name, leaf) in self.files {
+            let (size, content) = match leaf {
+                Leaf::Bytes(data) => (
+                    data.len() as u64,
+                    run.add_stream(&data[..], ChunkerKind::Cdc, &name)?,
+                ),
+                Leaf::Stored { size, content } => (size, content),
+            };
+            run.summary_mut().files_new += 1;
+            let mut n = Node::new(name.as_bytes(), NodeType::File, 0o100600, uid, gid, mtime);
+            n.size = size;
+            n.content = content;
+            nodes.push(n);
+        }
+        nodes.sort_by_key(Node::name_bytes);
+        run.add_tree(&Tree { v: 1, nodes })
+    }
 }
 
 /// What one run of several sources wrote as one restore point.
@@ -203,15 +276,28 @@ pub enum SourceSpec {
     /// DIR`, or `--to-pvc NS/NAME` (a new claim filled by a Job).
     Pvc(pvc::PvcSource),
     /// Back up an MLflow tracking server's state as one snapshot: its
-    /// SQLite backend store (a consistent copy through the online backup
-    /// API, taken first) and its artifact root (read after), with the
-    /// alembic revision, counts and a sample of runs as facts.
+    /// backend store (SQLite: a consistent copy through the online backup
+    /// API; PostgreSQL: pg_dump at an exported snapshot; taken first) and
+    /// its artifact root (read after), with the alembic revision, counts
+    /// and a sample of runs as facts.
     ///
     /// Restore with `labctl restore SNAP --mlflow-backend-store-uri URI
     /// --mlflow-artifacts DIR` (stored artifact URIs rewritten to the new
     /// root) and check it through a server on the restored store with
     /// `--verify-tracking-uri URL`.
     Mlflow(mlflow::MlflowSource),
+    /// Back up Kubeflow Pipelines' metadata as one snapshot: its MySQL
+    /// databases (mlpipeline, metadb, cachedb: one mysqldump
+    /// --single-transaction, taken first) and every object of its bucket
+    /// (listed after, so it holds what the databases name), with every
+    /// table's row count as facts.
+    ///
+    /// With --quiesce, the ml-pipeline API server and persistence agent in
+    /// kubeflow are scaled to 0 for the dump and back afterwards (also when
+    /// it fails). Restore with `labctl restore SNAP --kfp-mysql URI
+    /// --kfp-bucket s3://BUCKET` (loaded into scratch databases, checked,
+    /// then renamed into place in one step).
+    KubeflowPipelines(kfp::KfpSource),
 }
 
 impl SourceSpec {
@@ -225,6 +311,7 @@ impl SourceSpec {
             SourceSpec::Kube(_) => kube::KIND,
             SourceSpec::Pvc(_) => pvc::KIND,
             SourceSpec::Mlflow(_) => mlflow::KIND,
+            SourceSpec::KubeflowPipelines(_) => kfp::KIND,
         }
     }
 
@@ -239,6 +326,7 @@ impl SourceSpec {
             SourceSpec::Kube(s) => s.what(),
             SourceSpec::Pvc(s) => s.what(),
             SourceSpec::Mlflow(s) => s.what(),
+            SourceSpec::KubeflowPipelines(s) => s.what(),
         }
     }
 
@@ -256,6 +344,7 @@ impl SourceSpec {
             SourceSpec::Kube(s) => s.validate(from_config),
             SourceSpec::Pvc(s) => s.validate(from_config),
             SourceSpec::Mlflow(s) => s.validate(from_config),
+            SourceSpec::KubeflowPipelines(s) => s.validate(from_config),
         }
     }
 
@@ -273,6 +362,7 @@ impl SourceSpec {
             SourceSpec::Kube(s) => s.check_host(),
             SourceSpec::Pvc(s) => s.check_host(),
             SourceSpec::Mlflow(s) => s.check_host(),
+            SourceSpec::KubeflowPipelines(s) => s.check_host(),
         }
     }
 
@@ -282,6 +372,9 @@ impl SourceSpec {
         match self {
             SourceSpec::Kube(s) => SourceSpec::Kube(s.with_default_target(kube_target)),
             SourceSpec::Pvc(s) => SourceSpec::Pvc(s.with_default_target(kube_target)),
+            SourceSpec::KubeflowPipelines(s) => {
+                SourceSpec::KubeflowPipelines(s.with_default_target(kube_target))
+            }
             other => other.clone(),
         }
     }
@@ -317,6 +410,7 @@ impl SourceSpec {
             SourceSpec::Kube(s) => s.backup(ctx),
             SourceSpec::Pvc(s) => s.backup(ctx),
             SourceSpec::Mlflow(s) => s.backup(ctx),
+            SourceSpec::KubeflowPipelines(s) => s.backup(ctx),
         }
     }
 }

@@ -1,12 +1,15 @@
-//! PostgreSQL through its standard client programs (`psql`, `pg_dump`,
-//! `pg_restore`), for sources that dump SQL stores (MLflow's backend
-//! store): a connection URI parsed into the libpq environment, the
-//! password kept out of argv and logs (a 0600 file's content handed over as
-//! `PGPASSWORD` in the child's environment, which other users cannot read,
-//! or libpq's own `PGPASSWORD`/`PGPASSFILE`/`~/.pgpass`), missing programs
-//! named with the Debian package that provides them, and the clients'
-//! failures sorted into labctl's exit codes (a refused login is a key
-//! error, an unreachable server a failure).
+//! PostgreSQL and MySQL/MariaDB through their standard client programs
+//! (`psql`, `pg_dump`, `pg_restore`; `mysql`, `mysqldump`), for sources
+//! that dump SQL stores (MLflow's backend store, Kubeflow Pipelines'
+//! databases): a connection URI parsed into the client's settings, the
+//! password kept out of argv and logs (PostgreSQL: a 0600 file's content
+//! handed over as `PGPASSWORD` in the child's environment, which other
+//! users cannot read, or libpq's own `PGPASSWORD`/`PGPASSFILE`/`~/.pgpass`;
+//! MySQL: a 0600 option file given with `--defaults-extra-file`, or the
+//! client's own `~/.my.cnf`), missing programs named with the Debian
+//! package that provides them, and the clients' failures sorted into
+//! labctl's exit codes (a refused login is a key error, an unreachable
+//! server a failure).
 
 use crate::error::LabError;
 use std::io::{BufRead, BufReader, Write};
@@ -146,19 +149,7 @@ impl PgTarget {
                 }
             }
         }
-        let password = match password_file {
-            Some(p) => {
-                let raw = crate::util::secret::read_private(p)?;
-                let s = String::from_utf8(raw)
-                    .map_err(|_| LabError::key(format!("{} is not UTF-8 text", p.display())))?;
-                let s = s.trim_end_matches(['\n', '\r']).to_string();
-                if s.is_empty() {
-                    return Err(LabError::key(format!("{} is empty", p.display())));
-                }
-                Some(Arc::new(secrecy::SecretString::from(s)))
-            }
-            None => None,
-        };
+        let password = password_file.map(read_password).transpose()?;
         Ok(PgTarget {
             host,
             port,
@@ -295,12 +286,15 @@ fn rows_of(out: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// `program` on PATH.
+/// `program` on PATH (unset: the usual system directories, as a shell
+/// would search them).
 pub fn find_program(program: &str) -> Option<PathBuf> {
     if program.contains('/') {
         return Some(PathBuf::from(program)).filter(|p| p.is_file());
     }
-    std::env::split_paths(&std::env::var_os("PATH")?)
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
         .map(|d| d.join(program))
         .find(|p| p.is_file())
 }
@@ -419,9 +413,319 @@ pub fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// A password read from a 0600 file (trailing newline dropped).
+fn read_password(p: &Path) -> Result<Arc<secrecy::SecretString>, LabError> {
+    let raw = crate::util::secret::read_private(p)?;
+    let s = String::from_utf8(raw)
+        .map_err(|_| LabError::key(format!("{} is not UTF-8 text", p.display())))?;
+    let s = s.trim_end_matches(['\n', '\r']).to_string();
+    if s.is_empty() {
+        return Err(LabError::key(format!("{} is empty", p.display())));
+    }
+    Ok(Arc::new(secrecy::SecretString::from(s)))
+}
+
+/// A MySQL/MariaDB server named by `mysql://user@host:3306[/db]`
+/// (`mariadb://` and SQLAlchemy's `mysql+pymysql://` too); the URI must not
+/// hold a password.
+#[derive(Clone)]
+pub struct MyTarget {
+    pub host: String,
+    pub port: u16,
+    pub user: Option<String>,
+    pub database: Option<String>,
+    password: Option<Arc<secrecy::SecretString>>,
+}
+
+impl std::fmt::Debug for MyTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MyTarget({})", self.display())
+    }
+}
+
+/// A client option file (mode 0600, removed when dropped): how the
+/// password reaches `mysql`/`mysqldump` without argv or environment.
+pub struct OptionFile(PathBuf);
+
+impl Drop for OptionFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A MySQL client program with its option file (kept alive with it).
+pub struct MyCommand {
+    pub command: Command,
+    file: OptionFile,
+}
+
+impl MyCommand {
+    /// The command and the option file it reads (keep the file until the
+    /// command has ended).
+    pub fn into_parts(self) -> (Command, OptionFile) {
+        (self.command, self.file)
+    }
+}
+
+/// A value in a MySQL option file: double-quoted, `\` and `"` escaped.
+fn option_value(v: &str) -> String {
+    format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+impl MyTarget {
+    /// Whether `uri` names a MySQL/MariaDB server.
+    pub fn is_uri(uri: &str) -> bool {
+        let scheme = uri.split("://").next().unwrap_or("");
+        uri.contains("://")
+            && (scheme == "mysql" || scheme == "mariadb" || scheme.starts_with("mysql+"))
+    }
+
+    /// Parses `uri`; the password, if any, comes from `password_file`.
+    ///
+    /// # Errors
+    /// A usage error for a malformed URI or one holding a password (never
+    /// repeated); a key error for the file.
+    pub fn parse(uri: &str, password_file: Option<&Path>) -> Result<MyTarget, LabError> {
+        let shown = crate::util::redact_url(uri.split('?').next().unwrap_or(uri));
+        let rest = uri
+            .split_once("://")
+            .map(|(_, r)| r)
+            .filter(|_| Self::is_uri(uri))
+            .ok_or_else(|| LabError::usage(format!("'{shown}' is not a mysql:// URI")))?;
+        if rest.contains('?') {
+            return Err(LabError::usage(format!(
+                "'{shown}': labctl passes no URI parameters to the MySQL client; drop the ?... part"
+            )));
+        }
+        let (auth_host, db) = rest.split_once('/').unwrap_or((rest, ""));
+        let (auth, hostport) = match auth_host.rsplit_once('@') {
+            Some((a, h)) => (Some(a), h),
+            None => (None, auth_host),
+        };
+        let user = match auth {
+            Some(a) if a.contains(':') => {
+                return Err(LabError::usage(format!(
+                    "'{shown}' holds a password: a URI lands in argv and config files; put the password in a 0600 password file (password_file / --password-file) or the client's ~/.my.cnf"
+                )))
+            }
+            Some(a) if !a.is_empty() => Some(pct_decode(a)),
+            _ => None,
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse::<u16>().map_err(|_| {
+                    LabError::usage(format!("'{shown}': port '{p}' is not a number"))
+                })?,
+            ),
+            None => (hostport.to_string(), 3306),
+        };
+        if host.is_empty() {
+            return Err(LabError::usage(format!(
+                "'{shown}' names no host (mysql://user@host:3306)"
+            )));
+        }
+        let database = Some(pct_decode(db)).filter(|d| !d.is_empty());
+        let password = password_file.map(read_password).transpose()?;
+        Ok(MyTarget {
+            host,
+            port,
+            user,
+            database,
+            password,
+        })
+    }
+
+    /// The target in words (never a password).
+    pub fn display(&self) -> String {
+        format!(
+            "mysql://{}{}:{}{}",
+            self.user
+                .as_deref()
+                .map(|u| format!("{u}@"))
+                .unwrap_or_default(),
+            self.host,
+            self.port,
+            self.database
+                .as_deref()
+                .map(|d| format!("/{d}"))
+                .unwrap_or_default()
+        )
+    }
+
+    /// `program` set up to talk to this server: an option file with host,
+    /// port, user and password (`--defaults-extra-file`, which must come
+    /// first), TCP always (so `localhost` is not a socket).
+    ///
+    /// # Errors
+    /// A usage error naming the Debian package when `program` is missing;
+    /// I/O errors writing the option file.
+    pub fn command(&self, program: &str) -> Result<MyCommand, LabError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = find_program(program).ok_or_else(|| {
+            LabError::usage(format!(
+                "{program} is not installed (or not on PATH): install Debian's mariadb-client (or default-mysql-client)"
+            ))
+        })?;
+        let mut text = format!(
+            "[client]\nhost={}\nport={}\nprotocol=tcp\n",
+            option_value(&self.host),
+            self.port
+        );
+        if let Some(u) = &self.user {
+            text.push_str(&format!("user={}\n", option_value(u)));
+        }
+        if let Some(p) = &self.password {
+            use secrecy::ExposeSecret;
+            text.push_str(&format!("password={}\n", option_value(p.expose_secret())));
+        }
+        // mysqldump knows no connect timeout (an unknown option in its
+        // groups is an error): only the mysql client gets one.
+        text.push_str("[mysql]\nconnect-timeout=15\n");
+        let file = std::env::temp_dir().join(format!(
+            ".labctl-my-{}-{:016x}.cnf",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .map_err(|e| LabError::failed(format!("writing a MySQL option file: {e}")))?;
+        let file = OptionFile(file);
+        f.write_all(text.as_bytes())
+            .map_err(|e| LabError::failed(format!("writing a MySQL option file: {e}")))?;
+        let mut c = Command::new(path);
+        c.arg(format!("--defaults-extra-file={}", file.0.display()));
+        c.stdin(Stdio::null());
+        Ok(MyCommand { command: c, file })
+    }
+
+    /// Runs SQL (one or more statements) through `mysql` and returns the
+    /// rows of its result sets (tab-separated, `NULL` for NULL).
+    ///
+    /// # Errors
+    /// [`MyTarget::classify`]'s errors.
+    pub fn query(&self, sql: &str) -> Result<Vec<Vec<String>>, LabError> {
+        let mut c = self.command("mysql")?;
+        let out = c
+            .command
+            .args(["--batch", "--skip-column-names", "-e"])
+            .arg(sql)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| LabError::failed(format!("running mysql: {e}")))?;
+        if !out.status.success() {
+            return Err(self.classify("mysql", &String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| l.split('\t').map(String::from).collect())
+            .collect())
+    }
+
+    /// A client's failure as labctl's error (see [`PgTarget::classify`]).
+    pub fn classify(&self, program: &str, stderr: &str) -> LabError {
+        let mut msg = stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        if let Some(p) = &self.password {
+            use secrecy::ExposeSecret;
+            msg = msg.replace(p.expose_secret(), "***");
+        }
+        let what = self.display();
+        if msg.contains("Access denied for user") {
+            LabError::key(format!(
+                "MySQL {what} refused the login: {msg} (the password comes from the password file, or ~/.my.cnf)"
+            ))
+        } else if msg.contains("Can't connect to")
+            || msg.contains("Unknown MySQL server host")
+            || msg.contains("Unknown server host")
+            || msg.contains("Connection refused")
+        {
+            LabError::failed(format!("cannot reach MySQL {what}: {msg}"))
+        } else {
+            LabError::failed(format!("{program} on {what} failed: {msg}"))
+        }
+    }
+}
+
+/// A MySQL identifier in backquotes.
+pub fn my_ident(s: &str) -> String {
+    format!("`{}`", s.replace('`', "``"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mysql_uris_parse_and_the_password_reaches_the_client_only_in_a_private_option_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = MyTarget::parse("mysql://root@db.kubeflow:3307", None).unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.database.clone()),
+            ("db.kubeflow", 3307, None)
+        );
+        for (bad, why) in [
+            ("mysql://root:s3cret@db", "password"),
+            ("mysql://db/x?ssl=1", "parameters"),
+            ("mysql://root@:3306", "no host"),
+        ] {
+            let e = MyTarget::parse(bad, None).unwrap_err().to_string();
+            assert!(e.contains(why) && !e.contains("s3cret"), "{bad}: {e}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("pw");
+        std::fs::write(&f, "we\"ird\\pw\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let t = MyTarget::parse("mysql://root@127.0.0.1", Some(&f)).unwrap();
+        let c = t.command("sh").unwrap();
+        let arg = c
+            .command
+            .get_args()
+            .next()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let file = arg
+            .strip_prefix("--defaults-extra-file=")
+            .unwrap()
+            .to_string();
+        let meta = std::fs::metadata(&file).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.contains("password=\"we\\\"ird\\\\pw\"\n"), "{text}");
+        assert!(c
+            .command
+            .get_args()
+            .all(|a| !a.to_str().unwrap().contains("ird")));
+        drop(c);
+        assert!(!std::path::Path::new(&file).exists());
+        let e = t.classify(
+            "mysqldump",
+            "mysqldump: Got error: 1045: \"Access denied for user 'root'@'localhost' (using password: YES)\" when trying to connect",
+        );
+        assert_eq!(e.exit_code(), crate::error::ExitCode::Key);
+        let e = t.classify(
+            "mysql",
+            "ERROR 2002 (HY000): Can't connect to server on '127.0.0.1' (115)",
+        );
+        assert!(e.to_string().contains("cannot reach MySQL"), "{e}");
+        assert!(t
+            .command("no-such-program-here")
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("mariadb-client"));
+    }
 
     #[test]
     fn uris_parse_into_the_libpq_environment_and_passwords_are_refused() {

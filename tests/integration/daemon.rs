@@ -926,8 +926,12 @@ fn validate_example(text: &str, name: &str) {
         .replace(
             "/srv/mlflow-course/",
             &format!("{}/srv/mlflow-course/", root.display()),
-        );
+        )
+        .replace("/srv/mlflow/", &format!("{}/srv/mlflow/", root.display()));
     std::fs::create_dir_all(root.join("etc/pki/etcd")).unwrap();
+    // The lab MLflow's artifact root (its PostgreSQL store is reached
+    // only when the job runs).
+    std::fs::create_dir_all(root.join("srv/mlflow/artifacts")).unwrap();
     // The MLflow job's store, as `--host` checks it (database and artifact root present).
     std::fs::create_dir_all(root.join("srv/mlflow-course/artifacts")).unwrap();
     std::fs::write(root.join("srv/mlflow-course/mlflow.db"), b"").unwrap();
@@ -951,6 +955,13 @@ fn validate_example(text: &str, name: &str) {
     ] {
         write_private(&root.join("etc").join(f), "placeholder\n");
     }
+    for f in ["mlflow-db.password", "kfp-mysql.password"] {
+        write_private(&root.join("etc").join(f), "placeholder\n");
+    }
+    write_private(
+        &root.join("etc/kfp-minio.credentials"),
+        "[default]\naws_access_key_id = x\naws_secret_access_key = y\n",
+    );
     write_private(
         &root.join("etc/s3-credentials"),
         "[default]\naws_access_key_id = x\naws_secret_access_key = y\n",

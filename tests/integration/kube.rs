@@ -555,6 +555,7 @@ fn cluster_resources_crds_waited_for_and_failures_named() {
                 "profiles".into(),
             ],
             verbs: vec!["get".into(), "list".into()],
+            resource_names: vec![],
         }]);
     });
     let out = env.run(&["backup", "kube", "-n", "nlp-lab", "--kubeconfig", kcs]);

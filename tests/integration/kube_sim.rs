@@ -115,6 +115,14 @@ fn builtin() -> Vec<Res> {
         r("", "v1", "resourcequotas", "ResourceQuota", true, RW),
         r("", "v1", "bindings", "Binding", true, &["create"]),
         r("apps", "v1", "deployments", "Deployment", true, RW),
+        r(
+            "apps",
+            "v1",
+            "deployments/scale",
+            "Scale",
+            true,
+            &["get", "patch", "update"],
+        ),
         r("apps", "v1", "statefulsets", "StatefulSet", true, RW),
         r("apps", "v1", "replicasets", "ReplicaSet", true, RW),
         r("batch", "v1", "jobs", "Job", true, RW),
@@ -214,15 +222,26 @@ pub struct Rule {
     pub api_groups: Vec<String>,
     pub resources: Vec<String>,
     pub verbs: Vec<String>,
+    /// Empty: every object; else only these names (PolicyRule
+    /// resourceNames; pkg/apis/rbac/v1/evaluation_helpers.go
+    /// ResourceNameMatches: a request without a name, such as a list,
+    /// does not match a rule that names objects).
+    pub resource_names: Vec<String>,
 }
 
 impl Rule {
     /// Every rule of the ClusterRoles in a YAML file (several documents).
     pub fn from_cluster_roles(yaml: &str) -> Vec<Rule> {
+        Self::from_roles(yaml, &["ClusterRole"])
+    }
+
+    /// The rules of the ClusterRoles and (namespace ignored: the double's
+    /// rules hold in every namespace) Roles in `yaml`.
+    pub fn from_roles(yaml: &str, kinds: &[&str]) -> Vec<Rule> {
         let mut out = vec![];
         for doc in serde_norway::Deserializer::from_str(yaml) {
             let v: Value = serde::Deserialize::deserialize(doc).unwrap();
-            if v["kind"] != "ClusterRole" {
+            if !kinds.iter().any(|k| v["kind"] == *k) {
                 continue;
             }
             for r in v["rules"].as_array().cloned().unwrap_or_default() {
@@ -239,6 +258,7 @@ impl Rule {
                     api_groups: list("apiGroups"),
                     resources: list("resources"),
                     verbs: list("verbs"),
+                    resource_names: list("resourceNames"),
                 });
             }
         }
@@ -247,11 +267,19 @@ impl Rule {
 
     /// k8s.io/kubernetes pkg/apis/rbac/v1/evaluation_helpers.go:
     /// VerbMatches, APIGroupMatches, ResourceMatches (`*` matches all).
-    fn allows(&self, group: &str, plural: &str, verb: &str) -> bool {
+    fn allows(&self, group: &str, plural: &str, verb: &str, name: Option<&str>) -> bool {
         let any = |l: &[String], x: &str| l.iter().any(|e| e == "*" || e == x);
-        any(&self.verbs, verb) && any(&self.api_groups, group) && any(&self.resources, plural)
+        any(&self.verbs, verb)
+            && any(&self.api_groups, group)
+            && any(&self.resources, plural)
+            && (self.resource_names.is_empty()
+                || name.is_some_and(|n| self.resource_names.iter().any(|r| r == n)))
     }
 }
+/// How long the simulated deployment controller takes to bring a scaled
+/// Deployment's pods to the new count.
+const SCALE_LAG: std::time::Duration = std::time::Duration::from_millis(400);
+
 #[derive(Default)]
 pub struct Store {
     pub objects: BTreeMap<Key, Value>,
@@ -291,6 +319,10 @@ pub struct Store {
     pub job_outcome: Option<bool>,
     /// When each Job (namespace, name) finishes.
     job_done: BTreeMap<(String, String), Instant>,
+    /// Deployments scaled through `deployments/scale`: when, and the pod
+    /// count before. Their `status.replicas` follows `spec.replicas` after
+    /// [`SCALE_LAG`], as the deployment controller's pods come and go.
+    scaled: BTreeMap<(String, String), (Instant, i64)>,
     pub requests: Vec<String>,
 }
 pub struct KubeSim {
@@ -383,6 +415,115 @@ impl Store {
         manager: &str,
     ) {
         self.apply(key, kind, api_version, patch, manager, true);
+    }
+
+    /// `deployments/{name}/scale` (k8s.io/kubernetes pkg/registry/apps/
+    /// deployment/storage/storage.go, ScaleREST): GET shows the
+    /// Deployment as an autoscaling/v1 Scale (scaleFromDeployment: spec.
+    /// replicas, status.replicas and the selector as a string); a merge
+    /// PATCH sets the Deployment's spec.replicas, refusing a negative count
+    /// as pkg/apis/autoscaling/validation ValidateScale does (422).
+    fn scale(
+        &mut self,
+        ns: String,
+        name: &str,
+        method: &str,
+        ctype: &str,
+        body: &[u8],
+    ) -> (u16, Value) {
+        let key = ("deployments".to_string(), ns.clone(), name.to_string());
+        let Some(d) = self.objects.get(&key).cloned() else {
+            return status(
+                404,
+                "NotFound",
+                &format!("deployments.apps \"{name}\" not found"),
+            );
+        };
+        let as_scale = |d: &Value, st: &Store| {
+            let d = st.with_deployment_status(d.clone());
+            let sel = d["spec"]["selector"]["matchLabels"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
+                   "metadata": {"name": d["metadata"]["name"], "namespace": d["metadata"]["namespace"],
+                                "uid": d["metadata"]["uid"], "resourceVersion": d["metadata"]["resourceVersion"],
+                                "creationTimestamp": d["metadata"]["creationTimestamp"]},
+                   "spec": {"replicas": d["spec"]["replicas"].as_i64().unwrap_or(1)},
+                   "status": {"replicas": d["status"]["replicas"].as_i64().unwrap_or(0), "selector": sel}})
+        };
+        match method {
+            "GET" => (200, as_scale(&d, self)),
+            "PATCH" if ctype == "application/merge-patch+json" => {
+                let mut sc = as_scale(&d, self);
+                let patch: Value = match serde_json::from_slice(body) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        return status(400, "BadRequest", &format!("error decoding patch: {e}"))
+                    }
+                };
+                merge(&mut sc, &patch);
+                let Some(n) = sc["spec"]["replicas"].as_i64() else {
+                    return status(
+                        422,
+                        "Invalid",
+                        &format!("Scale.autoscaling \"{name}\" is invalid: spec.replicas: Required value"),
+                    );
+                };
+                if n < 0 {
+                    return status(
+                        422,
+                        "Invalid",
+                        &format!("Scale.autoscaling \"{name}\" is invalid: spec.replicas: Invalid value: {n}: must be greater than or equal to 0"),
+                    );
+                }
+                let before = self.with_deployment_status(d.clone())["status"]["replicas"]
+                    .as_i64()
+                    .unwrap_or(0);
+                let mut d = d;
+                d["spec"]["replicas"] = json!(n);
+                self.scaled
+                    .insert((ns, name.to_string()), (Instant::now(), before));
+                self.put("deployments", d);
+                (200, as_scale(&self.objects[&key].clone(), self))
+            }
+            "PATCH" => status(
+                415,
+                "UnsupportedMediaType",
+                &format!("the simulator's scale takes merge patches, not {ctype}"),
+            ),
+            _ => status(
+                405,
+                "MethodNotAllowed",
+                &format!("{method} is not supported on deployments/scale here"),
+            ),
+        }
+    }
+
+    /// A Deployment as the server shows it: `status.replicas` reaches
+    /// `spec.replicas` [`SCALE_LAG`] after a scale (pkg/controller/
+    /// deployment/sync.go calculateStatus counts the pods that exist).
+    fn with_deployment_status(&self, mut d: Value) -> Value {
+        let key = (
+            d["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            d["metadata"]["name"].as_str().unwrap_or("").to_string(),
+        );
+        let want = d["spec"]["replicas"].as_i64().unwrap_or(1);
+        let live = match self.scaled.get(&key) {
+            Some((at, before)) if at.elapsed() < SCALE_LAG => *before,
+            _ => want,
+        };
+        d["status"]["replicas"] = json!(live);
+        d["status"]["readyReplicas"] = json!(live);
+        d
     }
 
     /// A Job as the server shows it once the Job controller has seen its
@@ -885,10 +1026,17 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
         _ => return not_served(),
     };
+    // A subresource is authorized and served as "resource/subresource"
+    // (k8s.io/apiserver pkg/endpoints/request/requestinfo.go).
+    let sub_plural;
     let (ns, plural, name): (Option<&str>, &str, Option<&str>) = match rest {
         ["namespaces", n] if group.is_empty() => (None, "namespaces", Some(*n)),
         ["namespaces", n, p] => (Some(*n), *p, None),
         ["namespaces", n, p, name] => (Some(*n), *p, Some(*name)),
+        ["namespaces", n, p, name, sub] => {
+            sub_plural = format!("{p}/{sub}");
+            (Some(*n), sub_plural.as_str(), Some(*name))
+        }
         [p] => (None, *p, None),
         [p, name] => (None, *p, Some(*name)),
         _ => return not_served(),
@@ -942,7 +1090,7 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
     // RBAC (k8s.io/apiserver pkg/endpoints/handlers/responsewriters/
     // errors.go forbiddenMessage; apierrors.NewForbidden).
     let allowed = match &s.rbac {
-        Some(rules) => rules.iter().any(|r| r.allows(g, plural, verb)),
+        Some(rules) => rules.iter().any(|r| r.allows(g, plural, verb, name)),
         None => !(method != "GET" && s.forbidden.iter().any(|f| f == plural)),
     };
     if !allowed {
@@ -961,6 +1109,9 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
                 "{subject} is forbidden: User \"system:serviceaccount:labctl:labctl\" cannot {verb} resource \"{plural}\" in API group \"{g}\" {scope}"
             ),
         ));
+    }
+    if plural == "deployments/scale" {
+        return reply(s.scale(ns_key, name.unwrap_or(""), &method, &ctype, &body));
     }
     match (method.as_str(), name) {
         ("GET", None) => {
@@ -1056,6 +1207,7 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
                 reply((200, s.with_crd_status(o.clone())))
             }
             Some(o) if plural == "jobs" => reply((200, s.with_job_status(o.clone()))),
+            Some(o) if plural == "deployments" => reply((200, s.with_deployment_status(o.clone()))),
             Some(o) => reply((200, o.clone())),
             None => reply(not_found(n)),
         },
