@@ -179,7 +179,8 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> crate::error::Result<ExitCode> {
         return run_mlflow(g, &repo, &id, &c);
     }
     if c.kfp.kfp_mysql.is_some() {
-        let r = crate::sources::kfp::restore(&repo, &id, &c.kfp, c.overwrite, c.threads)?;
+        let r =
+            crate::sources::kfp::restore(&repo, &id, &c.kfp, c.overwrite, c.threads)?.verified()?;
         if g.json {
             print_json(&serde_json::json!({"snapshot": id.hex(), "restore": r}))?;
         } else if !g.quiet {

@@ -72,6 +72,47 @@ struct PlanFile {
     mlflow: Option<MlflowTarget>,
     #[serde(default)]
     pvc: Option<PvcTarget>,
+    #[serde(default)]
+    kubeflow_pipelines: Option<KfpTarget>,
+}
+
+/// `kubeflow_pipelines:` — Kubeflow Pipelines' databases on a staging
+/// MySQL server and its objects in a staging bucket.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KfpTarget {
+    /// `mysql://user@host:3306` (no password: see password_file).
+    pub mysql: String,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// `s3://bucket`.
+    pub bucket: String,
+    #[serde(default)]
+    pub s3_endpoint: Option<String>,
+    #[serde(default)]
+    pub s3_credentials_file: Option<PathBuf>,
+    #[serde(default)]
+    pub existing: Existing,
+}
+
+impl KfpTarget {
+    /// The kubeflow-pipelines source's restore settings for this target.
+    pub fn restore_args(&self) -> crate::sources::kfp::KfpRestore {
+        crate::sources::kfp::KfpRestore {
+            kfp_mysql: Some(self.mysql.clone()),
+            kfp_password_file: self.password_file.clone(),
+            kfp_bucket: Some(self.bucket.clone()),
+            kfp_s3_endpoint: self.s3_endpoint.clone(),
+            kfp_s3_credentials_file: self.s3_credentials_file.clone(),
+        }
+    }
+
+    /// The server's host and port (what a clash compares).
+    pub fn server(&self) -> Option<(String, u16)> {
+        crate::util::dbclient::MyTarget::parse(&self.mysql, None)
+            .ok()
+            .map(|t| (t.host, t.port))
+    }
 }
 
 /// `pvc:` — PVC data, restored into claims by Jobs in the cluster.
@@ -128,8 +169,12 @@ impl PvcTarget {
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MlflowTarget {
-    /// `sqlite:////abs/path/mlflow.db`.
+    /// `sqlite:////abs/path/mlflow.db` or `postgresql://user@host/db` (an
+    /// existing database; the snapshot's store must be of the same kind).
     pub backend_store_uri: String,
+    /// A 0600 file with a PostgreSQL store's password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// The new artifact root (absolute).
     pub artifacts: PathBuf,
     #[serde(default)]
@@ -149,7 +194,12 @@ pub struct MlflowTarget {
 }
 
 impl MlflowTarget {
-    /// The database file.
+    /// A PostgreSQL store's host, port and database.
+    pub fn pg_database(&self) -> Option<(String, u16, String)> {
+        pg_database(&self.backend_store_uri)
+    }
+
+    /// The database file (empty for a PostgreSQL store).
     pub fn database(&self) -> PathBuf {
         PathBuf::from(
             self.backend_store_uri
@@ -169,7 +219,7 @@ impl MlflowTarget {
                 .map(|(o, n)| format!("{o}={n}"))
                 .collect(),
             verify_tracking_uri: None,
-            mlflow_password_file: None,
+            mlflow_password_file: self.password_file.clone(),
         }
     }
 }
@@ -377,6 +427,7 @@ pub struct RestorePlan {
     pub kube: Option<ClusterTarget>,
     pub mlflow: Option<MlflowTarget>,
     pub pvc: Option<PvcTarget>,
+    pub kubeflow_pipelines: Option<KfpTarget>,
     /// The file's text, for locating fields in later messages.
     #[serde(skip)]
     text: String,
@@ -453,11 +504,12 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
         && raw.kube.is_none()
         && raw.mlflow.is_none()
         && raw.pvc.is_none()
+        && raw.kubeflow_pipelines.is_none()
     {
         return Err(at(
             "environment",
             "",
-            "the plan has no target: give at least one of vm, etcd, kube, pvc, path, mlflow, stream"
+            "the plan has no target: give at least one of vm, etcd, kube, pvc, path, mlflow, kubeflow_pipelines, stream"
                 .into(),
         ));
     }
@@ -507,17 +559,31 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
         absolute("path", "root", &p.root)?;
     }
     if let Some(m) = &raw.mlflow {
-        if !m.backend_store_uri.starts_with("sqlite:///") {
+        if crate::util::dbclient::PgTarget::is_uri(&m.backend_store_uri) {
+            crate::util::dbclient::PgTarget::parse(&m.backend_store_uri, None)
+                .map_err(|e| at("mlflow", "backend_store_uri", e.message().to_string()))?;
+            if let Some(f) = &m.password_file {
+                absolute("mlflow", "password_file", f)?;
+            }
+        } else if !m.backend_store_uri.starts_with("sqlite:///") {
             return Err(at(
                 "mlflow",
                 "backend_store_uri",
                 format!(
-                    "'{}': only sqlite:////abs/path/mlflow.db stores for now",
+                    "'{}': a sqlite:////abs/path/mlflow.db or postgresql://user@host/db store",
                     crate::util::redact_url(&m.backend_store_uri)
                 ),
             ));
+        } else {
+            absolute("mlflow", "backend_store_uri", &m.database())?;
+            if m.password_file.is_some() {
+                return Err(at(
+                    "mlflow",
+                    "password_file",
+                    "only a postgresql:// store takes a password file".into(),
+                ));
+            }
         }
-        absolute("mlflow", "backend_store_uri", &m.database())?;
         absolute("mlflow", "artifacts", &m.artifacts)?;
         if !m.verify_server.is_empty() && m.verify_tracking_uri.is_none() {
             return Err(at(
@@ -528,6 +594,33 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
         }
         if m.verify_server.first().is_some_and(|p| p.is_empty()) {
             return Err(at("mlflow", "verify_server", "must name a program".into()));
+        }
+    }
+    if let Some(k) = &raw.kubeflow_pipelines {
+        let sec = "kubeflow_pipelines";
+        crate::util::dbclient::MyTarget::parse(&k.mysql, None)
+            .map_err(|e| at(sec, "mysql", e.message().to_string()))?;
+        let ok = k
+            .bucket
+            .strip_prefix("s3://")
+            .is_some_and(|b| !b.is_empty() && !b.contains('@'));
+        if !ok {
+            return Err(at(
+                sec,
+                "bucket",
+                format!(
+                    "'{}': expected s3://bucket",
+                    crate::util::redact_url(&k.bucket)
+                ),
+            ));
+        }
+        for (key, f) in [
+            ("password_file", &k.password_file),
+            ("s3_credentials_file", &k.s3_credentials_file),
+        ] {
+            if let Some(f) = f {
+                absolute(sec, key, f)?;
+            }
         }
     }
     if let Some(s) = &raw.stream {
@@ -583,8 +676,16 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
         kube: raw.kube,
         mlflow: raw.mlflow,
         pvc: raw.pvc,
+        kubeflow_pipelines: raw.kubeflow_pipelines,
         text: text.to_string(),
     })
+}
+
+/// A PostgreSQL URI's host, port and database.
+fn pg_database(uri: &str) -> Option<(String, u16, String)> {
+    crate::util::dbclient::PgTarget::parse(uri, None)
+        .ok()
+        .map(|t| (t.host, t.port, t.database))
 }
 
 /// The 1-based line of `key` in the top-level `section` (the section's
@@ -634,6 +735,9 @@ impl RestorePlan {
         }
         if self.mlflow.is_some() {
             v.push(crate::sources::mlflow::KIND);
+        }
+        if self.kubeflow_pipelines.is_some() {
+            v.push(crate::sources::kfp::KIND);
         }
         if self.stream.is_some() {
             v.push(crate::sources::stream::KIND);
@@ -719,12 +823,14 @@ impl RestorePlan {
                 &m.artifacts,
                 "the MLflow artifact root",
             );
-            check_dir(
-                "mlflow",
-                "backend_store_uri",
-                &m.database(),
-                "the MLflow database",
-            );
+            if m.pg_database().is_none() {
+                check_dir(
+                    "mlflow",
+                    "backend_store_uri",
+                    &m.database(),
+                    "the MLflow database",
+                );
+            }
         }
         if let Some(e) = &self.etcd {
             if e.data_dir == Path::new(KUBEADM_ETCD_DATA) {
@@ -839,12 +945,25 @@ impl RestorePlan {
         if let Some(m) = &self.mlflow {
             for (job, s) in &prod.sources {
                 let SourceSpec::Mlflow(src) = s else { continue };
+                if let (Some(a), Some(b)) = (pg_database(&src.backend_store_uri), m.pg_database()) {
+                    if a == b {
+                        clash(
+                            "mlflow",
+                            "backend_store_uri",
+                            format!(
+                                "{} is the production MLflow database job `{job}` backs up ({})",
+                                crate::util::redact_url(&m.backend_store_uri),
+                                prod.origin
+                            ),
+                        );
+                    }
+                }
                 let prod_db = PathBuf::from(
                     src.backend_store_uri
                         .strip_prefix("sqlite:///")
                         .unwrap_or_default(),
                 );
-                if prod_db == m.database() {
+                if m.pg_database().is_none() && prod_db == m.database() {
                     clash(
                         "mlflow",
                         "backend_store_uri",
@@ -869,6 +988,44 @@ impl RestorePlan {
                             m.artifacts.display(),
                             prod_art.display(),
                             prod.origin
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(k) = &self.kubeflow_pipelines {
+            for (job, s) in &prod.sources {
+                let SourceSpec::KubeflowPipelines(src) = s else {
+                    continue;
+                };
+                let prod_server = crate::util::dbclient::MyTarget::parse(&src.mysql, None)
+                    .ok()
+                    .map(|t| (t.host, t.port));
+                if prod_server.is_some() && prod_server == k.server() {
+                    clash(
+                        "kubeflow_pipelines",
+                        "mysql",
+                        format!(
+                            "{} is the production MySQL server job `{job}` dumps Kubeflow Pipelines from ({}): the restore would create its databases there",
+                            crate::util::redact_url(&k.mysql),
+                            prod.origin
+                        ),
+                    );
+                }
+                let bucket = |u: &str| {
+                    u.trim_start_matches("s3://")
+                        .split('/')
+                        .next()
+                        .unwrap_or("")
+                        .to_string()
+                };
+                if bucket(&src.bucket) == bucket(&k.bucket) && src.s3_endpoint == k.s3_endpoint {
+                    clash(
+                        "kubeflow_pipelines",
+                        "bucket",
+                        format!(
+                            "{} is the production bucket job `{job}` backs up ({})",
+                            k.bucket, prod.origin
                         ),
                     );
                 }

@@ -14,7 +14,7 @@ use crate::error::{CancelFlag, ExitCode, LabError};
 use crate::repo::extract::{self, RestoreOptions};
 use crate::repo::select::{restore_points, RestorePoint};
 use crate::repo::{Id, Repository};
-use crate::sources::{etcd, kube, mlflow, path, pvc, stream, vm};
+use crate::sources::{etcd, kfp, kube, mlflow, path, pvc, stream, vm};
 use crate::util::progress::Progress;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -29,6 +29,7 @@ pub const ORDER: &[&str] = &[
     pvc::KIND,
     path::KIND,
     mlflow::KIND,
+    kfp::KIND,
     stream::KIND,
 ];
 
@@ -126,6 +127,26 @@ pub struct StepReport {
     /// A claim this run created (`NS/NAME`; what cleanup deletes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_claim: Option<CreatedInCluster>,
+    /// Databases and objects this run created on a staging MySQL server
+    /// and bucket (what cleanup drops and deletes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_kfp: Option<CreatedKfp>,
+}
+
+/// What a Kubeflow Pipelines restore created, and where.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CreatedKfp {
+    pub mysql: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    pub databases: Vec<String>,
+    pub bucket: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_credentials_file: Option<PathBuf>,
+    pub objects: Vec<String>,
 }
 
 /// What a run created in a cluster (labelled `labctl.io/restore`):
@@ -500,7 +521,12 @@ fn target_of(
                 // The database and the artifact root are one target: either
                 // holding data is the target holding data.
                 let db = t.database();
-                let (s1, p1) = state_of(&db, t.existing);
+                // A PostgreSQL store's tables are checked when it is
+                // restored into (refused with tables unless `replace`).
+                let (s1, p1) = match t.pg_database() {
+                    Some(_) => state_of(&t.artifacts, t.existing),
+                    None => state_of(&db, t.existing),
+                };
                 let (s2, p2) = state_of(&t.artifacts, t.existing);
                 let state = if s1 == s2 {
                     s1
@@ -512,7 +538,11 @@ fn target_of(
                 (
                     format!(
                         "database {}, artifacts {}",
-                        db.display(),
+                        if t.pg_database().is_some() {
+                            crate::util::redact_url(&t.backend_store_uri)
+                        } else {
+                            db.display().to_string()
+                        },
                         t.artifacts.display()
                     ),
                     state,
@@ -520,6 +550,19 @@ fn target_of(
                     code,
                 )
             }
+        },
+        k if k == kfp::KIND => match &plan.kubeflow_pipelines {
+            None => missing("kubeflow_pipelines"),
+            Some(t) => (
+                format!(
+                    "MySQL {}, bucket {}",
+                    crate::util::redact_url(&t.mysql),
+                    t.bucket
+                ),
+                "-".into(),
+                None,
+                None,
+            ),
         },
         k if k == kube::KIND => match &plan.kube {
             None => missing("kube"),
@@ -602,6 +645,7 @@ pub fn execute(
                     created_vm: created.vm.clone(),
                     created_namespaces: created.namespaces.clone(),
                     created_claim: created.claim.clone(),
+                    created_kfp: created.kfp.clone(),
                 }
             }
             Err(e) => {
@@ -623,6 +667,7 @@ pub fn execute(
                     created_vm: created.vm.clone(),
                     created_namespaces: created.namespaces.clone(),
                     created_claim: created.claim.clone(),
+                    created_kfp: created.kfp.clone(),
                 }
             }
         };
@@ -685,6 +730,18 @@ fn remove_created(report: &Report) -> Vec<String> {
                 Ok(e) => errors.extend(e),
                 Err(e) => errors.push(format!("namespaces {}: {e:#}", c.names.join(", "))),
             }
+        }
+    }
+    for s in &report.steps {
+        if let Some(k) = &s.created_kfp {
+            let args = crate::sources::kfp::KfpRestore {
+                kfp_mysql: Some(k.mysql.clone()),
+                kfp_password_file: k.password_file.clone(),
+                kfp_bucket: Some(k.bucket.clone()),
+                kfp_s3_endpoint: k.s3_endpoint.clone(),
+                kfp_s3_credentials_file: k.s3_credentials_file.clone(),
+            };
+            errors.extend(kfp::remove_restored(&args, &k.databases, &k.objects));
         }
     }
     errors.extend(remove_created_paths(report));
@@ -798,6 +855,7 @@ struct Created {
     vm: Option<CreatedVm>,
     namespaces: Option<CreatedInCluster>,
     claim: Option<CreatedInCluster>,
+    kfp: Option<CreatedKfp>,
 }
 
 /// Restores and verifies one step; returns (bytes, what was verified).
@@ -958,7 +1016,14 @@ fn run_step(
         k if k == mlflow::KIND => {
             let t = plan.mlflow.as_ref().expect("prepared with a target");
             let db = t.database();
-            let tops: Vec<PathBuf> = [first_missing(&db), first_missing(&t.artifacts)]
+            // A drill's cleanup removes the files it created; a PostgreSQL
+            // staging database stays (loaded; the next drill replaces it).
+            let db_top = if t.pg_database().is_none() {
+                first_missing(&db)
+            } else {
+                None
+            };
+            let tops: Vec<PathBuf> = [db_top, first_missing(&t.artifacts)]
                 .into_iter()
                 .flatten()
                 .collect();
@@ -992,6 +1057,45 @@ fn run_step(
             };
             *verify_seconds += vt.elapsed().as_secs_f64();
             Ok((r.bytes, verified))
+        }
+        k if k == kfp::KIND => {
+            let t = plan
+                .kubeflow_pipelines
+                .as_ref()
+                .expect("prepared with a target");
+            let args = t.restore_args();
+            let r = kfp::restore(
+                repo,
+                id,
+                &args,
+                t.existing == Existing::Replace,
+                opts.threads,
+            )?;
+            created.kfp = Some(CreatedKfp {
+                mysql: t.mysql.clone(),
+                password_file: t.password_file.clone(),
+                databases: r.created_databases.clone(),
+                bucket: t.bucket.clone(),
+                s3_endpoint: t.s3_endpoint.clone(),
+                s3_credentials_file: t.s3_credentials_file.clone(),
+                objects: r.uploaded.clone(),
+            });
+            *verify_seconds += r.verify_seconds;
+            let r = r.verified()?;
+            Ok((
+                r.bytes,
+                Some(format!(
+                    "{} tables' row counts as backed up ({}); {} object(s), {} sampled read back identical",
+                    r.tables,
+                    r.rows
+                        .iter()
+                        .map(|(k, n)| format!("{k} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    r.objects,
+                    r.objects_verified
+                )),
+            ))
         }
         k if k == kube::KIND => {
             let t = plan.kube.as_ref().expect("prepared with a target");

@@ -682,6 +682,37 @@ pub struct KfpRestoreReport {
     /// Sampled objects read back from the bucket byte-identical.
     pub objects_verified: usize,
     pub seconds: f64,
+    /// Target databases that did not exist before (what a drill's cleanup
+    /// drops).
+    pub created_databases: Vec<String>,
+    /// Objects that were not in the bucket before (what a drill's cleanup
+    /// deletes).
+    #[serde(skip)]
+    pub uploaded: Vec<String>,
+    /// What the check after the move found different (empty: as backed
+    /// up); [`KfpRestoreReport::verified`] makes it an error.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub verify_problems: Vec<String>,
+    /// Of `seconds`, the check after the move.
+    pub verify_seconds: f64,
+}
+
+impl KfpRestoreReport {
+    /// The report, or an integrity error (exit 4) naming each difference
+    /// the check after the move found.
+    ///
+    /// # Errors
+    /// As said.
+    pub fn verified(self) -> crate::error::Result<KfpRestoreReport> {
+        if self.verify_problems.is_empty() {
+            return Ok(self);
+        }
+        Err(LabError::integrity(format!(
+            "the restored Kubeflow Pipelines metadata differs from the backup: {}",
+            self.verify_problems.join("; ")
+        ))
+        .into())
+    }
 }
 
 /// Every file under `dir/` of a snapshot: its path and size.
@@ -951,6 +982,12 @@ pub fn restore(
     )?;
     probe_bucket(&bucket, bucket_url)?;
     let existing = tables_of(&t, &dbs)?;
+    let mut created_databases = vec![];
+    for d in &dbs {
+        if !database_exists(&t, d)? {
+            created_databases.push(d.clone());
+        }
+    }
     let mut present = vec![];
     bucket.list("", &mut |o| present.push(o.name))?;
     if !overwrite {
@@ -1107,6 +1144,7 @@ pub fn restore(
     }
     t.query(&sql)?;
     undo.keep_uploads = true;
+    let uploaded = undo.uploaded.clone();
     // A replaced bucket holds only what the snapshot held.
     if overwrite {
         for k in present.iter().filter(|k| !keep.contains(*k)) {
@@ -1115,17 +1153,14 @@ pub fn restore(
     }
     drop(undo);
 
-    // 5. Check what the targets now serve.
+    // 5. Check what the targets now serve (differences are reported, not
+    // raised here: the caller records what was created first).
+    let checking = Instant::now();
     let now = count_rows(&t, &tables_of(&t, &dbs)?)?;
-    let problems = count_problems(&now, &before, &after);
-    if !problems.is_empty() {
-        return Err(LabError::integrity(format!(
-            "the restored databases on {} differ from the backup: {}",
-            t.display(),
-            problems.join("; ")
-        ))
-        .into());
-    }
+    let mut verify_problems: Vec<String> = count_problems(&now, &before, &after)
+        .into_iter()
+        .map(|p| format!("{} {p}", t.display()))
+        .collect();
     let mut verified = 0;
     for s in snap
         .facts
@@ -1143,20 +1178,17 @@ pub fn restore(
             &mut want,
             threads,
         )?;
-        let got = bucket.get(key).map_err(|e| {
-            LabError::integrity(format!(
-                "object {key} cannot be read back from {bucket_url}: {e}"
-            ))
-        })?;
-        if got != want {
-            return Err(LabError::integrity(format!(
+        match bucket.get(key) {
+            Ok(got) if got == want => verified += 1,
+            Ok(got) => verify_problems.push(format!(
                 "object {key} in {bucket_url} is not what was backed up ({} bytes read back, {} backed up)",
                 got.len(),
                 want.len()
-            ))
-            .into());
+            )),
+            Err(e) => verify_problems.push(format!(
+                "object {key} cannot be read back from {bucket_url}: {e}"
+            )),
         }
-        verified += 1;
     }
     Ok(KfpRestoreReport {
         mysql: t.display(),
@@ -1172,7 +1204,56 @@ pub fn restore(
         bytes,
         objects_verified: verified,
         seconds: started.elapsed().as_secs_f64(),
+        created_databases,
+        uploaded,
+        verify_problems,
+        verify_seconds: checking.elapsed().as_secs_f64(),
     })
+}
+
+/// Removes what a restore created (a drill's cleanup): the databases that
+/// did not exist before it and the objects that were not in the bucket.
+/// Returns what could not be removed.
+pub fn remove_restored(args: &KfpRestore, databases: &[String], objects: &[String]) -> Vec<String> {
+    let mut errors = vec![];
+    if !databases.is_empty() {
+        match MyTarget::parse(
+            args.kfp_mysql.as_deref().unwrap_or(""),
+            args.kfp_password_file.as_deref(),
+        ) {
+            Ok(t) => {
+                let sql = databases
+                    .iter()
+                    .map(|d| format!("DROP DATABASE IF EXISTS {};", my_ident(d)))
+                    .collect::<String>();
+                if let Err(e) = t.query(&sql) {
+                    errors.push(format!("databases {}: {e}", databases.join(", ")));
+                }
+            }
+            Err(e) => errors.push(format!("databases {}: {e}", databases.join(", "))),
+        }
+    }
+    if !objects.is_empty() {
+        let url = args.kfp_bucket.as_deref().unwrap_or("");
+        match crate::backend::s3::S3Backend::open_with(
+            url,
+            &bucket_options(&args.kfp_s3_endpoint, &args.kfp_s3_credentials_file),
+        ) {
+            Ok(b) => {
+                let failed: Vec<&String> =
+                    objects.iter().filter(|k| b.delete(k).is_err()).collect();
+                if !failed.is_empty() {
+                    errors.push(format!(
+                        "{} object(s) in {url} could not be deleted, first {}",
+                        failed.len(),
+                        failed[0]
+                    ));
+                }
+            }
+            Err(e) => errors.push(format!("bucket {url}: {e:#}")),
+        }
+    }
+    errors
 }
 
 #[cfg(test)]

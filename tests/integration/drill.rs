@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The daemon binary, its log lines as they come.
-struct Daemon {
+pub struct Daemon {
     child: std::process::Child,
     rx: std::sync::mpsc::Receiver<String>,
     log: Vec<String>,
@@ -23,8 +23,12 @@ struct Daemon {
 
 impl Daemon {
     fn start(s3: &S3Env, config: &Path, hook: &str) -> Daemon {
-        let mut child = s3
-            .cmd()
+        Self::spawn(s3.cmd(), config, hook)
+    }
+
+    /// `labctl daemon --config CONFIG` from `cmd` (its environment set).
+    pub fn spawn(mut cmd: std::process::Command, config: &Path, hook: &str) -> Daemon {
+        let mut child = cmd
             .env("HOOK", hook)
             .env("LABCTL_PVE_POLL_MS", "50")
             .args(["daemon", "--config", config.to_str().unwrap()])
@@ -48,7 +52,7 @@ impl Daemon {
     }
 
     /// The first line (from now on) that `pred` accepts.
-    fn wait_for(&mut self, pred: impl Fn(&str) -> bool) -> String {
+    pub fn wait_for(&mut self, pred: impl Fn(&str) -> bool) -> String {
         let end = Instant::now() + Duration::from_secs(120);
         loop {
             let line = self
@@ -62,7 +66,7 @@ impl Daemon {
         }
     }
 
-    fn stop(mut self) {
+    pub fn stop(mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         self.wait_for(|l| l.contains("daemon stopped"));
         assert!(self.child.wait().unwrap().success());

@@ -57,11 +57,12 @@ fn replicas(sim: &KubeSim, name: &str) -> i64 {
 fn kubeflow_pipelines_databases_and_bucket_restore_into_staging_as_backed_up() {
     use std::os::unix::fs::PermissionsExt;
     const PW: &str = "kfp-Pw-91c2";
-    let (prod, staging) = {
-        let a = std::thread::spawn(MariaDb::start);
+    // Started side by side; a panic in one still stops the other.
+    let (prod, staging) = std::thread::scope(|s| {
+        let a = s.spawn(MariaDb::start);
         let b = MariaDb::start();
         (a.join().unwrap(), b)
-    };
+    });
     prod.load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kfp-1.8-schema.sql"));
     for db in [&prod, &staging] {
         db.root_ok(&format!(
@@ -361,5 +362,101 @@ fn kubeflow_pipelines_databases_and_bucket_restore_into_staging_as_backed_up() {
         stderr(&out).contains("deployments/scale"),
         "{}",
         stderr(&out)
+    );
+
+    // A nightly drill: the daemon backs KFP up as a restore point, restores
+    // it into the staging server and an empty bucket through a plan,
+    // verifies it, and its cleanup drops and deletes what it created.
+    staging.root_ok("DROP DATABASE mlpipeline; DROP DATABASE metadb; DROP DATABASE cachedb;");
+    let b_drill = format!("mlpipeline-drill-{tag}");
+    create_bucket(port, &b_drill, false);
+    let plan = home.join("staging.yaml");
+    std::fs::write(
+        &plan,
+        format!(
+            "environment: staging\nkubeflow_pipelines:\n  mysql: {stage_uri}\n  password_file: {}\n  bucket: s3://{b_drill}\n  s3_endpoint: {endpoint}\n  s3_credentials_file: {}\npath:\n  root: {}\n",
+            pw.display(),
+            creds.display(),
+            home.join("stage-files").display()
+        ),
+    )
+    .unwrap();
+    let notes = home.join("notes");
+    write(&notes.join("README"), b"the KFP backup's notes\n");
+    let config = home.join("labctl.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[repository]
+url = "{}"
+backup_key = "{}"
+restore_key = "{}"
+cache_dir = "{}"
+
+[daemon]
+metrics_listen = ""
+
+[[job]]
+name = "kfp"
+schedule = "*/3 * * * * *"
+backup = [
+  {{ source = "kubeflow-pipelines", mysql = "{prod_uri}", password_file = "{}", bucket = "{bucket_url}", s3_endpoint = "{endpoint}", s3_credentials_file = "{}" }},
+  {{ source = "path", path = "{}" }},
+]
+
+[[job]]
+name = "drill"
+schedule = "*/4 * * * * *"
+drill = {{ plan = "{}", cleanup = true }}
+"#,
+            env.repo.display(),
+            env.backup_key.display(),
+            env.restore_key.display(),
+            env.cache.display(),
+            pw.display(),
+            creds.display(),
+            notes.display(),
+            plan.display()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    env.ok(&[
+        "restore-plan",
+        "validate",
+        plan.to_str().unwrap(),
+        "--config",
+        cfg,
+    ]);
+    let mut d = crate::drill::Daemon::spawn(env.cmd(), &config, "http://127.0.0.1:9/unused");
+    d.wait_for(|l| l.contains("job=kfp finished outcome=success"));
+    // (A drill that starts before the first point exists fails, saying so.)
+    d.wait_for(|l| l.contains("job=drill finished outcome=success"));
+    d.stop();
+    let drills: Vec<Value> =
+        serde_json::from_slice(&env.ok(&["--json", "drills", "--config", cfg]).stdout).unwrap();
+    let report = drills.iter().find(|r| r["outcome"] == "success").unwrap();
+    assert_eq!(report["outcome"], "success", "{report}");
+    // After the path step: the order puts databases after files.
+    let step = &report["report"]["steps"][1];
+    assert_eq!(step["kind"], "kubeflow-pipelines", "{report}");
+    assert!(
+        step["verified"]
+            .as_str()
+            .unwrap()
+            .contains("mlpipeline.run_details 4"),
+        "{report}"
+    );
+    assert_eq!(report["report"]["cleaned-up"], true, "{report}");
+    assert_eq!(
+        staging.root_ok(
+            "SHOW DATABASES WHERE `Database` IN ('mlpipeline', 'metadb', 'cachedb') OR `Database` LIKE 'labctl%'"
+        ),
+        "",
+        "the drill's cleanup drops the databases it created"
+    );
+    assert!(
+        list_sizes(port, &b_drill, "").is_empty(),
+        "and deletes its objects"
     );
 }

@@ -53,6 +53,9 @@ impl MariaDb {
                 "--no-defaults",
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
+                // No Linux AIO contexts: their number is a host-wide
+                // limit (fs.aio-max-nr) several test servers can exhaust.
+                "--innodb-use-native-aio=0",
             ])
             .arg(format!("--datadir={}", data.display()))
             .env_clear()
@@ -81,6 +84,7 @@ impl MariaDb {
                 "--skip-log-bin",
                 "--innodb-buffer-pool-size=32M",
                 "--innodb-flush-log-at-trx-commit=0",
+                "--innodb-use-native-aio=0",
             ])
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/bin")

@@ -430,7 +430,7 @@ mlflow:
     let out = env.ok(&args);
     assert!(
         stdout(&out).contains(
-            "staging.yaml: ok (staging; targets: vm, etcd, kube, pvc, path, mlflow, stream; RTO objective 30m)"
+            "staging.yaml: ok (staging; targets: vm, etcd, kube, pvc, path, mlflow, kubeflow-pipelines, stream; RTO objective 30m)"
         ),
         "{}",
         stdout(&out)
@@ -479,11 +479,11 @@ mlflow:
         e.contains("field `vm.bridge`: bridge vmbr0 carries production VM"),
         "{e}"
     );
-    // ... and the shipped staging plan against a config whose job dumps
-    // the staging database is refused.
+    // ... and the shipped staging plan against a config whose job backs up
+    // the staging MLflow database (as production) is refused.
     let clash = config(
         &env,
-        "[[job]]\nname = \"oops\"\nschedule = \"0 2 * * *\"\nbackup = { source = \"stream\", name = \"x\", command = [\"pg_dump\", \"--dbname=mlflow_staging\"] }\n",
+        "[[job]]\nname = \"oops\"\nschedule = \"0 2 * * *\"\nbackup = { source = \"mlflow\", backend_store_uri = \"postgresql://mlflow@mlflow-db.lab.internal:5432/mlflow_staging\", artifacts = \"/srv/elsewhere\" }\n",
     );
     let out = env.run(&[
         "restore-plan",
@@ -584,4 +584,90 @@ fn staging_clears_setuid_bits_production_keeps_them_and_at_picks_the_point_by_ti
         .permissions()
         .mode();
     assert_eq!(mode & 0o7777, 0o4755, "a production restore keeps setuid");
+}
+
+#[test]
+fn a_staging_plan_that_loads_into_production_databases_or_buckets_is_refused() {
+    let env = Env::new();
+    let cfg = config(
+        &env,
+        "[[job]]\nname = \"platform\"\nschedule = \"0 2 * * *\"\nbackup = [\n  { source = \"mlflow\", backend_store_uri = \"postgresql://mlflow@db.lab:5432/mlflow\", artifacts = \"/srv/mlflow/artifacts\" },\n  { source = \"kubeflow-pipelines\", mysql = \"mysql://root@mysql.kubeflow:3306\", bucket = \"s3://mlpipeline\", s3_endpoint = \"http://minio.kubeflow:9000\" },\n]\n",
+    );
+    let c = cfg.to_str().unwrap();
+    let validate = |name: &str, body: &str| {
+        let p = env.path(name);
+        fs::write(&p, format!("environment: staging\n{body}")).unwrap();
+        env.run(&[
+            "restore-plan",
+            "validate",
+            p.to_str().unwrap(),
+            "--config",
+            c,
+        ])
+    };
+    let out = validate(
+        "prod.yaml",
+        "mlflow:
+  backend_store_uri: postgresql://stager@db.lab:5432/mlflow
+  artifacts: /srv/staging/artifacts
+kubeflow_pipelines:
+  mysql: mysql://stager@mysql.kubeflow:3306
+  bucket: s3://mlpipeline
+  s3_endpoint: http://minio.kubeflow:9000
+",
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let e = stderr(&out);
+    for want in [
+        "prod.yaml:3: field `mlflow.backend_store_uri`: postgresql://stager@db.lab:5432/mlflow is the production MLflow database job `platform` backs up",
+        "prod.yaml:6: field `kubeflow_pipelines.mysql`: mysql://stager@mysql.kubeflow:3306 is the production MySQL server job `platform` dumps Kubeflow Pipelines from",
+        "prod.yaml:7: field `kubeflow_pipelines.bucket`: s3://mlpipeline is the production bucket job `platform` backs up",
+    ] {
+        assert!(e.contains(want), "{want}\n{e}");
+    }
+    // Another database on the same server, another MySQL server, the same
+    // bucket name on another endpoint: staging's own.
+    assert_success(
+        &validate(
+            "ok.yaml",
+            "mlflow:
+  backend_store_uri: postgresql://stager@db.lab:5432/mlflow_staging
+  password_file: /etc/labctl/stager.pw
+  artifacts: /srv/staging/artifacts
+kubeflow_pipelines:
+  mysql: mysql://stager@mysql-staging.lab:3306
+  bucket: s3://mlpipeline
+  s3_endpoint: http://minio-staging.lab:9000
+",
+        ),
+        &["ok plan"],
+    );
+    // Malformed targets: file, line and field; never the password.
+    let bad = [
+        (
+            "kubeflow_pipelines:\n  mysql: mysql://root:hunter2@x:3306\n  bucket: s3://b\n",
+            "bad1.yaml:3: field `kubeflow_pipelines.mysql`",
+        ),
+        (
+            "kubeflow_pipelines:\n  mysql: mysql://root@x:3306\n  bucket: mlpipeline\n",
+            "bad2.yaml:4: field `kubeflow_pipelines.bucket`",
+        ),
+        (
+            "mlflow:\n  backend_store_uri: sqlite:////srv/s/m.db\n  password_file: /etc/pw\n  artifacts: /srv/s/a\n",
+            "bad3.yaml:4: field `mlflow.password_file`",
+        ),
+        (
+            "kubeflow_pipelines:\n  mysql: mysql://root@x:3306\n  bucket: s3://b\n  passwd_file: /x\n",
+            "bad4.yaml:5",
+        ),
+    ];
+    for (i, (body, want)) in bad.iter().enumerate() {
+        let out = validate(&format!("bad{}.yaml", i + 1), body);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(want) && !stderr(&out).contains("hunter2"),
+            "{want}\n{}",
+            stderr(&out)
+        );
+    }
 }
