@@ -459,4 +459,26 @@ drill = {{ plan = "{}", cleanup = true }}
         list_sizes(port, &b_drill, "").is_empty(),
         "and deletes its objects"
     );
+    // --dry-run lays the point out and writes nothing.
+    let out = env.ok_restore(&[
+        "--json",
+        "restore",
+        "--to",
+        "staging",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--config",
+        cfg,
+        "--dry-run",
+    ]);
+    assert!(
+        stdout(&out).contains("kubeflow-pipelines") && stdout(&out).contains(&b_drill),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        staging.root_ok("SHOW DATABASES WHERE `Database` IN ('mlpipeline', 'metadb', 'cachedb') OR `Database` LIKE 'labctl%'"),
+        ""
+    );
+    assert!(list_sizes(port, &b_drill, "").is_empty());
 }
