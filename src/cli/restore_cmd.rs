@@ -185,20 +185,13 @@ pub fn run(g: &GlobalArgs, c: RestoreCmd) -> crate::error::Result<ExitCode> {
             print_json(&serde_json::json!({"snapshot": id.hex(), "restore": r}))?;
         } else if !g.quiet {
             eprintln!(
-                "restored Kubeflow Pipelines snapshot {}: databases {} on {} ({} tables, row counts as backed up: {}), {} object(s) ({}) into {}, {} sampled object(s) read back identical",
+                "restored Kubeflow Pipelines snapshot {}: databases {} on {}, {} into {}; {}",
                 id.short(),
                 r.databases.join(", "),
                 r.mysql,
-                r.tables,
-                r.rows
-                    .iter()
-                    .map(|(k, n)| format!("{k} {n}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                r.objects,
                 human_bytes(r.bytes),
                 r.bucket,
-                r.objects_verified
+                r.summary()
             );
         }
         return Ok(ExitCode::Success);

@@ -1082,20 +1082,7 @@ fn run_step(
             });
             *verify_seconds += r.verify_seconds;
             let r = r.verified()?;
-            Ok((
-                r.bytes,
-                Some(format!(
-                    "{} tables' row counts as backed up ({}); {} object(s), {} sampled read back identical",
-                    r.tables,
-                    r.rows
-                        .iter()
-                        .map(|(k, n)| format!("{k} {n}"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    r.objects,
-                    r.objects_verified
-                )),
-            ))
+            Ok((r.bytes, Some(r.summary())))
         }
         k if k == kube::KIND => {
             let t = plan.kube.as_ref().expect("prepared with a target");

@@ -698,6 +698,21 @@ pub struct KfpRestoreReport {
 }
 
 impl KfpRestoreReport {
+    /// What the restore checked, in words.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} tables' row counts as backed up ({}); {} object(s), {} sampled read back identical",
+            self.tables,
+            self.rows
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.objects,
+            self.objects_verified
+        )
+    }
+
     /// The report, or an integrity error (exit 4) naming each difference
     /// the check after the move found.
     ///

@@ -81,47 +81,16 @@ impl PgTarget {
     /// `(field, why)` for a malformed URI or one holding a password (the
     /// message never repeats it); a key error for the file.
     pub fn parse(uri: &str, password_file: Option<&Path>) -> Result<PgTarget, LabError> {
-        // Never the password, nor the query (it may hold one).
-        let shown = crate::util::redact_url(uri.split('?').next().unwrap_or(uri));
-        let rest = uri
-            .split_once("://")
-            .map(|(_, r)| r)
-            .filter(|_| Self::is_uri(uri))
-            .ok_or_else(|| LabError::usage(format!("'{shown}' is not a postgresql:// URI")))?;
-        let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (auth_host, db) = main.split_once('/').unwrap_or((main, ""));
-        let (auth, hostport) = match auth_host.rsplit_once('@') {
-            Some((a, h)) => (Some(a), h),
-            None => (None, auth_host),
-        };
-        let user = match auth {
-            Some(a) if a.contains(':') => {
-                return Err(LabError::usage(format!(
-                    "'{shown}' holds a password: a URI lands in argv and config files; put the password in a 0600 password file (password_file / --password-file) or libpq's PGPASSWORD, PGPASSFILE or ~/.pgpass"
-                )))
-            }
-            Some(a) if !a.is_empty() => Some(pct_decode(a)),
-            _ => None,
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => {
-                let port = p.parse::<u16>().map_err(|_| {
-                    LabError::usage(format!("'{shown}': port '{p}' is not a number"))
-                })?;
-                (h.to_string(), port)
-            }
-            _ => (hostport.to_string(), 5432),
-        };
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        if host.is_empty() {
-            return Err(LabError::usage(format!(
-                "'{shown}' names no host (postgresql://user@host:5432/database)"
-            )));
-        }
-        let database = pct_decode(db);
+        let u = split_uri(
+            uri,
+            Self::is_uri,
+            "postgresql://user@host:5432/database",
+            "libpq's PGPASSWORD, PGPASSFILE or ~/.pgpass",
+            5432,
+        )?;
+        let (shown, query) = (&u.shown, &u.query);
+        let (host, port, user) = (u.host.clone(), u.port, u.user.clone());
+        let database = u.database.clone();
         if database.is_empty() {
             return Err(LabError::usage(format!(
                 "'{shown}' names no database (postgresql://user@host:5432/database)"
@@ -276,6 +245,78 @@ impl PgTarget {
             LabError::failed(format!("{program} on {what} failed: {msg}"))
         }
     }
+}
+
+/// A database URI's parts (`scheme://[user@]host[:port][/database][?query]`).
+struct UriParts {
+    /// The URI as messages show it: no password, no query.
+    shown: String,
+    user: Option<String>,
+    host: String,
+    port: u16,
+    database: String,
+    query: String,
+}
+
+/// Splits a database URI that `is_uri` accepts; refuses one holding a
+/// password (saying where it goes instead, never repeating it), a
+/// non-numeric port or no host.
+fn split_uri(
+    uri: &str,
+    is_uri: fn(&str) -> bool,
+    example: &str,
+    password_elsewhere: &str,
+    default_port: u16,
+) -> Result<UriParts, LabError> {
+    // Never the password, nor the query (it may hold one).
+    let shown = crate::util::redact_url(uri.split('?').next().unwrap_or(uri));
+    let scheme = example.split("://").next().unwrap_or("");
+    let rest = uri
+        .split_once("://")
+        .map(|(_, r)| r)
+        .filter(|_| is_uri(uri))
+        .ok_or_else(|| LabError::usage(format!("'{shown}' is not a {scheme}:// URI")))?;
+    let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (auth_host, db) = main.split_once('/').unwrap_or((main, ""));
+    let (auth, hostport) = match auth_host.rsplit_once('@') {
+        Some((a, h)) => (Some(a), h),
+        None => (None, auth_host),
+    };
+    let user = match auth {
+        Some(a) if a.contains(':') => {
+            return Err(LabError::usage(format!(
+                "'{shown}' holds a password: a URI lands in argv and config files; put the password in a 0600 password file (password_file / --password-file) or {password_elsewhere}"
+            )))
+        }
+        Some(a) if !a.is_empty() => Some(pct_decode(a)),
+        _ => None,
+    };
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => {
+            let port = p
+                .parse::<u16>()
+                .map_err(|_| LabError::usage(format!("'{shown}': port '{p}' is not a number")))?;
+            (h.to_string(), port)
+        }
+        _ => (hostport.to_string(), default_port),
+    };
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    if host.is_empty() {
+        return Err(LabError::usage(format!(
+            "'{shown}' names no host ({example})"
+        )));
+    }
+    Ok(UriParts {
+        shown,
+        user,
+        host,
+        port,
+        database: pct_decode(db),
+        query: query.to_string(),
+    })
 }
 
 /// `psql -A -t -F US` output as rows.
@@ -486,46 +527,21 @@ impl MyTarget {
     /// A usage error for a malformed URI or one holding a password (never
     /// repeated); a key error for the file.
     pub fn parse(uri: &str, password_file: Option<&Path>) -> Result<MyTarget, LabError> {
-        let shown = crate::util::redact_url(uri.split('?').next().unwrap_or(uri));
-        let rest = uri
-            .split_once("://")
-            .map(|(_, r)| r)
-            .filter(|_| Self::is_uri(uri))
-            .ok_or_else(|| LabError::usage(format!("'{shown}' is not a mysql:// URI")))?;
-        if rest.contains('?') {
+        let u = split_uri(
+            uri,
+            Self::is_uri,
+            "mysql://user@host:3306",
+            "the client's ~/.my.cnf",
+            3306,
+        )?;
+        if !u.query.is_empty() {
             return Err(LabError::usage(format!(
-                "'{shown}': labctl passes no URI parameters to the MySQL client; drop the ?... part"
+                "'{}': labctl passes no URI parameters to the MySQL client; drop the ?... part",
+                u.shown
             )));
         }
-        let (auth_host, db) = rest.split_once('/').unwrap_or((rest, ""));
-        let (auth, hostport) = match auth_host.rsplit_once('@') {
-            Some((a, h)) => (Some(a), h),
-            None => (None, auth_host),
-        };
-        let user = match auth {
-            Some(a) if a.contains(':') => {
-                return Err(LabError::usage(format!(
-                    "'{shown}' holds a password: a URI lands in argv and config files; put the password in a 0600 password file (password_file / --password-file) or the client's ~/.my.cnf"
-                )))
-            }
-            Some(a) if !a.is_empty() => Some(pct_decode(a)),
-            _ => None,
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
-                p.parse::<u16>().map_err(|_| {
-                    LabError::usage(format!("'{shown}': port '{p}' is not a number"))
-                })?,
-            ),
-            None => (hostport.to_string(), 3306),
-        };
-        if host.is_empty() {
-            return Err(LabError::usage(format!(
-                "'{shown}' names no host (mysql://user@host:3306)"
-            )));
-        }
-        let database = Some(pct_decode(db)).filter(|d| !d.is_empty());
+        let (host, port, user) = (u.host, u.port, u.user);
+        let database = Some(u.database).filter(|d| !d.is_empty());
         let password = password_file.map(read_password).transpose()?;
         Ok(MyTarget {
             host,
