@@ -50,9 +50,9 @@ fi
 
 # A real MLflow tracking server for the mlflow source's tests, in a venv of
 # its own (its Flask and Werkzeug pins differ from moto's).
-# psycopg (3: SQLAlchemy 2.1's default postgresql:// driver) lets that server
-# use the tests' PostgreSQL backend store.
-MLFLOW_VERSION=3.17.2 PSYCOPG_VERSION=3.3.9
+# psycopg (3: SQLAlchemy 2.1's default postgresql:// driver) and PyMySQL let
+# that server use the tests' PostgreSQL and MariaDB backend stores.
+MLFLOW_VERSION=3.17.2 PSYCOPG_VERSION=3.3.9 PYMYSQL_VERSION=1.1.1
 mlvenv=target/mlflow-venv
 if ! "$mlvenv/bin/python" -c "import mlflow, sys; sys.exit(mlflow.__version__ != '$MLFLOW_VERSION')" 2>/dev/null; then
   rm -rf "$mlvenv"
@@ -61,6 +61,9 @@ if ! "$mlvenv/bin/python" -c "import mlflow, sys; sys.exit(mlflow.__version__ !=
 fi
 if ! "$mlvenv/bin/python" -c "import psycopg, sys; sys.exit(psycopg.__version__ != '$PSYCOPG_VERSION')" 2>/dev/null; then
   "$mlvenv/bin/pip" install -q "psycopg[binary]==$PSYCOPG_VERSION"
+fi
+if ! "$mlvenv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('PyMySQL') != '$PYMYSQL_VERSION')" 2>/dev/null; then
+  "$mlvenv/bin/pip" install -q "pymysql==$PYMYSQL_VERSION"
 fi
 
 echo "== cargo fmt --check"

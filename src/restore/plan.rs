@@ -169,8 +169,9 @@ impl PvcTarget {
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MlflowTarget {
-    /// `sqlite:////abs/path/mlflow.db` or `postgresql://user@host/db` (an
-    /// existing database; the snapshot's store must be of the same kind).
+    /// `sqlite:////abs/path/mlflow.db`, `postgresql://user@host/db` or
+    /// `mysql://user@host/db` (an existing database; the snapshot's store
+    /// must be of the same kind).
     pub backend_store_uri: String,
     /// A 0600 file with a PostgreSQL store's password.
     #[serde(default)]
@@ -194,9 +195,9 @@ pub struct MlflowTarget {
 }
 
 impl MlflowTarget {
-    /// A PostgreSQL store's host, port and database.
-    pub fn pg_database(&self) -> Option<(String, u16, String)> {
-        pg_database(&self.backend_store_uri)
+    /// A PostgreSQL or MySQL store's host, port and database.
+    pub fn server_database(&self) -> Option<(String, u16, String)> {
+        server_database(&self.backend_store_uri)
     }
 
     /// The database file (empty for a PostgreSQL store).
@@ -559,9 +560,9 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
         absolute("path", "root", &p.root)?;
     }
     if let Some(m) = &raw.mlflow {
-        if crate::util::dbclient::PgTarget::is_uri(&m.backend_store_uri) {
-            crate::util::dbclient::PgTarget::parse(&m.backend_store_uri, None)
-                .map_err(|e| at("mlflow", "backend_store_uri", e.message().to_string()))?;
+        let server = crate::sources::mlflow::is_server_store(&m.backend_store_uri)
+            .map_err(|why| at("mlflow", "backend_store_uri", why))?;
+        if server {
             if let Some(f) = &m.password_file {
                 absolute("mlflow", "password_file", f)?;
             }
@@ -570,7 +571,7 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
                 "mlflow",
                 "backend_store_uri",
                 format!(
-                    "'{}': a sqlite:////abs/path/mlflow.db or postgresql://user@host/db store",
+                    "'{}': a sqlite:////abs/path/mlflow.db, postgresql://user@host/db or mysql://user@host/db store",
                     crate::util::redact_url(&m.backend_store_uri)
                 ),
             ));
@@ -580,7 +581,7 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
                 return Err(at(
                     "mlflow",
                     "password_file",
-                    "only a postgresql:// store takes a password file".into(),
+                    "only a postgresql:// or mysql:// store takes a password file".into(),
                 ));
             }
         }
@@ -681,11 +682,15 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<RestorePlan> {
     })
 }
 
-/// A PostgreSQL URI's host, port and database.
-fn pg_database(uri: &str) -> Option<(String, u16, String)> {
-    crate::util::dbclient::PgTarget::parse(uri, None)
+/// A PostgreSQL or MySQL store URI's scheme, host, port and database.
+fn server_database(uri: &str) -> Option<(String, u16, String)> {
+    use crate::util::dbclient::{MyTarget, PgTarget};
+    if let Ok(t) = PgTarget::parse(uri, None) {
+        return Some((t.host, t.port, t.database));
+    }
+    MyTarget::parse(uri, None)
         .ok()
-        .map(|t| (t.host, t.port, t.database))
+        .and_then(|t| Some((t.host, t.port, t.database?)))
 }
 
 /// The 1-based line of `key` in the top-level `section` (the section's
@@ -823,7 +828,7 @@ impl RestorePlan {
                 &m.artifacts,
                 "the MLflow artifact root",
             );
-            if m.pg_database().is_none() {
+            if m.server_database().is_none() {
                 check_dir(
                     "mlflow",
                     "backend_store_uri",
@@ -945,7 +950,9 @@ impl RestorePlan {
         if let Some(m) = &self.mlflow {
             for (job, s) in &prod.sources {
                 let SourceSpec::Mlflow(src) = s else { continue };
-                if let (Some(a), Some(b)) = (pg_database(&src.backend_store_uri), m.pg_database()) {
+                if let (Some(a), Some(b)) =
+                    (server_database(&src.backend_store_uri), m.server_database())
+                {
                     if a == b {
                         clash(
                             "mlflow",
@@ -963,7 +970,7 @@ impl RestorePlan {
                         .strip_prefix("sqlite:///")
                         .unwrap_or_default(),
                 );
-                if m.pg_database().is_none() && prod_db == m.database() {
+                if m.server_database().is_none() && prod_db == m.database() {
                     clash(
                         "mlflow",
                         "backend_store_uri",

@@ -523,7 +523,7 @@ fn target_of(
                 let db = t.database();
                 // A PostgreSQL store's tables are checked when it is
                 // restored into (refused with tables unless `replace`).
-                let (s1, p1) = match t.pg_database() {
+                let (s1, p1) = match t.server_database() {
                     Some(_) => state_of(&t.artifacts, t.existing),
                     None => state_of(&db, t.existing),
                 };
@@ -538,7 +538,7 @@ fn target_of(
                 (
                     format!(
                         "database {}, artifacts {}",
-                        if t.pg_database().is_some() {
+                        if t.server_database().is_some() {
                             crate::util::redact_url(&t.backend_store_uri)
                         } else {
                             db.display().to_string()
@@ -1018,7 +1018,7 @@ fn run_step(
             let db = t.database();
             // A drill's cleanup removes the files it created; a PostgreSQL
             // staging database stays (loaded; the next drill replaces it).
-            let db_top = if t.pg_database().is_none() {
+            let db_top = if t.server_database().is_none() {
                 first_missing(&db)
             } else {
                 None

@@ -643,6 +643,48 @@ impl MyTarget {
             .collect())
     }
 
+    /// Runs an SQL script (read from standard input, so its size is not
+    /// bound by argv) in `db`; the rows of its result sets.
+    ///
+    /// # Errors
+    /// As [`MyTarget::query`].
+    pub fn script(&self, db: &str, sql: &str) -> Result<Vec<Vec<String>>, LabError> {
+        let (mut cmd, _file) = self.command("mysql")?.into_parts();
+        let mut child = cmd
+            .args(["--batch", "--skip-column-names"])
+            .arg(db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| LabError::failed(format!("running mysql: {e}")))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let body = sql.to_string();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(body.as_bytes());
+        });
+        let out = child
+            .wait_with_output()
+            .map_err(|e| LabError::failed(format!("running mysql: {e}")))?;
+        let _ = writer.join();
+        if !out.status.success() {
+            return Err(self.classify("mysql", &String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| l.split('\t').map(String::from).collect())
+            .collect())
+    }
+
+    /// [`MyTarget::query`] with `db` as the current database.
+    ///
+    /// # Errors
+    /// As [`MyTarget::query`].
+    pub fn query_in(&self, db: &str, sql: &str) -> Result<Vec<Vec<String>>, LabError> {
+        self.query(&format!("USE {}; {sql}", my_ident(db)))
+    }
+
     /// A client's failure as labctl's error (see [`PgTarget::classify`]).
     pub fn classify(&self, program: &str, stderr: &str) -> LabError {
         let mut msg = stderr

@@ -303,7 +303,11 @@ fn an_mlflow_store_restores_into_a_second_store_and_a_server_on_it_agrees() {
     // Unsupported stores say what to do, a password in a URI is refused
     // (without repeating it); a database that is not MLflow's is refused.
     for (uri, says) in [
-        ("mysql://ml:hunter2@127.0.0.1/mlflow", "not supported yet"),
+        (
+            "mongodb://ml:hunter2@127.0.0.1/mlflow",
+            "not an MLflow backend store URI",
+        ),
+        ("mysql://ml:hunter2@127.0.0.1/mlflow", "password file"),
         ("postgresql://ml:hunter2@127.0.0.1/mlflow", "password file"),
     ] {
         let out = env.run(&[
@@ -630,5 +634,132 @@ fn an_mlflow_store_on_postgresql_round_trips_through_pg_dump_and_a_server_on_it_
     );
     let snaps: Value = serde_json::from_slice(&env.ok(&["--json", "snapshots"]).stdout).unwrap();
     assert_eq!(snaps.as_array().unwrap().len(), 1, "{snaps}");
+    drop(prod);
+}
+
+#[test]
+fn an_mlflow_store_on_mysql_restores_into_an_empty_database_and_a_server_on_it_agrees() {
+    use crate::mariadb::MariaDb;
+    use std::os::unix::fs::PermissionsExt;
+    const PW: &str = "my-Secret-3c9e";
+    let db = MariaDb::start();
+    db.root_ok(&format!(
+        "CREATE DATABASE mlflow; CREATE DATABASE mlflow_staging; CREATE DATABASE mlflow_half; CREATE USER 'mlflow'@'%' IDENTIFIED BY '{PW}'; GRANT ALL ON *.* TO 'mlflow'@'%';"
+    ));
+    let env = Env::new();
+    let home = env.path("ml");
+    let art = home.join("prod/artifacts");
+    std::fs::create_dir_all(&art).unwrap();
+    // The test's own servers take the password in their URI (PyMySQL
+    // reads no environment); labctl never does.
+    let server_uri =
+        |name: &str| format!("mysql+pymysql://mlflow:{PW}@127.0.0.1:{}/{name}", db.port);
+    let prod = MlflowServer::start_on(&home, &server_uri("mlflow"), &art, &[]);
+    log_runs(&home, &prod.url);
+    let pwfile = home.join("my.pw");
+    std::fs::write(&pwfile, format!("{PW}\n")).unwrap();
+    std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let uri = |name: &str| format!("{}/{name}", db.uri("mlflow"));
+    let out = env.ok(&[
+        "--json",
+        "backup",
+        "mlflow",
+        "--backend-store-uri",
+        &uri("mlflow"),
+        "--password-file",
+        pwfile.to_str().unwrap(),
+        "--artifacts",
+        art.to_str().unwrap(),
+    ]);
+    let mut said = stdout(&out) + &stderr(&out);
+    let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()["snapshot-id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let snaps = env.ok(&["--json", "snapshots"]);
+    said += &stdout(&snaps);
+    let snaps: Value = serde_json::from_slice(&snaps.stdout).unwrap();
+    let facts = &snaps[0]["facts"];
+    assert_eq!(facts["mlflow.backend"], "mysql", "{facts}");
+    assert_eq!(facts["mlflow.counts"]["runs"], 6, "{facts}");
+    assert!(facts.get("mlflow.counts_after").is_none(), "{facts}");
+    assert!(stdout(&env.ok_restore(&["ls", &id])).contains("backend/mlflow.sql"));
+
+    let art2 = home.join("staging/artifacts");
+    let restore = |name: &str, extra: &[&str], path: &str| {
+        let mut c = env.cmd();
+        c.env("PATH", path)
+            .env("LABCTL_RESTORE_KEY", &env.restore_key)
+            .args([
+                "--json",
+                "restore",
+                &id,
+                "--mlflow-backend-store-uri",
+                &uri(name),
+                "--mlflow-password-file",
+                pwfile.to_str().unwrap(),
+                "--mlflow-artifacts",
+                art2.to_str().unwrap(),
+            ])
+            .args(extra);
+        c.output().unwrap()
+    };
+    // A load that fails halfway leaves the database empty and no artifacts.
+    let half = home.join("half-bin");
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::write(
+        half.join("mysql"),
+        "#!/bin/sh\nhead -c 40000 | /usr/bin/mysql \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(half.join("mysql"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = restore(
+        "mlflow_half",
+        &[],
+        &format!("{}:/usr/bin:/bin", half.display()),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        db.root_ok(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'mlflow_half'"
+        ),
+        "0"
+    );
+    assert!(!art2.exists());
+
+    let out = restore("mlflow_staging", &[], "/usr/bin:/bin");
+    assert!(out.status.success(), "{}", stderr(&out));
+    said += &(stdout(&out) + &stderr(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["restore"]["rewritten"]["runs.artifact_uri"], 6, "{r}");
+    assert_eq!(r["restore"]["rewritten"]["model_versions.source"], 2, "{r}");
+    assert_eq!(
+        r["restore"]["alembic_revision"],
+        facts["mlflow.alembic_revision"]
+    );
+    // Again: tables now (exit 6); --overwrite is not offered for MySQL (exit 2).
+    let out = restore("mlflow_staging", &[], "/usr/bin:/bin");
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let out = restore("mlflow_staging", &["--overwrite"], "/usr/bin:/bin");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("only into an empty database"),
+        "{}",
+        stderr(&out)
+    );
+
+    let staging = MlflowServer::start_on(&home, &server_uri("mlflow_staging"), &art2, &[]);
+    let out = env.ok_restore(&[
+        "--json",
+        "restore",
+        &id,
+        "--verify-tracking-uri",
+        &staging.url,
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verify"]["runs"], 6, "{v}");
+    assert_eq!(v["verify"]["artifacts"], 3, "{v}");
+    assert!(!said.contains(PW), "{said}");
+    drop(staging);
     drop(prod);
 }
