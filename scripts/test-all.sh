@@ -51,8 +51,9 @@ fi
 # A real MLflow tracking server for the mlflow source's tests, in a venv of
 # its own (its Flask and Werkzeug pins differ from moto's).
 # psycopg (3: SQLAlchemy 2.1's default postgresql:// driver) and PyMySQL let
-# that server use the tests' PostgreSQL and MariaDB backend stores.
-MLFLOW_VERSION=3.17.2 PSYCOPG_VERSION=3.3.9 PYMYSQL_VERSION=1.1.1
+# that server use the tests' PostgreSQL and MariaDB backend stores, boto3 an
+# artifact root on the tests' S3 server.
+MLFLOW_VERSION=3.17.2 PSYCOPG_VERSION=3.3.9 PYMYSQL_VERSION=1.1.1 BOTO3_VERSION=1.44.18
 mlvenv=target/mlflow-venv
 if ! "$mlvenv/bin/python" -c "import mlflow, sys; sys.exit(mlflow.__version__ != '$MLFLOW_VERSION')" 2>/dev/null; then
   rm -rf "$mlvenv"
@@ -64,6 +65,9 @@ if ! "$mlvenv/bin/python" -c "import psycopg, sys; sys.exit(psycopg.__version__ 
 fi
 if ! "$mlvenv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('PyMySQL') != '$PYMYSQL_VERSION')" 2>/dev/null; then
   "$mlvenv/bin/pip" install -q "pymysql==$PYMYSQL_VERSION"
+fi
+if ! "$mlvenv/bin/python" -c "import boto3, sys; sys.exit(boto3.__version__ != '$BOTO3_VERSION')" 2>/dev/null; then
+  "$mlvenv/bin/pip" install -q "boto3==$BOTO3_VERSION"
 fi
 
 echo "== cargo fmt --check"

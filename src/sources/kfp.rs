@@ -29,7 +29,7 @@
 //! `deployments/scale` (autoscaling/v1 Scale).
 
 use super::SourceContext;
-use crate::backend::{Backend, OpenOptions};
+use crate::backend::Backend;
 use crate::error::LabError;
 use crate::repo::backup::{BackupOutcome, BackupRun};
 use crate::repo::chunker::ChunkerKind;
@@ -125,30 +125,6 @@ pub struct KfpSource {
     pub context: Option<String>,
 }
 
-fn bucket_options(endpoint: &Option<String>, creds: &Option<PathBuf>) -> OpenOptions {
-    OpenOptions {
-        credentials_file: creds.clone(),
-        ca_file: None,
-        endpoint_url: endpoint.clone(),
-    }
-}
-
-fn check_bucket_url(field: &str, url: &str) -> Result<(), (String, String)> {
-    let ok = url
-        .strip_prefix("s3://")
-        .is_some_and(|r| !r.is_empty() && !r.starts_with('/'));
-    if !ok || url.contains('@') {
-        return Err((
-            field.into(),
-            format!(
-                "'{}': expected s3://bucket or s3://bucket/prefix (keys go in the credentials file)",
-                crate::util::redact_url(url)
-            ),
-        ));
-    }
-    Ok(())
-}
-
 fn check_db_name(field: &str, d: &str) -> Result<(), (String, String)> {
     if d.is_empty()
         || d.len() > 40
@@ -172,7 +148,7 @@ impl KfpSource {
     pub fn validate(&self, from_config: bool) -> Result<(), (String, String)> {
         MyTarget::parse(&self.mysql, None)
             .map_err(|e| ("mysql".to_string(), e.message().to_string()))?;
-        check_bucket_url("bucket", &self.bucket)?;
+        super::bucket::check_bucket_url("bucket", &self.bucket)?;
         if self.databases.is_empty() {
             return Err(("databases".into(), "name at least one database".into()));
         }
@@ -240,11 +216,8 @@ impl KfpSource {
         let t = MyTarget::parse(&self.mysql, self.password_file.as_deref())?;
         t.command("mysql")?;
         t.command("mysqldump")?;
-        let bucket = crate::backend::s3::S3Backend::open_with(
-            &self.bucket,
-            &bucket_options(&self.s3_endpoint, &self.s3_credentials_file),
-        )?;
-        probe_bucket(&bucket, &self.bucket)?;
+        let bucket =
+            super::bucket::open(&self.bucket, &self.s3_endpoint, &self.s3_credentials_file)?;
         let tables = tables_of(&t, &self.databases)?;
         for d in &self.databases {
             if !tables.iter().any(|(db, _)| db == d) && !database_exists(&t, d)? {
@@ -324,7 +297,7 @@ impl KfpSource {
                 ));
                 continue;
             }
-            let content = match stream_object(&mut run, &bucket, key) {
+            let content = match super::bucket::stream_object(&mut run, &bucket, key) {
                 Ok(c) => c,
                 Err(e) if e.downcast_ref::<crate::error::Cancelled>().is_some() => return Err(e),
                 Err(e) => {
@@ -383,72 +356,6 @@ impl KfpSource {
             started,
         )
     }
-}
-
-/// Fails clearly when the bucket is missing or unreadable (before anything
-/// is dumped or scaled).
-fn probe_bucket(b: &crate::backend::s3::S3Backend, url: &str) -> crate::error::Result<()> {
-    b.list("\u{7f}labctl-probe", &mut |_| {}).map_err(|e| {
-        let m = e.to_string();
-        if m.contains("NoSuchBucket") || m.contains("does not exist") {
-            LabError::usage(format!(
-                "bucket {url} does not exist at {} ({m})",
-                b.location()
-            ))
-        } else {
-            LabError::storage(format!("reading bucket {url}: {m}"))
-        }
-    })?;
-    Ok(())
-}
-
-/// Streams one object into the run (a reader thread feeds a bounded
-/// channel: the object is never whole in memory).
-fn stream_object(
-    run: &mut BackupRun<'_>,
-    bucket: &crate::backend::s3::S3Backend,
-    key: &str,
-) -> crate::error::Result<Vec<crate::repo::tree::ContentRef>> {
-    struct ChanReader {
-        rx: crossbeam_channel::Receiver<Vec<u8>>,
-        buf: Vec<u8>,
-        pos: usize,
-    }
-    impl std::io::Read for ChanReader {
-        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-            while self.pos == self.buf.len() {
-                match self.rx.recv() {
-                    Ok(b) => {
-                        self.buf = b;
-                        self.pos = 0;
-                    }
-                    Err(_) => return Ok(0),
-                }
-            }
-            let n = out.len().min(self.buf.len() - self.pos);
-            out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-            self.pos += n;
-            Ok(n)
-        }
-    }
-    std::thread::scope(|s| {
-        let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(8);
-        let getter = s.spawn(move || bucket.get_stream(key, &mut |b| tx.send(b.to_vec()).is_ok()));
-        let content = run.add_stream(
-            ChanReader {
-                rx,
-                buf: vec![],
-                pos: 0,
-            },
-            ChunkerKind::Cdc,
-            key,
-        );
-        let got = getter
-            .join()
-            .map_err(|_| anyhow::anyhow!("the object reader panicked"))?;
-        got?;
-        content
-    })
 }
 
 /// `(database, table)` of every base table in `dbs`.
@@ -988,14 +895,15 @@ pub fn restore(
     let after = fact_counts(snap.facts.get("kfp.counts_after"));
     let uri = args.kfp_mysql.as_deref().expect("given");
     let bucket_url = args.kfp_bucket.as_deref().expect("given");
-    check_bucket_url("--kfp-bucket", bucket_url).map_err(|(_, why)| LabError::usage(why))?;
+    super::bucket::check_bucket_url("--kfp-bucket", bucket_url)
+        .map_err(|(_, why)| LabError::usage(why))?;
     let t = MyTarget::parse(uri, args.kfp_password_file.as_deref())?;
     t.command("mysql")?;
-    let bucket = crate::backend::s3::S3Backend::open_with(
+    let bucket = super::bucket::open(
         bucket_url,
-        &bucket_options(&args.kfp_s3_endpoint, &args.kfp_s3_credentials_file),
+        &args.kfp_s3_endpoint,
+        &args.kfp_s3_credentials_file,
     )?;
-    probe_bucket(&bucket, bucket_url)?;
     let existing = tables_of(&t, &dbs)?;
     let mut created_databases = vec![];
     for d in &dbs {
@@ -1252,7 +1160,7 @@ pub fn remove_restored(args: &KfpRestore, databases: &[String], objects: &[Strin
         let url = args.kfp_bucket.as_deref().unwrap_or("");
         match crate::backend::s3::S3Backend::open_with(
             url,
-            &bucket_options(&args.kfp_s3_endpoint, &args.kfp_s3_credentials_file),
+            &super::bucket::bucket_options(&args.kfp_s3_endpoint, &args.kfp_s3_credentials_file),
         ) {
             Ok(b) => {
                 let failed: Vec<&String> =

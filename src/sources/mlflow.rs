@@ -74,10 +74,21 @@ pub struct MlflowSource {
     #[arg(long, value_name = "FILE")]
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// The artifact root: a directory (`--default-artifact-root` or
-    /// `--artifacts-destination` of the server, a path or `file://` URI).
-    #[arg(long, value_name = "DIR")]
+    /// The artifact root (`--default-artifact-root` or
+    /// `--artifacts-destination` of the server): a directory (a path or
+    /// `file://` URI) or `s3://bucket/prefix`.
+    #[arg(long, value_name = "DIR|S3URL")]
     pub artifacts: String,
+    /// The S3 endpoint of an `s3://` artifact root (MinIO's, say);
+    /// default: AWS_ENDPOINT_URL.
+    #[arg(long, value_name = "URL")]
+    #[serde(default)]
+    pub s3_endpoint: Option<String>,
+    /// An AWS shared-credentials file (0600) with the artifact bucket's
+    /// keys; with --s3-endpoint it is used alone.
+    #[arg(long, value_name = "FILE")]
+    #[serde(default)]
+    pub s3_credentials_file: Option<PathBuf>,
     /// The tracking server, to record its MLflow version (`/version`).
     #[arg(long, value_name = "URL")]
     #[serde(default)]
@@ -212,12 +223,30 @@ impl MlflowSource {
                 "use an absolute path: sqlite:////srv/mlflow/mlflow.db".into(),
             ));
         }
+        if self.artifacts.starts_with("s3://") {
+            super::bucket::check_bucket_url("artifacts", &self.artifacts)?;
+            if from_config
+                && self
+                    .s3_credentials_file
+                    .as_ref()
+                    .is_some_and(|p| !p.is_absolute())
+            {
+                return Err(("s3_credentials_file".into(), "use an absolute path".into()));
+            }
+            return Ok(());
+        }
+        if self.s3_endpoint.is_some() || self.s3_credentials_file.is_some() {
+            return Err((
+                "s3_endpoint".into(),
+                "only an s3:// artifact root takes s3_endpoint and s3_credentials_file".into(),
+            ));
+        }
         if self.artifacts.contains("://") && !self.artifacts.starts_with("file://") {
             return Err((
                 "artifacts".into(),
                 format!(
-                    "'{}': only a directory (or file:// URI) for now; s3:// artifact stores are not supported yet",
-                    self.artifacts
+                    "'{}': a directory (a path or file:// URI) or s3://bucket/prefix",
+                    crate::util::redact_url(&self.artifacts)
                 ),
             ));
         }
@@ -250,7 +279,7 @@ impl MlflowSource {
             )));
         }
         let a = dir_of(&self.artifacts);
-        if !a.is_dir() {
+        if !self.artifacts.starts_with("s3://") && !a.is_dir() {
             return Err(LabError::usage(format!(
                 "MLflow artifact root {} is not a directory",
                 a.display()
@@ -276,16 +305,28 @@ impl MlflowSource {
             return Err(LabError::usage(why).into());
         }
         let started = Instant::now();
-        let art = std::fs::canonicalize(dir_of(&self.artifacts)).map_err(|e| {
-            LabError::usage(format!("MLflow artifact root {}: {e}", self.artifacts))
-        })?;
-        if !art.is_dir() {
-            return Err(LabError::usage(format!(
-                "MLflow artifact root {} is not a directory",
-                art.display()
-            ))
-            .into());
-        }
+        let art = if self.artifacts.starts_with("s3://") {
+            ArtifactRoot::S3 {
+                url: self.artifacts.trim_end_matches('/').to_string(),
+                bucket: super::bucket::open(
+                    &self.artifacts,
+                    &self.s3_endpoint,
+                    &self.s3_credentials_file,
+                )?,
+            }
+        } else {
+            let art = std::fs::canonicalize(dir_of(&self.artifacts)).map_err(|e| {
+                LabError::usage(format!("MLflow artifact root {}: {e}", self.artifacts))
+            })?;
+            if !art.is_dir() {
+                return Err(LabError::usage(format!(
+                    "MLflow artifact root {} is not a directory",
+                    art.display()
+                ))
+                .into());
+            }
+            ArtifactRoot::Dir(art)
+        };
         // The dump first (a consistent copy, while the server writes on),
         // and the facts read from exactly what is dumped.
         let backend = backend_of(&self.backend_store_uri);
@@ -378,12 +419,40 @@ impl MlflowSource {
             s.close();
         }
         run.check_cancel()?;
-        let art_root = super::path::walk_tree(
-            &mut run,
-            &art,
-            ARTIFACTS_DIR.as_bytes(),
-            ChunkerChoice::Auto,
-        )?;
+        let art_root = match &art {
+            ArtifactRoot::Dir(d) => {
+                super::path::walk_tree(&mut run, d, ARTIFACTS_DIR.as_bytes(), ChunkerChoice::Auto)?
+            }
+            ArtifactRoot::S3 { bucket, .. } => {
+                // Every object under the prefix, streamed (no local copy).
+                use crate::backend::Backend;
+                let mut objects = vec![];
+                bucket.list("", &mut |o| objects.push((o.name, o.size)))?;
+                objects.sort();
+                let mut folder = super::Folder::default();
+                for (key, size) in objects {
+                    run.check_cancel()?;
+                    let parts: Vec<String> = key.split('/').map(String::from).collect();
+                    if parts.iter().any(|p| p.is_empty() || p == "." || p == "..") {
+                        run.summary_mut().errors.push(format!(
+                            "{key}: an object key that is not a path (empty, . or .. part)"
+                        ));
+                        continue;
+                    }
+                    match super::bucket::stream_object(&mut run, bucket, &key) {
+                        Ok(content) => folder.insert(&parts, super::Leaf::Stored { size, content }),
+                        Err(e) if e.downcast_ref::<crate::error::Cancelled>().is_some() => {
+                            return Err(e)
+                        }
+                        Err(e) => run.summary_mut().errors.push(format!("{key}: {e}")),
+                    }
+                }
+                folder.store(
+                    &mut run,
+                    time::OffsetDateTime::now_utc().unix_timestamp_nanos(),
+                )?
+            }
+        };
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
@@ -437,10 +506,8 @@ impl MlflowSource {
                 opts.facts.insert("mlflow.counts_after".into(), after);
             }
         }
-        opts.facts.insert(
-            "mlflow.artifact_root".into(),
-            json!(art.display().to_string()),
-        );
+        opts.facts
+            .insert("mlflow.artifact_root".into(), json!(art.uri()));
         if let Some(v) = server_version {
             opts.facts.insert("mlflow.server_version".into(), json!(v));
         }
@@ -506,7 +573,7 @@ impl Drop for Scratch {
 /// some dialects).
 fn describe(
     q: &mut dyn FnMut(&str) -> crate::error::Result<Rows>,
-    art: &Path,
+    art: &ArtifactRoot,
     quote: char,
     finished_only: bool,
 ) -> crate::error::Result<Vec<(String, Value)>> {
@@ -548,28 +615,7 @@ fn describe(
         .filter_map(|r| Some((r.first()?.clone(), r.get(1)?.parse().ok()?)))
         .collect();
         // The run's artifact files, as paths under its artifact URI.
-        let dir = dir_of(&uri);
-        let mut files = vec![];
-        if dir.starts_with(art) {
-            let mut stack = vec![dir.clone()];
-            while let Some(d) = stack.pop() {
-                let Ok(rd) = std::fs::read_dir(&d) else {
-                    continue;
-                };
-                for e in rd.flatten() {
-                    let p = e.path();
-                    if p.is_dir() {
-                        stack.push(p);
-                    } else if let Ok(rel) = p.strip_prefix(&dir) {
-                        files.push(rel.display().to_string());
-                    }
-                    if files.len() >= 5 {
-                        break;
-                    }
-                }
-            }
-            files.sort();
-        }
+        let files = art.files_under(&uri, 5);
         sample.push(
             json!({"run_id": id, "experiment_id": exp, "metrics": metrics, "artifacts": files}),
         );
@@ -579,6 +625,71 @@ fn describe(
         ("mlflow.counts".into(), counts),
         ("mlflow.sample".into(), Value::Array(sample)),
     ])
+}
+
+/// Where the artifacts are: a directory, or an S3 bucket and prefix.
+enum ArtifactRoot {
+    Dir(PathBuf),
+    S3 {
+        /// `s3://bucket[/prefix]`, without a trailing `/`.
+        url: String,
+        bucket: crate::backend::s3::S3Backend,
+    },
+}
+
+impl ArtifactRoot {
+    /// The root as stored artifact URIs start with it.
+    fn uri(&self) -> String {
+        match self {
+            ArtifactRoot::Dir(p) => p.display().to_string(),
+            ArtifactRoot::S3 { url, .. } => url.clone(),
+        }
+    }
+
+    /// Up to `max` files under a run's artifact URI, as paths relative to
+    /// it, sorted (none when the URI is not under this root).
+    fn files_under(&self, uri: &str, max: usize) -> Vec<String> {
+        let mut files = vec![];
+        match self {
+            ArtifactRoot::Dir(art) => {
+                let dir = dir_of(uri);
+                if !dir.starts_with(art) {
+                    return files;
+                }
+                let mut stack = vec![dir.clone()];
+                while let Some(d) = stack.pop() {
+                    let Ok(rd) = std::fs::read_dir(&d) else {
+                        continue;
+                    };
+                    for e in rd.flatten() {
+                        let p = e.path();
+                        if p.is_dir() {
+                            stack.push(p);
+                        } else if let Ok(rel) = p.strip_prefix(&dir) {
+                            files.push(rel.display().to_string());
+                        }
+                        if files.len() >= max {
+                            break;
+                        }
+                    }
+                }
+            }
+            ArtifactRoot::S3 { url, bucket } => {
+                use crate::backend::Backend;
+                let Some(rel) = uri.strip_prefix(&format!("{url}/")) else {
+                    return files;
+                };
+                let prefix = format!("{}/", rel.trim_end_matches('/'));
+                let _ = bucket.list(&prefix, &mut |o| {
+                    if files.len() < max {
+                        files.push(o.name[prefix.len()..].to_string());
+                    }
+                });
+            }
+        }
+        files.sort();
+        files
+    }
 }
 
 /// The counts of experiments, runs, registered models and versions.
@@ -822,7 +933,9 @@ pub fn restore(
     }
     if pairs.is_empty() && !old_root.is_empty() {
         let new = new_root.display().to_string();
-        pairs.push((format!("file://{old_root}"), format!("file://{new}")));
+        if !old_root.contains("://") {
+            pairs.push((format!("file://{old_root}"), format!("file://{new}")));
+        }
         pairs.push((old_root.clone(), new));
     }
     // Everything is written beside the targets first.
@@ -1503,6 +1616,8 @@ mod tests {
             artifacts: "/srv/a".into(),
             tracking_uri: None,
             password_file: None,
+            s3_endpoint: None,
+            s3_credentials_file: None,
         };
         let (_, why) = s.validate(true).unwrap_err();
         assert!(
@@ -1536,6 +1651,15 @@ mod tests {
         assert_eq!(s.validate(true).unwrap_err().0, "password_file");
         s.backend_store_uri = "sqlite:////srv/m.db".into();
         assert_eq!(s.validate(true).unwrap_err().0, "password_file");
+        s.password_file = None;
+        s.artifacts = "s3://mlflow/artifacts".into();
+        s.validate(true).unwrap();
+        s.artifacts = "s3://AKIA:secret@mlflow".into();
+        let (field, why) = s.validate(true).unwrap_err();
+        assert!(field == "artifacts" && !why.contains("secret"), "{why}");
+        s.artifacts = "/srv/a".into();
+        s.s3_endpoint = Some("http://minio:9000".into());
+        assert_eq!(s.validate(true).unwrap_err().0, "s3_endpoint");
     }
 
     #[test]

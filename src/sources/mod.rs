@@ -11,6 +11,7 @@
 //! Must not reach into the engine's internals (packs, index, catalog
 //! tables) nor import from `cli/`, `schedule/` or `restore/`.
 
+pub(crate) mod bucket;
 pub mod etcd;
 pub mod kfp;
 pub mod kube;

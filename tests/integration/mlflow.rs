@@ -123,6 +123,12 @@ print("logged")
 "#;
 
 pub fn log_runs(home: &Path, url: &str) {
+    log_runs_with(home, url, &[]);
+}
+
+/// [`log_runs`] with extra environment (an S3 artifact root's endpoint and
+/// keys: the client writes artifacts there itself).
+pub fn log_runs_with(home: &Path, url: &str, env: &[(&str, &str)]) {
     let script = home.join("log.py");
     std::fs::write(&script, LOG).unwrap();
     let scratch = home.join("scratch");
@@ -134,6 +140,7 @@ pub fn log_runs(home: &Path, url: &str) {
         .env("HOME", home)
         .env("MLFLOW_DISABLE_TELEMETRY", "true")
         .env("DO_NOT_TRACK", "1")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -761,5 +768,111 @@ fn an_mlflow_store_on_mysql_restores_into_an_empty_database_and_a_server_on_it_a
     assert_eq!(v["verify"]["artifacts"], 3, "{v}");
     assert!(!said.contains(PW), "{said}");
     drop(staging);
+    drop(prod);
+}
+
+#[test]
+fn an_mlflow_artifact_root_in_s3_is_read_from_the_bucket_and_restores_into_a_directory() {
+    use crate::s3::{create_bucket, moto_port};
+    use std::os::unix::fs::PermissionsExt;
+    let port = moto_port();
+    let bucket = format!("mlflow-art-{:08x}", rand::random::<u32>());
+    create_bucket(port, &bucket, false);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let root = format!("s3://{bucket}/mlartifacts");
+    let env = Env::new();
+    let home = env.path("ml");
+    std::fs::create_dir_all(home.join("prod")).unwrap();
+    let db = home.join("prod/mlflow.db");
+    // The server and the client reach the bucket with boto3.
+    let s3env = [
+        ("MLFLOW_S3_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "mlflow-key"),
+        ("AWS_SECRET_ACCESS_KEY", "mlflow-Secret-8d1"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ];
+    let prod = MlflowServer::start_on(
+        &home,
+        &format!("sqlite:///{}", db.display()),
+        Path::new(&root),
+        &s3env,
+    );
+    log_runs_with(&home, &prod.url, &s3env);
+    let creds = home.join("s3.credentials");
+    std::fs::write(
+        &creds,
+        "[default]\naws_access_key_id = mlflow-key\naws_secret_access_key = mlflow-Secret-8d1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let backup = |artifacts: &str| {
+        env.run(&[
+            "--json",
+            "backup",
+            "mlflow",
+            "--backend-store-uri",
+            &format!("sqlite:///{}", db.display()),
+            "--artifacts",
+            artifacts,
+            "--s3-endpoint",
+            &endpoint,
+            "--s3-credentials-file",
+            creds.to_str().unwrap(),
+        ])
+    };
+    let out = backup(&root);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()["snapshot-id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let snaps: Value = serde_json::from_slice(&env.ok(&["--json", "snapshots"]).stdout).unwrap();
+    let facts = &snaps[0]["facts"];
+    assert_eq!(facts["mlflow.artifact_root"], root.as_str(), "{facts}");
+    assert!(
+        !facts["mlflow.sample"][0]["artifacts"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{facts}"
+    );
+    let ls = stdout(&env.ok_restore(&["ls", &id]));
+    assert!(ls.contains("/artifacts/outputs/out-"), "{ls}");
+    assert!(
+        !stdout(&out).contains("mlflow-Secret-8d1") && !stderr(&out).contains("mlflow-Secret-8d1")
+    );
+
+    // Into a directory: every s3:// URI under the root now names it.
+    let db2 = home.join("staging/mlflow.db");
+    let art2 = home.join("staging/artifacts");
+    let out = env.ok_restore(&[
+        "--json",
+        "restore",
+        &id,
+        "--mlflow-backend-store-uri",
+        &format!("sqlite:///{}", db2.display()),
+        "--mlflow-artifacts",
+        art2.to_str().unwrap(),
+    ]);
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["restore"]["rewritten"]["runs.artifact_uri"], 6, "{r}");
+    assert_eq!(r["restore"]["rewritten"]["model_versions.source"], 2, "{r}");
+    let staging = MlflowServer::start(&home, &db2, &art2);
+    let out = env.ok_restore(&[
+        "--json",
+        "restore",
+        &id,
+        "--verify-tracking-uri",
+        &staging.url,
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verify"]["runs"], 6, "{v}");
+    assert_eq!(v["verify"]["artifacts"], 3, "{v}");
+    drop(staging);
+
+    // A bucket that does not exist: exit 2, nothing committed.
+    let out = backup(&format!("s3://no-such-bucket-{bucket}/x"));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
     drop(prod);
 }
