@@ -221,6 +221,8 @@ impl MlflowTarget {
                 .collect(),
             verify_tracking_uri: None,
             mlflow_password_file: self.password_file.clone(),
+            mlflow_s3_endpoint: None,
+            mlflow_s3_credentials_file: None,
         }
     }
 }

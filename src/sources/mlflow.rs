@@ -28,7 +28,8 @@
 //! `model_versions.source`/`storage_location`, `logged_models`...); REST
 //! `experiments/search`, `runs/search`, `metrics/get-history`,
 //! `registered-models/search`, `model-versions/search`, `/get-artifact`,
-//! `/version`. `s3://` artifact roots are refused for now, saying so.
+//! `/version`. An `s3://` artifact root is read object by object from its
+//! bucket (sources/bucket.rs) and restored into a directory or a bucket.
 
 use super::SourceContext;
 use crate::error::LabError;
@@ -754,8 +755,8 @@ pub struct MlflowRestore {
     /// --mlflow-artifacts.
     #[arg(long, value_name = "URI", requires = "mlflow_artifacts")]
     pub mlflow_backend_store_uri: Option<String>,
-    /// Restore the artifact root into this directory (must be empty unless
-    /// --overwrite).
+    /// Restore the artifact root into this directory, or under this
+    /// `s3://bucket/prefix` (must be empty unless --overwrite).
     #[arg(long, value_name = "DIR", requires = "mlflow_backend_store_uri")]
     pub mlflow_artifacts: Option<PathBuf>,
     /// Rewrite stored artifact URIs starting with OLD to NEW instead of the
@@ -768,6 +769,13 @@ pub struct MlflowRestore {
     /// sampled metric histories and artifacts are what was backed up.
     #[arg(long, value_name = "URL")]
     pub verify_tracking_uri: Option<String>,
+    /// The S3 endpoint of an s3:// --mlflow-artifacts (default:
+    /// AWS_ENDPOINT_URL).
+    #[arg(long, value_name = "URL", requires = "mlflow_artifacts")]
+    pub mlflow_s3_endpoint: Option<String>,
+    /// An AWS shared-credentials file (0600) for an s3:// --mlflow-artifacts.
+    #[arg(long, value_name = "FILE", requires = "mlflow_artifacts")]
+    pub mlflow_s3_credentials_file: Option<PathBuf>,
     /// A file (mode 0600) with the password of a postgresql:// or mysql://
     /// restore target (else libpq's PGPASSWORD, PGPASSFILE or ~/.pgpass, or
     /// ~/.my.cnf).
@@ -864,6 +872,23 @@ pub fn restore(
     } else {
         None
     };
+    // An s3:// artifact root: its bucket, and the objects already there.
+    let s3_art = match art.to_str().filter(|a| a.starts_with("s3://")) {
+        Some(url) => {
+            use crate::backend::Backend;
+            super::bucket::check_bucket_url("--mlflow-artifacts", url)
+                .map_err(|(_, why)| LabError::usage(why))?;
+            let b = super::bucket::open(
+                url,
+                &args.mlflow_s3_endpoint,
+                &args.mlflow_s3_credentials_file,
+            )?;
+            let mut present = vec![];
+            b.list("", &mut |o| present.push(o.name))?;
+            Some((url.trim_end_matches('/').to_string(), b, present))
+        }
+        None => None,
+    };
     if let Some((t, db)) = &my {
         // MLflow's MySQL schema has triggers, which keep tables from moving
         // between databases: a load cannot be staged beside the target and
@@ -906,12 +931,21 @@ pub fn restore(
             }
             _ => {}
         }
-        if non_empty_dir(&art) {
+        if s3_art.is_none() && non_empty_dir(&art) {
             return Err(LabError::refused(format!(
                 "artifact directory {} is not empty: choose an empty one, or pass --overwrite to replace it whole; nothing was written",
                 art.display()
             ))
             .into());
+        }
+        if let Some((url, _, present)) = &s3_art {
+            if !present.is_empty() {
+                return Err(LabError::refused(format!(
+                    "artifact root {url} holds {} object(s): choose an empty prefix, or pass --overwrite to replace its content; nothing was written",
+                    present.len()
+                ))
+                .into());
+            }
         }
     }
     let old_root = snap
@@ -920,7 +954,10 @@ pub fn restore(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    let new_root = absolute(&art)?;
+    let new_root = match &s3_art {
+        Some((url, _, _)) => PathBuf::from(url),
+        None => absolute(&art)?,
+    };
     let mut pairs: Vec<(String, String)> = vec![];
     for p in &args.rewrite_artifact_root {
         let (o, n) = p.split_once('=').ok_or_else(|| {
@@ -934,12 +971,22 @@ pub fn restore(
     if pairs.is_empty() && !old_root.is_empty() {
         let new = new_root.display().to_string();
         if !old_root.contains("://") {
-            pairs.push((format!("file://{old_root}"), format!("file://{new}")));
+            let file_new = if s3_art.is_some() {
+                new.clone()
+            } else {
+                format!("file://{new}")
+            };
+            pairs.push((format!("file://{old_root}"), file_new));
         }
         pairs.push((old_root.clone(), new));
     }
-    // Everything is written beside the targets first.
-    let art_parent = new_root.parent().unwrap_or(Path::new("/")).to_path_buf();
+    // Everything is written beside the targets first (for an s3:// root,
+    // in the temporary directory).
+    let art_parent = if s3_art.is_some() {
+        std::env::temp_dir()
+    } else {
+        new_root.parent().unwrap_or(Path::new("/")).to_path_buf()
+    };
     std::fs::create_dir_all(&art_parent)?;
     let scratch = Scratch::new(&art_parent, "mlflow-restore")?;
     let summary = extract::restore_to_dir(
@@ -970,12 +1017,10 @@ pub fn restore(
                 ))
                 .into());
             }
-            if art.exists() {
-                std::fs::remove_dir(&art)?; // empty: checked above
-            }
-            std::fs::rename(scratch.0.join(ARTIFACTS_DIR), &art)?;
+            let placed = place_artifacts(&scratch.0.join(ARTIFACTS_DIR), &art, &s3_art, overwrite)?;
             match my_load(t, db, &dump, &pairs) {
                 Ok(rewritten) => {
+                    placed.commit()?;
                     let rev = t
                         .query_in(db, "SELECT version_num FROM alembic_version")?
                         .into_iter()
@@ -985,7 +1030,7 @@ pub fn restore(
                     (t.display(), rev, rewritten)
                 }
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&art);
+                    placed.rollback();
                     let left = my_drop_tables(t, db).err();
                     return Err(match left {
                         None => e,
@@ -1006,25 +1051,12 @@ pub fn restore(
                 ))
                 .into());
             }
-            // The artifacts go in first (the old ones aside), the database
-            // load is one transaction; if it fails the artifacts go back.
-            let aside = art_parent.join(format!(
-                ".{}.labctl-old-{:08x}",
-                art.file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or("artifacts"),
-                rand::random::<u32>()
-            ));
-            let had_old = art.exists();
-            if had_old {
-                std::fs::rename(&art, &aside)?;
-            }
-            std::fs::rename(scratch.0.join(ARTIFACTS_DIR), &art)?;
+            // The artifacts go in first, the database load is one
+            // transaction; if it fails the artifacts go back.
+            let placed = place_artifacts(&scratch.0.join(ARTIFACTS_DIR), &art, &s3_art, overwrite)?;
             match pg_load(t, &dump, overwrite, &pairs) {
                 Ok(rewritten) => {
-                    if had_old {
-                        let _ = std::fs::remove_dir_all(&aside);
-                    }
+                    placed.commit()?;
                     let rev = t
                         .query("SELECT version_num FROM alembic_version")?
                         .into_iter()
@@ -1034,10 +1066,7 @@ pub fn restore(
                     (t.display(), rev, rewritten)
                 }
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&art);
-                    if had_old {
-                        let _ = std::fs::rename(&aside, &art);
-                    }
+                    placed.rollback();
                     return Err(e);
                 }
             }
@@ -1066,11 +1095,13 @@ pub fn restore(
             ));
             std::fs::copy(&new_db, &db_tmp)?;
             std::fs::File::open(&db_tmp)?.sync_all()?;
-            if art.exists() {
-                std::fs::remove_dir_all(&art)?;
+            let placed = place_artifacts(&scratch.0.join(ARTIFACTS_DIR), &art, &s3_art, overwrite)?;
+            if let Err(e) = std::fs::rename(&db_tmp, &db) {
+                placed.rollback();
+                let _ = std::fs::remove_file(&db_tmp);
+                return Err(e.into());
             }
-            std::fs::rename(scratch.0.join(ARTIFACTS_DIR), &art)?;
-            std::fs::rename(&db_tmp, &db)?;
+            placed.commit()?;
             for side in ["-wal", "-shm", "-journal"] {
                 let mut p = db.clone().into_os_string();
                 p.push(side);
@@ -1087,6 +1118,155 @@ pub fn restore(
         bytes: summary.bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Artifacts put in place, until the database step says whether they stay.
+enum Placed<'a> {
+    /// The new directory is in place; the old one (if any) aside.
+    Dir {
+        target: PathBuf,
+        aside: Option<PathBuf>,
+    },
+    /// Objects uploaded under the prefix: the new keys, and the keys that
+    /// were there before and are not in the snapshot (deleted on commit).
+    S3 {
+        bucket: &'a crate::backend::s3::S3Backend,
+        new_keys: Vec<String>,
+        stale: Vec<String>,
+    },
+}
+
+impl Placed<'_> {
+    /// The artifacts stay (the old ones are removed).
+    fn commit(self) -> crate::error::Result<()> {
+        match self {
+            Placed::Dir { aside, .. } => {
+                if let Some(a) = aside {
+                    let _ = std::fs::remove_dir_all(a);
+                }
+            }
+            Placed::S3 { bucket, stale, .. } => {
+                use crate::backend::Backend;
+                for k in stale {
+                    bucket.delete(&k)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The database step failed: the new artifacts go (the old directory
+    /// comes back; objects that were replaced stay replaced).
+    fn rollback(self) {
+        match self {
+            Placed::Dir { target, aside } => {
+                let _ = std::fs::remove_dir_all(&target);
+                if let Some(a) = aside {
+                    let _ = std::fs::rename(a, &target);
+                }
+            }
+            Placed::S3 {
+                bucket, new_keys, ..
+            } => {
+                use crate::backend::Backend;
+                for k in new_keys {
+                    let _ = bucket.delete(&k);
+                }
+            }
+        }
+    }
+}
+
+/// Puts the restored artifact tree `from` at its target: a directory (the
+/// old one renamed aside, the new one renamed in), or the objects of an
+/// s3:// root (uploaded; with `overwrite` existing keys replaced).
+fn place_artifacts<'a>(
+    from: &Path,
+    art: &Path,
+    s3: &'a Option<(String, crate::backend::s3::S3Backend, Vec<String>)>,
+    overwrite: bool,
+) -> crate::error::Result<Placed<'a>> {
+    match s3 {
+        None => {
+            let aside = if art.exists() {
+                let a = art.with_file_name(format!(
+                    ".{}.labctl-old-{:08x}",
+                    art.file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or("artifacts"),
+                    rand::random::<u32>()
+                ));
+                std::fs::rename(art, &a)?;
+                Some(a)
+            } else {
+                None
+            };
+            if let Err(e) = std::fs::rename(from, art) {
+                if let Some(a) = &aside {
+                    let _ = std::fs::rename(a, art);
+                }
+                return Err(e.into());
+            }
+            Ok(Placed::Dir {
+                target: art.to_path_buf(),
+                aside,
+            })
+        }
+        Some((url, bucket, present)) => {
+            use crate::backend::Backend;
+            let mut files = vec![];
+            let mut stack = vec![from.to_path_buf()];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d)? {
+                    let p = e?.path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else if let Ok(rel) = p.strip_prefix(from) {
+                        files.push((rel.to_string_lossy().into_owned(), p));
+                    }
+                }
+            }
+            let mut placed = Placed::S3 {
+                bucket,
+                new_keys: vec![],
+                stale: vec![],
+            };
+            let mut keep = std::collections::BTreeSet::new();
+            for (key, path) in files {
+                let data = std::fs::read(&path)?;
+                let r = if present.contains(&key) {
+                    bucket.put_replacing(&key, data)
+                } else {
+                    bucket.put(&key, &data).inspect(|()| {
+                        if let Placed::S3 { new_keys, .. } = &mut placed {
+                            new_keys.push(key.clone());
+                        }
+                    })
+                };
+                if let Err(e) = r {
+                    placed.rollback();
+                    return Err(LabError::storage(format!(
+                        "uploading artifact {key} to {url}: {e}{}",
+                        if overwrite {
+                            "; objects replaced so far stay replaced"
+                        } else {
+                            "; the objects uploaded so far were deleted"
+                        }
+                    ))
+                    .into());
+                }
+                keep.insert(key);
+            }
+            if let Placed::S3 { stale, .. } = &mut placed {
+                *stale = present
+                    .iter()
+                    .filter(|k| !keep.contains(*k))
+                    .cloned()
+                    .collect();
+            }
+            Ok(placed)
+        }
+    }
 }
 
 /// The base tables of a MySQL database.

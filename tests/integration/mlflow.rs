@@ -870,6 +870,54 @@ fn an_mlflow_artifact_root_in_s3_is_read_from_the_bucket_and_restores_into_a_dir
     assert_eq!(v["verify"]["artifacts"], 3, "{v}");
     drop(staging);
 
+    // Into another prefix of the bucket: uploaded, URIs rewritten to it,
+    // and a server reading it from S3 serves what was backed up.
+    let db3 = home.join("staging3/mlflow.db");
+    let root3 = format!("s3://{bucket}/staging-artifacts");
+    let into_s3 = || {
+        env.run_restore(&[
+            "--json",
+            "restore",
+            &id,
+            "--mlflow-backend-store-uri",
+            &format!("sqlite:///{}", db3.display()),
+            "--mlflow-artifacts",
+            &root3,
+            "--mlflow-s3-endpoint",
+            &endpoint,
+            "--mlflow-s3-credentials-file",
+            creds.to_str().unwrap(),
+        ])
+    };
+    let out = into_s3();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["restore"]["rewritten"]["runs.artifact_uri"], 6, "{r}");
+    let uploaded = crate::s3::list_sizes(port, &bucket, "staging-artifacts/");
+    assert_eq!(
+        uploaded.len(),
+        crate::s3::list_sizes(port, &bucket, "mlartifacts/").len()
+    );
+    let staging3 = MlflowServer::start_on(
+        &home,
+        &format!("sqlite:///{}", db3.display()),
+        Path::new(&root3),
+        &s3env,
+    );
+    let out = env.ok_restore(&[
+        "--json",
+        "restore",
+        &id,
+        "--verify-tracking-uri",
+        &staging3.url,
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verify"]["artifacts"], 3, "{v}");
+    drop(staging3);
+    // Again: the database has tables and the prefix objects (exit 6).
+    let out = into_s3();
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+
     // A bucket that does not exist: exit 2, nothing committed.
     let out = backup(&format!("s3://no-such-bucket-{bucket}/x"));
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
