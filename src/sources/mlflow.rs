@@ -1009,14 +1009,7 @@ pub fn restore(
     }
     let (database, rev, rewritten) = match (&pg, &my) {
         (_, Some((t, db))) => {
-            let dump = scratch.0.join(MY_DUMP_FILE);
-            if !dump.is_file() {
-                return Err(LabError::integrity(format!(
-                    "snapshot {} has no {MY_DUMP_FILE}; nothing was written",
-                    id.short()
-                ))
-                .into());
-            }
+            let dump = dump_in(&scratch.0, MY_DUMP_FILE, id)?;
             let placed = place_artifacts(&scratch.0.join(ARTIFACTS_DIR), &art, &s3_art, overwrite)?;
             match my_load(t, db, &dump, &pairs) {
                 Ok(rewritten) => {
@@ -1043,14 +1036,7 @@ pub fn restore(
             }
         }
         (Some(t), _) => {
-            let dump = scratch.0.join(PG_DUMP_FILE);
-            if !dump.is_file() {
-                return Err(LabError::integrity(format!(
-                    "snapshot {} has no {PG_DUMP_FILE}; nothing was written",
-                    id.short()
-                ))
-                .into());
-            }
+            let dump = dump_in(&scratch.0, PG_DUMP_FILE, id)?;
             // The artifacts go in first, the database load is one
             // transaction; if it fails the artifacts go back.
             let placed = place_artifacts(&scratch.0.join(ARTIFACTS_DIR), &art, &s3_art, overwrite)?;
@@ -1118,6 +1104,22 @@ pub fn restore(
         bytes: summary.bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The restored snapshot's database dump `file` in `scratch`.
+///
+/// # Errors
+/// An integrity error when the snapshot has none.
+fn dump_in(scratch: &Path, file: &str, id: &Id) -> crate::error::Result<PathBuf> {
+    let dump = scratch.join(file);
+    if !dump.is_file() {
+        return Err(LabError::integrity(format!(
+            "snapshot {} has no {file}; nothing was written",
+            id.short()
+        ))
+        .into());
+    }
+    Ok(dump)
 }
 
 /// Artifacts put in place, until the database step says whether they stay.
