@@ -226,13 +226,24 @@ pub enum ProfileCmd {
         #[command(flatten)]
         p: PoliciesArg,
     },
-    /// Remove a person's direct grant on a profile (editing the files in place).
+    /// Remove a person's direct grant on a profile (editing the files in
+    /// place). With --apply, also delete every KFAM binding pair of theirs
+    /// in that namespace (RoleBinding and AuthorizationPolicy, whoever made
+    /// them: labctl or the dashboard, with or without notebooks), then apply
+    /// the whole policy (which puts back what a group still grants).
     Revoke {
         email: String,
         #[arg(long)]
         profile: String,
         #[command(flatten)]
         p: PoliciesArg,
+        /// Delete their binding pairs and apply the policy right after editing.
+        #[arg(long)]
+        apply: bool,
+        #[command(flatten)]
+        k: KubeArgs,
+        #[command(flatten)]
+        a: AuditArgs,
     },
     /// Who can reach a profile, with which role, through which grant or group.
     WhoHasAccess {
@@ -492,10 +503,50 @@ pub fn run_profile(g: &GlobalArgs, c: ProfileCmd) -> crate::error::Result<ExitCo
             }
             return Ok(ExitCode::Success);
         }
-        ProfileCmd::Revoke { email, profile, p } => {
+        ProfileCmd::Revoke {
+            email,
+            profile,
+            p,
+            apply,
+            k,
+            a,
+        } => {
             let f = policy::edit::revoke(&p.policies, p.today()?, &email, &profile)?;
             if !g.quiet && !g.json {
                 println!("revoked: {email} on {profile} ({})", f.display());
+            }
+            if apply {
+                let (pol, today) = p.load(g)?;
+                let actor = a
+                    .actor
+                    .clone()
+                    .unwrap_or_else(crate::records::policy_audit::local_user);
+                let why = format!("revoke {email} on {profile}");
+                let (deleted, plan, done) = policy::workflow::revoke_recorded(
+                    &pol,
+                    today,
+                    &k,
+                    &profile,
+                    &email,
+                    &policy::workflow::AuditEntry {
+                        log: &a.path(g),
+                        actor: &actor,
+                        reason: Some(&why),
+                        policies: &p.policies,
+                    },
+                )?;
+                if g.json {
+                    print_json(&serde_json::json!({
+                        "deleted": deleted.iter().map(|(kind, name)| serde_json::json!({"kind": kind, "namespace": profile, "name": name})).collect::<Vec<_>>(),
+                        "applied": done.len(),
+                    }))?;
+                } else if !g.quiet {
+                    for (kind, name) in &deleted {
+                        println!("  - {kind} {profile}/{name}");
+                    }
+                    print_plan(&plan);
+                    println!("applied {} change(s)", done.len());
+                }
             }
             return Ok(ExitCode::Success);
         }

@@ -598,6 +598,37 @@ pub struct Found {
     pub binding: String,
 }
 
+/// Deletes every KFAM binding pair of `user` in `profile` — the
+/// RoleBinding and the AuthorizationPolicy KFAM names
+/// `user-<email>-clusterrole-<role>`, for each role — whether labctl or the
+/// dashboard made them: KFAM's own delete (`bindings.go` Delete) expects
+/// both, and a pair left half or whole keeps access the policy revoked.
+/// Returns `(kind, name)` of what was deleted.
+///
+/// # Errors
+/// Kubernetes API errors other than not-found.
+pub async fn delete_kfam_pairs(
+    client: &kube::Client,
+    profile: &str,
+    user: &str,
+) -> crate::error::Result<Vec<(String, String)>> {
+    let mut out = vec![];
+    for role in ["view", "edit", "admin"] {
+        let name = super::render::kfam_name(user, role);
+        for kind in ["RoleBinding", "AuthorizationPolicy"] {
+            match api(client, kind, Some(profile))
+                .delete(&name, &kube::api::DeleteParams::default())
+                .await
+            {
+                Ok(_) => out.push((kind.to_string(), name.clone())),
+                Err(kube::Error::Api(ae)) if ae.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Contributor RoleBindings (KFAM's `user`/`role` annotations) in the
 /// namespaces of `profiles` that are not labelled as managed by labctl.
 ///

@@ -53,6 +53,45 @@ pub struct AuditEntry<'a> {
     pub policies: &'a Path,
 }
 
+/// `(kind, name)` of objects deleted.
+pub type Deleted = Vec<(String, String)>;
+
+/// Removes `user`'s KFAM binding pairs in `profile` from the cluster
+/// (see [`cluster::delete_kfam_pairs`]) and records what went in the audit
+/// chain; then [`apply_recorded`] puts back what the policy still grants.
+///
+/// # Errors
+/// Connection, API and audit write errors.
+pub fn revoke_recorded(
+    pol: &Policy,
+    today: Date,
+    kube: &KubeTarget,
+    profile: &str,
+    user: &str,
+    audit: &AuditEntry<'_>,
+) -> crate::error::Result<(Deleted, Plan, Vec<Done>)> {
+    let deleted = crate::util::runtime()?.block_on(async {
+        let (c, url) = kube.connect().await?;
+        cluster::delete_kfam_pairs(&c, profile, user)
+            .await
+            .map_err(|e| reach(e, &url))
+    })?;
+    if !deleted.is_empty() {
+        crate::records::policy_audit::record(
+            audit.log,
+            audit.actor,
+            audit.reason,
+            audit.policies,
+            serde_json::json!(deleted
+                .iter()
+                .map(|(kind, name)| serde_json::json!({"action": "delete", "kind": kind, "namespace": profile, "name": name, "why": format!("revoke {user}")}))
+                .collect::<Vec<_>>()),
+        )?;
+    }
+    let (plan, done) = apply_recorded(pol, today, kube, false, audit)?;
+    Ok((deleted, plan, done))
+}
+
 /// Plans, applies, and records every applied change (with the fields that
 /// changed) in the audit chain. Nothing is recorded when nothing changed.
 ///

@@ -1382,3 +1382,58 @@ fn import_adopts_dashboard_bindings_and_grant_can_apply_at_once() {
         "grant view on nlp-teaching to frank@uni.edu"
     );
 }
+
+#[test]
+fn revoke_with_apply_removes_both_kfam_objects_whoever_made_them() {
+    use crate::kube_sim::KubeSim;
+    let sim = KubeSim::start();
+    let d = copy_example();
+    let kc = sim.kubeconfig(d.path());
+    let today = "2026-11-26";
+    json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    let rb = "user-reviewer-partner-lab-org-clusterrole-view";
+    // The reviewer has notebooks: false, so labctl made only the
+    // RoleBinding; the dashboard had made the AuthorizationPolicy earlier
+    // (KFAM creates both), which no flag or prune of labctl's would touch.
+    assert!(sim.get("rolebindings", "nlp-lab", rb).is_some());
+    assert!(sim.get("authorizationpolicies", "nlp-lab", rb).is_none());
+    sim.with(|s| {
+        s.put("authorizationpolicies", serde_json::json!({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": rb, "namespace": "nlp-lab", "annotations": {"user": "reviewer@partner-lab.org", "role": "view"}},
+            "spec": {"rules": [{"when": [{"key": "request.headers[kubeflow-userid]", "values": ["reviewer@partner-lab.org"]}]}]}}));
+    });
+    let log = d.path().join("audit.jsonl");
+    let out = kube(
+        d.path(),
+        &kc,
+        &[
+            "--json",
+            "profile",
+            "revoke",
+            "reviewer@partner-lab.org",
+            "--profile",
+            "nlp-lab",
+            "--apply",
+            "--audit-log",
+            log.to_str().unwrap(),
+        ],
+        today,
+    );
+    assert_success(&out, &["revoke --apply"]);
+    assert!(sim.get("rolebindings", "nlp-lab", rb).is_none());
+    assert!(sim.get("authorizationpolicies", "nlp-lab", rb).is_none());
+    let audit = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        audit.contains("\"kind\":\"AuthorizationPolicy\"")
+            && audit.contains("revoke reviewer@partner-lab.org"),
+        "{audit}"
+    );
+    // Everyone else keeps their access.
+    assert!(sim
+        .get(
+            "rolebindings",
+            "nlp-lab",
+            "user-bob-uni-edu-clusterrole-edit"
+        )
+        .is_some());
+}
