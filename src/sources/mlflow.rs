@@ -39,7 +39,7 @@ use crate::repo::extract::{self, RestoreOptions};
 use crate::repo::snapshot::Source;
 use crate::repo::tree::{Node, NodeType, Tree};
 use crate::repo::{Id, Repository};
-use crate::util::dbclient::{my_ident, MyTarget, PgSession, PgTarget};
+use crate::util::dbclient::{first_cell, my_ident, MyTarget, PgSession, PgTarget};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -584,11 +584,8 @@ fn describe(
         ))
         .into()
     };
-    let rev = q("SELECT version_num FROM alembic_version")
-        .map_err(not_mlflow)?
-        .into_iter()
-        .next()
-        .and_then(|r| r.into_iter().next())
+    let rev = first_cell(&q("SELECT version_num FROM alembic_version").map_err(not_mlflow)?)
+        .map(String::from)
         .ok_or_else(|| {
             LabError::failed("the database has no alembic revision: is it an MLflow backend store?")
         })?;
@@ -700,11 +697,7 @@ fn store_counts(
     let mut counts = serde_json::Map::new();
     for table in ["experiments", "runs", "registered_models", "model_versions"] {
         let r = q(&format!("SELECT count(*) FROM {table}"))?;
-        let n: i64 = r
-            .first()
-            .and_then(|r| r.first())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let n: i64 = first_cell(&r).and_then(|v| v.parse().ok()).unwrap_or(0);
         counts.insert(table.to_string(), json!(n));
     }
     Ok(Value::Object(counts))
@@ -1014,12 +1007,8 @@ pub fn restore(
             match my_load(t, db, &dump, &pairs) {
                 Ok(rewritten) => {
                     placed.commit()?;
-                    let rev = t
-                        .query_in(db, "SELECT version_num FROM alembic_version")?
-                        .into_iter()
-                        .next()
-                        .and_then(|r| r.into_iter().next())
-                        .unwrap_or_default();
+                    let rows = t.query_in(db, "SELECT version_num FROM alembic_version")?;
+                    let rev = first_cell(&rows).unwrap_or_default().to_string();
                     (t.display(), rev, rewritten)
                 }
                 Err(e) => {
@@ -1043,12 +1032,8 @@ pub fn restore(
             match pg_load(t, &dump, overwrite, &pairs) {
                 Ok(rewritten) => {
                     placed.commit()?;
-                    let rev = t
-                        .query("SELECT version_num FROM alembic_version")?
-                        .into_iter()
-                        .next()
-                        .and_then(|r| r.into_iter().next())
-                        .unwrap_or_default();
+                    let rows = t.query("SELECT version_num FROM alembic_version")?;
+                    let rev = first_cell(&rows).unwrap_or_default().to_string();
                     (t.display(), rev, rewritten)
                 }
                 Err(e) => {
@@ -1364,10 +1349,7 @@ fn pg_table_count(t: &PgTarget) -> crate::error::Result<u64> {
     let r = t.query(
         "SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'",
     )?;
-    Ok(r.first()
-        .and_then(|r| r.first())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0))
+    Ok(first_cell(&r).and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
 /// The `DO` block that rewrites artifact roots (`pairs` of OLD, NEW) in

@@ -395,10 +395,8 @@ impl PgSession {
         };
         s.rows("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")?;
         let r = s.rows("SELECT pg_export_snapshot()")?;
-        s.snapshot = r
-            .first()
-            .and_then(|r| r.first())
-            .cloned()
+        s.snapshot = first_cell(&r)
+            .map(String::from)
             .ok_or_else(|| LabError::failed("PostgreSQL exported no snapshot"))?;
         Ok(s)
     }
@@ -447,6 +445,11 @@ impl Drop for PgSession {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The first field of the first row of a query's result.
+pub fn first_cell(rows: &[Vec<String>]) -> Option<&str> {
+    rows.first().and_then(|r| r.first()).map(String::as_str)
 }
 
 /// A SQL string literal (single quotes doubled).
