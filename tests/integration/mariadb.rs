@@ -42,7 +42,12 @@ impl MariaDb {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let data = dir.path().join("data");
         let run = dir.path().join("run");
-        for d in [&data, &run] {
+        // Its own temporary directory: servers bootstrapping side by side
+        // in a shared /tmp collide on temporary tables ("Could not remove
+        // temporary table '/tmp/#sql-temptable-…'", then "Unknown table
+        // 'mysql.tmp_user_sys'").
+        let tmp = dir.path().join("tmp");
+        for d in [&data, &run, &tmp] {
             std::fs::create_dir(d).unwrap();
             if is_root() {
                 std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap();
@@ -58,6 +63,7 @@ impl MariaDb {
                 "--innodb-use-native-aio=0",
             ])
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/bin")
             .stdin(Stdio::null())
@@ -74,6 +80,7 @@ impl MariaDb {
         let child = as_server_user("/usr/sbin/mariadbd")
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg(format!("--socket={}", sock.display()))
             .arg(format!("--pid-file={}", run.join("mysqld.pid").display()))
             .arg(format!("--log-error={}", run.join("error.log").display()))
