@@ -20,6 +20,19 @@ pub struct Quantity {
     frac: u32,
     exp10: i32,
     exp2: u32,
+    format: Format,
+}
+
+/// How a quantity was written, which decides how the API server writes it
+/// back (apimachinery `Format`: the suffix family of the parsed string).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// `Ki` .. `Ei`
+    BinarySi,
+    /// `n` .. `E` or no suffix
+    DecimalSi,
+    /// `e3`, `E-2`
+    DecimalExponent,
 }
 
 /// Why a string is not a quantity (apimachinery's message).
@@ -69,6 +82,11 @@ impl Quantity {
                 frac_len += 1;
             }
         }
+        let format = match suffix {
+            "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => Format::BinarySi,
+            s if s.starts_with(['e', 'E']) && s.len() > 1 => Format::DecimalExponent,
+            _ => Format::DecimalSi,
+        };
         let (exp10, exp2) = match suffix {
             "Ki" => (0, 10),
             "Mi" => (0, 20),
@@ -102,7 +120,78 @@ impl Quantity {
             frac: frac_len,
             exp10: exp10 + exp_extra,
             exp2,
+            format,
         })
+    }
+
+    /// The string the API server stores for this quantity
+    /// (apimachinery `Quantity.CanonicalizeBytes`): zero is `0`; a binary
+    /// quantity that is a whole number of at least 1024 keeps a binary
+    /// suffix with the largest power of 1024 that divides it (`1024Mi` →
+    /// `1Gi`, `1.5Gi` → `1536Mi`), anything else is written in decimal with
+    /// an exponent that is a multiple of three (`0.5` → `500m`, `1000` →
+    /// `1k`, `1e4` → `10e3`, `1.5k` → `1500`). Values more precise than
+    /// `1n` are rounded away from zero, as parsing does. `None` beyond what
+    /// 128 bits of nano-units hold (about 10^29).
+    pub fn canonical(&self) -> Option<String> {
+        const NANO: i128 = 1_000_000_000;
+        let mut nanos = i128::try_from(self.digits)
+            .ok()?
+            .checked_mul(1i128.checked_shl(self.exp2)?)?;
+        let e = self.exp10 - self.frac as i32 + 9;
+        if e >= 0 {
+            nanos = nanos.checked_mul(10i128.checked_pow(e as u32)?)?;
+        } else {
+            nanos = match 10i128.checked_pow((-e) as u32) {
+                Some(d) => (nanos + d - 1) / d,
+                None => i128::from(nanos != 0),
+            };
+        }
+        if nanos == 0 {
+            return Some("0".into());
+        }
+        let sign = if self.negative { "-" } else { "" };
+        let binary = self.format == Format::BinarySi && nanos >= 1024 * NANO && nanos % NANO == 0;
+        if binary {
+            let (mut units, mut exp) = (nanos / NANO, 0usize);
+            while exp < 6 && units >= 1024 && units % 1024 == 0 {
+                units /= 1024;
+                exp += 1;
+            }
+            let suffix = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"][exp];
+            return Some(format!("{sign}{units}{suffix}"));
+        }
+        let (mut mantissa, mut exp) = (nanos, -9i32);
+        while mantissa >= 10 && mantissa % 10 == 0 {
+            mantissa /= 10;
+            exp += 1;
+        }
+        match exp.rem_euclid(3) {
+            1 => {
+                mantissa *= 10;
+                exp -= 1;
+            }
+            2 => {
+                mantissa *= 100;
+                exp -= 2;
+            }
+            _ => {}
+        }
+        let suffix = match (self.format, exp) {
+            (_, 0) => String::new(),
+            (Format::DecimalExponent, e) => format!("e{e}"),
+            (_, -9) => "n".into(),
+            (_, -6) => "u".into(),
+            (_, -3) => "m".into(),
+            (_, 3) => "k".into(),
+            (_, 6) => "M".into(),
+            (_, 9) => "G".into(),
+            (_, 12) => "T".into(),
+            (_, 15) => "P".into(),
+            (_, 18) => "E".into(),
+            (_, e) => format!("e{e}"),
+        };
+        Some(format!("{sign}{mantissa}{suffix}"))
     }
 
     /// Whether the value is below zero.
@@ -336,6 +425,54 @@ mod tests {
 
     fn milli(s: &str) -> i128 {
         Quantity::parse(s).unwrap().milli_value().unwrap()
+    }
+
+    /// Expected strings as apimachinery writes them
+    /// (`pkg/api/resource/quantity_test.go` TestQuantityParse and
+    /// TestQuantityString cases, and what `kubectl get -o yaml` shows for
+    /// the written form).
+    #[test]
+    fn quantities_are_written_back_as_the_api_server_does() {
+        for (written, stored) in [
+            ("0", "0"),
+            ("0m", "0"),
+            ("0Gi", "0"),
+            ("1", "1"),
+            ("100", "100"),
+            ("1000", "1k"),
+            ("1500", "1500"),
+            ("1.5k", "1500"),
+            ("0.5", "500m"),
+            ("0.1", "100m"),
+            ("1000m", "1"),
+            ("2000m", "2"),
+            ("1500m", "1500m"),
+            ("1000n", "1u"),
+            ("0.0000000001", "1n"),
+            ("1e3", "1e3"),
+            ("1E3", "1e3"),
+            ("1e4", "10e3"),
+            ("1.5e3", "1500"),
+            ("1024Mi", "1Gi"),
+            ("1.5Gi", "1536Mi"),
+            ("0.5Gi", "512Mi"),
+            ("0.5Ki", "512"),
+            ("1023Ki", "1023Ki"),
+            ("1024Ki", "1Mi"),
+            ("1025", "1025"),
+            ("1Ei", "1Ei"),
+            ("1024Ei", "1024Ei"),
+            ("96Gi", "96Gi"),
+            ("64G", "64G"),
+            ("-1", "-1"),
+            ("-0.5", "-500m"),
+        ] {
+            assert_eq!(
+                Quantity::parse(written).unwrap().canonical().as_deref(),
+                Some(stored),
+                "{written}"
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! rules.
 //!
 //! - **Plan**: per object create, update (with the fields that differ — a
-//!   managed object edited by hand shows up here as drift), unchanged, or
+//!   managed object edited by hand shows up here as drift; computed from a
+//!   server-side dry-run apply compared with the live object on the fields
+//!   labctl owns, as `kubectl diff --server-side` does, so server defaults,
+//!   canonical quantities and controller writes are not drift), unchanged, or
 //!   delete (live objects labelled `app.kubernetes.io/managed-by: labctl`
 //!   that the policy no longer renders). It also reports objects the profile
 //!   controller should have created but that are missing (the namespace,
@@ -124,42 +127,63 @@ fn meta_str<'a>(o: &'a Value, k: &str) -> Option<&'a str> {
     o["metadata"][k].as_str()
 }
 
-/// Fields of `want` that `live` does not carry with the same value.
-fn diff(want: &Value, live: &Value) -> Vec<String> {
-    let mut out = vec![];
-    for section in ["labels", "annotations"] {
-        let w = want["metadata"][section]
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
-        let l = live["metadata"][section]
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
-        for (k, v) in &w {
-            if l.get(k) != Some(v) {
-                out.push(format!("metadata.{section}.{k}"));
+/// The fields `manager` owns by server-side apply, from an object's
+/// `metadata.managedFields` (FieldsV1, as the API server writes it:
+/// `f:<name>` nodes; a node whose members are `k:`/`v:`/`i:` list entries
+/// is one field, the list; `.` is the node itself).
+fn applied_fields(obj: &Value, manager: &str) -> BTreeSet<Vec<String>> {
+    fn walk(node: &Value, path: &mut Vec<String>, out: &mut BTreeSet<Vec<String>>) {
+        let Some(m) = node.as_object() else { return };
+        let list = m
+            .keys()
+            .any(|k| k.starts_with("k:") || k.starts_with("v:") || k.starts_with("i:"));
+        let fields: Vec<(&String, &Value)> =
+            m.iter().filter(|(k, _)| k.starts_with("f:")).collect();
+        if list || fields.is_empty() {
+            if !path.is_empty() {
+                out.insert(path.clone());
             }
+            return;
         }
-        // labctl's own annotations that the policy no longer sets.
-        for k in l.keys() {
-            if k.starts_with("labctl.io/") && !w.contains_key(k) {
-                out.push(format!("metadata.{section}.{k}"));
-            }
+        for (k, c) in fields {
+            path.push(k[2..].to_string());
+            walk(c, path, out);
+            path.pop();
         }
     }
-    if let Some(obj) = want.as_object() {
-        for (k, v) in obj {
-            if ["apiVersion", "kind", "metadata"].contains(&k.as_str()) {
-                continue;
-            }
-            if live.get(k) != Some(v) {
-                out.push(k.clone());
-            }
+    let mut out = BTreeSet::new();
+    for e in obj["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if e["manager"] == manager && e["operation"] == "Apply" {
+            walk(&e["fieldsV1"], &mut vec![], &mut out);
         }
     }
     out
 }
+
+/// What applying would change, as `kubectl diff --server-side` sees it:
+/// `dry` is the API server's answer to a dry-run apply (the object as it
+/// would be stored: merged with what other managers own, defaulted, with
+/// quantities canonical), `live` the object now. Only the fields labctl
+/// owns before or after count, so a controller's `resourceQuotaSpec: {}`,
+/// server defaults and fields other tools set are never drift, while a
+/// hand edit of a field labctl set (which takes the field over) is.
+fn managed_diff(dry: &Value, live: &Value) -> Vec<String> {
+    let at = |v: &Value, p: &[String]| p.iter().try_fold(v, |v, k| v.get(k)).cloned();
+    let mut fields = applied_fields(dry, FIELD_MANAGER);
+    fields.extend(applied_fields(live, FIELD_MANAGER));
+    fields
+        .into_iter()
+        .filter(|p| at(dry, p) != at(live, p))
+        .map(|p| p.join("."))
+        .collect()
+}
+
+/// labctl's field manager for policy objects.
+const FIELD_MANAGER: &str = "labctl";
 
 /// Computes the plan for `objects` (from [`super::render::render`]).
 ///
@@ -222,19 +246,43 @@ pub async fn plan(
         .into());
     }
     let mut steps = vec![];
+    let mut invalid = vec![];
     let mut wanted = BTreeSet::new();
     for o in objects {
         let kind = o["kind"].as_str().unwrap_or_default().to_string();
         let ns = meta_str(o, "namespace").map(String::from);
         let name = meta_str(o, "name").unwrap_or_default().to_string();
         wanted.insert((kind.clone(), ns.clone(), name.clone()));
-        let live = api(client, &kind, ns.as_deref()).get_opt(&name).await?;
+        let a = api(client, &kind, ns.as_deref());
+        let live = a.get_opt(&name).await?;
+        // The server's own answer to applying it: validation, defaults and
+        // canonical values included. A new object in a namespace that does
+        // not exist yet (a new Profile's) cannot be tried: 404.
+        let dry_run = PatchParams::apply(FIELD_MANAGER).force().dry_run();
+        let dry = match a.patch(&name, &dry_run, &Patch::Apply(o)).await {
+            Ok(d) => Some(serde_json::to_value(&d)?),
+            Err(kube::Error::Api(e)) if e.code == 404 && live.is_none() => None,
+            Err(kube::Error::Api(e)) if e.code == 400 || e.code == 422 => {
+                invalid.push(format!(
+                    "{kind} {}{name}: {}",
+                    ns.as_deref().map(|n| format!("{n}/")).unwrap_or_default(),
+                    e.message
+                ));
+                continue;
+            }
+            Err(kube::Error::Api(e)) if e.code == 403 => {
+                return Err(crate::error::Error::from(kube::Error::Api(e)).context(format!(
+                    "planning {kind} {name} needs a server-side dry-run apply, which the API server authorizes as a patch: labctl's Role needs patch on it (deploy/kubernetes/labctl-policy-rbac.yaml); nothing was applied"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut owner_transfer = None;
         let (action, changes) = match live {
             None => ("create", vec![]),
             Some(l) => {
                 let lv = serde_json::to_value(&l)?;
-                let d = diff(o, &lv);
+                let d = managed_diff(dry.as_ref().unwrap_or(o), &lv);
                 if kind == "Profile" {
                     let old = lv["spec"]["owner"]["name"].as_str().unwrap_or("");
                     let new = o["spec"]["owner"]["name"].as_str().unwrap_or("");
@@ -259,6 +307,14 @@ pub async fn plan(
             owner_transfer,
             object: Some(o.clone()),
         });
+    }
+    if !invalid.is_empty() {
+        return Err(crate::error::LabError::usage(format!(
+            "the API server refuses {} object(s) the policy renders (a dry-run apply; nothing was applied):\n  {}",
+            invalid.len(),
+            invalid.join("\n  ")
+        ))
+        .into());
     }
     let selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     for kind in MANAGED_KINDS {
@@ -465,7 +521,7 @@ pub async fn apply(
         ))
         .into());
     }
-    let pp = PatchParams::apply("labctl").force();
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
     let mut done = vec![];
     for s in &plan.steps {
         if !matches!(s.action.as_str(), "create" | "update" | "delete") {
@@ -484,6 +540,11 @@ pub async fn apply(
                     // Already gone (a deleted Profile takes its namespace along).
                     Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404, .. })) => {}
                     Err(e) => return Err(e.into()),
+                }
+                if s.kind == "Profile" {
+                    // The profile controller's finalizer runs first; the
+                    // Profile is deleted only when it is done.
+                    wait_gone(&a, "Profile", &s.name).await?;
                 }
             } else {
                 let obj = s.object.as_ref().expect("rendered object");
@@ -532,7 +593,13 @@ async fn wait_for_namespace(client: &kube::Client, profile: &str) -> crate::erro
     let mut said = false;
     loop {
         let ns = api(client, "Namespace", None).get_opt(profile).await?;
+        // A namespace still terminating (the Profile was deleted and made
+        // again) refuses new objects (403) until it is gone and remade.
+        let terminating = ns
+            .as_ref()
+            .is_some_and(|n| n.metadata.deletion_timestamp.is_some());
         let admin = match ns {
+            Some(_) if terminating => None,
             Some(_) => {
                 api(client, "RoleBinding", Some(profile))
                     .get_opt("namespaceAdmin")
@@ -542,6 +609,9 @@ async fn wait_for_namespace(client: &kube::Client, profile: &str) -> crate::erro
         };
         let missing = match (&ns, &admin) {
             (None, _) => format!("namespace {profile}"),
+            (Some(_), _) if terminating => {
+                format!("namespace {profile} (the old one is still terminating)")
+            }
             (Some(_), None) => format!("RoleBinding {profile}/namespaceAdmin"),
             (Some(_), Some(_)) => return Ok(()),
         };
@@ -553,6 +623,42 @@ async fn wait_for_namespace(client: &kube::Client, profile: &str) -> crate::erro
         }
         if !said && started.elapsed() > std::time::Duration::from_secs(2) {
             eprintln!("waiting for the profile controller to create {missing} ...");
+            said = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits (bounded like [`wait_for_namespace`]) until a deleted object has
+/// left the API server: one with finalizers stays, marked with a
+/// `deletionTimestamp`, until its controller has removed them.
+///
+/// # Errors
+/// A timeout naming the object and its remaining finalizers; API errors.
+async fn wait_gone(a: &Api<DynamicObject>, kind: &str, name: &str) -> crate::error::Result<()> {
+    let secs: u64 = std::env::var("LABCTL_PROFILE_WAIT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120);
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        let Some(o) = a.get_opt(name).await? else {
+            return Ok(());
+        };
+        let finalizers = o.metadata.finalizers.unwrap_or_default();
+        if started.elapsed() >= std::time::Duration::from_secs(secs) {
+            return Err(crate::error::LabError::failed(format!(
+                "{kind} {name} is still there {secs}s after its deletion, waiting for finalizer(s) {}: is Kubeflow's profile controller running?",
+                finalizers.join(", ")
+            ))
+            .into());
+        }
+        if !said && started.elapsed() > std::time::Duration::from_secs(2) {
+            eprintln!(
+                "waiting for {kind} {name} to be deleted (finalizers: {}) ...",
+                finalizers.join(", ")
+            );
             said = true;
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;

@@ -640,9 +640,11 @@ fn validate(
         if cpu_mem
             && q.limit_range
                 .as_ref()
-                .is_none_or(|l| l.default_request.is_empty())
+                // The API server defaults a missing default request to the
+                // default limit (SetDefaults_LimitRangeItem).
+                .is_none_or(|l| l.default_request.is_empty() && l.default.is_empty())
         {
-            return Err(at(o, "name", name, "limitRange", "a cpu/memory quota rejects pods that declare no requests: add limitRange.defaultRequest (and default) so they get some".into()));
+            return Err(at(o, "name", name, "limitRange", "a cpu/memory quota rejects pods that declare no requests: add limitRange.defaultRequest or default (a missing default request is the default limit) so they get some".into()));
         }
     }
     let mut gpu_total = 0.0;

@@ -66,6 +66,27 @@ fn managed_annotations(a: &Access) -> serde_json::Map<String, Value> {
     m
 }
 
+/// Quantities as the API server stores them (`1024Mi` as `1Gi`, `0.5` as
+/// `500m`): the server canonicalises a LimitRange's values, and the profile
+/// controller's update of the Profile writes its quota the same way, so a
+/// value written otherwise would differ from the live object forever.
+/// Validation has checked every value; one that does not parse stays as
+/// written.
+fn canonical(m: &std::collections::BTreeMap<String, String>) -> Value {
+    use crate::k8s::validation::Quantity;
+    Value::Object(
+        m.iter()
+            .map(|(k, v)| {
+                let c = Quantity::parse(v)
+                    .ok()
+                    .and_then(|q| q.canonical())
+                    .unwrap_or_else(|| v.clone());
+                (k.clone(), json!(c))
+            })
+            .collect(),
+    )
+}
+
 /// Every object labctl would apply, in a stable order.
 pub fn render(p: &Policy, today: Date) -> Vec<Value> {
     let labels = if p.settings.name.is_empty() {
@@ -83,7 +104,7 @@ pub fn render(p: &Policy, today: Date) -> Vec<Value> {
         let mut spec = json!({ "owner": { "kind": "User", "name": pr.owner } });
         if let Some(q) = quota {
             if !q.hard.is_empty() {
-                spec["resourceQuotaSpec"] = json!({ "hard": q.hard });
+                spec["resourceQuotaSpec"] = json!({ "hard": canonical(&q.hard) });
             }
         }
         let mut ann = serde_json::Map::new();
@@ -99,10 +120,10 @@ pub fn render(p: &Policy, today: Date) -> Vec<Value> {
         if let Some(lr) = quota.and_then(|q| q.limit_range.as_ref()) {
             let mut limit = json!({ "type": "Container" });
             if !lr.default.is_empty() {
-                limit["default"] = json!(lr.default);
+                limit["default"] = canonical(&lr.default);
             }
             if !lr.default_request.is_empty() {
-                limit["defaultRequest"] = json!(lr.default_request);
+                limit["defaultRequest"] = canonical(&lr.default_request);
             }
             out.push(json!({
                 "apiVersion": "v1",

@@ -14,19 +14,36 @@
 //!   `Expired`, a malformed one 400); items of built-in kinds carry no
 //!   `apiVersion`/`kind` (typed lists), custom resources do;
 //! - server-side apply (`PATCH` with `application/apply-patch+yaml`,
-//!   `fieldManager`, `force`) that merges labels and annotations, removes
-//!   what the same manager applied before and no longer applies, and
-//!   answers 409 when another manager owns a field and `force` is off;
+//!   `fieldManager`, `force`, `dryRun=All`) field by field with
+//!   `metadata.managedFields` per manager and operation (FieldsV1), as
+//!   structured-merge-diff does: maps granular, lists atomic, 409 on a
+//!   field another manager owns with another value unless forced, fields a
+//!   manager stops applying removed unless someone else owns them; JSON
+//!   merge patches and controller writes are Update operations that take
+//!   over the fields they change (see `Store::apply`, `Store::update_as`);
+//! - defaulting and canonical quantities for ResourceQuota and LimitRange
+//!   (`SetDefaults_LimitRangeItem`, the `resource.Quantity` round trip)
+//!   and their validation as 422 `Invalid` Status bodies;
+//! - deletion with finalizers (`deletionTimestamp`, gone when the last
+//!   finalizer is removed), namespaces that turn `Terminating` and refuse
+//!   new objects (403) until the namespace controller has emptied them;
 //! - CustomResourceDefinitions: an applied CRD becomes `Established` after a
 //!   short delay, and only then is its kind in discovery and served;
 //! - RBAC: either single resources whose writes are forbidden, or a whole
 //!   ClusterRole's rules (as shipped in deploy/kubernetes/) that every
 //!   request's verb is checked against, with the authorizer's 403 message.
 //!
-//! A small stand-in for the Kubeflow profile controller creates, per
-//! Profile, its Namespace (with the `owner` annotation), `namespaceAdmin`
-//! and `kf-resource-quota`, and deleting a Profile deletes its namespace
-//! and everything in it — as upstream does. labctl reaches it through kube
+//! A small stand-in for the Kubeflow profile controller
+//! (kubeflow/kubeflow components/profile-controller/controllers/
+//! profile_controller.go) creates, per Profile, its Namespace (with the
+//! `owner` annotation and the Profile as controller owner reference),
+//! `namespaceAdmin`, `ns-owner-access-istio`, the `default-editor` and
+//! `default-viewer` ServiceAccounts and bindings and `kf-resource-quota`;
+//! refuses a namespace whose owner annotation names someone else (a Failed
+//! condition, nothing created); registers `profile-finalizer` with a whole
+//! Profile update (which writes `resourceQuotaSpec: {}` and canonical
+//! quantities, as manager `manager`); and on deletion removes the
+//! finalizer, after which the garbage collector deletes the namespace. labctl reaches it through kube
 //! with a kubeconfig file, exactly as in production.
 
 use serde_json::{json, Map, Value};
@@ -283,8 +300,8 @@ const SCALE_LAG: std::time::Duration = std::time::Duration::from_millis(400);
 #[derive(Default)]
 pub struct Store {
     pub objects: BTreeMap<Key, Value>,
-    /// Last applied configuration per (object, manager).
-    applied: BTreeMap<(Key, String), Value>,
+    /// Who owns which fields of each object (`metadata.managedFields`).
+    owners: BTreeMap<Key, Vec<Owner>>,
     rv: u64,
     /// Emulate the profile controller (tests switch it off to see drift).
     pub controller: bool,
@@ -293,6 +310,9 @@ pub struct Store {
     /// Resources (plurals) labctl's identity may read but not write, as when
     /// its RBAC Role lacks a verb: writes get the RBAC authorizer's 403.
     pub forbidden: Vec<String>,
+    /// Resources (plurals) whose stored writes fail in etcd (500
+    /// "etcdserver: request timed out"); dry runs still succeed.
+    pub fail_writes: Vec<String>,
     /// When set, every resource request is authorized against these rules
     /// (a ClusterRole bound to labctl's identity).
     pub rbac: Option<Vec<Rule>>,
@@ -313,6 +333,11 @@ pub struct Store {
     pub controller_delay: Duration,
     /// Profiles the controller has yet to act on, and when it will.
     pending: Vec<(Instant, Value)>,
+    /// Objects marked for deletion and when their finalizers (or, for a
+    /// namespace, the namespace controller) will be done.
+    finalizing: Vec<(Instant, Key)>,
+    /// How long finalizers and namespace deletion take.
+    pub finalize_delay: Duration,
     /// A stand-in for the Job controller and kubelet: `Some(true)` makes
     /// every created Job succeed shortly after, `Some(false)` fail; `None`
     /// leaves Jobs running.
@@ -402,6 +427,7 @@ impl Store {
         for (_, p) in due {
             self.controller_for(&p);
         }
+        self.finalize();
     }
 
     /// A server-side apply by another field manager, forced (`kubectl
@@ -414,7 +440,7 @@ impl Store {
         patch: Value,
         manager: &str,
     ) {
-        self.apply(key, kind, api_version, patch, manager, true);
+        self.apply(key, kind, api_version, patch, manager, true, false);
     }
 
     /// `deployments/{name}/scale` (k8s.io/kubernetes pkg/registry/apps/
@@ -587,6 +613,10 @@ impl Store {
         m.entry("uid").or_insert(json!(format!("uid-{rv}")));
         m.entry("creationTimestamp")
             .or_insert(json!("2026-11-26T00:00:00Z"));
+        let key: Key = (plural.into(), ns.clone(), name.clone());
+        if let Some(owners) = self.owners.get(&key) {
+            obj["metadata"]["managedFields"] = managed_fields(owners);
+        }
         if plural == "customresourcedefinitions" {
             // Objects put by a fixture are established already.
             self.crd_ready
@@ -605,11 +635,41 @@ impl Store {
             .as_str()
             .unwrap_or("")
             .to_string();
-        if !self
+        let pkey: Key = ("profiles".into(), String::new(), name.clone());
+        let Some(live) = self.objects.get(&pkey).cloned() else {
+            return;
+        };
+        if live["metadata"].get("deletionTimestamp").is_some() {
+            return;
+        }
+        match self
             .objects
-            .contains_key(&("namespaces".into(), String::new(), name.clone()))
+            .get(&("namespaces".into(), String::new(), name.clone()))
         {
-            self.put("namespaces", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "annotations": {"owner": owner}, "labels": {"app.kubernetes.io/part-of": "kubeflow-profile"}}}));
+            None => {
+                let uid = live["metadata"]["uid"].clone();
+                self.put("namespaces", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "annotations": {"owner": owner},
+                    "labels": {"app.kubernetes.io/part-of": "kubeflow-profile", "istio-injection": "enabled"},
+                    "ownerReferences": [{"apiVersion": "kubeflow.org/v1", "kind": "Profile", "name": name, "uid": uid, "controller": true, "blockOwnerDeletion": true}]},
+                    "status": {"phase": "Active"}}));
+            }
+            Some(ns) if ns["metadata"].get("deletionTimestamp").is_some() => {
+                // Writes into a terminating namespace fail; the work queue
+                // retries the Profile with backoff until it is gone.
+                self.pending
+                    .push((Instant::now() + Duration::from_millis(200), live));
+                return;
+            }
+            Some(ns) if ns["metadata"]["annotations"]["owner"] != owner.as_str() => {
+                // profile_controller.go: an existing namespace whose owner
+                // annotation names someone else is not taken over; the
+                // Profile gets a Failed condition and nothing is created.
+                let mut p = live;
+                p["status"] = json!({"conditions": [{"type": "Failed", "message": format!("namespace already exist, but not owned by profile creator {owner}")}]});
+                self.put("profiles", p);
+                return;
+            }
+            Some(_) => {}
         }
         if !self.objects.contains_key(&(
             "rolebindings".into(),
@@ -652,9 +712,60 @@ impl Store {
             .filter(|h| !h.is_empty())
         {
             self.put("resourcequotas", json!({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "kf-resource-quota", "namespace": name}, "spec": {"hard": hard}}));
+            let mut q = self.objects[&(
+                "resourcequotas".into(),
+                name.clone(),
+                "kf-resource-quota".into(),
+            )]
+                .clone();
+            normalise("ResourceQuota", &mut q);
+            self.put("resourcequotas", q);
+        }
+        // Registering the finalizer: `r.Update(ctx, instance)` writes the
+        // whole typed Profile back, so `resourceQuotaSpec` (a struct,
+        // never omitted) appears as `{}` when the Profile had none, and its
+        // quantities come back canonical. The controller (field manager
+        // "manager", from its binary's name) owns what that changed.
+        let mut p = self.objects[&pkey].clone();
+        let has = p["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == "profile-finalizer"));
+        if !has {
+            let mut f = p["metadata"]["finalizers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            f.push(json!("profile-finalizer"));
+            p["metadata"]["finalizers"] = Value::Array(f);
+            if p["spec"].get("resourceQuotaSpec").is_none() {
+                p["spec"]["resourceQuotaSpec"] = json!({});
+            }
+            let mut rq = json!({"spec": {"hard": p["spec"]["resourceQuotaSpec"]["hard"].clone()}});
+            if rq["spec"]["hard"].is_object() {
+                normalise("ResourceQuota", &mut rq);
+                p["spec"]["resourceQuotaSpec"]["hard"] = rq["spec"]["hard"].clone();
+            }
+            self.update_as("profiles", p, "manager");
         }
     }
 
+    /// Server-side apply (k8s.io/apiserver pkg/endpoints/handlers/
+    /// fieldmanager, sigs.k8s.io/structured-merge-diff merge/update.go
+    /// `Updater.Apply`), field by field:
+    /// - the fields a configuration sets are its leaf paths; maps are
+    ///   granular and lists atomic, as they are for every list labctl
+    ///   writes (RoleBinding `subjects` and LimitRange `limits` are
+    ///   `+listType=atomic`; a CRD list without `x-kubernetes-list-type` is
+    ///   atomic too; `metadata.ownerReferences` is one owner's here);
+    /// - a field another manager owns with a different value is a conflict
+    ///   (409, "Apply failed with N conflict(s)") unless `force`, which
+    ///   takes the field over;
+    /// - a field the manager applied before and no longer applies is
+    ///   removed, unless another manager still owns it;
+    /// - defaulting, canonical quantities and validation run on the result
+    ///   as for any write; `dryRun=All` answers with the result and stores
+    ///   nothing (apiserver `dryRun` handling in handlers/patch.go).
+    #[allow(clippy::too_many_arguments)]
     fn apply(
         &mut self,
         key: Key,
@@ -663,11 +774,8 @@ impl Store {
         patch: Value,
         manager: &str,
         force: bool,
+        dry_run: bool,
     ) -> (u16, Value) {
-        let prev = self
-            .applied
-            .get(&(key.clone(), manager.to_string()))
-            .cloned();
         let existing = self.objects.get(&key).cloned();
         let mut obj = existing.clone().unwrap_or_else(
             || json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": key.2}}),
@@ -675,80 +783,75 @@ impl Store {
         if !key.1.is_empty() {
             obj["metadata"]["namespace"] = json!(key.1);
         }
-        // Conflicts: another manager applied a different value for a field.
-        if !force {
-            for ((k, m), other) in &self.applied {
-                if *k != key || m == manager {
-                    continue;
-                }
-                for (field, v) in patch.as_object().unwrap() {
-                    if field != "metadata" && other.get(field).is_some_and(|o| o != v) {
-                        return status(
-                            409,
-                            "Conflict",
-                            &format!(
-                                "Apply failed with 1 conflict: conflict with \"{m}\": .{field}"
-                            ),
-                        );
-                    }
+        let mut owners = self.owners.get(&key).cloned().unwrap_or_default();
+        let new_set = field_set(&patch);
+        let mut conflicts: Vec<(String, Path)> = vec![];
+        for o in owners.iter().filter(|o| o.manager != manager) {
+            for p in new_set.intersection(&o.fields) {
+                if get_path(&obj, p) != get_path(&patch, p) {
+                    conflicts.push((o.manager.clone(), p.clone()));
                 }
             }
         }
-        for section in ["labels", "annotations"] {
-            let mut map = obj["metadata"][section]
-                .as_object()
-                .cloned()
-                .unwrap_or_default();
-            if let Some(old) = prev
-                .as_ref()
-                .and_then(|p| p["metadata"][section].as_object())
-            {
-                for k in old.keys() {
-                    if patch["metadata"][section].get(k).is_none() {
-                        map.remove(k);
-                    }
-                }
+        if !conflicts.is_empty() {
+            if !force {
+                let n = conflicts.len();
+                let list: Vec<String> = conflicts
+                    .iter()
+                    .map(|(m, p)| format!("conflict with \"{m}\": .{}", p.join(".")))
+                    .collect();
+                return status(
+                    409,
+                    "Conflict",
+                    &format!(
+                        "Apply failed with {n} conflict{}: {}",
+                        if n == 1 { "" } else { "s" },
+                        list.join("; ")
+                    ),
+                );
             }
-            if let Some(new) = patch["metadata"][section].as_object() {
-                for (k, v) in new {
-                    map.insert(k.clone(), v.clone());
-                }
-            }
-            if map.is_empty() {
-                obj["metadata"].as_object_mut().unwrap().remove(section);
-            } else {
-                obj["metadata"][section] = Value::Object(map);
-            }
-        }
-        // metadata.ownerReferences is a list keyed by uid
-        // (+listType=map): the applier's entries replace what it applied
-        // before (a single manager here, as labctl applies it).
-        match patch["metadata"].get("ownerReferences") {
-            Some(refs) => obj["metadata"]["ownerReferences"] = refs.clone(),
-            None if prev
-                .as_ref()
-                .is_some_and(|p| p["metadata"].get("ownerReferences").is_some()) =>
-            {
-                obj["metadata"]
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("ownerReferences");
-            }
-            None => {}
-        }
-        if let Some(old) = &prev {
-            for k in old.as_object().unwrap().keys() {
-                if !["apiVersion", "kind", "metadata"].contains(&k.as_str())
-                    && patch.get(k).is_none()
-                {
-                    obj.as_object_mut().unwrap().remove(k);
+            for o in owners.iter_mut().filter(|o| o.manager != manager) {
+                for (_, p) in &conflicts {
+                    o.fields.remove(p);
                 }
             }
         }
-        for (k, v) in patch.as_object().unwrap() {
-            if !["apiVersion", "kind", "metadata"].contains(&k.as_str()) {
-                obj[k] = v.clone();
+        let before: FieldSet = owners
+            .iter()
+            .find(|o| o.manager == manager && o.operation == "Apply")
+            .map(|o| o.fields.clone())
+            .unwrap_or_default();
+        for p in before.difference(&new_set) {
+            let still_owned = owners
+                .iter()
+                .any(|o| o.manager != manager && o.fields.iter().any(|f| f.starts_with(p)));
+            if !still_owned {
+                remove_path(&mut obj, p);
             }
+        }
+        for p in &new_set {
+            set_path(
+                &mut obj,
+                p,
+                get_path(&patch, p).cloned().unwrap_or(Value::Null),
+            );
+        }
+        normalise(kind, &mut obj);
+        if let Some(why) = invalid(kind, &obj) {
+            return why;
+        }
+        owners.retain(|o| !(o.manager == manager && o.operation == "Apply"));
+        owners.push(Owner {
+            manager: manager.to_string(),
+            operation: "Apply",
+            api_version: api_version.to_string(),
+            fields: new_set,
+        });
+        owners.retain(|o| !o.fields.is_empty());
+        let code = if existing.is_some() { 200 } else { 201 };
+        if dry_run {
+            obj["metadata"]["managedFields"] = managed_fields(&owners);
+            return (code, obj);
         }
         if key.0 == "jobs" && existing.is_none() {
             self.job_done.insert(
@@ -762,12 +865,11 @@ impl Store {
             self.crd_ready
                 .insert(key.2.clone(), Instant::now() + self.crd_delay);
         }
-        let changed = existing.as_ref() != Some(&obj);
-        self.applied
-            .insert((key.clone(), manager.to_string()), patch);
+        let old_owners = self.owners.get(&key).cloned().unwrap_or_default();
+        let changed =
+            existing.as_ref().map(strip_meta) != Some(strip_meta(&obj)) || old_owners != owners;
         if changed {
-            obj["metadata"]["managedFields"] =
-                json!([{"manager": manager, "operation": "Apply", "apiVersion": api_version}]);
+            self.owners.insert(key.clone(), owners);
             let plural = key.0.clone();
             self.put(&plural, obj);
             if kind == "Profile" {
@@ -780,15 +882,92 @@ impl Store {
                 }
             }
         }
-        (
-            if existing.is_some() { 200 } else { 201 },
-            self.objects[&key].clone(),
-        )
+        (code, self.objects[&key].clone())
     }
 
-    fn delete(&mut self, key: &Key) {
+    /// A write by `manager` with an Update operation (PUT, JSON merge
+    /// patch, a controller's `r.Update`): the manager takes the fields whose
+    /// values it changed from everyone else (structured-merge-diff
+    /// `Updater.Update`), fields it removed leave every owner, and the
+    /// object is defaulted, canonicalised and stored.
+    pub fn update_as(&mut self, plural: &str, mut obj: Value, manager: &str) {
+        let key: Key = (
+            plural.to_string(),
+            obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            obj["metadata"]["name"].as_str().unwrap_or("").to_string(),
+        );
+        let kind = obj["kind"].as_str().unwrap_or("").to_string();
+        normalise(&kind, &mut obj);
+        let before = self.objects.get(&key).cloned().unwrap_or(json!({}));
+        let new = field_set(&obj);
+        let changed: FieldSet = new
+            .iter()
+            .filter(|p| get_path(&before, p) != get_path(&obj, p))
+            .cloned()
+            .collect();
+        let gone: FieldSet = field_set(&before).difference(&new).cloned().collect();
+        let mut owners = self.owners.get(&key).cloned().unwrap_or_default();
+        for o in owners.iter_mut() {
+            o.fields
+                .retain(|f| !changed.contains(f) && !gone.contains(f));
+        }
+        if !changed.is_empty() {
+            match owners
+                .iter_mut()
+                .find(|o| o.manager == manager && o.operation == "Update")
+            {
+                Some(o) => o.fields.extend(changed),
+                None => owners.push(Owner {
+                    manager: manager.to_string(),
+                    operation: "Update",
+                    api_version: obj["apiVersion"].as_str().unwrap_or("v1").to_string(),
+                    fields: changed,
+                }),
+            }
+        }
+        owners.retain(|o| !o.fields.is_empty());
+        self.owners.insert(key, owners);
+        self.put(plural, obj);
+    }
+
+    /// DELETE (k8s.io/apiserver pkg/registry/generic/registry/store.go
+    /// `Delete`): an object with finalizers is only marked with a
+    /// `deletionTimestamp` and answered 200 with its body; it goes when the
+    /// last finalizer is removed. A namespace turns `Terminating`, and
+    /// the namespace controller removes everything in it and then the
+    /// namespace (pkg/controller/namespace/deletion), `finalize_delay`
+    /// later. Returns the body to answer with.
+    fn delete(&mut self, key: &Key) -> Value {
+        let Some(obj) = self.objects.get(key).cloned() else {
+            return Value::Null;
+        };
+        let finalizers = obj["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        if finalizers || key.0 == "namespaces" {
+            if obj["metadata"].get("deletionTimestamp").is_none() {
+                let mut o = obj;
+                o["metadata"]["deletionTimestamp"] = json!("2026-11-26T00:00:01Z");
+                if key.0 == "namespaces" {
+                    o["status"] = json!({"phase": "Terminating"});
+                }
+                self.put(&key.0.clone(), o);
+                self.finalizing
+                    .push((Instant::now() + self.finalize_delay, key.clone()));
+            }
+            return self.objects[key].clone();
+        }
+        self.remove_now(key);
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})
+    }
+
+    /// The object leaves storage.
+    fn remove_now(&mut self, key: &Key) {
         self.objects.remove(key);
-        self.applied.retain(|(k, _), _| k != key);
+        self.owners.remove(key);
         // The controller recreates the objects it owns from the Profile.
         if (key.2 == "namespaceAdmin" || key.2 == "ns-owner-access-istio") && self.controller {
             if let Some(p) = self
@@ -799,17 +978,71 @@ impl Store {
                 self.controller_for(&p);
             }
         }
-        if key.0 == "namespaces" {
-            // The namespace lifecycle controller deletes everything in a
-            // deleted namespace (pkg/controller/namespace/deletion).
-            let ns = key.2.clone();
-            self.objects.retain(|(_, n, _), _| *n != ns);
-        }
         if key.0 == "profiles" {
-            // The namespace goes, and everything in it.
-            let ns = key.2.clone();
-            self.objects
-                .retain(|(p, n, name), _| *n != ns && !(p == "namespaces" && *name == ns));
+            // The garbage collector deletes what the Profile owns: its
+            // namespace carries the Profile as controller owner reference
+            // (controllerutil.SetControllerReference in the controller).
+            let uid = self.objects.iter().find_map(|(k, o)| {
+                (k.0 == "namespaces"
+                    && k.2 == key.2
+                    && o["metadata"]["ownerReferences"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|r| r["kind"] == "Profile" && r["name"] == key.2.as_str()))
+                .then(|| k.clone())
+            });
+            if let Some(ns) = uid {
+                self.delete(&ns);
+            }
+        }
+    }
+
+    /// Finalizers and namespace deletions that are due: the profile
+    /// controller removes `profile-finalizer` from a deleted Profile (its
+    /// `r.Update` after revoking plugins), and a terminating namespace is
+    /// emptied and removed.
+    fn finalize(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.finalizing)
+            .into_iter()
+            .partition(|(t, _)| *t <= now);
+        self.finalizing = later;
+        for (_, key) in due {
+            let Some(mut o) = self.objects.get(&key).cloned() else {
+                continue;
+            };
+            if key.0 == "namespaces" {
+                let ns = key.2.clone();
+                let inside: Vec<Key> = self
+                    .objects
+                    .keys()
+                    .filter(|(_, n, _)| *n == ns)
+                    .cloned()
+                    .collect();
+                for k in inside {
+                    self.objects.remove(&k);
+                    self.owners.remove(&k);
+                }
+                self.remove_now(&key);
+                continue;
+            }
+            if !self.controller {
+                // Nobody removes the finalizer: the object stays Terminating.
+                self.finalizing.push((now + self.finalize_delay, key));
+                continue;
+            }
+            if let Some(f) = o["metadata"]["finalizers"].as_array_mut() {
+                f.retain(|x| x != "profile-finalizer");
+            }
+            if o["metadata"]["finalizers"]
+                .as_array()
+                .is_some_and(|f| f.is_empty())
+            {
+                self.remove_now(&key);
+            } else {
+                self.update_as(&key.0.clone(), o, "manager");
+            }
         }
     }
 }
@@ -819,6 +1052,7 @@ impl KubeSim {
         let store = Arc::new(Mutex::new(Store {
             controller: true,
             crd_delay: Duration::from_millis(300),
+            finalize_delay: Duration::from_millis(300),
             ..Default::default()
         }));
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -869,8 +1103,12 @@ impl KubeSim {
         p
     }
 
+    /// Runs `f` on the store, after the controllers have done what is due
+    /// (they run in the background on a real cluster).
     pub fn with<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
-        f(&mut self.store.lock().unwrap())
+        let mut s = self.store.lock().unwrap();
+        s.reconcile();
+        f(&mut s)
     }
 
     pub fn get(&self, plural: &str, ns: &str, name: &str) -> Option<Value> {
@@ -916,6 +1154,12 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
     let auth = req
         .headers()
         .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let agent = req
+        .headers()
+        .get("user-agent")
         .and_then(|h| h.to_str().ok())
         .unwrap_or("")
         .to_string();
@@ -1227,7 +1471,14 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
                 }
             };
             merge(&mut obj, &patch);
-            s.put(plural, obj);
+            // An Update operation; without `fieldManager` the manager is
+            // the user agent's first word (fieldmanager
+            // prefixFromUserAgent).
+            let manager = query
+                .get("fieldManager")
+                .cloned()
+                .unwrap_or_else(|| agent.split('/').next().unwrap_or("unknown").to_string());
+            s.update_as(plural, obj, &manager);
             reply((200, s.objects[&key].clone()))
         }
         ("PATCH", Some(n)) => {
@@ -1297,20 +1548,55 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
             if let Some(why) = typed_problem(kind, &patch) {
                 return reply(status(400, "BadRequest", &why));
             }
+            // dryRun accepts only "All" (apiserver
+            // pkg/apis/meta/v1/validation ValidateDryRun).
+            let dry_run = match query.get("dryRun").map(String::as_str) {
+                None => false,
+                Some("All") => true,
+                Some(other) => {
+                    return reply(status(
+                        400,
+                        "BadRequest",
+                        &format!(
+                            "dryRun: Unsupported value: \"{other}\": supported values: \"All\""
+                        ),
+                    ))
+                }
+            };
             let force = query.get("force").is_some_and(|f| f == "true");
-            let key = (plural.to_string(), ns_key, n.to_string());
-            reply(s.apply(key, kind, &api_version, patch, &manager, force))
+            let key = (plural.to_string(), ns_key.clone(), n.to_string());
+            // No new objects in a namespace being deleted (the
+            // NamespaceLifecycle admission plugin's Forbidden).
+            if namespaced
+                && !s.objects.contains_key(&key)
+                && s.objects[&("namespaces".into(), String::new(), ns_key.clone())]["metadata"]
+                    .get("deletionTimestamp")
+                    .is_some()
+            {
+                return reply(status(
+                    403,
+                    "Forbidden",
+                    &format!("{qualified} \"{n}\" is forbidden: unable to create new content in namespace {ns_key} because it is being terminated"),
+                ));
+            }
+            // A write that reaches storage and times out there (what etcd
+            // under load answers; a dry run never reaches storage).
+            if !dry_run && s.fail_writes.iter().any(|f| f == plural) {
+                return reply(status(
+                    500,
+                    "InternalError",
+                    "Internal error occurred: etcdserver: request timed out",
+                ));
+            }
+            reply(s.apply(key, kind, &api_version, patch, &manager, force, dry_run))
         }
         ("DELETE", Some(n)) => {
             let key = (plural.to_string(), ns_key, n.to_string());
             if !s.objects.contains_key(&key) {
                 return reply(not_found(n));
             }
-            s.delete(&key);
-            reply((
-                200,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
-            ))
+            let body = s.delete(&key);
+            reply((200, body))
         }
         _ => reply(status(
             405,
@@ -1318,6 +1604,298 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, st: &Mutex<Store>) -
             &format!("{method} is not supported here"),
         )),
     }
+}
+
+/// A field path: the keys from the object's root to a leaf.
+type Path = Vec<String>;
+type FieldSet = std::collections::BTreeSet<Path>;
+
+/// One `metadata.managedFields` entry.
+#[derive(Clone, Debug, PartialEq)]
+struct Owner {
+    manager: String,
+    operation: &'static str,
+    api_version: String,
+    fields: FieldSet,
+}
+
+/// The fields an object or configuration sets: every leaf path, maps
+/// granular, lists atomic, an empty map a leaf of its own. Identity and
+/// server-set metadata are not fields anyone owns (fieldmanager's
+/// `stripMeta`: apiVersion, kind, name, namespace, uid, resourceVersion,
+/// generation, creationTimestamp, deletionTimestamp, managedFields), nor is
+/// `status` for these kinds.
+fn field_set(obj: &Value) -> FieldSet {
+    fn walk(v: &Value, path: &mut Path, out: &mut FieldSet) {
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, c) in m {
+                    path.push(k.clone());
+                    walk(c, path, out);
+                    path.pop();
+                }
+            }
+            _ => {
+                out.insert(path.clone());
+            }
+        }
+    }
+    let mut out = FieldSet::new();
+    for (k, v) in obj.as_object().into_iter().flatten() {
+        match k.as_str() {
+            "apiVersion" | "kind" | "status" => {}
+            "metadata" => {
+                for (mk, mv) in v.as_object().into_iter().flatten() {
+                    if ["labels", "annotations", "ownerReferences", "finalizers"]
+                        .contains(&mk.as_str())
+                    {
+                        walk(mv, &mut vec!["metadata".into(), mk.clone()], &mut out);
+                    }
+                }
+            }
+            _ => walk(v, &mut vec![k.clone()], &mut out),
+        }
+    }
+    out
+}
+
+fn get_path<'a>(v: &'a Value, p: &[String]) -> Option<&'a Value> {
+    p.iter().try_fold(v, |v, k| v.get(k))
+}
+
+fn set_path(v: &mut Value, p: &[String], val: Value) {
+    let mut cur = v;
+    for k in &p[..p.len() - 1] {
+        if !cur.get(k).is_some_and(Value::is_object) {
+            cur[k.as_str()] = json!({});
+        }
+        cur = cur.get_mut(k).unwrap();
+    }
+    cur[p[p.len() - 1].as_str()] = val;
+}
+
+/// Removes a field, and the maps it leaves empty (below the top level).
+fn remove_path(v: &mut Value, p: &[String]) {
+    fn rec(v: &mut Value, p: &[String], depth: usize) {
+        let Some(m) = v.as_object_mut() else { return };
+        if p.len() == 1 {
+            m.remove(&p[0]);
+            return;
+        }
+        if let Some(c) = m.get_mut(&p[0]) {
+            rec(c, &p[1..], depth + 1);
+            if depth >= 1 && c.as_object().is_some_and(|o| o.is_empty()) {
+                m.remove(&p[0]);
+            }
+        }
+    }
+    rec(v, p, 0);
+}
+
+/// `metadata.managedFields` as the server writes it: one entry per
+/// (manager, operation) with a FieldsV1 tree of `f:<key>` nodes.
+fn managed_fields(owners: &[Owner]) -> Value {
+    Value::Array(
+        owners
+            .iter()
+            .map(|o| {
+                let mut tree = json!({});
+                for p in &o.fields {
+                    let mut cur = &mut tree;
+                    for k in p {
+                        let f = format!("f:{k}");
+                        if cur.get(&f).is_none() {
+                            cur[f.as_str()] = json!({});
+                        }
+                        cur = cur.get_mut(&f).unwrap();
+                    }
+                }
+                json!({"manager": o.manager, "operation": o.operation, "apiVersion": o.api_version,
+                       "time": "2026-11-26T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": tree})
+            })
+            .collect(),
+    )
+}
+
+/// The object without what changes on every write (to tell a no-op).
+fn strip_meta(o: &Value) -> Value {
+    let mut o = o.clone();
+    if let Some(m) = o["metadata"].as_object_mut() {
+        for k in ["resourceVersion", "managedFields"] {
+            m.remove(k);
+        }
+    }
+    o
+}
+
+/// What the API server does to every write of these kinds before storing
+/// it: defaulting (k8s.io/kubernetes pkg/apis/core/v1/defaults.go
+/// `SetDefaults_LimitRangeItem`: for a Container item, a missing default
+/// limit is the max, a missing default request the default limit, else the
+/// min) and quantities in canonical form (the typed `resource.Quantity`
+/// round trip of every `ResourceList`).
+fn normalise(kind: &str, obj: &mut Value) {
+    fn canon(m: &mut Value) {
+        if let Some(m) = m.as_object_mut() {
+            for v in m.values_mut() {
+                if let Some(c) = v
+                    .as_str()
+                    .and_then(|s| labctl::k8s::validation::Quantity::parse(s).ok())
+                    .and_then(|q| q.canonical())
+                {
+                    *v = json!(c);
+                }
+            }
+        }
+    }
+    match kind {
+        "ResourceQuota" => canon(&mut obj["spec"]["hard"]),
+        "LimitRange" => {
+            for item in obj["spec"]["limits"].as_array_mut().into_iter().flatten() {
+                if item["type"] == "Container" {
+                    for (from, to) in [
+                        ("max", "default"),
+                        ("default", "defaultRequest"),
+                        ("min", "defaultRequest"),
+                    ] {
+                        let src = item[from].as_object().cloned().unwrap_or_default();
+                        for (k, v) in src {
+                            if item[to].get(&k).is_none() {
+                                item[to][k.as_str()] = v;
+                            }
+                        }
+                    }
+                }
+                for f in [
+                    "max",
+                    "min",
+                    "default",
+                    "defaultRequest",
+                    "maxLimitRequestRatio",
+                ] {
+                    canon(&mut item[f]);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Validation after defaulting (pkg/apis/core/validation/validation.go
+/// `ValidateResourceQuota` and `ValidateLimitRange`: quantities parse and
+/// are not negative; per resource min <= default request <= default limit
+/// <= max), as a 422 Invalid Status naming the field.
+fn invalid(kind: &str, obj: &Value) -> Option<(u16, Value)> {
+    use labctl::k8s::validation::Quantity;
+    let name = obj["metadata"]["name"].as_str().unwrap_or("");
+    let fail = |field: String, value: &str, why: String| {
+        let message =
+            format!("{kind} \"{name}\" is invalid: {field}: Invalid value: \"{value}\": {why}");
+        let (code, mut body) = status(422, "Invalid", &message);
+        body["details"] = json!({"name": name, "kind": kind.to_lowercase() + "s",
+            "causes": [{"reason": "FieldValueInvalid", "message": format!("Invalid value: \"{value}\": {why}"), "field": field}]});
+        Some((code, body))
+    };
+    let maps: Vec<(String, &Value)> = match kind {
+        "ResourceQuota" => vec![("spec.hard".into(), &obj["spec"]["hard"])],
+        "LimitRange" => obj["spec"]["limits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .flat_map(|(i, item)| {
+                [
+                    "max",
+                    "min",
+                    "default",
+                    "defaultRequest",
+                    "maxLimitRequestRatio",
+                ]
+                .into_iter()
+                .map(move |f| (format!("spec.limits[{i}].{f}"), &item[f]))
+            })
+            .collect(),
+        _ => return None,
+    };
+    for (field, m) in &maps {
+        for (k, v) in m.as_object().into_iter().flatten() {
+            let s = v
+                .as_str()
+                .map(String::from)
+                .unwrap_or_else(|| v.to_string());
+            match Quantity::parse(&s) {
+                Err(e) => return fail(format!("{field}[{k}]"), &s, e.to_string()),
+                Ok(q) if q.is_negative() => {
+                    return fail(
+                        format!("{field}[{k}]"),
+                        &s,
+                        "must be greater than or equal to 0".into(),
+                    )
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+    if kind == "LimitRange" {
+        for (i, item) in obj["spec"]["limits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let q = |f: &str, k: &str| item[f][k].as_str().and_then(|s| Quantity::parse(s).ok());
+            let keys: std::collections::BTreeSet<&String> =
+                ["max", "min", "default", "defaultRequest"]
+                    .iter()
+                    .flat_map(|f| item[*f].as_object().into_iter().flat_map(|m| m.keys()))
+                    .collect();
+            for k in keys {
+                for (lo, hi, what) in [
+                    ("min", "max", "min value {a} is greater than max value {b}"),
+                    (
+                        "min",
+                        "defaultRequest",
+                        "min value {a} is greater than default request value {b}",
+                    ),
+                    (
+                        "defaultRequest",
+                        "max",
+                        "default request value {a} is greater than max value {b}",
+                    ),
+                    (
+                        "defaultRequest",
+                        "default",
+                        "default request value {a} is greater than default limit value {b}",
+                    ),
+                    (
+                        "min",
+                        "default",
+                        "min value {a} is greater than default value {b}",
+                    ),
+                    (
+                        "default",
+                        "max",
+                        "default value {a} is greater than max value {b}",
+                    ),
+                ] {
+                    if let (Some(a), Some(b)) = (q(lo, k), q(hi, k)) {
+                        if a.cmp_value(&b) == std::cmp::Ordering::Greater {
+                            let (sa, sb) = (
+                                item[lo][k].as_str().unwrap_or(""),
+                                item[hi][k].as_str().unwrap_or(""),
+                            );
+                            return fail(
+                                format!("spec.limits[{i}].{lo}[{k}]"),
+                                sa,
+                                what.replace("{a}", sa).replace("{b}", sb),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    None
 }
 
 /// JSON merge patch (RFC 7386).

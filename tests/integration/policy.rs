@@ -857,6 +857,12 @@ fn plan_apply_drift_prune_expiry_and_the_data_loss_guard() {
         today,
     ));
     assert!(sim.get("profiles", "", "nlp-teaching").is_none());
+    // The namespace is Terminating, then the namespace controller empties
+    // and removes it.
+    let ns = sim.get("namespaces", "", "nlp-teaching");
+    assert!(ns.is_none_or(|n| n["status"]["phase"] == "Terminating"));
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert!(sim.get("namespaces", "", "nlp-teaching").is_none());
     assert!(sim
         .get("persistentvolumeclaims", "nlp-teaching", "workspace-carla")
         .is_none());
@@ -1049,11 +1055,34 @@ fn two_policy_sets_share_a_cluster_without_pruning_each_other() {
 fn a_partial_apply_is_audited_with_the_step_that_failed() {
     use crate::kube_sim::KubeSim;
     let sim = KubeSim::start();
-    // labctl's Role may not write LimitRanges: the apply stops there.
+    // labctl's Role may not write LimitRanges: the plan's dry-run apply
+    // finds out before anything is applied.
     sim.with(|s| s.forbidden.push("limitranges".into()));
     let d = copy_example();
     let kc = sim.kubeconfig(d.path());
     let log = d.path().join("audit.jsonl");
+    let out = kube(
+        d.path(),
+        &kc,
+        &["policy", "apply", "--audit-log", log.to_str().unwrap()],
+        "2026-11-26",
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot patch resource \"limitranges\"") && err.contains("dry-run"),
+        "{err}"
+    );
+    assert!(
+        sim.get("profiles", "", "nlp-lab").is_none(),
+        "nothing applied"
+    );
+    assert!(!log.exists());
+    // Writes of LimitRanges time out in storage: the apply stops there.
+    sim.with(|s| {
+        s.forbidden.clear();
+        s.fail_writes.push("limitranges".into());
+    });
     let out = kube(
         d.path(),
         &kc,
@@ -1068,14 +1097,14 @@ fn a_partial_apply_is_audited_with_the_step_that_failed() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("failed after"), "{err}");
-    assert!(err.contains("is forbidden"), "{err}");
+    assert!(err.contains("request timed out"), "{err}");
     let text = std::fs::read_to_string(&log).expect("an audit entry for the partial apply");
     let entry: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     let changes = entry["changes"].as_array().unwrap();
     let last = changes.last().unwrap();
     assert_eq!(last["kind"], "LimitRange", "{entry}");
     assert!(
-        last["failed"].as_str().unwrap().contains("forbidden"),
+        last["failed"].as_str().unwrap().contains("timed out"),
         "{entry}"
     );
     assert!(
@@ -1436,4 +1465,104 @@ fn revoke_with_apply_removes_both_kfam_objects_whoever_made_them() {
             "user-bob-uni-edu-clusterrole-edit"
         )
         .is_some());
+}
+
+/// Issue 20 point 7: the plan is the API server's dry-run apply compared
+/// on the fields labctl owns, so what the server and the profile
+/// controller write on their own (canonical quantities, LimitRange
+/// defaults, the controller's `resourceQuotaSpec: {}` and finalizer) and
+/// fields other tools own are never drift, while a hand edit of a field
+/// labctl set is, down to the field.
+#[test]
+fn the_plan_is_a_server_side_dry_run_and_server_writes_are_not_drift() {
+    use crate::kube_sim::KubeSim;
+    let sim = KubeSim::start();
+    let d = copy_example();
+    let quotas = read(d.path(), "quotas.yaml")
+        .replace("requests.memory: 128Gi", "requests.memory: 131072Mi")
+        .replace("  defaultRequest: { cpu: \"1\", memory: 2Gi }\n", "")
+        .replace(
+            "default: { cpu: \"4\", memory: 8Gi }",
+            "default: { cpu: \"4000m\", memory: 8Gi }",
+        );
+    std::fs::write(d.path().join("quotas.yaml"), quotas).unwrap();
+    std::fs::write(
+        d.path().join("profiles/solo.yaml"),
+        "kind: Profile\nname: solo-lab\nowner: maria.lopez@uni.edu\ngrants:\n  - user: bob@uni.edu\n    role: view\n",
+    )
+    .unwrap();
+    let kc = sim.kubeconfig(d.path());
+    let today = "2026-11-26";
+    json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    // What the server and the controller wrote on their own.
+    let solo = sim.get("profiles", "", "solo-lab").unwrap();
+    assert_eq!(solo["spec"]["resourceQuotaSpec"], serde_json::json!({}));
+    assert_eq!(solo["metadata"]["finalizers"][0], "profile-finalizer");
+    let lab = sim.get("profiles", "", "nlp-lab").unwrap();
+    assert_eq!(
+        lab["spec"]["resourceQuotaSpec"]["hard"]["requests.memory"],
+        "128Gi"
+    );
+    let lr = sim
+        .get("limitranges", "nlp-lab", "labctl-defaults")
+        .unwrap();
+    assert_eq!(
+        lr["spec"]["limits"][0]["defaultRequest"],
+        serde_json::json!({"cpu": "4", "memory": "8Gi"}),
+        "defaulted from the default limit: {lr}"
+    );
+    let unchanged = |plan: &serde_json::Value| {
+        plan["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["action"] != "unchanged")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let plan = json_of(&kube(d.path(), &kc, &["--json", "policy", "plan"], today));
+    assert_eq!(unchanged(&plan), Vec::<serde_json::Value>::new(), "{plan}");
+    let rv = |sim: &KubeSim| {
+        sim.with(|s| {
+            s.objects
+                .values()
+                .map(|o| o["metadata"]["resourceVersion"].clone())
+                .collect::<Vec<_>>()
+        })
+    };
+    let before = rv(&sim);
+    json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    assert_eq!(rv(&sim), before, "a second apply writes nothing");
+    // Another tool adds a label of its own: not labctl's field, no drift,
+    // and it stays through an apply.
+    let name = "user-alice-uni-edu-clusterrole-edit";
+    let mut rb = sim.get("rolebindings", "nlp-lab", name).unwrap();
+    rb["metadata"]["labels"]["team"] = serde_json::json!("nlp");
+    sim.with(|s| s.update_as("rolebindings", rb.clone(), "kubectl-label"));
+    let plan = json_of(&kube(d.path(), &kc, &["--json", "policy", "plan"], today));
+    assert_eq!(unchanged(&plan), Vec::<serde_json::Value>::new(), "{plan}");
+    // A hand edit of a field labctl set (kubectl edit takes the field
+    // over) is drift, named to the field, and apply takes it back.
+    rb["subjects"][0]["name"] = serde_json::json!("mallory@uni.edu");
+    sim.with(|s| s.update_as("rolebindings", rb, "kubectl-edit"));
+    let edited = sim.get("rolebindings", "nlp-lab", name).unwrap();
+    assert!(
+        edited["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["manager"] == "kubectl-edit" && m["fieldsV1"]["f:subjects"].is_object()),
+        "{edited}"
+    );
+    let plan = json_of(&kube(d.path(), &kc, &["--json", "policy", "plan"], today));
+    let changed = unchanged(&plan);
+    assert_eq!(changed.len(), 1, "{plan}");
+    assert_eq!(changed[0]["name"], name);
+    assert_eq!(changed[0]["changes"], serde_json::json!(["subjects"]));
+    json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    let rb = sim.get("rolebindings", "nlp-lab", name).unwrap();
+    assert_eq!(rb["subjects"][0]["name"], "alice@uni.edu");
+    assert_eq!(rb["metadata"]["labels"]["team"], "nlp");
+    let plan = json_of(&kube(d.path(), &kc, &["--json", "policy", "plan"], today));
+    assert_eq!(unchanged(&plan), Vec::<serde_json::Value>::new(), "{plan}");
 }
