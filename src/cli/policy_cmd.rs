@@ -124,6 +124,15 @@ fn print_plan(plan: &policy::cluster::Plan) {
     for m in &plan.missing {
         println!("! missing {m}");
     }
+    for u in &plan.unmanaged {
+        println!(
+            "! unmanaged {} {}/{}: {} — remove with apply --prune-unmanaged, or adopt with policy import",
+            u.kind,
+            u.namespace,
+            u.name,
+            u.grants.join("; ")
+        );
+    }
     let unchanged = plan.steps.len() - plan.changes();
     println!("{} change(s), {unchanged} unchanged", plan.changes());
 }
@@ -163,6 +172,14 @@ pub enum PolicyCmd {
         /// Allow deleting Profiles the policy no longer has (their namespaces and PVCs go too).
         #[arg(long)]
         allow_data_loss: bool,
+        /// Also delete the RoleBindings and AuthorizationPolicies in profile
+        /// namespaces that give people access the policy does not grant
+        /// (the plan lists them as unmanaged: dashboard-made contributors
+        /// above their policy role, notebook access left after
+        /// `notebooks: false`). Each deletion is in the audit entry. To
+        /// keep such access instead, adopt it with `policy import`.
+        #[arg(long)]
+        prune_unmanaged: bool,
         /// Why (recorded in the audit trail).
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
@@ -266,7 +283,7 @@ fn apply_policy(
     g: &GlobalArgs,
     p: &PoliciesArg,
     k: &KubeArgs,
-    allow_data_loss: bool,
+    (allow_data_loss, prune_unmanaged): (bool, bool),
     a: &AuditArgs,
     reason: Option<&str>,
 ) -> crate::error::Result<(policy::cluster::Plan, Vec<policy::cluster::Done>)> {
@@ -280,6 +297,7 @@ fn apply_policy(
         today,
         k,
         allow_data_loss,
+        prune_unmanaged,
         &policy::workflow::AuditEntry {
             log: &a.path(g),
             actor: &actor,
@@ -341,10 +359,18 @@ pub fn run_policy(g: &GlobalArgs, c: PolicyCmd) -> crate::error::Result<ExitCode
             p,
             k,
             allow_data_loss,
+            prune_unmanaged,
             reason,
             a,
         } => {
-            let (plan, done) = apply_policy(g, &p, &k, allow_data_loss, &a, reason.as_deref())?;
+            let (plan, done) = apply_policy(
+                g,
+                &p,
+                &k,
+                (allow_data_loss, prune_unmanaged),
+                &a,
+                reason.as_deref(),
+            )?;
             if g.json {
                 print_json(&serde_json::json!({"plan": plan, "applied": done}))?;
             } else if !g.quiet {
@@ -495,7 +521,7 @@ pub fn run_profile(g: &GlobalArgs, c: ProfileCmd) -> crate::error::Result<ExitCo
                 let why = reason
                     .clone()
                     .unwrap_or_else(|| format!("grant {role} on {profile} to {email}"));
-                let (plan, done) = apply_policy(g, &p, &k, false, &a, Some(&why))?;
+                let (plan, done) = apply_policy(g, &p, &k, (false, false), &a, Some(&why))?;
                 if !g.quiet && !g.json {
                     print_plan(&plan);
                     println!("applied {} change(s)", done.len());

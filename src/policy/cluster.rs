@@ -106,6 +106,10 @@ pub struct Plan {
     /// from the Profile (hand edits; the controller restores them on its
     /// next reconcile, unless it is not running).
     pub drift: Vec<String>,
+    /// Access in profile namespaces that the policy does not grant (made
+    /// in the dashboard or by hand); `apply --prune-unmanaged` removes it,
+    /// `policy import` adopts contributor bindings instead.
+    pub unmanaged: Vec<Unmanaged>,
 }
 
 impl Plan {
@@ -185,6 +189,173 @@ fn managed_diff(dry: &Value, live: &Value) -> Vec<String> {
 /// labctl's field manager for policy objects.
 const FIELD_MANAGER: &str = "labctl";
 
+/// Whom the policy set answers for, and how people are named in
+/// AuthorizationPolicies (Settings `name`, `userIdHeader`, `userIdPrefix`).
+pub struct Scope<'a> {
+    pub set: &'a str,
+    pub user_header: &'a str,
+    pub user_prefix: &'a str,
+}
+
+/// A RoleBinding or AuthorizationPolicy in a profile namespace, not made
+/// by this policy set nor by the profile controller, that gives people
+/// access the policy does not grant.
+#[derive(Debug, Clone, Serialize)]
+pub struct Unmanaged {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// What it gives whom beyond the policy, e.g. `eve@uni.edu: edit (the
+    /// policy grants none)`.
+    pub grants: Vec<String>,
+}
+
+/// The objects the profile controller makes in every profile namespace
+/// (profile_controller.go): never someone else's extra access.
+const CONTROLLER_MADE: [&str; 4] = [
+    "namespaceAdmin",
+    "default-editor",
+    "default-viewer",
+    "ns-owner-access-istio",
+];
+
+fn role_rank(cluster_role: &str) -> Option<u8> {
+    match cluster_role {
+        "kubeflow-view" => Some(1),
+        "kubeflow-edit" => Some(2),
+        "kubeflow-admin" => Some(3),
+        _ => None,
+    }
+}
+
+fn rank_name(rank: u8) -> &'static str {
+    ["none", "view", "edit", "admin"][rank as usize]
+}
+
+/// Access for people in the namespaces of the rendered Profiles that the
+/// rendered objects do not give: RoleBindings with User or Group subjects
+/// whose role is above what the policy grants that person there (a Group
+/// always: the policy grants groups only through their members; a role
+/// other than kubeflow-view/edit/admin always), and AuthorizationPolicies
+/// whose rules admit a user (the user-id header condition KFAM writes) the
+/// policy gives no notebook and web access there. ServiceAccount subjects
+/// and policies between services are not people's access and are left out.
+async fn unmanaged_access(
+    client: &kube::Client,
+    objects: &[Value],
+    scope: &Scope<'_>,
+    wanted: &BTreeSet<(String, Option<String>, String)>,
+) -> crate::error::Result<Vec<Unmanaged>> {
+    use std::collections::{BTreeMap, BTreeSet as Set};
+    let header = format!("request.headers[{}]", scope.user_header);
+    let mut out = vec![];
+    for p in objects.iter().filter(|o| o["kind"] == "Profile") {
+        let ns = meta_str(p, "name").unwrap_or_default().to_string();
+        if api(client, "Namespace", None).get_opt(&ns).await?.is_none() {
+            continue;
+        }
+        let owner = p["spec"]["owner"]["name"].as_str().unwrap_or_default();
+        let mut rank: BTreeMap<String, u8> = BTreeMap::new();
+        rank.insert(owner.to_string(), 3);
+        let mut web: Set<String> = Set::new();
+        web.insert(format!("{}{owner}", scope.user_prefix));
+        for o in objects
+            .iter()
+            .filter(|o| meta_str(o, "namespace") == Some(&ns))
+        {
+            if o["kind"] == "RoleBinding" {
+                let user = o["metadata"]["annotations"]["user"]
+                    .as_str()
+                    .unwrap_or_default();
+                let r = role_rank(o["roleRef"]["name"].as_str().unwrap_or_default()).unwrap_or(0);
+                let e = rank.entry(user.to_string()).or_insert(0);
+                *e = (*e).max(r);
+            }
+            if o["kind"] == "AuthorizationPolicy" {
+                for v in o["spec"]["rules"].as_array().into_iter().flatten() {
+                    for w in v["when"].as_array().into_iter().flatten() {
+                        for u in w["values"].as_array().into_iter().flatten() {
+                            web.insert(u.as_str().unwrap_or_default().to_string());
+                        }
+                    }
+                }
+            }
+        }
+        for kind in ["RoleBinding", "AuthorizationPolicy"] {
+            let list = api(client, kind, Some(&ns))
+                .list(&ListParams::default())
+                .await?;
+            for l in list.items {
+                let name = l.metadata.name.clone().unwrap_or_default();
+                let labels = l.metadata.labels.clone().unwrap_or_default();
+                let ours = labels.get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1);
+                let other_set = labels
+                    .get(super::render::POLICY_SET)
+                    .is_some_and(|s| s != scope.set);
+                if CONTROLLER_MADE.contains(&name.as_str())
+                    || wanted.contains(&(kind.to_string(), Some(ns.clone()), name.clone()))
+                    // This set's leftovers are delete steps already;
+                    // another set's objects are that set's business.
+                    || ours
+                    || other_set
+                {
+                    continue;
+                }
+                let v = serde_json::to_value(&l)?;
+                let mut grants = vec![];
+                if kind == "RoleBinding" {
+                    let role = v["roleRef"]["name"].as_str().unwrap_or_default();
+                    let r = role_rank(role);
+                    for s in v["subjects"].as_array().into_iter().flatten() {
+                        let who = s["name"].as_str().unwrap_or_default();
+                        let what = r.map(rank_name).unwrap_or(role);
+                        match s["kind"].as_str() {
+                            Some("User") => {
+                                let granted = rank.get(who).copied().unwrap_or(0);
+                                if r.is_none_or(|r| r > granted) {
+                                    grants.push(format!(
+                                        "{who}: {what} (the policy grants {})",
+                                        rank_name(granted)
+                                    ));
+                                }
+                            }
+                            Some("Group") => grants.push(format!(
+                                "group {who}: {what} (the policy grants groups only through their members)"
+                            )),
+                            _ => {}
+                        }
+                    }
+                } else {
+                    for rule in v["spec"]["rules"].as_array().into_iter().flatten() {
+                        for w in rule["when"].as_array().into_iter().flatten() {
+                            if w["key"].as_str() != Some(header.as_str()) {
+                                continue;
+                            }
+                            for u in w["values"].as_array().into_iter().flatten() {
+                                let u = u.as_str().unwrap_or_default();
+                                if !web.contains(u) {
+                                    grants.push(format!(
+                                        "{u}: notebook and web access (the policy grants none here)"
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                }
+                if !grants.is_empty() {
+                    out.push(Unmanaged {
+                        kind: kind.into(),
+                        namespace: ns.clone(),
+                        name,
+                        grants,
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Computes the plan for `objects` (from [`super::render::render`]).
 ///
 /// # Errors
@@ -192,8 +363,9 @@ const FIELD_MANAGER: &str = "labctl";
 pub async fn plan(
     client: &kube::Client,
     objects: &[Value],
-    set: &str,
+    scope: &Scope<'_>,
 ) -> crate::error::Result<Plan> {
+    let set = scope.set;
     // The CRDs must be there (discovery), or nothing below makes sense.
     for (gv, plural, what) in [
         ("kubeflow.org/v1", "profiles", "Kubeflow's Profile CRD"),
@@ -436,10 +608,12 @@ pub async fn plan(
             }
         }
     }
+    let unmanaged = unmanaged_access(client, objects, scope, &wanted).await?;
     Ok(Plan {
         steps,
         missing,
         drift,
+        unmanaged,
     })
 }
 
@@ -498,6 +672,7 @@ pub async fn apply(
     client: &kube::Client,
     plan: &Plan,
     allow_data_loss: bool,
+    prune_unmanaged: bool,
 ) -> crate::error::Result<Applied> {
     let blocked = plan.profile_deletes();
     if !blocked.is_empty() && !allow_data_loss {
@@ -568,6 +743,29 @@ pub async fn apply(
                     done,
                     failed: Some((step, e)),
                 })
+            }
+        }
+    }
+    if prune_unmanaged {
+        for u in &plan.unmanaged {
+            let step = Done {
+                action: "prune-unmanaged".into(),
+                kind: u.kind.clone(),
+                namespace: Some(u.namespace.clone()),
+                name: u.name.clone(),
+            };
+            match api(client, &u.kind, Some(&u.namespace))
+                .delete(&u.name, &DeleteParams::default())
+                .await
+            {
+                Ok(_) => done.push(step),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    return Ok(Applied {
+                        done,
+                        failed: Some((step, e.into())),
+                    })
+                }
             }
         }
     }

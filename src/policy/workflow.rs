@@ -37,7 +37,12 @@ async fn connect_and_plan(
 ) -> crate::error::Result<(kube::Client, Plan)> {
     let objects = super::render::render(pol, today);
     let (c, url) = kube.connect().await?;
-    let plan = cluster::plan(&c, &objects, &pol.settings.name)
+    let scope = cluster::Scope {
+        set: &pol.settings.name,
+        user_header: &pol.settings.user_id_header,
+        user_prefix: &pol.settings.user_id_prefix,
+    };
+    let plan = cluster::plan(&c, &objects, &scope)
         .await
         .map_err(|e| reach(e, &url))?;
     Ok((c, plan))
@@ -88,7 +93,7 @@ pub fn revoke_recorded(
                 .collect::<Vec<_>>()),
         )?;
     }
-    let (plan, done) = apply_recorded(pol, today, kube, false, audit)?;
+    let (plan, done) = apply_recorded(pol, today, kube, false, false, audit)?;
     Ok((deleted, plan, done))
 }
 
@@ -103,11 +108,12 @@ pub fn apply_recorded(
     today: Date,
     kube: &KubeTarget,
     allow_data_loss: bool,
+    prune_unmanaged: bool,
     audit: &AuditEntry<'_>,
 ) -> crate::error::Result<(Plan, Vec<Done>)> {
     let (plan, applied) = crate::util::runtime()?.block_on(async {
         let (c, plan) = connect_and_plan(pol, today, kube).await?;
-        let applied = cluster::apply(&c, &plan, allow_data_loss).await?;
+        let applied = cluster::apply(&c, &plan, allow_data_loss, prune_unmanaged).await?;
         Ok::<_, crate::error::Error>((plan, applied))
     })?;
     let cluster::Applied { done, failed } = applied;
@@ -121,8 +127,18 @@ pub fn apply_recorded(
                     .steps
                     .iter()
                     .find(|s| s.kind == d.kind && s.name == d.name && s.namespace == d.namespace);
-                serde_json::json!({"action": d.action, "kind": d.kind, "namespace": d.namespace, "name": d.name,
-                    "fields": step.map(|s| s.changes.clone()).unwrap_or_default()})
+                let unmanaged = plan.unmanaged.iter().find(|u| {
+                    d.action == "prune-unmanaged"
+                        && u.kind == d.kind
+                        && Some(&u.namespace) == d.namespace.as_ref()
+                        && u.name == d.name
+                });
+                match unmanaged {
+                    Some(u) => serde_json::json!({"action": d.action, "kind": d.kind, "namespace": d.namespace, "name": d.name,
+                        "why": "access the policy does not grant", "grants": u.grants}),
+                    None => serde_json::json!({"action": d.action, "kind": d.kind, "namespace": d.namespace, "name": d.name,
+                        "fields": step.map(|s| s.changes.clone()).unwrap_or_default()}),
+                }
             })
             .collect();
         if let Some((d, e)) = &failed {

@@ -1566,3 +1566,128 @@ fn the_plan_is_a_server_side_dry_run_and_server_writes_are_not_drift() {
     let plan = json_of(&kube(d.path(), &kc, &["--json", "policy", "plan"], today));
     assert_eq!(unchanged(&plan), Vec::<serde_json::Value>::new(), "{plan}");
 }
+
+/// Issue 20 point 8: access in a profile namespace that the policy does
+/// not grant (a dashboard binding above the policy role, a notebook
+/// AuthorizationPolicy left after `notebooks: false`, a person the policy
+/// does not know, a Group subject) is listed by plan as unmanaged, stays
+/// on a plain apply, and goes with `--prune-unmanaged`, audited; what the
+/// policy covers and what is not people's access is never listed.
+#[test]
+fn plan_lists_access_the_policy_does_not_grant_and_prune_unmanaged_removes_it() {
+    use crate::kube_sim::KubeSim;
+    use serde_json::json;
+    let sim = KubeSim::start();
+    let d = copy_example();
+    let kc = sim.kubeconfig(d.path());
+    let today = "2026-11-26";
+    json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    let rb = |name: &str, role: &str, subject: serde_json::Value| {
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": name, "namespace": "nlp-lab", "annotations": {"role": role.trim_start_matches("kubeflow-")}},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [subject]})
+    };
+    let user =
+        |u: &str| json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": u});
+    let kfam_ap = |name: &str, u: &str| {
+        json!({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": "nlp-lab", "annotations": {"user": u, "role": "view"}},
+            "spec": {"rules": [{"when": [{"key": "request.headers[kubeflow-userid]", "values": [u]}]}]}})
+    };
+    sim.with(|s| {
+        // Beyond the policy:
+        s.put("rolebindings", rb("user-alice-uni-edu-clusterrole-admin", "kubeflow-admin", user("alice@uni.edu")));
+        s.put("rolebindings", rb("user-eve-uni-edu-clusterrole-edit", "kubeflow-edit", user("eve@uni.edu")));
+        s.put("rolebindings", rb("students-edit", "kubeflow-edit", json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "students"})));
+        s.put("authorizationpolicies", kfam_ap("user-reviewer-partner-lab-org-clusterrole-view", "reviewer@partner-lab.org"));
+        // Covered by the policy, or not people's access:
+        s.put("rolebindings", rb("user-alice-uni-edu-clusterrole-view", "kubeflow-view", user("alice@uni.edu")));
+        s.put("rolebindings", rb("pipeline-runner", "kubeflow-edit", json!({"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"})));
+        s.put("authorizationpolicies", json!({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "ml-pipeline-visualizationserver", "namespace": "nlp-lab"},
+            "spec": {"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/kubeflow/sa/ml-pipeline"]}}]}]}}));
+        s.put("authorizationpolicies", kfam_ap("user-alice-uni-edu-clusterrole-view", "alice@uni.edu"));
+    });
+    let out = kube(d.path(), &kc, &["policy", "plan"], today);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "! unmanaged RoleBinding nlp-lab/user-alice-uni-edu-clusterrole-admin: alice@uni.edu: admin (the policy grants edit)",
+        "! unmanaged RoleBinding nlp-lab/user-eve-uni-edu-clusterrole-edit: eve@uni.edu: edit (the policy grants none)",
+        "! unmanaged RoleBinding nlp-lab/students-edit: group students: edit",
+        "! unmanaged AuthorizationPolicy nlp-lab/user-reviewer-partner-lab-org-clusterrole-view: reviewer@partner-lab.org: notebook and web access",
+    ] {
+        assert!(text.contains(line), "{line}\n{text}");
+    }
+    let plan = json_of(&kube(d.path(), &kc, &["--json", "policy", "plan"], today));
+    assert_eq!(plan["unmanaged"].as_array().unwrap().len(), 4, "{plan}");
+    // A plain apply leaves them; --prune-unmanaged removes them, audited.
+    json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    assert!(sim
+        .get(
+            "rolebindings",
+            "nlp-lab",
+            "user-eve-uni-edu-clusterrole-edit"
+        )
+        .is_some());
+    let log = d.path().join("audit.jsonl");
+    let out = json_of(&kube(
+        d.path(),
+        &kc,
+        &[
+            "--json",
+            "policy",
+            "apply",
+            "--prune-unmanaged",
+            "--audit-log",
+            log.to_str().unwrap(),
+        ],
+        today,
+    ));
+    assert_eq!(out["applied"].as_array().unwrap().len(), 4, "{out}");
+    for (plural, name) in [
+        ("rolebindings", "user-alice-uni-edu-clusterrole-admin"),
+        ("rolebindings", "user-eve-uni-edu-clusterrole-edit"),
+        ("rolebindings", "students-edit"),
+        (
+            "authorizationpolicies",
+            "user-reviewer-partner-lab-org-clusterrole-view",
+        ),
+    ] {
+        assert!(sim.get(plural, "nlp-lab", name).is_none(), "{name}");
+    }
+    for (plural, name) in [
+        ("rolebindings", "user-alice-uni-edu-clusterrole-view"),
+        ("rolebindings", "pipeline-runner"),
+        ("authorizationpolicies", "ml-pipeline-visualizationserver"),
+        (
+            "authorizationpolicies",
+            "user-alice-uni-edu-clusterrole-view",
+        ),
+        ("rolebindings", "namespaceAdmin"),
+        ("authorizationpolicies", "ns-owner-access-istio"),
+    ] {
+        assert!(sim.get(plural, "nlp-lab", name).is_some(), "{name}");
+    }
+    let entry: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    let pruned: Vec<&serde_json::Value> = entry["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["action"] == "prune-unmanaged")
+        .collect();
+    assert_eq!(pruned.len(), 4, "{entry}");
+    assert!(pruned.iter().any(|c| c["grants"][0]
+        .as_str()
+        .unwrap()
+        .contains("eve@uni.edu: edit")));
+    let plan = json_of(&kube(d.path(), &kc, &["--json", "policy", "plan"], today));
+    assert_eq!(plan["unmanaged"], json!([]), "{plan}");
+}
