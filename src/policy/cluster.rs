@@ -434,6 +434,16 @@ pub async fn plan(
         let dry = match a.patch(&name, &dry_run, &Patch::Apply(o)).await {
             Ok(d) => Some(serde_json::to_value(&d)?),
             Err(kube::Error::Api(e)) if e.code == 404 && live.is_none() => None,
+            // The namespace is still terminating (a Profile deleted and
+            // made again): the NamespaceLifecycle admission plugin refuses
+            // new objects until it is gone; apply waits for the new one.
+            Err(kube::Error::Api(e))
+                if e.code == 403
+                    && live.is_none()
+                    && e.message.contains("because it is being terminated") =>
+            {
+                None
+            }
             Err(kube::Error::Api(e)) if e.code == 400 || e.code == 422 => {
                 invalid.push(format!(
                     "{kind} {}{name}: {}",

@@ -1691,3 +1691,50 @@ fn plan_lists_access_the_policy_does_not_grant_and_prune_unmanaged_removes_it() 
     let plan = json_of(&kube(d.path(), &kc, &["--json", "policy", "plan"], today));
     assert_eq!(plan["unmanaged"], json!([]), "{plan}");
 }
+
+/// Deleting a Profile is asynchronous on a real cluster: the profile
+/// controller's finalizer runs first, then the garbage collector deletes
+/// the namespace, which stays Terminating (refusing new objects with 403)
+/// until emptied. Apply waits for the Profile to go, and a Profile made
+/// again at once waits for the old namespace to finish.
+#[test]
+fn a_profile_made_again_waits_for_its_old_namespace_to_finish_terminating() {
+    use crate::kube_sim::KubeSim;
+    let sim = KubeSim::start();
+    sim.with(|s| s.finalize_delay = std::time::Duration::from_millis(1500));
+    let d = copy_example();
+    let kc = sim.kubeconfig(d.path());
+    let today = "2026-11-26";
+    json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    let teaching = read(d.path(), "profiles/teaching.yaml");
+    std::fs::remove_file(d.path().join("profiles/teaching.yaml")).unwrap();
+    let t = std::time::Instant::now();
+    json_of(&kube(
+        d.path(),
+        &kc,
+        &["--json", "policy", "apply", "--allow-data-loss"],
+        today,
+    ));
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(1400),
+        "apply returned before the finalizer ran"
+    );
+    assert!(sim.get("profiles", "", "nlp-teaching").is_none());
+    let ns = sim
+        .get("namespaces", "", "nlp-teaching")
+        .expect("terminating");
+    assert_eq!(ns["status"]["phase"], "Terminating");
+    // Made again at once: the writes wait for the new namespace.
+    std::fs::write(d.path().join("profiles/teaching.yaml"), teaching).unwrap();
+    let out = json_of(&kube(d.path(), &kc, &["--json", "policy", "apply"], today));
+    assert!(out["failed"].is_null(), "{out}");
+    let ns = sim.get("namespaces", "", "nlp-teaching").unwrap();
+    assert!(ns["metadata"].get("deletionTimestamp").is_none(), "{ns}");
+    assert!(sim
+        .get(
+            "rolebindings",
+            "nlp-teaching",
+            "user-carla-uni-edu-clusterrole-edit"
+        )
+        .is_some());
+}
