@@ -686,9 +686,16 @@ impl Store {
             name.clone(),
             "ns-owner-access-istio".into(),
         )) {
+            // getAuthorizationPolicy in profile_controller.go: the owner
+            // by the user-id header, workloads of the same namespace, and
+            // Knative's probe paths.
             self.put("authorizationpolicies", json!({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
-                "metadata": {"name": "ns-owner-access-istio", "namespace": name},
-                "spec": {"rules": [{"when": [{"key": "request.headers[kubeflow-userid]", "values": [owner]}]}]}}));
+                "metadata": {"name": "ns-owner-access-istio", "namespace": name, "annotations": {"user": owner, "role": "admin"}},
+                "spec": {"action": "ALLOW", "rules": [
+                    {"when": [{"key": "request.headers[kubeflow-userid]", "values": [owner]}]},
+                    {"when": [{"key": "source.namespace", "values": [name]}]},
+                    {"to": [{"operation": {"paths": ["/healthz", "/metrics", "/wait-for-drain"]}}]}
+                ]}}));
         }
         // profile_controller.go: the namespace's ServiceAccounts and their
         // bindings to the Kubeflow roles.

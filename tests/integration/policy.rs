@@ -1738,3 +1738,79 @@ fn a_profile_made_again_waits_for_its_old_namespace_to_finish_terminating() {
         )
         .is_some());
 }
+
+/// The Kubernetes double refuses LimitRanges and ResourceQuotas as the API
+/// server does (422 Invalid after defaulting), defaults and canonicalises
+/// what it stores, and a dry run stores nothing — through the kube client
+/// labctl uses.
+#[test]
+fn the_double_validates_defaults_and_dry_runs_like_the_api_server() {
+    use crate::kube_sim::KubeSim;
+    use kube::api::{Api, DynamicObject, Patch, PatchParams};
+    use kube::discovery::ApiResource;
+    use serde_json::json;
+    let sim = KubeSim::start();
+    sim.with(|s| {
+        s.put(
+            "namespaces",
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "lab"}}),
+        )
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let kc = sim.kubeconfig(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&kc).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap();
+        let client = kube::Client::try_from(config).unwrap();
+        let ar = |kind: &str, plural: &str| ApiResource {
+            group: String::new(),
+            version: "v1".into(),
+            api_version: "v1".into(),
+            kind: kind.into(),
+            plural: plural.into(),
+        };
+        let lr: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), "lab", &ar("LimitRange", "limitranges"));
+        let rq: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), "lab", &ar("ResourceQuota", "resourcequotas"));
+        let pp = PatchParams::apply("test").force();
+        let refused = |r: kube::Result<DynamicObject>| match r {
+            Err(kube::Error::Api(e)) => {
+                assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"), "{e:?}");
+                e.message
+            }
+            other => panic!("accepted: {other:?}"),
+        };
+        let bad = json!({"apiVersion": "v1", "kind": "LimitRange", "metadata": {"name": "d"},
+            "spec": {"limits": [{"type": "Container", "default": {"cpu": "1"}, "defaultRequest": {"cpu": "2"}}]}});
+        let m = refused(lr.patch("d", &pp, &Patch::Apply(&bad)).await);
+        assert!(
+            m.contains("spec.limits[0].defaultRequest[cpu]")
+                && m.contains("default request value 2 is greater than default limit value 1"),
+            "{m}"
+        );
+        let neg = json!({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "q"},
+            "spec": {"hard": {"requests.cpu": "-1"}}});
+        let m = refused(rq.patch("q", &pp, &Patch::Apply(&neg)).await);
+        assert!(m.contains("must be greater than or equal to 0"), "{m}");
+        // Defaults from max, canonical quantities; a dry run stores nothing.
+        let ok = json!({"apiVersion": "v1", "kind": "LimitRange", "metadata": {"name": "d"},
+            "spec": {"limits": [{"type": "Container", "max": {"memory": "1024Mi", "cpu": "0.5"}}]}});
+        let dry = lr
+            .patch("d", &PatchParams::apply("test").force().dry_run(), &Patch::Apply(&ok))
+            .await
+            .unwrap();
+        let item = &dry.data["spec"]["limits"][0];
+        assert_eq!(item["max"], json!({"cpu": "500m", "memory": "1Gi"}));
+        assert_eq!(item["default"], item["max"]);
+        assert_eq!(item["defaultRequest"], item["max"]);
+        assert!(sim.get("limitranges", "lab", "d").is_none());
+        lr.patch("d", &pp, &Patch::Apply(&ok)).await.unwrap();
+        let stored = sim.get("limitranges", "lab", "d").unwrap();
+        assert_eq!(stored["spec"]["limits"][0]["defaultRequest"]["memory"], "1Gi");
+        assert_eq!(stored["metadata"]["managedFields"][0]["manager"], "test");
+    });
+}
