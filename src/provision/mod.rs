@@ -648,7 +648,8 @@ async fn create(
                     node: Some(vm.node.clone()),
                     vmid: Some(vm.vmid),
                     upid: None,
-                });
+                    retry_transport: false,
+            });
             }
             if *bytes > have {
                 grow.push((slot.clone(), text.clone()));

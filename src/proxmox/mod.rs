@@ -5,12 +5,16 @@
 //! - Every error carries what it was about: method and path, node, VMID and
 //!   task UPID where known, and PVE's own message.
 //! - Tasks (clone, resize, start, destroy) are polled until `status` is
-//!   `stopped`; only an `exitstatus` of exactly `OK` is success, otherwise
-//!   the end of the task log is in the error.
-//! - Known transient failures are retried with backoff: config lock
-//!   timeouts (`can't lock file ... got timeout`, `VM is locked`), `got no
-//!   worker upid`, 5xx from a busy node, transport errors; and a 400 for a
-//!   task status right after the task started (the UPID is not visible yet).
+//!   `stopped`; an `exitstatus` of `OK` is success, `WARNINGS: N` success
+//!   with the warnings printed, anything else an error with the end of the
+//!   task log.
+//! - Only failures that can succeed later are retried, with backoff: config
+//!   lock timeouts (`can't lock file ... got timeout`, `VM is locked`), `got
+//!   no worker upid`, 502-504 and pveproxy's 595/596, timeouts and dropped
+//!   connections; and a 400 for a task status right after the task started
+//!   (the UPID is not visible yet). PVE's other 500s ("already exists",
+//!   "already running"), a refused connection and certificate errors fail
+//!   at once.
 //! - The token secret is sent only in the `Authorization` header and never
 //!   appears in errors or logs.
 
@@ -32,6 +36,10 @@ pub struct PveError {
     pub node: Option<String>,
     pub vmid: Option<u32>,
     pub upid: Option<String>,
+    /// For a transport error (status 0, no task): whether trying again can
+    /// help (a timeout or a dropped connection can; a refused connection,
+    /// a certificate or a name that does not resolve cannot).
+    pub retry_transport: bool,
 }
 
 impl std::fmt::Display for PveError {
@@ -68,8 +76,15 @@ impl PveError {
         if m.contains("detected modified configuration") {
             return false;
         }
-        self.status == 0 && self.upid.is_none()
-            || self.status >= 500 && !m.contains("does not exist")
+        if self.status == 0 && self.upid.is_none() {
+            return self.retry_transport;
+        }
+        // PVE answers 500 for whatever its API code dies with ("config file
+        // already exists", "VM 702 already running", a bad storage): only
+        // these messages say the same request can succeed later. 502-504
+        // come from a proxy in front, 595/596 from pveproxy failing to reach
+        // the node that owns the VM (PVE::APIServer::AnyEvent).
+        matches!(self.status, 502..=504 | 595 | 596)
             || m.contains("got timeout")
             || m.contains("can't lock file")
             || m.contains("vm is locked")
@@ -92,6 +107,13 @@ impl PveError {
         let code = self.exit_code();
         crate::error::LabError::new(code, self.to_string()).into()
     }
+}
+
+/// Whether a task's exit status is `WARNINGS: N` (a success that logged
+/// warnings).
+fn is_warnings(exit: &str) -> bool {
+    exit.strip_prefix("WARNINGS: ")
+        .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// Context attached to a request's errors.
@@ -201,10 +223,8 @@ impl Client {
             Trust::Fingerprint(fp) => {
                 b = b.tls_backend_preconfigured(pinned_tls(fp.clone())?);
             }
-            Trust::Insecure => {
-                eprintln!("WARNING: proxmox.tls.insecure: the PVE certificate is not checked");
-                b = b.tls_danger_accept_invalid_certs(true);
-            }
+            // The platform file's loader warns once (platform.rs).
+            Trust::Insecure => b = b.tls_danger_accept_invalid_certs(true),
         }
         let http = b
             .build()
@@ -244,6 +264,7 @@ impl Client {
             node: ctx.node.clone(),
             vmid: ctx.vmid,
             upid: None,
+            retry_transport: false,
         };
         let resp = req.send().await.map_err(|e| {
             // The endpoint is not secret; the token is never in the URL.
@@ -254,7 +275,23 @@ impl Client {
                 why.push_str(&format!(": {s}"));
                 src = s.source();
             }
-            err(0, format!("cannot reach PVE at {}: {why}", self.base))
+            let lower = why.to_ascii_lowercase();
+            let permanent = [
+                "connection refused",
+                "certificate",
+                "tls",
+                "ssl",
+                "handshake",
+                "dns error",
+                "failed to lookup",
+                "builder error",
+            ]
+            .iter()
+            .any(|p| lower.contains(p));
+            PveError {
+                retry_transport: e.is_timeout() || !permanent,
+                ..err(0, format!("cannot reach PVE at {}: {why}", self.base))
+            }
         })?;
         let status = resp.status();
         // PVE puts its message in the HTTP reason phrase.
@@ -369,6 +406,19 @@ impl Client {
                         if exit == "OK" {
                             return Ok(());
                         }
+                        // A task that logged warnings ends "WARNINGS: N" and
+                        // succeeded (pve-common PVE::Tools
+                        // upid_status_is_error: only OK and WARNINGS: N are
+                        // not errors): say what it warned about, go on.
+                        if is_warnings(&exit) {
+                            let log = self.task_log_tail(&node, upid, ctx).await;
+                            let what = match (&ctx.node, ctx.vmid) {
+                                (Some(n), Some(v)) => format!("VMID {v} on {n}: "),
+                                _ => String::new(),
+                            };
+                            eprintln!("warning: {what}task {upid} ended with {exit}: {log}");
+                            return Ok(());
+                        }
                         let log = self.task_log_tail(&node, upid, ctx).await;
                         return Err(with_upid(PveError {
                             method: "TASK".into(),
@@ -390,6 +440,7 @@ impl Client {
                             node: ctx.node.clone(),
                             vmid: ctx.vmid,
                             upid: None,
+                            retry_transport: false,
                         }));
                     }
                 }
@@ -410,6 +461,7 @@ impl Client {
                     node: ctx.node.clone(),
                     vmid: ctx.vmid,
                     upid: None,
+                    retry_transport: false,
                 }));
             }
             tokio::time::sleep(self.opts.poll).await;
@@ -569,6 +621,7 @@ pub async fn wait_agent(
                 node: Some(node.into()),
                 vmid: Some(vmid),
                 upid: None,
+                retry_transport: false,
             });
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;

@@ -760,28 +760,51 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
     })
 }
 
-/// Connects to the first endpoint that answers `/version`.
+/// Connects to the first endpoint that answers `/version`: each endpoint
+/// is asked once in turn, moving to the next at once when one fails; only
+/// when none answered and some failure can pass (a timeout, a busy node)
+/// is the round repeated, with backoff. A refused token stops at once.
 ///
 /// # Errors
 /// The last endpoint's error.
 pub async fn connect(p: &Platform) -> crate::error::Result<super::Client> {
     let token = p.token()?;
-    let mut last = None;
-    for e in &p.endpoints {
-        let c = super::Client::new(
-            e,
-            &token,
-            super::Options {
-                trust: p.trust.clone(),
-                task_timeout: p.task_timeout,
-                ..Default::default()
-            },
-        )?;
-        match c.get("/version", &[], &super::Ctx::default()).await {
-            Ok(_) => return Ok(c),
-            Err(err) if err.status == 401 || err.status == 403 => return Err(err.into_lab()),
-            Err(err) => last = Some(err),
+    let opts = super::Options {
+        trust: p.trust.clone(),
+        task_timeout: p.task_timeout,
+        ..Default::default()
+    };
+    let clients = p
+        .endpoints
+        .iter()
+        .map(|e| super::Client::new(e, &token, opts.clone()))
+        .collect::<crate::error::Result<Vec<_>>>()?;
+    let mut round = 0;
+    loop {
+        let mut last = None;
+        let mut again = false;
+        for c in &clients {
+            let probe = c
+                .once(
+                    reqwest::Method::GET,
+                    "/version",
+                    &[],
+                    &super::Ctx::default(),
+                )
+                .await;
+            match probe {
+                Ok(_) => return Ok(c.clone()),
+                Err(err) if err.status == 401 || err.status == 403 => return Err(err.into_lab()),
+                Err(err) => {
+                    again |= err.transient();
+                    last = Some(err);
+                }
+            }
         }
+        round += 1;
+        if !again || round >= opts.attempts {
+            return Err(last.expect("at least one endpoint").into_lab());
+        }
+        tokio::time::sleep(opts.retry_base * 2u32.pow(round - 1)).await;
     }
-    Err(last.expect("at least one endpoint").into_lab())
 }

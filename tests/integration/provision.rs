@@ -635,3 +635,118 @@ fn tls_with_a_ca_file_or_a_pinned_fingerprint() {
         stderr(&out)
     );
 }
+
+/// Issue 21 point 5: a task that ends "WARNINGS: N" succeeded (PVE's own
+/// `upid_status_is_error`): the warnings are printed and the VM goes on to
+/// the agent wait.
+#[test]
+fn tasks_that_end_with_warnings_succeed_and_say_what_they_warned() {
+    let e = PEnv::new();
+    e.sim.with(|s| s.faults.start_warnings = 3);
+    let out = e.run(&["--json", "provision", "apply"]);
+    assert_success(&out, &["apply with warnings"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let applied = v["applied"].as_array().unwrap();
+    assert!(applied.iter().all(|a| a["ok"] == true), "{v}");
+    assert_eq!(
+        applied[1]["ips"][0], "192.168.100.172",
+        "the agent wait ran"
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("ended with WARNINGS: 1")
+            && err.contains("WARN: iothread is only valid")
+            && err.contains("VMID 701"),
+        "{err}"
+    );
+    e.sim.with(|s| assert_eq!(s.faults.start_warnings, 0));
+}
+
+/// Issue 21 point 6: only what can succeed later is retried. PVE's
+/// "already exists" is answered once; a closed port and an untrusted
+/// certificate fail at once (not after a minute of backoff), and with
+/// several endpoints the next one is tried at once.
+#[test]
+fn permanent_pve_errors_fail_at_once_and_the_next_endpoint_is_tried() {
+    use std::time::{Duration, Instant};
+    // The default backoff (1 s, doubling): a retried failure would take
+    // half a minute.
+    let slow = |e: &PEnv, args: &[&str]| {
+        let t = Instant::now();
+        let out = e
+            .cmd()
+            .env_remove("LABCTL_PVE_RETRY_MS")
+            .args(args)
+            .arg("--platform")
+            .arg(&e.platform)
+            .output()
+            .unwrap();
+        (out, t.elapsed())
+    };
+    let e = PEnv::new();
+    e.sim.with(|s| s.faults.vmid_taken_at_clone = true);
+    let (out, took) = slow(&e, &["provision", "apply"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("config file already exists"),
+        "{}",
+        stderr(&out)
+    );
+    let clones = e.sim.with(|s| {
+        s.log
+            .iter()
+            .filter(|(m, p, _)| m == "POST" && p.ends_with("/clone"))
+            .count()
+    });
+    assert_eq!(clones, 3, "one clone request per VM, none repeated");
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    // A closed port, alone: fails at once.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("https://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let e = PEnv::new();
+    let text = std::fs::read_to_string(&e.platform).unwrap();
+    let live = e.sim.endpoint();
+    std::fs::write(
+        &e.platform,
+        text.replace(&format!("[\"{live}\"]"), &format!("[\"{dead}\"]")),
+    )
+    .unwrap();
+    let (out, took) = slow(&e, &["provision", "plan"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot reach PVE"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "a refused connection retried: {took:?}"
+    );
+    // The dead endpoint first, the live one second: used at once.
+    std::fs::write(
+        &e.platform,
+        text.replace(
+            &format!("[\"{live}\"]"),
+            &format!("[\"{dead}\", \"{live}\"]"),
+        ),
+    )
+    .unwrap();
+    let (out, took) = slow(&e, &["provision", "plan"]);
+    assert_success(&out, &["plan with a dead first endpoint"]);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // An untrusted certificate: no retries either.
+    let dir = tempfile::tempdir().unwrap();
+    crate::common::make_private_ca(dir.path());
+    let e = PEnv::with(
+        tempfile::tempdir().unwrap(),
+        PveSim::start_tls(&dir.path().join("srv.pem"), &dir.path().join("srv.key")),
+        String::new(),
+    );
+    let (out, took) = slow(&e, &["provision", "plan"]);
+    assert!(!out.status.success());
+    assert!(
+        took < Duration::from_secs(5),
+        "a certificate error retried: {took:?}"
+    );
+}

@@ -17,7 +17,8 @@
 //!   reason phrase.
 //! - Faults on request: config lock timeouts on clone, "got no worker upid"
 //!   on start, a task status 400 while a new UPID is "not visible yet", a
-//!   failing clone task.
+//!   failing clone task, start tasks that end "WARNINGS: 1" (a success that
+//!   logged warnings), a VMID taken by someone else just before a clone.
 //!
 //! Regenerate the schema subset with the Python snippet in
 //! tests/fixtures/pve/README.md (it keeps only each method's `parameters`).
@@ -68,6 +69,11 @@ pub struct Faults {
     pub start_no_worker: u32,
     pub task_status_400: u32,
     pub clone_task_fails: u32,
+    /// Start tasks that end "WARNINGS: 1" (the VM starts).
+    pub start_warnings: u32,
+    /// Someone else creates a VM with the new VMID just before the next
+    /// clone reaches the node (a race between plan and apply).
+    pub vmid_taken_at_clone: bool,
 }
 
 #[derive(Debug, Default)]
@@ -615,14 +621,23 @@ impl Sim {
             self.next_task * 7,
             1_760_000_000 + self.next_task
         );
+        // The task log ends "TASK OK", "TASK WARNINGS: N" after N "WARN:"
+        // lines (pve-common PVE::RESTEnvironment: log_warn counts them and
+        // the worker's exit status becomes "WARNINGS: N"), or "TASK ERROR:
+        // <message>".
         let mut log = vec![format!("starting {kind} of VM {vmid}")];
-        if exit != "OK" {
+        let warnings = exit.strip_prefix("WARNINGS: ");
+        if let Some(n) = warnings {
+            for _ in 0..n.parse::<u32>().unwrap_or(1) {
+                log.push("WARN: iothread is only valid with virtio disk or virtio-scsi-single controller, ignoring".into());
+            }
+        } else if exit != "OK" {
             log.push(exit.to_string());
         }
         log.push(format!(
             "TASK {}",
-            if exit == "OK" {
-                "OK".to_string()
+            if exit == "OK" || warnings.is_some() {
+                exit.to_string()
             } else {
                 format!("ERROR: {exit}")
             }
@@ -652,7 +667,7 @@ impl Sim {
         for u in done {
             let t = self.tasks.get_mut(&u).unwrap();
             let effect = t.then.take().unwrap();
-            let ok = t.exit == "OK";
+            let ok = t.exit == "OK" || t.exit.starts_with("WARNINGS: ");
             match effect {
                 Effect::Unlock(v) => {
                     if ok {
@@ -800,6 +815,13 @@ async fn handle_request(
                 ));
             }
             let newid: u32 = params["newid"].parse().unwrap();
+            if std::mem::take(&mut s.faults.vmid_taken_at_clone) {
+                let mut other = s.vms[&vmid].clone();
+                other.template = false;
+                other.name = "someone-elses".into();
+                other.config.remove("template");
+                s.vms.insert(newid, other);
+            }
             if s.vms.contains_key(&newid) {
                 return fail(&format!(
                     "unable to create VM {newid}: config file already exists"
@@ -991,7 +1013,13 @@ async fn handle_request(
             if s.vms[&vmid].lock.is_some() {
                 return fail("VM is locked (clone)");
             }
-            let upid = s.task(&node, "qmstart", vmid, "OK", Some(Effect::Start(vmid)));
+            let exit = if s.faults.start_warnings > 0 {
+                s.faults.start_warnings -= 1;
+                "WARNINGS: 1"
+            } else {
+                "OK"
+            };
+            let upid = s.task(&node, "qmstart", vmid, exit, Some(Effect::Start(vmid)));
             ok(json!(upid))
         }
         ("POST", "/nodes/{node}/qemu/{vmid}/status/stop") => {
