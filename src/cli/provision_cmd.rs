@@ -255,7 +255,7 @@ pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> crate::error::Result<ExitCode> {
                         "name": v.name,
                         "vmid": v.vmid,
                         "node": v.node,
-                        "live": l.map(|l| serde_json::json!({"status": l.status, "node": l.node, "name": l.name, "managed": l.tags.contains(platform::MANAGED_TAG)})),
+                        "live": l.map(|l| serde_json::json!({"kind": l.kind, "status": l.status, "node": l.node, "name": l.name, "managed": l.tags.contains(platform::MANAGED_TAG)})),
                         "last-applied": last.get(&v.name),
                     })
                 })
@@ -263,12 +263,28 @@ pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> crate::error::Result<ExitCode> {
             if g.json {
                 print_json(&rows)?;
             } else {
+                let width = |key: &str, min: usize| {
+                    rows.iter()
+                        .map(|r| match &r[key] {
+                            serde_json::Value::String(s) => s.len(),
+                            other => other.to_string().len(),
+                        })
+                        .max()
+                        .unwrap_or(0)
+                        .max(min)
+                };
+                let (wn, wv, wd) = (width("name", 2), width("vmid", 4), width("node", 4));
                 println!(
-                    "{:<14} {:<6} {:<10} {:<10} LAST APPLIED",
+                    "{:<wn$} {:>wv$} {:<wd$} {:<10} LAST APPLIED",
                     "VM", "VMID", "NODE", "LIVE"
                 );
                 for r in &rows {
-                    let live = r["live"]["status"].as_str().unwrap_or("absent");
+                    // A container holding the VMID is not the VM.
+                    let live = match (r["live"]["kind"].as_str(), r["live"]["status"].as_str()) {
+                        (Some("lxc"), _) => "container!",
+                        (_, Some(s)) => s,
+                        _ => "absent",
+                    };
                     let la = &r["last-applied"];
                     let applied = if la.is_null() {
                         "never".to_string()
@@ -287,9 +303,9 @@ pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> crate::error::Result<ExitCode> {
                         )
                     };
                     println!(
-                        "{:<14} {:<6} {:<10} {:<10} {applied}",
+                        "{:<wn$} {:>wv$} {:<wd$} {:<10} {applied}",
                         r["name"].as_str().unwrap_or(""),
-                        r["vmid"],
+                        r["vmid"].as_u64().unwrap_or(0),
                         r["node"].as_str().unwrap_or(""),
                         live
                     );

@@ -21,6 +21,8 @@ use std::collections::{BTreeMap, BTreeSet};
 /// A VM as `/cluster/resources` lists it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LiveVm {
+    /// `qemu` for a VM, `lxc` for a container (VMIDs are shared by both).
+    pub kind: String,
     pub vmid: u32,
     pub name: String,
     pub node: String,
@@ -119,7 +121,8 @@ fn tags_of(v: &Value) -> BTreeSet<String> {
         .collect()
 }
 
-/// Lists the cluster's VMs.
+/// Lists the cluster's guests: VMs and containers (one VMID space:
+/// `/cluster/resources` `type` `qemu` or `lxc`).
 ///
 /// # Errors
 /// PVE errors.
@@ -133,13 +136,15 @@ pub async fn live_vms(c: &Client) -> Result<BTreeMap<u32, LiveVm>, PveError> {
         .await?;
     let mut out = BTreeMap::new();
     for r in v.as_array().cloned().unwrap_or_default() {
-        if r.get("type").and_then(Value::as_str) != Some("qemu") {
+        let kind = r.get("type").and_then(Value::as_str).unwrap_or("");
+        if kind != "qemu" && kind != "lxc" {
             continue;
         }
         let vmid = r.get("vmid").and_then(Value::as_u64).unwrap_or(0) as u32;
         out.insert(
             vmid,
             LiveVm {
+                kind: kind.into(),
                 vmid,
                 name: r.get("name").and_then(Value::as_str).unwrap_or("").into(),
                 node: r.get("node").and_then(Value::as_str).unwrap_or("").into(),
@@ -434,9 +439,21 @@ pub async fn plan(c: &Client, p: &Platform) -> crate::error::Result<Plan> {
     let mut steps = vec![];
     for vm in &p.vms {
         let step = match live.get(&vm.vmid) {
+            // VMIDs are unique across VMs and containers.
+            Some(l) if l.kind == "lxc" => Step::Conflict {
+                name: vm.name.clone(),
+                vmid: vm.vmid,
+                reason: format!(
+                    "VMID {} is used by container '{}' on {}: choose another vmid",
+                    vm.vmid, l.name, l.node
+                ),
+            },
             Some(l) => plan_existing(c, vm, l).await.map_err(PveError::into_lab)?,
             None => {
-                if let Some(other) = live.values().find(|l| l.name == vm.name) {
+                if let Some(other) = live
+                    .values()
+                    .find(|l| l.kind == "qemu" && l.name == vm.name)
+                {
                     Step::Conflict {
                         name: vm.name.clone(),
                         vmid: vm.vmid,
@@ -445,7 +462,7 @@ pub async fn plan(c: &Client, p: &Platform) -> crate::error::Result<Plan> {
                             vm.name, other.vmid, other.node, other.vmid
                         ),
                     }
-                } else if !live.contains_key(&vm.template.0) {
+                } else if live.get(&vm.template.0).is_none_or(|t| t.kind != "qemu") {
                     Step::Conflict {
                         name: vm.name.clone(),
                         vmid: vm.vmid,
@@ -468,7 +485,12 @@ pub async fn plan(c: &Client, p: &Platform) -> crate::error::Result<Plan> {
     let wanted: BTreeSet<u32> = p.vms.iter().map(|v| v.vmid).collect();
     let orphans = live
         .values()
-        .filter(|l| l.tags.contains(MANAGED_TAG) && !wanted.contains(&l.vmid) && !l.template)
+        .filter(|l| {
+            l.kind == "qemu"
+                && l.tags.contains(MANAGED_TAG)
+                && !wanted.contains(&l.vmid)
+                && !l.template
+        })
         .cloned()
         .collect();
     Ok(Plan { steps, orphans })
@@ -841,6 +863,7 @@ pub async fn destroy(
     let declared = p.vms.iter().find(|v| v.name == name).map(|v| v.vmid);
     let target = live
         .values()
+        .filter(|l| l.kind == "qemu")
         .find(|l| declared == Some(l.vmid) || (declared.is_none() && l.name == name))
         .cloned()
         .ok_or_else(|| crate::error::LabError::usage(format!("no VM '{name}' on the cluster")))?;

@@ -317,6 +317,49 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(n * mult)
 }
 
+/// The line of `key:` inside the block that starts on line `start`
+/// (1-based: a list entry's `- name:` line, or a `defaults:` line), if the
+/// block sets it. Flow maps (`{ ip: … }`) count.
+fn field_line(text: &str, start: usize, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let first = lines.get(start.checked_sub(1)?)?;
+    let indent = first.len() - first.trim_start().len();
+    let item = first.trim_start().starts_with('-');
+    let (plain, flow, next) = (format!("{key}:"), format!("{{ {key}:"), format!(", {key}:"));
+    for (i, l) in lines.iter().enumerate().skip(start - 1) {
+        let t = l.trim_start();
+        let ind = l.len() - t.len();
+        let ends = ind < indent || (ind == indent && (!item || t.starts_with('-')));
+        if i >= start && !t.is_empty() && !t.starts_with('#') && ends {
+            break;
+        }
+        let entry = t.strip_prefix("- ").unwrap_or(t);
+        if entry.starts_with(&plain) || t.contains(&flow) || t.contains(&next) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// A PVE identifier (a bridge, storage, CPU type or pool): letters,
+/// digits, `-`, `_`, `.` — nothing that would end the property string
+/// (`,` `=`) and add another property.
+fn plain_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The network of an IPv4 CIDR, when the address has no host bits set.
+fn host_bits_set(s: &str) -> Option<String> {
+    let (ip, len) = s.split_once('/')?;
+    let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+    let len: u32 = len.parse().ok()?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    let net = u32::from(ip) & mask;
+    (net != u32::from(ip)).then(|| format!("{}/{len}", std::net::Ipv4Addr::from(net)))
+}
+
 fn valid_cidr(s: &str) -> bool {
     let Some((ip, len)) = s.split_once('/') else {
         return false;
@@ -452,9 +495,18 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
     let mut vms = vec![];
     let mut names = BTreeSet::new();
     let mut ids = BTreeMap::new();
+    let mut ips: BTreeMap<String, String> = BTreeMap::new();
+    let defaults_line = line_of_key(text, "defaults", "");
     for (i, v) in raw.vms.iter().enumerate() {
         let name = v.name.clone().unwrap_or_default();
         let line = line_of_key(text, "name", &name);
+        // The field's own line: in the VM's entry, else where defaults
+        // set it, else the VM's name line.
+        let at = |key: &str| {
+            field_line(text, line, key)
+                .or_else(|| field_line(text, defaults_line, key))
+                .unwrap_or(line)
+        };
         let f = |n: &str| format!("vms[{i}].{n}");
         macro_rules! pick {
             ($field:ident) => {
@@ -478,41 +530,45 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
             && !name.starts_with('-');
         if !valid_name {
             return Err(err(
-                line,
+                at("name"),
                 &f("name"),
                 format!("'{name}' is not a DNS name (letters, digits, '-')"),
             ));
         }
         if !names.insert(name.clone()) {
             return Err(err(
-                line,
+                at("name"),
                 &f("name"),
                 format!("VM '{name}' is declared twice"),
             ));
         }
         let vmid = v.vmid.ok_or_else(|| {
             err(
-                line,
+                at("vmid"),
                 &f("vmid"),
                 "missing: labctl uses the VMIDs you declare, never /cluster/nextid".into(),
             )
         })?;
         if !(100..=999_999_999).contains(&vmid) {
             return Err(err(
-                line,
+                at("vmid"),
                 &f("vmid"),
                 format!("{vmid} is outside 100-999999999"),
             ));
         }
         if let Some(other) = ids.insert(vmid, name.clone()) {
-            return Err(err(line, &f("vmid"), format!("{vmid} is also {other}'s")));
+            return Err(err(
+                at("vmid"),
+                &f("vmid"),
+                format!("{vmid} is also {other}'s"),
+            ));
         }
         let template = need!(template);
         let cores = need!(cores);
         let memory_mib = need!(memory_mib);
         if cores == 0 || memory_mib < 16 {
             return Err(err(
-                line,
+                at("cores"),
                 &f("cores"),
                 "cores ≥ 1 and memory_mib ≥ 16".into(),
             ));
@@ -528,7 +584,7 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
         ];
         if !SCSIHW.contains(&scsihw.as_str()) {
             return Err(err(
-                line,
+                at("scsihw"),
                 &f("scsihw"),
                 format!("'{scsihw}' is not one of {}", SCSIHW.join(", ")),
             ));
@@ -542,13 +598,23 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
             });
             if !okslot {
                 return Err(err(
-                    line,
+                    at("disks"),
                     &f(&format!("disks[{k}].slot")),
                     format!("'{}' is not a disk slot like scsi0", dk.slot),
                 ));
             }
-            let bytes =
-                parse_size(&dk.size).map_err(|e| err(line, &f(&format!("disks[{k}].size")), e))?;
+            if !plain_id(&dk.storage) {
+                return Err(err(
+                    at("storage"),
+                    &f(&format!("disks[{k}].storage")),
+                    format!(
+                        "'{}' is not a storage ID (letters, digits, - _ .)",
+                        dk.storage
+                    ),
+                ));
+            }
+            let bytes = parse_size(&dk.size)
+                .map_err(|e| err(at("disks"), &f(&format!("disks[{k}].size")), e))?;
             disks.push((
                 dk.slot.clone(),
                 dk.storage.clone(),
@@ -562,7 +628,7 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
             const MODELS: [&str; 4] = ["virtio", "e1000", "rtl8139", "vmxnet3"];
             if !MODELS.contains(&n.model.as_str()) {
                 return Err(err(
-                    line,
+                    at("networks"),
                     &f(&format!("networks[{k}].model")),
                     format!("'{}' is not one of {}", n.model, MODELS.join(", ")),
                 ));
@@ -573,16 +639,23 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
                 .is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()))
             {
                 return Err(err(
-                    line,
+                    at("networks"),
                     &f(&format!("networks[{k}].slot")),
                     format!("'{}' is not a slot like net0", n.slot),
+                ));
+            }
+            if !plain_id(&n.bridge) {
+                return Err(err(
+                    at("bridge"),
+                    &f(&format!("networks[{k}].bridge")),
+                    format!("'{}' is not a bridge name (letters, digits, - _ .): a ',' or '=' would add properties to {}", n.bridge, n.slot),
                 ));
             }
             let mut val = format!("{},bridge={}", n.model, n.bridge);
             if let Some(tag) = n.vlan {
                 if !(1..=4094).contains(&tag) {
                     return Err(err(
-                        line,
+                        at("networks"),
                         &f(&format!("networks[{k}].vlan")),
                         format!("{tag} is outside 1-4094"),
                     ));
@@ -597,7 +670,7 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
             Some(c) => {
                 if !valid_cidr(&c.ip) {
                     return Err(err(
-                        line,
+                        at("ipconfig"),
                         &f("ipconfig.ip"),
                         format!(
                             "'{}' is not an IPv4 address/prefix like 192.168.100.171/24, or dhcp",
@@ -609,7 +682,7 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
                 if let Some(gw) = &c.gw {
                     if gw.parse::<std::net::Ipv4Addr>().is_err() {
                         return Err(err(
-                            line,
+                            at("ipconfig"),
                             &f("ipconfig.gw"),
                             format!("'{gw}' is not an IPv4 address"),
                         ));
@@ -628,14 +701,14 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
                 || key.contains('\n')
             {
                 return Err(err(
-                    line,
+                    at("ssh_keys"),
                     &f(&format!("ssh_keys[{k}]")),
                     "not an OpenSSH public key line (ssh-ed25519 AAAA... comment)".into(),
                 ));
             }
             if key.contains("PRIVATE KEY") {
                 return Err(err(
-                    line,
+                    at("ssh_keys"),
                     &f(&format!("ssh_keys[{k}]")),
                     "this is a private key: never put it here".into(),
                 ));
@@ -649,7 +722,7 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
                     .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
             {
                 return Err(err(
-                    line,
+                    at("tags"),
                     &f("tags"),
                     format!("'{t}' is not a PVE tag (letters, digits, - _ . +)"),
                 ));
@@ -659,15 +732,42 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
         let role = pick!(role).unwrap_or_else(|| "worker".into());
         if role != "worker" && role != "control-plane" {
             return Err(err(
-                line,
+                at("role"),
                 &f("role"),
                 format!("'{role}': use control-plane or worker"),
             ));
         }
+        let cpu = pick!(cpu).unwrap_or_else(|| "host".into());
+        if !plain_id(&cpu) {
+            return Err(err(
+                at("cpu"),
+                &f("cpu"),
+                format!(
+                    "'{cpu}' is not a CPU type like host or x86-64-v2-AES (flags are not set here)"
+                ),
+            ));
+        }
+        let pool = pick!(pool);
+        if let Some(p) = pool.as_ref().filter(|p| !plain_id(p)) {
+            return Err(err(
+                at("pool"),
+                &f("pool"),
+                format!("'{p}' is not a pool ID"),
+            ));
+        }
+        if let Some(addr) = &ip {
+            if let Some(other) = ips.insert(addr.clone(), name.clone()) {
+                return Err(err(
+                    at("ipconfig"),
+                    &f("ipconfig.ip"),
+                    format!("{addr} is also {other}'s address"),
+                ));
+            }
+        }
         let full_clone = pick!(full_clone).unwrap_or(true);
         let node = need!(node);
         if !full_clone && node != template.node {
-            return Err(err(line, &f("full_clone"), format!("a linked clone stays on the template's node ({}); use full_clone: true or a template on {node}", template.node)));
+            return Err(err(at("full_clone"), &f("full_clone"), format!("a linked clone stays on the template's node ({}); use full_clone: true or a template on {node}", template.node)));
         }
         vms.push(Vm {
             name: name.clone(),
@@ -678,7 +778,7 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
             full_clone,
             cores,
             sockets: pick!(sockets).unwrap_or(1),
-            cpu: pick!(cpu).unwrap_or_else(|| "host".into()),
+            cpu,
             memory_mib,
             scsihw,
             disks,
@@ -690,7 +790,7 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
             ciuser: pick!(ciuser),
             ssh_keys,
             tags,
-            pool: pick!(pool),
+            pool,
             onboot: pick!(onboot).unwrap_or(true),
             agent: pick!(agent).unwrap_or(true),
         });
@@ -702,6 +802,13 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
                     line_of_key(text, fld, v),
                     &format!("kubernetes.{fld}"),
                     format!("'{v}' is not a CIDR like 172.16.0.0/16"),
+                ));
+            }
+            if let Some(net) = host_bits_set(v) {
+                return Err(err(
+                    line_of_key(text, fld, v),
+                    &format!("kubernetes.{fld}"),
+                    format!("'{v}' has host bits set: the network is {net}"),
                 ));
             }
         }

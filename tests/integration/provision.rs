@@ -750,3 +750,109 @@ fn permanent_pve_errors_fail_at_once_and_the_next_endpoint_is_tried() {
         "a certificate error retried: {took:?}"
     );
 }
+
+/// Issue 21 point 7: what validate used to accept — a duplicate address, a
+/// CIDR with host bits, a ',' that would add a property to a PVE property
+/// string — is refused, each at the field's own line; containers hold
+/// VMIDs too; `status` keeps its columns aligned.
+#[test]
+fn platform_validation_and_vmids_held_by_containers() {
+    let good =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/platform.yaml"))
+            .unwrap();
+    let line_of = |err: &str| -> usize {
+        err.split("platform.yaml:")
+            .nth(1)
+            .and_then(|r| r.split(':').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    for (bad, field, why, line_has) in [
+        (
+            good.replace("192.168.100.173/24", "192.168.100.171/24"),
+            "vms[2].ipconfig.ip",
+            "192.168.100.171 is also controlador's address",
+            "ip: 192.168.100.171/24",
+        ),
+        (
+            good.replace("pod_cidr: 172.16.0.0/16", "pod_cidr: 172.16.1.0/16"),
+            "kubernetes.pod_cidr",
+            "has host bits set: the network is 172.16.0.0/16",
+            "pod_cidr:",
+        ),
+        (
+            good.replace("bridge: vmbr0 }", "bridge: \"vmbr0,firewall=1\" }"),
+            "networks[0].bridge",
+            "would add properties",
+            "bridge:",
+        ),
+        (
+            good.replace(
+                "storage: local-lvm,",
+                "storage: \"local-lvm,cache=unsafe\",",
+            ),
+            "disks[0].storage",
+            "is not a storage ID",
+            "storage:",
+        ),
+        (
+            good.replace("  cpu: host", "  cpu: \"host,flags=+aes\""),
+            "cpu",
+            "is not a CPU type",
+            "cpu:",
+        ),
+    ] {
+        let out = validate(&bad);
+        assert_eq!(out.status.code(), Some(2), "{field}");
+        let err = stderr(&out);
+        assert!(err.contains(field) && err.contains(why), "{err}");
+        let line = line_of(&err);
+        assert!(
+            line > 0
+                && bad
+                    .lines()
+                    .nth(line - 1)
+                    .is_some_and(|l| l.contains(line_has)),
+            "{field}: line {line} is not the field's: {err}"
+        );
+    }
+    // The field's own line inside the VM, not the VM's name line.
+    let bad = good.replacen("    vmid: 702\n", "    vmid: 702\n    cores: 0\n", 1);
+    let err = stderr(&validate(&bad));
+    let line = line_of(&err);
+    assert_eq!(
+        bad.lines().nth(line - 1).map(str::trim),
+        Some("cores: 0"),
+        "{err}"
+    );
+    // A container holding a declared VMID: a conflict, not a free VMID.
+    let e = PEnv::new();
+    e.sim.with(|s| {
+        s.containers.insert(702, ("pihole".into(), "pve2".into()));
+    });
+    let out = e.run(&["provision", "plan"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("VMID 702 is used by container 'pihole' on pve2"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // status: the VMID column lines up.
+    let out = e.run(&["provision", "status"]);
+    assert_success(&out, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cols: Vec<usize> = text
+        .lines()
+        .filter_map(|l| {
+            l.find(" 70")
+                .map(|i| i + 4)
+                .or_else(|| l.find("VMID").map(|i| i + 4))
+        })
+        .collect();
+    assert!(
+        cols.len() >= 4 && cols.windows(2).all(|w| w[0] == w[1]),
+        "{text}"
+    );
+    assert!(text.contains("container!"), "{text}");
+}

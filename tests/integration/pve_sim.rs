@@ -95,6 +95,9 @@ pub struct Sim {
     pub pmxcfs: Option<std::path::PathBuf>,
     /// VMs destroyed since the last export (their config files go too).
     removed: Vec<u32>,
+    /// LXC containers: VMID → (name, node). They share the VMID space
+    /// with VMs and are listed by /cluster/resources with `type: lxc`.
+    pub containers: BTreeMap<u32, (String, String)>,
 }
 
 impl Sim {
@@ -801,6 +804,10 @@ async fn handle_request(
                     }
                     o
                 })
+                .chain(s.containers.iter().map(|(id, (name, node))| {
+                    json!({"id": format!("lxc/{id}"), "type": "lxc", "vmid": id, "name": name,
+                           "node": node, "status": "running", "template": 0})
+                }))
                 .collect();
             ok(json!(list))
         }
@@ -822,7 +829,9 @@ async fn handle_request(
                 other.config.remove("template");
                 s.vms.insert(newid, other);
             }
-            if s.vms.contains_key(&newid) {
+            // qemu-server's clone refuses any VMID in use, a container's
+            // too (the config file exists under lxc/).
+            if s.vms.contains_key(&newid) || s.containers.contains_key(&newid) {
                 return fail(&format!(
                     "unable to create VM {newid}: config file already exists"
                 ));
