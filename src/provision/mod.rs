@@ -646,6 +646,37 @@ async fn create(
             *v = with_mac(&s(cfg.get(k.as_str())), v);
         }
     }
+    // ipconfig0, the user and the keys reach the guest only through a
+    // cloud-init drive: a template without one gets it here (`ide2:
+    // <storage>:cloudinit`, as `qm set --ide2 local-lvm:cloudinit` does).
+    let has_cloud_init = cfg.as_object().is_some_and(|m| {
+        m.values()
+            .any(|v| v.as_str().is_some_and(|t| t.contains("cloudinit")))
+    });
+    if !has_cloud_init && (vm.ipconfig.is_some() || vm.ciuser.is_some() || !vm.ssh_keys.is_empty())
+    {
+        let slot = ["ide2", "ide0", "ide1", "ide3"]
+            .into_iter()
+            .find(|k| cfg.get(*k).is_none())
+            .ok_or_else(|| PveError {
+                method: "PLAN".into(),
+                path: "ide".into(),
+                status: 0,
+                message: "the template has no cloud-init drive and no free IDE slot to add one"
+                    .into(),
+                node: Some(vm.node.clone()),
+                vmid: Some(vm.vmid),
+                upid: None,
+                retry_transport: false,
+            })?;
+        let storage = vm.disks.first().map_or("local-lvm", |d| d.1.as_str());
+        progress(
+            quiet,
+            &vm.name,
+            &format!("the template has no cloud-init drive: adding {slot} on {storage}"),
+        );
+        set.push((slot.to_string(), format!("{storage}:cloudinit")));
+    }
     let mut grow = vec![];
     for (slot, storage, bytes, text, iothread) in &vm.disks {
         let cur = s(cfg.get(slot));
@@ -709,9 +740,60 @@ async fn create(
     .await?;
     if vm.agent {
         progress(quiet, &vm.name, "waiting for the guest agent");
-        return crate::proxmox::wait_agent(c, &vm.node, vm.vmid, timeout).await;
+        return wait_declared_ip(c, vm, &vm.node, timeout).await;
     }
     Ok(vec![])
+}
+
+/// Waits for the guest agent and for the declared address (`ipconfig.ip`)
+/// among the addresses it reports: a VM that came up with another address
+/// (no cloud-init drive, a template whose own network setup wins) is a
+/// failure naming the VM, the declared and the reported addresses.
+async fn wait_declared_ip(
+    c: &Client,
+    vm: &Vm,
+    node: &str,
+    timeout: std::time::Duration,
+) -> Result<Vec<String>, PveError> {
+    // Once the agent answers, how long the address may take to become the
+    // declared one (cloud-init's network stage normally runs before the
+    // agent starts).
+    let settle = std::time::Duration::from_millis(
+        std::env::var("LABCTL_PVE_IP_SETTLE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60_000),
+    );
+    let started = tokio::time::Instant::now();
+    let mut answered: Option<tokio::time::Instant> = None;
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        let ips = crate::proxmox::wait_agent(c, node, vm.vmid, left).await?;
+        let Some(want) = &vm.ip else {
+            return Ok(ips);
+        };
+        if ips.contains(want) {
+            return Ok(ips);
+        }
+        let first = *answered.get_or_insert_with(tokio::time::Instant::now);
+        if started.elapsed() >= timeout || first.elapsed() >= settle {
+            return Err(PveError {
+                method: "CHECK".into(),
+                path: format!("/nodes/{node}/qemu/{}/agent/network-get-interfaces", vm.vmid),
+                status: 0,
+                message: format!(
+                    "VM {} came up with {}, not the declared {want}: does the template have a cloud-init drive, and does the guest run cloud-init with its network config?",
+                    vm.name,
+                    ips.join(", ")
+                ),
+                node: Some(node.into()),
+                vmid: Some(vm.vmid),
+                upid: None,
+                retry_transport: false,
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 async fn update(
@@ -772,7 +854,7 @@ async fn update(
         .await?;
     }
     if vm.agent && *start {
-        return crate::proxmox::wait_agent(c, node, *vmid, timeout).await;
+        return wait_declared_ip(c, vm, node, timeout).await;
     }
     Ok(vec![])
 }

@@ -856,3 +856,42 @@ fn platform_validation_and_vmids_held_by_containers() {
     );
     assert!(text.contains("container!"), "{text}");
 }
+
+/// Issue 21 point 3: a template without a cloud-init drive gets one (or
+/// the guest would never see ipconfig0), and a VM that comes up with
+/// another address than the declared one is a failure naming both.
+#[test]
+fn the_declared_address_is_checked_and_a_cloud_init_drive_added() {
+    let e = PEnv::new();
+    e.sim.with(|s| {
+        s.vms.get_mut(&9000).unwrap().config.remove("ide2");
+    });
+    let out = e.run(&["--json", "provision", "apply"]);
+    assert_success(&out, &["apply from a template without cloud-init"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["applied"][0]["ips"][0], "192.168.100.171", "{v}");
+    e.sim.with(|s| {
+        assert_eq!(
+            s.vms[&701].config["ide2"],
+            "local-lvm:vm-701-cloudinit,media=cdrom"
+        );
+    });
+    assert!(e.violations().is_empty(), "{:?}", e.violations());
+    // A guest that takes another address: a failure, not "done".
+    let e = PEnv::new();
+    e.sim.with(|s| s.faults.agent_ip = Some("10.0.0.9".into()));
+    let out = e
+        .cmd()
+        .env("LABCTL_PVE_IP_SETTLE_MS", "1500")
+        .args(["provision", "apply", "--platform"])
+        .arg(&e.platform)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("VM controlador came up with 10.0.0.9, not the declared 192.168.100.171")
+            && err.contains("VMID 701"),
+        "{err}"
+    );
+}

@@ -74,6 +74,9 @@ pub struct Faults {
     /// Someone else creates a VM with the new VMID just before the next
     /// clone reaches the node (a race between plan and apply).
     pub vmid_taken_at_clone: bool,
+    /// The address every guest agent reports (a guest whose own network
+    /// setup overrides cloud-init's).
+    pub agent_ip: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -933,7 +936,13 @@ async fn handle_request(
                 let is_disk = ["scsi", "virtio", "sata", "ide"]
                     .iter()
                     .any(|p| k.starts_with(p));
-                if is_disk && !vm.config.contains_key(k) {
+                if is_disk && !vm.config.contains_key(k) && v.ends_with(":cloudinit") {
+                    // `storage:cloudinit` creates the cloud-init drive
+                    // (qemu-server PVE::API2::Qemu create_disks: the
+                    // volume `vm-<vmid>-cloudinit`, attached as a CD-ROM).
+                    let storage = v.trim_end_matches(":cloudinit");
+                    v = format!("{storage}:vm-{vmid}-cloudinit,media=cdrom");
+                } else if is_disk && !vm.config.contains_key(k) {
                     // `storage:N` allocates a new N GiB volume.
                     if let Some((storage, rest)) = v.split_once(':') {
                         let (gib, opts) = rest.split_once(',').unwrap_or((rest, ""));
@@ -1108,14 +1117,21 @@ async fn handle_request(
             if vm.booted_at.is_none_or(|b| b > Instant::now()) {
                 return fail("QEMU guest agent is not running");
             }
+            // The guest takes ipconfig0's address only from a cloud-init
+            // drive (qemu-server generates the NoCloud/ConfigDrive image
+            // from ipconfigN onto that drive); without one it keeps the
+            // template's network setup, DHCP here.
+            let cloud_init = vm.config.values().any(|v| v.contains("cloudinit"));
             let ip = vm
                 .config
                 .get("ipconfig0")
+                .filter(|_| cloud_init)
                 .and_then(|c| c.split(',').find_map(|p| p.strip_prefix("ip=")))
                 .and_then(|ip| ip.split('/').next())
                 .filter(|ip| *ip != "dhcp")
-                .unwrap_or("192.168.100.200")
+                .unwrap_or("10.0.0.9")
                 .to_string();
+            let ip = s.faults.agent_ip.clone().unwrap_or(ip);
             ok(json!({"result": [
                 {"name": "lo", "ip-addresses": [{"ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8}]},
                 {"name": "eth0", "hardware-address": "bc:24:11:00:00:01", "ip-addresses": [{"ip-address": ip, "ip-address-type": "ipv4", "prefix": 24}]}
