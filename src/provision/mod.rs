@@ -283,7 +283,18 @@ fn with_mac(old: &str, new: &str) -> String {
 /// Plans one VM that exists.
 async fn plan_existing(c: &Client, vm: &Vm, live: &LiveVm) -> Result<Step, PveError> {
     let ctx = Ctx::vm(&live.node, vm.vmid);
-    if !live.tags.contains(MANAGED_TAG) {
+    // A VM labctl cloned but did not get to configure (the create was cut
+    // short) carries the clone's mark in its description: adopt it.
+    let marked = !live.tags.contains(MANAGED_TAG)
+        && live.node == vm.node
+        && c.get(
+            &format!("/nodes/{}/qemu/{}/config", live.node, vm.vmid),
+            &[],
+            &ctx,
+        )
+        .await
+        .is_ok_and(|cfg| is_ours(&cfg, &vm.name));
+    if !live.tags.contains(MANAGED_TAG) && !marked {
         return Ok(Step::Conflict {
             name: vm.name.clone(),
             vmid: vm.vmid,
@@ -616,18 +627,44 @@ async fn create(
             vm.vmid, vm.node
         ),
     );
-    c.task(
+    // Marked as labctl's from the clone on, so a create cut short (Ctrl-C,
+    // a lost reply) is adopted and finished by the next apply.
+    params.push(("description", clone_marker(&vm.name)));
+    let ctx = Ctx::vm(&vm.node, vm.vmid);
+    let cloned = send_looking_first(
+        c,
         reqwest::Method::POST,
         &format!("/nodes/{tnode}/qemu/{tvmid}/clone"),
         &params,
         &Ctx::vm(tnode, *tvmid),
+        || async {
+            // The clone happened when the new VMID is there with our mark.
+            match c
+                .once(
+                    reqwest::Method::GET,
+                    &format!("/nodes/{}/qemu/{}/config", vm.node, vm.vmid),
+                    &[],
+                    &ctx,
+                )
+                .await
+            {
+                Ok(cfg) => Ok(is_ours(&cfg, &vm.name)),
+                Err(e) if e.is_not_found() => Ok(false),
+                Err(e) => Err(e),
+            }
+        },
     )
     .await
     .map_err(|mut e| {
         e.vmid = Some(vm.vmid);
         e
     })?;
-    let ctx = Ctx::vm(&vm.node, vm.vmid);
+    match cloned {
+        Some(upid) => c.wait_task(&upid, &Ctx::vm(tnode, *tvmid)).await?,
+        // Its task's UPID was lost with the reply: wait for the clone's
+        // lock on the new VM to go.
+        None => wait_unlocked(c, vm, timeout).await?,
+    }
     progress(
         quiet,
         &vm.name,
@@ -731,18 +768,124 @@ async fn create(
         .await?;
     }
     progress(quiet, &vm.name, "starting");
-    c.task(
-        reqwest::Method::POST,
-        &format!("/nodes/{}/qemu/{}/status/start", vm.node, vm.vmid),
-        &[],
-        &ctx,
-    )
-    .await?;
+    start_once(c, &vm.node, vm.vmid).await?;
     if vm.agent {
         progress(quiet, &vm.name, "waiting for the guest agent");
         return wait_declared_ip(c, vm, &vm.node, timeout).await;
     }
     Ok(vec![])
+}
+
+/// The `description` a clone gets: labctl's mark, readable in the PVE GUI.
+fn clone_marker(name: &str) -> String {
+    format!("{MARK_PREFIX}{name} (labctl provision; an interrupted create is finished by the next apply)")
+}
+
+const MARK_PREFIX: &str = "labctl-managed: ";
+
+/// Whether a VM config carries labctl's clone mark for `name`.
+fn is_ours(cfg: &Value, name: &str) -> bool {
+    cfg.get("description")
+        .and_then(Value::as_str)
+        .and_then(|d| d.strip_prefix(MARK_PREFIX))
+        .and_then(|d| d.split(' ').next())
+        == Some(name)
+}
+
+/// Sends a request that makes something happen (a clone, a start) and
+/// returns its UPID. After a lost reply (a transport error: the request
+/// may have reached PVE or not) it asks `happened` before sending again,
+/// and returns `None` when it had. Other transient failures (PVE refused
+/// the request: a lock timeout) are retried; the rest fail at once.
+async fn send_looking_first<F, Fut>(
+    c: &Client,
+    method: reqwest::Method,
+    path: &str,
+    params: &[(&str, String)],
+    ctx: &Ctx,
+    happened: F,
+) -> Result<Option<String>, PveError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, PveError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match c.once(method.clone(), path, params, ctx).await {
+            Ok(v) => return Ok(v.as_str().map(String::from)),
+            Err(e) if e.transient() => {
+                let lost = e.status == 0 && e.upid.is_none();
+                if lost && happened().await? {
+                    return Ok(None);
+                }
+                attempt += 1;
+                match c.backoff(attempt) {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Starts a VM; after a lost reply, a VM already running counts as started.
+async fn start_once(c: &Client, node: &str, vmid: u32) -> Result<(), PveError> {
+    let ctx = Ctx::vm(node, vmid);
+    let upid = send_looking_first(
+        c,
+        reqwest::Method::POST,
+        &format!("/nodes/{node}/qemu/{vmid}/status/start"),
+        &[],
+        &ctx,
+        || async {
+            let st = c
+                .once(
+                    reqwest::Method::GET,
+                    &format!("/nodes/{node}/qemu/{vmid}/status/current"),
+                    &[],
+                    &ctx,
+                )
+                .await?;
+            Ok(st.get("status").and_then(Value::as_str) == Some("running"))
+        },
+    )
+    .await?;
+    if let Some(u) = upid {
+        c.wait_task(&u, &ctx).await?;
+    }
+    Ok(())
+}
+
+/// Waits until a VM's config has no `lock` (a clone whose UPID was lost
+/// holds `lock: clone` until it ends; a failed clone removes the VM).
+async fn wait_unlocked(c: &Client, vm: &Vm, timeout: std::time::Duration) -> Result<(), PveError> {
+    let ctx = Ctx::vm(&vm.node, vm.vmid);
+    let path = format!("/nodes/{}/qemu/{}/config", vm.node, vm.vmid);
+    let started = tokio::time::Instant::now();
+    loop {
+        let cfg = c.get(&path, &[], &ctx).await?;
+        if cfg.get("lock").is_none() {
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            return Err(PveError {
+                method: "GET".into(),
+                path,
+                status: 0,
+                message: format!(
+                    "still locked ({}) {}s after the clone started; check the PVE task list",
+                    s(cfg.get("lock")),
+                    timeout.as_secs()
+                ),
+                node: Some(vm.node.clone()),
+                vmid: Some(vm.vmid),
+                upid: None,
+                retry_transport: false,
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 /// Waits for the guest agent and for the declared address (`ipconfig.ip`)
@@ -845,13 +988,7 @@ async fn update(
     }
     if *start {
         progress(quiet, &vm.name, "starting");
-        c.task(
-            reqwest::Method::POST,
-            &format!("/nodes/{node}/qemu/{vmid}/status/start"),
-            &[],
-            &ctx,
-        )
-        .await?;
+        start_once(c, node, *vmid).await?;
     }
     if vm.agent && *start {
         return wait_declared_ip(c, vm, node, timeout).await;

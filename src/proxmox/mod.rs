@@ -238,8 +238,18 @@ impl Client {
         })
     }
 
+    /// How long to wait before attempt `attempt + 1` (counting from 1),
+    /// or `None` when the attempts are used up.
+    pub(crate) fn backoff(&self, attempt: u32) -> Option<Duration> {
+        (attempt < self.opts.attempts).then(|| {
+            let wait = self.opts.retry_base * 2u32.pow(attempt.saturating_sub(1));
+            let jitter = rand::random::<u64>() % (wait.as_millis() as u64 / 4 + 1);
+            wait + Duration::from_millis(jitter)
+        })
+    }
+
     /// One request, no retries. Returns `data`.
-    async fn once(
+    pub(crate) async fn once(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -344,9 +354,7 @@ impl Client {
                 Ok(v) => return Ok(v),
                 Err(e) if e.transient() && attempt + 1 < self.opts.attempts => {
                     attempt += 1;
-                    let wait = self.opts.retry_base * 2u32.pow(attempt - 1);
-                    let jitter = rand::random::<u64>() % (wait.as_millis() as u64 / 4 + 1);
-                    tokio::time::sleep(wait + Duration::from_millis(jitter)).await;
+                    tokio::time::sleep(self.backoff(attempt).unwrap_or_default()).await;
                 }
                 Err(e) => return Err(e),
             }

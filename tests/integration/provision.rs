@@ -895,3 +895,90 @@ fn the_declared_address_is_checked_and_a_cloud_init_drive_added() {
         "{err}"
     );
 }
+
+/// Issue 21 point 2: a VM is labctl's from its clone on (the clone's
+/// `description` carries the mark), so a create cut short is adopted and
+/// finished by the next apply; after a lost reply labctl looks before
+/// sending a clone or a start again.
+#[test]
+fn an_interrupted_create_is_finished_and_lost_replies_are_not_resent_blindly() {
+    let e = PEnv::new();
+    // The clone's and the start's replies are lost after PVE did the work.
+    e.sim.with(|s| {
+        s.faults.lose_reply = vec!["/qemu/9000/clone".into(), "/qemu/702/status/start".into()]
+    });
+    let out = e.json(&["provision", "apply"]);
+    assert!(
+        out["applied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["ok"] == true),
+        "{out}"
+    );
+    e.sim.with(|s| {
+        assert!(s.faults.lose_reply.is_empty());
+        let count = |suffix: &str| {
+            s.log
+                .iter()
+                .filter(|(m, p, _)| m == "POST" && p.ends_with(suffix))
+                .count()
+        };
+        assert_eq!(count("/qemu/9000/clone"), 1, "the clone was not sent again");
+        assert_eq!(
+            count("/qemu/702/status/start"),
+            1,
+            "the start was not sent again"
+        );
+        assert!(s.vms[&701].running && s.vms[&702].running);
+    });
+    // A create cut short after the clone (labctl killed before its
+    // config step): the next plan adopts the marked VM and apply
+    // finishes it.
+    let e = PEnv::new();
+    e.sim.with(|s| {
+        let mut vm = s.vms[&9001].clone();
+        vm.template = false;
+        vm.name = "nodo1".into();
+        vm.config.remove("template");
+        vm.config.insert("name".into(), "nodo1".into());
+        vm.config.insert(
+            "description".into(),
+            "labctl-managed: nodo1 (labctl provision; an interrupted create is finished by the next apply)".into(),
+        );
+        s.vms.insert(702, vm);
+    });
+    let plan = e.json(&["provision", "plan"]);
+    let nodo1 = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "nodo1")
+        .unwrap()
+        .clone();
+    assert_eq!(nodo1["action"], "update", "{plan}");
+    let out = e.json(&["provision", "apply"]);
+    assert!(
+        out["applied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["ok"] == true),
+        "{out}"
+    );
+    e.sim.with(|s| {
+        assert!(s.vms[&702].running);
+        assert!(s.vms[&702].config["tags"].contains("labctl-managed"));
+    });
+    // Someone else's VM with that VMID (no mark) stays a conflict.
+    let e = PEnv::new();
+    e.sim.with(|s| {
+        let mut vm = s.vms[&9001].clone();
+        vm.template = false;
+        vm.name = "nodo1".into();
+        vm.config.remove("template");
+        s.vms.insert(702, vm);
+    });
+    let out = e.run(&["provision", "plan"]);
+    assert_eq!(out.status.code(), Some(6));
+}

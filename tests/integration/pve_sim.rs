@@ -57,7 +57,6 @@ struct Task {
 #[derive(Debug, Clone)]
 enum Effect {
     Unlock(u32),
-    Start(u32),
     Stop(u32),
     Delete(u32),
 }
@@ -77,6 +76,9 @@ pub struct Faults {
     /// The address every guest agent reports (a guest whose own network
     /// setup overrides cloud-init's).
     pub agent_ip: Option<String>,
+    /// Requests (by path suffix, e.g. "/clone") whose reply is lost once
+    /// after the work was done.
+    pub lose_reply: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -265,22 +267,34 @@ impl PveSim {
         let tls_on = tls.is_some();
         rt.spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (st, schema, tls) = (st.clone(), schema.clone(), tls.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let (st, schema) = (st.clone(), schema.clone());
-                        async move { Ok::<_, std::convert::Infallible>(handle(req, &st, &schema).await) }
+                        async move {
+                            handle(req, &st, &schema)
+                                .await
+                                .ok_or_else(|| std::io::Error::other("reply lost"))
+                        }
                     });
                     let http = hyper::server::conn::http1::Builder::new();
                     match tls {
                         None => {
-                            let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                .await;
                         }
                         Some(acceptor) => {
                             // A client that rejects the certificate ends here.
-                            let Ok(s) = acceptor.accept(stream).await else { return };
-                            let _ = http.serve_connection(hyper_util::rt::TokioIo::new(s), svc).await;
+                            let Ok(s) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                                .await;
                         }
                     }
                 });
@@ -685,12 +699,6 @@ impl Sim {
                         self.removed.push(v);
                     }
                 }
-                Effect::Start(v) => {
-                    if let Some(vm) = self.vms.get_mut(&v) {
-                        vm.running = true;
-                        vm.booted_at = Some(now + Duration::from_millis(self.boot_ms));
-                    }
-                }
                 Effect::Stop(v) => {
                     if let Some(vm) = self.vms.get_mut(&v) {
                         vm.running = false;
@@ -710,11 +718,26 @@ async fn handle(
     req: hyper::Request<hyper::body::Incoming>,
     st: &Mutex<Sim>,
     schema: &Value,
-) -> Resp {
+) -> Option<Resp> {
     st.lock().unwrap().import_pmxcfs();
+    let path = req.uri().path().to_string();
     let resp = handle_request(req, st, schema).await;
-    st.lock().unwrap().export_pmxcfs();
-    resp
+    let mut s = st.lock().unwrap();
+    s.export_pmxcfs();
+    // A reply lost after PVE did the work: the connection drops without
+    // an answer (a network cut, pveproxy restarting).
+    if resp.status().is_success() {
+        if let Some(i) = s
+            .faults
+            .lose_reply
+            .iter()
+            .position(|p| path.ends_with(p.as_str()))
+        {
+            s.faults.lose_reply.remove(i);
+            return None;
+        }
+    }
+    Some(resp)
 }
 
 async fn handle_request(
@@ -851,6 +874,9 @@ async fn handle_request(
                 .cloned()
                 .unwrap_or_else(|| format!("Copy-of-VM-{}", src.name));
             config.insert("name".into(), name.clone());
+            if let Some(d) = params.get("description") {
+                config.insert("description".into(), d.clone());
+            }
             for (k, v) in config.clone() {
                 if k.starts_with("scsi") || k.starts_with("ide") || k.starts_with("virtio") {
                     let storage = params.get("storage").cloned().unwrap_or("local-lvm".into());
@@ -1031,13 +1057,31 @@ async fn handle_request(
             if s.vms[&vmid].lock.is_some() {
                 return fail("VM is locked (clone)");
             }
+            // qemu-server's qmstart worker (PVE::QemuServer::vm_start_nolock)
+            // dies "VM <vmid> already running" for a running VM; otherwise
+            // the QEMU process exists (status/current says running) from
+            // the task's first moments, and the guest boots after.
+            if s.vms[&vmid].running {
+                let upid = s.task(
+                    &node,
+                    "qmstart",
+                    vmid,
+                    &format!("VM {vmid} already running"),
+                    None,
+                );
+                return ok(json!(upid));
+            }
             let exit = if s.faults.start_warnings > 0 {
                 s.faults.start_warnings -= 1;
                 "WARNINGS: 1"
             } else {
                 "OK"
             };
-            let upid = s.task(&node, "qmstart", vmid, exit, Some(Effect::Start(vmid)));
+            let boot = Instant::now() + Duration::from_millis(s.task_ms + s.boot_ms);
+            let vm = s.vms.get_mut(&vmid).unwrap();
+            vm.running = true;
+            vm.booted_at = Some(boot);
+            let upid = s.task(&node, "qmstart", vmid, exit, None);
             ok(json!(upid))
         }
         ("POST", "/nodes/{node}/qemu/{vmid}/status/stop") => {
