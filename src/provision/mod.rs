@@ -448,6 +448,7 @@ async fn plan_existing(c: &Client, vm: &Vm, live: &LiveVm) -> Result<Step, PveEr
 pub async fn plan(c: &Client, p: &Platform) -> crate::error::Result<Plan> {
     let live = live_vms(c).await.map_err(PveError::into_lab)?;
     let mut steps = vec![];
+    let mut shared = None;
     for vm in &p.vms {
         let step = match live.get(&vm.vmid) {
             // VMIDs are unique across VMs and containers.
@@ -481,6 +482,15 @@ pub async fn plan(c: &Client, p: &Platform) -> crate::error::Result<Plan> {
                             "template VMID {} does not exist on the cluster",
                             vm.template.0
                         ),
+                    }
+                } else if let Some(why) = local_storage_problem(c, vm, &mut shared)
+                    .await
+                    .map_err(PveError::into_lab)?
+                {
+                    Step::Conflict {
+                        name: vm.name.clone(),
+                        vmid: vm.vmid,
+                        reason: why,
                     }
                 } else {
                     Step::Create {
@@ -608,7 +618,15 @@ async fn create(
         ("name", vm.name.clone()),
         ("full", u8::from(vm.full_clone).to_string()),
     ];
-    if &vm.node != tnode {
+    // With clone_via: local-then-migrate the clone is made on the
+    // template's node and migrated (stopped) afterwards.
+    let migrate = vm.migrate_after_clone && &vm.node != tnode;
+    let clone_node = if migrate {
+        tnode.clone()
+    } else {
+        vm.node.clone()
+    };
+    if !migrate && &vm.node != tnode {
         params.push(("target", vm.node.clone()));
     }
     if vm.full_clone {
@@ -630,7 +648,7 @@ async fn create(
     // Marked as labctl's from the clone on, so a create cut short (Ctrl-C,
     // a lost reply) is adopted and finished by the next apply.
     params.push(("description", clone_marker(&vm.name)));
-    let ctx = Ctx::vm(&vm.node, vm.vmid);
+    let clone_ctx = Ctx::vm(&clone_node, vm.vmid);
     let cloned = send_looking_first(
         c,
         reqwest::Method::POST,
@@ -642,9 +660,9 @@ async fn create(
             match c
                 .once(
                     reqwest::Method::GET,
-                    &format!("/nodes/{}/qemu/{}/config", vm.node, vm.vmid),
+                    &format!("/nodes/{clone_node}/qemu/{}/config", vm.vmid),
                     &[],
-                    &ctx,
+                    &clone_ctx,
                 )
                 .await
             {
@@ -663,8 +681,23 @@ async fn create(
         Some(upid) => c.wait_task(&upid, &Ctx::vm(tnode, *tvmid)).await?,
         // Its task's UPID was lost with the reply: wait for the clone's
         // lock on the new VM to go.
-        None => wait_unlocked(c, vm, timeout).await?,
+        None => wait_unlocked(c, &clone_node, vm.vmid, timeout).await?,
     }
+    if migrate {
+        progress(
+            quiet,
+            &vm.name,
+            &format!("migrating the stopped clone from {tnode} to {}", vm.node),
+        );
+        c.task(
+            reqwest::Method::POST,
+            &format!("/nodes/{tnode}/qemu/{}/migrate", vm.vmid),
+            &[("target", vm.node.clone())],
+            &clone_ctx,
+        )
+        .await?;
+    }
+    let ctx = Ctx::vm(&vm.node, vm.vmid);
     progress(
         quiet,
         &vm.name,
@@ -776,6 +809,69 @@ async fn create(
     Ok(vec![])
 }
 
+/// Why cloning `vm`'s template straight to `vm.node` would fail: PVE
+/// refuses a clone with `target` when the template has a volume on
+/// storage that is not shared ("can't clone VM to node '…' (VM uses local
+/// storage)", qemu-server PVE::API2::Qemu clone_vm). `shared` caches the
+/// shared storage IDs of `GET /storage`. `None` when the clone can go
+/// ahead (same node, shared storage, or `clone_via: local-then-migrate`).
+async fn local_storage_problem(
+    c: &Client,
+    vm: &Vm,
+    shared: &mut Option<BTreeSet<String>>,
+) -> Result<Option<String>, PveError> {
+    let (tvmid, tnode) = (vm.template.0, &vm.template.1);
+    if &vm.node == tnode || vm.migrate_after_clone {
+        return Ok(None);
+    }
+    if shared.is_none() {
+        let list = c.get("/storage", &[], &Ctx::default()).await?;
+        *shared = Some(
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .filter(|st| st.get("shared").and_then(Value::as_u64) == Some(1))
+                .filter_map(|st| st.get("storage").and_then(Value::as_str).map(String::from))
+                .collect(),
+        );
+    }
+    let shared = shared.as_ref().expect("filled above");
+    let cfg = c
+        .get(
+            &format!("/nodes/{tnode}/qemu/{tvmid}/config"),
+            &[],
+            &Ctx::vm(tnode, tvmid),
+        )
+        .await?;
+    let local: BTreeSet<String> = cfg
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| {
+            ["scsi", "virtio", "sata", "ide", "efidisk", "tpmstate"]
+                .iter()
+                .any(|p| {
+                    k.strip_prefix(p)
+                        .is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()))
+                })
+        })
+        .filter_map(|(_, v)| v.as_str())
+        .filter(|v| !v.starts_with("none") && !v.starts_with("cdrom"))
+        .filter_map(|v| v.split_once(':').map(|(st, _)| st.to_string()))
+        .filter(|st| !shared.contains(st))
+        .collect();
+    if local.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "template {tvmid} on {tnode} has disks on local storage ({}): PVE cannot clone it to {} (\"VM uses local storage\"). Keep a template on {} (template: {{ vmid: …, node: {} }}), put the template on shared storage, or set clone_via: local-then-migrate to clone on {tnode} and migrate the stopped clone",
+        local.into_iter().collect::<Vec<_>>().join(", "),
+        vm.node,
+        vm.node,
+        vm.node
+    )))
+}
+
 /// The `description` a clone gets: labctl's mark, readable in the PVE GUI.
 fn clone_marker(name: &str) -> String {
     format!("{MARK_PREFIX}{name} (labctl provision; an interrupted create is finished by the next apply)")
@@ -859,9 +955,14 @@ async fn start_once(c: &Client, node: &str, vmid: u32) -> Result<(), PveError> {
 
 /// Waits until a VM's config has no `lock` (a clone whose UPID was lost
 /// holds `lock: clone` until it ends; a failed clone removes the VM).
-async fn wait_unlocked(c: &Client, vm: &Vm, timeout: std::time::Duration) -> Result<(), PveError> {
-    let ctx = Ctx::vm(&vm.node, vm.vmid);
-    let path = format!("/nodes/{}/qemu/{}/config", vm.node, vm.vmid);
+async fn wait_unlocked(
+    c: &Client,
+    node: &str,
+    vmid: u32,
+    timeout: std::time::Duration,
+) -> Result<(), PveError> {
+    let ctx = Ctx::vm(node, vmid);
+    let path = format!("/nodes/{node}/qemu/{vmid}/config");
     let started = tokio::time::Instant::now();
     loop {
         let cfg = c.get(&path, &[], &ctx).await?;
@@ -878,8 +979,8 @@ async fn wait_unlocked(c: &Client, vm: &Vm, timeout: std::time::Duration) -> Res
                     s(cfg.get("lock")),
                     timeout.as_secs()
                 ),
-                node: Some(vm.node.clone()),
-                vmid: Some(vm.vmid),
+                node: Some(node.into()),
+                vmid: Some(vmid),
                 upid: None,
                 retry_transport: false,
             });

@@ -124,6 +124,11 @@ pub struct VmSpec {
     pub template: Option<TemplateRef>,
     /// Full clone (default) or linked clone.
     pub full_clone: Option<bool>,
+    /// How to reach a node other than the template's: `direct` (clone with
+    /// `target`: the template's disks must be on shared storage) or
+    /// `local-then-migrate` (clone on the template's node, then migrate
+    /// the stopped clone).
+    pub clone_via: Option<String>,
     pub cores: Option<u32>,
     pub sockets: Option<u32>,
     pub cpu: Option<String>,
@@ -212,6 +217,9 @@ pub struct Vm {
     pub role: String,
     pub template: (u32, String),
     pub full_clone: bool,
+    /// Clone on the template's node and migrate the stopped clone (for a
+    /// template on local storage and a VM on another node).
+    pub migrate_after_clone: bool,
     pub cores: u32,
     pub sockets: u32,
     pub cpu: String,
@@ -766,6 +774,17 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
         }
         let full_clone = pick!(full_clone).unwrap_or(true);
         let node = need!(node);
+        let migrate_after_clone = match pick!(clone_via).as_deref() {
+            None | Some("direct") => false,
+            Some("local-then-migrate") => true,
+            Some(other) => {
+                return Err(err(
+                    at("clone_via"),
+                    &f("clone_via"),
+                    format!("'{other}': use direct or local-then-migrate"),
+                ))
+            }
+        };
         if !full_clone && node != template.node {
             return Err(err(at("full_clone"), &f("full_clone"), format!("a linked clone stays on the template's node ({}); use full_clone: true or a template on {node}", template.node)));
         }
@@ -776,6 +795,7 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
             role,
             template: (template.vmid, template.node),
             full_clone,
+            migrate_after_clone,
             cores,
             sockets: pick!(sockets).unwrap_or(1),
             cpu,

@@ -982,3 +982,94 @@ fn an_interrupted_create_is_finished_and_lost_replies_are_not_resent_blindly() {
     let out = e.run(&["provision", "plan"]);
     assert_eq!(out.status.code(), Some(6));
 }
+
+/// Issue 21 point 1: one template on one node's local-lvm cannot be
+/// cloned to the other nodes (PVE refuses the clone with `target`). Plan
+/// says so with the fix instead of "create"; `clone_via:
+/// local-then-migrate` clones on the template's node and migrates the
+/// stopped clone; a template on shared storage is cloned directly.
+#[test]
+fn a_template_on_local_storage_is_cloned_on_its_node_or_refused_by_plan() {
+    let one_template = VMS
+        .replace("{ vmid: 9001, node: pve2 }", "{ vmid: 9000, node: pve1 }")
+        .replace("{ vmid: 9002, node: pve3 }", "{ vmid: 9000, node: pve1 }");
+    let e = PEnv::new();
+    e.write(8, "20G", &one_template);
+    let out = e.run(&["provision", "plan"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("template 9000 on pve1 has disks on local storage (local-lvm): PVE cannot clone it to pve2")
+            && text.contains("clone_via: local-then-migrate"),
+        "{text}"
+    );
+    assert!(e.violations().is_empty(), "{:?}", e.violations());
+    // Clone on pve1, then migrate the stopped clones.
+    let via = one_template.replace(
+        "    template: { vmid: 9000, node: pve1 }\n    ipconfig: { ip: 192.168.100.17",
+        "    template: { vmid: 9000, node: pve1 }\n    clone_via: local-then-migrate\n    ipconfig: { ip: 192.168.100.17",
+    );
+    e.write(8, "20G", &via);
+    let out = e.json(&["provision", "apply"]);
+    assert!(
+        out["applied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["ok"] == true),
+        "{out}"
+    );
+    e.sim.with(|s| {
+        assert_eq!(
+            (
+                s.vms[&701].node.as_str(),
+                s.vms[&702].node.as_str(),
+                s.vms[&703].node.as_str()
+            ),
+            ("pve1", "pve2", "pve3")
+        );
+        assert!(s.vms[&702].running && s.vms[&703].running);
+        let migrations = s
+            .log
+            .iter()
+            .filter(|(m, p, _)| m == "POST" && p.ends_with("/migrate"))
+            .count();
+        assert_eq!(migrations, 2);
+        assert!(!s
+            .log
+            .iter()
+            .any(|(_, p, q)| p.ends_with("/clone") && q.contains_key("target")));
+    });
+    assert!(e.violations().is_empty(), "{:?}", e.violations());
+    let plan = e.json(&["provision", "plan"]);
+    assert!(
+        plan["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["action"] == "unchanged"),
+        "{plan}"
+    );
+    // The template on shared storage: cloned straight to each node.
+    let e = PEnv::new();
+    e.sim.with(|s| {
+        let t = s.vms.get_mut(&9000).unwrap();
+        t.config
+            .insert("scsi0".into(), "ceph-vm:base-9000-disk-0,size=2252M".into());
+        t.config.insert(
+            "ide2".into(),
+            "ceph-vm:vm-9000-cloudinit,media=cdrom".into(),
+        );
+    });
+    e.write(8, "20G", &one_template);
+    let out = e.json(&["provision", "apply"]);
+    assert!(
+        out["applied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["ok"] == true),
+        "{out}"
+    );
+    e.sim.with(|s| assert_eq!(s.vms[&703].node, "pve3"));
+}

@@ -100,6 +100,8 @@ pub struct Sim {
     pub pmxcfs: Option<std::path::PathBuf>,
     /// VMs destroyed since the last export (their config files go too).
     removed: Vec<u32>,
+    /// Storage IDs that every node sees (storage.cfg `shared`).
+    pub shared_storage: Vec<String>,
     /// LXC containers: VMID → (name, node). They share the VMID space
     /// with VMs and are listed by /cluster/resources with `type: lxc`.
     pub containers: BTreeMap<u32, (String, String)>,
@@ -216,6 +218,7 @@ impl PveSim {
         let mut sim = Sim {
             task_ms: 150,
             boot_ms: 300,
+            shared_storage: vec!["ceph-vm".into()],
             ..Default::default()
         };
         for (vmid, node) in [(9000, "pve1"), (9001, "pve2"), (9002, "pve3")] {
@@ -812,6 +815,42 @@ async fn handle_request(
         ("GET", "/version") => {
             ok(json!({"version": "9.1.3", "release": "9.1", "repoid": "e5010dce"}))
         }
+        ("GET", "/storage") => {
+            // The cluster's storage.cfg: each node's local-lvm and local,
+            // and a Ceph pool every node sees (shared: 1).
+            let list: Vec<Value> = [("local", "dir"), ("local-lvm", "lvmthin"), ("ceph-vm", "rbd")]
+                .iter()
+                .map(|(id, ty)| {
+                    json!({"storage": id, "type": ty, "shared": u8::from(s.shared_storage.iter().any(|x| x == id)),
+                           "content": if *id == "local" { "iso,vztmpl,backup" } else { "images,rootdir" }})
+                })
+                .collect();
+            ok(json!(list))
+        }
+        ("POST", "/nodes/{node}/qemu/{vmid}/migrate") => {
+            if vm_missing(&s) {
+                return conf_missing();
+            }
+            let target = params["target"].clone();
+            let vm = s.vms.get_mut(&vmid).unwrap();
+            if let Some(l) = &vm.lock {
+                return fail(&format!("VM is locked ({l})"));
+            }
+            // PVE::QemuMigrate / API2::Qemu migrate_vm: not to itself, a
+            // running VM only with online=1; a stopped one's local disks
+            // are copied to the target's storage of the same name.
+            if target == node {
+                return fail("target is local node.");
+            }
+            if vm.running && params.get("online").is_none_or(|o| o != "1") {
+                return fail("can't migrate running VM without --online");
+            }
+            vm.node = target;
+            vm.lock = Some("migrate".into());
+            let upid = s.task(&node, "qmigrate", vmid, "OK", Some(Effect::Unlock(vmid)));
+            s.removed.push(vmid);
+            ok(json!(upid))
+        }
         ("GET", "/cluster/resources") => {
             let list: Vec<Value> = s
                 .vms
@@ -866,6 +905,22 @@ async fn handle_request(
             let target = params.get("target").cloned().unwrap_or(node.clone());
             if !["pve1", "pve2", "pve3"].contains(&target.as_str()) {
                 return fail(&format!("no such cluster node '{target}'"));
+            }
+            // qemu-server PVE::API2::Qemu clone_vm: a clone to another node
+            // needs every volume of the source on shared storage.
+            if target != node {
+                let local = src.config.iter().any(|(k, v)| {
+                    ["scsi", "virtio", "sata", "ide"]
+                        .iter()
+                        .any(|p| k.starts_with(p))
+                        && v.split_once(':')
+                            .is_some_and(|(st, _)| !s.shared_storage.iter().any(|x| x == st))
+                });
+                if local {
+                    return fail(&format!(
+                        "can't clone VM to node '{target}' (VM uses local storage)"
+                    ));
+                }
             }
             let mut config = src.config.clone();
             config.remove("template");
