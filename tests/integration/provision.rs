@@ -123,6 +123,18 @@ defaults:
     }
 }
 
+/// Every VM of an apply's JSON report succeeded.
+fn assert_all_ok(out: &serde_json::Value) {
+    assert!(
+        out["applied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["ok"] == true),
+        "{out}"
+    );
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
@@ -286,14 +298,7 @@ fn transient_pve_failures_are_retried() {
         s.faults.task_status_400 = 4;
     });
     let out = e.json(&["provision", "apply"]);
-    assert!(
-        out["applied"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|a| a["ok"] == true),
-        "{out}"
-    );
+    assert_all_ok(&out);
     e.sim.with(|s| {
         assert_eq!(
             (
@@ -908,14 +913,7 @@ fn an_interrupted_create_is_finished_and_lost_replies_are_not_resent_blindly() {
         s.faults.lose_reply = vec!["/qemu/9000/clone".into(), "/qemu/702/status/start".into()]
     });
     let out = e.json(&["provision", "apply"]);
-    assert!(
-        out["applied"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|a| a["ok"] == true),
-        "{out}"
-    );
+    assert_all_ok(&out);
     e.sim.with(|s| {
         assert!(s.faults.lose_reply.is_empty());
         let count = |suffix: &str| {
@@ -958,14 +956,7 @@ fn an_interrupted_create_is_finished_and_lost_replies_are_not_resent_blindly() {
         .clone();
     assert_eq!(nodo1["action"], "update", "{plan}");
     let out = e.json(&["provision", "apply"]);
-    assert!(
-        out["applied"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|a| a["ok"] == true),
-        "{out}"
-    );
+    assert_all_ok(&out);
     e.sim.with(|s| {
         assert!(s.vms[&702].running);
         assert!(s.vms[&702].config["tags"].contains("labctl-managed"));
@@ -1011,14 +1002,7 @@ fn a_template_on_local_storage_is_cloned_on_its_node_or_refused_by_plan() {
     );
     e.write(8, "20G", &via);
     let out = e.json(&["provision", "apply"]);
-    assert!(
-        out["applied"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|a| a["ok"] == true),
-        "{out}"
-    );
+    assert_all_ok(&out);
     e.sim.with(|s| {
         assert_eq!(
             (
@@ -1063,13 +1047,6 @@ fn a_template_on_local_storage_is_cloned_on_its_node_or_refused_by_plan() {
     });
     e.write(8, "20G", &one_template);
     let out = e.json(&["provision", "apply"]);
-    assert!(
-        out["applied"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|a| a["ok"] == true),
-        "{out}"
-    );
+    assert_all_ok(&out);
     e.sim.with(|s| assert_eq!(s.vms[&703].node, "pve3"));
 }
