@@ -34,9 +34,20 @@ pub enum ProvisionCmd {
     /// Make the cluster match the platform file: clone, configure cloud-init,
     /// grow disks, start, wait for the guest agent. A second apply does
     /// nothing. One VM failing does not stop the others (exit 1 then).
+    ///
+    /// A running VM takes some changes (memory, cores, CPU type, cloud-init
+    /// settings) only when it restarts: PVE keeps them pending, and apply
+    /// reports them unless the VM's `reboot_policy` is `when-needed` or
+    /// --reboot is given.
     Apply {
         #[command(flatten)]
         p: PlatformArg,
+        /// Reboot running VMs whose changes are pending until a restart, one
+        /// VM at a time, each back with its guest agent and declared address
+        /// before the next goes down (as `reboot_policy: when-needed` for
+        /// every VM).
+        #[arg(long)]
+        reboot: bool,
     },
     /// Stop and delete one VM labctl created (tagged labctl-managed), with
     /// its disks. Asks for the VM's name unless --yes.
@@ -94,16 +105,39 @@ fn print_plan(plan: &provision::Plan) {
                 name,
                 vmid,
                 changes,
+                needs_reboot,
+                pending,
+                reboot,
                 ..
             } => {
                 println!("~ update    {name} (VMID {vmid})");
-                for c in changes {
+                let line = |c: &provision::Change, note: &str| {
                     println!(
-                        "      {}: {} → {}",
+                        "      {}: {} → {}{note}",
                         c.field,
                         if c.old.is_empty() { "(unset)" } else { &c.old },
                         c.new
+                    )
+                };
+                for c in changes {
+                    line(
+                        c,
+                        if needs_reboot.contains(&c.field) {
+                            " (takes effect at the next restart)"
+                        } else {
+                            ""
+                        },
                     );
+                }
+                for c in pending {
+                    line(c, " (pending until reboot)");
+                }
+                if !pending.is_empty() || !needs_reboot.is_empty() {
+                    if *reboot {
+                        println!("      reboot: yes (one VM at a time, waiting for its agent)");
+                    } else {
+                        println!("      reboot: no; the VM runs with the old values until it restarts (`labctl provision apply --reboot`, or reboot_policy: when-needed)");
+                    }
                 }
             }
             Step::Unchanged { name, vmid, .. } => println!("= unchanged {name} (VMID {vmid})"),
@@ -158,8 +192,13 @@ pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> crate::error::Result<ExitCode> {
                 ExitCode::Refused
             })
         }
-        ProvisionCmd::Apply { p } => {
-            let pf = load(&p, g)?;
+        ProvisionCmd::Apply { p, reboot } => {
+            let mut pf = load(&p, g)?;
+            if reboot {
+                for v in &mut pf.vms {
+                    v.reboot = true;
+                }
+            }
             let show = !g.json && !g.quiet;
             let (plan, applied) =
                 provision::apply_recorded(&pf, &audit_path(g), g.quiet || g.json, |plan| {
@@ -174,6 +213,13 @@ pub fn run(g: &GlobalArgs, c: ProvisionCmd) -> crate::error::Result<ExitCode> {
                 for a in &applied {
                     if a.ok && !a.ips.is_empty() {
                         println!("{}: {}", a.name, a.ips.join(", "));
+                    }
+                    if a.ok && !a.pending.is_empty() {
+                        println!(
+                            "{}: {} pending until the VM restarts",
+                            a.name,
+                            a.pending.join(", ")
+                        );
                     }
                 }
                 if plan.is_noop() {

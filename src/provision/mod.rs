@@ -63,6 +63,17 @@ pub enum Step {
         #[serde(skip)]
         digest: Option<String>,
         start: bool,
+        /// Fields of `changes` that a running VM takes only when it
+        /// restarts (PVE keeps them in the config's pending section).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        needs_reboot: Vec<String>,
+        /// Values already written but pending until the VM restarts
+        /// (`GET …/pending`, and `GET …/cloudinit` for the cloud-init drive).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        pending: Vec<Change>,
+        /// Whether apply reboots the VM for them (`reboot_policy:
+        /// when-needed` or `apply --reboot`).
+        reboot: bool,
     },
     Unchanged {
         name: String,
@@ -415,7 +426,22 @@ async fn plan_existing(c: &Client, vm: &Vm, live: &LiveVm) -> Result<Step, PveEr
         }
     }
     let start = live.status != "running";
-    if changes.is_empty() && !start {
+    let pending = if start {
+        vec![]
+    } else {
+        pending_until_reboot(c, &live.node, vm.vmid).await?
+    };
+    let hotplug = s(cfg.get("hotplug"));
+    let needs_reboot: Vec<String> = if start {
+        vec![]
+    } else {
+        changes
+            .iter()
+            .filter(|ch| needs_restart(&ch.field, &hotplug))
+            .map(|ch| ch.field.clone())
+            .collect()
+    };
+    if changes.is_empty() && !start && pending.is_empty() {
         return Ok(Step::Unchanged {
             name: vm.name.clone(),
             vmid: vm.vmid,
@@ -438,7 +464,83 @@ async fn plan_existing(c: &Client, vm: &Vm, live: &LiveVm) -> Result<Step, PveEr
         grow,
         digest: cfg.get("digest").and_then(Value::as_str).map(String::from),
         start,
+        reboot: vm.reboot && (!pending.is_empty() || !needs_reboot.is_empty()),
+        needs_reboot,
+        pending,
     })
+}
+
+/// Whether a running VM takes a change of `field` only when it restarts,
+/// with the VM's `hotplug` setting (empty: PVE's default
+/// `network,disk,usb`). Follows qemu-server's vmconfig_hotplug_pending:
+/// name, tags, onboot are applied at once, as are NICs and new SCSI/VirtIO
+/// disks and disk growth with the `network`/`disk` features; memory only
+/// with `memory`; cores, sockets, CPU type, SCSI controller, agent and
+/// IDE/SATA drives never; cloud-init settings are written at once but
+/// reach the guest when the drive is regenerated at the next start
+/// (unless `cloudinit` hotplug regenerates it). `plan` uses this to say
+/// what will wait; `apply` reads `/pending` afterwards to know.
+fn needs_restart(field: &str, hotplug: &str) -> bool {
+    let hotplug = match hotplug {
+        "" | "1" => "network,disk,usb",
+        "0" => "",
+        h => h,
+    };
+    let has = |f: &str| hotplug.split(',').any(|x| x == f);
+    match field {
+        "name" | "tags" | "onboot" | "description" | "status" => false,
+        "memory" => !has("memory"),
+        "cores" | "sockets" | "cpu" | "scsihw" | "agent" => true,
+        "ipconfig0" | "nameserver" | "searchdomain" | "ciuser" | "sshkeys" => !has("cloudinit"),
+        f if f.starts_with("net") => !has("network"),
+        f if f.ends_with(".size") => false,
+        f if f.ends_with(".iothread") => true,
+        f if f.starts_with("scsi") || f.starts_with("virtio") => !has("disk"),
+        _ => true,
+    }
+}
+
+/// What a running VM has written but not yet running: the config's
+/// pending section (`GET …/pending`: entries with `pending` or `delete`)
+/// and cloud-init settings the drive does not hold yet (`GET
+/// …/cloudinit`). Old is the running value, new the pending one.
+async fn pending_until_reboot(c: &Client, node: &str, vmid: u32) -> Result<Vec<Change>, PveError> {
+    let ctx = Ctx::vm(node, vmid);
+    let mut out: Vec<Change> = vec![];
+    let shown = |key: &str, v: &str| {
+        if key == "sshkeys" {
+            urlencoding::decode(v)
+                .map(|c| c.trim().replace('\n', " | "))
+                .unwrap_or_default()
+        } else {
+            v.to_string()
+        }
+    };
+    for path in ["pending", "cloudinit"] {
+        let list = c
+            .get(&format!("/nodes/{node}/qemu/{vmid}/{path}"), &[], &ctx)
+            .await?;
+        for e in list.as_array().cloned().unwrap_or_default() {
+            let key = s(e.get("key"));
+            let old = s(e.get("value"));
+            let new = if e.get("delete").is_some_and(|d| d.as_u64().unwrap_or(0) > 0) {
+                "(deleted)".to_string()
+            } else if let Some(p) = e.get("pending") {
+                s(Some(p))
+            } else {
+                continue;
+            };
+            if new == old || out.iter().any(|c| c.field == key) {
+                continue;
+            }
+            out.push(Change {
+                old: shown(&key, &old),
+                new: shown(&key, &new),
+                field: key,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Computes the plan.
@@ -527,6 +629,11 @@ pub struct Applied {
     pub error: Option<String>,
     pub ips: Vec<String>,
     pub changes: Vec<Change>,
+    /// Fields still pending until the VM restarts (no reboot allowed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<String>,
+    /// Whether apply rebooted the VM to apply pending changes.
+    pub rebooted: bool,
 }
 
 impl Applied {
@@ -1040,13 +1147,23 @@ async fn wait_declared_ip(
     }
 }
 
+/// What an update left: the agent's addresses, fields still pending until
+/// a restart, whether the VM was rebooted.
+#[derive(Debug, Default)]
+struct Outcome {
+    ips: Vec<String>,
+    pending: Vec<String>,
+    rebooted: bool,
+}
+
 async fn update(
     c: &Client,
     step: &Step,
     vm: &Vm,
     quiet: bool,
     timeout: std::time::Duration,
-) -> Result<Vec<String>, PveError> {
+    reboots: &tokio::sync::Mutex<()>,
+) -> Result<Outcome, PveError> {
     let Step::Update {
         node,
         vmid,
@@ -1058,7 +1175,7 @@ async fn update(
         ..
     } = step
     else {
-        return Ok(vec![]);
+        return Ok(Outcome::default());
     };
     let ctx = Ctx::vm(node, *vmid);
     if !set.is_empty() {
@@ -1090,16 +1207,104 @@ async fn update(
     if *start {
         progress(quiet, &vm.name, "starting");
         start_once(c, node, *vmid).await?;
+        let ips = if vm.agent {
+            wait_declared_ip(c, vm, node, timeout).await?
+        } else {
+            vec![]
+        };
+        return Ok(Outcome {
+            ips,
+            ..Outcome::default()
+        });
     }
-    if vm.agent && *start {
-        return wait_declared_ip(c, vm, node, timeout).await;
+    // The VM runs: PVE applied what it could hot-plug and keeps the rest
+    // pending until the VM restarts.
+    let pending: Vec<String> = pending_until_reboot(c, node, *vmid)
+        .await?
+        .into_iter()
+        .map(|ch| ch.field)
+        .collect();
+    if pending.is_empty() {
+        return Ok(Outcome::default());
     }
-    Ok(vec![])
+    if !vm.reboot {
+        progress(
+            quiet,
+            &vm.name,
+            &format!(
+                "{} pending until the VM restarts (reboot it, or run `labctl provision apply --reboot`, or set reboot_policy: when-needed)",
+                pending.join(", ")
+            ),
+        );
+        return Ok(Outcome {
+            pending,
+            ..Outcome::default()
+        });
+    }
+    // One reboot at a time across the platform: the next VM goes down only
+    // when this one is back with its agent and address.
+    let _turn = reboots.lock().await;
+    progress(
+        quiet,
+        &vm.name,
+        &format!("rebooting to apply {}", pending.join(", ")),
+    );
+    let upid = send_looking_first(
+        c,
+        reqwest::Method::POST,
+        &format!("/nodes/{node}/qemu/{vmid}/status/reboot"),
+        &[],
+        &ctx,
+        // After a lost reply: the reboot happened when nothing is pending.
+        || async {
+            Ok(pending_until_reboot(c, node, *vmid)
+                .await?
+                .iter()
+                .all(|ch| !pending.contains(&ch.field)))
+        },
+    )
+    .await?;
+    if let Some(u) = upid {
+        c.wait_task(&u, &ctx).await?;
+    }
+    let ips = if vm.agent {
+        wait_declared_ip(c, vm, node, timeout).await?
+    } else {
+        vec![]
+    };
+    let left: Vec<String> = pending_until_reboot(c, node, *vmid)
+        .await?
+        .into_iter()
+        .map(|ch| ch.field)
+        .filter(|f| pending.contains(f))
+        .collect();
+    if !left.is_empty() {
+        return Err(PveError {
+            method: "CHECK".into(),
+            path: format!("/nodes/{node}/qemu/{vmid}/pending"),
+            status: 0,
+            message: format!(
+                "{} still pending after the reboot of {}",
+                left.join(", "),
+                vm.name
+            ),
+            node: Some(node.clone()),
+            vmid: Some(*vmid),
+            upid: None,
+            retry_transport: false,
+        });
+    }
+    Ok(Outcome {
+        ips,
+        pending: vec![],
+        rebooted: true,
+    })
 }
 
 /// Applies a plan; VMs in parallel, each to the end or its first error.
 pub async fn apply(c: &Client, p: &Platform, plan: &Plan, quiet: bool) -> Vec<Applied> {
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(p.parallelism));
+    let reboots = std::sync::Arc::new(tokio::sync::Mutex::new(()));
     let mut set = tokio::task::JoinSet::new();
     for (i, step) in plan.steps.iter().enumerate() {
         let vm = p
@@ -1109,6 +1314,7 @@ pub async fn apply(c: &Client, p: &Platform, plan: &Plan, quiet: bool) -> Vec<Ap
             .cloned()
             .expect("planned VMs are declared");
         let (c, step, sem, timeout) = (c.clone(), step.clone(), sem.clone(), p.task_timeout);
+        let reboots = reboots.clone();
         set.spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore");
             let (action, changes, result) = match &step {
@@ -1117,28 +1323,37 @@ pub async fn apply(c: &Client, p: &Platform, plan: &Plan, quiet: bool) -> Vec<Ap
                     vec![],
                     create(&c, &vm, quiet, timeout)
                         .await
+                        .map(|ips| Outcome {
+                            ips,
+                            ..Outcome::default()
+                        })
                         .map_err(|e| e.to_string()),
                 ),
                 Step::Update { changes, .. } => (
                     "update",
                     changes.clone(),
-                    update(&c, &step, &vm, quiet, timeout)
+                    update(&c, &step, &vm, quiet, timeout, &reboots)
                         .await
                         .map_err(|e| e.to_string()),
                 ),
-                Step::Unchanged { .. } => ("unchanged", vec![], Ok(vec![])),
+                Step::Unchanged { .. } => ("unchanged", vec![], Ok(Outcome::default())),
                 Step::Conflict { reason, .. } => ("conflict", vec![], Err(reason.clone())),
             };
             match &result {
-                Ok(ips) if action != "unchanged" => progress(
+                Ok(o) if action != "unchanged" => progress(
                     quiet,
                     &vm.name,
                     &format!(
-                        "done{}",
-                        if ips.is_empty() {
+                        "done{}{}",
+                        if o.ips.is_empty() {
                             String::new()
                         } else {
-                            format!(", IP {}", ips.join(", "))
+                            format!(", IP {}", o.ips.join(", "))
+                        },
+                        if o.pending.is_empty() {
+                            ""
+                        } else {
+                            " (with changes pending until reboot)"
                         }
                     ),
                 ),
@@ -1153,8 +1368,13 @@ pub async fn apply(c: &Client, p: &Platform, plan: &Plan, quiet: bool) -> Vec<Ap
                     action: action.into(),
                     ok: result.is_ok(),
                     error: result.as_ref().err().cloned(),
-                    ips: result.unwrap_or_default(),
                     changes,
+                    pending: result
+                        .as_ref()
+                        .map(|o| o.pending.clone())
+                        .unwrap_or_default(),
+                    rebooted: result.as_ref().is_ok_and(|o| o.rebooted),
+                    ips: result.map(|o| o.ips).unwrap_or_default(),
                 },
             )
         });

@@ -129,6 +129,11 @@ pub struct VmSpec {
     /// `local-then-migrate` (clone on the template's node, then migrate
     /// the stopped clone).
     pub clone_via: Option<String>,
+    /// What `apply` does when a running VM's change waits for a restart
+    /// (memory, cores, CPU type, cloud-init settings): `never` (default:
+    /// report it as pending until reboot) or `when-needed` (reboot the VM,
+    /// one at a time, and wait for its agent and address).
+    pub reboot_policy: Option<String>,
     pub cores: Option<u32>,
     pub sockets: Option<u32>,
     pub cpu: Option<String>,
@@ -220,6 +225,9 @@ pub struct Vm {
     /// Clone on the template's node and migrate the stopped clone (for a
     /// template on local storage and a VM on another node).
     pub migrate_after_clone: bool,
+    /// `reboot_policy: when-needed` (or `apply --reboot`): reboot the VM
+    /// when a change is pending until a restart.
+    pub reboot: bool,
     pub cores: u32,
     pub sockets: u32,
     pub cpu: String,
@@ -785,6 +793,17 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
                 ))
             }
         };
+        let reboot = match pick!(reboot_policy).as_deref() {
+            None | Some("never") => false,
+            Some("when-needed") => true,
+            Some(other) => {
+                return Err(err(
+                    at("reboot_policy"),
+                    &f("reboot_policy"),
+                    format!("'{other}': use never or when-needed"),
+                ))
+            }
+        };
         if !full_clone && node != template.node {
             return Err(err(at("full_clone"), &f("full_clone"), format!("a linked clone stays on the template's node ({}); use full_clone: true or a template on {node}", template.node)));
         }
@@ -796,6 +815,7 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
             template: (template.vmid, template.node),
             full_clone,
             migrate_after_clone,
+            reboot,
             cores,
             sockets: pick!(sockets).unwrap_or(1),
             cpu,

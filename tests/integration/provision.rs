@@ -1050,3 +1050,118 @@ fn a_template_on_local_storage_is_cloned_on_its_node_or_refused_by_plan() {
     assert_all_ok(&out);
     e.sim.with(|s| assert_eq!(s.vms[&703].node, "pve3"));
 }
+
+#[test]
+fn changes_to_a_running_vm_wait_for_a_reboot_unless_one_is_allowed() {
+    let e = PEnv::new();
+    assert_all_ok(&e.json(&["provision", "apply"]));
+    // More memory for the control plane, fewer cores for nodo1: PVE keeps
+    // both in the config's pending section while the VMs run.
+    let vms = VMS
+        .replace(
+            "    role: control-plane\n",
+            "    role: control-plane\n    memory_mib: 12288\n",
+        )
+        .replace(
+            "    template: { vmid: 9001, node: pve2 }\n",
+            "    template: { vmid: 9001, node: pve2 }\n    cores: 4\n",
+        );
+    e.write(8, "20G", &vms);
+    let plan = e.json(&["provision", "plan"]);
+    assert_eq!(
+        plan["steps"][0]["needs_reboot"],
+        serde_json::json!(["memory"])
+    );
+    assert_eq!(plan["steps"][0]["reboot"], false);
+    let text = String::from_utf8_lossy(&e.run(&["provision", "plan"]).stdout).to_string();
+    assert!(
+        text.contains("memory: 8192 → 12288 (takes effect at the next restart)")
+            && text.contains("reboot: no"),
+        "{text}"
+    );
+    let out = e.json(&["provision", "apply"]);
+    assert_all_ok(&out);
+    assert_eq!(out["applied"][0]["pending"], serde_json::json!(["memory"]));
+    assert_eq!(out["applied"][1]["pending"], serde_json::json!(["cores"]));
+    assert_eq!(out["applied"][0]["rebooted"], false);
+    e.sim.with(|s| {
+        let vm = &s.vms[&701];
+        assert_eq!(vm.config["memory"], "8192");
+        assert_eq!(vm.pending["memory"], "12288");
+    });
+    // The next plan says so instead of "unchanged".
+    let plan = e.json(&["provision", "plan"]);
+    assert_eq!(
+        actions(&plan),
+        [
+            ("controlador".into(), "update".into()),
+            ("nodo1".into(), "update".into()),
+            ("nodo2".into(), "unchanged".into())
+        ]
+    );
+    assert_eq!(
+        plan["steps"][0]["pending"],
+        serde_json::json!([{"field": "memory", "old": "8192", "new": "12288"}])
+    );
+    assert_eq!(plan["steps"][0]["changes"], serde_json::json!([]));
+    let text = String::from_utf8_lossy(&e.run(&["provision", "plan"]).stdout).to_string();
+    assert!(
+        text.contains("memory: 8192 → 12288 (pending until reboot)"),
+        "{text}"
+    );
+    // --reboot: one VM at a time, each back with its agent and address.
+    let before = e.sim.writes().len();
+    let out = e.json(&["provision", "apply", "--reboot"]);
+    assert_all_ok(&out);
+    assert_eq!(out["applied"][0]["rebooted"], true);
+    assert_eq!(out["applied"][1]["rebooted"], true);
+    assert_eq!(out["applied"][2]["rebooted"], false);
+    assert_eq!(out["applied"][0]["ips"][0], "192.168.100.171");
+    let writes = e.sim.writes()[before..].to_vec();
+    assert_eq!(writes.len(), 2, "{writes:?}");
+    assert!(
+        writes.iter().all(|w| w.ends_with("/status/reboot")),
+        "{writes:?}"
+    );
+    e.sim.with(|s| {
+        assert_eq!(s.overlapping_reboots, 0);
+        assert_eq!(s.vms[&701].config["memory"], "12288");
+        assert!(s.vms[&701].pending.is_empty());
+        assert_eq!(s.vms[&702].config["cores"], "4");
+    });
+    assert!(actions(&e.json(&["provision", "plan"]))
+        .iter()
+        .all(|(_, a)| a == "unchanged"));
+    // A cloud-init change waits for a restart too (the drive is
+    // regenerated at start), and reboot_policy: when-needed reboots
+    // without the flag.
+    let vms = vms.replace(
+        "192.168.100.173/24, gw: 192.168.100.1 }\n",
+        "192.168.100.183/24, gw: 192.168.100.1 }\n    reboot_policy: when-needed\n",
+    );
+    e.write(8, "20G", &vms);
+    let plan = e.json(&["provision", "plan"]);
+    assert_eq!(
+        plan["steps"][2]["needs_reboot"],
+        serde_json::json!(["ipconfig0"])
+    );
+    assert_eq!(plan["steps"][2]["reboot"], true);
+    let out = e.json(&["provision", "apply"]);
+    assert_all_ok(&out);
+    assert_eq!(out["applied"][2]["rebooted"], true);
+    assert_eq!(out["applied"][2]["ips"][0], "192.168.100.183");
+    assert!(actions(&e.json(&["provision", "plan"]))
+        .iter()
+        .all(|(_, a)| a == "unchanged"));
+    // A bad policy is refused at its line.
+    let bad = vms.replace("reboot_policy: when-needed", "reboot_policy: always");
+    e.write(8, "20G", &bad);
+    let out = e.run(&["provision", "validate"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("reboot_policy") && stderr(&out).contains("never or when-needed"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(e.violations().is_empty(), "{:?}", e.violations());
+}

@@ -14,7 +14,9 @@
 //!   (`exitstatus` "OK" or an error), a VM config locked while its clone
 //!   runs, digests on config, no shrinking disks, a guest agent that answers
 //!   only after the VM has booted, and PVE's error messages in the HTTP
-//!   reason phrase.
+//!   reason phrase; a running VM keeps what it cannot hot-plug in the
+//!   config's pending section (`…/pending`, `…/cloudinit`, `current=1`)
+//!   until a start or a reboot applies it.
 //! - Faults on request: config lock timeouts on clone, "got no worker upid"
 //!   on start, a task status 400 while a new UPID is "not visible yet", a
 //!   failing clone task, start tasks that end "WARNINGS: 1" (a success that
@@ -32,16 +34,117 @@ use std::time::{Duration, Instant};
 pub const TOKEN_ID: &str = "labctl@pve!provision";
 pub const TOKEN_SECRET: &str = "0b3f6c1e-test-only-secret";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SimVm {
     pub name: String,
     pub node: String,
     pub template: bool,
     pub running: bool,
+    /// The current config (what the running QEMU uses).
     pub config: BTreeMap<String, String>,
+    /// The config file's `[PENDING]` section: values written while the
+    /// VM ran that need a restart (qemu-server vmconfig_hotplug_pending).
+    pub pending: BTreeMap<String, String>,
+    /// The cloud-init options the cloud-init drive was last generated
+    /// from (at start); PVE records the difference in the config's
+    /// `[special:cloudinit]` section and `GET …/cloudinit` shows it.
+    pub cloudinit_drive: BTreeMap<String, String>,
     pub pool: Option<String>,
     pub lock: Option<String>,
     pub booted_at: Option<Instant>,
+}
+
+/// Options qemu-server applies to a running VM's config at once
+/// (`$fast_plug_option` in PVE/QemuServer.pm, which adds every cloud-init
+/// option of `$confdesc_cloudinit`): they need no device change. Cloud-init
+/// options reach the guest only when the drive is regenerated at start.
+fn fast_plug(key: &str) -> bool {
+    [
+        "description",
+        "hookscript",
+        "lock",
+        "migrate_downtime",
+        "migrate_speed",
+        "name",
+        "onboot",
+        "protection",
+        "shares",
+        "startup",
+        "tags",
+        "vmstatestorage",
+    ]
+    .contains(&key)
+        || cloudinit_option(key)
+}
+
+/// `$confdesc_cloudinit` (PVE/QemuServer.pm) and `ipconfigN`.
+fn cloudinit_option(key: &str) -> bool {
+    [
+        "cicustom",
+        "cipassword",
+        "citype",
+        "ciupgrade",
+        "ciuser",
+        "nameserver",
+        "searchdomain",
+        "sshkeys",
+    ]
+    .contains(&key)
+        || key.starts_with("ipconfig")
+}
+
+/// Whether qemu-server can apply `key: value` to a running VM with the
+/// default `hotplug: network,disk,usb` (vmconfig_hotplug_pending): NICs
+/// (vmconfig_update_net), new SCSI/VirtIO disks (vmconfig_update_disk;
+/// IDE and SATA are never hot-plugged), an unchanged `agent`
+/// (vmconfig_update_agent); `memory` needs the `memory` feature and
+/// `cores`, `sockets`, `cpu`, `scsihw` are never hot-plugged ("skip").
+fn hotpluggable(vm: &SimVm, key: &str, value: &str) -> bool {
+    let hotplug = vm
+        .config
+        .get("hotplug")
+        .cloned()
+        .unwrap_or("network,disk,usb".into());
+    let has = |f: &str| hotplug.split(',').any(|x| x == f);
+    if fast_plug(key) {
+        return true;
+    }
+    if key.starts_with("net") {
+        return has("network");
+    }
+    if ["scsi", "virtio"].iter().any(|p| key.starts_with(p)) && !key.starts_with("scsihw") {
+        return has("disk") && vm.config.get(key).is_none_or(|old| old == value);
+    }
+    match key {
+        "agent" => vm.config.get(key).is_some_and(|old| old == value),
+        "memory" => has("memory"),
+        _ => false,
+    }
+}
+
+impl SimVm {
+    /// The config with pending values applied: what `GET …/config`
+    /// returns unless `current=1` (PVE::QemuConfig load_current_config).
+    pub fn pending_view(&self) -> BTreeMap<String, String> {
+        let mut c = self.config.clone();
+        c.extend(self.pending.clone());
+        c
+    }
+
+    /// What a start does before QEMU runs (qemu-server vm_start_nolock):
+    /// apply the `[PENDING]` section (vmconfig_apply_pending), then
+    /// regenerate the cloud-init drive (Cloudinit apply_cloudinit_config,
+    /// which clears `[special:cloudinit]`).
+    fn apply_pending_at_start(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        self.config.extend(pending);
+        self.cloudinit_drive = self
+            .config
+            .iter()
+            .filter(|(k, _)| cloudinit_option(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +162,9 @@ enum Effect {
     Unlock(u32),
     Stop(u32),
     Delete(u32),
+    /// qmreboot: shut down; qmeventd starts the VM again (PVE::QemuServer
+    /// vm_reboot's reboot request), which applies pending changes.
+    Reboot(u32),
 }
 
 /// Faults a test can ask for.
@@ -105,6 +211,9 @@ pub struct Sim {
     /// LXC containers: VMID → (name, node). They share the VMID space
     /// with VMs and are listed by /cluster/resources with `type: lxc`.
     pub containers: BTreeMap<u32, (String, String)>,
+    /// Reboots requested while another VM's guest was still down from its
+    /// own restart (a client that reboots the platform all at once).
+    pub overlapping_reboots: u32,
 }
 
 impl Sim {
@@ -153,6 +262,7 @@ impl Sim {
                         pool: None,
                         lock: None,
                         booted_at: None,
+                        ..Default::default()
                     },
                 );
             }
@@ -250,6 +360,7 @@ impl PveSim {
                     pool: None,
                     lock: None,
                     booted_at: None,
+                    ..Default::default()
                 },
             );
         }
@@ -712,6 +823,14 @@ impl Sim {
                     self.vms.remove(&v);
                     self.removed.push(v);
                 }
+                Effect::Reboot(v) => {
+                    let boot_ms = self.boot_ms;
+                    if let Some(vm) = self.vms.get_mut(&v) {
+                        vm.apply_pending_at_start();
+                        vm.running = true;
+                        vm.booted_at = Some(now + Duration::from_millis(boot_ms));
+                    }
+                }
             }
         }
     }
@@ -959,6 +1078,7 @@ async fn handle_request(
                     pool: params.get("pool").cloned(),
                     lock: Some("clone".into()),
                     booted_at: None,
+                    ..Default::default()
                 },
             );
             let exit = if s.faults.clone_task_fails > 0 {
@@ -975,8 +1095,13 @@ async fn handle_request(
                 return conf_missing();
             }
             let vm = &s.vms[&vmid];
-            let mut o: Map<String, Value> = vm
-                .config
+            // Pending values unless `current=1` (API2/Qemu.pm vm_config).
+            let view = if params.get("current").is_some_and(|c| c == "1") {
+                vm.config.clone()
+            } else {
+                vm.pending_view()
+            };
+            let mut o: Map<String, Value> = view
                 .iter()
                 .map(|(k, v)| {
                     let val = match k.as_str() {
@@ -988,11 +1113,60 @@ async fn handle_request(
                     (k.clone(), val)
                 })
                 .collect();
-            o.insert("digest".into(), json!(digest(&vm.config)));
+            o.insert("digest".into(), json!(digest(&vm.pending_view())));
             if let Some(l) = &vm.lock {
                 o.insert("lock".into(), json!(l));
             }
             ok(Value::Object(o))
+        }
+        ("GET", "/nodes/{node}/qemu/{vmid}/pending") => {
+            if vm_missing(&s) {
+                return conf_missing();
+            }
+            // API2/Qemu.pm vm_pending (GuestHelpers
+            // config_with_pending_array): every key with its current
+            // `value` and, when it differs, its `pending` value.
+            let vm = &s.vms[&vmid];
+            let mut keys: Vec<&String> = vm.config.keys().chain(vm.pending.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            let list: Vec<Value> = keys
+                .into_iter()
+                .map(|k| {
+                    let mut o = json!({"key": k});
+                    if let Some(v) = vm.config.get(k) {
+                        o["value"] = json!(v);
+                    }
+                    if let Some(p) = vm.pending.get(k) {
+                        o["pending"] = json!(p);
+                    }
+                    o
+                })
+                .collect();
+            ok(json!(list))
+        }
+        ("GET", "/nodes/{node}/qemu/{vmid}/cloudinit") => {
+            if vm_missing(&s) {
+                return conf_missing();
+            }
+            // API2/Qemu.pm cloudinit_pending: each cloud-init option with
+            // the `value` the drive was generated from and the `pending`
+            // one the next start writes; a removed one has `delete: 1`.
+            let vm = &s.vms[&vmid];
+            let mut list = vec![];
+            for (k, v) in vm.config.iter().filter(|(k, _)| cloudinit_option(k)) {
+                match vm.cloudinit_drive.get(k) {
+                    Some(old) if old == v => list.push(json!({"key": k, "value": v})),
+                    Some(old) => list.push(json!({"key": k, "value": old, "pending": v})),
+                    None => list.push(json!({"key": k, "pending": v})),
+                }
+            }
+            for k in vm.cloudinit_drive.keys() {
+                if !vm.config.contains_key(k) {
+                    list.push(json!({"key": k, "delete": 1}));
+                }
+            }
+            ok(json!(list))
         }
         ("PUT" | "POST", "/nodes/{node}/qemu/{vmid}/config") => {
             if vm_missing(&s) {
@@ -1003,7 +1177,7 @@ async fn handle_request(
                 return fail(&format!("VM is locked ({l})"));
             }
             if let Some(d) = params.get("digest") {
-                if *d != digest(&vm.config) {
+                if *d != digest(&vm.pending_view()) {
                     return fail(
                         "detected modified configuration - file changed by other user? Try again.",
                     );
@@ -1039,7 +1213,16 @@ async fn handle_request(
                 if k == "name" {
                     vm.name = v.clone();
                 }
-                vm.config.insert(k.clone(), v);
+                // A running VM takes what can be hot-plugged; the rest
+                // waits in [PENDING] for the next start (update_vm_api
+                // writes every change to pending, then
+                // vmconfig_hotplug_pending applies what it can).
+                if vm.running && !hotpluggable(vm, k, &v) {
+                    vm.pending.insert(k.clone(), v);
+                } else {
+                    vm.pending.remove(k);
+                    vm.config.insert(k.clone(), v);
+                }
             }
             if let Some(list) = params.get("delete") {
                 for k in list.split([',', ';', ' ']) {
@@ -1134,6 +1317,7 @@ async fn handle_request(
             };
             let boot = Instant::now() + Duration::from_millis(s.task_ms + s.boot_ms);
             let vm = s.vms.get_mut(&vmid).unwrap();
+            vm.apply_pending_at_start();
             vm.running = true;
             vm.booted_at = Some(boot);
             let upid = s.task(&node, "qmstart", vmid, exit, None);
@@ -1151,9 +1335,45 @@ async fn handle_request(
                 return conf_missing();
             }
             let vm = &s.vms[&vmid];
+            // `maxmem` in bytes from the running config's memory
+            // (PVE::QemuServer vmstatus), not from pending values.
+            let mib: u64 = vm
+                .config
+                .get("memory")
+                .and_then(|m| {
+                    m.trim_start_matches("current=")
+                        .split(',')
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or(2048);
             ok(
-                json!({"vmid": vmid, "name": vm.name, "status": if vm.running { "running" } else { "stopped" }}),
+                json!({"vmid": vmid, "name": vm.name, "status": if vm.running { "running" } else { "stopped" }, "maxmem": mib << 20}),
             )
+        }
+        ("POST", "/nodes/{node}/qemu/{vmid}/status/reboot") => {
+            if vm_missing(&s) {
+                return conf_missing();
+            }
+            // API2/Qemu.pm vm_reboot: only a running VM.
+            if !s.vms[&vmid].running {
+                return fail(&format!("VM {vmid} not running"));
+            }
+            if let Some(l) = &s.vms[&vmid].lock {
+                return fail(&format!("VM is locked ({l})"));
+            }
+            let now = Instant::now();
+            if s.vms
+                .iter()
+                .any(|(id, v)| *id != vmid && v.running && v.booted_at.is_none_or(|b| b > now))
+            {
+                s.overlapping_reboots += 1;
+            }
+            // The guest shuts down now: the agent stops answering.
+            s.vms.get_mut(&vmid).unwrap().booted_at = None;
+            let upid = s.task(&node, "qmreboot", vmid, "OK", Some(Effect::Reboot(vmid)));
+            ok(json!(upid))
         }
         ("DELETE", "/nodes/{node}/qemu/{vmid}") => {
             if vm_missing(&s) {

@@ -203,6 +203,7 @@ pub fn sim_with_vm(node: &Node, disk: &str) -> PveSim {
             pool: None,
             lock: None,
             booted_at: None,
+            ..Default::default()
         };
         // A second VM on the same node (the test sshd plays one node).
         let mut nodo1 = vm.clone();
