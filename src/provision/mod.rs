@@ -890,13 +890,7 @@ async fn create(
         }
     }
     let params: Vec<(&str, String)> = set.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-    c.call(
-        reqwest::Method::PUT,
-        &format!("/nodes/{}/qemu/{}/config", vm.node, vm.vmid),
-        &params,
-        &ctx,
-    )
-    .await?;
+    put_config(c, &vm.node, vm.vmid, &params, &ctx).await?;
     for (slot, size) in &grow {
         progress(quiet, &vm.name, &format!("growing {slot} to {size}"));
         c.task(
@@ -995,11 +989,13 @@ fn is_ours(cfg: &Value, name: &str) -> bool {
         == Some(name)
 }
 
-/// Sends a request that makes something happen (a clone, a start) and
-/// returns its UPID. After a lost reply (a transport error: the request
-/// may have reached PVE or not) it asks `happened` before sending again,
-/// and returns `None` when it had. Other transient failures (PVE refused
-/// the request: a lock timeout) are retried; the rest fail at once.
+/// Sends a request that makes something happen (a clone, a start, a
+/// config write) and returns its UPID. After a lost reply (a transport
+/// error: the request may have reached PVE or not) it waits, then asks
+/// `happened` before sending again, and returns `None` when it had; a
+/// look that cannot get through either (pveproxy restarting) is repeated,
+/// never taken for "no". Other transient failures (PVE refused the
+/// request: a lock timeout) are retried; the rest fail at once.
 async fn send_looking_first<F, Fut>(
     c: &Client,
     method: reqwest::Method,
@@ -1013,23 +1009,83 @@ where
     Fut: std::future::Future<Output = Result<bool, PveError>>,
 {
     let mut attempt = 0;
+    let mut look = false;
     loop {
-        match c.once(method.clone(), path, params, ctx).await {
-            Ok(v) => return Ok(v.as_str().map(String::from)),
-            Err(e) if e.transient() => {
-                let lost = e.status == 0 && e.upid.is_none();
-                if lost && happened().await? {
-                    return Ok(None);
+        let e = if look {
+            match happened().await {
+                Ok(true) => return Ok(None),
+                Ok(false) => {
+                    look = false;
+                    continue;
                 }
-                attempt += 1;
-                match c.backoff(attempt) {
-                    Some(wait) => tokio::time::sleep(wait).await,
-                    None => return Err(e),
-                }
+                Err(e) if e.transient() => e,
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
+        } else {
+            match c.once(method.clone(), path, params, ctx).await {
+                Ok(v) => return Ok(v.as_str().map(String::from)),
+                Err(e) if e.transient() => {
+                    look = e.status == 0 && e.upid.is_none();
+                    e
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        attempt += 1;
+        match c.backoff(attempt) {
+            Some(wait) => tokio::time::sleep(wait).await,
+            None => return Err(e),
         }
     }
+}
+
+/// Whether `value` makes PVE allocate a volume (`storage:SIZE_GiB`,
+/// `storage:cloudinit`): sending it twice would allocate twice.
+fn allocates(value: &str) -> bool {
+    let first = value.split(',').next().unwrap_or("");
+    first.split_once(':').is_some_and(|(st, rest)| {
+        !st.is_empty() && (rest == "cloudinit" || rest.parse::<u64>().is_ok())
+    })
+}
+
+/// Whether a VM config holds what a config write set: each key with its
+/// value (a new volume: its slot exists; a property string: each option).
+fn holds(cfg: &Value, params: &[(&str, String)]) -> bool {
+    params
+        .iter()
+        .filter(|(k, _)| *k != "digest")
+        .all(|(k, want)| {
+            let have = s(cfg.get(*k));
+            if allocates(want) {
+                return !have.is_empty();
+            }
+            if same(k, &have, want) {
+                return true;
+            }
+            let (p0, w) = prop(want);
+            let (h0, h) = prop(&have);
+            !have.is_empty() && p0 == h0 && w.iter().all(|(o, v)| h.get(o) == Some(v))
+        })
+}
+
+/// `PUT …/config`; after a lost reply it reads the config (pending values
+/// included) and sends again only if the write did not land, so a new
+/// disk is never allocated twice and a digest never refuses our own
+/// write.
+async fn put_config(
+    c: &Client,
+    node: &str,
+    vmid: u32,
+    params: &[(&str, String)],
+    ctx: &Ctx,
+) -> Result<(), PveError> {
+    let path = format!("/nodes/{node}/qemu/{vmid}/config");
+    send_looking_first(c, reqwest::Method::PUT, &path, params, ctx, || async {
+        let cfg = c.once(reqwest::Method::GET, &path, &[], ctx).await?;
+        Ok(holds(&cfg, params))
+    })
+    .await
+    .map(|_| ())
 }
 
 /// Starts a VM; after a lost reply, a VM already running counts as started.
@@ -1186,13 +1242,7 @@ async fn update(
         if let Some(d) = digest {
             params.push(("digest", d.clone()));
         }
-        c.call(
-            reqwest::Method::PUT,
-            &format!("/nodes/{node}/qemu/{vmid}/config"),
-            &params,
-            &ctx,
-        )
-        .await?;
+        put_config(c, node, *vmid, &params, &ctx).await?;
     }
     for (slot, size) in grow {
         progress(quiet, &vm.name, &format!("growing {slot} to {size}"));
@@ -1249,21 +1299,56 @@ async fn update(
         &vm.name,
         &format!("rebooting to apply {}", pending.join(", ")),
     );
+    // After a lost reply, the node's task list says whether the reboot
+    // started: a qmreboot task for this VM that was not there before.
+    let reboots_of_vm = || async {
+        let list = c
+            .once(
+                reqwest::Method::GET,
+                &format!("/nodes/{node}/tasks"),
+                &[
+                    ("vmid", vmid.to_string()),
+                    ("typefilter", "qmreboot".into()),
+                    ("source", "all".into()),
+                ],
+                &ctx,
+            )
+            .await?;
+        Ok::<BTreeSet<String>, PveError>(
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.get("upid").and_then(Value::as_str).map(String::from))
+                .collect(),
+        )
+    };
+    let mut attempt = 0;
+    let before = loop {
+        match reboots_of_vm().await {
+            Ok(b) => break b,
+            Err(e) if e.transient() => {
+                attempt += 1;
+                tokio::time::sleep(c.backoff(attempt).ok_or(e)?).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let seen = std::sync::Mutex::new(None);
     let upid = send_looking_first(
         c,
         reqwest::Method::POST,
         &format!("/nodes/{node}/qemu/{vmid}/status/reboot"),
         &[],
         &ctx,
-        // After a lost reply: the reboot happened when nothing is pending.
         || async {
-            Ok(pending_until_reboot(c, node, *vmid)
-                .await?
-                .iter()
-                .all(|ch| !pending.contains(&ch.field)))
+            let new = reboots_of_vm().await?.difference(&before).next().cloned();
+            let started = new.is_some();
+            *seen.lock().expect("reboot lookup") = new;
+            Ok(started)
         },
     )
-    .await?;
+    .await?
+    .or_else(|| seen.lock().expect("reboot lookup").take());
     if let Some(u) = upid {
         c.wait_task(&u, &ctx).await?;
     }

@@ -1165,3 +1165,125 @@ fn changes_to_a_running_vm_wait_for_a_reboot_unless_one_is_allowed() {
     );
     assert!(e.violations().is_empty(), "{:?}", e.violations());
 }
+
+/// Runs `provision apply` (with `extra` flags) until every VM is ok;
+/// at most three runs. Returns how many it took.
+fn converge(e: &PEnv, seed: u64, extra: &[&str]) -> u32 {
+    let mut args = vec!["--json", "provision", "apply"];
+    args.extend_from_slice(extra);
+    let mut runs = 0;
+    loop {
+        runs += 1;
+        let out = e.run(&args);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if out.status.success()
+            && report["applied"]
+                .as_array()
+                .is_some_and(|a| a.iter().all(|v| v["ok"] == true))
+        {
+            return runs;
+        }
+        eprintln!("seed {seed} run {runs}: {}", stderr(&out));
+        assert!(
+            runs < 3,
+            "seed {seed}: not converged after {runs} runs: {}\n{report}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn apply_converges_under_lost_replies_a_restart_and_lock_timeouts() {
+    let mut injected: Vec<String> = vec![];
+    for seed in 1..=3u64 {
+        let e = PEnv::new();
+        let mut runs = vec![];
+        // Create the three VMs, then change them (cores wait for a reboot,
+        // the disk grows) with --reboot, each under its own chaos.
+        for (phase, extra) in [(0u64, &[][..]), (100, &["--reboot"][..])] {
+            if phase > 0 {
+                e.write(4, "24G", VMS);
+            }
+            e.sim
+                .with(|s| s.faults.chaos = Some(crate::pve_sim::Chaos::new(seed + phase)));
+            runs.push(converge(&e, seed, extra));
+            let chaos = e.sim.with(|s| s.faults.chaos.take().unwrap());
+            let plan = e.json(&["provision", "plan"]);
+            assert!(
+                actions(&plan).iter().all(|(_, a)| a == "unchanged"),
+                "seed {seed}: {plan}\ninjected: {:?}",
+                chaos.injected
+            );
+            injected.extend(chaos.injected);
+        }
+        e.sim.with(|s| {
+            for id in [701, 702, 703] {
+                let vm = &s.vms[&id];
+                assert!(vm.running && vm.lock.is_none(), "seed {seed}: {id}");
+                assert_eq!(vm.config["cores"], "4");
+                assert!(vm.pending.is_empty(), "seed {seed}: {:?}", vm.pending);
+                // One disk, grown once: nothing allocated twice.
+                let disks: Vec<_> = vm
+                    .config
+                    .keys()
+                    .filter(|k| k.starts_with("scsi") && *k != "scsihw" || k.starts_with("unused"))
+                    .collect();
+                assert_eq!(disks, ["scsi0"], "seed {seed}: {:?}", vm.config);
+                assert!(vm.config["scsi0"].contains("size=24G"));
+            }
+            // Nothing created twice, nothing left behind.
+            assert_eq!(s.vms.len(), 6, "seed {seed}: {:?}", s.vms.keys());
+            // Each VM rebooted once (a lost reply is looked up in the
+            // node's task list, not answered with a second reboot).
+            for id in [701, 702, 703] {
+                let reboots = s
+                    .log
+                    .iter()
+                    .filter(|(m, p, _)| m == "POST" && p.ends_with(&format!("/{id}/status/reboot")))
+                    .count();
+                assert_eq!(reboots, 1, "seed {seed}: VM {id}");
+            }
+        });
+        assert!(e.violations().is_empty(), "{:?}", e.violations());
+        eprintln!("seed {seed}: runs {runs:?}");
+    }
+    eprintln!("injected: {injected:?}");
+    // The faults did happen.
+    for kind in ["restart", "lock", "drop"] {
+        assert!(
+            injected.iter().any(|i| i.starts_with(kind)),
+            "no {kind}: {injected:?}"
+        );
+    }
+}
+
+#[test]
+fn a_config_write_whose_reply_is_lost_is_not_sent_twice() {
+    let e = PEnv::new();
+    assert_all_ok(&e.json(&["provision", "apply"]));
+    // A second disk and other cores for the control plane; the reply to
+    // the config write is lost after PVE made the change.
+    let vms = VMS.replace(
+        "    role: control-plane\n",
+        "    role: control-plane\n    cores: 6\n    disks:\n      - { slot: scsi0, storage: local-lvm, size: 20G, iothread: true }\n      - { slot: scsi1, storage: local-lvm, size: 8G }\n",
+    );
+    e.write(8, "20G", &vms);
+    e.sim
+        .with(|s| s.faults.lose_reply = vec!["PUT /qemu/701/config".into()]);
+    let out = e.json(&["provision", "apply"]);
+    assert_all_ok(&out);
+    e.sim.with(|s| {
+        assert!(s.faults.lose_reply.is_empty());
+        let vm = &s.vms[&701];
+        // Sent once: no second volume (unused0), no digest refusal.
+        assert!(vm.config["scsi1"].contains("size=8G"), "{:?}", vm.config);
+        assert!(!vm.config.contains_key("unused0"), "{:?}", vm.config);
+        assert_eq!(vm.pending["cores"], "6");
+        let puts = s
+            .log
+            .iter()
+            .filter(|(m, p, _)| m == "PUT" && p.ends_with("/701/config"))
+            .count();
+        assert_eq!(puts, 2, "the create's write and this one");
+    });
+}

@@ -20,7 +20,9 @@
 //! - Faults on request: config lock timeouts on clone, "got no worker upid"
 //!   on start, a task status 400 while a new UPID is "not visible yet", a
 //!   failing clone task, start tasks that end "WARNINGS: 1" (a success that
-//!   logged warnings), a VMID taken by someone else just before a clone.
+//!   logged warnings), a VMID taken by someone else just before a clone,
+//!   and seeded chaos ([`Chaos`]): lock timeouts, lost replies and a
+//!   pveproxy restart, at random but bounded.
 //!
 //! Regenerate the schema subset with the Python snippet in
 //! tests/fixtures/pve/README.md (it keeps only each method's `parameters`).
@@ -150,6 +152,9 @@ impl SimVm {
 #[derive(Debug, Clone)]
 struct Task {
     node: String,
+    kind: String,
+    vmid: u32,
+    started: u64,
     done_at: Instant,
     exit: String,
     log: Vec<String>,
@@ -182,9 +187,81 @@ pub struct Faults {
     /// The address every guest agent reports (a guest whose own network
     /// setup overrides cloud-init's).
     pub agent_ip: Option<String>,
-    /// Requests (by path suffix, e.g. "/clone") whose reply is lost once
-    /// after the work was done.
+    /// Requests (by path suffix, e.g. "/clone", or method and suffix,
+    /// "PUT /qemu/701/config") whose reply is lost once after the work
+    /// was done.
     pub lose_reply: Vec<String>,
+    /// Seeded random faults (the chaos test).
+    pub chaos: Option<Chaos>,
+}
+
+/// Seeded, bounded random faults: lock timeouts on requests that change a
+/// VM, replies lost after the work was done, and one pveproxy restart
+/// that drops every connection for a while (tasks run on: they are
+/// pvedaemon's forked workers).
+#[derive(Debug, Clone, Default)]
+pub struct Chaos {
+    state: u64,
+    /// Faults left to inject; none once it reaches 0.
+    pub budget: u32,
+    /// Percent of VM-changing requests refused with a lock timeout.
+    pub lock_timeout_pct: u64,
+    /// Percent of successful VM-changing requests whose reply is lost.
+    pub drop_reply_pct: u64,
+    /// The request number at which pveproxy restarts …
+    pub restart_at: u64,
+    /// … and how long it drops every connection.
+    pub restart_ms: u64,
+    requests: u64,
+    restart_until: Option<Instant>,
+    /// What was injected: "lock <path>", "drop <path>", "restart <path>".
+    pub injected: Vec<String>,
+}
+
+impl Chaos {
+    pub fn new(seed: u64) -> Chaos {
+        Chaos {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            budget: 12,
+            lock_timeout_pct: 15,
+            drop_reply_pct: 15,
+            restart_at: 25 + seed % 20,
+            restart_ms: 400,
+            ..Chaos::default()
+        }
+    }
+
+    /// xorshift64*: a percent roll.
+    fn roll(&mut self, pct: u64) -> bool {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        self.state.wrapping_mul(0x2545_F491_4F6C_DD1D) % 100 < pct
+    }
+
+    fn spend(&mut self, what: &str, path: &str) -> bool {
+        if self.budget == 0 {
+            return false;
+        }
+        self.budget -= 1;
+        self.injected.push(format!("{what} {path}"));
+        true
+    }
+}
+
+/// Requests that change a VM (and take its config lock in qemu-server).
+fn changes_vm(method: &str, path: &str) -> bool {
+    method != "GET"
+        && [
+            "/clone",
+            "/config",
+            "/status/start",
+            "/status/reboot",
+            "/resize",
+            "/migrate",
+        ]
+        .iter()
+        .any(|p| path.ends_with(p))
 }
 
 #[derive(Debug, Default)]
@@ -780,6 +857,9 @@ impl Sim {
             upid.clone(),
             Task {
                 node: node.into(),
+                kind: kind.into(),
+                vmid,
+                started: 1_760_000_000 + self.next_task,
                 done_at: Instant::now() + Duration::from_millis(self.task_ms),
                 exit: exit.into(),
                 log,
@@ -843,9 +923,40 @@ async fn handle(
 ) -> Option<Resp> {
     st.lock().unwrap().import_pmxcfs();
     let path = req.uri().path().to_string();
+    let method = req.method().to_string();
+    {
+        let mut s = st.lock().unwrap();
+        if let Some(c) = s.faults.chaos.as_mut() {
+            c.requests += 1;
+            let now = Instant::now();
+            if c.requests == c.restart_at && c.spend("restart", &path) {
+                c.restart_until = Some(now + Duration::from_millis(c.restart_ms));
+            }
+            // pveproxy restarting: the connection closes unanswered.
+            if c.restart_until.is_some_and(|u| now < u) {
+                return None;
+            }
+            // qemu-server's lock_config waits 10 s for the VM's config
+            // lock (PVE::AbstractConfig lock_file → PVE::Tools
+            // lock_file_full) and dies "can't lock file … - got timeout".
+            if changes_vm(&method, &path) && c.roll(c.lock_timeout_pct) && c.spend("lock", &path) {
+                let vmid = path.split('/').nth(6).unwrap_or("0").to_string();
+                return Some(fail(&format!(
+                    "can't lock file '/var/lock/qemu-server/lock-{vmid}.conf' - got timeout"
+                )));
+            }
+        }
+    }
     let resp = handle_request(req, st, schema).await;
     let mut s = st.lock().unwrap();
     s.export_pmxcfs();
+    if resp.status().is_success() && changes_vm(&method, &path) {
+        if let Some(c) = s.faults.chaos.as_mut() {
+            if c.roll(c.drop_reply_pct) && c.spend("drop", &path) {
+                return None;
+            }
+        }
+    }
     // A reply lost after PVE did the work: the connection drops without
     // an answer (a network cut, pveproxy restarting).
     if resp.status().is_success() {
@@ -853,7 +964,10 @@ async fn handle(
             .faults
             .lose_reply
             .iter()
-            .position(|p| path.ends_with(p.as_str()))
+            .position(|p| match p.split_once(' ') {
+                Some((m, suffix)) => m == method && path.ends_with(suffix),
+                None => path.ends_with(p.as_str()),
+            })
         {
             s.faults.lose_reply.remove(i);
             return None;
@@ -1197,11 +1311,23 @@ async fn handle_request(
                     // volume `vm-<vmid>-cloudinit`, attached as a CD-ROM).
                     let storage = v.trim_end_matches(":cloudinit");
                     v = format!("{storage}:vm-{vmid}-cloudinit,media=cdrom");
-                } else if is_disk && !vm.config.contains_key(k) {
-                    // `storage:N` allocates a new N GiB volume.
+                } else if is_disk {
+                    // `storage:N` allocates a new N GiB volume, also over
+                    // a slot that holds one: the old volume is kept as
+                    // `unusedN` (API2/Qemu.pm update_vm_api →
+                    // vmconfig_register_unused_drive), so a write sent
+                    // twice leaves a second disk behind.
                     if let Some((storage, rest)) = v.split_once(':') {
                         let (gib, opts) = rest.split_once(',').unwrap_or((rest, ""));
                         if let Ok(n) = gib.parse::<u64>() {
+                            if let Some(old) = vm.config.get(k).cloned() {
+                                let free = (0..)
+                                    .map(|i| format!("unused{i}"))
+                                    .find(|u| !vm.config.contains_key(u))
+                                    .unwrap();
+                                let volume = old.split(',').next().unwrap_or("").to_string();
+                                vm.config.insert(free, volume);
+                            }
                             v = format!(
                                 "{storage}:vm-{vmid}-disk-{},size={n}G{}{opts}",
                                 vm.config.len(),
@@ -1405,6 +1531,39 @@ async fn handle_request(
                 o["exitstatus"] = json!(t.exit);
             }
             ok(o)
+        }
+        ("GET", "/nodes/{node}/tasks") => {
+            // API2/Tasks.pm node_tasks: the node's tasks, newest first;
+            // `source` archive (the default: finished ones only), active
+            // or all; `vmid` and `typefilter` narrow the list.
+            let source = params.get("source").map_or("archive", String::as_str);
+            let now = Instant::now();
+            let mut list: Vec<(u64, Value)> = s
+                .tasks
+                .iter()
+                .filter(|(_, t)| t.node == node)
+                .filter(|(_, t)| params.get("vmid").is_none_or(|v| *v == t.vmid.to_string()))
+                .filter(|(_, t)| params.get("typefilter").is_none_or(|f| *f == t.kind))
+                .filter(|(_, t)| {
+                    let done = t.done_at <= now;
+                    match source {
+                        "active" => !done,
+                        "all" => true,
+                        _ => done,
+                    }
+                })
+                .map(|(u, t)| {
+                    let mut o = json!({"upid": u, "node": t.node, "type": t.kind, "id": t.vmid.to_string(),
+                                       "user": TOKEN_ID, "pid": 1, "pstart": 1, "starttime": t.started});
+                    if t.done_at <= now {
+                        o["status"] = json!(t.exit);
+                        o["endtime"] = json!(t.started + 1);
+                    }
+                    (t.started, o)
+                })
+                .collect();
+            list.sort_by_key(|(st, _)| std::cmp::Reverse(*st));
+            ok(json!(list.into_iter().map(|(_, o)| o).collect::<Vec<_>>()))
         }
         ("GET", "/nodes/{node}/tasks/{upid}/log") => {
             let Some(t) = s.tasks.get(&params["upid"]) else {
