@@ -367,6 +367,25 @@ async fn plan_existing(c: &Client, vm: &Vm, live: &LiveVm) -> Result<Step, PveEr
             set.push((k, value));
         }
     }
+    match cloud_init_slot(&cfg, vm) {
+        Some(Some(slot)) => {
+            let storage = vm.disks.first().map_or("local-lvm", |d| d.1.as_str());
+            changes.push(Change {
+                field: slot.into(),
+                old: "(none)".into(),
+                new: format!("{storage}:cloudinit (cloud-init drive)"),
+            });
+            set.push((slot.into(), format!("{storage}:cloudinit")));
+        }
+        Some(None) => {
+            return Ok(Step::Conflict {
+                name: vm.name.clone(),
+                vmid: vm.vmid,
+                reason: "the VM has no cloud-init drive and no free IDE slot to add one, so its declared address, user and keys never reach the guest".into(),
+            })
+        }
+        None => {}
+    }
     let mut grow = vec![];
     for (slot, storage, bytes, text, iothread) in &vm.disks {
         let cur = s(cfg.get(slot));
@@ -426,7 +445,7 @@ async fn plan_existing(c: &Client, vm: &Vm, live: &LiveVm) -> Result<Step, PveEr
         }
     }
     let start = live.status != "running";
-    let pending = if start {
+    let mut pending = if start {
         vec![]
     } else {
         pending_until_reboot(c, &live.node, vm.vmid).await?
@@ -441,6 +460,59 @@ async fn plan_existing(c: &Client, vm: &Vm, live: &LiveVm) -> Result<Step, PveEr
             .map(|ch| ch.field.clone())
             .collect()
     };
+    // A running VM must have the declared address (issue 21 point 3 at
+    // plan time): ask its agent once. A wrong one that a cloud-init change
+    // waiting for the restart explains is listed with it; otherwise
+    // nothing labctl can apply would fix it.
+    if let (false, true, Some(want)) = (start, vm.agent, &vm.ip) {
+        let reported = c
+            .once(
+                reqwest::Method::GET,
+                &format!(
+                    "/nodes/{}/qemu/{}/agent/network-get-interfaces",
+                    live.node, vm.vmid
+                ),
+                &[],
+                &ctx,
+            )
+            .await
+            .map(|v| crate::proxmox::agent_ipv4s(&v))
+            .ok()
+            .filter(|ips| !ips.is_empty());
+        if let Some(ips) = reported {
+            if !ips.contains(want) {
+                let cloud_init = |f: &str| {
+                    f.starts_with("ide")
+                        || [
+                            "ipconfig0",
+                            "nameserver",
+                            "searchdomain",
+                            "ciuser",
+                            "sshkeys",
+                        ]
+                        .contains(&f)
+                };
+                let explained = pending.iter().any(|p| cloud_init(&p.field))
+                    || needs_reboot.iter().any(|f| cloud_init(f));
+                if !explained {
+                    return Ok(Step::Conflict {
+                        name: vm.name.clone(),
+                        vmid: vm.vmid,
+                        reason: format!(
+                            "the guest agent reports {}, not the declared {want}, and no cloud-init change waits for a restart: check the guest's network setup (cloud-init's network config, netplan) or the address in the file",
+                            ips.join(", ")
+                        ),
+                    });
+                }
+                let old = ips.join(", ");
+                pending.push(Change {
+                    field: "address".into(),
+                    old,
+                    new: want.clone(),
+                });
+            }
+        }
+    }
     if changes.is_empty() && !start && pending.is_empty() {
         return Ok(Step::Unchanged {
             name: vm.name.clone(),
@@ -826,26 +898,17 @@ async fn create(
     // ipconfig0, the user and the keys reach the guest only through a
     // cloud-init drive: a template without one gets it here (`ide2:
     // <storage>:cloudinit`, as `qm set --ide2 local-lvm:cloudinit` does).
-    let has_cloud_init = cfg.as_object().is_some_and(|m| {
-        m.values()
-            .any(|v| v.as_str().is_some_and(|t| t.contains("cloudinit")))
-    });
-    if !has_cloud_init && (vm.ipconfig.is_some() || vm.ciuser.is_some() || !vm.ssh_keys.is_empty())
-    {
-        let slot = ["ide2", "ide0", "ide1", "ide3"]
-            .into_iter()
-            .find(|k| cfg.get(*k).is_none())
-            .ok_or_else(|| PveError {
-                method: "PLAN".into(),
-                path: "ide".into(),
-                status: 0,
-                message: "the template has no cloud-init drive and no free IDE slot to add one"
-                    .into(),
-                node: Some(vm.node.clone()),
-                vmid: Some(vm.vmid),
-                upid: None,
-                retry_transport: false,
-            })?;
+    if let Some(slot) = cloud_init_slot(&cfg, vm) {
+        let slot = slot.ok_or_else(|| PveError {
+            method: "PLAN".into(),
+            path: "ide".into(),
+            status: 0,
+            message: "the template has no cloud-init drive and no free IDE slot to add one".into(),
+            node: Some(vm.node.clone()),
+            vmid: Some(vm.vmid),
+            upid: None,
+            retry_transport: false,
+        })?;
         let storage = vm.disks.first().map_or("local-lvm", |d| d.1.as_str());
         progress(
             quiet,
@@ -1037,6 +1100,25 @@ where
             None => return Err(e),
         }
     }
+}
+
+/// A VM config without a cloud-init drive for a VM that needs one
+/// (declared address, user or keys): `Some(the free IDE slot to add it
+/// at)`, `Some(None)` when every IDE slot is taken; `None` when nothing
+/// is missing. ipconfig0, the user and the keys reach the guest only
+/// through that drive (`ide2: <storage>:cloudinit`, as `qm set --ide2
+/// local-lvm:cloudinit` adds it).
+fn cloud_init_slot(cfg: &Value, vm: &Vm) -> Option<Option<&'static str>> {
+    let has = cfg.as_object().is_some_and(|m| {
+        m.values()
+            .any(|v| v.as_str().is_some_and(|t| t.contains("cloudinit")))
+    });
+    let needs = vm.ipconfig.is_some() || vm.ciuser.is_some() || !vm.ssh_keys.is_empty();
+    (!has && needs).then(|| {
+        ["ide2", "ide0", "ide1", "ide3"]
+            .into_iter()
+            .find(|k| cfg.get(*k).is_none())
+    })
 }
 
 /// Whether `value` makes PVE allocate a volume (`storage:SIZE_GiB`,

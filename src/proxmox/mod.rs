@@ -576,6 +576,32 @@ fn pinned_tls(fp: Vec<u8>) -> crate::error::Result<rustls::ClientConfig> {
     Ok(cfg)
 }
 
+/// The non-loopback IPv4 addresses in a guest agent's
+/// `network-get-interfaces` answer.
+pub fn agent_ipv4s(v: &Value) -> Vec<String> {
+    let mut ips = vec![];
+    for iface in v
+        .get("result")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for a in iface
+            .get("ip-addresses")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let ip = a.get("ip-address").and_then(Value::as_str).unwrap_or("");
+            let v4 = a.get("ip-address-type").and_then(Value::as_str) == Some("ipv4");
+            if v4 && !ip.starts_with("127.") {
+                ips.push(ip.to_string());
+            }
+        }
+    }
+    ips
+}
+
 /// Waits until the VM's guest agent reports a non-loopback IPv4 address
 /// (the guest booted and its network is up); returns the addresses.
 ///
@@ -593,26 +619,7 @@ pub async fn wait_agent(
     loop {
         match c.get(&path, &[], &ctx).await {
             Ok(v) => {
-                let mut ips = vec![];
-                for iface in v
-                    .get("result")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default()
-                {
-                    for a in iface
-                        .get("ip-addresses")
-                        .and_then(Value::as_array)
-                        .cloned()
-                        .unwrap_or_default()
-                    {
-                        let ip = a.get("ip-address").and_then(Value::as_str).unwrap_or("");
-                        let v4 = a.get("ip-address-type").and_then(Value::as_str) == Some("ipv4");
-                        if v4 && !ip.starts_with("127.") {
-                            ips.push(ip.to_string());
-                        }
-                    }
-                }
+                let ips = agent_ipv4s(&v);
                 if !ips.is_empty() {
                     return Ok(ips);
                 }

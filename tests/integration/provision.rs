@@ -899,6 +899,39 @@ fn the_declared_address_is_checked_and_a_cloud_init_drive_added() {
             && err.contains("VMID 701"),
         "{err}"
     );
+    // The next plan does not call it unchanged: the running VM's agent is
+    // asked, and nothing labctl could apply explains the address.
+    let out = e.run(&["provision", "plan"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("controlador (VMID 701): the guest agent reports 10.0.0.9, not the declared 192.168.100.171"),
+        "{text}"
+    );
+    // A running VM without a cloud-init drive (made before labctl added
+    // one) gets it, and with the reboot it takes the declared address.
+    let e = PEnv::new();
+    assert_all_ok(&e.json(&["provision", "apply"]));
+    e.sim.with(|s| {
+        s.vms.get_mut(&701).unwrap().config.remove("ide2");
+    });
+    let plan = e.json(&["provision", "plan"]);
+    let step = &plan["steps"][0];
+    assert_eq!(step["action"], "update", "{plan}");
+    assert_eq!(step["changes"][0]["field"], "ide2", "{plan}");
+    assert_eq!(step["needs_reboot"], serde_json::json!(["ide2"]), "{plan}");
+    assert_eq!(
+        step["pending"],
+        serde_json::json!([{"field": "address", "old": "10.0.0.9", "new": "192.168.100.171"}])
+    );
+    let out = e.json(&["provision", "apply", "--reboot"]);
+    assert_all_ok(&out);
+    assert_eq!(out["applied"][0]["rebooted"], true, "{out}");
+    assert_eq!(out["applied"][0]["ips"][0], "192.168.100.171", "{out}");
+    assert!(actions(&e.json(&["provision", "plan"]))
+        .iter()
+        .all(|(_, a)| a == "unchanged"));
+    assert!(e.violations().is_empty(), "{:?}", e.violations());
 }
 
 /// Issue 21 point 2: a VM is labctl's from its clone on (the clone's
