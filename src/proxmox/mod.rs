@@ -184,18 +184,25 @@ impl Default for Options {
     }
 }
 
-/// A connected client for one endpoint.
+/// A connected client. It talks to one endpoint at a time; with several
+/// (any node of a cluster serves the whole API: pveproxy forwards to the
+/// node that owns a VM) a request that cannot reach the current one
+/// moves the client to the next and counts as transient, until every
+/// endpoint has failed in a row.
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
-    base: String,
+    bases: std::sync::Arc<Vec<String>>,
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Transport failures in a row, over all endpoints.
+    failing: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     auth: std::sync::Arc<secrecy::SecretString>,
     opts: Options,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "pve::Client({})", self.base)
+        write!(f, "pve::Client({})", self.base())
     }
 }
 
@@ -205,6 +212,18 @@ impl Client {
     /// # Errors
     /// A usage error for an unreadable CA file.
     pub fn new(endpoint: &str, token: &Token, opts: Options) -> crate::error::Result<Client> {
+        Self::with_endpoints(&[endpoint.to_string()], token, opts)
+    }
+
+    /// A client for a cluster's endpoints, starting with the first.
+    ///
+    /// # Errors
+    /// A usage error for an unreadable CA file.
+    pub fn with_endpoints(
+        endpoints: &[String],
+        token: &Token,
+        opts: Options,
+    ) -> crate::error::Result<Client> {
         let mut b = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .connect_timeout(Duration::from_secs(10))
@@ -232,10 +251,34 @@ impl Client {
         let auth = format!("PVEAPIToken={}={}", token.id, token.secret.expose_secret());
         Ok(Client {
             http,
-            base: format!("{}/api2/json", endpoint.trim_end_matches('/')),
+            bases: std::sync::Arc::new(
+                endpoints
+                    .iter()
+                    .map(|e| format!("{}/api2/json", e.trim_end_matches('/')))
+                    .collect(),
+            ),
+            current: std::sync::Arc::default(),
+            failing: std::sync::Arc::default(),
             auth: std::sync::Arc::new(secrecy::SecretString::from(auth)),
             opts,
         })
+    }
+
+    /// The endpoint in use (`https://host:8006/api2/json`).
+    pub fn base(&self) -> &str {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        &self.bases[i % self.bases.len()]
+    }
+
+    /// Uses endpoint `i` from now on.
+    pub(crate) fn use_endpoint(&self, i: usize) {
+        self.current
+            .store(i % self.bases.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many endpoints the client knows.
+    pub(crate) fn endpoints(&self) -> usize {
+        self.bases.len()
     }
 
     /// How long to wait before attempt `attempt + 1` (counting from 1),
@@ -256,7 +299,10 @@ impl Client {
         params: &[(&str, String)],
         ctx: &Ctx,
     ) -> Result<Value, PveError> {
-        let url = format!("{}{path}", self.base);
+        use std::sync::atomic::Ordering;
+        let index = self.current.load(Ordering::Relaxed) % self.bases.len();
+        let base = &self.bases[index];
+        let url = format!("{base}{path}");
         let mut req = self
             .http
             .request(method.clone(), &url)
@@ -298,11 +344,25 @@ impl Client {
             ]
             .iter()
             .any(|p| lower.contains(p));
+            // Another endpoint may answer: move on to it (unless another
+            // request already did) and let the caller retry, until every
+            // endpoint has failed in a row.
+            let failing = self.failing.fetch_add(1, Ordering::Relaxed) + 1;
+            let next = self.bases.len() > 1 && failing < self.bases.len() * 2;
+            if next {
+                let _ = self.current.compare_exchange(
+                    index,
+                    (index + 1) % self.bases.len(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
             PveError {
-                retry_transport: e.is_timeout() || !permanent,
-                ..err(0, format!("cannot reach PVE at {}: {why}", self.base))
+                retry_transport: e.is_timeout() || !permanent || next,
+                ..err(0, format!("cannot reach PVE at {base}: {why}"))
             }
         })?;
+        self.failing.store(0, Ordering::Relaxed);
         let status = resp.status();
         // PVE puts its message in the HTTP reason phrase.
         let reason = resp

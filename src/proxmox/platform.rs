@@ -921,16 +921,13 @@ pub async fn connect(p: &Platform) -> crate::error::Result<super::Client> {
         task_timeout: p.task_timeout,
         ..Default::default()
     };
-    let clients = p
-        .endpoints
-        .iter()
-        .map(|e| super::Client::new(e, &token, opts.clone()))
-        .collect::<crate::error::Result<Vec<_>>>()?;
+    let c = super::Client::with_endpoints(&p.endpoints, &token, opts.clone())?;
     let mut round = 0;
     loop {
         let mut last = None;
         let mut again = false;
-        for c in &clients {
+        for i in 0..c.endpoints() {
+            c.use_endpoint(i);
             let probe = c
                 .once(
                     reqwest::Method::GET,
@@ -939,8 +936,9 @@ pub async fn connect(p: &Platform) -> crate::error::Result<super::Client> {
                     &super::Ctx::default(),
                 )
                 .await;
+            c.use_endpoint(i);
             match probe {
-                Ok(_) => return Ok(c.clone()),
+                Ok(_) => return Ok(c),
                 Err(err) if err.status == 401 || err.status == 403 => return Err(err.into_lab()),
                 Err(err) => {
                     again |= err.transient();

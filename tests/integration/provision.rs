@@ -1320,3 +1320,32 @@ fn a_config_write_whose_reply_is_lost_is_not_sent_twice() {
         assert_eq!(puts, 2, "the create's write and this one");
     });
 }
+
+#[test]
+fn an_endpoint_that_dies_mid_apply_is_swapped_for_the_next() {
+    let e = PEnv::new();
+    // The first endpoint is a node that goes down after 15 requests (in
+    // the middle of the clones); the second stays up.
+    let dying = e.sim.node_that_dies_after(15);
+    let text = std::fs::read_to_string(&e.platform).unwrap();
+    let one = format!("endpoints: [\"{}\"]", e.sim.endpoint());
+    assert!(text.contains(&one));
+    let two = format!("endpoints: [\"{dying}\", \"{}\"]", e.sim.endpoint());
+    std::fs::write(&e.platform, text.replace(&one, &two)).unwrap();
+    let out = e.json(&["provision", "apply"]);
+    assert_all_ok(&out);
+    assert!(actions(&e.json(&["provision", "plan"]))
+        .iter()
+        .all(|(_, a)| a == "unchanged"));
+    e.sim.with(|s| {
+        assert_eq!(s.vms.len(), 6);
+        // Each VM cloned once.
+        let clones = s
+            .log
+            .iter()
+            .filter(|(m, p, _)| m == "POST" && p.ends_with("/clone"))
+            .count();
+        assert_eq!(clones, 3);
+    });
+    assert!(e.violations().is_empty(), "{:?}", e.violations());
+}

@@ -504,6 +504,58 @@ impl PveSim {
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
+    /// Another node's pveproxy (HTTP) in front of the same cluster: it
+    /// serves `requests` requests, then the node goes down: connections
+    /// close unanswered and new ones are refused.
+    pub fn node_that_dies_after(&self, requests: u64) -> String {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = self
+            ._rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let schema: Arc<Value> = Arc::new(
+            serde_json::from_str(include_str!("../fixtures/pve/api-subset.json")).unwrap(),
+        );
+        let (st, served, dead) = (
+            self.state.clone(),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        self._rt.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                if dead.load(Ordering::SeqCst) {
+                    // Dropping the listener: from now on, refused.
+                    return;
+                }
+                let (st, schema, served, dead) =
+                    (st.clone(), schema.clone(), served.clone(), dead.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (st, schema, served, dead) =
+                            (st.clone(), schema.clone(), served.clone(), dead.clone());
+                        async move {
+                            if served.fetch_add(1, Ordering::SeqCst) >= requests {
+                                dead.store(true, Ordering::SeqCst);
+                                return Err(std::io::Error::other("node down"));
+                            }
+                            handle(req, &st, &schema)
+                                .await
+                                .ok_or_else(|| std::io::Error::other("reply lost"))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        format!("http://127.0.0.1:{port}")
+    }
+
     pub fn with<R>(&self, f: impl FnOnce(&mut Sim) -> R) -> R {
         f(&mut self.state.lock().unwrap())
     }
