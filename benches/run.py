@@ -1,5 +1,22 @@
 #!/usr/bin/env python3
-"""labctl vs restic vs borg on the same data, in one run.
+"""labctl vs restic, rustic, borg 1.2 and borg 1.4 on the same data, in one run.
+
+Workloads (--workload):
+  mixed       (default) the 1 GiB mixed dataset below: first backup, second
+              backup after mutation, restore; local disk or --s3.
+  s3-latency  the mixed dataset into S3 (moto) behind examples/netshaper.rs
+              at 20 ms RTT / 1 Gbit/s and 50 ms / 200 Mbit/s (--links):
+              first and second backup and restore, with each step's S3
+              request count (labctl, restic, rustic).
+  small-files a notebook PVC: --files files of 1-16 KiB in directories of
+              1,000 (examples/benchdata.rs small; 1,000,000 = ~8 GiB):
+              first backup, unchanged second backup, a backup after 1% of
+              the files were rewritten, restore, and ls of the snapshot.
+  vm-stream   benches/vm.py's VM image stream (--size-gib).
+Generated data is kept under --work/data between runs (delete it to
+regenerate); repositories are made fresh each run. The peers come from
+benches/setup.sh (Debian's restic and borg 1.2; borg 1.4 from PyPI and
+rustic from crates.io under target/peers).
 
 Generates a reproducible mixed dataset (examples/benchdata.rs: a VM-image-like
 file with zero runs, random, text and repeated blocks, large files and a tree
@@ -12,6 +29,8 @@ warm()) and with no dirty pages left by the previous step. Needs restic and
 borg (Debian packages restic, borgbackup).
 
     python3 benches/run.py --size-mib 1024 [--tools labctl,restic,borg] [--repeat 3] [--json out.json]
+    python3 benches/run.py --workload s3-latency --size-mib 1024
+    python3 benches/run.py --workload small-files --files 1000000
 """
 import argparse
 import json
@@ -23,6 +42,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.join(ROOT, "target/peers")
 
 
 def du(path):
@@ -69,7 +89,17 @@ def run(cmd, env=None, cwd=None, stdin=None):
     return secs, usage.ru_maxrss / 1024.0
 
 
-S3 = None  # (endpoint, bucket) when --s3 is given
+S3 = None  # (endpoint, bucket) when --s3 is given: the endpoint the tools use
+S3_DIRECT = None  # moto itself, for the measuring helpers (not shaped)
+MOTO_LOG = None  # moto's access log: one line per request
+
+
+def s3_requests():
+    """Requests moto has answered so far (lines of its access log)."""
+    if not MOTO_LOG:
+        return 0
+    with open(MOTO_LOG, "rb") as f:
+        return sum(1 for line in f if b'" ' in line and b"HTTP/1" in line)
 
 
 def s3_env():
@@ -89,8 +119,10 @@ def start_moto(work):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
+    global MOTO_LOG
+    MOTO_LOG = os.path.join(work, "moto.log")
     proc = subprocess.Popen([os.path.join(venv, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=open(MOTO_LOG, "wb"))
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -110,7 +142,7 @@ def s3_objects(prefix):
     """(key, size) of the objects under s3 prefix (bucket/prefix), via ListObjectsV2."""
     import urllib.request
     import xml.etree.ElementTree as ET
-    endpoint, bucket = S3
+    endpoint, bucket = S3_DIRECT or S3
     out, token = [], None
     while True:
         url = f"{endpoint}/{bucket}?list-type=2&prefix={prefix}/"
@@ -148,7 +180,7 @@ def warm_s3(prefix):
     written objects paid more than the second (in 5 rounds, whichever tool
     restored first was the slower one), so each tool's restore starts with
     its objects read once."""
-    endpoint, bucket = S3
+    endpoint, bucket = S3_DIRECT or S3
     py = os.path.join(ROOT, "target/test-venv/bin/python")
     subprocess.run([py, "-c", WARM_S3, endpoint, bucket, prefix], env=dict(os.environ, **s3_env()), check=True)
 
@@ -180,6 +212,9 @@ class Labctl:
         extra = os.environ.get("LABCTL_BENCH_RESTORE_ARGS", "").split()
         return run([self.bin, "-q", "restore", "latest", "--target", target, *extra], env=env)
 
+    def ls(self):
+        return run([self.bin, "-q", "ls", "latest"], env=self.env)
+
 
 class Restic:
     name = "restic"
@@ -200,99 +235,115 @@ class Restic:
     def restore(self, target):
         return run(["restic", "restore", "-q", "latest", "--target", target], env=self.env)
 
+    def ls(self):
+        return run(["restic", "ls", "-q", "latest"], env=self.env)
+
+
+class Rustic:
+    """rustic (crates.io rustic-rs, from benches/setup.sh): S3 through its
+    opendal backend, options from RUSTIC_REPO_OPT_* variables."""
+    name = "rustic"
+
+    def __init__(self, work, _):
+        self.bin = os.path.join(PEERS, "bin/rustic")
+        if not os.path.exists(self.bin):
+            sys.exit("rustic is not installed: run benches/setup.sh")
+        self.repo = os.path.join(work, "repo-rustic")
+        self.prefix = f"{os.path.basename(work)}-rustic"
+        env = dict(os.environ, RUSTIC_PASSWORD="bench-password", RUSTIC_NO_PROGRESS="true",
+                   RUSTIC_CACHE_DIR=os.path.join(work, "cache-rustic"))
+        if S3:
+            env.update(RUSTIC_REPOSITORY="opendal:s3", RUSTIC_REPO_OPT_BUCKET=S3[1],
+                       RUSTIC_REPO_OPT_ROOT="/" + self.prefix, RUSTIC_REPO_OPT_ENDPOINT=S3[0],
+                       RUSTIC_REPO_OPT_REGION="us-east-1", RUSTIC_REPO_OPT_ACCESS_KEY_ID="bench",
+                       RUSTIC_REPO_OPT_SECRET_ACCESS_KEY="bench-secret")
+        else:
+            env.update(RUSTIC_REPOSITORY=self.repo)
+        self.env = env
+
+    def init(self):
+        run([self.bin, "init"], env=self.env)
+
+    def backup(self, data):
+        return run([self.bin, "backup", data], env=self.env)
+
+    def restore(self, target):
+        return run([self.bin, "restore", "latest", target], env=self.env)
+
+    def ls(self):
+        return run([self.bin, "ls", "latest"], env=self.env)
+
 
 class Borg:
     name = "borg"
+    bin = "borg"
 
     def __init__(self, work, _):
-        self.repo = os.path.join(work, "repo-borg")
+        self.repo = os.path.join(work, f"repo-{self.name}")
         self.env = dict(os.environ, BORG_REPO=self.repo, BORG_PASSPHRASE="bench-password",
-                        BORG_BASE_DIR=os.path.join(work, "base-borg"), BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
+                        BORG_BASE_DIR=os.path.join(work, f"base-{self.name}"),
+                        BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
         self.n = 0
 
     def init(self):
-        run(["borg", "init", "--encryption=repokey-blake2"], env=self.env)
+        run([self.bin, "init", "--encryption=repokey-blake2"], env=self.env)
 
     def backup(self, data):
         self.n += 1
-        return run(["borg", "create", "--compression", "zstd,3", f"::s{self.n}", data], env=self.env)
+        return run([self.bin, "create", "--compression", "zstd,3", f"::s{self.n}", data], env=self.env)
 
     def restore(self, target):
         os.makedirs(target, exist_ok=True)
-        return run(["borg", "extract", f"::s{self.n}"], env=self.env, cwd=target)
+        return run([self.bin, "extract", f"::s{self.n}"], env=self.env, cwd=target)
+
+    def ls(self):
+        return run([self.bin, "list", f"::s{self.n}"], env=self.env)
+
+
+class Borg14(Borg):
+    """borg 1.4 from PyPI (benches/setup.sh)."""
+    name = "borg14"
+    bin = os.path.join(PEERS, "borg14-venv/bin/borg")
+
+
+TOOLS = {"labctl": Labctl, "restic": Restic, "rustic": Rustic, "borg": Borg, "borg14": Borg14}
 
 
 def fmt(rows, size):
     mib = size / 2**20
-    head = ("tool", "1st backup s", "MB/s", "RSS MiB", "repo MiB", "2nd backup s", "RSS MiB", "growth MiB", "restore s", "MB/s", "RSS MiB")
+    reqs = "first_req" in rows[0]
+    head = ["tool", "1st backup s", "MB/s", "RSS MiB", "repo MiB", "2nd backup s", "RSS MiB", "growth MiB",
+            "restore s", "MB/s", "RSS MiB"]
+    if reqs:
+        head += ["1st req", "2nd req", "restore req"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join([
+        cells = [
             r["tool"], f"{r['first_s']:.2f}", f"{size / r['first_s'] / 1e6:.0f}", f"{r['first_rss']:.0f}",
             f"{r['repo_after_first'] / 2**20:.1f}", f"{r['second_s']:.2f}", f"{r['second_rss']:.0f}",
             f"{r['growth'] / 2**20:.1f}", f"{r['restore_s']:.2f}", f"{size / r['restore_s'] / 1e6:.0f}",
-            f"{r['restore_rss']:.0f}"]) + " |")
+            f"{r['restore_rss']:.0f}"]
+        if reqs:
+            cells += [f"{r['first_req']:.0f}", f"{r['second_req']:.0f}", f"{r['restore_req']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return f"dataset: {mib:.0f} MiB\n" + "\n".join(lines)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--tools", default="labctl,restic,borg")
-    ap.add_argument("--work", default=os.path.join(ROOT, "bench-work"))
-    ap.add_argument("--json", help="also write results here")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--s3", action="store_true",
-                    help="repositories on a local moto S3 server instead of local disk (tools: labctl,restic)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="rounds (fresh repositories and data each time); the table shows medians")
-    ap.add_argument("--sizes", type=int, metavar="N",
-                    help="instead of timing: repository size and growth of N fresh repositories per tool "
-                         "on the same data (chunker parameters are random per repository), as mean and spread")
-    args = ap.parse_args()
-
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "labctl", "--example", "benchdata"], cwd=ROOT, check=True)
-    binary = os.path.join(ROOT, "target/release/labctl")
-    gen = os.path.join(ROOT, "target/release/examples/benchdata")
-    if os.path.exists(args.work):
-        shutil.rmtree(args.work, ignore_errors=True)
-        # ext4 without a journal (this VM's root) skips inodes freed in the
-        # last 60 s when it allocates new ones, scanning past every one of
-        # them for each file created: thousands of fresh deletions make the
-        # next minute's file creation several times slower (seen as sys time
-        # in restores). Let them age first.
+def fresh_dir(path):
+    """Empties path for a run. ext4 without a journal (this VM's root) skips
+    inodes freed in the last 60 s when it allocates new ones, scanning past
+    every one of them for each file created: thousands of fresh deletions
+    make the next minute's file creation several times slower (seen as sys
+    time in restores). Let them age first."""
+    if os.path.exists(path):
+        shutil.rmtree(path, ignore_errors=True)
         os.sync()
-        print("waiting 65 s after deleting the old work directory", file=sys.stderr)
+        print("waiting 65 s after deleting the last run's files", file=sys.stderr)
         time.sleep(65)
-    os.makedirs(args.work)
-    global S3
-    moto = None
-    if args.s3:
-        moto, endpoint = start_moto(args.work)
-        S3 = (endpoint, "bench")
-        make_bucket(endpoint, "bench")
-    # Nothing is deleted until all rounds are done: on ext4, creating files
-    # right after deleting thousands makes the inode allocator skip the
-    # recently freed ones, which would penalise whichever tool runs next.
-    # The tool order also rotates each round.
-    if args.sizes:
-        try:
-            sizes_mode(args, binary, gen)
-        finally:
-            if moto:
-                moto.kill()
-            if not args.keep:
-                shutil.rmtree(args.work, ignore_errors=True)
-        return
-    try:
-        rounds = [one_round(args, binary, gen, i) for i in range(args.repeat)]
-    finally:
-        if moto:
-            moto.kill()
-    if not args.keep:
-        shutil.rmtree(args.work, ignore_errors=True)
-    size = rounds[0][0]
-    names = args.tools.split(",")
+    os.makedirs(path)
+
+
+def medians(rounds, names):
     rows = []
     for name in names:
         per = [r[1][name] for r in rounds]
@@ -302,36 +353,222 @@ def main():
                 row[key] = statistics.median(p[key] for p in per)
         row["rounds"] = per
         rows.append(row)
-    print(fmt(rows, size) + (f"\n(medians of {args.repeat} rounds)" if args.repeat > 1 else ""))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", default="mixed", choices=["mixed", "s3-latency", "small-files", "vm-stream"])
+    ap.add_argument("--size-mib", type=int, default=1024, help="mixed and s3-latency dataset size")
+    ap.add_argument("--files", type=int, default=1_000_000, help="small-files: how many files")
+    ap.add_argument("--size-gib", type=float, default=20, help="vm-stream: image size")
+    ap.add_argument("--links", default="20:1000,50:200",
+                    help="s3-latency: RTT_MS:MBIT settings, comma-separated")
+    ap.add_argument("--tools", help="comma-separated (default per workload: mixed labctl,restic,rustic,borg,"
+                                    "borg14; s3-latency labctl,restic,rustic; small-files all five)")
+    ap.add_argument("--work", default=os.path.join(ROOT, "bench-work"))
+    ap.add_argument("--json", help="also write results here")
+    ap.add_argument("--s3", action="store_true",
+                    help="mixed: repositories on a local moto S3 server instead of local disk "
+                         "(tools: labctl,restic,rustic)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds (fresh repositories each time); the table shows medians")
+    ap.add_argument("--sizes", type=int, metavar="N",
+                    help="mixed, instead of timing: repository size and growth of N fresh repositories per "
+                         "tool on the same data (chunker parameters are random per repository), as mean "
+                         "and spread")
+    args = ap.parse_args()
+    if args.workload == "vm-stream":
+        cmd = [sys.executable, os.path.join(ROOT, "benches/vm.py"), "--size-gib", str(args.size_gib)]
+        if args.json:
+            cmd += ["--json", args.json]
+        sys.exit(subprocess.run(cmd).returncode)
+    if not args.tools:
+        args.tools = {"s3-latency": "labctl,restic,rustic"}.get(args.workload, "labctl,restic,rustic,borg,borg14")
+        if args.s3:
+            args.tools = "labctl,restic,rustic"
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "labctl", "--example", "benchdata",
+                    "--example", "netshaper"], cwd=ROOT, check=True)
+    binary = os.path.join(ROOT, "target/release/labctl")
+    gen = os.path.join(ROOT, "target/release/examples/benchdata")
+    runs = os.path.join(args.work, "runs")
+    os.makedirs(os.path.join(args.work, "data"), exist_ok=True)
+    fresh_dir(runs)
+    if args.workload == "small-files":
+        small_files(args, binary, gen, runs)
+    elif args.workload == "s3-latency":
+        s3_latency(args, binary, gen, runs)
+    elif args.sizes:
+        global S3
+        moto = None
+        if args.s3:
+            moto, endpoint = start_moto(runs)
+            S3 = (endpoint, "bench")
+            make_bucket(endpoint, "bench")
+        try:
+            sizes_mode(args, binary, gen, runs)
+        finally:
+            if moto:
+                moto.kill()
+    else:
+        mixed(args, binary, gen, runs)
+
+
+def mixed(args, binary, gen, runs):
+    global S3
+    moto = None
+    if args.s3:
+        moto, endpoint = start_moto(runs)
+        S3 = (endpoint, "bench")
+        make_bucket(endpoint, "bench")
+    # Nothing is deleted until all rounds are done: on ext4, creating files
+    # right after deleting thousands makes the inode allocator skip the
+    # recently freed ones, which would penalise whichever tool runs next.
+    # The tool order also rotates each round.
+    try:
+        rounds = [one_round(args, binary, gen, runs, i) for i in range(args.repeat)]
+    finally:
+        if moto:
+            moto.kill()
+    rows = medians(rounds, args.tools.split(","))
+    print(fmt(rows, rounds[0][0]) + (f"\n(medians of {args.repeat} rounds)" if args.repeat > 1 else ""))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": size, "results": rows}, f, indent=2)
+            json.dump({"workload": "mixed", "size": rounds[0][0], "results": rows}, f, indent=2)
 
 
-def one_round(args, binary, gen, index):
-    work = os.path.join(args.work, f"round-{index}")
+def start_shaper(upstream, rtt_ms, mbit):
+    """examples/netshaper.rs in front of upstream (http://127.0.0.1:PORT)."""
+    port = upstream.rsplit(":", 1)[1]
+    p = subprocess.Popen([os.path.join(ROOT, "target/release/examples/netshaper"), "--upstream",
+                          f"127.0.0.1:{port}", "--rtt-ms", str(rtt_ms), "--mbit", str(mbit)],
+                         stdout=subprocess.PIPE, stderr=sys.stderr)
+    line = p.stdout.readline().decode().strip()
+    if not line.startswith("listening "):
+        sys.exit(f"netshaper did not start: {line}")
+    return p, "http://" + line.split()[1]
+
+
+def s3_latency(args, binary, gen, runs):
+    """The mixed dataset into S3 across a shaped link, per --links setting."""
+    global S3, S3_DIRECT
+    moto, endpoint = start_moto(runs)
+    out = []
+    try:
+        for k, link in enumerate(args.links.split(",")):
+            rtt, mbit = (float(x) for x in link.split(":"))
+            bucket = f"bench{k}"
+            make_bucket(endpoint, bucket)
+            shaper, shaped = start_shaper(endpoint, rtt, mbit)
+            S3, S3_DIRECT = (shaped, bucket), (endpoint, bucket)
+            try:
+                rounds = [one_round(args, binary, gen, os.path.join(runs, f"link{k}"), i)
+                          for i in range(args.repeat)]
+            finally:
+                shaper.terminate()
+                shaper.wait()
+            rows = medians(rounds, args.tools.split(","))
+            print(f"\nS3 at {rtt:g} ms RTT, {mbit:g} Mbit/s (examples/netshaper.rs in front of moto)")
+            print(fmt(rows, rounds[0][0]) + (f"\n(medians of {args.repeat} rounds)" if args.repeat > 1 else ""))
+            sys.stdout.flush()
+            out.append({"rtt_ms": rtt, "mbit": mbit, "size": rounds[0][0], "results": rows})
+    finally:
+        moto.kill()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"workload": "s3-latency", "links": out}, f, indent=2)
+
+
+def small_files(args, binary, gen, runs):
+    """A PVC of many small files: first backup, unchanged second, 1% rewritten,
+    restore, ls. The data stays under --work/data; each run rewrites another
+    1% of it (same sizes), so it keeps its shape."""
+    data = os.path.join(args.work, "data", f"small-{args.files}")
+    stamp = data + ".done"
+    if not os.path.exists(stamp):
+        shutil.rmtree(data, ignore_errors=True)
+        subprocess.run([gen, "small", data, str(args.files)], check=True)
+        open(stamp, "w").close()
+    size = du(data)
+    names = args.tools.split(",")
+    chosen = [TOOLS[t](runs, binary) for t in names]
+    res = {t.name: {"tool": t.name} for t in chosen}
+    steps = [("first", lambda t: t.backup(data)), ("unchanged", lambda t: t.backup(data))]
+    for t in chosen:
+        t.init()
+    for key, step in steps:
+        for t in chosen:
+            warm(data)
+            s, rss = step(t)
+            res[t.name].update({f"{key}_s": s, f"{key}_rss": rss})
+            print(f"{t.name}: {key} {s:.2f}s, {rss:.0f} MiB RSS", file=sys.stderr)
+    subprocess.run([gen, "touch", data, "10"], check=True)
+    for t in chosen:
+        warm(data)
+        s, rss = t.backup(data)
+        res[t.name].update(touched_s=s, touched_rss=rss)
+        print(f"{t.name}: 1% touched {s:.2f}s", file=sys.stderr)
+    for t in chosen:
+        warm(t.repo)
+        target = os.path.join(runs, f"restore-{t.name}")
+        s, rss = t.restore(target)
+        res[t.name].update(restore_s=s, restore_rss=rss)
+        print(f"{t.name}: restore {s:.2f}s", file=sys.stderr)
+    for t in chosen:
+        s, rss = t.ls()
+        res[t.name].update(ls_s=s, ls_rss=rss, repo=du(t.repo))
+        print(f"{t.name}: ls {s:.2f}s", file=sys.stderr)
+    head = ("tool", "1st backup s", "files/s", "RSS", "unchanged s", "RSS", "1% touched s", "RSS",
+            "restore s", "files/s", "RSS", "ls s", "RSS", "repo MiB")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    n = args.files
+    for r in res.values():
+        lines.append("| " + " | ".join([
+            r["tool"], f"{r['first_s']:.1f}", f"{n / r['first_s']:.0f}", f"{r['first_rss']:.0f}",
+            f"{r['unchanged_s']:.2f}", f"{r['unchanged_rss']:.0f}", f"{r['touched_s']:.2f}",
+            f"{r['touched_rss']:.0f}", f"{r['restore_s']:.1f}", f"{n / r['restore_s']:.0f}",
+            f"{r['restore_rss']:.0f}", f"{r['ls_s']:.2f}", f"{r['ls_rss']:.0f}",
+            f"{r['repo'] / 2**20:.0f}"]) + " |")
+    print(f"small files: {n} files, {size / 2**30:.2f} GiB (RSS in MiB)\n" + "\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"workload": "small-files", "files": n, "size": size, "results": list(res.values())},
+                      f, indent=2)
+
+
+def one_round(args, binary, gen, runs, index):
+    work = os.path.join(runs, f"round-{index}")
     os.makedirs(work, exist_ok=True)
     data = os.path.join(work, "data")
     subprocess.run([gen, "generate", data, str(args.size_mib)], check=True)
     size = du(data)
-    tools = {"labctl": Labctl, "restic": Restic, "borg": Borg}
     names = args.tools.split(",")
     names = names[index % len(names):] + names[:index % len(names)]
-    chosen = [tools[t](work, binary) for t in names]
+    chosen = [TOOLS[t](work, binary) for t in names]
     results = {t.name: {"tool": t.name} for t in chosen}
+
+    def counted(f):
+        before = s3_requests()
+        s, rss = f()
+        return s, rss, s3_requests() - before
+
     for t in chosen:
         t.init()
         warm(data)
-        s, rss = t.backup(data)
+        s, rss, req = counted(lambda: t.backup(data))
         results[t.name].update(first_s=s, first_rss=rss, repo_after_first=du_s3(t.prefix) if S3 else du(t.repo))
+        if S3:
+            results[t.name]["first_req"] = req
         print(f"{t.name}: first backup {s:.2f}s, {rss:.0f} MiB RSS", file=sys.stderr)
     subprocess.run([gen, "mutate", data], check=True)
     for t in chosen:
         warm(data)
-        s, rss = t.backup(data)
+        s, rss, req = counted(lambda: t.backup(data))
         r = results[t.name]
         r.update(second_s=s, second_rss=rss, repo_after_second=du_s3(t.prefix) if S3 else du(t.repo))
         r["growth"] = r["repo_after_second"] - r["repo_after_first"]
+        if S3:
+            r["second_req"] = req
         print(f"{t.name}: second backup {s:.2f}s, growth {r['growth'] / 2**20:.1f} MiB", file=sys.stderr)
     for t in chosen:
         target = os.path.join(work, f"restore-{t.name}")
@@ -339,13 +576,15 @@ def one_round(args, binary, gen, index):
             warm_s3(t.prefix)
         else:
             warm(t.repo)
-        s, rss = t.restore(target)
+        s, rss, req = counted(lambda: t.restore(target))
         results[t.name].update(restore_s=s, restore_rss=rss)
+        if S3:
+            results[t.name]["restore_req"] = req
         print(f"{t.name}: restore {s:.2f}s", file=sys.stderr)
     return size, results
 
 
-def sizes_mode(args, binary, gen):
+def sizes_mode(args, binary, gen, runs):
     """Repository size after the first backup and growth on the second, over
     N fresh repositories per tool on one dataset. Every tool draws its
     chunker parameters at random per repository (labctl's FastCDC seed,
@@ -353,18 +592,18 @@ def sizes_mode(args, binary, gen):
     alone moves a tool's size by about +-0.5% (where the cut points fall
     decides whether the repeated 1 MiB blocks in the large files deduplicate),
     so a few rounds cannot tell the tools' sizes apart; the mean of N can."""
-    orig = os.path.join(args.work, "orig")
-    mutated = os.path.join(args.work, "mutated")
-    data = os.path.join(args.work, "data")
+    orig = os.path.join(runs, "orig")
+    mutated = os.path.join(runs, "mutated")
+    data = os.path.join(runs, "data")
     subprocess.run([gen, "generate", orig, str(args.size_mib)], check=True)
     subprocess.run([gen, "generate", mutated, str(args.size_mib)], check=True)
     subprocess.run([gen, "mutate", mutated], check=True)
-    tools = {"labctl": Labctl, "restic": Restic, "borg": Borg}
+    tools = TOOLS
     names = args.tools.split(",")
     got = {n: {"first": [], "growth": []} for n in names}
     for i in range(args.sizes):
         for name in names:
-            work = os.path.join(args.work, f"repo-{i}-{name}")
+            work = os.path.join(runs, f"repo-{i}-{name}")
             os.makedirs(work)
             t = tools[name](work, binary)
             t.init()

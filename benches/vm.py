@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""A VM's nightly backup: labctl against restic and borg on the same stream.
+"""A VM's nightly backup: labctl against restic, rustic, borg 1.2 and borg 1.4
+on the same stream (rustic and borg 1.4 when benches/setup.sh installed them).
 
 The stream is the VM test generator's (examples/fakepve.rs `image`): a disk
 of --size-gib of 1 MiB regions (zero runs, random, repeated and text) and,
@@ -10,7 +11,8 @@ bytes from a pipe:
   labctl backup stream --chunker fixed   (the vm source's engine path,
                                           without the SSH transport)
   restic backup --stdin
-  borg create ::night -
+  rustic backup - --stdin-filename vm-701.raw
+  borg create ::night -   (borg 1.2 from Debian, borg 1.4 from PyPI)
 
 Reports per night: wall time, throughput, peak RSS (wait4) and repository
 growth. Targets (issue 18): labctl >= 2x restic's throughput on night 1,
@@ -89,6 +91,20 @@ def main():
         subprocess.run(["borg", "init", "--encryption", "repokey-blake2"], env=benv, check=True,
                        capture_output=True)
         tools["borg"] = (lambda n: ["borg", "create", f"::night{n}", "-"], benv, f"{work}/borg")
+        peers = os.path.join(ROOT, "target/peers")
+        rustic = os.path.join(peers, "bin/rustic")
+        if os.path.exists(rustic):
+            uenv = dict(os.environ, RUSTIC_REPOSITORY=f"{work}/rustic", RUSTIC_PASSWORD="bench",
+                        RUSTIC_CACHE_DIR=f"{work}/cache-rustic", RUSTIC_NO_PROGRESS="true")
+            subprocess.run([rustic, "init"], env=uenv, check=True, capture_output=True)
+            tools["rustic"] = (lambda n: [rustic, "backup", "-", "--stdin-filename", "vm-701.raw"], uenv,
+                               f"{work}/rustic")
+        borg14 = os.path.join(peers, "borg14-venv/bin/borg")
+        if os.path.exists(borg14):
+            b14 = dict(benv, BORG_REPO=f"{work}/borg14", BORG_BASE_DIR=f"{work}/base-borg14")
+            subprocess.run([borg14, "init", "--encryption", "repokey-blake2"], env=b14, check=True,
+                           capture_output=True)
+            tools["borg14"] = (lambda n: [borg14, "create", f"::night{n}", "-"], b14, f"{work}/borg14")
         rows = {}
         for name, (cmd, env, repo) in tools.items():
             r = {}

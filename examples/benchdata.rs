@@ -6,6 +6,11 @@
 //! `benchdata mutate <dir> [<MiB for the 1 GiB-relative layout>]`: scattered
 //! 64 KiB writes over ~2% of the image, and 100 bytes inserted 4 KiB into
 //! the first large file.
+//! `benchdata small <dir> <files>`: a notebook PVC full of a dataset: the
+//! files (1–16 KiB, half text, half random like compressed images) in
+//! directories of 1,000 (1,000,000 files: 1,000 directories, ~8.1 GiB).
+//! `benchdata touch <dir> <per-mille>`: rewrites that share of the small
+//! files (same size, new content, new mtime), spread over the tree.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -154,6 +159,64 @@ fn mutate(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The path of small file `i` (1,000 per directory).
+fn small_path(dir: &Path, i: usize) -> std::path::PathBuf {
+    dir.join(format!("d{:04}", i / 1000))
+        .join(format!("f{:07}.dat", i))
+}
+
+fn small_content(rng: &mut Rng, buf: &mut [u8]) -> usize {
+    let size = 1024 + (rng.next() % (15 * 1024 + 1)) as usize;
+    if rng.next().is_multiple_of(2) {
+        rng.fill_text(&mut buf[..size]);
+    } else {
+        rng.fill_random(&mut buf[..size]);
+    }
+    size
+}
+
+fn small(dir: &Path, files: usize) -> std::io::Result<()> {
+    let mut rng = Rng(0x5eed_0f5a_11f1_1e50);
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut total = 0u64;
+    for i in 0..files {
+        if i % 1000 == 0 {
+            fs::create_dir_all(small_path(dir, i).parent().expect("parent"))?;
+        }
+        let n = small_content(&mut rng, &mut buf);
+        fs::write(small_path(dir, i), &buf[..n])?;
+        total += n as u64;
+    }
+    println!(
+        "{files} files, {:.2} GiB, in {} directories",
+        total as f64 / (1u64 << 30) as f64,
+        files.div_ceil(1000)
+    );
+    Ok(())
+}
+
+fn touch(dir: &Path, per_mille: usize) -> std::io::Result<()> {
+    // Files are numbered 0..n without gaps (see `small`).
+    let mut files = 0usize;
+    for d in fs::read_dir(dir)? {
+        files += fs::read_dir(d?.path())?.count();
+    }
+    let mut rng = Rng(0x70c4_ed00_0000_0001);
+    let mut buf = vec![0u8; 16 * 1024];
+    let step = 1000 / per_mille.max(1);
+    let mut n = 0;
+    let mut i = (rng.next() % step as u64) as usize;
+    while i < files {
+        let len = fs::metadata(small_path(dir, i))?.len() as usize;
+        rng.fill_random(&mut buf[..len]);
+        fs::write(small_path(dir, i), &buf[..len])?;
+        n += 1;
+        i += step;
+    }
+    println!("rewrote {n} of {files} files");
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let r = match args.get(1).map(|s| s.as_str()) {
@@ -161,8 +224,14 @@ fn main() {
             generate(Path::new(&args[2]), args[3].parse().expect("MiB"))
         }
         Some("mutate") if args.len() == 3 => mutate(Path::new(&args[2])),
+        Some("small") if args.len() == 4 => {
+            small(Path::new(&args[2]), args[3].parse().expect("files"))
+        }
+        Some("touch") if args.len() == 4 => {
+            touch(Path::new(&args[2]), args[3].parse().expect("per-mille"))
+        }
         _ => {
-            eprintln!("usage: benchdata generate <dir> <MiB> | benchdata mutate <dir>");
+            eprintln!("usage: benchdata generate <dir> <MiB> | benchdata mutate <dir> | benchdata small <dir> <files> | benchdata touch <dir> <per-mille>");
             std::process::exit(2);
         }
     };
