@@ -241,7 +241,7 @@ class Restic:
 
 class Rustic:
     """rustic (crates.io rustic-rs, from benches/setup.sh): S3 through its
-    opendal backend, options from RUSTIC_REPO_OPT_* variables."""
+    opendal backend, options from OPENDAL_* variables."""
     name = "rustic"
 
     def __init__(self, work, _):
@@ -253,10 +253,12 @@ class Rustic:
         env = dict(os.environ, RUSTIC_PASSWORD="bench-password", RUSTIC_NO_PROGRESS="true",
                    RUSTIC_CACHE_DIR=os.path.join(work, "cache-rustic"))
         if S3:
-            env.update(RUSTIC_REPOSITORY="opendal:s3", RUSTIC_REPO_OPT_BUCKET=S3[1],
-                       RUSTIC_REPO_OPT_ROOT="/" + self.prefix, RUSTIC_REPO_OPT_ENDPOINT=S3[0],
-                       RUSTIC_REPO_OPT_REGION="us-east-1", RUSTIC_REPO_OPT_ACCESS_KEY_ID="bench",
-                       RUSTIC_REPO_OPT_SECRET_ACCESS_KEY="bench-secret")
+            # OPENDAL_* variables become opendal options in snake case
+            # (rustic's commands.rs); RUSTIC_REPO_OPT_* would be kebab case.
+            env.update(RUSTIC_REPOSITORY="opendal:s3", OPENDAL_BUCKET=S3[1],
+                       OPENDAL_ROOT="/" + self.prefix, OPENDAL_ENDPOINT=S3[0],
+                       OPENDAL_REGION="us-east-1", OPENDAL_ACCESS_KEY_ID="bench",
+                       OPENDAL_SECRET_ACCESS_KEY="bench-secret")
         else:
             env.update(RUSTIC_REPOSITORY=self.repo)
         self.env = env
@@ -399,12 +401,7 @@ def main():
     elif args.workload == "s3-latency":
         s3_latency(args, binary, gen, runs)
     elif args.sizes:
-        global S3
-        moto = None
-        if args.s3:
-            moto, endpoint = start_moto(runs)
-            S3 = (endpoint, "bench")
-            make_bucket(endpoint, "bench")
+        moto = moto_bucket(runs) if args.s3 else None
         try:
             sizes_mode(args, binary, gen, runs)
         finally:
@@ -414,13 +411,17 @@ def main():
         mixed(args, binary, gen, runs)
 
 
-def mixed(args, binary, gen, runs):
+def moto_bucket(runs):
+    """Starts moto with a bucket "bench" as the tools' S3; returns its process."""
     global S3
-    moto = None
-    if args.s3:
-        moto, endpoint = start_moto(runs)
-        S3 = (endpoint, "bench")
-        make_bucket(endpoint, "bench")
+    moto, endpoint = start_moto(runs)
+    S3 = (endpoint, "bench")
+    make_bucket(endpoint, "bench")
+    return moto
+
+
+def mixed(args, binary, gen, runs):
+    moto = moto_bucket(runs) if args.s3 else None
     # Nothing is deleted until all rounds are done: on ext4, creating files
     # right after deleting thousands makes the inode allocator skip the
     # recently freed ones, which would penalise whichever tool runs next.

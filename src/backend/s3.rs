@@ -9,11 +9,15 @@
 //! taken from the URL or from process arguments.
 //!
 //! # Write once
-//! `put` first asks whether the object exists (HEAD) and refuses if so, then
-//! writes with `If-None-Match: *`, so a store that honours the header refuses
-//! a racing second writer (412) and one that ignores it is still never asked
-//! to replace an object labctl saw. Objects are content-addressed except
-//! `config`, so even a lost race rewrites identical bytes.
+//! `put` writes with `If-None-Match: *`, so a store that honours the header
+//! (AWS S3, MinIO, Ceph RGW, moto) refuses a second writer (412:
+//! `AlreadyExists`). Packs, index fragments and snapshots are named by the
+//! BLAKE3 hash of their bytes, so for them that is all: even a store that
+//! ignored the header could only be handed identical bytes again. Every
+//! other object (`config`, `keys/`, `prune/`) is first looked for (HEAD)
+//! and refused if it exists, so a store that ignores the header is never
+//! asked to replace one labctl saw. (A HEAD per pack cost one round trip
+//! each on a distant store.)
 //!
 //! # Faults
 //! The SDK retries throttling (503 SlowDown), 5xx, timeouts and reset
@@ -697,6 +701,14 @@ fn written_once<T, E: ProvideErrorMetadata + std::fmt::Debug>(
     }
 }
 
+/// Objects named by the BLAKE3 hash of their own bytes (docs/FORMAT.md):
+/// any two writes of one name carry the same bytes.
+fn content_addressed(name: &str) -> bool {
+    ["packs/", "index/", "snapshots/"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
 fn backoff(attempt: u32) -> Duration {
     let base = 100u64 << attempt.min(7);
     Duration::from_millis(base / 2 + rand::random::<u64>() % (base / 2 + 1))
@@ -720,7 +732,7 @@ impl Backend for S3Backend {
         self.ctx(
             "PUT",
             (|| {
-                if self.head(name)?.is_some() {
+                if !content_addressed(name) && self.head(name)?.is_some() {
                     return Err(BackendError::AlreadyExists {
                         name: name.to_string(),
                     });

@@ -326,7 +326,7 @@ impl<'r> BackupRun<'r> {
         threads: usize,
         progress: Progress,
     ) -> crate::error::Result<Self> {
-        adopt_orphan_packs(repo)?;
+        adopt_orphans_when_due(repo)?;
         Ok(BackupRun {
             repo,
             up: Uploader::start(repo, threads),
@@ -705,6 +705,7 @@ impl<'r> BackupRun<'r> {
             .put(&format::snapshot_name(&id), &bytes)
             .context_obj("writing snapshot", &id)?;
         self.catalog().add_snapshot(&id, &snap)?;
+        self.catalog().set_meta(RUN_UNFINISHED, "")?;
         self.progress.finish();
         Ok(BackupOutcome {
             snapshot_id: id,
@@ -735,6 +736,43 @@ impl<T, E: std::error::Error + Send + Sync + 'static> ContextObj<T> for Result<T
                 .into()
         })
     }
+}
+
+/// Catalog meta key: set when a backup run starts, emptied when it writes
+/// its snapshot; left set by a run that was killed or failed.
+const RUN_UNFINISHED: &str = "backup-run-unfinished";
+/// Catalog meta key: when packs/ was last listed for orphans (Unix secs).
+const ORPHANS_LISTED: &str = "orphans-listed";
+/// How often a backup lists packs/ for other hosts' orphans.
+const ORPHAN_LISTING_EVERY_SECS: u64 = 24 * 3600;
+
+/// At the start of a run, adopts orphan packs ([`adopt_orphan_packs`])
+/// when it pays: a run with this catalog was cut short (its packs are
+/// most likely the orphans, and re-using them saves uploading them
+/// again), or the last listing is a day old (another host's killed run).
+/// Listing packs/ is one request per 1,000 packs, the largest fixed cost
+/// of a small backup into a big repository on a distant store; an orphan
+/// not adopted costs only a second copy of its chunks, which prune
+/// removes.
+///
+/// # Errors
+/// As [`adopt_orphan_packs`], and catalog errors.
+fn adopt_orphans_when_due(repo: &Repository) -> crate::error::Result<()> {
+    let cat = &repo.catalog;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let interrupted = cat.get_meta(RUN_UNFINISHED)?.is_some_and(|v| !v.is_empty());
+    let stale = cat
+        .get_meta(ORPHANS_LISTED)?
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_none_or(|t| now.saturating_sub(t) >= ORPHAN_LISTING_EVERY_SECS);
+    if interrupted || stale {
+        adopt_orphan_packs(repo)?;
+        cat.set_meta(ORPHANS_LISTED, &now.to_string())?;
+    }
+    cat.set_meta(RUN_UNFINISHED, &now.to_string())?;
+    Ok(())
 }
 
 /// Indexes packs in the backend that no index fragment or catalog entry

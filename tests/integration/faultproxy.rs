@@ -23,6 +23,8 @@ pub enum Fault {
 pub struct FaultProxy {
     pub port: u16,
     pub injected: Arc<Mutex<Vec<Fault>>>,
+    /// Every request's method and target (`GET /bucket/key?…`), in order.
+    pub requests: Arc<Mutex<Vec<String>>>,
 }
 
 struct Message {
@@ -133,17 +135,35 @@ impl FaultProxy {
         let port = listener.local_addr().unwrap().port();
         let counter = Arc::new(AtomicU64::new(0));
         let injected = Arc::new(Mutex::new(vec![]));
-        let inj = injected.clone();
+        let requests = Arc::new(Mutex::new(vec![]));
+        let (inj, log) = (injected.clone(), requests.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
-                let (counter, inj, schedule) = (counter.clone(), inj.clone(), schedule.clone());
+                let seen = Seen {
+                    counter: counter.clone(),
+                    injected: inj.clone(),
+                    requests: log.clone(),
+                };
+                let schedule = schedule.clone();
                 std::thread::spawn(move || {
-                    let _ = serve(client, upstream, every, &schedule, stall, &counter, &inj);
+                    let _ = serve(client, upstream, every, &schedule, stall, &seen);
                 });
             }
         });
-        FaultProxy { port, injected }
+        FaultProxy {
+            port,
+            injected,
+            requests,
+        }
     }
+}
+
+/// What the proxy's connections share: the request count, the faults
+/// injected and every request line.
+struct Seen {
+    counter: Arc<AtomicU64>,
+    injected: Arc<Mutex<Vec<Fault>>>,
+    requests: Arc<Mutex<Vec<String>>>,
 }
 
 fn serve(
@@ -152,9 +172,9 @@ fn serve(
     every: u64,
     schedule: &[Fault],
     stall: Duration,
-    counter: &AtomicU64,
-    inj: &Mutex<Vec<Fault>>,
+    seen: &Seen,
 ) -> std::io::Result<()> {
+    let (counter, inj, log) = (&seen.counter, &seen.injected, &seen.requests);
     let mut reader = BufReader::new(client.try_clone()?);
     let mut out = client;
     loop {
@@ -162,6 +182,15 @@ fn serve(
             return Ok(());
         };
         let is_head = req.raw.starts_with(b"HEAD ");
+        let line = String::from_utf8_lossy(&req.raw[..req.head_len.min(req.raw.len())]);
+        let target: Vec<&str> = line
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split(' ')
+            .take(2)
+            .collect();
+        log.lock().unwrap().push(target.join(" "));
         let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
         let fault = n
             .is_multiple_of(every)
@@ -334,4 +363,67 @@ fn backups_and_restores_survive_slowdowns_resets_truncation_and_stalls() {
         stderr(&out)
     );
     assert_same_tree(&src, &target);
+}
+
+#[test]
+fn a_backup_sends_no_head_before_content_addressed_writes_and_lists_packs_only_when_due() {
+    let moto = moto_port();
+    // No faults: the proxy only records the requests.
+    let proxy = FaultProxy::start(moto, u64::MAX, vec![Fault::SlowDown], Duration::ZERO);
+    let s = S3Env::with_endpoint_port(false, Some(proxy.port));
+    assert_success(&s.init(&["--no-escrow"]), &["init"]);
+    let src = s.env.path("src");
+    for i in 0..4u64 {
+        write(&src.join(format!("f{i}")), &noise(900_000, 70 + i));
+    }
+    let backup = |what: &str| {
+        let before = proxy.requests.lock().unwrap().len();
+        let out = s
+            .cmd()
+            .env("LABCTL_KEY", &s.env.backup_key)
+            .args(["-q", "backup", "path", src.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_success(&out, &[what]);
+        proxy.requests.lock().unwrap()[before..].to_vec()
+    };
+    let lists_packs = |reqs: &[String]| {
+        reqs.iter().any(|r| {
+            r.contains("prefix=") && r.contains("%2Fpacks%2F")
+                || r.contains("prefix=") && r.contains("/packs/")
+        })
+    };
+    // A fresh catalog lists packs/ once (orphans of killed runs).
+    let first = backup("first backup");
+    assert!(lists_packs(&first), "{first:#?}");
+    // Packs, index fragments and snapshots are named by their hash:
+    // If-None-Match alone keeps them written once; no HEAD before them.
+    let heads: Vec<_> = first.iter().filter(|r| r.starts_with("HEAD ")).collect();
+    assert!(heads.is_empty(), "{heads:#?}");
+    assert!(first
+        .iter()
+        .any(|r| r.starts_with("PUT ") && r.contains("/packs/")));
+    // The next run with the same catalog: no listing of packs/.
+    write(&src.join("f0"), &noise(900_000, 99));
+    let second = backup("second backup");
+    assert!(!lists_packs(&second), "{second:#?}");
+    assert!(
+        second.iter().all(|r| !r.starts_with("HEAD ")),
+        "{second:#?}"
+    );
+    // A run this catalog saw cut short: the next one lists packs/ again.
+    let db = list_files(&s.env.cache)
+        .into_iter()
+        .find(|p| p.file_name().unwrap() == "catalog.db")
+        .unwrap();
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute(
+            "UPDATE meta SET value = '1' WHERE key = 'backup-run-unfinished'",
+            [],
+        )
+        .unwrap();
+    write(&src.join("f1"), &noise(900_000, 98));
+    let third = backup("third backup");
+    assert!(lists_packs(&third), "{third:#?}");
 }
