@@ -379,26 +379,36 @@ fn backups_and_restores_survive_slowdowns_resets_truncation_and_stalls() {
     assert_same_tree(&src, &target);
 }
 
-#[test]
-fn a_backup_sends_no_head_before_content_addressed_writes_and_lists_packs_only_when_due() {
-    let moto = moto_port();
-    // No faults: the proxy only records the requests.
-    let proxy = FaultProxy::start(moto, u64::MAX, vec![Fault::SlowDown], Duration::ZERO);
+/// A proxy that injects nothing and only records, with a fresh repository
+/// (init straight through it) behind it.
+fn recording_proxy() -> (FaultProxy, S3Env) {
+    let proxy = FaultProxy::start(moto_port(), u64::MAX, vec![Fault::SlowDown], Duration::ZERO);
     let s = S3Env::with_endpoint_port(false, Some(proxy.port));
     assert_success(&s.init(&["--no-escrow"]), &["init"]);
+    (proxy, s)
+}
+
+/// `backup path src` through the proxy.
+fn backup_via(s: &S3Env, src: &std::path::Path, what: &str) {
+    let out = s
+        .cmd()
+        .env("LABCTL_KEY", &s.env.backup_key)
+        .args(["-q", "backup", "path", src.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_success(&out, &[what]);
+}
+
+#[test]
+fn a_backup_sends_no_head_before_content_addressed_writes_and_lists_packs_only_when_due() {
+    let (proxy, s) = recording_proxy();
     let src = s.env.path("src");
     for i in 0..4u64 {
         write(&src.join(format!("f{i}")), &noise(900_000, 70 + i));
     }
     let backup = |what: &str| {
         let before = proxy.requests.lock().unwrap().len();
-        let out = s
-            .cmd()
-            .env("LABCTL_KEY", &s.env.backup_key)
-            .args(["-q", "backup", "path", src.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert_success(&out, &[what]);
+        backup_via(&s, &src, what);
         proxy.requests.lock().unwrap()[before..].to_vec()
     };
     let lists_packs = |reqs: &[String]| {
@@ -444,25 +454,13 @@ fn a_backup_sends_no_head_before_content_addressed_writes_and_lists_packs_only_w
 
 #[test]
 fn a_pack_order_restore_reads_about_the_bytes_it_needs() {
-    let moto = moto_port();
-    let proxy = FaultProxy::start(moto, u64::MAX, vec![Fault::SlowDown], Duration::ZERO);
-    let s = S3Env::with_endpoint_port(false, Some(proxy.port));
-    assert_success(&s.init(&["--no-escrow"]), &["init"]);
+    let (proxy, s) = recording_proxy();
     // A disk image of 24 fixed 256 KiB chunks of noise (stored raw).
     let src = s.env.path("src");
     let img = src.join("disk.img");
     let mut bytes = noise(24 << 18, 7);
     write(&img, &bytes);
-    let backup = |what: &str| {
-        let out = s
-            .cmd()
-            .env("LABCTL_KEY", &s.env.backup_key)
-            .args(["-q", "backup", "path", src.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert_success(&out, &[what]);
-    };
-    backup("first");
+    backup_via(&s, &src, "first");
     // Every other chunk rewritten: the second snapshot needs half of the
     // first pack, in pieces with a chunk-sized hole between each.
     for i in (1..24).step_by(2) {
@@ -470,7 +468,7 @@ fn a_pack_order_restore_reads_about_the_bytes_it_needs() {
         bytes[i << 18..(i + 1) << 18].copy_from_slice(&fresh);
     }
     write(&img, &bytes);
-    backup("second");
+    backup_via(&s, &src, "second");
     let before = proxy.served.lock().unwrap().len();
     let target = s.env.path("restored");
     let out = s
