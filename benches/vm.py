@@ -11,7 +11,7 @@ bytes from a pipe:
   labctl backup stream --chunker fixed   (the vm source's engine path,
                                           without the SSH transport)
   restic backup --stdin
-  rustic backup - --stdin-filename vm-701.raw
+  rustic backup --force - --stdin-filename vm-701.raw
   borg create ::night -   (borg 1.2 from Debian, borg 1.4 from PyPI)
 
 Reports per night: wall time, throughput, peak RSS (wait4) and repository
@@ -97,8 +97,11 @@ def main():
             uenv = dict(os.environ, RUSTIC_REPOSITORY=f"{work}/rustic", RUSTIC_PASSWORD="bench",
                         RUSTIC_CACHE_DIR=f"{work}/cache-rustic", RUSTIC_NO_PROGRESS="true")
             subprocess.run([rustic, "init"], env=uenv, check=True, capture_output=True)
-            tools["rustic"] = (lambda n: [rustic, "backup", "-", "--stdin-filename", "vm-701.raw"], uenv,
-                               f"{work}/rustic")
+            # --force: without it rustic takes night 1's snapshot as the
+            # parent and, stdin having no size or mtime to compare, calls
+            # the stream unchanged and reads nothing (rustic 0.11.4).
+            tools["rustic"] = (lambda n: [rustic, "backup", "--force", "-", "--stdin-filename", "vm-701.raw"],
+                               uenv, f"{work}/rustic")
         borg14 = os.path.join(peers, "borg14-venv/bin/borg")
         if os.path.exists(borg14):
             b14 = dict(benv, BORG_REPO=f"{work}/borg14", BORG_BASE_DIR=f"{work}/base-borg14")

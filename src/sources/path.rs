@@ -298,7 +298,7 @@ impl TreeWalker<'_, '_> {
         }
         let mut f = fs::File::open(path).map_err(|e| SourceError(format!("cannot open: {e}")))?;
         let kind = self.choice.for_path(path);
-        let read = self.read_stable(&mut f, path, kind)?;
+        let read = self.read_stable(&mut f, path, kind, facts)?;
         *size = read.bytes;
         if cached.is_some() {
             self.run.summary_mut().files_changed += 1;
@@ -313,9 +313,12 @@ impl TreeWalker<'_, '_> {
         Ok(read.content)
     }
 
-    /// Reads an open file whole, checking that it did not change meanwhile
-    /// (size, mtime, ctime through the descriptor before and after, and the
-    /// byte count against the size). A file that changed is read once more;
+    /// Reads an open file whole, checking that it did not change meanwhile:
+    /// size, mtime, ctime and inode through the descriptor after the read
+    /// against `before` (the walk's `lstat`, taken before the open, so a
+    /// change or a replacement in between is caught too, with one `statx`
+    /// per file less than an `fstat` before the read), and the byte count
+    /// against the size. A file that changed is read once more;
     /// if it changes again it is recorded as read (its recorded size is
     /// always the number of bytes its content holds) and named in
     /// `summary.changed`, which makes the backup incomplete (exit 3).
@@ -324,6 +327,7 @@ impl TreeWalker<'_, '_> {
         f: &mut fs::File,
         path: &Path,
         kind: ChunkerKind,
+        mut before: FileFacts,
     ) -> crate::error::Result<StableRead> {
         use std::io::{Seek, SeekFrom};
         let fstat = |f: &fs::File| -> crate::error::Result<FileFacts> {
@@ -332,7 +336,6 @@ impl TreeWalker<'_, '_> {
                 .map_err(|e| SourceError(format!("cannot stat: {e}")))?;
             Ok(file_facts(&m))
         };
-        let mut before = fstat(f)?;
         let mut attempt = 0;
         loop {
             let start = self.run.summary_mut().bytes_read;
