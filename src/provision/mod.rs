@@ -235,6 +235,16 @@ pub fn desired_config(vm: &Vm) -> Vec<(String, String)> {
     v
 }
 
+/// The config keys labctl sets that reach the guest through its cloud-init
+/// drive (regenerated when the VM starts).
+const CLOUD_INIT_KEYS: [&str; 5] = [
+    "ipconfig0",
+    "nameserver",
+    "searchdomain",
+    "ciuser",
+    "sshkeys",
+];
+
 fn same(key: &str, old: &str, new: &str) -> bool {
     match key {
         "cpu" => prop(old).0 == new || prop(old).1.get("cputype").is_some_and(|c| c == new),
@@ -481,17 +491,7 @@ async fn plan_existing(c: &Client, vm: &Vm, live: &LiveVm) -> Result<Step, PveEr
             .filter(|ips| !ips.is_empty());
         if let Some(ips) = reported {
             if !ips.contains(want) {
-                let cloud_init = |f: &str| {
-                    f.starts_with("ide")
-                        || [
-                            "ipconfig0",
-                            "nameserver",
-                            "searchdomain",
-                            "ciuser",
-                            "sshkeys",
-                        ]
-                        .contains(&f)
-                };
+                let cloud_init = |f: &str| f.starts_with("ide") || CLOUD_INIT_KEYS.contains(&f);
                 let explained = pending.iter().any(|p| cloud_init(&p.field))
                     || needs_reboot.iter().any(|f| cloud_init(f));
                 if !explained {
@@ -563,7 +563,7 @@ fn needs_restart(field: &str, hotplug: &str) -> bool {
         "name" | "tags" | "onboot" | "description" | "status" => false,
         "memory" => !has("memory"),
         "cores" | "sockets" | "cpu" | "scsihw" | "agent" => true,
-        "ipconfig0" | "nameserver" | "searchdomain" | "ciuser" | "sshkeys" => !has("cloudinit"),
+        f if CLOUD_INIT_KEYS.contains(&f) => !has("cloudinit"),
         f if f.starts_with("net") => !has("network"),
         f if f.ends_with(".size") => false,
         f if f.ends_with(".iothread") => true,
@@ -1383,38 +1383,7 @@ async fn update(
     );
     // After a lost reply, the node's task list says whether the reboot
     // started: a qmreboot task for this VM that was not there before.
-    let reboots_of_vm = || async {
-        let list = c
-            .once(
-                reqwest::Method::GET,
-                &format!("/nodes/{node}/tasks"),
-                &[
-                    ("vmid", vmid.to_string()),
-                    ("typefilter", "qmreboot".into()),
-                    ("source", "all".into()),
-                ],
-                &ctx,
-            )
-            .await?;
-        Ok::<BTreeSet<String>, PveError>(
-            list.as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|t| t.get("upid").and_then(Value::as_str).map(String::from))
-                .collect(),
-        )
-    };
-    let mut attempt = 0;
-    let before = loop {
-        match reboots_of_vm().await {
-            Ok(b) => break b,
-            Err(e) if e.transient() => {
-                attempt += 1;
-                tokio::time::sleep(c.backoff(attempt).ok_or(e)?).await;
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    let before = reboot_tasks(c, node, *vmid, &ctx).await?;
     let seen = std::sync::Mutex::new(None);
     let upid = send_looking_first(
         c,
@@ -1423,7 +1392,11 @@ async fn update(
         &[],
         &ctx,
         || async {
-            let new = reboots_of_vm().await?.difference(&before).next().cloned();
+            let new = reboot_tasks(c, node, *vmid, &ctx)
+                .await?
+                .difference(&before)
+                .next()
+                .cloned();
             let started = new.is_some();
             *seen.lock().expect("reboot lookup") = new;
             Ok(started)
@@ -1466,6 +1439,33 @@ async fn update(
         pending: vec![],
         rebooted: true,
     })
+}
+
+/// The UPIDs of a VM's reboot tasks, running or finished (`GET
+/// /nodes/{node}/tasks`).
+async fn reboot_tasks(
+    c: &Client,
+    node: &str,
+    vmid: u32,
+    ctx: &Ctx,
+) -> Result<BTreeSet<String>, PveError> {
+    let list = c
+        .get(
+            &format!("/nodes/{node}/tasks"),
+            &[
+                ("vmid", vmid.to_string()),
+                ("typefilter", "qmreboot".into()),
+                ("source", "all".into()),
+            ],
+            ctx,
+        )
+        .await?;
+    Ok(list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.get("upid").and_then(Value::as_str).map(String::from))
+        .collect())
 }
 
 /// Applies a plan; VMs in parallel, each to the end or its first error.

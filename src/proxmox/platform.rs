@@ -540,6 +540,22 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
                 })?
             };
         }
+        // A field of two words: absent or the first is false, the second true.
+        macro_rules! either {
+            ($field:ident, $off:literal, $on:literal) => {
+                match pick!($field).as_deref() {
+                    None | Some($off) => false,
+                    Some($on) => true,
+                    Some(other) => {
+                        return Err(err(
+                            at(stringify!($field)),
+                            &f(stringify!($field)),
+                            format!("'{other}': use {} or {}", $off, $on),
+                        ))
+                    }
+                }
+            };
+        }
         let valid_name = !name.is_empty()
             && name.len() <= 63
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
@@ -782,28 +798,8 @@ pub fn parse(text: &str, path: &Path) -> crate::error::Result<Platform> {
         }
         let full_clone = pick!(full_clone).unwrap_or(true);
         let node = need!(node);
-        let migrate_after_clone = match pick!(clone_via).as_deref() {
-            None | Some("direct") => false,
-            Some("local-then-migrate") => true,
-            Some(other) => {
-                return Err(err(
-                    at("clone_via"),
-                    &f("clone_via"),
-                    format!("'{other}': use direct or local-then-migrate"),
-                ))
-            }
-        };
-        let reboot = match pick!(reboot_policy).as_deref() {
-            None | Some("never") => false,
-            Some("when-needed") => true,
-            Some(other) => {
-                return Err(err(
-                    at("reboot_policy"),
-                    &f("reboot_policy"),
-                    format!("'{other}': use never or when-needed"),
-                ))
-            }
-        };
+        let migrate_after_clone = either!(clone_via, "direct", "local-then-migrate");
+        let reboot = either!(reboot_policy, "never", "when-needed");
         if !full_clone && node != template.node {
             return Err(err(at("full_clone"), &f("full_clone"), format!("a linked clone stays on the template's node ({}); use full_clone: true or a template on {node}", template.node)));
         }
