@@ -107,20 +107,23 @@ pub fn run_repair(g: &GlobalArgs, c: RepairCmd) -> crate::error::Result<ExitCode
                 .collect();
             if g.json {
                 print_json(&serde_json::json!({
-                    "index": report.index_written.map(|id| id.hex()),
+                    "index": report.index_written.iter().map(|id| id.hex()).collect::<Vec<_>>(),
                     "packs": report.packs_indexed,
                     "packs-dropped": report.packs_dropped.iter().map(|p| p.hex()).collect::<Vec<_>>(),
                     "tree-copies-written": report.tree_copies_written,
                     "damaged": damaged,
                 }))?;
             } else {
-                match report.index_written {
-                    Some(id) => println!(
-                        "wrote index/{} listing {} pack(s)",
-                        id.hex(),
+                match report.index_written.as_slice() {
+                    [] => println!("every pack is indexed"),
+                    ids => println!(
+                        "wrote {} listing {} pack(s)",
+                        ids.iter()
+                            .map(|id| format!("index/{}", id.hex()))
+                            .collect::<Vec<_>>()
+                            .join(", "),
                         report.packs_indexed
                     ),
-                    None => println!("every pack is indexed"),
                 }
                 for p in &report.packs_dropped {
                     println!(
@@ -150,7 +153,7 @@ pub fn run_repair(g: &GlobalArgs, c: RepairCmd) -> crate::error::Result<ExitCode
 pub fn run_catalog(g: &GlobalArgs, c: CatalogCmd) -> crate::error::Result<ExitCode> {
     match c {
         CatalogCmd::Rebuild => {
-            let repo = g.open(false)?;
+            let repo = g.spec().open_unsynced()?;
             check::rebuild_catalog(&repo)?;
             let packs = repo.catalog.packs()?.len();
             let snaps = repo.catalog.snapshots()?.len();

@@ -58,6 +58,15 @@ pub struct FileFacts {
     pub ino: u64,
 }
 
+/// One blob ID of a range scan ([`Catalog::blob_copies_in_range`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BlobCopies {
+    pub id: Id,
+    /// Copies in stored packs (saturating).
+    pub stored: u8,
+    pub tree: bool,
+}
+
 /// A snapshot row.
 #[derive(Debug, Clone)]
 pub struct SnapshotRow {
@@ -111,6 +120,11 @@ impl Catalog {
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         crate::util::sqlite::set_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // 32 MiB of page cache (SQLite's default is 2 MiB): the upper
+        // levels of a ten-million-blob index stay cached instead of being
+        // read again with a system call per page on every lookup. Bounded,
+        // so memory does not grow with the repository.
+        conn.pragma_update(None, "cache_size", -32768)?;
         // Several processes (or daemon jobs) may open a new catalog at the
         // same moment: check and create the schema in one write transaction.
         conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -206,14 +220,32 @@ impl Catalog {
         index_id: Option<&Id>,
         entries: &[PackEntry],
     ) -> crate::error::Result<()> {
-        self.conn.execute(
-            "INSERT INTO packs(id,size,index_id) VALUES(?1,?2,?3)
-             ON CONFLICT(id) DO UPDATE SET index_id=COALESCE(excluded.index_id, packs.index_id)",
-            params![&pack.0[..], size as i64, index_id.map(|i| i.0.to_vec())],
-        )?;
-        let mut st = self.conn.prepare_cached(
+        self.insert_pack(
+            pack,
+            size,
+            index_id,
+            entries,
             "INSERT OR IGNORE INTO blobs(id,pack,kind,offset,length,raw_len) VALUES(?1,?2,?3,?4,?5,?6)",
-        )?;
+        )
+    }
+
+    /// The pack row, then each entry through `insert_blob` (six parameters:
+    /// id, pack, kind, offset, length, raw length).
+    fn insert_pack(
+        &self,
+        pack: &Id,
+        size: u64,
+        index_id: Option<&Id>,
+        entries: &[PackEntry],
+        insert_blob: &str,
+    ) -> crate::error::Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO packs(id,size,index_id) VALUES(?1,?2,?3)
+                 ON CONFLICT(id) DO UPDATE SET index_id=COALESCE(excluded.index_id, packs.index_id)",
+            )?
+            .execute(params![&pack.0[..], size as i64, index_id.map(|i| i.0.to_vec())])?;
+        let mut st = self.conn.prepare_cached(insert_blob)?;
         for e in entries {
             st.execute(params![
                 &e.id.0[..],
@@ -320,6 +352,35 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// [`Catalog::pack_entries`], each with whether it is in the used set
+    /// and in how many packs the catalog lists it, in one query.
+    pub fn pack_entries_with_use(
+        &self,
+        pack: &Id,
+    ) -> crate::error::Result<Vec<(PackEntry, bool, u32)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT b.id,b.kind,b.offset,b.length,b.raw_len,
+                    EXISTS(SELECT 1 FROM temp.used u WHERE u.id=b.id),
+                    (SELECT COUNT(*) FROM blobs c WHERE c.id=b.id)
+             FROM blobs b WHERE b.pack=?1 ORDER BY b.offset",
+        )?;
+        let rows = st.query_map([&pack.0[..]], |r| {
+            let (id, kind, offset, length, raw_len) = blob_row(r, 0)?;
+            Ok((
+                PackEntry {
+                    id,
+                    kind,
+                    offset,
+                    length,
+                    raw_len,
+                },
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Packs not yet listed in any index fragment.
     pub fn unindexed_packs(&self) -> crate::error::Result<Vec<(Id, u64)>> {
         let mut st = self
@@ -372,12 +433,66 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Forgets the whole index working copy (before reloading it).
-    pub fn clear_index(&self) -> crate::error::Result<()> {
+    /// Starts loading the whole index afresh (inside a transaction):
+    /// empties the index tables, and until [`Catalog::finish_bulk_index`]
+    /// [`Catalog::add_pack_bulk`] appends blobs to a staging table, which
+    /// `finish` sorts into `blobs` in one pass. Inserting ten million
+    /// blobs in hash order straight into the ID-ordered table touched a
+    /// random page per row; appending and sorting once is sequential.
+    pub fn begin_bulk_index(&self) -> crate::error::Result<()> {
         self.conn.execute_batch(
-            "DELETE FROM blobs; DELETE FROM packs; DELETE FROM index_files; DELETE FROM damaged_index;",
+            "DELETE FROM packs; DELETE FROM index_files; DELETE FROM damaged_index;
+             DROP TABLE IF EXISTS blobs;
+             CREATE TEMP TABLE IF NOT EXISTS bulk_blobs(id BLOB NOT NULL, pack BLOB NOT NULL,
+                 kind INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+                 raw_len INTEGER NOT NULL);
+             DELETE FROM temp.bulk_blobs;",
         )?;
         Ok(())
+    }
+
+    /// [`Catalog::add_pack`] between [`Catalog::begin_bulk_index`] and
+    /// [`Catalog::finish_bulk_index`].
+    pub fn add_pack_bulk(
+        &self,
+        pack: &Id,
+        size: u64,
+        index_id: &Id,
+        entries: &[PackEntry],
+    ) -> crate::error::Result<()> {
+        self.insert_pack(
+            pack,
+            size,
+            Some(index_id),
+            entries,
+            "INSERT INTO temp.bulk_blobs(id,pack,kind,offset,length,raw_len) VALUES(?1,?2,?3,?4,?5,?6)",
+        )
+    }
+
+    /// Ends a bulk load: the staged blobs go into `blobs` in key order
+    /// (SQLite's external sorter: memory bounded), then the by-pack index
+    /// is built.
+    pub fn finish_bulk_index(&self) -> crate::error::Result<()> {
+        // SCHEMA makes the empty table and its index; the index is dropped
+        // for the load and made again by SCHEMA afterwards (a sort of its
+        // own, cheaper than keeping it up to date row by row).
+        self.conn.execute_batch(SCHEMA)?;
+        self.conn.execute_batch(
+            "DROP INDEX blobs_by_pack;
+             INSERT OR IGNORE INTO blobs(id,pack,kind,offset,length,raw_len)
+                 SELECT id,pack,kind,offset,length,raw_len FROM temp.bulk_blobs ORDER BY id, pack;
+             DELETE FROM temp.bulk_blobs;",
+        )?;
+        self.conn.execute_batch(SCHEMA)?;
+        Ok(())
+    }
+
+    /// Whether the catalog lists no blob at all (a new catalog).
+    pub fn has_no_blobs(&self) -> crate::error::Result<bool> {
+        Ok(!self
+            .conn
+            .prepare_cached("SELECT 1 FROM blobs LIMIT 1")?
+            .exists([])?)
     }
 
     pub fn remove_index_file(&self, id: &Id) -> crate::error::Result<()> {
@@ -505,11 +620,40 @@ impl Catalog {
         self.commit()
     }
 
-    pub fn pack_blob_count(&self, pack: &Id) -> crate::error::Result<usize> {
-        Ok(self
+    /// The blobs with IDs in `[lo, hi)` (no upper end when `hi` is `None`),
+    /// in ID order, each with how many of its copies are in a pack for
+    /// which `stored` is true and whether it is a tree blob. `stored` sees
+    /// the pack of every row.
+    pub fn blob_copies_in_range(
+        &self,
+        lo: &Id,
+        hi: Option<&Id>,
+        stored: &mut dyn FnMut(&Id) -> bool,
+    ) -> crate::error::Result<Vec<BlobCopies>> {
+        let hi = hi.map_or(vec![0xffu8; 33], |h| h.0.to_vec());
+        let mut st = self
             .conn
-            .prepare_cached("SELECT COUNT(*) FROM blobs WHERE pack=?1")?
-            .query_row([&pack.0[..]], |r| r.get::<_, i64>(0))? as usize)
+            .prepare_cached("SELECT id,pack,kind FROM blobs WHERE id>=?1 AND id<?2 ORDER BY id")?;
+        let mut rows = st.query(params![&lo.0[..], &hi[..]])?;
+        let mut out: Vec<BlobCopies> = vec![];
+        while let Some(r) = rows.next()? {
+            let id = r.get_ref(0)?.as_blob()?;
+            let pack = Id::from_slice(r.get_ref(1)?.as_blob()?).unwrap_or(Id([0; 32]));
+            let here = u8::from(stored(&pack));
+            let tree = r.get::<_, u8>(2)? == BlobKind::Tree as u8;
+            match out.last_mut() {
+                Some(last) if last.id.0[..] == *id => {
+                    last.stored = last.stored.saturating_add(here);
+                    last.tree |= tree;
+                }
+                _ => out.push(BlobCopies {
+                    id: Id::from_slice(id).unwrap_or(Id([0; 32])),
+                    stored: here,
+                    tree,
+                }),
+            }
+        }
+        Ok(out)
     }
 
     pub fn is_marked(&self, pack: &Id) -> crate::error::Result<bool> {

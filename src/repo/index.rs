@@ -11,12 +11,36 @@ use crate::repo::format::{self, MAGIC_INDEX};
 use crate::repo::pack::{decode_entries, encode_entries, PackEntry};
 use crate::repo::Id;
 
+/// The most blobs one fragment lists when labctl writes a fragment of
+/// packs it did not just write (prune's consolidation, `repair index`):
+/// about 3 MiB of plaintext, which every reader holds in memory at once
+/// (restic bounds its index files the same way, at 50,000 blobs).
+pub const MAX_FRAGMENT_BLOBS: usize = 65_536;
+
 /// One pack as an index fragment records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexedPack {
     pub id: Id,
     pub size: u64,
     pub entries: Vec<PackEntry>,
+}
+
+/// Splits `packs` into runs of whole packs of at most
+/// [`MAX_FRAGMENT_BLOBS`] entries each (a pack with more is a run of its own).
+pub fn split(packs: &[IndexedPack]) -> Vec<&[IndexedPack]> {
+    let mut out = vec![];
+    let (mut start, mut blobs) = (0, 0);
+    for (i, p) in packs.iter().enumerate() {
+        if i > start && blobs + p.entries.len() > MAX_FRAGMENT_BLOBS {
+            out.push(&packs[start..i]);
+            (start, blobs) = (i, 0);
+        }
+        blobs += p.entries.len();
+    }
+    if start < packs.len() {
+        out.push(&packs[start..]);
+    }
+    out
 }
 
 /// Serialises and encrypts an index fragment; returns (id, object bytes).
@@ -88,6 +112,35 @@ pub fn decode(
 mod tests {
     use super::*;
     use crate::repo::blob::BlobKind;
+
+    #[test]
+    fn split_bounds_the_entries_of_each_fragment() {
+        let pack = |n: usize| IndexedPack {
+            id: Id([n as u8; 32]),
+            size: 1,
+            entries: vec![
+                PackEntry {
+                    kind: BlobKind::Data,
+                    id: Id([0; 32]),
+                    offset: 8,
+                    length: 1,
+                    raw_len: 1,
+                };
+                n
+            ],
+        };
+        let half = MAX_FRAGMENT_BLOBS / 2;
+        let packs = vec![
+            pack(half),
+            pack(half),
+            pack(1),
+            pack(MAX_FRAGMENT_BLOBS + 5),
+            pack(3),
+        ];
+        let runs: Vec<usize> = split(&packs).iter().map(|r| r.len()).collect();
+        assert_eq!(runs, vec![2, 1, 1, 1]);
+        assert!(split(&[]).is_empty());
+    }
 
     #[test]
     fn round_trip() {

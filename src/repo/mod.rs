@@ -219,7 +219,7 @@ struct SmallPackList {
 #[serde(rename_all = "kebab-case")]
 pub struct RepairReport {
     /// The fragment written for packs no fragment listed.
-    pub index_written: Option<Id>,
+    pub index_written: Vec<Id>,
     pub packs_indexed: usize,
     /// Packs the index listed that storage no longer holds, dropped from it.
     pub packs_dropped: Vec<Id>,
@@ -285,6 +285,21 @@ impl Repository {
         keys: Keys,
         cache_dir: &Path,
     ) -> crate::error::Result<Repository> {
+        let repo = Self::open_unsynced(backend, keys, cache_dir)?;
+        repo.sync_catalog()?;
+        Ok(repo)
+    }
+
+    /// [`Repository::open`] without bringing the catalog up to date, for
+    /// `catalog rebuild`, which reloads it whole anyway.
+    ///
+    /// # Errors
+    /// As [`Repository::open`].
+    pub fn open_unsynced(
+        backend: Arc<dyn Backend>,
+        keys: Keys,
+        cache_dir: &Path,
+    ) -> crate::error::Result<Repository> {
         let bytes = match backend.get(format::CONFIG_NAME) {
             Ok(b) => b,
             Err(BackendError::NotFound { .. }) => {
@@ -330,7 +345,7 @@ impl Repository {
         }
         let catalog = Catalog::open(&cache_dir.join(&config.repo_id).join("catalog.db"))?;
         let cdc = Cdc::new(&keys.chunker_seed, &config.chunker);
-        let repo = Repository {
+        Ok(Repository {
             backend,
             config,
             keys,
@@ -338,9 +353,7 @@ impl Repository {
             cdc,
             small_packs: SmallPacks::default(),
             last_snapshot: Default::default(),
-        };
-        repo.sync_catalog()?;
-        Ok(repo)
+        })
     }
 
     /// Loads index fragments and snapshots the catalog has not seen yet, and
@@ -384,8 +397,10 @@ impl Repository {
             return Ok(());
         }
         let damaged = self.catalog.atomically(|| {
-            if reload {
-                self.catalog.clear_index()?;
+            // The whole index is (re)loaded: staged and sorted in one pass.
+            let bulk = reload || self.catalog.has_no_blobs()?;
+            if bulk {
+                self.catalog.begin_bulk_index()?;
             }
             let mut damaged = vec![];
             for id in &todo {
@@ -400,7 +415,11 @@ impl Repository {
                 match index::decode_named(&bytes, id, &self.keys.meta_identity, &name) {
                     Ok(packs) => {
                         for p in &packs {
-                            self.catalog.add_pack(&p.id, p.size, Some(id), &p.entries)?;
+                            if bulk {
+                                self.catalog.add_pack_bulk(&p.id, p.size, id, &p.entries)?;
+                            } else {
+                                self.catalog.add_pack(&p.id, p.size, Some(id), &p.entries)?;
+                            }
                         }
                     }
                     // A damaged fragment is noted (check reports it) and
@@ -408,6 +427,9 @@ impl Repository {
                     Err(e) => damaged.push((*id, e.to_string())),
                 }
                 self.catalog.add_index_file(id)?;
+            }
+            if bulk {
+                self.catalog.finish_bulk_index()?;
             }
             Ok(damaged)
         })?;
@@ -505,10 +527,8 @@ impl Repository {
         self.catalog.used_reset()?;
         let (n, written) = copied?;
         report.tree_copies_written = n;
-        report.tree_packs_written = self
-            .publish_packs(&written)?
-            .map(|_| written.len())
-            .unwrap_or(0);
+        self.publish_packs(&written)?;
+        report.tree_packs_written = written.len();
         Ok(report)
     }
 
@@ -527,28 +547,30 @@ impl Repository {
     }
 
     /// Makes packs written outside a backup (prune's repacks, repair's
-    /// copies) visible: one index fragment listing them, then the catalog.
-    /// Returns the fragment, `None` when there was nothing to index.
+    /// copies) visible: index fragments listing them (at most
+    /// [`index::MAX_FRAGMENT_BLOBS`] entries each), then the catalog.
+    /// Returns the fragments written, none when there was nothing to index.
     ///
     /// # Errors
     /// Storage or catalog errors.
-    pub fn publish_packs(&self, packs: &[index::IndexedPack]) -> crate::error::Result<Option<Id>> {
-        if packs.is_empty() {
-            return Ok(None);
-        }
-        let (id, bytes) = index::encode(packs, &self.keys.meta_recipient());
-        match self.backend.put(&format::index_name(&id), &bytes) {
-            Ok(()) | Err(BackendError::AlreadyExists { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-        self.catalog.atomically(|| {
-            for p in packs {
-                self.catalog
-                    .add_pack(&p.id, p.size, Some(&id), &p.entries)?;
+    pub fn publish_packs(&self, packs: &[index::IndexedPack]) -> crate::error::Result<Vec<Id>> {
+        let mut written = vec![];
+        for run in index::split(packs) {
+            let (id, bytes) = index::encode(run, &self.keys.meta_recipient());
+            match self.backend.put(&format::index_name(&id), &bytes) {
+                Ok(()) | Err(BackendError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
             }
-            self.catalog.add_index_file(&id)
-        })?;
-        Ok(Some(id))
+            self.catalog.atomically(|| {
+                for p in run {
+                    self.catalog
+                        .add_pack(&p.id, p.size, Some(&id), &p.entries)?;
+                }
+                self.catalog.add_index_file(&id)
+            })?;
+            written.push(id);
+        }
+        Ok(written)
     }
 
     /// Loads new snapshots and prune marks, forgets deleted snapshots.
@@ -804,6 +826,110 @@ mod tests {
         fn delete(&self, name: &str) -> BackendResult<()> {
             self.inner.delete(name)
         }
+    }
+
+    /// Index fragments written outside a backup stay bounded, prune's
+    /// consolidation keeps every pack but the deleted ones, and a new
+    /// catalog's bulk load agrees with the catalog that wrote them.
+    #[test]
+    fn fragments_are_bounded_and_a_bulk_load_agrees_with_the_writer() {
+        use crate::repo::blob::BlobKind;
+        use crate::repo::pack::PackEntry;
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(FsBackend::new(dir.path().join("repo")));
+        let keys = init(backend.as_ref(), &InitOptions::default()).unwrap();
+        let repo = Repository::open(backend.clone(), keys.clone(), &dir.path().join("a")).unwrap();
+        // Three packs of 40% of a fragment each, and a small one.
+        let per = index::MAX_FRAGMENT_BLOBS * 2 / 5;
+        let packs: Vec<index::IndexedPack> = [per, per, per, 7]
+            .iter()
+            .enumerate()
+            .map(|(p, &n)| index::IndexedPack {
+                id: Id([p as u8 + 1; 32]),
+                size: 8 + 100 * n as u64,
+                entries: (0..n)
+                    .map(|i| PackEntry {
+                        kind: BlobKind::Data,
+                        id: Id(
+                            *blake3::hash(&[p as u8, (i >> 16) as u8, (i >> 8) as u8, i as u8])
+                                .as_bytes(),
+                        ),
+                        offset: 8 + 100 * i as u32,
+                        length: 100,
+                        raw_len: 200,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let written = repo.publish_packs(&packs).unwrap();
+        assert_eq!(
+            written.len(),
+            2,
+            "two packs fit a fragment, the rest the next"
+        );
+        let fragment_blobs = |id: &Id| -> Vec<(Id, usize)> {
+            let bytes = backend.get(&format::index_name(id)).unwrap();
+            index::decode(&bytes, &keys.meta_identity, "i")
+                .unwrap()
+                .iter()
+                .map(|p| (p.id, p.entries.len()))
+                .collect()
+        };
+        for id in &written {
+            let n: usize = fragment_blobs(id).iter().map(|(_, n)| n).sum();
+            assert!(n <= index::MAX_FRAGMENT_BLOBS, "{n} blobs in one fragment");
+        }
+        // Consolidation without pack 2: bounded fragments, the others once each.
+        let gone = packs[1].id;
+        prune::consolidate_index(
+            &repo,
+            &written,
+            &[(gone, packs[1].size)],
+            &Default::default(),
+        )
+        .unwrap();
+        let mut now = vec![];
+        backend
+            .list("index/", &mut |o| {
+                now.push(Id::from_hex(&o.name[6..]).unwrap())
+            })
+            .unwrap();
+        let mut listed = vec![];
+        for id in &now {
+            let f = fragment_blobs(id);
+            assert!(f.iter().map(|(_, n)| n).sum::<usize>() <= index::MAX_FRAGMENT_BLOBS);
+            listed.extend(f);
+        }
+        listed.sort();
+        let mut want: Vec<(Id, usize)> = packs
+            .iter()
+            .filter(|p| p.id != gone)
+            .map(|p| (p.id, p.entries.len()))
+            .collect();
+        want.sort();
+        assert_eq!(listed, want);
+        // A new catalog loads it in bulk and agrees with the writer's.
+        let fresh = Repository::open(backend.clone(), keys, &dir.path().join("b")).unwrap();
+        for p in packs.iter().filter(|p| p.id != gone) {
+            assert_eq!(
+                fresh.catalog.pack_entries(&p.id).unwrap(),
+                repo.catalog.pack_entries(&p.id).unwrap()
+            );
+        }
+        assert!(fresh.catalog.pack_entries(&gone).unwrap().is_empty());
+        let probe = packs[2].entries[per / 2];
+        assert_eq!(
+            fresh.catalog.blob(&probe.id).unwrap().unwrap().pack,
+            packs[2].id
+        );
+        assert!(!fresh.catalog.has_blob(&packs[1].entries[0].id).unwrap());
+        // A reload (prune replaced fragments elsewhere) is the same bulk path.
+        fresh.sync_index(true).unwrap();
+        assert_eq!(fresh.catalog.packs().unwrap().len(), 3);
+        assert_eq!(
+            fresh.catalog.pack_entries(&packs[0].id).unwrap(),
+            packs[0].entries
+        );
     }
 
     #[test]

@@ -113,4 +113,14 @@ impl RepoSpec {
         let keys = self.keys(need_data)?;
         Repository::open(self.open_backend()?, keys, &self.cache_dir())
     }
+
+    /// [`RepoSpec::open`] without syncing the catalog (see
+    /// [`Repository::open_unsynced`]).
+    ///
+    /// # Errors
+    /// As [`RepoSpec::open`].
+    pub fn open_unsynced(&self) -> crate::error::Result<Repository> {
+        let keys = self.keys(false)?;
+        Repository::open_unsynced(self.open_backend()?, keys, &self.cache_dir())
+    }
 }

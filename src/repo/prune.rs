@@ -237,12 +237,17 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> crate::error::Result<Pru
         if marks.contains_key(pack) || !listed.contains_key(pack) {
             continue;
         }
-        let entries = cat.pack_entries(pack)?;
+        let entries = cat.pack_entries_with_use(pack)?;
         let mut used: Vec<PackEntry> = vec![];
         let (mut total, mut unused) = (0u64, 0u64);
-        for e in &entries {
+        for (e, is_used, stored_in) in &entries {
             total += e.length as u64;
-            if cat.is_used(&e.id)? && keepers(repo, &e.id, e.kind, &listed)?.contains(pack) {
+            // A blob stored in this pack alone is kept here when used (the
+            // pack is in storage); only one with other copies needs the
+            // look at which copies are kept.
+            if *is_used
+                && (*stored_in == 1 || keepers(repo, &e.id, e.kind, &listed)?.contains(pack))
+            {
                 used.push(*e);
             } else {
                 unused += e.length as u64;
@@ -544,39 +549,48 @@ pub(crate) fn consolidate_index(
 ) -> crate::error::Result<u64> {
     let cat = &repo.catalog;
     let gone: HashSet<Id> = delete.iter().map(|(p, _)| *p).collect();
+    // Written in fragments of at most MAX_FRAGMENT_BLOBS entries, each
+    // built from the catalog as it goes: one fragment of a whole large
+    // repository would have to be held in memory by every later reader.
+    let mut written = HashSet::new();
     let mut keep = vec![];
-    for (pack, size) in cat.packs_in_index_files(start)? {
+    let mut blobs = 0;
+    let packs = cat.packs_in_index_files(start)?;
+    let last = packs.len();
+    for (i, (pack, size)) in packs.into_iter().enumerate() {
         if !gone.contains(&pack) {
+            let entries = cat.pack_entries(&pack)?;
+            blobs += entries.len();
             keep.push(IndexedPack {
                 id: pack,
                 size,
-                entries: cat.pack_entries(&pack)?,
+                entries,
             });
         }
-    }
-    let new_id = if keep.is_empty() {
-        None
-    } else {
-        let (id, bytes) = index::encode(&keep, &repo.keys.meta_recipient());
-        repo.backend
-            .put(&format::index_name(&id), &bytes)
-            .or_else(|e| match e {
-                crate::backend::BackendError::AlreadyExists { .. } => Ok(()),
-                e => Err(e),
+        if !keep.is_empty() && (blobs >= index::MAX_FRAGMENT_BLOBS || i + 1 == last) {
+            let (id, bytes) = index::encode(&keep, &repo.keys.meta_recipient());
+            repo.backend
+                .put(&format::index_name(&id), &bytes)
+                .or_else(|e| match e {
+                    crate::backend::BackendError::AlreadyExists { .. } => Ok(()),
+                    e => Err(e),
+                })?;
+            cat.atomically(|| {
+                cat.add_index_file(&id)?;
+                cat.mark_indexed(&keep.iter().map(|p| p.id).collect::<Vec<_>>(), &id)
             })?;
-        cat.atomically(|| {
-            cat.add_index_file(&id)?;
-            cat.mark_indexed(&keep.iter().map(|p| p.id).collect::<Vec<_>>(), &id)
-        })?;
-        Some(id)
-    };
+            written.insert(id);
+            keep.clear();
+            blobs = 0;
+        }
+    }
     // The deleted packs are in no fragment from here on: a kill before they
     // go leaves them unindexed (and marked), which check reports as a
     // warning and the next prune finishes.
     cat.mark_unindexed(&gone.iter().copied().collect::<Vec<_>>())?;
     let mut replaced = 0;
     for id in start {
-        if Some(*id) == new_id || locked.contains(id) {
+        if written.contains(id) || locked.contains(id) {
             continue;
         }
         repo.backend.delete(&format::index_name(id))?;

@@ -141,6 +141,11 @@ fn missing_pack_fails_check_and_names_snapshot() {
         "{err}"
     );
     assert!(err.contains("snapshot"), "{err}");
+    // The snapshot that lost data is named with how much it lost.
+    assert!(
+        err.contains("chunk(s) whose data is missing from the repository"),
+        "{err}"
+    );
 }
 
 #[test]
