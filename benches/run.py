@@ -12,6 +12,13 @@ Workloads (--workload):
               1,000 (examples/benchdata.rs small; 1,000,000 = ~8 GiB):
               first backup, unchanged second backup, a backup after 1% of
               the files were rewritten, restore, and ls of the snapshot.
+  big-repo    a repository of --blobs blobs (default 1M, 3M and 10M; 1 MiB
+              chunks in sparse 32 MiB packs, 10 sources x 12 snapshots,
+              made by benches/bigrepo.rs): catalog rebuild, snapshots, a
+              first and an unchanged backup of a small tree, check,
+              forget --dry-run and prune --dry-run, each with peak RSS,
+              and how each grows with the blob count (t ~ N^b). labctl
+              only: the generator writes labctl's format.
   vm-stream   benches/vm.py's VM image stream (--size-gib).
 Generated data is kept under --work/data between runs (delete it to
 regenerate); repositories are made fresh each run. The peers come from
@@ -31,10 +38,13 @@ borg (Debian packages restic, borgbackup).
     python3 benches/run.py --size-mib 1024 [--tools labctl,restic,borg] [--repeat 3] [--json out.json]
     python3 benches/run.py --workload s3-latency --size-mib 1024
     python3 benches/run.py --workload small-files --files 1000000
+    python3 benches/run.py --workload big-repo --blobs 1000000,3000000,10000000
 """
 import argparse
 import json
+import math
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -360,7 +370,10 @@ def medians(rounds, names):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", default="mixed", choices=["mixed", "s3-latency", "small-files", "vm-stream"])
+    ap.add_argument("--workload", default="mixed",
+                    choices=["mixed", "s3-latency", "small-files", "big-repo", "vm-stream"])
+    ap.add_argument("--blobs", default="1000000,3000000,10000000",
+                    help="big-repo: comma-separated repository sizes in blobs")
     ap.add_argument("--size-mib", type=int, default=1024, help="mixed and s3-latency dataset size")
     ap.add_argument("--files", type=int, default=1_000_000, help="small-files: how many files")
     ap.add_argument("--size-gib", type=float, default=20, help="vm-stream: image size")
@@ -390,13 +403,15 @@ def main():
         if args.s3:
             args.tools = "labctl,restic,rustic"
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "labctl", "--example", "benchdata",
-                    "--example", "netshaper"], cwd=ROOT, check=True)
+                    "--example", "netshaper", "--example", "bigrepo"], cwd=ROOT, check=True)
     binary = os.path.join(ROOT, "target/release/labctl")
     gen = os.path.join(ROOT, "target/release/examples/benchdata")
     runs = os.path.join(args.work, "runs")
     os.makedirs(os.path.join(args.work, "data"), exist_ok=True)
     fresh_dir(runs)
-    if args.workload == "small-files":
+    if args.workload == "big-repo":
+        big_repo(args, binary, runs)
+    elif args.workload == "small-files":
         small_files(args, binary, gen, runs)
     elif args.workload == "s3-latency":
         s3_latency(args, binary, gen, runs)
@@ -535,6 +550,70 @@ def small_files(args, binary, gen, runs):
         with open(args.json, "w") as f:
             json.dump({"workload": "small-files", "files": n, "size": size, "results": list(res.values())},
                       f, indent=2)
+
+
+def big_repo(args, binary, runs):
+    """labctl's metadata commands on synthetic repositories of growing size.
+    Each repository is generated once under --work/data/big-N and kept; each
+    run starts from an empty catalog (so the first command, catalog rebuild,
+    loads the whole index). The small tree's backups add one snapshot per
+    run to the kept repository."""
+    gen = os.path.join(ROOT, "target/release/examples/bigrepo")
+    small = os.path.join(args.work, "data", "big-small-tree")
+    if not os.path.exists(small + ".done"):
+        shutil.rmtree(small, ignore_errors=True)
+        os.makedirs(small)
+        rnd = random.Random(22)
+        for d in range(10):
+            os.makedirs(os.path.join(small, f"d{d}"))
+            for f in range(100):
+                with open(os.path.join(small, f"d{d}", f"f{f}"), "wb") as fh:
+                    fh.write(rnd.randbytes(rnd.randint(1024, 16384)))
+        open(small + ".done", "w").close()
+    sizes = [int(n) for n in args.blobs.split(",")]
+    steps = [("catalog rebuild", ["catalog", "rebuild"]), ("snapshots", ["snapshots"]),
+             ("backup (first)", ["backup", "path", small]), ("backup (unchanged)", ["backup", "path", small]),
+             ("check", ["check"]),
+             ("forget --dry-run", ["forget", "--keep-daily", "7", "--keep-weekly", "4", "--keep-monthly", "2",
+                                   "--dry-run"]),
+             ("prune --dry-run", ["prune", "--dry-run"])]
+    res = {}
+    for n in sizes:
+        data = os.path.join(args.work, "data", f"big-{n}")
+        keys = os.path.join(data, "keys")
+        env = dict(os.environ, LABCTL_REPO=os.path.join(data, "repo"), LABCTL_KEY=os.path.join(keys, "b.key"),
+                   LABCTL_CACHE_DIR=os.path.join(runs, f"cache-{n}"))
+        if not os.path.exists(data + ".done"):
+            shutil.rmtree(data, ignore_errors=True)
+            os.makedirs(keys)
+            run([binary, "-q", "repo", "init", "--no-escrow", "--backup-key", env["LABCTL_KEY"],
+                 "--restore-key", os.path.join(keys, "r.key")], env=env)
+            subprocess.run([gen, env["LABCTL_REPO"], env["LABCTL_KEY"], str(n)], check=True)
+            open(data + ".done", "w").close()
+        res[n] = {}
+        for name, cmd in steps:
+            s, rss = run([binary, "-q", *cmd], env=env)
+            res[n][name] = {"s": s, "rss": rss}
+            print(f"{n} blobs: {name} {s:.2f}s, {rss:.0f} MiB RSS", file=sys.stderr)
+    head = ["command"] + [c for n in sizes for c in (f"{n / 1e6:g}M blobs s", "RSS MiB")] + ["growth b (t ~ N^b)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, _ in steps:
+        cells = [name] + [f"{res[n][name]['s']:.2f} | {res[n][name]['rss']:.0f}" for n in sizes]
+        cells.append(f"{growth(sizes, [res[n][name]['s'] for n in sizes]):.2f}" if len(sizes) > 1 else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    print("big repository (labctl; wall s | peak RSS MiB per size)\n" + "\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"workload": "big-repo", "results": {str(n): r for n, r in res.items()}}, f, indent=2)
+
+
+def growth(ns, ts):
+    """The exponent b of a least-squares fit t = a * N^b (log-log); times
+    under 50 ms are raised to 50 ms (process start dominates them)."""
+    xs = [math.log(n) for n in ns]
+    ys = [math.log(max(t, 0.05)) for t in ts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def one_round(args, binary, gen, runs, index):
