@@ -25,13 +25,21 @@ pub struct IndexedPack {
     pub entries: Vec<PackEntry>,
 }
 
+/// Whether a fragment being filled (`run_packs` packs, `run_blobs`
+/// entries) must be written before a pack of `next` entries joins it: the
+/// rule that keeps fragments at [`MAX_FRAGMENT_BLOBS`] (a pack with more is
+/// a fragment of its own).
+pub fn overflows(run_packs: usize, run_blobs: usize, next: usize) -> bool {
+    run_packs > 0 && run_blobs + next > MAX_FRAGMENT_BLOBS
+}
+
 /// Splits `packs` into runs of whole packs of at most
-/// [`MAX_FRAGMENT_BLOBS`] entries each (a pack with more is a run of its own).
+/// [`MAX_FRAGMENT_BLOBS`] entries each (see [`overflows`]).
 pub fn split(packs: &[IndexedPack]) -> Vec<&[IndexedPack]> {
     let mut out = vec![];
     let (mut start, mut blobs) = (0, 0);
     for (i, p) in packs.iter().enumerate() {
-        if i > start && blobs + p.entries.len() > MAX_FRAGMENT_BLOBS {
+        if overflows(i - start, blobs, p.entries.len()) {
             out.push(&packs[start..i]);
             (start, blobs) = (i, 0);
         }

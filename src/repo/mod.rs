@@ -556,11 +556,7 @@ impl Repository {
     pub fn publish_packs(&self, packs: &[index::IndexedPack]) -> crate::error::Result<Vec<Id>> {
         let mut written = vec![];
         for run in index::split(packs) {
-            let (id, bytes) = index::encode(run, &self.keys.meta_recipient());
-            match self.backend.put(&format::index_name(&id), &bytes) {
-                Ok(()) | Err(BackendError::AlreadyExists { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+            let id = self.write_fragment(run)?;
             self.catalog.atomically(|| {
                 for p in run {
                     self.catalog
@@ -571,6 +567,20 @@ impl Repository {
             written.push(id);
         }
         Ok(written)
+    }
+
+    /// Writes one index fragment listing `packs` (already there is fine:
+    /// fragments are named by their content); the caller updates the
+    /// catalog.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub(crate) fn write_fragment(&self, packs: &[index::IndexedPack]) -> crate::error::Result<Id> {
+        let (id, bytes) = index::encode(packs, &self.keys.meta_recipient());
+        match self.backend.put(&format::index_name(&id), &bytes) {
+            Ok(()) | Err(BackendError::AlreadyExists { .. }) => Ok(id),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Loads new snapshots and prune marks, forgets deleted snapshots.
@@ -828,20 +838,11 @@ mod tests {
         }
     }
 
-    /// Index fragments written outside a backup stay bounded, prune's
-    /// consolidation keeps every pack but the deleted ones, and a new
-    /// catalog's bulk load agrees with the catalog that wrote them.
-    #[test]
-    fn fragments_are_bounded_and_a_bulk_load_agrees_with_the_writer() {
+    /// Packs `1..` holding `sizes[i]` made-up data blobs each.
+    fn synthetic_packs(sizes: &[usize]) -> Vec<index::IndexedPack> {
         use crate::repo::blob::BlobKind;
         use crate::repo::pack::PackEntry;
-        let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(FsBackend::new(dir.path().join("repo")));
-        let keys = init(backend.as_ref(), &InitOptions::default()).unwrap();
-        let repo = Repository::open(backend.clone(), keys.clone(), &dir.path().join("a")).unwrap();
-        // Three packs of 40% of a fragment each, and a small one.
-        let per = index::MAX_FRAGMENT_BLOBS * 2 / 5;
-        let packs: Vec<index::IndexedPack> = [per, per, per, 7]
+        sizes
             .iter()
             .enumerate()
             .map(|(p, &n)| index::IndexedPack {
@@ -860,7 +861,45 @@ mod tests {
                     })
                     .collect(),
             })
-            .collect();
+            .collect()
+    }
+
+    /// Prune's consolidation keeps to the same bound as every other
+    /// fragment writer: three packs of 40% each never share one fragment.
+    #[test]
+    fn consolidation_never_writes_a_fragment_over_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(FsBackend::new(dir.path().join("repo")));
+        let keys = init(backend.as_ref(), &InitOptions::default()).unwrap();
+        let repo = Repository::open(backend.clone(), keys.clone(), &dir.path().join("a")).unwrap();
+        let per = index::MAX_FRAGMENT_BLOBS * 2 / 5;
+        let packs = synthetic_packs(&[per, per, per]);
+        let written = repo.publish_packs(&packs).unwrap();
+        prune::consolidate_index(&repo, &written, &[], &Default::default()).unwrap();
+        let mut blobs = vec![];
+        backend
+            .list("index/", &mut |o| {
+                let bytes = backend.get(&o.name).unwrap();
+                let f = index::decode(&bytes, &keys.meta_identity, "i").unwrap();
+                blobs.push(f.iter().map(|p| p.entries.len()).sum::<usize>());
+            })
+            .unwrap();
+        blobs.sort();
+        assert_eq!(blobs, vec![per, 2 * per]);
+    }
+
+    /// Index fragments written outside a backup stay bounded, prune's
+    /// consolidation keeps every pack but the deleted ones, and a new
+    /// catalog's bulk load agrees with the catalog that wrote them.
+    #[test]
+    fn fragments_are_bounded_and_a_bulk_load_agrees_with_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(FsBackend::new(dir.path().join("repo")));
+        let keys = init(backend.as_ref(), &InitOptions::default()).unwrap();
+        let repo = Repository::open(backend.clone(), keys.clone(), &dir.path().join("a")).unwrap();
+        // Three packs of 40% of a fragment each, and a small one.
+        let per = index::MAX_FRAGMENT_BLOBS * 2 / 5;
+        let packs = synthetic_packs(&[per, per, per, 7]);
         let written = repo.publish_packs(&packs).unwrap();
         assert_eq!(
             written.len(),

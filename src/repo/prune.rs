@@ -553,36 +553,36 @@ pub(crate) fn consolidate_index(
     // built from the catalog as it goes: one fragment of a whole large
     // repository would have to be held in memory by every later reader.
     let mut written = HashSet::new();
-    let mut keep = vec![];
+    let mut keep: Vec<IndexedPack> = vec![];
     let mut blobs = 0;
-    let packs = cat.packs_in_index_files(start)?;
-    let last = packs.len();
-    for (i, (pack, size)) in packs.into_iter().enumerate() {
-        if !gone.contains(&pack) {
-            let entries = cat.pack_entries(&pack)?;
-            blobs += entries.len();
-            keep.push(IndexedPack {
-                id: pack,
-                size,
-                entries,
-            });
+    let mut flush = |keep: &mut Vec<IndexedPack>| -> crate::error::Result<()> {
+        let id = repo.write_fragment(keep)?;
+        cat.atomically(|| {
+            cat.add_index_file(&id)?;
+            cat.mark_indexed(&keep.iter().map(|p| p.id).collect::<Vec<_>>(), &id)
+        })?;
+        written.insert(id);
+        keep.clear();
+        Ok(())
+    };
+    for (pack, size) in cat.packs_in_index_files(start)? {
+        if gone.contains(&pack) {
+            continue;
         }
-        if !keep.is_empty() && (blobs >= index::MAX_FRAGMENT_BLOBS || i + 1 == last) {
-            let (id, bytes) = index::encode(&keep, &repo.keys.meta_recipient());
-            repo.backend
-                .put(&format::index_name(&id), &bytes)
-                .or_else(|e| match e {
-                    crate::backend::BackendError::AlreadyExists { .. } => Ok(()),
-                    e => Err(e),
-                })?;
-            cat.atomically(|| {
-                cat.add_index_file(&id)?;
-                cat.mark_indexed(&keep.iter().map(|p| p.id).collect::<Vec<_>>(), &id)
-            })?;
-            written.insert(id);
-            keep.clear();
+        let entries = cat.pack_entries(&pack)?;
+        if index::overflows(keep.len(), blobs, entries.len()) {
+            flush(&mut keep)?;
             blobs = 0;
         }
+        blobs += entries.len();
+        keep.push(IndexedPack {
+            id: pack,
+            size,
+            entries,
+        });
+    }
+    if !keep.is_empty() {
+        flush(&mut keep)?;
     }
     // The deleted packs are in no fragment from here on: a kill before they
     // go leaves them unindexed (and marked), which check reports as a
