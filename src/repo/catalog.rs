@@ -671,12 +671,6 @@ impl Catalog {
     pub fn used_add(&self, ids: &[Id]) -> crate::error::Result<()> {
         self.each_id("INSERT OR IGNORE INTO temp.used(id) VALUES(?1)", ids)
     }
-    pub fn is_used(&self, id: &Id) -> crate::error::Result<bool> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT 1 FROM temp.used WHERE id=?1")?
-            .exists([&id.0[..]])?)
-    }
 
     /// Sets the packs this catalog lists that storage no longer holds (for
     /// this connection): [`Catalog::pack_holds_needed_blob`] never counts

@@ -10,7 +10,6 @@
 //! reported by pack and blob, and mapped to the snapshots and files it affects.
 
 use crate::repo::blob::{self, BlobKind};
-use crate::repo::id::IdMap;
 use crate::repo::pack::PackEntry;
 use crate::repo::tree::{ContentRef, NodeType};
 use crate::repo::{format, index, Id, Repository};
@@ -83,7 +82,7 @@ fn check_in_ranges(
     }
     // Per-pack facts only; per-blob lookups go to the on-disk catalog, so
     // memory does not grow with the number of blobs.
-    let listed: IdMap<u64> = repo.list_packs()?.into_iter().collect();
+    let listed: HashMap<Id, u64> = repo.list_packs()?;
     rep.packs = listed.len() as u64;
 
     // Index fragments against the listing: (pack size, blob count) per pack.
@@ -94,7 +93,7 @@ fn check_in_ranges(
         }
     })?;
     rep.index_files = index_ids.len() as u64;
-    let mut indexed: IdMap<(u64, usize)> = IdMap::default();
+    let mut indexed: HashMap<Id, (u64, usize)> = HashMap::new();
     for id in &index_ids {
         let name = format::index_name(id);
         let bytes = match repo.backend.get(&name) {
@@ -151,7 +150,7 @@ fn check_in_ranges(
     let mut missing: HashMap<Id, u64> = HashMap::new();
     let mut single_trees = 0u64;
     // Blobs per pack, counted on the way for the catalog check below.
-    let mut counts: IdMap<usize> = IdMap::default();
+    let mut counts: HashMap<Id, usize> = HashMap::new();
     let mut snapshot_errors = vec![];
     // With several ranges, the first pass decrypts each snapshot once and
     // spills its sorted list to an unlinked temporary file beside the
@@ -162,8 +161,8 @@ fn check_in_ranges(
         .then(|| Spill::new(repo.catalog.path()))
         .transpose()?;
     let mut parts: HashMap<Id, (u64, Vec<usize>)> = HashMap::new();
-    for (pass, (lo, _)) in ranges.iter().enumerate() {
-        let hi = ranges.get(pass + 1).map(|r| &r.0);
+    for (pass, lo) in ranges.iter().enumerate() {
+        let hi = ranges.get(pass + 1);
         let copies = repo.catalog.blob_copies_in_range(lo, hi, &mut |p| {
             *counts.entry(*p).or_default() += 1;
             listed.contains_key(p)
@@ -185,7 +184,7 @@ fn check_in_ranges(
                 }
                 let mut bounds: Vec<usize> = ranges
                     .iter()
-                    .map(|(lo, _)| chunks.partition_point(|c| below(c, lo)))
+                    .map(|lo| chunks.partition_point(|c| c < lo))
                     .collect();
                 bounds.push(chunks.len());
                 if let Some(spill) = &mut spill {
@@ -337,7 +336,7 @@ fn check_file_sizes(
 /// search over the whole list per lookup missed the CPU cache each time).
 fn gallop(copies: &[crate::repo::catalog::BlobCopies], from: usize, c: &Id) -> usize {
     let (mut lo, mut step) = (from, 1);
-    while lo + step < copies.len() && below(&copies[lo + step].id, c) {
+    while lo + step < copies.len() && copies[lo + step].id < *c {
         lo += step;
         step *= 2;
     }
@@ -345,19 +344,7 @@ fn gallop(copies: &[crate::repo::catalog::BlobCopies], from: usize, c: &Id) -> u
     if lo >= end {
         return lo;
     }
-    lo + copies[lo..end].partition_point(|x| below(&x.id, c))
-}
-
-/// `a < b` for IDs, deciding on the first eight bytes as one integer
-/// (hashes: they nearly always differ there) before comparing the rest;
-/// a `memcmp` call per comparison was a third of `check`'s time.
-#[inline]
-fn below(a: &Id, b: &Id) -> bool {
-    let head = |x: &Id| u64::from_be_bytes(x.0[..8].try_into().unwrap());
-    match head(a).cmp(&head(b)) {
-        std::cmp::Ordering::Equal => a.0[8..] < b.0[8..],
-        o => o.is_lt(),
-    }
+    lo + copies[lo..end].partition_point(|x| x.id < *c)
 }
 
 /// Snapshot chunk lists written once and read back by range: an unlinked
@@ -416,18 +403,17 @@ impl Spill {
 /// made the merge half of a ten-million-blob check).
 const RANGE_BLOBS: usize = 1 << 18;
 
-/// Splits the ID space into ranges `[lo, hi)` (the last without an upper
-/// end) holding about `per` of `total` blobs each (IDs are hashes, so
-/// evenly spread).
-fn id_ranges(total: usize, per: usize) -> Vec<(Id, Option<Id>)> {
+/// Splits the ID space into ranges holding about `per` of `total` blobs
+/// each (IDs are hashes, so evenly spread); returns each range's lowest
+/// ID. A range ends where the next begins, the last at the top.
+fn id_ranges(total: usize, per: usize) -> Vec<Id> {
     let n = total.div_ceil(per).max(1) as u64;
-    let bound = |i: u64| {
-        let mut id = [0u8; 32];
-        id[..8].copy_from_slice(&((u64::MAX / n) * i).to_be_bytes());
-        Id(id)
-    };
     (0..n)
-        .map(|i| (bound(i), (i + 1 < n).then(|| bound(i + 1))))
+        .map(|i| {
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&((u64::MAX / n) * i).to_be_bytes());
+            Id(id)
+        })
         .collect()
 }
 
@@ -449,8 +435,8 @@ fn selected(id: &Id, read: ReadData) -> bool {
 fn read_packs(
     repo: &Repository,
     read: ReadData,
-    indexed: &IdMap<(u64, usize)>,
-    listed: &IdMap<u64>,
+    indexed: &HashMap<Id, (u64, usize)>,
+    listed: &HashMap<Id, u64>,
     rep: &mut CheckReport,
 ) -> crate::error::Result<()> {
     let identity = repo.keys.data_identity("check --read-data")?;
@@ -670,13 +656,6 @@ mod tests {
             }
         }
         assert_eq!(gallop(&[], 0, &Id([1; 32])), 0);
-        let mut a = [7u8; 32];
-        let mut b = [7u8; 32];
-        a[31] = 1;
-        b[31] = 2;
-        assert!(below(&Id(a), &Id(b)) && !below(&Id(b), &Id(a)) && !below(&Id(a), &Id(a)));
-        b[0] = 6;
-        assert!(below(&Id(b), &Id(a)));
     }
 
     /// The same findings whether the catalog is read in one range or in
@@ -772,14 +751,12 @@ mod tests {
 
     #[test]
     fn id_ranges_cover_the_id_space_in_order() {
-        assert_eq!(id_ranges(0, RANGE_BLOBS), vec![(Id([0; 32]), None)]);
+        assert_eq!(id_ranges(0, RANGE_BLOBS), vec![Id([0; 32])]);
         let r = id_ranges(5 * RANGE_BLOBS + 1, RANGE_BLOBS);
         assert_eq!(r.len(), 6);
-        assert_eq!(r[0].0, Id([0; 32]));
-        assert!(r.last().unwrap().1.is_none());
+        assert_eq!(r[0], Id([0; 32]));
         for w in r.windows(2) {
-            assert_eq!(w[0].1, Some(w[1].0));
-            assert!(w[0].0 < w[1].0);
+            assert!(w[0] < w[1]);
         }
     }
 }

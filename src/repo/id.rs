@@ -39,50 +39,6 @@ impl fmt::Debug for Id {
     }
 }
 
-/// A hasher for maps keyed by [`Id`]: IDs are already uniform hashes, so
-/// folding their four words with a per-process random seed is enough, and
-/// several times cheaper than SipHash for the millions of lookups `check`
-/// makes. (A seed unknown to whoever names objects in storage keeps crafted
-/// collisions out.)
-#[derive(Clone, Copy)]
-pub struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for w in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..w.len()].copy_from_slice(w);
-            self.0 = (self.0 ^ u64::from_le_bytes(b))
-                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                .rotate_left(29);
-        }
-    }
-}
-
-/// Builds [`IdHasher`]s with this process's seed.
-#[derive(Clone, Copy)]
-pub struct IdHash(u64);
-
-impl Default for IdHash {
-    fn default() -> Self {
-        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-        IdHash(*SEED.get_or_init(rand::random))
-    }
-}
-
-impl std::hash::BuildHasher for IdHash {
-    type Hasher = IdHasher;
-    fn build_hasher(&self) -> IdHasher {
-        IdHasher(self.0)
-    }
-}
-
-/// A map keyed by [`Id`] with [`IdHash`].
-pub type IdMap<V> = std::collections::HashMap<Id, V, IdHash>;
-
 impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.hex())
