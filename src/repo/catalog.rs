@@ -165,7 +165,22 @@ impl Catalog {
         &self.path
     }
 
+    /// Begins a write transaction, taking the write lock at once (`BEGIN
+    /// IMMEDIATE`, waiting for it up to the busy timeout). A deferred
+    /// `BEGIN` would take a read snapshot at the first read, and a write
+    /// after another connection has committed would then be refused at
+    /// once (SQLITE_BUSY_SNAPSHOT, "cannot promote read transaction"),
+    /// without waiting: a prune's bookkeeping failed that way while a
+    /// backup wrote.
     pub fn begin(&self) -> crate::error::Result<()> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(())
+    }
+
+    /// Begins a transaction for work that writes only this connection's
+    /// TEMP tables (the used set): deferred, so it never holds the
+    /// catalog's write lock and never blocks a backup.
+    pub fn begin_temp(&self) -> crate::error::Result<()> {
         self.conn.execute_batch("BEGIN")?;
         Ok(())
     }
@@ -871,6 +886,31 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A transaction from `begin` may read first and write later while
+    /// other connections write: the other writer waits (here: gives up
+    /// after its short busy timeout), the transaction's own write is never
+    /// refused. With a deferred BEGIN the other writer got in and this
+    /// transaction's write failed with "database is locked" at once (the
+    /// intermittent failure of prune's orphan bookkeeping beside a backup).
+    #[test]
+    fn a_write_transaction_that_reads_first_is_not_refused_its_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let c = Catalog::open(&path).unwrap();
+        c.set_meta("k", "0").unwrap();
+        let other = Connection::open(&path).unwrap();
+        other
+            .busy_timeout(std::time::Duration::from_millis(50))
+            .unwrap();
+        c.begin().unwrap();
+        assert_eq!(c.get_meta("k").unwrap().as_deref(), Some("0"));
+        let theirs = other.execute("INSERT OR REPLACE INTO meta(key,value) VALUES('k','1')", []);
+        c.set_meta("k", "2").unwrap();
+        c.commit().unwrap();
+        assert!(theirs.is_err(), "the other writer got in mid-transaction");
+        assert_eq!(c.get_meta("k").unwrap().as_deref(), Some("2"));
+    }
 
     #[test]
     fn packs_blobs_and_file_cache() {

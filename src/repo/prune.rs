@@ -423,7 +423,7 @@ pub fn load_used(repo: &Repository) -> crate::error::Result<Vec<Id>> {
     })?;
     for id in &snap_ids {
         let (_, chunks) = repo.load_snapshot(id)?;
-        cat.begin()?;
+        cat.begin_temp()?;
         cat.used_add(&chunks)?;
         cat.commit()?;
     }
