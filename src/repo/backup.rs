@@ -287,6 +287,24 @@ impl Uploader {
     }
 }
 
+/// What the file cache holds for a file: its stat facts when it was
+/// read, its content, and the last run that read or re-used it.
+#[derive(Debug, Clone)]
+pub struct CachedFile {
+    pub facts: FileFacts,
+    pub content: Vec<ContentRef>,
+    pub run: i64,
+}
+
+/// Runs (of any source: the counter is the catalog's) after which a re-used
+/// file cache entry is marked again.
+pub const FILE_CACHE_TOUCH_AFTER: i64 = 64;
+/// Runs after which an entry no run marked is dropped. Larger than
+/// [`FILE_CACHE_TOUCH_AFTER`], so an entry a run re-uses is never dropped
+/// by it; an entry of a deleted file stays this long (it is never matched:
+/// a new file at its path differs in inode or change time).
+pub const FILE_CACHE_KEEP: i64 = 2 * FILE_CACHE_TOUCH_AFTER;
+
 /// State of one backup run.
 pub struct BackupRun<'r> {
     repo: &'r Repository,
@@ -356,9 +374,12 @@ impl<'r> BackupRun<'r> {
     }
 
     /// Uses the file cache of `source` (a stable key, such as the absolute
-    /// path of a directory): [`BackupRun::cached_file`] answers from the
-    /// last run, and entries this run does not touch are dropped when it
-    /// finishes.
+    /// path of a directory): [`BackupRun::cached_file`] answers from
+    /// earlier runs. An entry a run re-uses is marked with the run only
+    /// when its mark is [`FILE_CACHE_TOUCH_AFTER`] runs old (an unchanged
+    /// backup then writes nothing per file), and entries whose mark is
+    /// [`FILE_CACHE_KEEP`] runs old are dropped when a run finishes: those
+    /// of files that are gone, or that no run has re-used since.
     ///
     /// # Errors
     /// Catalog errors.
@@ -379,17 +400,20 @@ impl<'r> BackupRun<'r> {
     ///
     /// # Errors
     /// Catalog errors.
-    pub fn cached_file(
-        &self,
-        rel: &[u8],
-    ) -> crate::error::Result<Option<(FileFacts, Vec<ContentRef>)>> {
+    pub fn cached_file(&self, rel: &[u8]) -> crate::error::Result<Option<CachedFile>> {
         let Some((source, _)) = &self.file_cache else {
             return Ok(None);
         };
         Ok(self
             .catalog()
             .file_cache_get(source, rel)?
-            .and_then(|(facts, blob)| decode_content(&blob).map(|c| (facts, c))))
+            .and_then(|(facts, blob, run)| {
+                decode_content(&blob).map(|content| CachedFile {
+                    facts,
+                    content,
+                    run,
+                })
+            }))
     }
 
     /// Re-uses a cached file's content when every chunk is still stored
@@ -402,9 +426,9 @@ impl<'r> BackupRun<'r> {
     pub fn reuse_cached_file(
         &mut self,
         rel: &[u8],
-        content: &[ContentRef],
-        size: u64,
+        cached: &CachedFile,
     ) -> crate::error::Result<bool> {
+        let (content, size) = (&cached.content, cached.facts.size);
         for c in content {
             if let ContentRef::Chunk(id) = c {
                 if !self.pending.contains(id) && !self.catalog().has_blob(id)? {
@@ -413,8 +437,10 @@ impl<'r> BackupRun<'r> {
             }
         }
         if let Some((source, run_id)) = self.file_cache.clone() {
-            self.tx_op()?;
-            self.catalog().file_cache_touch(&source, rel, run_id)?;
+            if cached.run + FILE_CACHE_TOUCH_AFTER <= run_id {
+                self.tx_op()?;
+                self.catalog().file_cache_touch(&source, rel, run_id)?;
+            }
         }
         for c in content {
             if let ContentRef::Chunk(id) = c {
@@ -643,15 +669,14 @@ impl<'r> BackupRun<'r> {
     /// Storage or catalog errors.
     pub fn add_tree(&mut self, tree: &Tree) -> crate::error::Result<Vec<Id>> {
         let json = serde_json::to_vec(tree)?;
-        let mut chunker = Chunker::new(
-            &json[..],
-            ChunkerKind::Cdc,
-            &self.repo.cdc,
-            &self.repo.config.chunker,
-        );
+        let cdc = self.repo.cdc.clone();
         let mut ids = vec![];
-        while let Some(Piece::Data(d)) = chunker.next_piece()? {
-            ids.push(self.add_chunk(BlobKind::Tree, d, self.repo.config.compression_level)?);
+        for piece in cdc.split(&json) {
+            ids.push(self.add_chunk(
+                BlobKind::Tree,
+                piece.to_vec(),
+                self.repo.config.compression_level,
+            )?);
         }
         if ids.is_empty() {
             ids.push(self.add_chunk(BlobKind::Tree, vec![], 0)?);
@@ -673,7 +698,8 @@ impl<'r> BackupRun<'r> {
         // A cancelled run never commits a snapshot.
         self.check_cancel()?;
         if let Some((source, run_id)) = &self.file_cache {
-            self.catalog().file_cache_prune(source, *run_id)?;
+            self.catalog()
+                .file_cache_prune(source, *run_id - FILE_CACHE_KEEP)?;
         }
         self.up.finish()?;
         self.collect_done()?;

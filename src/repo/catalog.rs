@@ -820,9 +820,9 @@ impl Catalog {
         &self,
         source: &str,
         path: &[u8],
-    ) -> crate::error::Result<Option<(FileFacts, Vec<u8>)>> {
+    ) -> crate::error::Result<Option<(FileFacts, Vec<u8>, i64)>> {
         let mut st = self.conn.prepare_cached(
-            "SELECT size,mtime_ns,ctime_ns,ino,content FROM file_cache WHERE source=?1 AND path=?2",
+            "SELECT size,mtime_ns,ctime_ns,ino,content,run FROM file_cache WHERE source=?1 AND path=?2",
         )?;
         Ok(st
             .query_row(params![source, path], |r| {
@@ -834,6 +834,7 @@ impl Catalog {
                         ino: r.get::<_, i64>(3)? as u64,
                     },
                     r.get(4)?,
+                    r.get(5)?,
                 ))
             })
             .optional()?)
@@ -873,11 +874,11 @@ impl Catalog {
         st.execute(params![source, path, run])?;
         Ok(())
     }
-    /// Drops cache entries for files not seen in run `run`.
-    pub fn file_cache_prune(&self, source: &str, run: i64) -> crate::error::Result<()> {
+    /// Drops cache entries last marked before run `before`.
+    pub fn file_cache_prune(&self, source: &str, before: i64) -> crate::error::Result<()> {
         self.conn.execute(
-            "DELETE FROM file_cache WHERE source=?1 AND run<>?2",
-            params![source, run],
+            "DELETE FROM file_cache WHERE source=?1 AND run<?2",
+            params![source, before],
         )?;
         Ok(())
     }

@@ -159,6 +159,21 @@ impl Cdc {
         None
     }
 
+    /// Splits data already in memory into the chunks a [`Chunker`] over it
+    /// would give, without the chunker's read buffer (twice the largest
+    /// chunk, allocated and zeroed per chunker: a backup chunks every
+    /// directory listing).
+    pub fn split<'d>(&'d self, mut data: &'d [u8]) -> impl Iterator<Item = &'d [u8]> + 'd {
+        std::iter::from_fn(move || {
+            if data.is_empty() {
+                return None;
+            }
+            let (piece, rest) = data.split_at(self.cut(data));
+            data = rest;
+            Some(piece)
+        })
+    }
+
     /// Length of the first chunk of `buf`. When `buf` is shorter than the
     /// maximum and not at end of input, the caller must supply more data.
     pub fn cut(&self, buf: &[u8]) -> usize {
@@ -318,6 +333,29 @@ pub fn is_zero(b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_in_memory_cuts_where_the_chunker_cuts() {
+        let params = ChunkerParams::default();
+        let cdc = Cdc::new(&[9; 32], &params);
+        for (n, seed) in [
+            (0, 1),
+            (100, 2),
+            (params.cdc_min as usize + 1, 3),
+            (5 << 20, 4),
+            (40 << 20, 5),
+        ] {
+            let data = pseudo_random(n, seed);
+            let mut c = Chunker::new(&data[..], ChunkerKind::Cdc, &cdc, &params);
+            let mut want = vec![];
+            while let Some(Piece::Data(d)) = c.next_piece().unwrap() {
+                want.push(d);
+            }
+            let got: Vec<Vec<u8>> = cdc.split(&data).map(|p| p.to_vec()).collect();
+            assert_eq!(got.len(), want.len(), "{n}");
+            assert!(got == want, "{n}");
+        }
+    }
 
     fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
         let mut out = vec![0u8; n];

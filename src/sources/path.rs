@@ -290,10 +290,10 @@ impl TreeWalker<'_, '_> {
     ) -> crate::error::Result<Vec<ContentRef>> {
         let facts = file_facts(meta);
         let cached = self.run.cached_file(rel)?;
-        if let Some((old, content)) = &cached {
-            if *old == facts && self.run.reuse_cached_file(rel, content, facts.size)? {
+        if let Some(c) = &cached {
+            if c.facts == facts && self.run.reuse_cached_file(rel, c)? {
                 self.run.summary_mut().files_unchanged += 1;
-                return Ok(content.clone());
+                return Ok(c.content.clone());
             }
         }
         let mut f = fs::File::open(path).map_err(|e| SourceError(format!("cannot open: {e}")))?;

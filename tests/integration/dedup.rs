@@ -88,3 +88,55 @@ fn special_files_are_skipped_not_errors() {
     );
     assert_eq!(v["summary"]["errors"].as_array().unwrap().len(), 0);
 }
+
+/// The file cache is not rewritten per file by an unchanged backup: an
+/// entry a run re-uses is marked again only once its mark is 64 runs old,
+/// and an entry no run has marked for 128 runs (a deleted file's) goes.
+#[test]
+fn file_cache_entries_are_marked_rarely_and_dropped_when_stale() {
+    let env = Env::new();
+    let src = env.path("src");
+    for i in 0..5u64 {
+        write(&src.join(format!("f{i}")), &noise(10_000, i));
+    }
+    env.backup(&src);
+    let db = list_files(&env.cache)
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "catalog.db"))
+        .unwrap();
+    let rows = || -> Vec<(Vec<u8>, i64)> {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let mut st = c
+            .prepare("SELECT path, run FROM file_cache ORDER BY path")
+            .unwrap();
+        let v = st
+            .query_map([], |r| Ok((r.get(0).unwrap(), r.get(1).unwrap())))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        v
+    };
+    let first = rows();
+    assert_eq!(first.len(), 5);
+    let run1 = first[0].1;
+    let second = env.backup(&src);
+    assert_eq!(second["summary"]["files-unchanged"], 5);
+    assert_eq!(rows(), first, "an unchanged backup re-uses without writing");
+    // Many runs later (other sources count too): f4 is gone.
+    std::fs::remove_file(src.join("f4")).unwrap();
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute(
+        "UPDATE meta SET value=?1 WHERE key='last-run'",
+        [(run1 + 200).to_string()],
+    )
+    .unwrap();
+    drop(c);
+    let third = env.backup(&src);
+    assert_eq!(third["summary"]["files-unchanged"], 4);
+    let now = rows();
+    assert_eq!(now.len(), 4, "the deleted file's entry is dropped: {now:?}");
+    assert!(
+        now.iter().all(|(_, run)| *run == run1 + 201),
+        "re-used entries are marked again: {now:?}"
+    );
+}
