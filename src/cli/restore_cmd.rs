@@ -36,7 +36,10 @@ pub struct RestoreCmd {
     /// restores a whole restore point.
     #[arg(required_unless_present = "to", conflicts_with = "to")]
     pub snapshot: Option<String>,
-    /// Directory to restore into (created if missing; must be empty unless --overwrite).
+    /// Directory to restore into (created if missing; must be empty unless
+    /// --overwrite). New files are written under their own names; while the
+    /// restore runs the directory holds .labctl-restore-incomplete, which
+    /// only a killed restore leaves behind (restore again with --overwrite).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["stdout", "etcd_data_dir", "verify", "to_vm", "to_cluster", "to_pvc"])]
     pub target: Option<PathBuf>,
     /// Write one file to stdout: a stream snapshot's data, an etcd
@@ -67,8 +70,9 @@ pub struct RestoreCmd {
     /// (`nlp-lab`), `_cluster`, or deeper (`nlp-lab/kubeflow.org/Notebook`).
     #[arg(long = "path", value_name = "PATH")]
     pub paths: Vec<String>,
-    /// Allow a non-empty target. Existing files are replaced whole (written
-    /// to a temporary name, then renamed), never half-overwritten.
+    /// Allow a non-empty target (also one a killed restore left). Existing
+    /// files are replaced whole (written to a temporary name, then renamed),
+    /// never half-overwritten.
     #[arg(long)]
     pub overwrite: bool,
     /// Fetch threads (0 = default: the backend's request parallelism, 16

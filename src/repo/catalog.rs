@@ -213,6 +213,30 @@ impl Catalog {
         }
     }
 
+    /// Runs `f`, which only reads, in one read transaction: one snapshot
+    /// of the catalog and one lock for all its queries instead of a lock
+    /// taken and released per query. Inside a transaction already, `f`
+    /// just runs in it.
+    ///
+    /// # Errors
+    /// `f`'s error, or SQLite's.
+    pub fn reading<T>(
+        &self,
+        f: impl FnOnce() -> crate::error::Result<T>,
+    ) -> crate::error::Result<T> {
+        if !self.conn.is_autocommit() {
+            return f();
+        }
+        self.conn.execute_batch("BEGIN")?;
+        let r = f();
+        let end = self
+            .conn
+            .execute_batch(if r.is_ok() { "COMMIT" } else { "ROLLBACK" });
+        let v = r?;
+        end?;
+        Ok(v)
+    }
+
     pub fn get_meta(&self, key: &str) -> crate::error::Result<Option<String>> {
         Ok(self
             .conn

@@ -451,13 +451,15 @@ impl Repository {
     /// Storage or catalog errors.
     pub fn ensure_indexed(&self, chunks: &[Id]) -> crate::error::Result<usize> {
         let missing = |cat: &Catalog| -> crate::error::Result<usize> {
-            let mut n = 0;
-            for c in chunks {
-                if !cat.has_blob(c)? {
-                    n += 1;
+            cat.reading(|| {
+                let mut n = 0;
+                for c in chunks {
+                    if !cat.has_blob(c)? {
+                        n += 1;
+                    }
                 }
-            }
-            Ok(n)
+                Ok(n)
+            })
         };
         if missing(&self.catalog)? == 0 {
             return Ok(0);

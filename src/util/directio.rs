@@ -187,6 +187,8 @@ pub struct DirectWriter {
     len: usize,
     /// File offset of `buf[0]`; a multiple of 4 KiB.
     offset: u64,
+    /// End of the last write: the file's length (it was created empty).
+    written_end: u64,
     direct: bool,
 }
 
@@ -213,6 +215,7 @@ impl DirectWriter {
             buf: Aligned::new(cap),
             len: 0,
             offset: 0,
+            written_end: 0,
             direct,
         })
     }
@@ -221,6 +224,7 @@ impl DirectWriter {
         self.file
             .write_all_at(&self.buf.as_slice()[..n], self.offset)?;
         self.offset += n as u64;
+        self.written_end = self.offset;
         self.buf.as_mut_slice().copy_within(n..self.len, 0);
         self.len -= n;
         Ok(())
@@ -265,22 +269,29 @@ impl DirectWriter {
         self.write(&Z[..(n - whole) as usize])
     }
 
-    /// Writes what is buffered and sets the final size.
+    /// Writes what is buffered and sets the final size (a file whose
+    /// writes already end there is not truncated again: one system call
+    /// per small file less).
     ///
     /// # Errors
     /// Write errors.
     pub fn finish(mut self, size: u64) -> io::Result<File> {
-        let aligned = self.len / ALIGN * ALIGN;
-        if aligned > 0 {
-            self.flush_buf(aligned)?;
-        }
-        if self.len > 0 {
-            if self.direct {
+        if self.direct {
+            let aligned = self.len / ALIGN * ALIGN;
+            if aligned > 0 {
+                self.flush_buf(aligned)?;
+            }
+            if self.len > 0 {
                 clear_direct(&self.file)?;
             }
+        }
+        // Buffered: the rest in one write (no aligned split needed).
+        if self.len > 0 {
             self.flush_buf(self.len)?;
         }
-        self.file.set_len(size)?;
+        if self.written_end != size {
+            self.file.set_len(size)?;
+        }
         Ok(self.file)
     }
 }
@@ -295,13 +306,32 @@ mod tests {
         // ones' buffers, stale bytes and all.
         let dir = tempfile::tempdir().unwrap();
         for (seed, hint) in [(1u64, 8 << 20), (7, 8 << 20), (99, 1000), (5, 8 << 20)] {
-            write_one(dir.path(), seed, hint);
+            // Ending in data, in a hole with a partial block, and in a
+            // hole of whole blocks (the size must still come out right).
+            for trailing in [0, 5000, 8192] {
+                write_one(dir.path(), seed, hint, trailing);
+            }
         }
     }
 
-    fn write_one(dir: &Path, seed: u64, hint: u64) {
+    #[test]
+    fn a_file_ending_in_a_hole_gets_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        for hint in [1000, 8 << 20] {
+            let p = dir.path().join(format!("h{hint}"));
+            let mut w = DirectWriter::create_new(&p, hint).unwrap();
+            w.write(&[7u8; 4096]).unwrap();
+            w.zeros(3 * 4096).unwrap();
+            w.finish(4 * 4096).unwrap();
+            let got = std::fs::read(&p).unwrap();
+            assert_eq!(got.len(), 4 * 4096, "hint {hint}");
+            assert!(got[..4096].iter().all(|&b| b == 7) && got[4096..].iter().all(|&b| b == 0));
+        }
+    }
+
+    fn write_one(dir: &Path, seed: u64, hint: u64, trailing: usize) {
         let mut expected = vec![];
-        let p = dir.join(format!("f{seed}"));
+        let p = dir.join(format!("f{seed}-{trailing}"));
         let mut w = DirectWriter::create_new(&p, hint).unwrap();
         let mut rng = seed;
         for i in 0..40 {
@@ -318,8 +348,8 @@ mod tests {
                 expected.extend_from_slice(&d);
             }
         }
-        w.zeros(5000).unwrap();
-        expected.extend(std::iter::repeat_n(0u8, 5000));
+        w.zeros(trailing as u64).unwrap();
+        expected.extend(std::iter::repeat_n(0u8, trailing));
         w.finish(expected.len() as u64).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), expected);
     }

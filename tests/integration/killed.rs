@@ -55,3 +55,62 @@ fn kill_during_backup_then_check_and_resume() {
     env.ok_restore(&["restore", "latest", "--target", target.to_str().unwrap()]);
     assert_same_tree(&src, &target);
 }
+
+/// A restore killed mid-way (no chance to clean up) leaves its marker in
+/// the target, so the half-restored tree is recognisable; a new restore
+/// is refused there without --overwrite, and with it completes and takes
+/// the marker away. A restore that runs to its end leaves none.
+#[test]
+fn kill_during_restore_leaves_the_marker_and_overwrite_completes() {
+    let env = Env::new();
+    let src = env.path("src");
+    for i in 0..6u64 {
+        write(&src.join(format!("big{i}.bin")), &noise(6 << 20, 300 + i));
+    }
+    env.backup(&src);
+    for order in ["file", "pack"] {
+        let target = env.path(&format!("out-{order}"));
+        let mut child = env
+            .cmd()
+            .env("LABCTL_RESTORE_KEY", &env.restore_key)
+            .args(["-q", "restore", "latest", "--read-order", order, "--target"])
+            .arg(&target)
+            .spawn()
+            .unwrap();
+        let marker = target.join(".labctl-restore-incomplete");
+        let started = Instant::now();
+        // Kill once the marker and a first file are there.
+        while !(marker.exists() && list_files(&target).len() >= 2) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{order}: too slow to observe"
+            );
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("{order}: restore finished ({status}) before it could be killed; enlarge the data");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(
+            marker.exists(),
+            "{order}: the killed restore's marker stays"
+        );
+        let text = std::fs::read_to_string(&marker).unwrap();
+        assert!(text.contains("did not finish"), "{text}");
+        let t = target.to_str().unwrap();
+        let out = env.run_restore(&["restore", "latest", "--target", t]);
+        assert_eq!(out.status.code(), Some(6), "{order}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("was killed before it finished"),
+            "{}",
+            stderr(&out)
+        );
+        env.ok_restore(&["restore", "latest", "--target", t, "--overwrite"]);
+        assert!(
+            !marker.exists(),
+            "{order}: a finished restore takes it away"
+        );
+        assert_same_tree(&src, &target);
+    }
+}

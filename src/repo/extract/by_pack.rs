@@ -27,7 +27,7 @@
 //! queue (one job per reader) and one blob being assembled and decoded per
 //! reader.
 
-use super::{put_in_place, temp_name, FileSink, RestoreOptions, RestoreSummary};
+use super::{create_target, put_in_place, FileSink, RestoreOptions, RestoreSummary};
 use crate::backend::{Backend, BackendError};
 use crate::error::LabError;
 use crate::repo::catalog::BlobLocation;
@@ -40,7 +40,7 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Blob references planned before a batch goes to the readers (bounds the
 /// plan's memory).
@@ -58,9 +58,12 @@ const BATCH_BYTES: u64 = 64 << 20;
 /// needed and took 20.8 s where the link's floor is 17.3 s.
 const RANGE_GAP: u64 = 128 << 10;
 
-/// A file being restored: its temporary name until the last blob lands.
+/// A file being restored.
 struct Pending {
-    tmp: PathBuf,
+    /// The name it was created under (see [`create_target`]): its own
+    /// path, or a temporary name beside an existing file until the last
+    /// blob lands. Unset until created.
+    name: OnceLock<PathBuf>,
     path: PathBuf,
     node: Node,
     /// A file of one blob (most small files) is created when that blob is
@@ -158,7 +161,14 @@ impl Shared {
         p.done.store(true, Ordering::Release);
         let error = p.error.lock().unwrap().take();
         let file = p.file.lock().unwrap().take();
-        let failed = put_in_place(&p.tmp, &p.path, &p.node, self.is_root, error, file)?;
+        let failed = put_in_place(
+            p.name.get().map(|n| n.as_path()),
+            &p.path,
+            &p.node,
+            self.is_root,
+            error,
+            file,
+        )?;
         let mut summary = self.summary.lock().unwrap();
         match failed {
             Some(why) => summary.failed.push(why),
@@ -333,7 +343,9 @@ impl<'a> PackOrder<'a> {
         self.close();
         for p in self.pending.drain(..) {
             if !p.done.load(Ordering::Acquire) {
-                let _ = fs::remove_file(&p.tmp);
+                if let Some(name) = p.name.get() {
+                    let _ = fs::remove_file(name);
+                }
             }
         }
     }
@@ -342,11 +354,10 @@ impl<'a> PackOrder<'a> {
 impl FileSink for PackOrder<'_> {
     fn file(
         &mut self,
-        _repo: &Repository,
         path: PathBuf,
         mut node: Node,
+        locs: Vec<Option<BlobLocation>>,
     ) -> crate::error::Result<()> {
-        let tmp = temp_name(&path);
         let content = std::mem::take(&mut node.content);
         let deferred = content
             .iter()
@@ -354,7 +365,7 @@ impl FileSink for PackOrder<'_> {
             .count()
             == 1;
         let p = Arc::new(Pending {
-            tmp,
+            name: OnceLock::new(),
             path,
             node,
             deferred,
@@ -365,18 +376,21 @@ impl FileSink for PackOrder<'_> {
         });
         self.pending.push(p.clone());
         if !deferred {
-            OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&p.tmp)
-                .and_then(|f| f.set_len(p.node.size))
-                .map_err(|e| LabError::storage(format!("creating {}: {e}", p.tmp.display())))?;
+            let size = p.node.size;
+            let (_, name) = create_target(&p.path, |q| {
+                let f = OpenOptions::new().write(true).create_new(true).open(q)?;
+                f.set_len(size).inspect_err(|_| {
+                    let _ = fs::remove_file(q);
+                })
+            })
+            .map_err(|e| LabError::storage(format!("creating {}: {e}", p.path.display())))?;
+            let _ = p.name.set(name);
         }
         let mut offset = 0u64;
-        for c in content {
+        for (c, loc) in content.into_iter().zip(locs) {
             match c {
                 ContentRef::Zero { zero } => offset += zero,
-                ContentRef::Chunk(id) => match self.repo.catalog.blob(&id)? {
+                ContentRef::Chunk(id) => match loc {
                     Some(loc) => {
                         self.add(id, loc, &p, offset);
                         offset += loc.raw_len as u64;
@@ -487,10 +501,10 @@ fn write_target(shared: &Shared, p: &Pending, data: &[u8], offset: u64) -> std::
     let hole =
         data.len() >= crate::util::directio::HOLE_MIN && crate::util::directio::is_zero(data);
     if p.deferred {
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&p.tmp)?;
+        let (f, name) = create_target(&p.path, |q| {
+            OpenOptions::new().write(true).create_new(true).open(q)
+        })?;
+        let _ = p.name.set(name);
         if !hole {
             f.write_all_at(data, offset)?;
         }
@@ -503,7 +517,8 @@ fn write_target(shared: &Shared, p: &Pending, data: &[u8], offset: u64) -> std::
         Ok(())
     } else {
         let direct = shared.direct.load(Ordering::Relaxed);
-        if !crate::util::directio::write_at(&p.tmp, data, offset, direct)? && direct {
+        let name = p.name.get().expect("created while planning");
+        if !crate::util::directio::write_at(name, data, offset, direct)? && direct {
             shared.direct.store(false, Ordering::Relaxed);
         }
         Ok(())
@@ -520,7 +535,7 @@ fn deliver(keys: &Keys, shared: &Shared, need: &Need, cipher: &[u8]) {
                 if !p.failed() {
                     if let Err(e) = write_target(shared, p, &data, *offset) {
                         shared.set_fatal(
-                            LabError::storage(format!("writing {}: {e}", p.tmp.display())).into(),
+                            LabError::storage(format!("writing {}: {e}", p.path.display())).into(),
                         );
                         return;
                     }
