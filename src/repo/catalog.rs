@@ -863,6 +863,13 @@ impl Catalog {
             })
             .optional()?)
     }
+    /// Whether the file cache holds any entry of `source`.
+    pub fn file_cache_has(&self, source: &str) -> crate::error::Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM file_cache WHERE source=?1 LIMIT 1")?
+            .exists([source])?)
+    }
     pub fn file_cache_put(
         &self,
         source: &str,
