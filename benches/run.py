@@ -342,17 +342,50 @@ def fmt(rows, size):
 
 
 def fresh_dir(path):
-    """Empties path for a run. ext4 without a journal (this VM's root) skips
-    inodes freed in the last 60 s when it allocates new ones, scanning past
-    every one of them for each file created: thousands of fresh deletions
-    make the next minute's file creation several times slower (seen as sys
-    time in restores). Let them age first."""
+    """Empties path for a run without deleting anything yet. ext4 without a
+    journal (this VM's root) skips inodes freed lately when it allocates new
+    ones, scanning past each of them for every file created: a minute after
+    the deletion, and six minutes while the inode table block is dirty --
+    which the creating process itself keeps it. A restore of 100,000 files
+    measured 8.7 s three minutes after the last run's trees were deleted and
+    2.4 s in quiet conditions. So the old directory is only renamed aside
+    here; empty_trash() deletes it when the run is over, and settle() makes
+    the next run wait until such a deletion is six minutes old."""
     if os.path.exists(path):
-        shutil.rmtree(path, ignore_errors=True)
-        os.sync()
-        print("waiting 65 s after deleting the last run's files", file=sys.stderr)
-        time.sleep(65)
+        trash = os.path.join(os.path.dirname(os.path.abspath(path)), ".trash")
+        os.makedirs(trash, exist_ok=True)
+        os.rename(path, os.path.join(trash, f"{time.time_ns()}-{os.path.basename(path)}"))
+        TRASHES.add(trash)
     os.makedirs(path)
+
+
+TRASHES = set()
+SETTLE_S = 365
+
+
+def empty_trash(work):
+    """Deletes what fresh_dir() set aside (at the end of a run) and notes when."""
+    deleted = False
+    for trash in TRASHES:
+        if os.path.exists(trash):
+            shutil.rmtree(trash, ignore_errors=True)
+            deleted = True
+    if deleted:
+        os.sync()
+        with open(os.path.join(work, ".deleted-at"), "w") as f:
+            f.write(str(time.time()))
+
+
+def settle(work):
+    """Waits until the last run's deletions are SETTLE_S old (see fresh_dir)."""
+    try:
+        with open(os.path.join(work, ".deleted-at")) as f:
+            left = SETTLE_S - (time.time() - float(f.read()))
+    except (OSError, ValueError):
+        return
+    if left > 0:
+        print(f"waiting {left:.0f} s for the last run's deletions to age (see fresh_dir)", file=sys.stderr)
+        time.sleep(left)
 
 
 def medians(rounds, names):
@@ -408,7 +441,19 @@ def main():
     gen = os.path.join(ROOT, "target/release/examples/benchdata")
     runs = os.path.join(args.work, "runs")
     os.makedirs(os.path.join(args.work, "data"), exist_ok=True)
+    # Leftovers of a run that was stopped before it could empty its trash.
+    TRASHES.add(os.path.join(args.work, ".trash"))
+    empty_trash(args.work)
+    TRASHES.clear()
+    settle(args.work)
     fresh_dir(runs)
+    try:
+        run_workload(args, binary, gen, runs)
+    finally:
+        empty_trash(args.work)
+
+
+def run_workload(args, binary, gen, runs):
     if args.workload == "big-repo":
         big_repo(args, binary, runs)
     elif args.workload == "small-files":
