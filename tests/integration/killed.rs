@@ -114,3 +114,28 @@ fn kill_during_restore_leaves_the_marker_and_overwrite_completes() {
         assert_same_tree(&src, &target);
     }
 }
+
+/// The marker is never written through a symlink left under its name: the
+/// restore is refused and the file the link points at keeps its bytes.
+#[test]
+fn marker_is_never_written_through_a_symlink() {
+    let env = Env::new();
+    let src = env.path("src");
+    write(&src.join("a.txt"), b"data");
+    env.backup(&src);
+    let target = env.path("out");
+    std::fs::create_dir_all(&target).unwrap();
+    let victim = env.path("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, target.join(".labctl-restore-incomplete")).unwrap();
+    let t = target.to_str().unwrap();
+    let out = env.run_restore(&["restore", "latest", "--target", t, "--overwrite"]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(".labctl-restore-incomplete"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(!target.join("a.txt").exists(), "nothing restored");
+}

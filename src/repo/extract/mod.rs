@@ -613,13 +613,22 @@ struct Marker {
 impl Marker {
     /// Writes the marker (replacing one a killed restore left).
     fn place(target: &Path, snap: &Id) -> crate::error::Result<Marker> {
-        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let path = target.join(INCOMPLETE_MARKER);
         let text = format!(
             "labctl is restoring snapshot {} here. If this file is still here, that restore did not finish: files may be missing or cut short. Restore again with --overwrite.\n",
             snap.hex()
         );
-        fs::write(&path, text)
+        // Never through a symlink someone left under that name (a restore
+        // as root into a directory a user can write): refused instead.
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o644)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
             .and_then(|_| fs::symlink_metadata(&path))
             .map(|m| Marker {
                 ino: m.ino(),
