@@ -866,14 +866,21 @@ mod tests {
             .collect()
     }
 
+    /// A new local repository under `dir`, its keys, and it opened with a
+    /// catalog of its own.
+    fn fresh_repo(dir: &Path) -> (Arc<dyn Backend>, Keys, Repository) {
+        let backend: Arc<dyn Backend> = Arc::new(FsBackend::new(dir.join("repo")));
+        let keys = init(backend.as_ref(), &InitOptions::default()).unwrap();
+        let repo = Repository::open(backend.clone(), keys.clone(), &dir.join("a")).unwrap();
+        (backend, keys, repo)
+    }
+
     /// Prune's consolidation keeps to the same bound as every other
     /// fragment writer: three packs of 40% each never share one fragment.
     #[test]
     fn consolidation_never_writes_a_fragment_over_the_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(FsBackend::new(dir.path().join("repo")));
-        let keys = init(backend.as_ref(), &InitOptions::default()).unwrap();
-        let repo = Repository::open(backend.clone(), keys.clone(), &dir.path().join("a")).unwrap();
+        let (backend, keys, repo) = fresh_repo(dir.path());
         let per = index::MAX_FRAGMENT_BLOBS * 2 / 5;
         let packs = synthetic_packs(&[per, per, per]);
         let written = repo.publish_packs(&packs).unwrap();
@@ -896,9 +903,7 @@ mod tests {
     #[test]
     fn fragments_are_bounded_and_a_bulk_load_agrees_with_the_writer() {
         let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(FsBackend::new(dir.path().join("repo")));
-        let keys = init(backend.as_ref(), &InitOptions::default()).unwrap();
-        let repo = Repository::open(backend.clone(), keys.clone(), &dir.path().join("a")).unwrap();
+        let (backend, keys, repo) = fresh_repo(dir.path());
         // Three packs of 40% of a fragment each, and a small one.
         let per = index::MAX_FRAGMENT_BLOBS * 2 / 5;
         let packs = synthetic_packs(&[per, per, per, 7]);

@@ -716,15 +716,7 @@ impl DirWalk<'_> {
         // Snapshots written before labctl recorded the bytes it read may
         // hold a stale size; the content is what was read. Both read orders
         // restore the content whole and say so, rather than cut or pad it.
-        let mut len = Some(0u64);
-        for (c, loc) in node.content.iter().zip(&locs) {
-            len = match (c, loc) {
-                (ContentRef::Zero { zero }, _) => len.map(|l| l + zero),
-                (ContentRef::Chunk(_), Some(loc)) => len.map(|l| l + loc.raw_len as u64),
-                (ContentRef::Chunk(_), None) => None,
-            };
-        }
-        if let Some(len) = len {
+        if let Some(len) = located_len(&node.content, &locs) {
             if len != node.size {
                 self.summary.failed.push(format!(
                     "{child_rel}: the snapshot records {} bytes but the file's content holds {len}; restored the {len} bytes that were read",
@@ -1289,17 +1281,23 @@ pub fn restore_to_writer(
 /// # Errors
 /// Catalog errors.
 pub fn content_len(repo: &Repository, content: &[ContentRef]) -> crate::error::Result<Option<u64>> {
-    let mut len = 0u64;
-    for c in content {
-        match c {
-            ContentRef::Zero { zero } => len += zero,
-            ContentRef::Chunk(id) => match repo.catalog.blob(id)? {
-                Some(loc) => len += loc.raw_len as u64,
-                None => return Ok(None),
-            },
-        }
-    }
-    Ok(Some(len))
+    Ok(located_len(
+        content,
+        &locations(repo, content, &Located::new())?,
+    ))
+}
+
+/// The length of `content` given its chunks' locations (see
+/// [`locations`]); `None` when a chunk has none.
+fn located_len(content: &[ContentRef], locs: &[Option<BlobLocation>]) -> Option<u64> {
+    content
+        .iter()
+        .zip(locs)
+        .try_fold(0u64, |len, (c, loc)| match (c, loc) {
+            (ContentRef::Zero { zero }, _) => Some(len + zero),
+            (ContentRef::Chunk(_), Some(loc)) => Some(len + loc.raw_len as u64),
+            (ContentRef::Chunk(_), None) => None,
+        })
 }
 
 fn find_file(repo: &Repository, root: &[Id], path: Option<&str>) -> crate::error::Result<Node> {
