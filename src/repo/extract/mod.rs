@@ -1133,20 +1133,14 @@ fn put_in_place(
     error: Option<String>,
     file: Option<fs::File>,
 ) -> crate::error::Result<Option<String>> {
-    let (tmp, error) = match (written, error) {
-        (Some(tmp), None) => (tmp, None),
-        (_, error) => (
-            written.unwrap_or(path),
-            Some(error.unwrap_or_else(|| "the file was never created".into())),
-        ),
-    };
-    if let Some(err) = error {
+    let (Some(tmp), None) = (written, &error) else {
         drop(file);
-        if written.is_some() {
-            let _ = fs::remove_file(tmp);
+        if let Some(made) = written {
+            let _ = fs::remove_file(made);
         }
+        let err = error.unwrap_or_else(|| "the file was never created".into());
         return Ok(Some(format!("{}: not restored: {err}", path.display())));
-    }
+    };
     match file {
         Some(f) => apply_meta_fd(&f, node, is_root),
         None => apply_meta(tmp, node, is_root, false),
