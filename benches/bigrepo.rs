@@ -240,7 +240,7 @@ fn main() {
                 },
                 labctl_version: env!("CARGO_PKG_VERSION").into(),
             };
-            let (sid, bytes) = snapshot::encode(&snap, &chunks, &meta);
+            let (sid, bytes) = snapshot::encode(&snap, chunks, &meta);
             put(&dir, &format::snapshot_name(&sid), &bytes);
         }
     }

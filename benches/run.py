@@ -37,7 +37,7 @@ borg (Debian packages restic, borgbackup).
 
     python3 benches/run.py --size-mib 1024 [--tools labctl,restic,borg] [--repeat 3] [--json out.json]
     python3 benches/run.py --workload s3-latency --size-mib 1024
-    python3 benches/run.py --workload small-files --files 1000000
+    python3 benches/run.py --workload small-files --files 1000000 --per-tool
     python3 benches/run.py --workload big-repo --blobs 1000000,3000000,10000000
 """
 import argparse
@@ -416,6 +416,10 @@ def main():
                                     "borg14; s3-latency labctl,restic,rustic; small-files all five)")
     ap.add_argument("--work", default=os.path.join(ROOT, "bench-work"))
     ap.add_argument("--json", help="also write results here")
+    ap.add_argument("--per-tool", action="store_true",
+                    help="small-files: each tool makes all its steps and its repository is deleted before the "
+                         "next tool starts, and each restore goes to a new ext4 filesystem on a loop device "
+                         "(needs root): a million files do not fit five repositories and restores on one disk")
     ap.add_argument("--s3", action="store_true",
                     help="mixed: repositories on a local moto S3 server instead of local disk "
                          "(tools: labctl,restic,rustic)")
@@ -445,7 +449,8 @@ def main():
     TRASHES.add(os.path.join(args.work, ".trash"))
     empty_trash(args.work)
     TRASHES.clear()
-    settle(args.work)
+    if not (args.per_tool and os.geteuid() == 0):  # restores go to fresh filesystems then
+        settle(args.work)
     fresh_dir(runs)
     try:
         run_workload(args, binary, gen, runs)
@@ -540,20 +545,38 @@ def s3_latency(args, binary, gen, runs):
             json.dump({"workload": "s3-latency", "links": out}, f, indent=2)
 
 
-def small_files(args, binary, gen, runs):
-    """A PVC of many small files: first backup, unchanged second, 1% rewritten,
-    restore, ls. The data stays under --work/data; each run rewrites another
-    1% of it (same sizes), so it keeps its shape."""
-    data = os.path.join(args.work, "data", f"small-{args.files}")
-    stamp = data + ".done"
-    if not os.path.exists(stamp):
-        shutil.rmtree(data, ignore_errors=True)
-        subprocess.run([gen, "small", data, str(args.files)], check=True)
-        open(stamp, "w").close()
-    size = du(data)
-    names = args.tools.split(",")
-    chosen = [TOOLS[t](runs, binary) for t in names]
-    res = {t.name: {"tool": t.name} for t in chosen}
+def fresh_fs(path, gib):
+    """Mounts a newly made ext4 filesystem (a sparse image on a loop
+    device) at path and returns a function that unmounts and deletes it.
+    --per-tool restores a million files per tool: deleting one tool's tree
+    before the next restores would make the next pay for the freed inodes
+    (see fresh_dir), and waiting out each deletion costs six minutes. Inode
+    tables and journal are written by mkfs (no lazy init running in the
+    background during the restore). Needs root; otherwise the restore goes
+    to path on the work disk and the tree is deleted, then settled."""
+    os.makedirs(path)
+    if os.geteuid() != 0:
+        def undo():
+            shutil.rmtree(path)
+            os.sync()
+            time.sleep(SETTLE_S)
+        return undo
+    image = path + ".img"
+    with open(image, "wb") as f:
+        f.truncate(gib << 30)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", image], check=True)
+    subprocess.run(["mount", "-o", "loop", image, path], check=True)
+
+    def undo():
+        subprocess.run(["umount", path], check=True)
+        os.remove(image)
+        os.rmdir(path)
+    return undo
+
+
+def small_files_steps(args, gen, data, runs, chosen, res):
+    """First, unchanged and 1%-touched backups, restore and ls for the tools
+    in chosen (each step for every tool before the next step)."""
     steps = [("first", lambda t: t.backup(data)), ("unchanged", lambda t: t.backup(data))]
     for t in chosen:
         t.init()
@@ -572,13 +595,46 @@ def small_files(args, binary, gen, runs):
     for t in chosen:
         warm(t.repo)
         target = os.path.join(runs, f"restore-{t.name}")
+        undo = None
+        if args.per_tool:
+            # The filesystem gets twice the data's size: room for every
+            # tool's metadata and no tool near a full disk.
+            undo = fresh_fs(target, max(4, 2 * du(data) >> 30))
+            target = os.path.join(target, "t")
         s, rss = t.restore(target)
         res[t.name].update(restore_s=s, restore_rss=rss)
         print(f"{t.name}: restore {s:.2f}s", file=sys.stderr)
+        if undo:
+            undo()
     for t in chosen:
         s, rss = t.ls()
         res[t.name].update(ls_s=s, ls_rss=rss, repo=du(t.repo))
         print(f"{t.name}: ls {s:.2f}s", file=sys.stderr)
+
+
+def small_files(args, binary, gen, runs):
+    """A PVC of many small files: first backup, unchanged second, 1% rewritten,
+    restore, ls. The data stays under --work/data; each run rewrites another
+    1% of it (same sizes), so it keeps its shape."""
+    data = os.path.join(args.work, "data", f"small-{args.files}")
+    stamp = data + ".done"
+    if not os.path.exists(stamp):
+        shutil.rmtree(data, ignore_errors=True)
+        subprocess.run([gen, "small", data, str(args.files)], check=True)
+        open(stamp, "w").close()
+    size = du(data)
+    names = args.tools.split(",")
+    chosen = [TOOLS[t](runs, binary) for t in names]
+    res = {t.name: {"tool": t.name} for t in chosen}
+    if args.per_tool:
+        for t in chosen:
+            small_files_steps(args, gen, data, runs, [t], res)
+            # Only now is this tool's repository deleted (a few large
+            # files; its restore went to its own filesystem, see
+            # fresh_fs), so the next tool has the disk to itself.
+            shutil.rmtree(t.repo)
+    else:
+        small_files_steps(args, gen, data, runs, chosen, res)
     head = ("tool", "1st backup s", "files/s", "RSS", "unchanged s", "RSS", "1% touched s", "RSS",
             "restore s", "files/s", "RSS", "ls s", "RSS", "repo MiB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -137,25 +137,31 @@ fn decompress(data: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
 /// Key errors for the wrong identity; integrity errors naming `what`.
 pub fn decode(
     cipher: &[u8],
-    identity: &dyn age::Identity,
+    identity: &crypto::DataIdentity,
     dedup_key: &[u8; 32],
     id: &Id,
     raw_len: usize,
-    what: &str,
+    what: &dyn Fn() -> String,
 ) -> Result<Vec<u8>, LabError> {
-    let mut body = crypto::decrypt(identity, cipher, what)?;
+    let mut body = identity.open(cipher, what)?;
     let plain = match body.first() {
         Some(&BLOB_RAW) => {
             body.drain(..1);
             body
         }
         Some(&BLOB_ZSTD) => decompress(&body[1..], raw_len)
-            .map_err(|e| LabError::integrity(format!("{what}: bad compressed data ({e})")))?,
-        _ => return Err(LabError::integrity(format!("{what}: unknown blob header"))),
+            .map_err(|e| LabError::integrity(format!("{}: bad compressed data ({e})", what())))?,
+        _ => {
+            return Err(LabError::integrity(format!(
+                "{}: unknown blob header",
+                what()
+            )))
+        }
     };
     if crypto::chunk_id(dedup_key, &plain) != *id {
         return Err(LabError::integrity(format!(
-            "{what}: content does not match its ID {} (corrupted)",
+            "{}: content does not match its ID {} (corrupted)",
+            what(),
             id.short()
         )));
     }
@@ -169,13 +175,14 @@ mod tests {
     #[test]
     fn round_trip_and_raw_when_incompressible() {
         let id_key = age::x25519::Identity::generate();
+        let data_id = crypto::DataIdentity::new(id_key.clone());
         let key = [3u8; 32];
         let text = b"hello hello hello hello hello hello hello hello".repeat(100);
         let c = encode(&text, 3, &[id_key.to_public()]);
         assert!(c.len() < text.len());
         let id = crypto::chunk_id(&key, &text);
         assert_eq!(
-            decode(&c, &id_key, &key, &id, text.len(), "b").unwrap(),
+            decode(&c, &data_id, &key, &id, text.len(), &|| "b".into()).unwrap(),
             text
         );
         let mut noise = vec![0u8; 10000];
@@ -185,7 +192,7 @@ mod tests {
         assert_eq!(body[0], BLOB_RAW);
         let wrong = crypto::chunk_id(&key, b"other");
         assert_eq!(
-            decode(&c, &id_key, &key, &wrong, noise.len(), "b")
+            decode(&c, &data_id, &key, &wrong, noise.len(), &|| "b".into())
                 .unwrap_err()
                 .exit_code(),
             crate::error::ExitCode::Integrity

@@ -465,7 +465,7 @@ fn read_packs(
         let mut bad_blobs = vec![];
         for e in repo.catalog.pack_entries(&pack)? {
             let end = e.offset as usize + e.length as usize;
-            let what = format!("blob {} in pack {}", e.id.short(), pack.short());
+            let what = || format!("blob {} in pack {}", e.id.short(), pack.short());
             let ok = bytes.get(e.offset as usize..end).map(|c| {
                 blob::decode(
                     c,
@@ -719,7 +719,7 @@ mod tests {
                 summary: Default::default(),
                 labctl_version: "t".into(),
             };
-            let (id, bytes) = snapshot::encode(&s, &chunks, &keys.meta_recipient());
+            let (id, bytes) = snapshot::encode(&s, chunks.clone(), &keys.meta_recipient());
             backend.put(&format::snapshot_name(&id), &bytes).unwrap();
             id
         };

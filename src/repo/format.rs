@@ -62,8 +62,7 @@ pub fn seal_meta(
     plain: &[u8],
     meta: &age::x25519::Recipient,
 ) -> (super::Id, Vec<u8>) {
-    let mut out = header(magic).to_vec();
-    out.extend_from_slice(&super::crypto::encrypt(std::slice::from_ref(meta), plain));
+    let out = super::crypto::encrypt_after(&header(magic), std::slice::from_ref(meta), plain);
     (super::Id::of_object(&out), out)
 }
 

@@ -52,10 +52,13 @@ pub fn split(packs: &[IndexedPack]) -> Vec<&[IndexedPack]> {
 }
 
 /// Serialises and encrypts an index fragment; returns (id, object bytes).
-pub fn encode(packs: &[IndexedPack], meta: &age::x25519::Recipient) -> (Id, Vec<u8>) {
+pub fn encode<P: std::borrow::Borrow<IndexedPack>>(
+    packs: &[P],
+    meta: &age::x25519::Recipient,
+) -> (Id, Vec<u8>) {
     let mut plain = vec![];
     plain.extend_from_slice(&(packs.len() as u32).to_le_bytes());
-    for p in packs {
+    for p in packs.iter().map(|p| p.borrow()) {
         plain.extend_from_slice(&p.id.0);
         plain.extend_from_slice(&p.size.to_le_bytes());
         encode_entries(&p.entries, &mut plain);

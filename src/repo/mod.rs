@@ -791,7 +791,7 @@ pub fn decode_blob(
     cipher: &[u8],
 ) -> crate::error::Result<Vec<u8>> {
     let identity = keys.data_identity(purpose)?;
-    let what = format!("blob {} in pack {}", id.short(), loc.pack.hex());
+    let what = || format!("blob {} in pack {}", id.short(), loc.pack.hex());
     Ok(blob::decode(
         cipher,
         identity,

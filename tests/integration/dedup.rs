@@ -23,6 +23,37 @@ fn unchanged_second_backup_writes_no_pack() {
     assert_ne!(first["snapshot-id"], second["snapshot-id"]);
 }
 
+/// A run's packs enter the catalog with their index fragment, not when
+/// written: until then their chunks still deduplicate (a copy later in
+/// the same run stores nothing), and afterwards the next run finds them.
+#[test]
+fn a_copy_later_in_the_run_and_in_the_next_run_is_stored_once() {
+    let env = Env::new();
+    let src = env.path("src");
+    let data = noise(40 << 20, 5);
+    write(&src.join("a.bin"), &data);
+    write(&src.join("b-copy.bin"), &data);
+    let first = env.backup(&src);
+    let added = first["summary"]["bytes-added"].as_u64().unwrap();
+    assert!(
+        first["summary"]["packs-written"].as_u64().unwrap() >= 2,
+        "{first}"
+    );
+    assert!(added < 41 << 20, "the copy was stored again: {first}");
+    write(&src.join("c-copy.bin"), &data);
+    let second = env.backup(&src);
+    // Only the directory listing is new.
+    assert!(
+        second["summary"]["chunks-new"].as_u64().unwrap() <= 2,
+        "{second}"
+    );
+    assert!(
+        second["summary"]["bytes-added"].as_u64().unwrap() < 1 << 20,
+        "{second}"
+    );
+    env.ok_restore(&["check", "--read-data"]);
+}
+
 #[test]
 fn insertion_near_start_reuses_nearly_all_chunks() {
     let env = Env::new();

@@ -255,3 +255,47 @@ fn partial_restore_of_selected_paths() {
     assert_eq!(fs::read(target.join("b/skip.txt")).unwrap(), b"skip");
     assert!(!target.join("a/keep.txt").exists());
 }
+
+/// Owner and mode come back exactly, whichever of them the new file
+/// already had: a restore looks first and sets only what differs, and a
+/// `chown` (which clears set-user-ID and set-group-ID) is always followed
+/// by the mode. Owners only as root.
+#[test]
+fn owners_and_special_modes_are_restored_exactly() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let root = is_root();
+    let me = unsafe { (libc::geteuid(), libc::getegid()) };
+    let files: [(&str, u32, (u32, u32)); 5] = [
+        ("as-created.txt", 0o644, me),
+        ("private.txt", 0o600, me),
+        ("setuid-other", 0o4755, if root { (1234, 5678) } else { me }),
+        ("setgid-mine", 0o2750, me),
+        ("other-plain", 0o644, if root { (4321, 8765) } else { me }),
+    ];
+    for (name, mode, (uid, gid)) in files {
+        write(&src.join(name), name.as_bytes());
+        if root {
+            std::os::unix::fs::chown(src.join(name), Some(uid), Some(gid)).unwrap();
+        }
+        fs::set_permissions(src.join(name), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let repo = repo(dir.path());
+    let out = backup_path(&repo, &src, &BackupOptions::default(), Progress::hidden()).unwrap();
+    for (i, order) in [ReadOrder::File, ReadOrder::Pack].into_iter().enumerate() {
+        let target = dir.path().join(format!("t{i}"));
+        let opts = RestoreOptions {
+            read_order: order,
+            ..Default::default()
+        };
+        let rs =
+            restore_to_dir(&repo, &out.snapshot_id, &target, &opts, Progress::hidden()).unwrap();
+        assert!(rs.failed.is_empty(), "{:?}", rs.failed);
+        for (name, mode, (uid, gid)) in files {
+            let m = fs::metadata(target.join(name)).unwrap();
+            assert_eq!(m.mode() & 0o7777, mode, "{name} mode");
+            assert_eq!((m.uid(), m.gid()), (uid, gid), "{name} owner");
+        }
+    }
+}
