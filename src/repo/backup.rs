@@ -379,6 +379,8 @@ pub struct BackupRun<'r> {
     chunk_buf: Vec<u8>,
     /// Catalog writes are batched in transactions of up to [`TX_OPS`] rows.
     in_tx: bool,
+    /// In a read transaction of lookups (see [`Self::read_op`]).
+    read_tx: bool,
     tx_ops: usize,
     cancel: Option<crate::error::CancelFlag>,
     /// When the last index fragment was written.
@@ -455,6 +457,7 @@ impl<'r> BackupRun<'r> {
             progress,
             chunk_buf: Vec::new(),
             in_tx: false,
+            read_tx: false,
             tx_ops: 0,
             cancel: None,
             last_index: Instant::now(),
@@ -502,13 +505,14 @@ impl<'r> BackupRun<'r> {
     ///
     /// # Errors
     /// Catalog errors.
-    pub fn cached_file(&self, rel: &[u8]) -> crate::error::Result<Option<CachedFile>> {
+    pub fn cached_file(&mut self, rel: &[u8]) -> crate::error::Result<Option<CachedFile>> {
+        if self.file_cache.is_none() || self.file_cache_empty {
+            return Ok(None);
+        }
+        self.read_op()?;
         let Some((source, _)) = &self.file_cache else {
             return Ok(None);
         };
-        if self.file_cache_empty {
-            return Ok(None);
-        }
         Ok(self
             .catalog()
             .file_cache_get(source, rel)?
@@ -591,6 +595,10 @@ impl<'r> BackupRun<'r> {
     }
 
     fn tx_begin(&mut self) -> crate::error::Result<()> {
+        if self.read_tx {
+            self.repo.catalog.commit()?;
+            self.read_tx = false;
+        }
         if !self.in_tx {
             self.repo.catalog.begin()?;
             self.in_tx = true;
@@ -599,10 +607,29 @@ impl<'r> BackupRun<'r> {
     }
 
     fn tx_commit(&mut self) -> crate::error::Result<()> {
-        if self.in_tx {
+        if self.in_tx || self.read_tx {
             self.repo.catalog.commit()?;
             self.in_tx = false;
+            self.read_tx = false;
             self.tx_ops = 0;
+        }
+        Ok(())
+    }
+
+    /// Counts one catalog lookup. Lookups run in read transactions of up
+    /// to [`TX_OPS`] operations (or inside the current write batch): an
+    /// unchanged backup makes two per file (its cache entry, its chunks),
+    /// and each on its own took and dropped SQLite's WAL read lock
+    /// (`fcntl`s and a look at the WAL index every time). A write ends the
+    /// read transaction and starts a write batch.
+    fn read_op(&mut self) -> crate::error::Result<()> {
+        if !self.in_tx && !self.read_tx {
+            self.repo.catalog.begin_temp()?;
+            self.read_tx = true;
+        }
+        self.tx_ops += 1;
+        if self.tx_ops >= TX_OPS {
+            self.tx_commit()?;
         }
         Ok(())
     }
@@ -800,6 +827,8 @@ impl<'r> BackupRun<'r> {
     ) -> crate::error::Result<BackupOutcome> {
         // A cancelled run never commits a snapshot.
         self.check_cancel()?;
+        // No read transaction may be open when writing outside a batch.
+        self.tx_commit()?;
         if let Some((source, run_id)) = &self.file_cache {
             self.catalog()
                 .file_cache_prune(source, *run_id - FILE_CACHE_KEEP)?;

@@ -299,3 +299,35 @@ fn owners_and_special_modes_are_restored_exactly() {
         }
     }
 }
+
+/// Subdirectory listings are read ahead in batches as the walk reaches
+/// them (not a whole level at once); identical directories share one
+/// listing, read again when its batch has passed.
+#[test]
+fn many_directories_some_identical_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    for d in 0..60 {
+        let sub = src.join(format!("d{d:02}"));
+        fs::create_dir_all(&sub).unwrap();
+        match d % 3 {
+            0 => {} // empty: all share one listing
+            1 => write(&sub.join("same.txt"), b"identical directories"),
+            _ => write(&sub.join(format!("f{d}")), &noise(3000, d)),
+        }
+        write(&sub.join("deeper/x"), format!("{}", d % 2).as_bytes());
+    }
+    let repo = repo(dir.path());
+    let out = backup_path(&repo, &src, &BackupOptions::default(), Progress::hidden()).unwrap();
+    for (i, order) in [ReadOrder::File, ReadOrder::Pack].into_iter().enumerate() {
+        let target = dir.path().join(format!("t{i}"));
+        let opts = RestoreOptions {
+            read_order: order,
+            ..Default::default()
+        };
+        let rs =
+            restore_to_dir(&repo, &out.snapshot_id, &target, &opts, Progress::hidden()).unwrap();
+        assert!(rs.failed.is_empty(), "{:?}", rs.failed);
+        assert_same_tree(&src, &target);
+    }
+}
