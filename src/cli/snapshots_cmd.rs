@@ -222,6 +222,11 @@ pub fn run_ls(g: &GlobalArgs, c: LsCmd) -> crate::error::Result<ExitCode> {
     if g.json {
         print_json(&entries)?;
     } else {
+        // One write per 64 KiB, not per line (stdout is line-buffered: a
+        // million-entry listing made a million write calls). A closed
+        // pipe ends the listing quietly (see main).
+        use std::io::Write as _;
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
         for e in &entries {
             let t = e
                 .raw_target
@@ -233,15 +238,17 @@ pub fn run_ls(g: &GlobalArgs, c: LsCmd) -> crate::error::Result<ExitCode> {
                         .map(|h| format!(" => {}", shell_escape(h.as_bytes())))
                 })
                 .unwrap_or_default();
-            println!(
+            writeln!(
+                out,
                 "{:<7} {:>5} {:>10}  {}{}",
                 e.kind,
                 e.mode,
                 e.size,
                 shell_escape(&e.raw_path),
                 t
-            );
+            )?;
         }
+        out.flush()?;
     }
     Ok(ExitCode::Success)
 }

@@ -104,6 +104,9 @@ fn location_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<BlobLocatio
     })
 }
 
+const INSERT_BLOB: &str =
+    "INSERT OR IGNORE INTO blobs(id,pack,kind,offset,length,raw_len) VALUES(?1,?2,?3,?4,?5,?6)";
+
 fn id_of(v: Vec<u8>) -> Id {
     Id::from_slice(&v).unwrap_or(Id([0; 32]))
 }
@@ -259,13 +262,7 @@ impl Catalog {
         index_id: Option<&Id>,
         entries: &[PackEntry],
     ) -> crate::error::Result<()> {
-        self.insert_pack(
-            pack,
-            size,
-            index_id,
-            entries,
-            "INSERT OR IGNORE INTO blobs(id,pack,kind,offset,length,raw_len) VALUES(?1,?2,?3,?4,?5,?6)",
-        )
+        self.insert_pack(pack, size, index_id, entries, INSERT_BLOB)
     }
 
     /// Adds several packs of one index fragment in one go: the pack rows,
@@ -287,9 +284,17 @@ impl Catalog {
             .flat_map(|p| p.entries.iter().map(move |e| (e, &p.id)))
             .collect();
         rows.sort_unstable_by(|a, b| (a.0.id, a.1).cmp(&(b.0.id, b.1)));
-        let mut st = self.conn.prepare_cached(
-            "INSERT OR IGNORE INTO blobs(id,pack,kind,offset,length,raw_len) VALUES(?1,?2,?3,?4,?5,?6)",
-        )?;
+        self.insert_blobs(INSERT_BLOB, rows)
+    }
+
+    /// Runs `sql` (six parameters: id, pack, kind, offset, length, raw
+    /// length) for each (entry, pack).
+    fn insert_blobs<'a>(
+        &self,
+        sql: &str,
+        rows: impl IntoIterator<Item = (&'a PackEntry, &'a Id)>,
+    ) -> crate::error::Result<()> {
+        let mut st = self.conn.prepare_cached(sql)?;
         for (e, pack) in rows {
             st.execute(params![
                 &e.id.0[..],
@@ -329,18 +334,7 @@ impl Catalog {
         insert_blob: &str,
     ) -> crate::error::Result<()> {
         self.insert_pack_row(pack, size, index_id)?;
-        let mut st = self.conn.prepare_cached(insert_blob)?;
-        for e in entries {
-            st.execute(params![
-                &e.id.0[..],
-                &pack.0[..],
-                e.kind as u8,
-                e.offset,
-                e.length,
-                e.raw_len
-            ])?;
-        }
-        Ok(())
+        self.insert_blobs(insert_blob, entries.iter().map(|e| (e, pack)))
     }
 
     /// Whether a blob is stored in a pack that is not marked for deletion

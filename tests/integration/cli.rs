@@ -329,3 +329,46 @@ fn read_data_subset_reads_a_share_of_packs() {
         assert_eq!(out.status.code(), Some(2), "{bad}: {}", stderr(&out));
     }
 }
+
+/// `ls` writes its listing in blocks; a reader that stops early (`| head`)
+/// ends it quietly with exit 0, and a full listing has every entry.
+#[test]
+fn ls_of_many_entries_is_complete_and_a_closed_pipe_ends_it_quietly() {
+    use std::io::{BufRead, Read};
+    let env = Env::new();
+    let src = env.path("src");
+    for i in 0..3000 {
+        write(&src.join(format!("d{}/f{i:04}", i % 7)), b"x");
+    }
+    env.backup(&src);
+    let all = stdout(&env.ok_restore(&["ls", "latest"]));
+    assert_eq!(all.lines().count(), 3000 + 7, "every file and directory");
+    assert!(
+        all.lines().any(|l| l.ends_with("d3/f2999")),
+        "{}",
+        &all[..200]
+    );
+    let mut child = env
+        .cmd()
+        .env("LABCTL_RESTORE_KEY", &env.restore_key)
+        .args(["ls", "latest"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("dir"), "{first}");
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.is_empty(), "{err}");
+}

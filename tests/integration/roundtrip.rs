@@ -281,17 +281,7 @@ fn owners_and_special_modes_are_restored_exactly() {
         }
         fs::set_permissions(src.join(name), fs::Permissions::from_mode(mode)).unwrap();
     }
-    let repo = repo(dir.path());
-    let out = backup_path(&repo, &src, &BackupOptions::default(), Progress::hidden()).unwrap();
-    for (i, order) in [ReadOrder::File, ReadOrder::Pack].into_iter().enumerate() {
-        let target = dir.path().join(format!("t{i}"));
-        let opts = RestoreOptions {
-            read_order: order,
-            ..Default::default()
-        };
-        let rs =
-            restore_to_dir(&repo, &out.snapshot_id, &target, &opts, Progress::hidden()).unwrap();
-        assert!(rs.failed.is_empty(), "{:?}", rs.failed);
+    for target in backup_and_restore_both_ways(dir.path(), &src) {
         for (name, mode, (uid, gid)) in files {
             let m = fs::metadata(target.join(name)).unwrap();
             assert_eq!(m.mode() & 0o7777, mode, "{name} mode");
@@ -317,17 +307,29 @@ fn many_directories_some_identical_round_trip() {
         }
         write(&sub.join("deeper/x"), format!("{}", d % 2).as_bytes());
     }
-    let repo = repo(dir.path());
-    let out = backup_path(&repo, &src, &BackupOptions::default(), Progress::hidden()).unwrap();
-    for (i, order) in [ReadOrder::File, ReadOrder::Pack].into_iter().enumerate() {
-        let target = dir.path().join(format!("t{i}"));
-        let opts = RestoreOptions {
-            read_order: order,
-            ..Default::default()
-        };
-        let rs =
-            restore_to_dir(&repo, &out.snapshot_id, &target, &opts, Progress::hidden()).unwrap();
-        assert!(rs.failed.is_empty(), "{:?}", rs.failed);
+    for target in backup_and_restore_both_ways(dir.path(), &src) {
         assert_same_tree(&src, &target);
     }
+}
+
+/// Backs `src` up into a repository under `dir` and restores it in both
+/// read orders (nothing may fail); the two targets.
+fn backup_and_restore_both_ways(dir: &Path, src: &Path) -> Vec<std::path::PathBuf> {
+    let repo = repo(dir);
+    let out = backup_path(&repo, src, &BackupOptions::default(), Progress::hidden()).unwrap();
+    [ReadOrder::File, ReadOrder::Pack]
+        .into_iter()
+        .enumerate()
+        .map(|(i, order)| {
+            let target = dir.join(format!("t{i}"));
+            let opts = RestoreOptions {
+                read_order: order,
+                ..Default::default()
+            };
+            let rs = restore_to_dir(&repo, &out.snapshot_id, &target, &opts, Progress::hidden())
+                .unwrap();
+            assert!(rs.failed.is_empty(), "{:?}", rs.failed);
+            target
+        })
+        .collect()
 }
