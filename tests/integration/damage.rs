@@ -422,4 +422,43 @@ fn full_disk_fails_cleanly_for_backup_and_restore() {
         );
         assert_eq!(fs::read(target.join("existing.txt")).unwrap(), b"keep me");
     }
+
+    // Many files filling the disk part way: the writer that hits the full
+    // disk stops the others (each removes the file it was writing), the
+    // restore ends with the storage error instead of waiting for window
+    // tokens that nobody gives back, and every file left is whole.
+    let env3 = Env::new();
+    for i in 0..48 {
+        write(
+            &env3.path(&format!("src/d{}/f{i:02}", i % 3)),
+            &noise(150 << 10, 100 + i as u64),
+        );
+    }
+    env3.backup(&env3.path("src"));
+    let target = env3.path("many");
+    let Some(_m) = SmallDisk::mount(target.clone(), "3m") else {
+        return;
+    };
+    let out = env3.run_restore(&[
+        "restore",
+        "latest",
+        "--read-order",
+        "file",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    let left = list_files(&target);
+    assert!(!left.is_empty(), "some files fit before the disk filled");
+    for f in left {
+        let name = f.file_name().unwrap().to_str().unwrap().to_string();
+        assert!(!name.starts_with(".labctl-restore"), "left behind: {name}");
+        let rel = f.strip_prefix(&target).unwrap();
+        assert_eq!(
+            fs::read(&f).unwrap(),
+            fs::read(env3.path("src").join(rel)).unwrap(),
+            "{} is cut short",
+            rel.display()
+        );
+    }
 }

@@ -3,8 +3,10 @@
 //! # Pipeline
 //! The calling thread walks the snapshot's trees and emits ordered
 //! operations. Chunk fetches (range read, decrypt, decompress, re-hash) run on
-//! worker threads; a writer thread applies operations strictly in order from
-//! a bounded reorder window, so memory is bounded by the window × chunk size.
+//! worker threads; a writer thread takes operations strictly in order from a
+//! bounded reorder window, so memory is bounded by the window × chunk size,
+//! and (for a directory) hands each file to one of [`WRITER_LANES`] writer
+//! threads, which write a file's operations in order.
 //!
 //! # Safety of the target
 //! Without `overwrite`, a non-empty target is refused before anything is
@@ -192,6 +194,7 @@ fn units(loc: &BlobLocation) -> u32 {
 }
 
 /// The writer's side of the window: gives tokens back.
+#[derive(Clone)]
 struct Giver {
     data: Sender<()>,
     ctl: Sender<()>,
@@ -666,15 +669,7 @@ fn restore_in_file_order(
     let mut pipe = Pipeline::start(repo, opts.threads, ops_tx, data_credits, ctl_credits);
     let writer_progress = progress.clone();
     let writer = std::thread::spawn(move || {
-        let mut w = DirWriter {
-            current: None,
-            summary: RestoreSummary::default(),
-            is_root,
-            progress: writer_progress,
-        };
-        let r = run_writer(ops_rx, giver, |op| w.apply(op));
-        w.abort_current();
-        r.map(|_| w.summary)
+        run_lanes(ops_rx, giver, WRITER_LANES, is_root, writer_progress)
     });
     let walk_result = walk.tree(&mut pipe, nodes, target, "");
     pipe.close();
@@ -682,6 +677,98 @@ fn restore_in_file_order(
         .join()
         .map_err(|_| anyhow::anyhow!("restore writer panicked"))??;
     walk_result?;
+    Ok(summary)
+}
+
+/// Writer threads of a file-order restore. Creating a file (under its
+/// directory's lock: the inode, the directory entry) and writing it were
+/// the critical path of a restore of many small files with one writer;
+/// with files handed out in turn, one lane writes and closes a file while
+/// the other creates the next.
+const WRITER_LANES: usize = 2;
+
+/// Applies the window's operations in order, each file on one of `lanes`
+/// writer threads: a file's operations all go, in order, to the lane its
+/// start went to. The first error stops every lane (each removes the file
+/// it was writing) and is returned; the lanes go on handing back the window
+/// tokens of what is still queued, so the walk never waits for a token
+/// that will not come.
+fn run_lanes(
+    rx: Receiver<OpMsg>,
+    giver: Giver,
+    lanes: usize,
+    is_root: bool,
+    progress: Progress,
+) -> crate::error::Result<RestoreSummary> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let mut txs = vec![];
+    let mut handles = vec![];
+    for _ in 0..lanes.max(1) {
+        let (tx, lane_rx) = crossbeam_channel::unbounded::<(Op, Tok)>();
+        let (giver, stop) = (giver.clone(), stop.clone());
+        let mut w = DirWriter {
+            current: None,
+            summary: RestoreSummary::default(),
+            is_root,
+            progress: progress.clone(),
+        };
+        handles.push(std::thread::spawn(move || {
+            let mut failed = None;
+            for (op, tok) in lane_rx {
+                if failed.is_none() && !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = w.apply(op) {
+                        failed = Some(e);
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+                giver.give(tok);
+            }
+            w.abort_current();
+            failed.map_or(Ok(w.summary), Err)
+        }));
+        txs.push(tx);
+    }
+    drop(giver);
+    let mut next = 0u64;
+    let mut held: BTreeMap<u64, (Op, Tok)> = BTreeMap::new();
+    let (mut lane, mut turn) = (0usize, 0usize);
+    'ops: for (seq, op, tok) in rx {
+        held.insert(seq, (op, tok));
+        while let Some((op, tok)) = held.remove(&next) {
+            next += 1;
+            if matches!(op, Op::FileStart { .. }) {
+                lane = turn % txs.len();
+                turn += 1;
+            }
+            if txs[lane].send((op, tok)).is_err() || stop.load(Ordering::Relaxed) {
+                break 'ops;
+            }
+        }
+    }
+    drop(txs);
+    let mut summary = RestoreSummary::default();
+    let mut first_err = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(s)) => {
+                summary.files += s.files;
+                summary.bytes += s.bytes;
+                summary.failed.extend(s.failed);
+            }
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(_) => {
+                first_err.get_or_insert(anyhow::anyhow!("restore writer panicked").into());
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    // The lanes' reports in a stable order, whatever lane each file took.
+    summary.failed.sort();
     Ok(summary)
 }
 
