@@ -3,7 +3,7 @@
 use super::{print_json, GlobalArgs};
 use crate::error::ExitCode;
 use crate::repo::snapshot::Snapshot;
-use crate::repo::tree::NodeType;
+use crate::repo::tree::{Node, NodeType};
 use crate::repo::Id;
 use crate::util::units::human_bytes;
 use clap::Args;
@@ -159,75 +159,29 @@ pub fn shell_escape(raw: &[u8]) -> String {
 }
 
 pub fn run_ls(g: &GlobalArgs, c: LsCmd) -> crate::error::Result<ExitCode> {
+    use serde::ser::{SerializeSeq as _, Serializer as _};
+    use std::io::Write as _;
     let repo = g.open(true)?;
     let id: Id = repo.resolve_snapshot(&c.snapshot)?;
     let (snap, _) = repo.load_snapshot(&id)?;
-    let mut stack: Vec<(Vec<u8>, Vec<Id>)> = vec![(vec![], snap.root)];
-    let mut entries = vec![];
     let filter = c
         .path
         .as_deref()
         .map(|p| p.trim_matches('/').as_bytes().to_vec());
-    while let Some((prefix, ids)) = stack.pop() {
-        let tree = repo.read_tree(&ids)?;
-        for n in tree.nodes.into_iter().rev() {
-            let mut path = prefix.clone();
-            if !path.is_empty() {
-                path.push(b'/');
-            }
-            path.extend_from_slice(&n.name_bytes());
-            let kind = match n.node_type {
-                NodeType::Dir => "dir",
-                NodeType::File => "file",
-                NodeType::Symlink => "symlink",
-                NodeType::Fifo => "fifo",
-                NodeType::Chardev => "chardev",
-                NodeType::Blockdev => "blockdev",
-            };
-            let show = filter.as_ref().is_none_or(|f| {
-                path == *f || (path.starts_with(f) && path.get(f.len()) == Some(&b'/'))
-            });
-            if show {
-                let (text, b64) = text_and_base64(&path);
-                let raw_target = n.target_bytes();
-                let (target, target_base64) = match &raw_target {
-                    Some(t) => {
-                        let (t, b) = text_and_base64(t);
-                        (Some(t), b)
-                    }
-                    None => (None, None),
-                };
-                entries.push(Entry {
-                    path: text,
-                    path_base64: b64,
-                    kind,
-                    mode: format!("{:o}", n.mode & 0o7777),
-                    size: n.size,
-                    mtime_ns: n.mtime_ns,
-                    target,
-                    target_base64,
-                    hardlink: n
-                        .hardlink_bytes()
-                        .map(|h| String::from_utf8_lossy(&h).into_owned()),
-                    raw_path: path.clone(),
-                    raw_target,
-                });
-            }
-            if let Some(sub) = n.subtree {
-                stack.push((path, sub));
-            }
-        }
-    }
-    entries.sort_by(|a, b| a.raw_path.cmp(&b.raw_path));
+    // One write per 64 KiB, not per line (stdout is line-buffered: a
+    // million-entry listing made a million write calls). A closed pipe
+    // ends the listing quietly (see main).
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     if g.json {
-        print_json(&entries)?;
+        let mut ser = serde_json::Serializer::pretty(&mut out);
+        let mut seq = ser.serialize_seq(None).map_err(std::io::Error::from)?;
+        walk_in_path_order(&repo, snap.root, filter.as_deref(), &mut |e| {
+            seq.serialize_element(&e).map_err(std::io::Error::from)
+        })?;
+        seq.end().map_err(std::io::Error::from)?;
+        writeln!(out)?;
     } else {
-        // One write per 64 KiB, not per line (stdout is line-buffered: a
-        // million-entry listing made a million write calls). A closed
-        // pipe ends the listing quietly (see main).
-        use std::io::Write as _;
-        let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
-        for e in &entries {
+        walk_in_path_order(&repo, snap.root, filter.as_deref(), &mut |e| {
             let t = e
                 .raw_target
                 .as_ref()
@@ -246,11 +200,126 @@ pub fn run_ls(g: &GlobalArgs, c: LsCmd) -> crate::error::Result<ExitCode> {
                 e.size,
                 shell_escape(&e.raw_path),
                 t
-            )?;
-        }
-        out.flush()?;
+            )
+        })?;
     }
+    out.flush()?;
     Ok(ExitCode::Success)
+}
+
+/// What a directory listing holds for the path-ordered walk: an entry to
+/// print, or a subdirectory's tree standing for everything below it.
+enum Item {
+    Entry(Box<Node>),
+    Below(Vec<Id>),
+}
+
+/// Calls `emit` for every entry of the tree `root` (only `filter` and what
+/// is below it, when given) in the byte order of the full paths, printing
+/// as it goes: no list of every entry and no sort of it (a million-file
+/// snapshot held 500 MiB and spent a third of its time sorting). Within a
+/// directory, an entry sorts by its name and everything below a
+/// subdirectory `d` by `d/`: every path below `d` starts with `d/` and no
+/// name holds `/`, so the key sorts against each sibling exactly as each
+/// of those full paths does (`a`, `a.txt`, `a/x` — `.` is below `/`).
+/// Only the trees on the way to `filter` and below it are read.
+fn walk_in_path_order(
+    repo: &crate::repo::Repository,
+    root: Vec<Id>,
+    filter: Option<&[u8]>,
+    emit: &mut dyn FnMut(Entry) -> std::io::Result<()>,
+) -> crate::error::Result<()> {
+    let read = |ids: &[Id]| -> crate::error::Result<std::vec::IntoIter<(Vec<u8>, Item)>> {
+        let tree = repo.read_tree(ids)?;
+        let mut items = Vec::with_capacity(tree.nodes.len() + 8);
+        for mut n in tree.nodes {
+            let name = n.name_bytes();
+            if let Some(sub) = n.subtree.take() {
+                let mut key = name.clone();
+                key.push(b'/');
+                items.push((key, Item::Below(sub)));
+            }
+            items.push((name, Item::Entry(Box::new(n))));
+        }
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(items.into_iter())
+    };
+    let join = |prefix: &[u8], name: &[u8]| {
+        let mut path = prefix.to_vec();
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name);
+        path
+    };
+    // `path` is shown: the filter itself or below it.
+    let shown = |path: &[u8]| {
+        filter
+            .is_none_or(|f| path == f || (path.starts_with(f) && path.get(f.len()) == Some(&b'/')))
+    };
+    let mut stack = vec![(vec![], read(&root)?)];
+    while let Some((prefix, items)) = stack.last_mut() {
+        let Some((key, item)) = items.next() else {
+            stack.pop();
+            continue;
+        };
+        match item {
+            Item::Entry(n) => {
+                let path = join(prefix, &key);
+                if shown(&path) {
+                    emit(entry(*n, path))?;
+                }
+            }
+            Item::Below(ids) => {
+                let path = join(prefix, &key[..key.len() - 1]);
+                // Down only where the filter is, or leads.
+                let leads = filter.is_none_or(|f| {
+                    shown(&path) || (f.starts_with(&path) && f.get(path.len()) == Some(&b'/'))
+                });
+                if leads {
+                    let items = read(&ids)?;
+                    stack.push((path, items));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One `ls` entry for the node at `path`.
+fn entry(n: Node, path: Vec<u8>) -> Entry {
+    let kind = match n.node_type {
+        NodeType::Dir => "dir",
+        NodeType::File => "file",
+        NodeType::Symlink => "symlink",
+        NodeType::Fifo => "fifo",
+        NodeType::Chardev => "chardev",
+        NodeType::Blockdev => "blockdev",
+    };
+    let (text, b64) = text_and_base64(&path);
+    let raw_target = n.target_bytes();
+    let (target, target_base64) = match &raw_target {
+        Some(t) => {
+            let (t, b) = text_and_base64(t);
+            (Some(t), b)
+        }
+        None => (None, None),
+    };
+    Entry {
+        path: text,
+        path_base64: b64,
+        kind,
+        mode: format!("{:o}", n.mode & 0o7777),
+        size: n.size,
+        mtime_ns: n.mtime_ns,
+        target,
+        target_base64,
+        hardlink: n
+            .hardlink_bytes()
+            .map(|h| String::from_utf8_lossy(&h).into_owned()),
+        raw_path: path,
+        raw_target,
+    }
 }
 
 #[cfg(test)]

@@ -330,6 +330,45 @@ fn read_data_subset_reads_a_share_of_packs() {
     }
 }
 
+/// `ls` lists in the byte order of full paths (`.` and `-` sort below
+/// `/`, so `a.txt` comes between the directory `a` and what is in it),
+/// text and `--json` alike, and `--path` lists a subtree and nothing else.
+#[test]
+fn ls_lists_in_path_order_and_path_limits_it() {
+    let env = Env::new();
+    let src = env.path("src");
+    for f in ["a/x", "a/y/z", "a.txt", "a-b", "a0", "b/c", "ab/q", "a/y.q"] {
+        write(&src.join(f), f.as_bytes());
+    }
+    env.backup(&src);
+    let paths = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(|l| l.rsplit("  ").next().unwrap().to_string())
+            .collect()
+    };
+    let text = paths(&stdout(&env.ok_restore(&["ls", "latest"])));
+    let mut sorted = text.clone();
+    sorted.sort();
+    assert_eq!(text, sorted);
+    assert_eq!(
+        text,
+        ["a", "a-b", "a.txt", "a/x", "a/y", "a/y.q", "a/y/z", "a0", "ab", "ab/q", "b", "b/c"]
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&env.ok_restore(&["--json", "ls", "latest"]).stdout).unwrap();
+    let json: Vec<&str> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(json, text);
+    let sub = paths(&stdout(&env.ok_restore(&["ls", "latest", "--path", "a/y"])));
+    assert_eq!(sub, ["a/y", "a/y/z"]);
+    let none = env.ok_restore(&["--json", "ls", "latest", "--path", "nothing/here"]);
+    assert_eq!(stdout(&none).trim(), "[]");
+}
+
 /// `ls` writes its listing in blocks; a reader that stops early (`| head`)
 /// ends it quietly with exit 0, and a full listing has every entry.
 #[test]
