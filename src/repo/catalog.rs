@@ -358,6 +358,49 @@ impl Catalog {
             .optional()?)
     }
 
+    /// [`Catalog::blob`] for many blobs, in one read transaction and with
+    /// one prepared statement (a restore of a million small files spent a
+    /// tenth of its CPU in per-lookup statement-cache hashing, locking and
+    /// the per-row ordering subquery). Lookups go in ID order, so
+    /// neighbouring ones share B-tree pages. Marks are looked up only for
+    /// blobs with more than one copy.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn blob_many(
+        &self,
+        ids: &mut Vec<Id>,
+    ) -> crate::error::Result<std::collections::HashMap<Id, Option<BlobLocation>>> {
+        ids.sort_unstable();
+        ids.dedup();
+        self.reading(|| {
+            let mut st = self.conn.prepare_cached(
+                "SELECT pack,kind,offset,length,raw_len FROM blobs WHERE id=?1 ORDER BY pack",
+            )?;
+            let mut out = std::collections::HashMap::with_capacity(ids.len());
+            let mut copies = vec![];
+            for id in ids.iter() {
+                copies.clear();
+                let mut rows = st.query([&id.0[..]])?;
+                while let Some(r) = rows.next()? {
+                    copies.push(location_at(r, 0)?);
+                }
+                // Several copies: the first one not in a marked pack.
+                let mut chosen = copies.first().copied();
+                if copies.len() > 1 {
+                    for c in &copies {
+                        if !self.is_marked(&c.pack)? {
+                            chosen = Some(*c);
+                            break;
+                        }
+                    }
+                }
+                out.insert(*id, chosen);
+            }
+            Ok(out)
+        })
+    }
+
     /// Every stored copy of a blob, those in packs not marked for deletion
     /// first (directory listings have two, see [`crate::repo::TREE_COPIES`]).
     pub fn blob_locations(&self, id: &Id) -> crate::error::Result<Vec<BlobLocation>> {
@@ -1014,6 +1057,41 @@ mod tests {
         // Reopen keeps data.
         let c = Catalog::open(&dir.path().join("c.db")).unwrap();
         assert!(c.has_blob(&Id([1; 32])).unwrap());
+    }
+
+    #[test]
+    fn many_lookups_choose_the_copy_one_lookup_chooses() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.db")).unwrap();
+        let entry = |b: u8, offset: u32| PackEntry {
+            kind: BlobKind::Data,
+            id: Id([b; 32]),
+            offset,
+            length: 10,
+            raw_len: 20,
+        };
+        // Blob 1 in packs 3, 4 and 5; blob 2 in pack 4 only.
+        c.add_pack(&Id([3; 32]), 100, None, &[entry(1, 8)]).unwrap();
+        c.add_pack(&Id([4; 32]), 100, None, &[entry(1, 18), entry(2, 28)])
+            .unwrap();
+        c.add_pack(&Id([5; 32]), 100, None, &[entry(1, 38)])
+            .unwrap();
+        let ids = [Id([2; 32]), Id([1; 32]), Id([7; 32]), Id([1; 32])];
+        for marks in [vec![], vec![Id([3; 32])], vec![Id([3; 32]), Id([4; 32])]] {
+            c.set_marks(&marks).unwrap();
+            let mut asked = ids.to_vec();
+            let many = c.blob_many(&mut asked).unwrap();
+            assert_eq!(many.len(), 3, "one answer per distinct ID");
+            for id in &ids {
+                assert_eq!(many[id], c.blob(id).unwrap(), "marks {marks:?}");
+            }
+        }
+        // All copies marked: the first still answers.
+        c.set_marks(&[Id([3; 32]), Id([4; 32]), Id([5; 32])])
+            .unwrap();
+        let many = c.blob_many(&mut vec![Id([1; 32])]).unwrap();
+        assert_eq!(many[&Id([1; 32])].unwrap().pack, Id([3; 32]));
+        assert_eq!(c.blob(&Id([1; 32])).unwrap().unwrap().pack, Id([3; 32]));
     }
 
     #[test]

@@ -112,19 +112,16 @@ const LOCATE_BATCH: usize = 1024;
 
 /// Looks up every chunk of the regular files among `nodes`.
 fn locate(repo: &Repository, nodes: &[Node]) -> crate::error::Result<Located> {
-    repo.catalog.reading(|| {
-        let mut out = Located::new();
-        for n in nodes.iter().filter(|n| n.node_type == NodeType::File) {
-            for c in &n.content {
-                if let ContentRef::Chunk(id) = c {
-                    if !out.contains_key(id) {
-                        out.insert(*id, repo.catalog.blob(id)?);
-                    }
-                }
-            }
-        }
-        Ok(out)
-    })
+    let mut ids: Vec<Id> = nodes
+        .iter()
+        .filter(|n| n.node_type == NodeType::File)
+        .flat_map(|n| &n.content)
+        .filter_map(|c| match c {
+            ContentRef::Chunk(id) => Some(*id),
+            ContentRef::Zero { .. } => None,
+        })
+        .collect();
+    repo.catalog.blob_many(&mut ids)
 }
 
 /// The locations of `content`'s chunks, from `located` where it has them.
