@@ -2,6 +2,7 @@
 
 use super::{print_json, GlobalArgs};
 use crate::error::ExitCode;
+use crate::repo::extract::included;
 use crate::repo::snapshot::Snapshot;
 use crate::repo::tree::{Node, NodeType};
 use crate::repo::Id;
@@ -252,11 +253,9 @@ fn walk_in_path_order(
         path.extend_from_slice(name);
         path
     };
-    // `path` is shown: the filter itself or below it.
-    let shown = |path: &[u8]| {
-        filter
-            .is_none_or(|f| path == f || (path.starts_with(f) && path.get(f.len()) == Some(&b'/')))
-    };
+    // Shown: the filter itself or below it; read: those and the trees on
+    // the way to it (the rule of `restore --include`).
+    let filter: Vec<&[u8]> = filter.into_iter().collect();
     let mut stack = vec![(vec![], read(&root)?)];
     while let Some((prefix, items)) = stack.last_mut() {
         let Some((key, item)) = items.next() else {
@@ -266,17 +265,13 @@ fn walk_in_path_order(
         match item {
             Item::Entry(n) => {
                 let path = join(prefix, &key);
-                if shown(&path) {
+                if included(&path, &filter).0 {
                     emit(entry(*n, path))?;
                 }
             }
             Item::Below(ids) => {
                 let path = join(prefix, &key[..key.len() - 1]);
-                // Down only where the filter is, or leads.
-                let leads = filter.is_none_or(|f| {
-                    shown(&path) || (f.starts_with(&path) && f.get(path.len()) == Some(&b'/'))
-                });
-                if leads {
+                if included(&path, &filter).1 {
                     let items = read(&ids)?;
                     stack.push((path, items));
                 }

@@ -369,7 +369,7 @@ impl Catalog {
     /// SQLite's.
     pub fn blob_many(
         &self,
-        ids: &mut Vec<Id>,
+        mut ids: Vec<Id>,
     ) -> crate::error::Result<std::collections::HashMap<Id, Option<BlobLocation>>> {
         ids.sort_unstable();
         ids.dedup();
@@ -1079,8 +1079,7 @@ mod tests {
         let ids = [Id([2; 32]), Id([1; 32]), Id([7; 32]), Id([1; 32])];
         for marks in [vec![], vec![Id([3; 32])], vec![Id([3; 32]), Id([4; 32])]] {
             c.set_marks(&marks).unwrap();
-            let mut asked = ids.to_vec();
-            let many = c.blob_many(&mut asked).unwrap();
+            let many = c.blob_many(ids.to_vec()).unwrap();
             assert_eq!(many.len(), 3, "one answer per distinct ID");
             for id in &ids {
                 assert_eq!(many[id], c.blob(id).unwrap(), "marks {marks:?}");
@@ -1089,7 +1088,7 @@ mod tests {
         // All copies marked: the first still answers.
         c.set_marks(&[Id([3; 32]), Id([4; 32]), Id([5; 32])])
             .unwrap();
-        let many = c.blob_many(&mut vec![Id([1; 32])]).unwrap();
+        let many = c.blob_many(vec![Id([1; 32])]).unwrap();
         assert_eq!(many[&Id([1; 32])].unwrap().pack, Id([3; 32]));
         assert_eq!(c.blob(&Id([1; 32])).unwrap().unwrap().pack, Id([3; 32]));
     }

@@ -180,13 +180,9 @@ impl Sealer {
                 cur = &cur[n..];
                 want -= n;
             }
-            // STREAM nonce: 11-byte big-endian counter, then the last-chunk flag.
-            let mut n12 = [0u8; 12];
-            n12[3..11].copy_from_slice(&counter.to_be_bytes());
-            n12[11] = u8::from(counter + 1 == chunks as u64);
             let tag = aead
                 .seal_in_place_separate_tag(
-                    ring::aead::Nonce::assume_unique_for_key(n12),
+                    stream_nonce(counter, counter + 1 == chunks as u64),
                     ring::aead::Aad::empty(),
                     &mut out[start..],
                 )
@@ -208,6 +204,15 @@ fn payload_aead(payload_key: &[u8; 32]) -> ring::aead::LessSafeKey {
         ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, payload_key)
             .expect("a 32-byte key"),
     )
+}
+
+/// The nonce of STREAM chunk `counter`: an 11-byte big-endian counter,
+/// then the last-chunk flag.
+fn stream_nonce(counter: u64, last: bool) -> ring::aead::Nonce {
+    let mut n12 = [0u8; 12];
+    n12[3..11].copy_from_slice(&counter.to_be_bytes());
+    n12[11] = u8::from(last);
+    ring::aead::Nonce::assume_unique_for_key(n12)
 }
 
 /// The DATA identity with a cache of unwrapped file keys, so blobs that
@@ -358,12 +363,9 @@ impl DataIdentity {
             let (data, tag) = chunk.split_at(chunk.len() - 16);
             let start = out.len();
             out.extend_from_slice(data);
-            let mut n12 = [0u8; 12];
-            n12[3..11].copy_from_slice(&(counter as u64).to_be_bytes());
-            n12[11] = u8::from(counter + 1 == chunks);
             let tag: [u8; 16] = tag.try_into().ok()?;
             aead.open_in_place_separate_tag(
-                ring::aead::Nonce::assume_unique_for_key(n12),
+                stream_nonce(counter as u64, counter + 1 == chunks),
                 ring::aead::Aad::empty(),
                 ring::aead::Tag::from(tag),
                 &mut out[start..],

@@ -112,7 +112,7 @@ const LOCATE_BATCH: usize = 1024;
 
 /// Looks up every chunk of the regular files among `nodes`.
 fn locate(repo: &Repository, nodes: &[Node]) -> crate::error::Result<Located> {
-    let mut ids: Vec<Id> = nodes
+    let ids: Vec<Id> = nodes
         .iter()
         .filter(|n| n.node_type == NodeType::File)
         .flat_map(|n| &n.content)
@@ -121,7 +121,7 @@ fn locate(repo: &Repository, nodes: &[Node]) -> crate::error::Result<Located> {
             ContentRef::Zero { .. } => None,
         })
         .collect();
-    repo.catalog.blob_many(&mut ids)
+    repo.catalog.blob_many(ids)
 }
 
 /// The locations of `content`'s chunks, from `located` where it has them.
@@ -440,23 +440,37 @@ impl Pipeline {
     }
 }
 
+/// Takes the window's operations in sequence order (workers finish out
+/// of order), handing each with its token to `next`; stops at its first
+/// error.
+fn in_order(
+    rx: Receiver<OpMsg>,
+    mut next: impl FnMut(Op, Tok) -> crate::error::Result<()>,
+) -> crate::error::Result<()> {
+    let mut want = 0u64;
+    let mut held: BTreeMap<u64, (Op, Tok)> = BTreeMap::new();
+    for (seq, op, tok) in rx {
+        held.insert(seq, (op, tok));
+        while let Some((op, tok)) = held.remove(&want) {
+            want += 1;
+            next(op, tok)?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies the window's operations in order on this thread, giving each
+/// token back once its operation is applied.
 fn run_writer<F: FnMut(Op) -> crate::error::Result<()>>(
     rx: Receiver<OpMsg>,
     giver: Giver,
     mut apply: F,
 ) -> crate::error::Result<()> {
-    let mut next = 0u64;
-    let mut held: BTreeMap<u64, (Op, Tok)> = BTreeMap::new();
-    for (seq, op, tok) in rx {
-        held.insert(seq, (op, tok));
-        while let Some((op, tok)) = held.remove(&next) {
-            next += 1;
-            let r = apply(op);
-            giver.give(tok);
-            r?;
-        }
-    }
-    Ok(())
+    in_order(rx, |op, tok| {
+        let r = apply(op);
+        giver.give(tok);
+        r
+    })
 }
 
 fn target_is_empty(target: &Path) -> crate::error::Result<bool> {
@@ -468,20 +482,32 @@ fn target_is_empty(target: &Path) -> crate::error::Result<bool> {
 }
 
 /// Whether the node at `rel` (a `/`-separated path from the snapshot
-/// root) is selected by `include` paths (all when empty), and whether to
-/// descend into it: `(take, descend)`.
-pub fn included(rel: &str, include: &[String]) -> (bool, bool) {
+/// root, as bytes: names need not be UTF-8) is selected by `include`
+/// paths (all when empty), and whether to descend into it:
+/// `(take, descend)`.
+pub fn included<P: AsRef<[u8]>>(rel: impl AsRef<[u8]>, include: &[P]) -> (bool, bool) {
     if include.is_empty() {
         return (true, true);
     }
+    let rel = rel.as_ref();
+    // `path` is strictly below `dir`.
+    let below = |path: &[u8], dir: &[u8]| {
+        path.len() > dir.len() && path.starts_with(dir) && path[dir.len()] == b'/'
+    };
     let mut take = false;
     let mut descend = false;
     for inc in include {
-        let inc = inc.trim_matches('/');
-        if rel == inc || rel.starts_with(&format!("{inc}/")) {
+        let inc = inc.as_ref();
+        let start = inc.iter().position(|&b| b != b'/').unwrap_or(inc.len());
+        let end = inc
+            .iter()
+            .rposition(|&b| b != b'/')
+            .map_or(start, |i| i + 1);
+        let inc = &inc[start..end];
+        if rel == inc || below(rel, inc) {
             take = true;
             descend = true;
-        } else if inc.starts_with(&format!("{rel}/")) {
+        } else if below(inc, rel) {
             descend = true;
         }
     }
@@ -727,22 +753,19 @@ fn run_lanes(
         txs.push(tx);
     }
     drop(giver);
-    let mut next = 0u64;
-    let mut held: BTreeMap<u64, (Op, Tok)> = BTreeMap::new();
     let (mut lane, mut turn) = (0usize, 0usize);
-    'ops: for (seq, op, tok) in rx {
-        held.insert(seq, (op, tok));
-        while let Some((op, tok)) = held.remove(&next) {
-            next += 1;
-            if matches!(op, Op::FileStart { .. }) {
-                lane = turn % txs.len();
-                turn += 1;
-            }
-            if txs[lane].send((op, tok)).is_err() || stop.load(Ordering::Relaxed) {
-                break 'ops;
-            }
+    // Routing ends early only when a lane failed (`stop`) or is gone (it
+    // panicked): the lanes' own results below say which.
+    let _ = in_order(rx, |op, tok| {
+        if matches!(op, Op::FileStart { .. }) {
+            lane = turn % txs.len();
+            turn += 1;
         }
-    }
+        if txs[lane].send((op, tok)).is_err() || stop.load(Ordering::Relaxed) {
+            return Err(anyhow::anyhow!("restore writers stopped").into());
+        }
+        Ok(())
+    });
     drop(txs);
     let mut summary = RestoreSummary::default();
     let mut first_err = None;
@@ -928,7 +951,12 @@ impl DirWalk<'_> {
                         self.summary
                             .failed
                             .push(format!("{child_rel}: unsafe hard link target skipped"));
-                    } else if included(&String::from_utf8_lossy(&first), &self.opts.include).0 {
+                    } else if included(
+                        String::from_utf8_lossy(&first).as_bytes(),
+                        &self.opts.include,
+                    )
+                    .0
+                    {
                         self.links.push((path, first));
                     } else {
                         // Its first name is not part of this restore: the
@@ -1466,4 +1494,32 @@ fn find_file(repo: &Repository, root: &[Id], path: Option<&str>) -> crate::error
         tree = repo.read_tree(&sub)?;
     }
     Err(LabError::usage("empty path").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::included;
+
+    #[test]
+    fn included_takes_paths_at_or_below_an_include_and_descends_on_the_way() {
+        let none: [&str; 0] = [];
+        assert_eq!(included("any/thing", &none), (true, true));
+        let inc = ["/a/b/", "c"];
+        for (rel, want) in [
+            ("a/b", (true, true)),
+            ("a/b/x/y", (true, true)),
+            ("a", (false, true)),
+            ("a/bc", (false, false)),
+            ("ab", (false, false)),
+            ("c", (true, true)),
+            ("c.txt", (false, false)),
+            ("d", (false, false)),
+        ] {
+            assert_eq!(included(rel, &inc), want, "{rel}");
+        }
+        // Names need not be UTF-8; a slash-only include selects nothing.
+        let raw: &[u8] = b"a/b/\xff";
+        assert_eq!(included(raw, &inc), (true, true));
+        assert_eq!(included("a", &["/"]), (false, false));
+    }
 }
