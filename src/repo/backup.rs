@@ -19,7 +19,7 @@
 
 use crate::error::LabError;
 use crate::repo::blob::{self, BlobKind};
-use crate::repo::catalog::{Catalog, FileFacts};
+use crate::repo::catalog::{CacheRun, Catalog, FileFacts};
 use crate::repo::chunker::{Chunker, ChunkerKind, Piece};
 use crate::repo::index::IndexedPack;
 use crate::repo::pack::{self, PackBuilder, PackEntry};
@@ -387,6 +387,8 @@ pub struct BackupRun<'r> {
     last_index: Instant,
     /// The file cache in use: the source's key and this run's generation.
     file_cache: Option<(String, i64)>,
+    /// Which entries are re-used without a chunk lookup.
+    trust: Option<CacheRun>,
     /// The source had no file cache entries when the run began (its first
     /// backup): nothing to look up per file.
     file_cache_empty: bool,
@@ -462,6 +464,7 @@ impl<'r> BackupRun<'r> {
             cancel: None,
             last_index: Instant::now(),
             file_cache: None,
+            trust: None,
             file_cache_empty: false,
         })
     }
@@ -478,86 +481,122 @@ impl<'r> BackupRun<'r> {
     }
 
     /// Uses the file cache of `source` (a stable key, such as the absolute
-    /// path of a directory): [`BackupRun::cached_file`] answers from
-    /// earlier runs. An entry a run re-uses is marked with the run only
-    /// when its mark is [`FILE_CACHE_TOUCH_AFTER`] runs old (an unchanged
-    /// backup then writes nothing per file), and entries whose mark is
-    /// [`FILE_CACHE_KEEP`] runs old are dropped when a run finishes: those
-    /// of files that are gone, or that no run has re-used since.
+    /// path of a directory): [`BackupRun::cached_files`] answers from
+    /// earlier runs. An entry a run re-uses is marked with the run when
+    /// its chunks had to be looked up (it is trusted again next time, see
+    /// [`CacheRun`]) or when its mark is [`FILE_CACHE_TOUCH_AFTER`] runs
+    /// old; otherwise an unchanged backup writes nothing per file. Entries
+    /// whose mark is [`FILE_CACHE_KEEP`] runs old are dropped when a run
+    /// finishes: those of files that are gone, or that no run has re-used
+    /// since.
     ///
     /// # Errors
     /// Catalog errors.
     pub fn use_file_cache(&mut self, source: &str) -> crate::error::Result<()> {
+        // No transaction of this run may be open: the run is numbered in
+        // a write transaction of its own.
+        self.tx_commit()?;
         let cat = &self.repo.catalog;
-        let run_id: i64 = cat
-            .get_meta("last-run")?
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-            + 1;
-        cat.set_meta("last-run", &run_id.to_string())?;
+        let trust = cat.file_cache_run_start()?;
         self.file_cache_empty = !cat.file_cache_has(source)?;
-        self.file_cache = Some((source.to_string(), run_id));
+        self.file_cache = Some((source.to_string(), trust.run));
+        self.trust = Some(trust);
         Ok(())
     }
 
-    /// What the last run recorded for the file at `rel`: its stat facts and
-    /// content (`None` without a file cache or entry).
+    /// What the last runs recorded for the files at `rels` (in that
+    /// order): stat facts and content (`None` without a file cache or
+    /// entry). One catalog read for the lot: a source asks for a
+    /// directory's files at once.
     ///
     /// # Errors
     /// Catalog errors.
-    pub fn cached_file(&mut self, rel: &[u8]) -> crate::error::Result<Option<CachedFile>> {
-        if self.file_cache.is_none() || self.file_cache_empty {
-            return Ok(None);
+    pub fn cached_files<P: AsRef<[u8]>>(
+        &mut self,
+        rels: &[P],
+    ) -> crate::error::Result<Vec<Option<CachedFile>>> {
+        let Some((source, _)) = self.file_cache.clone() else {
+            return Ok(rels.iter().map(|_| None).collect());
+        };
+        if self.file_cache_empty {
+            return Ok(rels.iter().map(|_| None).collect());
         }
         self.read_op()?;
-        let Some((source, _)) = &self.file_cache else {
-            return Ok(None);
-        };
         Ok(self
             .catalog()
-            .file_cache_get(source, rel)?
-            .and_then(|(facts, blob, run)| {
-                decode_content(&blob).map(|content| CachedFile {
-                    facts,
-                    content,
-                    run,
+            .file_cache_get_many(&source, rels)?
+            .into_iter()
+            .map(|e| {
+                e.and_then(|(facts, blob, run)| {
+                    decode_content(&blob).map(|content| CachedFile {
+                        facts,
+                        content,
+                        run,
+                    })
                 })
-            }))
+            })
+            .collect())
     }
 
-    /// Re-uses a cached file's content when every chunk is still stored
-    /// (and not on its way out): references them, counts `size` bytes of
-    /// progress and keeps the cache entry. `false` when a chunk is gone
-    /// (read the file again).
+    /// Re-uses the content of cached files whose chunks are all still
+    /// stored (and not on their way out) or written by this run: references
+    /// them, counts their bytes of progress and keeps their cache entries.
+    /// An entry the catalog vouches for ([`CacheRun`]) is not looked up;
+    /// the chunks of the others are, in one pass in ID order for the whole
+    /// batch, and those found whole are marked with this run. Answers, per
+    /// file, whether it was re-used (`false`: a chunk is gone, read the
+    /// file again).
     ///
     /// # Errors
     /// Catalog errors.
-    pub fn reuse_cached_file(
+    pub fn reuse_cached_files(
         &mut self,
-        rel: &[u8],
-        cached: &CachedFile,
-    ) -> crate::error::Result<bool> {
-        let (content, size) = (&cached.content, cached.facts.size);
-        for c in content {
-            if let ContentRef::Chunk(id) = c {
-                if !self.pending.contains(id) && !self.catalog().has_blob(id)? {
-                    return Ok(false);
+        files: &[(&[u8], &CachedFile)],
+    ) -> crate::error::Result<Vec<bool>> {
+        let trust = self.trust.clone();
+        let trusted = |c: &CachedFile| trust.as_ref().is_some_and(|t| t.trusts(c.run));
+        let mut ask = vec![];
+        for (_, cached) in files.iter().filter(|(_, c)| !trusted(c)) {
+            for c in &cached.content {
+                if let ContentRef::Chunk(id) = c {
+                    if !self.pending.contains(id) {
+                        ask.push(*id);
+                    }
                 }
             }
         }
-        if let Some((source, run_id)) = self.file_cache.clone() {
-            if cached.run + FILE_CACHE_TOUCH_AFTER <= run_id {
-                self.tx_op()?;
-                self.catalog().file_cache_touch(&source, rel, run_id)?;
+        let present = if ask.is_empty() {
+            Default::default()
+        } else {
+            self.read_op()?;
+            self.catalog().blobs_present(ask)?
+        };
+        let mut reused = Vec::with_capacity(files.len());
+        for (rel, cached) in files {
+            let vouched = trusted(cached);
+            let whole = vouched
+                || cached.content.iter().all(|c| match c {
+                    ContentRef::Chunk(id) => self.pending.contains(id) || present.contains(id),
+                    _ => true,
+                });
+            reused.push(whole);
+            if !whole {
+                continue;
             }
-        }
-        for c in content {
-            if let ContentRef::Chunk(id) = c {
-                self.referenced.insert(*id);
+            if let Some((source, run_id)) = self.file_cache.clone() {
+                if !vouched || cached.run + FILE_CACHE_TOUCH_AFTER <= run_id {
+                    self.tx_op()?;
+                    self.catalog().file_cache_touch(&source, rel, run_id)?;
+                }
             }
+            for c in &cached.content {
+                if let ContentRef::Chunk(id) = c {
+                    self.referenced.insert(*id);
+                }
+            }
+            self.progress.add(cached.facts.size);
         }
-        self.progress.add(size);
-        Ok(true)
+        Ok(reused)
     }
 
     /// Records a file read in this run in the file cache (only files that
@@ -864,6 +903,9 @@ impl<'r> BackupRun<'r> {
             .context_obj("writing snapshot", &id)?;
         self.catalog().add_snapshot(&id, &snap)?;
         self.catalog().set_meta(RUN_UNFINISHED, "")?;
+        if let Some((_, run)) = &self.file_cache {
+            self.catalog().file_cache_run_end(*run)?;
+        }
         self.progress.finish();
         Ok(BackupOutcome {
             snapshot_id: id,

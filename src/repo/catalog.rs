@@ -37,7 +37,60 @@ CREATE TABLE IF NOT EXISTS file_cache(source TEXT NOT NULL, path BLOB NOT NULL, 
     run INTEGER NOT NULL, PRIMARY KEY(source, path)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS damaged_index(id BLOB PRIMARY KEY, why TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS vanished(id BLOB PRIMARY KEY, json TEXT NOT NULL, noticed TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs_open(run INTEGER PRIMARY KEY);
+-- (No OR REPLACE in the triggers' statements: an outer INSERT OR IGNORE
+-- would turn it into OR IGNORE.)
+CREATE TRIGGER IF NOT EXISTS blobs_lost AFTER DELETE ON blobs BEGIN
+    UPDATE meta SET value=COALESCE((SELECT value FROM meta WHERE key='last-run'), '0')
+        WHERE key='blobs-lost-run';
+    INSERT INTO meta(key,value)
+        SELECT 'blobs-lost-run', COALESCE((SELECT value FROM meta WHERE key='last-run'), '0')
+        WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key='blobs-lost-run');
+END;
+CREATE TRIGGER IF NOT EXISTS packs_marked AFTER INSERT ON marked_packs BEGIN
+    UPDATE meta SET value=COALESCE((SELECT value FROM meta WHERE key='last-run'), '0')
+        WHERE key='blobs-lost-run';
+    INSERT INTO meta(key,value)
+        SELECT 'blobs-lost-run', COALESCE((SELECT value FROM meta WHERE key='last-run'), '0')
+        WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key='blobs-lost-run');
+END;
 ";
+
+/// Meta key: the backup run counter (see [`Catalog::file_cache_run_start`]).
+const LAST_RUN: &str = "last-run";
+/// Meta key: the run counter's value when the catalog last lost a blob
+/// (packs removed, the index reloaded) or marked a pack for deletion. Kept
+/// by triggers in the catalog itself (`blobs_lost`, `packs_marked` in
+/// [`SCHEMA`]), so whatever deletes a blob row or adds a mark, whichever
+/// labctl it is, moves it; a reload drops the table and notes it itself,
+/// and a catalog found without the trigger (made or reloaded by an
+/// earlier labctl) is noted at open.
+const BLOBS_LOST_RUN: &str = "blobs-lost-run";
+
+/// What a backup run that uses the file cache starts with
+/// ([`Catalog::file_cache_run_start`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheRun {
+    /// This run's number.
+    pub run: i64,
+    /// A file cache entry last written or marked by a run numbered above
+    /// this and below [`CacheRun::run`], and not [`CacheRun::open`], has
+    /// every chunk stored, in packs not marked for deletion: no blob has
+    /// been lost or marked since, and the run that wrote it finished.
+    /// Other entries (older ones, those of runs still going or killed,
+    /// and those of runs started since) must be looked up.
+    pub trusted_after: i64,
+    /// Runs above `trusted_after` that were started and have not finished
+    /// (still going, or killed).
+    pub open: Vec<i64>,
+}
+
+impl CacheRun {
+    /// Whether an entry last marked by run `entry_run` is vouched for.
+    pub fn trusts(&self, entry_run: i64) -> bool {
+        self.trusted_after < entry_run && entry_run < self.run && !self.open.contains(&entry_run)
+    }
+}
 
 /// Where a blob is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +110,10 @@ pub struct FileFacts {
     pub ctime_ns: i64,
     pub ino: u64,
 }
+
+/// A file cache entry as stored: stat facts, encoded content, the run that
+/// last wrote or marked it.
+pub type CacheEntry = (FileFacts, Vec<u8>, i64);
 
 /// One blob ID of a range scan ([`Catalog::blob_copies_in_range`]).
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +164,19 @@ fn location_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<BlobLocatio
 const INSERT_BLOB: &str =
     "INSERT OR IGNORE INTO blobs(id,pack,kind,offset,length,raw_len) VALUES(?1,?2,?3,?4,?5,?6)";
 
+/// Records, in the caller's transaction, that blobs were lost or packs
+/// marked: file cache entries of runs numbered up to now are no longer
+/// trusted without a lookup of their chunks (see [`CacheRun`]); what the
+/// triggers do, for the changes no trigger sees.
+fn note_blobs_lost(conn: &Connection) -> crate::error::Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO meta(key,value)
+         SELECT ?1, COALESCE((SELECT value FROM meta WHERE key=?2), '0')",
+        [BLOBS_LOST_RUN, LAST_RUN],
+    )?;
+    Ok(())
+}
+
 fn id_of(v: Vec<u8>) -> Id {
     Id::from_slice(&v).unwrap_or(Id([0; 32]))
 }
@@ -152,7 +222,13 @@ impl Catalog {
                 [SCHEMA_VERSION.to_string()],
             )?;
         }
+        let tracked = conn
+            .prepare("SELECT 1 FROM sqlite_master WHERE type='trigger' AND name='blobs_lost'")?
+            .exists([])?;
         conn.execute_batch(SCHEMA)?;
+        if !tracked {
+            note_blobs_lost(&conn)?;
+        }
         conn.execute_batch("COMMIT")?;
         conn.execute_batch(
             "CREATE TEMP TABLE IF NOT EXISTS used(id BLOB PRIMARY KEY) WITHOUT ROWID;
@@ -344,6 +420,53 @@ impl Catalog {
             "SELECT 1 FROM blobs WHERE id=?1 AND pack NOT IN (SELECT id FROM marked_packs)",
         )?;
         Ok(st.exists([&id.0[..]])?)
+    }
+
+    /// Of `ids`, those [`Catalog::has_blob`] finds: for many blobs at once
+    /// (an unchanged backup checks every chunk of every file it re-uses),
+    /// in ID order, with one prepared statement in one read transaction;
+    /// marks are looked up per copy only when some pack is marked (the
+    /// per-row `NOT IN` subquery of `has_blob` is set up on every lookup).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn blobs_present(
+        &self,
+        mut ids: Vec<Id>,
+    ) -> crate::error::Result<std::collections::HashSet<Id>> {
+        ids.sort_unstable();
+        ids.dedup();
+        self.reading(|| {
+            let any_marked = self
+                .conn
+                .prepare_cached("SELECT 1 FROM marked_packs LIMIT 1")?
+                .exists([])?;
+            let mut out = std::collections::HashSet::with_capacity(ids.len());
+            if !any_marked {
+                let mut st = self
+                    .conn
+                    .prepare_cached("SELECT 1 FROM blobs WHERE id=?1")?;
+                for id in ids {
+                    if st.exists([&id.0[..]])? {
+                        out.insert(id);
+                    }
+                }
+                return Ok(out);
+            }
+            let mut st = self
+                .conn
+                .prepare_cached("SELECT pack FROM blobs WHERE id=?1")?;
+            for id in ids {
+                let mut rows = st.query([&id.0[..]])?;
+                while let Some(r) = rows.next()? {
+                    if !self.is_marked(&id_of(r.get(0)?))? {
+                        out.insert(id);
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
     }
 
     /// A stored copy of a blob, one in a pack not marked for deletion when
@@ -561,6 +684,9 @@ impl Catalog {
     /// blobs in hash order straight into the ID-ordered table touched a
     /// random page per row; appending and sorting once is sequential.
     pub fn begin_bulk_index(&self) -> crate::error::Result<()> {
+        // The reload may lack blobs the catalog had (prune replaced
+        // fragments), and dropping the table fires no trigger.
+        note_blobs_lost(&self.conn)?;
         self.conn.execute_batch(
             "DELETE FROM packs; DELETE FROM index_files; DELETE FROM damaged_index;
              DROP TABLE IF EXISTS blobs;
@@ -632,6 +758,60 @@ impl Catalog {
                 .execute("DELETE FROM packs WHERE id=?1", [&p.0[..]])?;
         }
         self.commit()
+    }
+
+    /// Numbers a new backup run that uses the file cache and notes it as
+    /// open until [`Catalog::file_cache_run_end`] (a run that is killed or
+    /// fails stays open, so entries it wrote, whose chunks may never have
+    /// been stored, are never trusted), in one write transaction.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn file_cache_run_start(&self) -> crate::error::Result<CacheRun> {
+        self.atomically(|| {
+            self.conn.execute(
+                "INSERT INTO meta(key,value) VALUES(?1,'1')
+                 ON CONFLICT(key) DO UPDATE SET value=CAST(value AS INTEGER)+1",
+                [LAST_RUN],
+            )?;
+            let run: i64 = self.conn.query_row(
+                "SELECT CAST(value AS INTEGER) FROM meta WHERE key=?1",
+                [LAST_RUN],
+                |r| r.get(0),
+            )?;
+            let lost: i64 = self.conn.query_row(
+                "SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key=?1), 0)",
+                [BLOBS_LOST_RUN],
+                |r| r.get(0),
+            )?;
+            // Entries of runs up to `lost` are looked up anyway: their
+            // open marks no longer matter.
+            self.conn
+                .execute("DELETE FROM runs_open WHERE run<=?1", [lost])?;
+            let open = {
+                let mut st = self.conn.prepare("SELECT run FROM runs_open")?;
+                let rows = st.query_map([], |r| r.get(0))?;
+                rows.collect::<Result<Vec<i64>, _>>()?
+            };
+            self.conn
+                .execute("INSERT OR IGNORE INTO runs_open(run) VALUES(?1)", [run])?;
+            Ok(CacheRun {
+                run,
+                trusted_after: lost,
+                open,
+            })
+        })
+    }
+
+    /// Ends a run begun with [`Catalog::file_cache_run_start`] (after its
+    /// packs are indexed and its snapshot is written).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn file_cache_run_end(&self, run: i64) -> crate::error::Result<()> {
+        self.conn
+            .execute("DELETE FROM runs_open WHERE run=?1", [run])?;
+        Ok(())
     }
 
     /// Packs whose (first) index fragment is one of `files`, with sizes.
@@ -729,9 +909,21 @@ impl Catalog {
         Ok(seen)
     }
 
+    /// Makes `packs` the marked set. Only marks not there before are
+    /// inserted: an insert is what withdraws the file cache's trust (see
+    /// [`BLOBS_LOST_RUN`]), and every open loads the same marks again.
     pub fn set_marks(&self, packs: &[Id]) -> crate::error::Result<()> {
         self.begin()?;
-        self.conn.execute("DELETE FROM marked_packs", [])?;
+        let keep: std::collections::HashSet<&Id> = packs.iter().collect();
+        let old: Vec<Id> = {
+            let mut st = self.conn.prepare("SELECT id FROM marked_packs")?;
+            let rows = st.query_map([], |r| Ok(id_of(r.get(0)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for p in old.iter().filter(|p| !keep.contains(p)) {
+            self.conn
+                .execute("DELETE FROM marked_packs WHERE id=?1", [&p.0[..]])?;
+        }
         for p in packs {
             self.conn.execute(
                 "INSERT OR IGNORE INTO marked_packs(id) VALUES(?1)",
@@ -926,24 +1118,45 @@ impl Catalog {
         &self,
         source: &str,
         path: &[u8],
-    ) -> crate::error::Result<Option<(FileFacts, Vec<u8>, i64)>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT size,mtime_ns,ctime_ns,ino,content,run FROM file_cache WHERE source=?1 AND path=?2",
-        )?;
-        Ok(st
-            .query_row(params![source, path], |r| {
-                Ok((
-                    FileFacts {
-                        size: r.get::<_, i64>(0)? as u64,
-                        mtime_ns: r.get(1)?,
-                        ctime_ns: r.get(2)?,
-                        ino: r.get::<_, i64>(3)? as u64,
-                    },
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })
-            .optional()?)
+    ) -> crate::error::Result<Option<CacheEntry>> {
+        Ok(self.file_cache_get_many(source, &[path])?.pop().flatten())
+    }
+
+    /// [`Catalog::file_cache_get`] for several paths of one source, in the
+    /// order given, with one prepared statement in one read transaction (a
+    /// backup asks for a directory's files at once).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn file_cache_get_many<P: AsRef<[u8]>>(
+        &self,
+        source: &str,
+        paths: &[P],
+    ) -> crate::error::Result<Vec<Option<CacheEntry>>> {
+        self.reading(|| {
+            let mut st = self.conn.prepare_cached(
+                "SELECT size,mtime_ns,ctime_ns,ino,content,run FROM file_cache WHERE source=?1 AND path=?2",
+            )?;
+            let mut out = Vec::with_capacity(paths.len());
+            for path in paths {
+                out.push(
+                    st.query_row(params![source, path.as_ref()], |r| {
+                        Ok((
+                            FileFacts {
+                                size: r.get::<_, i64>(0)? as u64,
+                                mtime_ns: r.get(1)?,
+                                ctime_ns: r.get(2)?,
+                                ino: r.get::<_, i64>(3)? as u64,
+                            },
+                            r.get(4)?,
+                            r.get(5)?,
+                        ))
+                    })
+                    .optional()?,
+                );
+            }
+            Ok(out)
+        })
     }
     /// Whether the file cache holds any entry of `source`.
     pub fn file_cache_has(&self, source: &str) -> crate::error::Result<bool> {
@@ -1091,6 +1304,178 @@ mod tests {
         let many = c.blob_many(vec![Id([1; 32])]).unwrap();
         assert_eq!(many[&Id([1; 32])].unwrap().pack, Id([3; 32]));
         assert_eq!(c.blob(&Id([1; 32])).unwrap().unwrap().pack, Id([3; 32]));
+    }
+
+    #[test]
+    fn presence_of_many_is_what_has_blob_says_of_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.db")).unwrap();
+        let entry = |b: u8| PackEntry {
+            kind: BlobKind::Data,
+            id: Id([b; 32]),
+            offset: 8,
+            length: 10,
+            raw_len: 20,
+        };
+        // Blob 1 in packs 3 and 4, blob 2 in pack 4, blob 6 in pack 5.
+        c.add_pack(&Id([3; 32]), 100, None, &[entry(1)]).unwrap();
+        c.add_pack(&Id([4; 32]), 100, None, &[entry(1), entry(2)])
+            .unwrap();
+        c.add_pack(&Id([5; 32]), 100, None, &[entry(6)]).unwrap();
+        let ids = [
+            Id([2; 32]),
+            Id([1; 32]),
+            Id([7; 32]),
+            Id([1; 32]),
+            Id([6; 32]),
+        ];
+        for marks in [
+            vec![],
+            vec![Id([3; 32])],
+            vec![Id([4; 32])],
+            vec![Id([3; 32]), Id([4; 32])],
+            vec![Id([5; 32])],
+        ] {
+            c.set_marks(&marks).unwrap();
+            let present = c.blobs_present(ids.to_vec()).unwrap();
+            let expected: std::collections::HashSet<Id> = ids
+                .iter()
+                .filter(|id| c.has_blob(id).unwrap())
+                .copied()
+                .collect();
+            assert_eq!(present, expected, "marks {marks:?}");
+        }
+        // And the expectations themselves: both copies of 1 marked, 1 gone.
+        c.set_marks(&[Id([3; 32]), Id([4; 32])]).unwrap();
+        assert!(!c.has_blob(&Id([1; 32])).unwrap());
+        c.set_marks(&[Id([3; 32])]).unwrap();
+        assert!(c.has_blob(&Id([1; 32])).unwrap());
+    }
+
+    /// Which file cache entries a run may re-use without looking up their
+    /// chunks: those of finished runs since the catalog last lost a blob
+    /// or marked a pack.
+    #[test]
+    fn losing_or_marking_blobs_and_unfinished_runs_withdraw_the_trust() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.db")).unwrap();
+        let entry = |b: u8| PackEntry {
+            kind: BlobKind::Data,
+            id: Id([b; 32]),
+            offset: 8,
+            length: 10,
+            raw_len: 20,
+        };
+        c.add_pack(&Id([3; 32]), 100, None, &[entry(1)]).unwrap();
+        c.add_pack(&Id([4; 32]), 100, None, &[entry(2)]).unwrap();
+        let run = || {
+            let r = c.file_cache_run_start().unwrap();
+            c.file_cache_run_end(r.run).unwrap();
+            r
+        };
+        let first = run();
+        let r = run();
+        assert_eq!((first.run, r.run), (1, 2));
+        assert!(r.trusted_after < first.run, "{r:?}");
+        let still = |r: &CacheRun, last: &CacheRun| {
+            assert_eq!(r.trusted_after, last.trusted_after, "{r:?} after {last:?}")
+        };
+        let lost = |r: &CacheRun, last: &CacheRun| {
+            assert_eq!(r.trusted_after, last.run, "{r:?} after {last:?}")
+        };
+        // Marks: a new one withdraws the trust, the same again or fewer do not.
+        c.set_marks(&[]).unwrap();
+        let (last, r) = (r, run());
+        still(&r, &last);
+        c.set_marks(&[Id([3; 32])]).unwrap();
+        let (last, r) = (r, run());
+        lost(&r, &last);
+        c.set_marks(&[Id([3; 32])]).unwrap();
+        let (last, r) = (r, run());
+        still(&r, &last);
+        c.set_marks(&[]).unwrap();
+        let (last, r) = (r, run());
+        still(&r, &last);
+        // Removed packs: only when blobs went.
+        c.remove_packs(&[Id([9; 32])]).unwrap();
+        let (last, r) = (r, run());
+        still(&r, &last);
+        c.remove_packs(&[Id([4; 32])]).unwrap();
+        let (last, r) = (r, run());
+        lost(&r, &last);
+        // A reload of the whole index.
+        c.atomically(|| {
+            c.begin_bulk_index()?;
+            c.add_pack_bulk(&Id([3; 32]), 100, &Id([7; 32]), &[entry(1)])?;
+            c.finish_bulk_index()
+        })
+        .unwrap();
+        let (last, r) = (r, run());
+        lost(&r, &last);
+        // A deletion or a mark made without labctl's functions (an
+        // earlier labctl's): the triggers see it.
+        c.conn
+            .execute("DELETE FROM blobs WHERE id=?1", [&[1u8; 32][..]])
+            .unwrap();
+        let (last, r) = (r, run());
+        lost(&r, &last);
+        c.conn
+            .execute("INSERT INTO marked_packs(id) VALUES(?1)", [&[4u8; 32][..]])
+            .unwrap();
+        let (last, r) = (r, run());
+        lost(&r, &last);
+        // A catalog without the triggers (an earlier labctl's) is noted
+        // at open.
+        c.conn
+            .execute_batch("DROP TRIGGER blobs_lost; DROP TRIGGER packs_marked;")
+            .unwrap();
+        let (last, r) = (r, run());
+        still(&r, &last);
+        let c = Catalog::open(&dir.path().join("c.db")).unwrap();
+        let r2 = c.file_cache_run_start().unwrap();
+        c.file_cache_run_end(r2.run).unwrap();
+        lost(&r2, &r);
+        // A run that never ends (killed): later runs do not trust its
+        // entries, however many finish meanwhile; those of the runs
+        // around it they do.
+        let before = c.file_cache_run_start().unwrap();
+        c.file_cache_run_end(before.run).unwrap();
+        let killed = c.file_cache_run_start().unwrap();
+        let run = || {
+            let r = c.file_cache_run_start().unwrap();
+            c.file_cache_run_end(r.run).unwrap();
+            r
+        };
+        let after = run();
+        let r = run();
+        assert_eq!(r.open, vec![killed.run]);
+        assert!(r.trusts(before.run) && r.trusts(after.run) && !r.trusts(killed.run));
+        assert!(!r.trusts(r.run) && !r.trusts(r.run + 1) && !r.trusts(r.trusted_after));
+        // Once a loss covers it, its mark goes.
+        c.set_marks(&[Id([6; 32])]).unwrap();
+        let r = run();
+        assert!(r.open.is_empty() && r.trusted_after > killed.run, "{r:?}");
+    }
+
+    #[test]
+    fn many_cache_lookups_answer_in_the_order_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.db")).unwrap();
+        let facts = |size| FileFacts {
+            size,
+            mtime_ns: 1,
+            ctime_ns: 2,
+            ino: 3,
+        };
+        c.file_cache_put("s", b"b", &facts(2), b"B", 7).unwrap();
+        c.file_cache_put("s", b"a", &facts(1), b"A", 6).unwrap();
+        c.file_cache_put("t", b"c", &facts(3), b"C", 5).unwrap();
+        let got = c
+            .file_cache_get_many("s", &[&b"b"[..], b"c", b"a"])
+            .unwrap();
+        assert_eq!(got[0], Some((facts(2), b"B".to_vec(), 7)));
+        assert_eq!(got[1], None, "another source's entry");
+        assert_eq!(got[2], Some((facts(1), b"A".to_vec(), 6)));
     }
 
     #[test]

@@ -183,6 +183,22 @@ fn mtime_ns(m: &fs::Metadata) -> i128 {
     m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
 }
 
+/// Entries of a directory looked at together: their `lstat`s, the file
+/// cache's answers for their files and the chunk check of those answers.
+const WINDOW: usize = 4096;
+
+/// What the file cache says of one entry of a window.
+enum Cached {
+    /// Not a file, or no entry.
+    None,
+    /// An entry whose stat facts differ or whose chunks are not all stored:
+    /// the file is read again.
+    Stale,
+    /// An entry whose facts match and whose chunks are all stored: its
+    /// content, re-used (already referenced and counted).
+    Reused(Vec<ContentRef>),
+}
+
 impl TreeWalker<'_, '_> {
     fn dir(&mut self, abs: &Path, rel: &[u8]) -> crate::error::Result<Vec<Id>> {
         let mut entries: Vec<_> =
@@ -198,35 +214,114 @@ impl TreeWalker<'_, '_> {
             };
         entries.sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
         let mut nodes = vec![];
-        for entry in entries {
-            let path = entry.path();
-            let name = entry.file_name();
-            let mut child_rel = rel.to_vec();
-            if !child_rel.is_empty() {
-                child_rel.push(b'/');
-            }
-            child_rel.extend_from_slice(name.as_bytes());
-            match self.node(&path, &child_rel, name.as_bytes()) {
-                Ok(Some(n)) => nodes.push(n),
-                Ok(None) => {}
-                Err(e)
-                    if e.downcast_ref::<SourceError>().is_some()
-                        || e.downcast_ref::<std::io::Error>().is_some() =>
-                {
-                    self.run
-                        .summary_mut()
-                        .errors
-                        .push(format!("{}: {e}", path.display()));
+        for window in entries.chunks(WINDOW) {
+            self.run.check_cancel()?;
+            // lstat relative to the open directory (one name to look up,
+            // not the whole path).
+            let metas: Vec<_> = window.iter().map(|e| e.metadata()).collect();
+            let rels: Vec<Vec<u8>> = window
+                .iter()
+                .map(|e| {
+                    let mut child = rel.to_vec();
+                    if !child.is_empty() {
+                        child.push(b'/');
+                    }
+                    child.extend_from_slice(e.file_name().as_bytes());
+                    child
+                })
+                .collect();
+            let mut cached = self.look_up(&rels, &metas)?;
+            for (i, entry) in window.iter().enumerate() {
+                let path = entry.path();
+                let name = entry.file_name();
+                let meta = match &metas[i] {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.run
+                            .summary_mut()
+                            .errors
+                            .push(format!("{}: {e}", path.display()));
+                        continue;
+                    }
+                };
+                let c = std::mem::replace(&mut cached[i], Cached::None);
+                match self.node(&path, &rels[i], name.as_bytes(), meta, c) {
+                    Ok(Some(n)) => nodes.push(n),
+                    Ok(None) => {}
+                    Err(e)
+                        if e.downcast_ref::<SourceError>().is_some()
+                            || e.downcast_ref::<std::io::Error>().is_some() =>
+                    {
+                        self.run
+                            .summary_mut()
+                            .errors
+                            .push(format!("{}: {e}", path.display()));
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
         }
         self.run.add_tree(&Tree { v: 1, nodes })
     }
 
-    fn node(&mut self, path: &Path, rel: &[u8], name: &[u8]) -> crate::error::Result<Option<Node>> {
+    /// The file cache's answer for each entry of a window: one lookup for
+    /// the window's files, then one check of the chunks of those whose
+    /// stat facts match (see [`BackupRun::reuse_cached_files`]). A later
+    /// name of a hard-linked inode is left out: it is recorded as a link.
+    fn look_up(
+        &mut self,
+        rels: &[Vec<u8>],
+        metas: &[std::io::Result<fs::Metadata>],
+    ) -> crate::error::Result<Vec<Cached>> {
+        let mut seen = std::collections::HashSet::new();
+        let files: Vec<usize> = (0..rels.len())
+            .filter(|&i| match &metas[i] {
+                Ok(m) if m.file_type().is_file() => {
+                    m.nlink() <= 1
+                        || (!self.links.contains_key(&(m.dev(), m.ino()))
+                            && seen.insert((m.dev(), m.ino())))
+                }
+                _ => false,
+            })
+            .collect();
+        let mut out: Vec<Cached> = rels.iter().map(|_| Cached::None).collect();
+        if files.is_empty() {
+            return Ok(out);
+        }
+        let asked: Vec<&[u8]> = files.iter().map(|&i| &rels[i][..]).collect();
+        let entries = self.run.cached_files(&asked)?;
+        let mut matching = vec![];
+        for (&i, entry) in files.iter().zip(entries) {
+            let Some(entry) = entry else { continue };
+            let Ok(m) = &metas[i] else { continue };
+            if entry.facts == file_facts(m) {
+                matching.push((i, entry));
+            } else {
+                out[i] = Cached::Stale;
+            }
+        }
+        let batch: Vec<(&[u8], &crate::repo::backup::CachedFile)> =
+            matching.iter().map(|(i, e)| (&rels[*i][..], e)).collect();
+        let reused = self.run.reuse_cached_files(&batch)?;
+        for ((i, entry), ok) in matching.into_iter().zip(reused) {
+            out[i] = if ok {
+                Cached::Reused(entry.content)
+            } else {
+                Cached::Stale
+            };
+        }
+        Ok(out)
+    }
+
+    fn node(
+        &mut self,
+        path: &Path,
+        rel: &[u8],
+        name: &[u8],
+        meta: &fs::Metadata,
+        cached: Cached,
+    ) -> crate::error::Result<Option<Node>> {
         self.run.check_cancel()?;
-        let meta = fs::symlink_metadata(path)?;
         let ft = meta.file_type();
         let mut node = Node::new(
             name,
@@ -234,7 +329,7 @@ impl TreeWalker<'_, '_> {
             meta.mode(),
             meta.uid(),
             meta.gid(),
-            mtime_ns(&meta),
+            mtime_ns(meta),
         );
         if ft.is_dir() {
             node.node_type = NodeType::Dir;
@@ -256,7 +351,7 @@ impl TreeWalker<'_, '_> {
                 self.links.insert((meta.dev(), meta.ino()), rel.to_vec());
             }
             let mut size = meta.len();
-            node.content = self.file(path, rel, &meta, &mut size)?;
+            node.content = self.file(path, rel, meta, cached, &mut size)?;
             node.size = size;
             self.run.summary_mut().bytes_total += size;
         } else {
@@ -286,21 +381,23 @@ impl TreeWalker<'_, '_> {
         path: &Path,
         rel: &[u8],
         meta: &fs::Metadata,
+        cached: Cached,
         size: &mut u64,
     ) -> crate::error::Result<Vec<ContentRef>> {
         let facts = file_facts(meta);
-        let cached = self.run.cached_file(rel)?;
-        if let Some(c) = &cached {
-            if c.facts == facts && self.run.reuse_cached_file(rel, c)? {
+        let cached = match cached {
+            Cached::Reused(content) => {
                 self.run.summary_mut().files_unchanged += 1;
-                return Ok(c.content.clone());
+                return Ok(content);
             }
-        }
+            Cached::Stale => true,
+            Cached::None => false,
+        };
         let mut f = fs::File::open(path).map_err(|e| SourceError(format!("cannot open: {e}")))?;
         let kind = self.choice.for_path(path);
         let read = self.read_stable(&mut f, path, kind, facts)?;
         *size = read.bytes;
-        if cached.is_some() {
+        if cached {
             self.run.summary_mut().files_changed += 1;
         } else {
             self.run.summary_mut().files_new += 1;

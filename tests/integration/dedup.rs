@@ -171,3 +171,116 @@ fn file_cache_entries_are_marked_rarely_and_dropped_when_stale() {
         "re-used entries are marked again: {now:?}"
     );
 }
+
+/// Re-using a file cache entry without looking up its chunks is right
+/// only while the catalog has lost no blob and marked no pack since the
+/// entry was written: a pack this catalog marks, and packs another host's
+/// prune deletes (this catalog reloads the index it replaced), make the
+/// files be read again, and the snapshot is whole.
+#[test]
+fn a_file_whose_chunks_prune_marked_or_deleted_is_read_again() {
+    let env = Env::new();
+    let src = env.path("src");
+    let other = env.path("other");
+    write(&src.join("a"), &noise(200_000, 31));
+    write(&src.join("b"), &noise(200_000, 32));
+    write(&other.join("c"), &noise(1_000, 33));
+    let forget_src = |env: &Env, extra: &[&str]| {
+        // The host's newest snapshot (other's) stays; src's go, while the
+        // file cache keeps src's entries.
+        env.backup(&other);
+        let mut args = vec!["forget", "--keep-last", "1", "--group-by", "host"];
+        args.extend_from_slice(extra);
+        env.ok(&args);
+    };
+    assert_eq!(env.backup(&src)["summary"]["files-new"], 2);
+    assert_eq!(env.backup(&src)["summary"]["files-unchanged"], 2);
+    // This catalog's prune marks the packs of a and b.
+    forget_src(&env, &[]);
+    env.ok(&["prune", "--grace", "0s"]);
+    let v = env.backup(&src);
+    assert_eq!(v["summary"]["files-changed"], 2, "{v}");
+    assert_eq!(env.backup(&src)["summary"]["files-unchanged"], 2);
+    // Another host's catalog forgets and prunes (marks, then deletes).
+    let elsewhere = env.path("other-host-cache");
+    let elsewhere = elsewhere.to_str().unwrap();
+    forget_src(&env, &["--cache-dir", elsewhere]);
+    env.ok(&["prune", "--grace", "0s", "--cache-dir", elsewhere]);
+    env.ok(&["prune", "--grace", "0s", "--cache-dir", elsewhere]);
+    let v = env.backup(&src);
+    assert_eq!(v["summary"]["files-changed"], 2, "{v}");
+    // (The forget elsewhere is acknowledged; check reports it otherwise.)
+    env.ok(&["catalog", "rebuild"]);
+    env.ok_restore(&["check", "--read-data"]);
+    let target = env.path("out");
+    env.ok_restore(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_same_tree(&src, &target);
+}
+
+/// A run that was killed may have cached files whose chunks it never
+/// stored: the next run looks them up (and reads the file again). The
+/// entries of a run that finished are re-used without a lookup (a finished
+/// run stored every chunk it cached; here the chunk is made up, which is
+/// how the test sees that no lookup was made).
+#[test]
+fn entries_of_a_killed_run_are_looked_up_and_a_finished_runs_are_not() {
+    use labctl::repo::backup::{BackupOptions, BackupRun};
+    use labctl::repo::catalog::FileFacts;
+    use labctl::repo::tree::ContentRef;
+    let env = Env::new();
+    // Each run in a process of its own: a repository opened for it.
+    let open = || {
+        labctl::repo::Repository::open(
+            std::sync::Arc::new(labctl::backend::fs::FsBackend::new(&env.repo)),
+            labctl::repo::keys::Keys::load(&env.backup_key).unwrap(),
+            &env.cache,
+        )
+        .unwrap()
+    };
+    let facts = FileFacts {
+        size: 5,
+        mtime_ns: 1,
+        ctime_ns: 2,
+        ino: 3,
+    };
+    // A chunk no pack holds, as a run killed before storing it leaves.
+    let never_stored = [ContentRef::Chunk(labctl::repo::Id([7; 32]))];
+    let hidden = labctl::util::progress::Progress::hidden;
+    let reused = |run: &mut BackupRun<'_>| {
+        let cached = run.cached_files(&[b"f"]).unwrap().pop().flatten().unwrap();
+        run.reuse_cached_files(&[(b"f", &cached)]).unwrap()[0]
+    };
+    for finished in [false, true] {
+        let source = format!("finished={finished}");
+        let repo = open();
+        let mut run = BackupRun::start(&repo, 1, hidden()).unwrap();
+        run.use_file_cache(&source).unwrap();
+        run.cache_file(b"f", &facts, &never_stored).unwrap();
+        if finished {
+            let empty = labctl::repo::tree::Tree {
+                v: 1,
+                nodes: vec![],
+            };
+            let root = run.add_tree(&empty).unwrap();
+            let src = labctl::repo::snapshot::Source {
+                kind: "path".into(),
+                name: source.clone(),
+            };
+            run.finish(
+                src,
+                root,
+                &BackupOptions::default(),
+                std::time::Instant::now(),
+            )
+            .unwrap();
+        } else {
+            // Killed after its batch of entries was committed.
+            drop(run);
+            repo.catalog.commit().unwrap();
+        }
+        let repo = open();
+        let mut next = BackupRun::start(&repo, 1, hidden()).unwrap();
+        next.use_file_cache(&source).unwrap();
+        assert_eq!(reused(&mut next), finished, "{source}");
+    }
+}
