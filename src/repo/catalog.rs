@@ -1272,17 +1272,22 @@ mod tests {
         assert!(c.has_blob(&Id([1; 32])).unwrap());
     }
 
-    #[test]
-    fn many_lookups_choose_the_copy_one_lookup_chooses() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = Catalog::open(&dir.path().join("c.db")).unwrap();
-        let entry = |b: u8, offset: u32| PackEntry {
+    /// A data blob `[b; 32]` at `offset`, as a pack's trailer lists it.
+    fn data_entry(b: u8, offset: u32) -> PackEntry {
+        PackEntry {
             kind: BlobKind::Data,
             id: Id([b; 32]),
             offset,
             length: 10,
             raw_len: 20,
-        };
+        }
+    }
+
+    #[test]
+    fn many_lookups_choose_the_copy_one_lookup_chooses() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.db")).unwrap();
+        let entry = data_entry;
         // Blob 1 in packs 3, 4 and 5; blob 2 in pack 4 only.
         c.add_pack(&Id([3; 32]), 100, None, &[entry(1, 8)]).unwrap();
         c.add_pack(&Id([4; 32]), 100, None, &[entry(1, 18), entry(2, 28)])
@@ -1310,13 +1315,7 @@ mod tests {
     fn presence_of_many_is_what_has_blob_says_of_each() {
         let dir = tempfile::tempdir().unwrap();
         let c = Catalog::open(&dir.path().join("c.db")).unwrap();
-        let entry = |b: u8| PackEntry {
-            kind: BlobKind::Data,
-            id: Id([b; 32]),
-            offset: 8,
-            length: 10,
-            raw_len: 20,
-        };
+        let entry = |b: u8| data_entry(b, 8);
         // Blob 1 in packs 3 and 4, blob 2 in pack 4, blob 6 in pack 5.
         c.add_pack(&Id([3; 32]), 100, None, &[entry(1)]).unwrap();
         c.add_pack(&Id([4; 32]), 100, None, &[entry(1), entry(2)])
@@ -1359,13 +1358,7 @@ mod tests {
     fn losing_or_marking_blobs_and_unfinished_runs_withdraw_the_trust() {
         let dir = tempfile::tempdir().unwrap();
         let c = Catalog::open(&dir.path().join("c.db")).unwrap();
-        let entry = |b: u8| PackEntry {
-            kind: BlobKind::Data,
-            id: Id([b; 32]),
-            offset: 8,
-            length: 10,
-            raw_len: 20,
-        };
+        let entry = |b: u8| data_entry(b, 8);
         c.add_pack(&Id([3; 32]), 100, None, &[entry(1)]).unwrap();
         c.add_pack(&Id([4; 32]), 100, None, &[entry(2)]).unwrap();
         let run = || {
@@ -1377,64 +1370,71 @@ mod tests {
         let r = run();
         assert_eq!((first.run, r.run), (1, 2));
         assert!(r.trusted_after < first.run, "{r:?}");
-        let still = |r: &CacheRun, last: &CacheRun| {
-            assert_eq!(r.trusted_after, last.trusted_after, "{r:?} after {last:?}")
+        // Each change, and whether a run after it trusts less than the run
+        // before it did: the marks loaded again or fewer, no; a new mark,
+        // yes; removed packs only when blobs went; a reload of the whole
+        // index, yes; a deletion or a mark made without labctl's functions
+        // (an earlier labctl's), yes: the triggers see it.
+        let reload = || {
+            c.atomically(|| {
+                c.begin_bulk_index()?;
+                c.add_pack_bulk(&Id([3; 32]), 100, &Id([7; 32]), &[entry(1)])?;
+                c.finish_bulk_index()
+            })
         };
-        let lost = |r: &CacheRun, last: &CacheRun| {
-            assert_eq!(r.trusted_after, last.run, "{r:?} after {last:?}")
-        };
-        // Marks: a new one withdraws the trust, the same again or fewer do not.
-        c.set_marks(&[]).unwrap();
-        let (last, r) = (r, run());
-        still(&r, &last);
-        c.set_marks(&[Id([3; 32])]).unwrap();
-        let (last, r) = (r, run());
-        lost(&r, &last);
-        c.set_marks(&[Id([3; 32])]).unwrap();
-        let (last, r) = (r, run());
-        still(&r, &last);
-        c.set_marks(&[]).unwrap();
-        let (last, r) = (r, run());
-        still(&r, &last);
-        // Removed packs: only when blobs went.
-        c.remove_packs(&[Id([9; 32])]).unwrap();
-        let (last, r) = (r, run());
-        still(&r, &last);
-        c.remove_packs(&[Id([4; 32])]).unwrap();
-        let (last, r) = (r, run());
-        lost(&r, &last);
-        // A reload of the whole index.
-        c.atomically(|| {
-            c.begin_bulk_index()?;
-            c.add_pack_bulk(&Id([3; 32]), 100, &Id([7; 32]), &[entry(1)])?;
-            c.finish_bulk_index()
-        })
-        .unwrap();
-        let (last, r) = (r, run());
-        lost(&r, &last);
-        // A deletion or a mark made without labctl's functions (an
-        // earlier labctl's): the triggers see it.
-        c.conn
-            .execute("DELETE FROM blobs WHERE id=?1", [&[1u8; 32][..]])
-            .unwrap();
-        let (last, r) = (r, run());
-        lost(&r, &last);
-        c.conn
-            .execute("INSERT INTO marked_packs(id) VALUES(?1)", [&[4u8; 32][..]])
-            .unwrap();
-        let (last, r) = (r, run());
-        lost(&r, &last);
+        let raw = |sql: &str, id: u8| c.conn.execute(sql, [&[id; 32][..]]).map(|_| ());
+        type Change<'a> = Box<dyn Fn() -> crate::error::Result<()> + 'a>;
+        let changes: Vec<(&str, Change<'_>, bool)> = vec![
+            ("no marks", Box::new(|| c.set_marks(&[])), false),
+            ("a new mark", Box::new(|| c.set_marks(&[Id([3; 32])])), true),
+            (
+                "the same mark",
+                Box::new(|| c.set_marks(&[Id([3; 32])])),
+                false,
+            ),
+            ("a mark taken away", Box::new(|| c.set_marks(&[])), false),
+            (
+                "an unknown pack removed",
+                Box::new(|| c.remove_packs(&[Id([9; 32])])),
+                false,
+            ),
+            (
+                "a pack removed",
+                Box::new(|| c.remove_packs(&[Id([4; 32])])),
+                true,
+            ),
+            ("a reload", Box::new(reload), true),
+            (
+                "a raw delete",
+                Box::new(|| Ok(raw("DELETE FROM blobs WHERE id=?1", 1)?)),
+                true,
+            ),
+            (
+                "a raw mark",
+                Box::new(|| Ok(raw("INSERT INTO marked_packs(id) VALUES(?1)", 4)?)),
+                true,
+            ),
+        ];
+        let mut last = r;
+        for (what, change, loses) in changes {
+            change().unwrap();
+            let r = run();
+            let want = if loses { last.run } else { last.trusted_after };
+            assert_eq!(r.trusted_after, want, "{what}: {r:?} after {last:?}");
+            last = r;
+        }
+        let r = last;
         // A catalog without the triggers (an earlier labctl's) is noted
         // at open.
         c.conn
             .execute_batch("DROP TRIGGER blobs_lost; DROP TRIGGER packs_marked;")
             .unwrap();
         let (last, r) = (r, run());
-        still(&r, &last);
+        assert_eq!(r.trusted_after, last.trusted_after);
         let c = Catalog::open(&dir.path().join("c.db")).unwrap();
         let r2 = c.file_cache_run_start().unwrap();
         c.file_cache_run_end(r2.run).unwrap();
-        lost(&r2, &r);
+        assert_eq!(r2.trusted_after, r.run);
         // A run that never ends (killed): later runs do not trust its
         // entries, however many finish meanwhile; those of the runs
         // around it they do.
