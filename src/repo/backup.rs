@@ -515,12 +515,9 @@ impl<'r> BackupRun<'r> {
         &mut self,
         rels: &[P],
     ) -> crate::error::Result<Vec<Option<CachedFile>>> {
-        let Some((source, _)) = self.file_cache.clone() else {
+        let Some((source, _)) = self.file_cache.clone().filter(|_| !self.file_cache_empty) else {
             return Ok(rels.iter().map(|_| None).collect());
         };
-        if self.file_cache_empty {
-            return Ok(rels.iter().map(|_| None).collect());
-        }
         self.read_op()?;
         Ok(self
             .catalog()
@@ -571,6 +568,7 @@ impl<'r> BackupRun<'r> {
             self.read_op()?;
             self.catalog().blobs_present(ask)?
         };
+        let cache = self.file_cache.clone();
         let mut reused = Vec::with_capacity(files.len());
         for (rel, cached) in files {
             let vouched = trusted(cached);
@@ -583,10 +581,10 @@ impl<'r> BackupRun<'r> {
             if !whole {
                 continue;
             }
-            if let Some((source, run_id)) = self.file_cache.clone() {
-                if !vouched || cached.run + FILE_CACHE_TOUCH_AFTER <= run_id {
+            if let Some((source, run_id)) = &cache {
+                if !vouched || cached.run + FILE_CACHE_TOUCH_AFTER <= *run_id {
                     self.tx_op()?;
-                    self.catalog().file_cache_touch(&source, rel, run_id)?;
+                    self.catalog().file_cache_touch(source, rel, *run_id)?;
                 }
             }
             for c in &cached.content {

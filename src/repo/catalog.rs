@@ -21,7 +21,22 @@ use std::path::{Path, PathBuf};
 
 const SCHEMA_VERSION: i64 = 2;
 
-const SCHEMA: &str = "
+/// Moves meta `blobs-lost-run` ([`BLOBS_LOST_RUN`]) to the run counter's
+/// value ([`LAST_RUN`]), inserting it when missing: the statements of the
+/// loss triggers in [`SCHEMA`] and of [`note_blobs_lost`]. No OR REPLACE:
+/// inside a trigger, an outer INSERT OR IGNORE would turn it into OR IGNORE.
+macro_rules! note_lost_sql {
+    () => {
+        "UPDATE meta SET value=COALESCE((SELECT value FROM meta WHERE key='last-run'), '0')
+    WHERE key='blobs-lost-run';
+INSERT INTO meta(key,value)
+    SELECT 'blobs-lost-run', COALESCE((SELECT value FROM meta WHERE key='last-run'), '0')
+    WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key='blobs-lost-run');"
+    };
+}
+
+const SCHEMA: &str = concat!(
+    "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS packs(id BLOB PRIMARY KEY, size INTEGER NOT NULL, index_id BLOB) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blobs(id BLOB NOT NULL, pack BLOB NOT NULL, kind INTEGER NOT NULL,
@@ -38,25 +53,21 @@ CREATE TABLE IF NOT EXISTS file_cache(source TEXT NOT NULL, path BLOB NOT NULL, 
 CREATE TABLE IF NOT EXISTS damaged_index(id BLOB PRIMARY KEY, why TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS vanished(id BLOB PRIMARY KEY, json TEXT NOT NULL, noticed TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs_open(run INTEGER PRIMARY KEY);
--- (No OR REPLACE in the triggers' statements: an outer INSERT OR IGNORE
--- would turn it into OR IGNORE.)
 CREATE TRIGGER IF NOT EXISTS blobs_lost AFTER DELETE ON blobs BEGIN
-    UPDATE meta SET value=COALESCE((SELECT value FROM meta WHERE key='last-run'), '0')
-        WHERE key='blobs-lost-run';
-    INSERT INTO meta(key,value)
-        SELECT 'blobs-lost-run', COALESCE((SELECT value FROM meta WHERE key='last-run'), '0')
-        WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key='blobs-lost-run');
+",
+    note_lost_sql!(),
+    "
 END;
 CREATE TRIGGER IF NOT EXISTS packs_marked AFTER INSERT ON marked_packs BEGIN
-    UPDATE meta SET value=COALESCE((SELECT value FROM meta WHERE key='last-run'), '0')
-        WHERE key='blobs-lost-run';
-    INSERT INTO meta(key,value)
-        SELECT 'blobs-lost-run', COALESCE((SELECT value FROM meta WHERE key='last-run'), '0')
-        WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key='blobs-lost-run');
+",
+    note_lost_sql!(),
+    "
 END;
-";
+"
+);
 
-/// Meta key: the backup run counter (see [`Catalog::file_cache_run_start`]).
+/// Meta key: the backup run counter (see [`Catalog::file_cache_run_start`];
+/// spelled out in `note_lost_sql!`).
 const LAST_RUN: &str = "last-run";
 /// Meta key: the run counter's value when the catalog last lost a blob
 /// (packs removed, the index reloaded) or marked a pack for deletion. Kept
@@ -64,7 +75,7 @@ const LAST_RUN: &str = "last-run";
 /// [`SCHEMA`]), so whatever deletes a blob row or adds a mark, whichever
 /// labctl it is, moves it; a reload drops the table and notes it itself,
 /// and a catalog found without the trigger (made or reloaded by an
-/// earlier labctl) is noted at open.
+/// earlier labctl) is noted at open. (Spelled out in `note_lost_sql!`.)
 const BLOBS_LOST_RUN: &str = "blobs-lost-run";
 
 /// What a backup run that uses the file cache starts with
@@ -169,11 +180,7 @@ const INSERT_BLOB: &str =
 /// trusted without a lookup of their chunks (see [`CacheRun`]); what the
 /// triggers do, for the changes no trigger sees.
 fn note_blobs_lost(conn: &Connection) -> crate::error::Result<()> {
-    conn.execute(
-        "INSERT OR REPLACE INTO meta(key,value)
-         SELECT ?1, COALESCE((SELECT value FROM meta WHERE key=?2), '0')",
-        [BLOBS_LOST_RUN, LAST_RUN],
-    )?;
+    conn.execute_batch(note_lost_sql!())?;
     Ok(())
 }
 
@@ -1114,15 +1121,7 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn file_cache_get(
-        &self,
-        source: &str,
-        path: &[u8],
-    ) -> crate::error::Result<Option<CacheEntry>> {
-        Ok(self.file_cache_get_many(source, &[path])?.pop().flatten())
-    }
-
-    /// [`Catalog::file_cache_get`] for several paths of one source, in the
+    /// The file cache entries of several paths of one source, in the
     /// order given, with one prepared statement in one read transaction (a
     /// backup asks for a directory's files at once).
     ///
@@ -1263,9 +1262,15 @@ mod tests {
             ino: 4,
         };
         c.file_cache_put("s", b"a/b", &f, b"xx", 1).unwrap();
-        assert_eq!(c.file_cache_get("s", b"a/b").unwrap().unwrap().0, f);
+        let get = |c: &Catalog| {
+            c.file_cache_get_many("s", &[b"a/b"])
+                .unwrap()
+                .pop()
+                .flatten()
+        };
+        assert_eq!(get(&c).unwrap().0, f);
         c.file_cache_prune("s", 2).unwrap();
-        assert!(c.file_cache_get("s", b"a/b").unwrap().is_none());
+        assert!(get(&c).is_none());
         drop(c);
         // Reopen keeps data.
         let c = Catalog::open(&dir.path().join("c.db")).unwrap();

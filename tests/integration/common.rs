@@ -116,6 +116,16 @@ impl Env {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Opens the repository through the library with the backup key.
+    pub fn open_lib(&self) -> labctl::repo::Repository {
+        labctl::repo::Repository::open(
+            std::sync::Arc::new(labctl::backend::fs::FsBackend::new(&self.repo)),
+            labctl::repo::keys::Keys::load(&self.backup_key).unwrap(),
+            &self.cache,
+        )
+        .unwrap()
+    }
+
     pub fn packs(&self) -> Vec<PathBuf> {
         list_files(&self.repo.join("packs"))
     }

@@ -228,15 +228,6 @@ fn entries_of_a_killed_run_are_looked_up_and_a_finished_runs_are_not() {
     use labctl::repo::catalog::FileFacts;
     use labctl::repo::tree::ContentRef;
     let env = Env::new();
-    // Each run in a process of its own: a repository opened for it.
-    let open = || {
-        labctl::repo::Repository::open(
-            std::sync::Arc::new(labctl::backend::fs::FsBackend::new(&env.repo)),
-            labctl::repo::keys::Keys::load(&env.backup_key).unwrap(),
-            &env.cache,
-        )
-        .unwrap()
-    };
     let facts = FileFacts {
         size: 5,
         mtime_ns: 1,
@@ -252,7 +243,8 @@ fn entries_of_a_killed_run_are_looked_up_and_a_finished_runs_are_not() {
     };
     for finished in [false, true] {
         let source = format!("finished={finished}");
-        let repo = open();
+        // Each run in a process of its own: a repository opened for it.
+        let repo = env.open_lib();
         let mut run = BackupRun::start(&repo, 1, hidden()).unwrap();
         run.use_file_cache(&source).unwrap();
         run.cache_file(b"f", &facts, &never_stored).unwrap();
@@ -278,7 +270,8 @@ fn entries_of_a_killed_run_are_looked_up_and_a_finished_runs_are_not() {
             drop(run);
             repo.catalog.commit().unwrap();
         }
-        let repo = open();
+        // Each run in a process of its own: a repository opened for it.
+        let repo = env.open_lib();
         let mut next = BackupRun::start(&repo, 1, hidden()).unwrap();
         next.use_file_cache(&source).unwrap();
         assert_eq!(reused(&mut next), finished, "{source}");

@@ -234,16 +234,6 @@ fn an_impossible_config_is_refused_even_with_an_old_key_file() {
     env.ok(&["backup", "path", src.to_str().unwrap()]);
 }
 
-/// Opens the env's repository through the library with the backup key.
-fn open_lib(env: &Env) -> labctl::repo::Repository {
-    labctl::repo::Repository::open(
-        std::sync::Arc::new(labctl::backend::fs::FsBackend::new(&env.repo)),
-        labctl::repo::keys::Keys::load(&env.backup_key).unwrap(),
-        &env.cache,
-    )
-    .unwrap()
-}
-
 #[test]
 fn a_catalog_resync_never_shows_another_reader_an_empty_index() {
     let env = Env::new();
@@ -253,7 +243,7 @@ fn a_catalog_resync_never_shows_another_reader_an_empty_index() {
     }
     env.backup(&src);
     let chunks = {
-        let r = open_lib(&env);
+        let r = env.open_lib();
         let id = r.resolve_snapshot("latest").unwrap();
         r.load_snapshot(&id).unwrap().1
     };
@@ -264,14 +254,14 @@ fn a_catalog_resync_never_shows_another_reader_an_empty_index() {
         s.spawn(|| {
             // Another process's view of the same cache, reloading its index
             // as it does when prune replaced fragments.
-            let w = open_lib(&env);
+            let w = env.open_lib();
             for _ in 0..40 {
                 w.sync_index(true).unwrap();
             }
             stop.store(true, Ordering::SeqCst);
         });
         s.spawn(|| {
-            let r = open_lib(&env);
+            let r = env.open_lib();
             while !stop.load(Ordering::SeqCst) {
                 for c in &chunks {
                     if r.catalog.blob(c).unwrap().is_none() {
@@ -341,12 +331,7 @@ fn url_typos_and_credentials_in_repository_urls_are_refused() {
 fn crafted_snapshot(env: &Env, nodes: serde_json::Value, data: &[u8]) {
     use labctl::repo::backup::{BackupOptions, BackupRun};
     use labctl::repo::blob::BlobKind;
-    let repo = labctl::repo::Repository::open(
-        std::sync::Arc::new(labctl::backend::fs::FsBackend::new(&env.repo)),
-        labctl::repo::keys::Keys::load(&env.backup_key).unwrap(),
-        &env.cache,
-    )
-    .unwrap();
+    let repo = env.open_lib();
     let mut run = BackupRun::start(&repo, 1, labctl::util::progress::Progress::hidden()).unwrap();
     let chunk = run.add_chunk(BlobKind::Data, data.to_vec(), 3).unwrap();
     let text = serde_json::json!({"v": 1, "nodes": nodes})
@@ -479,7 +464,7 @@ fn prune_removes_what_killed_backups_leave_after_the_grace_period() {
     {
         let dir = env.path("src2");
         write(&dir.join("lost"), &noise(3 << 20, 9));
-        let repo = open_lib(&env);
+        let repo = env.open_lib();
         let out = labctl::sources::path::backup_path(
             &repo,
             &dir,
@@ -709,7 +694,7 @@ fn hard_links_are_recorded_once_and_restored_as_links() {
 
 /// The packs holding only directory listings, read from the catalog.
 fn tree_packs(env: &Env) -> Vec<std::path::PathBuf> {
-    let repo = open_lib(env);
+    let repo = env.open_lib();
     env.packs()
         .into_iter()
         .filter(|p| {
