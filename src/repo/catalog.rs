@@ -942,37 +942,50 @@ impl Catalog {
 
     /// The blobs with IDs in `[lo, hi)` (no upper end when `hi` is `None`),
     /// in ID order, each with how many of its copies are in a pack for
-    /// which `stored` is true and whether it is a tree blob. `stored` sees
-    /// the pack of every row.
+    /// which `stored` says so and whether it is a tree blob. `stored` is
+    /// given the packs of the rows a batch at a time, and fills the
+    /// second argument with one answer per pack.
     pub fn blob_copies_in_range(
         &self,
         lo: &Id,
         hi: Option<&Id>,
-        stored: &mut dyn FnMut(&Id) -> bool,
+        stored: &mut dyn FnMut(&[Id], &mut Vec<bool>),
     ) -> crate::error::Result<Vec<BlobCopies>> {
+        const BATCH: usize = 256;
         let hi = hi.map_or(vec![0xffu8; 33], |h| h.0.to_vec());
         let mut st = self
             .conn
             .prepare_cached("SELECT id,pack,kind FROM blobs WHERE id>=?1 AND id<?2 ORDER BY id")?;
         let mut rows = st.query(params![&lo.0[..], &hi[..]])?;
         let mut out: Vec<BlobCopies> = vec![];
-        while let Some(r) = rows.next()? {
-            let id = r.get_ref(0)?.as_blob()?;
-            let pack = Id::from_slice(r.get_ref(1)?.as_blob()?).unwrap_or(Id([0; 32]));
-            let here = u8::from(stored(&pack));
-            let tree = r.get::<_, u8>(2)? == BlobKind::Tree as u8;
-            match out.last_mut() {
-                Some(last) if last.id.0[..] == *id => {
-                    last.stored = last.stored.saturating_add(here);
-                    last.tree |= tree;
+        let (mut ids, mut packs, mut here) = (vec![], vec![], vec![]);
+        let mut add = |ids: &mut Vec<(Id, bool)>, packs: &mut Vec<Id>| {
+            stored(packs, &mut here);
+            for ((id, tree), here) in ids.drain(..).zip(&here) {
+                let here = u8::from(*here);
+                match out.last_mut() {
+                    Some(last) if last.id == id => {
+                        last.stored = last.stored.saturating_add(here);
+                        last.tree |= tree;
+                    }
+                    _ => out.push(BlobCopies {
+                        id,
+                        stored: here,
+                        tree,
+                    }),
                 }
-                _ => out.push(BlobCopies {
-                    id: Id::from_slice(id).unwrap_or(Id([0; 32])),
-                    stored: here,
-                    tree,
-                }),
+            }
+            packs.clear();
+        };
+        while let Some(r) = rows.next()? {
+            let id = Id::from_slice(r.get_ref(0)?.as_blob()?).unwrap_or(Id([0; 32]));
+            packs.push(Id::from_slice(r.get_ref(1)?.as_blob()?).unwrap_or(Id([0; 32])));
+            ids.push((id, r.get::<_, u8>(2)? == BlobKind::Tree as u8));
+            if ids.len() == BATCH {
+                add(&mut ids, &mut packs);
             }
         }
+        add(&mut ids, &mut packs);
         Ok(out)
     }
 

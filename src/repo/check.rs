@@ -149,8 +149,10 @@ fn check_in_ranges(
     let ranges = id_ranges(total, range_blobs);
     let mut missing: HashMap<Id, u64> = HashMap::new();
     let mut single_trees = 0u64;
-    // Blobs per pack, counted on the way for the catalog check below.
-    let mut counts: HashMap<Id, usize> = HashMap::new();
+    // Whether each pack is in storage, and its blobs counted on the way
+    // for the catalog check below.
+    let catalog_packs = repo.catalog.packs()?;
+    let mut facts = PackFacts::new(&listed, &catalog_packs);
     let mut snapshot_errors = vec![];
     // With several ranges, the first pass decrypts each snapshot once and
     // spills its sorted list to an unlinked temporary file beside the
@@ -163,10 +165,10 @@ fn check_in_ranges(
     let mut parts: HashMap<Id, (u64, Vec<usize>)> = HashMap::new();
     for (pass, lo) in ranges.iter().enumerate() {
         let hi = ranges.get(pass + 1);
-        let copies = repo.catalog.blob_copies_in_range(lo, hi, &mut |p| {
-            *counts.entry(*p).or_default() += 1;
-            listed.contains_key(p)
-        })?;
+        let copies = repo
+            .catalog
+            .blob_copies_in_range(lo, hi, &mut |packs, stored| facts.rows_of(packs, stored))?;
+        let keys: Vec<u64> = copies.iter().map(|x| id_key(&x.id)).collect();
         // A used directory listing with one copy left, counted once.
         let mut single = vec![false; copies.len()];
         for row in &snaps {
@@ -201,16 +203,34 @@ fn check_in_ranges(
             };
             let mut at = 0;
             let mut absent = 0;
-            for c in &part {
-                at = gallop(&copies, at, c);
-                match copies.get(at) {
-                    Some(x) if x.id == *c && x.stored > 0 => {
-                        if x.tree && (x.stored as usize) < crate::repo::TREE_COPIES && !single[at] {
-                            single[at] = true;
-                            single_trees += 1;
-                        }
+            // Positions found a batch at a time from the keys, and the
+            // entries there fetched ahead before their whole IDs are
+            // compared: one entry per reference, each on its own cache
+            // line, was a quarter of a ten-million-blob check.
+            let mut found = Vec::with_capacity(64);
+            for batch in part.chunks(64) {
+                found.clear();
+                for c in batch {
+                    at = gallop(&keys, at, c);
+                    found.push(at);
+                    if let Some(x) = copies.get(at) {
+                        prefetch(x);
                     }
-                    _ => absent += 1,
+                }
+                for (c, &at) in batch.iter().zip(&found) {
+                    let at = settle(&keys, &copies, at, c);
+                    match copies.get(at) {
+                        Some(x) if x.id == *c && x.stored > 0 => {
+                            if x.tree
+                                && (x.stored as usize) < crate::repo::TREE_COPIES
+                                && !single[at]
+                            {
+                                single[at] = true;
+                                single_trees += 1;
+                            }
+                        }
+                        _ => absent += 1,
+                    }
                 }
             }
             if absent > 0 {
@@ -221,15 +241,13 @@ fn check_in_ranges(
     // Catalog against index, pack by pack.
     let mut in_catalog = std::collections::HashSet::new();
     let mut stale = vec![];
-    for (id, size, is_indexed) in repo.catalog.packs()? {
+    for (id, size, is_indexed) in catalog_packs {
         in_catalog.insert(id);
         match indexed.get(&id) {
-            Some(&(_, count)) if counts.get(&id).copied().unwrap_or(0) != count => {
-                rep.errors.push(format!(
+            Some(&(_, count)) if facts.rows(&id) != count => rep.errors.push(format!(
                 "catalog and index disagree on the blobs of pack {}; run `labctl catalog rebuild`",
                 id.hex()
-            ))
-            }
+            )),
             Some(_) => {}
             None if is_indexed => rep.errors.push(format!(
                 "catalog lists pack {} that no index fragment holds; run `labctl catalog rebuild`",
@@ -330,21 +348,196 @@ fn check_file_sizes(
     Ok(())
 }
 
-/// The first position at or after `from` whose ID is not below `c`, for
-/// IDs sorted ascending: an exponential then a binary search from `from`,
-/// so a sorted run of lookups reads the list nearly in order (a binary
-/// search over the whole list per lookup missed the CPU cache each time).
-fn gallop(copies: &[crate::repo::catalog::BlobCopies], from: usize, c: &Id) -> usize {
+/// The first position at or after `from` whose key is not below `c`'s,
+/// for IDs sorted ascending and `keys` their first 8 bytes as numbers
+/// ([`id_key`]): an exponential then a binary search from `from`, so a
+/// sorted run of lookups reads the keys nearly in order (a binary search
+/// over the whole list per lookup missed the CPU cache each time). The
+/// keys are a fifth of the entries' size and stay in the core's own cache;
+/// searching the 40-byte entries themselves (a cache line per step, a
+/// dozen steps per reference, and a `memcmp` call each) was more than
+/// half of a ten-million-blob check. [`settle`] finishes the search where
+/// keys tie.
+fn gallop(keys: &[u64], from: usize, c: &Id) -> usize {
+    let key = id_key(c);
     let (mut lo, mut step) = (from, 1);
-    while lo + step < copies.len() && copies[lo + step].id < *c {
+    while lo + step < keys.len() && keys[lo + step] < key {
         lo += step;
         step *= 2;
     }
-    let end = (lo + step + 1).min(copies.len());
+    let end = (lo + step + 1).min(keys.len());
     if lo >= end {
         return lo;
     }
-    lo + copies[lo..end].partition_point(|x| x.id < *c)
+    lo + keys[lo..end].partition_point(|&k| k < key)
+}
+
+/// From [`gallop`]'s position, the first whose whole ID is not below `c`.
+fn settle(
+    keys: &[u64],
+    copies: &[crate::repo::catalog::BlobCopies],
+    mut at: usize,
+    c: &Id,
+) -> usize {
+    let key = id_key(c);
+    while at < keys.len() && keys[at] == key && copies[at].id < *c {
+        at += 1;
+    }
+    at
+}
+
+/// An ID's first 8 bytes as a number: ordered as the IDs are, up to ties.
+fn id_key(id: &Id) -> u64 {
+    u64::from_be_bytes(id.0[..8].try_into().unwrap())
+}
+
+/// What `check` learns of each pack from the catalog's blob rows: whether
+/// storage holds it, and how many rows name it. It is asked once per row,
+/// in blob ID order, so the packs come at random: at ten million blobs,
+/// two hash maps keyed by the 32-byte ID (SipHash, and an entry out of
+/// the CPU cache in each) were a third of `check`. This is one
+/// open-addressing table of 128-bit ID prefixes with both facts in the
+/// slot, 24 bytes a slot (12 MiB for 312,504 packs, within the last-level
+/// cache), asked for a batch of rows at a time so the slots' loads
+/// overlap. Pack IDs are BLAKE3 hashes, so no two known packs share a
+/// prefix by chance; should two do, a map keyed by the whole ID serves
+/// instead. A row naming a pack neither the listing nor the catalog's
+/// pack table knows counts as not stored (unless its first 16 bytes are a
+/// known pack's: a second preimage of a BLAKE3 prefix, 2^128 work).
+struct PackFacts {
+    slots: Vec<PackSlot>,
+    shift: u32,
+    seed: u64,
+    exact: Option<HashMap<Id, PackSlot>>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct PackSlot {
+    key: [u64; 2],
+    rows: u32,
+    /// 0: an empty slot; 1: a known pack storage lacks; 2: a stored pack.
+    state: u32,
+}
+
+impl PackFacts {
+    /// The packs in `listed` (in storage) and in `catalog` (as
+    /// [`crate::repo::catalog::Catalog::packs`] returns them).
+    fn new(listed: &HashMap<Id, u64>, catalog: &[(Id, u64, bool)]) -> PackFacts {
+        let known: Vec<(Id, u32)> = listed
+            .keys()
+            .map(|id| (*id, 2))
+            .chain(
+                catalog
+                    .iter()
+                    .filter(|(id, _, _)| !listed.contains_key(id))
+                    .map(|(id, _, _)| (*id, 1)),
+            )
+            .collect();
+        let bits = (known.len() * 3 / 2)
+            .max(16)
+            .next_power_of_two()
+            .trailing_zeros();
+        let mut facts = PackFacts {
+            slots: vec![PackSlot::default(); 1 << bits],
+            shift: 64 - bits,
+            seed: rand::random(),
+            exact: None,
+        };
+        for (id, state) in &known {
+            let key = Self::prefix(id);
+            let at = facts.probe(facts.home(&key), &key);
+            if facts.slots[at].state != 0 {
+                // Two known packs share a prefix.
+                let slot = |state| PackSlot {
+                    state,
+                    ..Default::default()
+                };
+                facts.exact = Some(known.iter().map(|(id, s)| (*id, slot(*s))).collect());
+                facts.slots = vec![];
+                break;
+            }
+            facts.slots[at] = PackSlot {
+                key,
+                rows: 0,
+                state: *state,
+            };
+        }
+        facts
+    }
+
+    fn prefix(id: &Id) -> [u64; 2] {
+        let (a, b) = id.0[..16].split_at(8);
+        [
+            u64::from_le_bytes(a.try_into().unwrap()),
+            u64::from_le_bytes(b.try_into().unwrap()),
+        ]
+    }
+
+    /// The slot a probe for `key` starts at (seeded: crafted pack IDs
+    /// cannot pile onto one run of slots).
+    fn home(&self, key: &[u64; 2]) -> usize {
+        ((key[0] ^ self.seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+    }
+
+    /// The slot holding `key`, or the empty one where it would go.
+    fn probe(&self, mut at: usize, key: &[u64; 2]) -> usize {
+        while self.slots[at].state != 0 && self.slots[at].key != *key {
+            at = (at + 1) & (self.slots.len() - 1);
+        }
+        at
+    }
+
+    fn slot(&mut self, id: &Id, home: usize) -> Option<&mut PackSlot> {
+        if self.exact.is_some() {
+            return self.exact.as_mut().and_then(|e| e.get_mut(id));
+        }
+        let at = self.probe(home, &Self::prefix(id));
+        Some(&mut self.slots[at]).filter(|s| s.state != 0)
+    }
+
+    /// Counts catalog rows naming `packs`; sets `stored` to whether storage
+    /// holds each.
+    fn rows_of(&mut self, packs: &[Id], stored: &mut Vec<bool>) {
+        stored.clear();
+        if self.exact.is_some() {
+            for p in packs {
+                stored.push(self.slot(p, 0).is_some_and(|s| {
+                    s.rows += 1;
+                    s.state == 2
+                }));
+            }
+            return;
+        }
+        let homes: Vec<usize> = packs.iter().map(|p| self.home(&Self::prefix(p))).collect();
+        for &h in &homes {
+            prefetch(&self.slots[h]);
+        }
+        for (p, h) in packs.iter().zip(homes) {
+            stored.push(self.slot(p, h).is_some_and(|s| {
+                s.rows += 1;
+                s.state == 2
+            }));
+        }
+    }
+
+    /// How many rows named `pack`.
+    fn rows(&mut self, pack: &Id) -> usize {
+        let home = self.home(&Self::prefix(pack));
+        self.slot(pack, home).map_or(0, |s| s.rows as usize)
+    }
+}
+
+/// Asks the CPU to bring `t`'s cache line in (a hint; nothing elsewhere).
+fn prefetch<T>(t: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it reads nothing architecturally and
+    // cannot fault; the pointer comes from a reference.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((t as *const T).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = t;
 }
 
 /// Snapshot chunk lists written once and read back by range: an unlinked
@@ -398,10 +591,11 @@ impl Spill {
 }
 
 /// At most this many catalog blobs are held in memory at once by `check`
-/// (about 9 MiB: the range's list stays in the CPU cache while every
-/// snapshot's part is merged against it; with 2,000,000, memory bandwidth
-/// made the merge half of a ten-million-blob check).
-const RANGE_BLOBS: usize = 1 << 18;
+/// (about 2.5 MiB, and their keys 512 KiB, within a core's own cache while
+/// every snapshot's part is merged against them; with 2,000,000, memory
+/// bandwidth made the merge half of a ten-million-blob check, and with
+/// 262,144 the keys' binary searches missed that cache).
+const RANGE_BLOBS: usize = 1 << 16;
 
 /// Splits the ID space into ranges holding about `per` of `total` blobs
 /// each (IDs are hashes, so evenly spread); returns each range's lowest
@@ -640,19 +834,35 @@ mod tests {
 
     #[test]
     fn gallop_finds_the_first_id_not_below() {
+        // IDs whose first 8 bytes are b, and the rest b, b+1 or b+3 (keys tie).
+        let id = |head: u8, tail: u8| {
+            let mut id = [tail; 32];
+            id[..8].fill(head);
+            Id(id)
+        };
         let ids: Vec<BlobCopies> = (0..200u8)
             .step_by(3)
-            .map(|b| BlobCopies {
-                id: Id([b; 32]),
+            .flat_map(|b| [id(b, b), id(b, b + 1), id(b, b + 3)])
+            .map(|id| BlobCopies {
+                id,
                 stored: 1,
                 tree: false,
             })
             .collect();
+        let keys: Vec<u64> = ids.iter().map(|x| id_key(&x.id)).collect();
         for from in 0..ids.len() {
             for b in 0..=255u8 {
-                let c = Id([b; 32]);
-                let want = from + ids[from..].partition_point(|x| x.id < c);
-                assert_eq!(gallop(&ids, from, &c), want, "from {from}, id {b}");
+                for t in [
+                    b.wrapping_sub(1),
+                    b,
+                    b.saturating_add(1),
+                    b.saturating_add(2),
+                ] {
+                    let c = id(b, t);
+                    let want = from + ids[from..].partition_point(|x| x.id < c);
+                    let at = settle(&keys, &ids, gallop(&keys, from, &c), &c);
+                    assert_eq!(at, want, "from {from}, id {b}/{t}");
+                }
             }
         }
         assert_eq!(gallop(&[], 0, &Id([1; 32])), 0);
@@ -747,6 +957,59 @@ mod tests {
             "{:?}",
             one.warnings
         );
+    }
+
+    /// The pack table answers as maps keyed by the whole ID would, with
+    /// and without two known packs sharing a prefix (then the whole-ID
+    /// map serves); unknown packs are not stored and count nowhere.
+    #[test]
+    fn pack_facts_answer_as_maps_of_whole_ids() {
+        let id = |i: u32| Id(*blake3::hash(&i.to_le_bytes()).as_bytes());
+        let mut twin = id(7);
+        twin.0[31] ^= 1; // the same 128-bit prefix as pack 7
+        for with_twin in [false, true] {
+            let mut listed: HashMap<Id, u64> = (0..300).map(|i| (id(i), 1)).collect();
+            // The catalog knows 200..400: 300..400 are not in storage.
+            let catalog: Vec<(Id, u64, bool)> = (200..400).map(|i| (id(i), 1, true)).collect();
+            if with_twin {
+                listed.insert(twin, 1);
+            }
+            let mut facts = PackFacts::new(&listed, &catalog);
+            assert_eq!(facts.exact.is_some(), with_twin);
+            let mut want: HashMap<Id, usize> = HashMap::new();
+            let rows: Vec<u32> = (0..500).chain(0..40).chain(250..350).collect();
+            let mut stored = vec![];
+            for batch in rows.chunks(37) {
+                let packs: Vec<Id> = batch
+                    .iter()
+                    .map(|&i| {
+                        if with_twin && i % 50 == 0 {
+                            twin
+                        } else {
+                            id(i)
+                        }
+                    })
+                    .collect();
+                facts.rows_of(&packs, &mut stored);
+                assert_eq!(stored.len(), packs.len());
+                for (i, (p, s)) in batch.iter().zip(packs.iter().zip(&stored)) {
+                    assert_eq!(*s, listed.contains_key(p), "pack {i}");
+                    if listed.contains_key(p) || *i < 400 {
+                        *want.entry(*p).or_default() += 1;
+                    }
+                }
+            }
+            for i in 0..500 {
+                assert_eq!(
+                    facts.rows(&id(i)),
+                    want.get(&id(i)).copied().unwrap_or(0),
+                    "{i}"
+                );
+            }
+            if with_twin {
+                assert_eq!(facts.rows(&twin), want[&twin]);
+            }
+        }
     }
 
     #[test]
