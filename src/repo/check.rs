@@ -355,9 +355,9 @@ fn check_file_sizes(
 /// over the whole list per lookup missed the CPU cache each time). The
 /// keys are a fifth of the entries' size and stay in the core's own cache;
 /// searching the 40-byte entries themselves (a cache line per step, a
-/// dozen steps per reference, and a `memcmp` call each) was more than
-/// half of a ten-million-blob check. [`settle`] finishes the search where
-/// keys tie.
+/// dozen steps per reference, and a `memcmp` call each) was over a third
+/// of a ten-million-blob check. [`settle`] finishes the search where keys
+/// tie.
 fn gallop(keys: &[u64], from: usize, c: &Id) -> usize {
     let key = id_key(c);
     let (mut lo, mut step) = (from, 1);
