@@ -499,19 +499,16 @@ impl PackFacts {
     /// holds each.
     fn rows_of(&mut self, packs: &[Id], stored: &mut Vec<bool>) {
         stored.clear();
-        if self.exact.is_some() {
-            for p in packs {
-                stored.push(self.slot(p, 0).is_some_and(|s| {
-                    s.rows += 1;
-                    s.state == 2
-                }));
+        // The table's slots are fetched ahead (the whole-ID map has none).
+        let homes: Vec<usize> = if self.exact.is_some() {
+            vec![0; packs.len()]
+        } else {
+            let homes: Vec<usize> = packs.iter().map(|p| self.home(&Self::prefix(p))).collect();
+            for &h in &homes {
+                prefetch(&self.slots[h]);
             }
-            return;
-        }
-        let homes: Vec<usize> = packs.iter().map(|p| self.home(&Self::prefix(p))).collect();
-        for &h in &homes {
-            prefetch(&self.slots[h]);
-        }
+            homes
+        };
         for (p, h) in packs.iter().zip(homes) {
             stored.push(self.slot(p, h).is_some_and(|s| {
                 s.rows += 1;
