@@ -190,6 +190,9 @@ pub struct DirectWriter {
     /// End of the last write: the file's length (it was created empty).
     written_end: u64,
     direct: bool,
+    /// An owned chunk given to [`Self::write_vec`] while the buffer was
+    /// empty, not yet copied anywhere (see there).
+    held: Option<Vec<u8>>,
 }
 
 impl DirectWriter {
@@ -217,6 +220,7 @@ impl DirectWriter {
             offset: 0,
             written_end: 0,
             direct,
+            held: None,
         })
     }
 
@@ -234,7 +238,30 @@ impl DirectWriter {
     ///
     /// # Errors
     /// Write errors (a full disk among them).
-    pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        if let Some(held) = self.held.take() {
+            self.copy_in(&held)?;
+        }
+        self.copy_in(data)
+    }
+
+    /// Appends an owned chunk. A buffered writer whose buffer is empty
+    /// keeps the chunk as it is rather than copying it into the buffer:
+    /// when nothing follows (a small file's only chunk), [`Self::finish`]
+    /// hands it to the kernel straight from where it was decoded. In a
+    /// restore of a million small files that copy was 8 GiB of `memmove`.
+    ///
+    /// # Errors
+    /// Write errors (a full disk among them).
+    pub fn write_vec(&mut self, data: Vec<u8>) -> io::Result<()> {
+        if self.direct || self.len > 0 || self.held.is_some() {
+            return self.write(&data);
+        }
+        self.held = Some(data);
+        Ok(())
+    }
+
+    fn copy_in(&mut self, mut data: &[u8]) -> io::Result<()> {
         let cap = self.buf.layout.size();
         while !data.is_empty() {
             let n = (cap - self.len).min(data.len());
@@ -254,6 +281,9 @@ impl DirectWriter {
     /// Write errors.
     pub fn zeros(&mut self, mut n: u64) -> io::Result<()> {
         const Z: [u8; ALIGN] = [0u8; ALIGN];
+        if let Some(held) = self.held.take() {
+            self.copy_in(&held)?;
+        }
         let pad = ((ALIGN - self.len % ALIGN) % ALIGN) as u64;
         let take = pad.min(n);
         self.write(&Z[..take as usize])?;
@@ -276,6 +306,12 @@ impl DirectWriter {
     /// # Errors
     /// Write errors.
     pub fn finish(mut self, size: u64) -> io::Result<File> {
+        if let Some(held) = self.held.take() {
+            // Only ever held with an empty buffer (see `write_vec`).
+            self.file.write_all_at(&held, self.offset)?;
+            self.offset += held.len() as u64;
+            self.written_end = self.offset;
+        }
         if self.direct {
             let aligned = self.len / ALIGN * ALIGN;
             if aligned > 0 {
@@ -329,6 +365,63 @@ mod tests {
         }
     }
 
+    #[test]
+    fn owned_chunks_alone_or_followed_are_written_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let a: Vec<u8> = (0..5000u32).map(|k| (k % 251) as u8 | 1).collect();
+        let b: Vec<u8> = (0..70_000u32).map(|k| (k % 253) as u8 | 2).collect();
+        let zeros = |n: usize| vec![0u8; n];
+        type Step = fn(&mut DirectWriter, &[u8], &[u8]);
+        let cases: [(&str, Step, Vec<u8>); 5] = [
+            (
+                "alone",
+                |w, a, _| w.write_vec(a.to_vec()).unwrap(),
+                a.clone(),
+            ),
+            (
+                "then owned",
+                |w, a, b| {
+                    w.write_vec(a.to_vec()).unwrap();
+                    w.write_vec(b.to_vec()).unwrap();
+                },
+                [a.clone(), b.clone()].concat(),
+            ),
+            (
+                "then borrowed",
+                |w, a, b| {
+                    w.write_vec(a.to_vec()).unwrap();
+                    w.write(b).unwrap();
+                },
+                [a.clone(), b.clone()].concat(),
+            ),
+            (
+                "then zeros",
+                |w, a, _| {
+                    w.write_vec(a.to_vec()).unwrap();
+                    w.zeros(9000).unwrap();
+                },
+                [a.clone(), zeros(9000)].concat(),
+            ),
+            (
+                "after zeros",
+                |w, a, _| {
+                    w.zeros(8192).unwrap();
+                    w.write_vec(a.to_vec()).unwrap();
+                },
+                [zeros(8192), a.clone()].concat(),
+            ),
+        ];
+        for hint in [1000, 8 << 20] {
+            for (name, step, want) in &cases {
+                let p = dir.path().join(format!("{name}-{hint}"));
+                let mut w = DirectWriter::create_new(&p, hint).unwrap();
+                step(&mut w, &a, &b);
+                w.finish(want.len() as u64).unwrap();
+                assert_eq!(&std::fs::read(&p).unwrap(), want, "{name}, hint {hint}");
+            }
+        }
+    }
+
     fn write_one(dir: &Path, seed: u64, hint: u64, trailing: usize) {
         let mut expected = vec![];
         let p = dir.join(format!("f{seed}-{trailing}"));
@@ -344,8 +437,12 @@ mod tests {
                 expected.extend(std::iter::repeat_n(0u8, n));
             } else {
                 let d: Vec<u8> = (0..n).map(|k| (k as u64 ^ rng) as u8 | 1).collect();
-                w.write(&d).unwrap();
                 expected.extend_from_slice(&d);
+                if rng & (1 << 33) == 0 {
+                    w.write(&d).unwrap();
+                } else {
+                    w.write_vec(d).unwrap();
+                }
             }
         }
         w.zeros(trailing as u64).unwrap();

@@ -1200,19 +1200,20 @@ impl DirWriter {
                 }
                 match r {
                     Ok(d) => {
+                        let n = d.len() as u64;
                         // All-zero data becomes a hole, whatever chunker stored it.
                         if d.len() >= crate::util::directio::HOLE_MIN
                             && crate::util::directio::is_zero(&d)
                         {
                             cur.file.zeros(d.len() as u64)
                         } else {
-                            cur.file.write(&d)
+                            cur.file.write_vec(d)
                         }
                         .map_err(|e| {
                             LabError::storage(format!("writing {}: {e}", cur.tmp.display()))
                         })?;
-                        self.progress.add(d.len() as u64);
-                        self.summary.bytes += d.len() as u64;
+                        self.progress.add(n);
+                        self.summary.bytes += n;
                     }
                     Err(e) => cur.error = Some(format!("{e:#}")),
                 }
