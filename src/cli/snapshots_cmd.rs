@@ -2,7 +2,7 @@
 
 use super::{print_json, GlobalArgs};
 use crate::error::ExitCode;
-use crate::repo::extract::included;
+use crate::repo::extract::{included, Prefetch};
 use crate::repo::snapshot::Snapshot;
 use crate::repo::tree::{Node, NodeType};
 use crate::repo::Id;
@@ -159,9 +159,13 @@ pub fn shell_escape(raw: &[u8]) -> String {
     out
 }
 
+/// Entries handed from the walk to the printing thread at a time.
+const LS_BATCH: usize = 1024;
+
+/// A listing's entries as the walk found them, on their way to be printed.
+type Found = Vec<(Box<Node>, Vec<u8>)>;
+
 pub fn run_ls(g: &GlobalArgs, c: LsCmd) -> crate::error::Result<ExitCode> {
-    use serde::ser::{SerializeSeq as _, Serializer as _};
-    use std::io::Write as _;
     let repo = g.open(true)?;
     let id: Id = repo.resolve_snapshot(&c.snapshot)?;
     let (snap, _) = repo.load_snapshot(&id)?;
@@ -169,43 +173,104 @@ pub fn run_ls(g: &GlobalArgs, c: LsCmd) -> crate::error::Result<ExitCode> {
         .path
         .as_deref()
         .map(|p| p.trim_matches('/').as_bytes().to_vec());
+    // This thread walks the trees (reading each directory's subdirectory
+    // trees ahead, a batch on worker threads: fetch, decrypt, decompress
+    // and parse were two thirds of a million-entry listing's CPU) while
+    // another formats and prints what it found, a bounded number of
+    // batches behind. Printed batches come back to be freed here: freeing
+    // on the printing thread what this one allocated contended for the
+    // allocator's lock.
+    let (tx, rx) = crossbeam_channel::bounded::<Found>(4);
+    let (back_tx, back_rx) = crossbeam_channel::unbounded::<Found>();
+    let json = g.json;
+    let (walked, printed) = std::thread::scope(|s| {
+        let printer = s.spawn(move || print_ls(rx, back_tx, json));
+        let mut batch = Vec::with_capacity(LS_BATCH);
+        let mut walked = walk_in_path_order(&repo, snap.root, filter.as_deref(), &mut |n, p| {
+            batch.push((n, p));
+            if batch.len() == LS_BATCH {
+                let next = match back_rx.try_recv() {
+                    Ok(mut done) => {
+                        done.clear();
+                        done
+                    }
+                    Err(_) => Vec::with_capacity(LS_BATCH),
+                };
+                let full = std::mem::replace(&mut batch, next);
+                // Fails only when the printer stopped; its error is the one
+                // reported (below).
+                tx.send(full)
+                    .map_err(|_| std::io::Error::other("the listing's printer stopped"))?;
+            }
+            Ok(())
+        });
+        if walked.is_ok() && !batch.is_empty() && tx.send(batch).is_err() {
+            walked = Err(std::io::Error::other("the listing's printer stopped").into());
+        }
+        drop(tx);
+        let printed = printer
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the listing's printer panicked")));
+        (walked, printed)
+    });
+    // A printer's failure (a closed pipe ends the listing quietly, see
+    // main) is what stopped the walk, if anything did.
+    printed?;
+    walked?;
+    Ok(ExitCode::Success)
+}
+
+/// Prints the entries `rx` brings, as text or (`json`) one JSON array.
+/// Printed batches go back through `back`.
+fn print_ls(
+    rx: crossbeam_channel::Receiver<Found>,
+    back: crossbeam_channel::Sender<Found>,
+    json: bool,
+) -> std::io::Result<()> {
+    use serde::ser::{SerializeSeq as _, Serializer as _};
+    use std::io::Write as _;
     // One write per 64 KiB, not per line (stdout is line-buffered: a
-    // million-entry listing made a million write calls). A closed pipe
-    // ends the listing quietly (see main).
+    // million-entry listing made a million write calls).
     let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
-    if g.json {
+    if json {
         let mut ser = serde_json::Serializer::pretty(&mut out);
-        let mut seq = ser.serialize_seq(None).map_err(std::io::Error::from)?;
-        walk_in_path_order(&repo, snap.root, filter.as_deref(), &mut |e| {
-            seq.serialize_element(&e).map_err(std::io::Error::from)
-        })?;
-        seq.end().map_err(std::io::Error::from)?;
+        let mut seq = ser.serialize_seq(None)?;
+        for batch in rx {
+            for (n, path) in &batch {
+                seq.serialize_element(&entry(n, path))?;
+            }
+            let _ = back.send(batch);
+        }
+        seq.end()?;
         writeln!(out)?;
     } else {
-        walk_in_path_order(&repo, snap.root, filter.as_deref(), &mut |e| {
-            let t = e
-                .raw_target
-                .as_ref()
-                .map(|t| format!(" -> {}", shell_escape(t)))
-                .or_else(|| {
-                    e.hardlink
-                        .as_ref()
-                        .map(|h| format!(" => {}", shell_escape(h.as_bytes())))
-                })
-                .unwrap_or_default();
-            writeln!(
-                out,
-                "{:<7} {:>5} {:>10}  {}{}",
-                e.kind,
-                e.mode,
-                e.size,
-                shell_escape(&e.raw_path),
-                t
-            )
-        })?;
+        for batch in rx {
+            for (n, path) in &batch {
+                let e = entry(n, path);
+                let t = e
+                    .raw_target
+                    .as_ref()
+                    .map(|t| format!(" -> {}", shell_escape(t)))
+                    .or_else(|| {
+                        e.hardlink
+                            .as_ref()
+                            .map(|h| format!(" => {}", shell_escape(h.as_bytes())))
+                    })
+                    .unwrap_or_default();
+                writeln!(
+                    out,
+                    "{:<7} {:>5} {:>10}  {}{}",
+                    e.kind,
+                    e.mode,
+                    e.size,
+                    shell_escape(&e.raw_path),
+                    t
+                )?;
+            }
+            let _ = back.send(batch);
+        }
     }
-    out.flush()?;
-    Ok(ExitCode::Success)
+    out.flush()
 }
 
 /// What a directory listing holds for the path-ordered walk: an entry to
@@ -228,23 +293,8 @@ fn walk_in_path_order(
     repo: &crate::repo::Repository,
     root: Vec<Id>,
     filter: Option<&[u8]>,
-    emit: &mut dyn FnMut(Entry) -> std::io::Result<()>,
+    emit: &mut dyn FnMut(Box<Node>, Vec<u8>) -> std::io::Result<()>,
 ) -> crate::error::Result<()> {
-    let read = |ids: &[Id]| -> crate::error::Result<std::vec::IntoIter<(Vec<u8>, Item)>> {
-        let tree = repo.read_tree(ids)?;
-        let mut items = Vec::with_capacity(tree.nodes.len() + 8);
-        for mut n in tree.nodes {
-            let name = n.name_bytes();
-            if let Some(sub) = n.subtree.take() {
-                let mut key = name.clone();
-                key.push(b'/');
-                items.push((key, Item::Below(sub)));
-            }
-            items.push((name, Item::Entry(Box::new(n))));
-        }
-        items.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(items.into_iter())
-    };
     let join = |prefix: &[u8], name: &[u8]| {
         let mut path = prefix.to_vec();
         if !path.is_empty() {
@@ -256,8 +306,34 @@ fn walk_in_path_order(
     // Shown: the filter itself or below it; read: those and the trees on
     // the way to it (the rule of `restore --include`).
     let filter: Vec<&[u8]> = filter.into_iter().collect();
-    let mut stack = vec![(vec![], read(&root)?)];
-    while let Some((prefix, items)) = stack.last_mut() {
+    // A directory's entries in walk order, and its subdirectories' trees
+    // (those the walk will enter) to read ahead, a batch in parallel.
+    let items_of = |tree: crate::repo::tree::Tree, path: &[u8]| {
+        let mut items = Vec::with_capacity(tree.nodes.len() + 8);
+        for mut n in tree.nodes {
+            let name = n.name_bytes();
+            if let Some(sub) = n.subtree.take() {
+                let mut key = name.clone();
+                key.push(b'/');
+                items.push((key, Item::Below(sub)));
+            }
+            items.push((name, Item::Entry(Box::new(n))));
+        }
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        let wanted = items
+            .iter()
+            .filter_map(|(key, item)| match item {
+                Item::Below(ids) if included(join(path, &key[..key.len() - 1]), &filter).1 => {
+                    Some(ids.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        (items.into_iter(), Prefetch::of(repo, wanted))
+    };
+    let (items, ahead) = items_of(repo.read_tree(&root)?, &[]);
+    let mut stack = vec![(vec![], items, ahead)];
+    while let Some((prefix, items, ahead)) = stack.last_mut() {
         let Some((key, item)) = items.next() else {
             stack.pop();
             continue;
@@ -266,14 +342,20 @@ fn walk_in_path_order(
             Item::Entry(n) => {
                 let path = join(prefix, &key);
                 if included(&path, &filter).0 {
-                    emit(entry(*n, path))?;
+                    emit(n, path)?;
                 }
             }
             Item::Below(ids) => {
                 let path = join(prefix, &key[..key.len() - 1]);
                 if included(&path, &filter).1 {
-                    let items = read(&ids)?;
-                    stack.push((path, items));
+                    // Not read ahead (or unreadable there): read here,
+                    // which names what is wrong.
+                    let tree = match ahead.take(repo, &ids) {
+                        Some(t) => t,
+                        None => repo.read_tree(&ids)?,
+                    };
+                    let (items, ahead) = items_of(tree, &path);
+                    stack.push((path, items, ahead));
                 }
             }
         }
@@ -282,7 +364,7 @@ fn walk_in_path_order(
 }
 
 /// One `ls` entry for the node at `path`.
-fn entry(n: Node, path: Vec<u8>) -> Entry {
+fn entry(n: &Node, path: &[u8]) -> Entry {
     let kind = match n.node_type {
         NodeType::Dir => "dir",
         NodeType::File => "file",
@@ -291,7 +373,7 @@ fn entry(n: Node, path: Vec<u8>) -> Entry {
         NodeType::Chardev => "chardev",
         NodeType::Blockdev => "blockdev",
     };
-    let (text, b64) = text_and_base64(&path);
+    let (text, b64) = text_and_base64(path);
     let raw_target = n.target_bytes();
     let (target, target_base64) = match &raw_target {
         Some(t) => {
@@ -312,7 +394,7 @@ fn entry(n: Node, path: Vec<u8>) -> Entry {
         hardlink: n
             .hardlink_bytes()
             .map(|h| String::from_utf8_lossy(&h).into_owned()),
-        raw_path: path,
+        raw_path: path.to_vec(),
         raw_target,
     }
 }

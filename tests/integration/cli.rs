@@ -376,16 +376,26 @@ fn ls_of_many_entries_is_complete_and_a_closed_pipe_ends_it_quietly() {
     use std::io::{BufRead, Read};
     let env = Env::new();
     let src = env.path("src");
+    // Two levels of more directories than `ls` reads ahead at once, and
+    // more entries than it hands its printer at once.
+    let mut want = std::collections::BTreeSet::new();
     for i in 0..3000 {
-        write(&src.join(format!("d{}/f{i:04}", i % 7)), b"x");
+        let (d, e) = (format!("d{}", i % 7), format!("d{}/e{}", i % 7, i % 5));
+        let f = format!("{e}/f{i:04}");
+        write(&src.join(&f), b"x");
+        want.extend([d, e, f]);
     }
     env.backup(&src);
     let all = stdout(&env.ok_restore(&["ls", "latest"]));
-    assert_eq!(all.lines().count(), 3000 + 7, "every file and directory");
+    let listed: Vec<&str> = all
+        .lines()
+        .map(|l| l.rsplit("  ").next().unwrap())
+        .collect();
+    assert_eq!(listed.len(), 3000 + 7 + 35, "every file and directory");
     assert!(
-        all.lines().any(|l| l.ends_with("d3/f2999")),
-        "{}",
-        &all[..200]
+        listed.iter().copied().eq(want.iter().map(|p| p.as_str())),
+        "every path once, in path order:\n{}",
+        &all[..400]
     );
     let mut child = env
         .cmd()

@@ -992,8 +992,9 @@ impl DirWalk<'_> {
 /// descends into. A batch is read when the walk reaches its first
 /// directory, so at most one batch per level is held: reading all of a
 /// level at once held a thousand listings of a thousand files each
-/// (~400 MiB) in a restore of a million files.
-struct Prefetch {
+/// (~400 MiB) in a restore of a million files. `ls` reads ahead with it
+/// too.
+pub(crate) struct Prefetch {
     wanted: Vec<Vec<Id>>,
     next: usize,
     width: usize,
@@ -1015,6 +1016,11 @@ impl Prefetch {
             })
             .filter_map(|n| n.subtree.clone())
             .collect();
+        Prefetch::of(repo, wanted)
+    }
+
+    /// Read-ahead of the trees `wanted`, in the order a walk will ask for them.
+    pub(crate) fn of(repo: &Repository, wanted: Vec<Vec<Id>>) -> Prefetch {
         Prefetch {
             // One directory alone is read when the walk gets there.
             next: if wanted.len() < 2 { wanted.len() } else { 0 },
@@ -1027,7 +1033,11 @@ impl Prefetch {
     /// The tree `ids`, read with the batch it starts when not read yet
     /// (`None`: not read ahead, or unreadable; the caller reads it and
     /// reports the error).
-    fn take(&mut self, repo: &Repository, ids: &[Id]) -> Option<crate::repo::tree::Tree> {
+    pub(crate) fn take(
+        &mut self,
+        repo: &Repository,
+        ids: &[Id],
+    ) -> Option<crate::repo::tree::Tree> {
         if !self.ready.contains_key(ids) {
             let start = self.wanted[self.next..]
                 .iter()
