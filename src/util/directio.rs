@@ -250,6 +250,8 @@ impl DirectWriter {
     /// when nothing follows (a small file's only chunk), [`Self::finish`]
     /// hands it to the kernel straight from where it was decoded. In a
     /// restore of a million small files that copy was 8 GiB of `memmove`.
+    /// A writer holds at most one chunk (the restore's window has already
+    /// counted it back as written).
     ///
     /// # Errors
     /// Write errors (a full disk among them).

@@ -1215,7 +1215,7 @@ impl DirWriter {
                         if d.len() >= crate::util::directio::HOLE_MIN
                             && crate::util::directio::is_zero(&d)
                         {
-                            cur.file.zeros(d.len() as u64)
+                            cur.file.zeros(n)
                         } else {
                             cur.file.write_vec(d)
                         }
