@@ -71,7 +71,7 @@ pub fn run_snapshots(g: &GlobalArgs, c: SnapshotsCmd) -> crate::error::Result<Ex
 /// for bad bytes) and `path-base64` (`target-base64`) the raw bytes.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
-struct Entry {
+struct Entry<'a> {
     path: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     path_base64: Option<String>,
@@ -88,7 +88,7 @@ struct Entry {
     #[serde(skip_serializing_if = "Option::is_none")]
     hardlink: Option<String>,
     #[serde(skip)]
-    raw_path: Vec<u8>,
+    raw_path: &'a [u8],
     #[serde(skip)]
     raw_target: Option<Vec<u8>>,
 }
@@ -183,6 +183,9 @@ pub fn run_ls(g: &GlobalArgs, c: LsCmd) -> crate::error::Result<ExitCode> {
     let (tx, rx) = crossbeam_channel::bounded::<Found>(4);
     let (back_tx, back_rx) = crossbeam_channel::unbounded::<Found>();
     let json = g.json;
+    // Sending fails only when the printer stopped; its error is the one
+    // reported (below).
+    let stopped = || std::io::Error::other("the listing's printer stopped");
     let (walked, printed) = std::thread::scope(|s| {
         let printer = s.spawn(move || print_ls(rx, back_tx, json));
         let mut batch = Vec::with_capacity(LS_BATCH);
@@ -197,15 +200,12 @@ pub fn run_ls(g: &GlobalArgs, c: LsCmd) -> crate::error::Result<ExitCode> {
                     Err(_) => Vec::with_capacity(LS_BATCH),
                 };
                 let full = std::mem::replace(&mut batch, next);
-                // Fails only when the printer stopped; its error is the one
-                // reported (below).
-                tx.send(full)
-                    .map_err(|_| std::io::Error::other("the listing's printer stopped"))?;
+                tx.send(full).map_err(|_| stopped())?;
             }
             Ok(())
         });
         if walked.is_ok() && !batch.is_empty() && tx.send(batch).is_err() {
-            walked = Err(std::io::Error::other("the listing's printer stopped").into());
+            walked = Err(stopped().into());
         }
         drop(tx);
         let printed = printer
@@ -232,49 +232,50 @@ fn print_ls(
     // One write per 64 KiB, not per line (stdout is line-buffered: a
     // million-entry listing made a million write calls).
     let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let each = |print: &mut dyn FnMut(Entry) -> std::io::Result<()>| {
+        for batch in &rx {
+            for (n, path) in &batch {
+                print(entry(n, path))?;
+            }
+            let _ = back.send(batch);
+        }
+        Ok::<_, std::io::Error>(())
+    };
     if json {
         let mut ser = serde_json::Serializer::pretty(&mut out);
         let mut seq = ser.serialize_seq(None)?;
-        for batch in rx {
-            for (n, path) in &batch {
-                seq.serialize_element(&entry(n, path))?;
-            }
-            let _ = back.send(batch);
-        }
+        each(&mut |e| Ok(seq.serialize_element(&e)?))?;
         seq.end()?;
         writeln!(out)?;
     } else {
-        for batch in rx {
-            for (n, path) in &batch {
-                let e = entry(n, path);
-                let t = e
-                    .raw_target
-                    .as_ref()
-                    .map(|t| format!(" -> {}", shell_escape(t)))
-                    .or_else(|| {
-                        e.hardlink
-                            .as_ref()
-                            .map(|h| format!(" => {}", shell_escape(h.as_bytes())))
-                    })
-                    .unwrap_or_default();
-                writeln!(
-                    out,
-                    "{:<7} {:>5} {:>10}  {}{}",
-                    e.kind,
-                    e.mode,
-                    e.size,
-                    shell_escape(&e.raw_path),
-                    t
-                )?;
-            }
-            let _ = back.send(batch);
-        }
+        each(&mut |e| {
+            let t = e
+                .raw_target
+                .as_ref()
+                .map(|t| format!(" -> {}", shell_escape(t)))
+                .or_else(|| {
+                    e.hardlink
+                        .as_ref()
+                        .map(|h| format!(" => {}", shell_escape(h.as_bytes())))
+                })
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "{:<7} {:>5} {:>10}  {}{}",
+                e.kind,
+                e.mode,
+                e.size,
+                shell_escape(e.raw_path),
+                t
+            )
+        })?;
     }
     out.flush()
 }
 
 /// What a directory listing holds for the path-ordered walk: an entry to
-/// print, or a subdirectory's tree standing for everything below it.
+/// print, or the tree of a subdirectory the walk enters, standing for
+/// everything below it.
 enum Item {
     Entry(Box<Node>),
     Below(Vec<Id>),
@@ -306,27 +307,27 @@ fn walk_in_path_order(
     // Shown: the filter itself or below it; read: those and the trees on
     // the way to it (the rule of `restore --include`).
     let filter: Vec<&[u8]> = filter.into_iter().collect();
-    // A directory's entries in walk order, and its subdirectories' trees
-    // (those the walk will enter) to read ahead, a batch in parallel.
+    // A directory's entries in walk order, with the subdirectories the
+    // walk enters, and their trees to read ahead, a batch in parallel.
     let items_of = |tree: crate::repo::tree::Tree, path: &[u8]| {
         let mut items = Vec::with_capacity(tree.nodes.len() + 8);
         for mut n in tree.nodes {
             let name = n.name_bytes();
             if let Some(sub) = n.subtree.take() {
-                let mut key = name.clone();
-                key.push(b'/');
-                items.push((key, Item::Below(sub)));
+                if included(join(path, &name), &filter).1 {
+                    let mut key = name.clone();
+                    key.push(b'/');
+                    items.push((key, Item::Below(sub)));
+                }
             }
             items.push((name, Item::Entry(Box::new(n))));
         }
         items.sort_by(|a, b| a.0.cmp(&b.0));
         let wanted = items
             .iter()
-            .filter_map(|(key, item)| match item {
-                Item::Below(ids) if included(join(path, &key[..key.len() - 1]), &filter).1 => {
-                    Some(ids.clone())
-                }
-                _ => None,
+            .filter_map(|(_, item)| match item {
+                Item::Below(ids) => Some(ids.clone()),
+                Item::Entry(_) => None,
             })
             .collect();
         (items.into_iter(), Prefetch::of(repo, wanted))
@@ -347,16 +348,14 @@ fn walk_in_path_order(
             }
             Item::Below(ids) => {
                 let path = join(prefix, &key[..key.len() - 1]);
-                if included(&path, &filter).1 {
-                    // Not read ahead (or unreadable there): read here,
-                    // which names what is wrong.
-                    let tree = match ahead.take(repo, &ids) {
-                        Some(t) => t,
-                        None => repo.read_tree(&ids)?,
-                    };
-                    let (items, ahead) = items_of(tree, &path);
-                    stack.push((path, items, ahead));
-                }
+                // Not read ahead (or unreadable there): read here, which
+                // names what is wrong.
+                let tree = match ahead.take(repo, &ids) {
+                    Some(t) => t,
+                    None => repo.read_tree(&ids)?,
+                };
+                let (items, ahead) = items_of(tree, &path);
+                stack.push((path, items, ahead));
             }
         }
     }
@@ -364,7 +363,7 @@ fn walk_in_path_order(
 }
 
 /// One `ls` entry for the node at `path`.
-fn entry(n: &Node, path: &[u8]) -> Entry {
+fn entry<'a>(n: &Node, path: &'a [u8]) -> Entry<'a> {
     let kind = match n.node_type {
         NodeType::Dir => "dir",
         NodeType::File => "file",
@@ -394,7 +393,7 @@ fn entry(n: &Node, path: &[u8]) -> Entry {
         hardlink: n
             .hardlink_bytes()
             .map(|h| String::from_utf8_lossy(&h).into_owned()),
-        raw_path: path.to_vec(),
+        raw_path: path,
         raw_target,
     }
 }

@@ -239,10 +239,17 @@ impl DirectWriter {
     /// # Errors
     /// Write errors (a full disk among them).
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        if let Some(held) = self.held.take() {
-            self.copy_in(&held)?;
-        }
+        self.copy_in_held()?;
         self.copy_in(data)
+    }
+
+    /// Copies a held chunk (see [`Self::write_vec`]) into the buffer, for
+    /// whatever is appended after it.
+    fn copy_in_held(&mut self) -> io::Result<()> {
+        match self.held.take() {
+            Some(held) => self.copy_in(&held),
+            None => Ok(()),
+        }
     }
 
     /// Appends an owned chunk. A buffered writer whose buffer is empty
@@ -283,9 +290,7 @@ impl DirectWriter {
     /// Write errors.
     pub fn zeros(&mut self, mut n: u64) -> io::Result<()> {
         const Z: [u8; ALIGN] = [0u8; ALIGN];
-        if let Some(held) = self.held.take() {
-            self.copy_in(&held)?;
-        }
+        self.copy_in_held()?;
         let pad = ((ALIGN - self.len % ALIGN) % ALIGN) as u64;
         let take = pad.min(n);
         self.write(&Z[..take as usize])?;
