@@ -17,8 +17,9 @@ Workloads (--workload):
               made by benches/bigrepo.rs): catalog rebuild, snapshots, a
               first and an unchanged backup of a small tree, check,
               forget --dry-run and prune --dry-run, each with peak RSS,
-              and how each grows with the blob count (t ~ N^b). labctl
-              only: the generator writes labctl's format.
+              and how each grows with the blob count (t ~ N^b); restic
+              and rustic on the same shape in restic's format
+              (benches/resticrepo.rs; no borg: its format is not made).
   vm-stream   benches/vm.py's VM image stream (--size-gib).
 Generated data is kept under --work/data between runs (delete it to
 regenerate); repositories are made fresh each run. The peers come from
@@ -413,7 +414,7 @@ def main():
     ap.add_argument("--links", default="20:1000,50:200",
                     help="s3-latency: RTT_MS:MBIT settings, comma-separated")
     ap.add_argument("--tools", help="comma-separated (default per workload: mixed labctl,restic,rustic,borg,"
-                                    "borg14; s3-latency labctl,restic,rustic; small-files all five)")
+                                    "borg14; s3-latency and big-repo labctl,restic,rustic; small-files all five)")
     ap.add_argument("--work", default=os.path.join(ROOT, "bench-work"))
     ap.add_argument("--json", help="also write results here")
     ap.add_argument("--per-tool", action="store_true",
@@ -436,11 +437,12 @@ def main():
             cmd += ["--json", args.json]
         sys.exit(subprocess.run(cmd).returncode)
     if not args.tools:
-        args.tools = {"s3-latency": "labctl,restic,rustic"}.get(args.workload, "labctl,restic,rustic,borg,borg14")
+        args.tools = {"s3-latency": "labctl,restic,rustic", "big-repo": "labctl,restic,rustic"}.get(
+            args.workload, "labctl,restic,rustic,borg,borg14")
         if args.s3:
             args.tools = "labctl,restic,rustic"
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "labctl", "--example", "benchdata",
-                    "--example", "netshaper", "--example", "bigrepo"], cwd=ROOT, check=True)
+                    "--example", "netshaper", "--example", "bigrepo", "--example", "resticrepo"], cwd=ROOT, check=True)
     binary = os.path.join(ROOT, "target/release/labctl")
     gen = os.path.join(ROOT, "target/release/examples/benchdata")
     runs = os.path.join(args.work, "runs")
@@ -660,13 +662,81 @@ def small_files(args, binary, gen, runs):
                       f, indent=2)
 
 
+BIG_STEPS = [
+    # (row, labctl's command, restic's and rustic's command or None: they keep
+    # no local catalog, every command reads the repository's index itself)
+    ("catalog rebuild", ["catalog", "rebuild"], None),
+    ("snapshots", ["snapshots"], ["snapshots"]),
+    ("backup (first)", ["backup", "path", "SMALL"], ["backup", "SMALL"]),
+    ("backup (unchanged)", ["backup", "path", "SMALL"], ["backup", "SMALL"]),
+    ("check", ["check"], ["check"]),
+    ("forget --dry-run", ["forget", "--keep-daily", "7", "--keep-weekly", "4", "--keep-monthly", "2", "--dry-run"],
+     ["forget", "--keep-daily", "7", "--keep-weekly", "4", "--keep-monthly", "2", "--dry-run"]),
+    ("prune --dry-run", ["prune", "--dry-run"], ["prune", "--dry-run"]),
+]
+
+
+def big_repo_labctl(args, binary, runs, n):
+    """labctl's repository of n blobs (benches/bigrepo.rs), made once under
+    --work/data/big-N; each run starts from an empty catalog (so the first
+    command, catalog rebuild, loads the whole index). The small tree's
+    backups add one snapshot per run to the kept repository."""
+    data = os.path.join(args.work, "data", f"big-{n}")
+    keys = os.path.join(data, "keys")
+    env = dict(os.environ, LABCTL_REPO=os.path.join(data, "repo"), LABCTL_KEY=os.path.join(keys, "b.key"),
+               LABCTL_CACHE_DIR=os.path.join(runs, f"cache-{n}"))
+    if not os.path.exists(data + ".done"):
+        shutil.rmtree(data, ignore_errors=True)
+        os.makedirs(keys)
+        run([binary, "-q", "repo", "init", "--no-escrow", "--backup-key", env["LABCTL_KEY"],
+             "--restore-key", os.path.join(keys, "r.key")], env=env)
+        subprocess.run([os.path.join(ROOT, "target/release/examples/bigrepo"), env["LABCTL_REPO"],
+                        env["LABCTL_KEY"], str(n)], check=True)
+        open(data + ".done", "w").close()
+    return [binary, "-q"], env
+
+
+def big_repo_peer(args, tool, runs, n):
+    """restic's or rustic's repository of n blobs in restic's format, of the
+    same shape (benches/resticrepo.rs, under the key `restic cat masterkey`
+    prints), made once under --work/data/big-restic-N. Each tool gets a
+    hard-linked copy of it per run (restic and rustic only add and delete
+    whole files, never rewrite one), so each starts from the generated
+    repository and an empty cache."""
+    data = os.path.join(args.work, "data", f"big-restic-{n}")
+    env = dict(os.environ, RESTIC_REPOSITORY=os.path.join(data, "repo"), RESTIC_PASSWORD="bench-password",
+               RESTIC_CACHE_DIR=os.path.join(runs, "cache-restic-gen"))
+    if not os.path.exists(data + ".done"):
+        shutil.rmtree(data, ignore_errors=True)
+        os.makedirs(data)
+        run(["restic", "init", "-q", "--repository-version", "2"], env=env)
+        key = os.path.join(data, "masterkey.json")
+        with open(os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            subprocess.run(["restic", "cat", "masterkey"], env=env, stdout=f, check=True)
+        subprocess.run([os.path.join(ROOT, "target/release/examples/resticrepo"), env["RESTIC_REPOSITORY"],
+                        key, str(n)], check=True)
+        open(data + ".done", "w").close()
+    repo = os.path.join(runs, f"repo-{tool}-{n}")
+    subprocess.run(["cp", "-al", os.path.join(data, "repo"), repo], check=True)
+    cache = os.path.join(runs, f"cache-{tool}-{n}")
+    if tool == "restic":
+        return ["restic", "-q"], dict(os.environ, RESTIC_REPOSITORY=repo, RESTIC_PASSWORD="bench-password",
+                                      RESTIC_CACHE_DIR=cache)
+    return [os.path.join(PEERS, "bin/rustic")], dict(os.environ, RUSTIC_REPOSITORY=repo,
+                                                     RUSTIC_PASSWORD="bench-password", RUSTIC_NO_PROGRESS="true",
+                                                     RUSTIC_CACHE_DIR=cache, RUSTIC_LOG_LEVEL="warn")
+
+
 def big_repo(args, binary, runs):
-    """labctl's metadata commands on synthetic repositories of growing size.
-    Each repository is generated once under --work/data/big-N and kept; each
-    run starts from an empty catalog (so the first command, catalog rebuild,
-    loads the whole index). The small tree's backups add one snapshot per
-    run to the kept repository."""
-    gen = os.path.join(ROOT, "target/release/examples/bigrepo")
+    """Metadata commands on synthetic repositories of growing size: labctl's
+    (benches/bigrepo.rs) and, for restic and rustic, the same shape in
+    restic's format (benches/resticrepo.rs)."""
+    tools = args.tools.split(",")
+    unknown = [t for t in tools if t not in ("labctl", "restic", "rustic")]
+    if unknown:
+        sys.exit(f"big-repo: no generator for {', '.join(unknown)} (labctl, restic and rustic only)")
+    if "rustic" in tools and not os.path.exists(os.path.join(PEERS, "bin/rustic")):
+        sys.exit("rustic is not installed: run benches/setup.sh")
     small = os.path.join(args.work, "data", "big-small-tree")
     if not os.path.exists(small + ".done"):
         shutil.rmtree(small, ignore_errors=True)
@@ -679,40 +749,42 @@ def big_repo(args, binary, runs):
                     fh.write(rnd.randbytes(rnd.randint(1024, 16384)))
         open(small + ".done", "w").close()
     sizes = [int(n) for n in args.blobs.split(",")]
-    steps = [("catalog rebuild", ["catalog", "rebuild"]), ("snapshots", ["snapshots"]),
-             ("backup (first)", ["backup", "path", small]), ("backup (unchanged)", ["backup", "path", small]),
-             ("check", ["check"]),
-             ("forget --dry-run", ["forget", "--keep-daily", "7", "--keep-weekly", "4", "--keep-monthly", "2",
-                                   "--dry-run"]),
-             ("prune --dry-run", ["prune", "--dry-run"])]
-    res = {}
+    res = {t: {} for t in tools}
     for n in sizes:
-        data = os.path.join(args.work, "data", f"big-{n}")
-        keys = os.path.join(data, "keys")
-        env = dict(os.environ, LABCTL_REPO=os.path.join(data, "repo"), LABCTL_KEY=os.path.join(keys, "b.key"),
-                   LABCTL_CACHE_DIR=os.path.join(runs, f"cache-{n}"))
-        if not os.path.exists(data + ".done"):
-            shutil.rmtree(data, ignore_errors=True)
-            os.makedirs(keys)
-            run([binary, "-q", "repo", "init", "--no-escrow", "--backup-key", env["LABCTL_KEY"],
-                 "--restore-key", os.path.join(keys, "r.key")], env=env)
-            subprocess.run([gen, env["LABCTL_REPO"], env["LABCTL_KEY"], str(n)], check=True)
-            open(data + ".done", "w").close()
-        res[n] = {}
-        for name, cmd in steps:
-            s, rss = run([binary, "-q", *cmd], env=env)
-            res[n][name] = {"s": s, "rss": rss}
-            print(f"{n} blobs: {name} {s:.2f}s, {rss:.0f} MiB RSS", file=sys.stderr)
-    head = ["command"] + [c for n in sizes for c in (f"{n / 1e6:g}M blobs s", "RSS MiB")] + ["growth b (t ~ N^b)"]
+        for tool in tools:
+            if tool == "labctl":
+                base, env = big_repo_labctl(args, binary, runs, n)
+            else:
+                base, env = big_repo_peer(args, tool, runs, n)
+            res[tool][n] = {}
+            for name, ours, theirs in BIG_STEPS:
+                cmd = ours if tool == "labctl" else theirs
+                if cmd is None:
+                    continue
+                s, rss = run(base + [small if a == "SMALL" else a for a in cmd], env=env)
+                res[tool][n][name] = {"s": s, "rss": rss}
+                print(f"{tool}, {n} blobs: {name} {s:.2f}s, {rss:.0f} MiB RSS", file=sys.stderr)
+            if tool != "labctl":
+                # The cache holds the index and tree packs: gigabytes at 10M.
+                shutil.rmtree(env.get("RESTIC_CACHE_DIR") or env["RUSTIC_CACHE_DIR"], ignore_errors=True)
+    head = ["command", "tool"] + [c for n in sizes for c in (f"{n / 1e6:g}M blobs s", "RSS MiB")] + \
+        ["growth b (t ~ N^b)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, _ in steps:
-        cells = [name] + [f"{res[n][name]['s']:.2f} | {res[n][name]['rss']:.0f}" for n in sizes]
-        cells.append(f"{growth(sizes, [res[n][name]['s'] for n in sizes]):.2f}" if len(sizes) > 1 else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    print("big repository (labctl; wall s | peak RSS MiB per size)\n" + "\n".join(lines))
+    for name, _, _ in BIG_STEPS:
+        for tool in tools:
+            if name not in res[tool][sizes[0]]:
+                continue
+            cells = [name, tool] + [f"{res[tool][n][name]['s']:.2f} | {res[tool][n][name]['rss']:.0f}"
+                                    for n in sizes]
+            cells.append(f"{growth(sizes, [res[tool][n][name]['s'] for n in sizes]):.2f}"
+                         if len(sizes) > 1 else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    print("big repository (wall s | peak RSS MiB per size; restic and rustic keep no catalog to rebuild)\n"
+          + "\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"workload": "big-repo", "results": {str(n): r for n, r in res.items()}}, f, indent=2)
+            json.dump({"workload": "big-repo", "results": {t: {str(n): r for n, r in res[t].items()}
+                                                           for t in tools}}, f, indent=2)
 
 
 def growth(ns, ts):
