@@ -632,6 +632,28 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Every blob row in ID order (the copies of a blob adjacent), each with
+    /// whether its ID is in the used set: one ordered scan, with the used set
+    /// looked up in the same order. (Asking pack by pack went to random
+    /// pages of both tables for every row: 8 of the 14 s of a million-blob
+    /// prune's planning.)
+    pub fn blobs_with_use(
+        &self,
+        each: &mut dyn FnMut(Id, BlobLocation, bool) -> crate::error::Result<()>,
+    ) -> crate::error::Result<()> {
+        let mut st = self.conn.prepare(
+            "SELECT b.id,b.pack,b.kind,b.offset,b.length,b.raw_len,
+                    EXISTS(SELECT 1 FROM temp.used u WHERE u.id=b.id)
+             FROM blobs b ORDER BY b.id",
+        )?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let id = Id::from_slice(r.get_ref(0)?.as_blob()?).unwrap_or(Id([0; 32]));
+            each(id, location_at(r, 1)?, r.get(6)?)?;
+        }
+        Ok(())
+    }
+
     /// Packs not yet listed in any index fragment.
     pub fn unindexed_packs(&self) -> crate::error::Result<Vec<(Id, u64)>> {
         let mut st = self
@@ -1039,6 +1061,21 @@ impl Catalog {
              WHERE kind=?1 AND id IN (SELECT id FROM temp.used) ORDER BY id",
         )?;
         let rows = st.query_map([BlobKind::Tree as u8], |r| {
+            Ok((id_of(r.get(0)?), location_at(r, 1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// [`Catalog::used_tree_locations`] of one pack.
+    pub fn used_tree_locations_in(
+        &self,
+        pack: &Id,
+    ) -> crate::error::Result<Vec<(Id, BlobLocation)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT id,pack,kind,offset,length,raw_len FROM blobs
+             WHERE pack=?1 AND kind=?2 AND id IN (SELECT id FROM temp.used)",
+        )?;
+        let rows = st.query_map(params![&pack.0[..], BlobKind::Tree as u8], |r| {
             Ok((id_of(r.get(0)?), location_at(r, 1)?))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -539,16 +539,17 @@ fn prefetch<T>(t: &T) {
 
 /// Snapshot chunk lists written once and read back by range: an unlinked
 /// file beside the catalog (chunk IDs, which the catalog holds in the
-/// clear anyway), gone when `check` ends however it ends.
-struct Spill {
+/// clear anyway), gone when `check` (or prune's [`load_used`](crate::repo::prune::load_used))
+/// ends however it ends.
+pub(crate) struct Spill {
     file: std::fs::File,
     len: u64,
 }
 
 impl Spill {
-    fn new(catalog: &std::path::Path) -> crate::error::Result<Spill> {
+    pub(crate) fn new(catalog: &std::path::Path) -> crate::error::Result<Spill> {
         let path = catalog.with_file_name(format!(
-            "check-spill-{}-{:016x}",
+            "spill-{}-{:016x}",
             std::process::id(),
             rand::random::<u64>()
         ));
@@ -563,7 +564,7 @@ impl Spill {
     }
 
     /// Appends `ids`; returns where they start.
-    fn write(&mut self, ids: &[Id]) -> crate::error::Result<u64> {
+    pub(crate) fn write(&mut self, ids: &[Id]) -> crate::error::Result<u64> {
         use std::io::Write;
         let at = self.len;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, &self.file);
@@ -576,7 +577,7 @@ impl Spill {
     }
 
     /// The IDs `from..to` of the list written at `at`.
-    fn read(&self, at: u64, from: usize, to: usize) -> crate::error::Result<Vec<Id>> {
+    pub(crate) fn read(&self, at: u64, from: usize, to: usize) -> crate::error::Result<Vec<Id>> {
         use std::os::unix::fs::FileExt;
         let mut buf = vec![0u8; 32 * (to - from)];
         self.file.read_exact_at(&mut buf, at + 32 * from as u64)?;
