@@ -434,7 +434,8 @@ fn kept_here(
 }
 
 /// Adds one blob's copies (`group`: every catalog row of `id`, with whether
-/// it is used) to the tallies of the packs holding them.
+/// it is used) to the tallies of the packs holding them. The rule is
+/// [`kept_here`]'s, with [`keepers`] asked once per blob.
 fn tally(
     repo: &Repository,
     id: &Id,
@@ -442,12 +443,26 @@ fn tally(
     listed: &HashMap<Id, u64>,
     tallies: &mut HashMap<Id, Tally>,
 ) -> crate::error::Result<()> {
+    // (kind, keepers): the same ID as two kinds is possible (a file holding
+    // a listing's exact bytes), each kind with its own number of copies.
+    let mut kept: Option<(BlobKind, Vec<Id>)> = None;
     for (loc, used) in group {
         let Some(t) = tallies.get_mut(&loc.pack) else {
             continue;
         };
         t.total += loc.length as u64;
-        if *used && kept_here(repo, id, loc, group.len(), listed)? {
+        if !*used {
+            continue;
+        }
+        let here = group.len() == 1
+            || match &kept {
+                Some((kind, k)) if *kind == loc.kind => k.contains(&loc.pack),
+                _ => kept
+                    .insert((loc.kind, keepers(repo, id, loc.kind, listed)?))
+                    .1
+                    .contains(&loc.pack),
+            };
+        if here {
             t.used += 1;
             t.used_bytes += loc.length as u64;
         }
