@@ -870,16 +870,10 @@ mod tests {
     /// many (the snapshot lists then come back from the spill file).
     #[test]
     fn many_ranges_find_what_one_range_finds() {
-        use crate::backend::fs::FsBackend;
-        use crate::backend::Backend;
         use crate::repo::index::IndexedPack;
         use crate::repo::pack::PackEntry;
-        use crate::repo::snapshot::{self, Snapshot, Source};
-        use std::sync::Arc;
+        use crate::repo::testkit::{blob, put_snapshot, repo_of};
         let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(FsBackend::new(dir.path().join("repo")));
-        let keys = crate::repo::init(backend.as_ref(), &Default::default()).unwrap();
-        let blob = |i: u32| Id(*blake3::hash(&i.to_le_bytes()).as_bytes());
         // Ten packs of 20 blobs; pack 9 holds tree blobs, and only one
         // copy of each. The packs exist with their recorded sizes.
         let packs: Vec<IndexedPack> = (0..10u32)
@@ -901,35 +895,16 @@ mod tests {
                     .collect(),
             })
             .collect();
-        for p in &packs {
-            backend
-                .put(&format::pack_name(&p.id), &vec![0; p.size as usize])
-                .unwrap();
-        }
-        let repo = Repository::open(backend.clone(), keys.clone(), &dir.path().join("c")).unwrap();
-        repo.publish_packs(&packs).unwrap();
+        let (repo, keys, backend) = repo_of(dir.path(), &packs);
         // Three snapshots: two whole, one referencing five chunks nobody stored.
         let snap = |n: usize, chunks: Vec<Id>| {
-            let mut chunks = chunks;
-            chunks.sort();
-            let s = Snapshot {
-                version: 1,
-                time: format!("2026-12-0{n}T00:00:00Z"),
-                source: Source {
-                    kind: "path".into(),
-                    name: "x".into(),
-                },
-                host: "h".into(),
-                tags: vec![],
-                restore_point: None,
-                facts: Default::default(),
-                root: vec![blob(180)],
-                summary: Default::default(),
-                labctl_version: "t".into(),
-            };
-            let (id, bytes) = snapshot::encode(&s, chunks.clone(), &keys.meta_recipient());
-            backend.put(&format::snapshot_name(&id), &bytes).unwrap();
-            id
+            put_snapshot(
+                backend.as_ref(),
+                &keys,
+                &format!("2026-12-0{n}T00:00:00Z"),
+                blob(180),
+                chunks,
+            )
         };
         snap(1, (0..200).map(blob).collect());
         snap(2, (50..190).map(blob).collect());

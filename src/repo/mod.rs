@@ -26,6 +26,8 @@ pub mod pack;
 pub mod prune;
 pub mod select;
 pub mod snapshot;
+#[cfg(test)]
+pub(crate) mod testkit;
 pub mod tree;
 
 pub use id::{ChunkId, Id, PackId, SnapshotId};

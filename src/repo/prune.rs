@@ -857,20 +857,16 @@ fn extend_locks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::fs::FsBackend;
-    use crate::backend::Backend;
-    use crate::repo::snapshot::{self, Snapshot, Source};
-    use std::sync::Arc;
+    use crate::repo::testkit::{blob, put_snapshot, repo_of};
 
     #[test]
     fn merge_yields_each_id_once_in_order_across_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let mut spill = Spill::new(&dir.path().join("catalog")).unwrap();
-        let id = |i: u32| Id(*blake3::hash(&i.to_le_bytes()).as_bytes());
         let mut want = std::collections::BTreeSet::new();
         let mut lists = vec![];
         for (from, to, step) in [(0, 50, 1), (25, 90, 3), (0, 0, 1), (40, 41, 1), (0, 90, 7)] {
-            let mut ids: Vec<Id> = (from..to).step_by(step).map(id).collect();
+            let mut ids: Vec<Id> = (from..to).step_by(step).map(blob).collect();
             ids.sort();
             want.extend(ids.iter().copied());
             lists.push((spill.write(&ids).unwrap(), ids.len()));
@@ -895,9 +891,6 @@ mod tests {
     #[test]
     fn extra_copies_are_kept_once_and_their_packs_marked() {
         let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(FsBackend::new(dir.path().join("repo")));
-        let keys = crate::repo::init(backend.as_ref(), &Default::default()).unwrap();
-        let blob = |i: u32| Id(*blake3::hash(&i.to_le_bytes()).as_bytes());
         let entry = |kind, id, i: u32| PackEntry {
             kind,
             id,
@@ -933,33 +926,16 @@ mod tests {
             data(7, &[blob(50)]), // unused: marked
             tree_pack(8, single), // one copy: kept, and a second written
         ];
-        for p in &packs {
-            backend
-                .put(&format::pack_name(&p.id), &vec![0; p.size as usize])
-                .unwrap();
-        }
-        let repo = Repository::open(backend.clone(), keys.clone(), &dir.path().join("c")).unwrap();
-        repo.publish_packs(&packs).unwrap();
+        let (repo, keys, backend) = repo_of(dir.path(), &packs);
         let mut chunks: Vec<Id> = (0..5).chain(30..32).map(blob).collect();
         chunks.extend([dup, tree, single]);
-        chunks.sort();
-        let s = Snapshot {
-            version: 1,
-            time: "2026-12-06T00:00:00Z".into(),
-            source: Source {
-                kind: "path".into(),
-                name: "x".into(),
-            },
-            host: "h".into(),
-            tags: vec![],
-            restore_point: None,
-            facts: Default::default(),
-            root: vec![tree],
-            summary: Default::default(),
-            labctl_version: "t".into(),
-        };
-        let (id, bytes) = snapshot::encode(&s, chunks, &keys.meta_recipient());
-        backend.put(&format::snapshot_name(&id), &bytes).unwrap();
+        put_snapshot(
+            backend.as_ref(),
+            &keys,
+            "2026-12-06T00:00:00Z",
+            tree,
+            chunks,
+        );
         repo.sync_catalog().unwrap();
         let hex = |p: u8| Id([p; 32]).hex();
         let sorted = |mut v: Vec<String>| {
