@@ -974,12 +974,13 @@ fn adopt_orphans_when_due(repo: &Repository) -> crate::error::Result<()> {
 }
 
 /// Indexes packs in the backend that no index fragment or catalog entry
-/// knows (left by a killed backup), so their chunks are re-used.
+/// knows (left by a killed backup), so their chunks are re-used. Returns
+/// the packs adopted.
 ///
 /// # Errors
 /// Storage or key errors; a pack whose trailer is unreadable is skipped
 /// (check reports it).
-pub fn adopt_orphan_packs(repo: &Repository) -> crate::error::Result<usize> {
+pub fn adopt_orphan_packs(repo: &Repository) -> crate::error::Result<Vec<Id>> {
     adopt_listed_packs(repo, &repo.list_packs()?)
 }
 
@@ -991,7 +992,7 @@ pub fn adopt_orphan_packs(repo: &Repository) -> crate::error::Result<usize> {
 pub fn adopt_listed_packs(
     repo: &Repository,
     listed: &std::collections::HashMap<Id, u64>,
-) -> crate::error::Result<usize> {
+) -> crate::error::Result<Vec<Id>> {
     let cat = &repo.catalog;
     let mut orphans = vec![];
     for (id, size) in listed {
@@ -1002,13 +1003,13 @@ pub fn adopt_listed_packs(
             orphans.push((*id, *size));
         }
     }
-    let mut adopted = 0;
+    let mut adopted = vec![];
     for (id, size) in orphans {
         if let Ok(entries) = read_pack_trailer(repo, &id, size) {
             cat.begin()?;
             cat.add_pack(&id, size, None, &entries)?;
             cat.commit()?;
-            adopted += 1;
+            adopted.push(id);
         }
     }
     Ok(adopted)

@@ -313,16 +313,15 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> crate::error::Result<Pru
     // INDEX_FLUSH_INTERVAL, so a pack this catalog has seen unindexed for
     // ORPHAN_MIN_AGE (and the grace period) belongs to no running backup,
     // whatever grace was asked for.
-    let known: HashSet<Id> = cat.unindexed_packs()?.into_iter().map(|(p, _)| p).collect();
-    crate::repo::backup::adopt_listed_packs(repo, &listed)?;
-    let unindexed: Vec<Id> = cat.unindexed_packs()?.into_iter().map(|(p, _)| p).collect();
     // The adopted packs' copies of used listings count as the scan's do.
-    for pack in unindexed.iter().filter(|p| !known.contains(p)) {
-        used_trees.extend(cat.used_tree_locations_in(pack)?);
+    for pack in crate::repo::backup::adopt_listed_packs(repo, &listed)? {
+        used_trees.extend(cat.used_tree_locations_in(&pack)?);
     }
     used_trees.sort_by_key(|(id, _)| *id);
-    let orphans: Vec<Id> = unindexed
+    let orphans: Vec<Id> = cat
+        .unindexed_packs()?
         .into_iter()
+        .map(|(p, _)| p)
         .filter(|p| listed.contains_key(p) && !marks.contains_key(p))
         .collect();
     let now = opts.now.unix_timestamp();
