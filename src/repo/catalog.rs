@@ -188,6 +188,12 @@ fn id_of(v: Vec<u8>) -> Id {
     Id::from_slice(&v).unwrap_or(Id([0; 32]))
 }
 
+/// [`id_of`] column `at` of a row, read in place (no copy of the blob):
+/// for the scans over every blob row.
+fn id_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Id> {
+    Ok(Id::from_slice(r.get_ref(at)?.as_blob()?).unwrap_or(Id([0; 32])))
+}
+
 impl Catalog {
     /// Opens (creating if needed) the catalog at `path`.
     ///
@@ -648,8 +654,7 @@ impl Catalog {
         )?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
-            let id = Id::from_slice(r.get_ref(0)?.as_blob()?).unwrap_or(Id([0; 32]));
-            each(id, location_at(r, 1)?, r.get(6)?)?;
+            each(id_at(r, 0)?, location_at(r, 1)?, r.get(6)?)?;
         }
         Ok(())
     }
@@ -1000,8 +1005,8 @@ impl Catalog {
             packs.clear();
         };
         while let Some(r) = rows.next()? {
-            let id = Id::from_slice(r.get_ref(0)?.as_blob()?).unwrap_or(Id([0; 32]));
-            packs.push(Id::from_slice(r.get_ref(1)?.as_blob()?).unwrap_or(Id([0; 32])));
+            let id = id_at(r, 0)?;
+            packs.push(id_at(r, 1)?);
             ids.push((id, r.get::<_, u8>(2)? == BlobKind::Tree as u8));
             if ids.len() == BATCH {
                 add(&mut ids, &mut packs);
