@@ -27,17 +27,20 @@
 //!
 //! Deterministic for given arguments; run on an empty repository.
 
+#[path = "shape.rs"]
+mod shape;
+
 use labctl::repo::blob::BlobKind;
 use labctl::repo::index::{self, IndexedPack};
 use labctl::repo::pack::{encode_entries, PackEntry, FOOTER_LEN};
 use labctl::repo::snapshot::{self, BackupSummary, Snapshot, Source};
 use labctl::repo::{crypto, format, Id};
+use shape::{Shape, BLOBS_PER_PACK};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-const BLOBS_PER_PACK: u64 = 32;
 const RAW_LEN: u32 = 1 << 20;
 /// A 1 MiB chunk that does not compress, as one age message (header with
 /// one recipient stanza, nonce, STREAM tags).
@@ -115,21 +118,15 @@ fn put(dir: &Path, name: &str, bytes: &[u8]) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.len() < 3 {
-        eprintln!(
-            "usage: bigrepo <repo dir> <backup key file> <blobs> [sources] [snapshots per source]"
-        );
-        std::process::exit(2);
-    }
-    let dir = PathBuf::from(&args[0]);
-    let keys = labctl::repo::keys::Keys::load(Path::new(&args[1])).unwrap_or_else(|e| {
+    let shape = Shape::from_args(
+        "bigrepo <repo dir> <backup key file> <blobs> [sources] [snapshots per source]",
+    );
+    let dir = shape.dir.clone();
+    let keys = labctl::repo::keys::Keys::load(&shape.key).unwrap_or_else(|e| {
         eprintln!("bigrepo: {e}");
         std::process::exit(2)
     });
-    let blobs: u64 = args[2].parse().expect("blobs: a number");
-    let sources: u64 = args.get(3).map_or(10, |s| s.parse().expect("sources"));
-    let per_source: u64 = args.get(4).map_or(12, |s| s.parse().expect("snapshots"));
+    let (blobs, sources, per_source) = (shape.blobs, shape.sources, shape.per_source);
     let meta = keys.meta_recipient();
     let started = std::time::Instant::now();
 
@@ -201,20 +198,14 @@ fn main() {
     drop(all);
 
     // Snapshots: nightly, oldest first, each a sliding quarter of its source.
-    let per = blobs / sources;
-    let window = (per / 4).max(1);
-    let step = if per_source > 1 {
-        (per - window) / (per_source - 1)
-    } else {
-        0
-    };
     let day0 = time::macros::datetime!(2026-01-01 02:00 UTC);
     let mut refs = 0u64;
     for s in 0..sources {
         for j in 0..per_source {
-            let start = s * per + j * step;
             let root = tree_id(s * per_source + j);
-            let mut chunks: Vec<Id> = (start..start + window).map(blob_id).collect();
+            let window = shape.window(s, j);
+            let bytes_total = (window.end - window.start) * RAW_LEN as u64;
+            let mut chunks: Vec<Id> = window.map(blob_id).collect();
             chunks.push(root);
             chunks.sort_unstable();
             refs += chunks.len() as u64;
@@ -235,7 +226,7 @@ fn main() {
                 facts: BTreeMap::new(),
                 root: vec![root],
                 summary: BackupSummary {
-                    bytes_total: window * RAW_LEN as u64,
+                    bytes_total,
                     ..Default::default()
                 },
                 labctl_version: env!("CARGO_PKG_VERSION").into(),

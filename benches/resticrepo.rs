@@ -42,18 +42,21 @@
 //!
 //! Run on an empty repository.
 
+#[path = "shape.rs"]
+mod shape;
+
 use aws_lc_rs::cipher::{EncryptingKey, EncryptionContext, UnboundCipherKey, AES_128, AES_256};
 use aws_lc_rs::digest::{digest, Context, SHA256};
 use base64::Engine as _;
 use poly1305::universal_hash::KeyInit;
 use poly1305::Poly1305;
 use rand::RngCore;
+use shape::{Shape, BLOBS_PER_PACK};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-const BLOBS_PER_PACK: u64 = 32;
 const RAW_LEN: u64 = 1 << 20;
 /// IV and tag around every encrypted blob or file (crypto.go `Extension`).
 const OVERHEAD: u64 = 32;
@@ -182,18 +185,12 @@ fn rfc3339(day: u64, minute: u64) -> String {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.len() < 3 {
-        eprintln!(
-            "usage: resticrepo <repo dir> <master key json> <blobs> [sources] [snapshots per source]"
-        );
-        std::process::exit(2);
-    }
-    let dir = PathBuf::from(&args[0]);
-    let key = Key::load(Path::new(&args[1]));
-    let blobs: u64 = args[2].parse().expect("blobs: a number");
-    let sources: u64 = args.get(3).map_or(10, |s| s.parse().expect("sources"));
-    let per_source: u64 = args.get(4).map_or(12, |s| s.parse().expect("snapshots"));
+    let shape = Shape::from_args(
+        "resticrepo <repo dir> <master key json> <blobs> [sources] [snapshots per source]",
+    );
+    let dir = shape.dir.clone();
+    let key = Key::load(&shape.key);
+    let (blobs, sources, per_source) = (shape.blobs, shape.sources, shape.per_source);
     let started = std::time::Instant::now();
 
     // Data packs, written by two threads.
@@ -235,13 +232,6 @@ fn main() {
     });
 
     // One root tree per snapshot (the `--stdin` shape), packed ~16 MiB a pack.
-    let per = blobs / sources;
-    let window = (per / 4).max(1);
-    let step = if per_source > 1 {
-        (per - window) / (per_source - 1)
-    } else {
-        0
-    };
     let mut snaps = vec![];
     let mut pending: (Vec<u8>, Vec<Entry>) = (vec![], vec![]);
     let mut refs = 0u64;
@@ -258,7 +248,8 @@ fn main() {
     };
     for s in 0..sources {
         for j in 0..per_source {
-            let start = s * per + j * step;
+            let chunks = shape.window(s, j);
+            let window = chunks.end - chunks.start;
             let at = rfc3339(j * 7, s);
             let mut json = String::with_capacity(window as usize * 67 + 512);
             write!(
@@ -267,7 +258,7 @@ fn main() {
                 window * RAW_LEN
             )
             .unwrap();
-            for (i, b) in (start..start + window).enumerate() {
+            for (i, b) in chunks.enumerate() {
                 if i > 0 {
                     json.push(',');
                 }
