@@ -35,7 +35,7 @@ use labctl::repo::index::{self, IndexedPack};
 use labctl::repo::pack::{encode_entries, PackEntry, FOOTER_LEN};
 use labctl::repo::snapshot::{self, BackupSummary, Snapshot, Source};
 use labctl::repo::{crypto, format, Id};
-use shape::{Shape, BLOBS_PER_PACK};
+use shape::Shape;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
@@ -130,41 +130,17 @@ fn main() {
     let meta = keys.meta_recipient();
     let started = std::time::Instant::now();
 
-    // Data packs, written by two threads; index fragments as they fill.
-    let packs = blobs.div_ceil(BLOBS_PER_PACK);
-    let workers = 2u64;
-    let fragments: Vec<Vec<IndexedPack>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                let (dir, meta) = (&dir, &meta);
-                s.spawn(move || {
-                    let mut done = vec![];
-                    let mut p = w;
-                    while p < packs {
-                        let first = p * BLOBS_PER_PACK;
-                        let last = (first + BLOBS_PER_PACK).min(blobs);
-                        let (es, end) = entries(
-                            BlobKind::Data,
-                            (first..last).map(blob_id),
-                            CIPHER_LEN,
-                            RAW_LEN,
-                        );
-                        let pid = id("pack", p);
-                        let size = write_pack(dir, &pid, &es, end, meta);
-                        done.push(IndexedPack {
-                            id: pid,
-                            size,
-                            entries: es,
-                        });
-                        p += workers;
-                    }
-                    done
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    // Data packs, written by two threads.
+    let mut all: Vec<IndexedPack> = shape.data_packs(|p, blobs| {
+        let (es, end) = entries(BlobKind::Data, blobs.map(blob_id), CIPHER_LEN, RAW_LEN);
+        let pid = id("pack", p);
+        let size = write_pack(&dir, &pid, &es, end, &meta);
+        IndexedPack {
+            id: pid,
+            size,
+            entries: es,
+        }
     });
-    let mut all: Vec<IndexedPack> = fragments.into_iter().flatten().collect();
 
     // Tree packs: one root tree per snapshot, each pack twice.
     let snaps = sources * per_source;

@@ -194,41 +194,20 @@ fn main() {
     let started = std::time::Instant::now();
 
     // Data packs, written by two threads.
-    let n_packs = blobs.div_ceil(BLOBS_PER_PACK);
-    let workers = 2u64;
-    let mut packs: Vec<Pack> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                let (dir, key) = (&dir, &key);
-                s.spawn(move || {
-                    let mut done = vec![];
-                    let mut p = w;
-                    while p < n_packs {
-                        let first = p * BLOBS_PER_PACK;
-                        let last = (first + BLOBS_PER_PACK).min(blobs);
-                        let entries: Vec<_> = (first..last)
-                            .enumerate()
-                            .map(|(i, b)| ("data", blob_id(b), i as u64 * BLOB_LEN, BLOB_LEN))
-                            .collect();
-                        let pid = id("pack", p);
-                        let mut f = fs::File::create(pack_path(dir, &pid)).unwrap();
-                        f.seek(SeekFrom::Start(entries.len() as u64 * BLOB_LEN))
-                            .unwrap();
-                        f.write_all(&header(key, &entries)).unwrap();
-                        done.push(Pack {
-                            id: pid,
-                            blobs: entries,
-                        });
-                        p += workers;
-                    }
-                    done
-                })
-            })
+    let mut packs: Vec<Pack> = shape.data_packs(|p, blobs| {
+        let entries: Vec<Entry> = blobs
+            .enumerate()
+            .map(|(i, b)| ("data", blob_id(b), i as u64 * BLOB_LEN, BLOB_LEN))
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
+        let pid = id("pack", p);
+        let mut f = fs::File::create(pack_path(&dir, &pid)).unwrap();
+        f.seek(SeekFrom::Start(entries.len() as u64 * BLOB_LEN))
+            .unwrap();
+        f.write_all(&header(&key, &entries)).unwrap();
+        Pack {
+            id: pid,
+            blobs: entries,
+        }
     });
 
     // One root tree per snapshot (the `--stdin` shape), packed ~16 MiB a pack.

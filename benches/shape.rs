@@ -50,4 +50,32 @@ impl Shape {
         let start = s * per + j * step;
         start..start + window
     }
+
+    /// Calls `make` for every data pack (its number and its blobs' numbers)
+    /// on two threads, each taking every second pack; returns what it made,
+    /// the first thread's packs first.
+    pub fn data_packs<T: Send>(&self, make: impl Fn(u64, Range<u64>) -> T + Sync) -> Vec<T> {
+        const WORKERS: u64 = 2;
+        let packs = self.blobs.div_ceil(BLOBS_PER_PACK);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..WORKERS)
+                .map(|w| {
+                    let make = &make;
+                    s.spawn(move || {
+                        (w..packs)
+                            .step_by(WORKERS as usize)
+                            .map(|p| {
+                                let first = p * BLOBS_PER_PACK;
+                                make(p, first..(first + BLOBS_PER_PACK).min(self.blobs))
+                            })
+                            .collect::<Vec<T>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        })
+    }
 }
