@@ -425,12 +425,17 @@ def main():
                     help="mixed: repositories on a local moto S3 server instead of local disk "
                          "(tools: labctl,restic,rustic)")
     ap.add_argument("--repeat", type=int, default=1,
-                    help="rounds (fresh repositories each time); the table shows medians")
+                    help="rounds (fresh repositories each time, the tool order rotated); the table shows "
+                         "medians (small-files: with --per-tool)")
     ap.add_argument("--sizes", type=int, metavar="N",
                     help="mixed, instead of timing: repository size and growth of N fresh repositories per "
                          "tool on the same data (chunker parameters are random per repository), as mean "
                          "and spread")
     args = ap.parse_args()
+    if args.workload == "small-files" and args.repeat > 1 and not args.per_tool:
+        # Without --per-tool every tool's restored tree stays on the work
+        # disk: a second round would neither fit nor start from the same disk.
+        ap.error("small-files --repeat needs --per-tool")
     if args.workload == "vm-stream":
         cmd = [sys.executable, os.path.join(ROOT, "benches/vm.py"), "--size-gib", str(args.size_gib)]
         if args.json:
@@ -633,33 +638,46 @@ def small_files(args, binary, gen, runs):
         open(stamp, "w").close()
     size = du(data)
     names = args.tools.split(",")
-    chosen = [TOOLS[t](runs, binary) for t in names]
-    res = {t.name: {"tool": t.name} for t in chosen}
-    if args.per_tool:
-        for t in chosen:
-            small_files_steps(args, gen, data, runs, [t], res)
-            # Only now is this tool's repository deleted (a few large
-            # files; its restore went to its own filesystem, see
-            # fresh_fs), so the next tool has the disk to itself.
-            shutil.rmtree(t.repo)
-    else:
-        small_files_steps(args, gen, data, runs, chosen, res)
+    rounds = []
+    for i in range(args.repeat):
+        # The tool order rotates each round (as in the mixed workload), so
+        # no tool always runs first or last.
+        order = names[i % len(names):] + names[:i % len(names)]
+        work = os.path.join(runs, f"round-{i}") if args.repeat > 1 else runs
+        os.makedirs(work, exist_ok=True)
+        chosen = [TOOLS[t](work, binary) for t in order]
+        res = {t.name: {"tool": t.name} for t in chosen}
+        if args.per_tool:
+            for t in chosen:
+                small_files_steps(args, gen, data, work, [t], res)
+                # Only now is this tool's repository deleted (a few large
+                # files; its restore went to its own filesystem, see
+                # fresh_fs), so the next tool has the disk to itself.
+                shutil.rmtree(t.repo)
+        else:
+            small_files_steps(args, gen, data, work, chosen, res)
+        rounds.append((size, res))
+        if args.repeat > 1:
+            print(f"round {i + 1} of {args.repeat}: " + ", ".join(
+                f"{r['tool']} {r['first_s']:.1f}/{r['restore_s']:.1f} s" for r in res.values()),
+                file=sys.stderr)
+    rows = medians(rounds, names) if args.repeat > 1 else list(rounds[0][1][t] for t in names)
     head = ("tool", "1st backup s", "files/s", "RSS", "unchanged s", "RSS", "1% touched s", "RSS",
             "restore s", "files/s", "RSS", "ls s", "RSS", "repo MiB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     n = args.files
-    for r in res.values():
+    for r in rows:
         lines.append("| " + " | ".join([
             r["tool"], f"{r['first_s']:.1f}", f"{n / r['first_s']:.0f}", f"{r['first_rss']:.0f}",
             f"{r['unchanged_s']:.2f}", f"{r['unchanged_rss']:.0f}", f"{r['touched_s']:.2f}",
             f"{r['touched_rss']:.0f}", f"{r['restore_s']:.1f}", f"{n / r['restore_s']:.0f}",
             f"{r['restore_rss']:.0f}", f"{r['ls_s']:.2f}", f"{r['ls_rss']:.0f}",
             f"{r['repo'] / 2**20:.0f}"]) + " |")
-    print(f"small files: {n} files, {size / 2**30:.2f} GiB (RSS in MiB)\n" + "\n".join(lines))
+    print(f"small files: {n} files, {size / 2**30:.2f} GiB (RSS in MiB)\n" + "\n".join(lines)
+          + (f"\n(medians of {args.repeat} rounds)" if args.repeat > 1 else ""))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"workload": "small-files", "files": n, "size": size, "results": list(res.values())},
-                      f, indent=2)
+            json.dump({"workload": "small-files", "files": n, "size": size, "results": rows}, f, indent=2)
 
 
 BIG_STEPS = [
