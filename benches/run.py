@@ -37,8 +37,8 @@ warm()) and with no dirty pages left by the previous step. Needs restic and
 borg (Debian packages restic, borgbackup).
 
     python3 benches/run.py --size-mib 1024 [--tools labctl,restic,borg] [--repeat 3] [--json out.json]
-    python3 benches/run.py --workload s3-latency --size-mib 1024
-    python3 benches/run.py --workload small-files --files 1000000 --per-tool
+    python3 benches/run.py --workload s3-latency --size-mib 1024 [--repeat 3]
+    python3 benches/run.py --workload small-files --files 1000000 --per-tool [--repeat 3]
     python3 benches/run.py --workload big-repo --blobs 1000000,3000000,10000000
 """
 import argparse
