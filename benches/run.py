@@ -414,7 +414,7 @@ def main():
     ap.add_argument("--links", default="20:1000,50:200",
                     help="s3-latency: RTT_MS:MBIT settings, comma-separated")
     ap.add_argument("--tools", help="comma-separated (default per workload: mixed labctl,restic,rustic,borg,"
-                                    "borg14; s3-latency and big-repo labctl,restic,rustic; small-files all five)")
+                                    "borg14; s3-latency labctl,restic,rustic; small-files and big-repo all five)")
     ap.add_argument("--work", default=os.path.join(ROOT, "bench-work"))
     ap.add_argument("--json", help="also write results here")
     ap.add_argument("--per-tool", action="store_true",
@@ -442,7 +442,7 @@ def main():
             cmd += ["--json", args.json]
         sys.exit(subprocess.run(cmd).returncode)
     if not args.tools:
-        args.tools = {"s3-latency": "labctl,restic,rustic", "big-repo": "labctl,restic,rustic"}.get(
+        args.tools = {"s3-latency": "labctl,restic,rustic"}.get(
             args.workload, "labctl,restic,rustic,borg,borg14")
         if args.s3:
             args.tools = "labctl,restic,rustic"
@@ -680,17 +680,24 @@ def small_files(args, binary, gen, runs):
             json.dump({"workload": "small-files", "files": n, "size": size, "results": rows}, f, indent=2)
 
 
+KEEP = ["--keep-daily", "7", "--keep-weekly", "4", "--keep-monthly", "2"]
 BIG_STEPS = [
-    # (row, labctl's command, restic's and rustic's command or None: they keep
-    # no local catalog, every command reads the repository's index itself)
-    ("catalog rebuild", ["catalog", "rebuild"], None),
-    ("snapshots", ["snapshots"], ["snapshots"]),
-    ("backup (first)", ["backup", "path", "SMALL"], ["backup", "SMALL"]),
-    ("backup (unchanged)", ["backup", "path", "SMALL"], ["backup", "SMALL"]),
-    ("check", ["check"], ["check"]),
-    ("forget --dry-run", ["forget", "--keep-daily", "7", "--keep-weekly", "4", "--keep-monthly", "2", "--dry-run"],
-     ["forget", "--keep-daily", "7", "--keep-weekly", "4", "--keep-monthly", "2", "--dry-run"]),
-    ("prune --dry-run", ["prune", "--dry-run"], ["prune", "--dry-run"]),
+    # (row, labctl's command, restic's and rustic's, borg's; None where the
+    # tool has no such command: restic and rustic keep no local catalog,
+    # every command reads the repository's index itself; borg's `check
+    # --archives-only` is its structure check (archives, items and that
+    # every chunk they name is in the repository index) -- `--repository-only`
+    # reads every object of every segment, which for a real repository of
+    # this many 1 MiB chunks would be reading 10 TiB; borg's `prune` is
+    # restic's `forget`, and its space reclaim, `compact`, has no dry run)
+    ("catalog rebuild", ["catalog", "rebuild"], None, None),
+    ("snapshots", ["snapshots"], ["snapshots"], ["list"]),
+    ("backup (first)", ["backup", "path", "SMALL"], ["backup", "SMALL"], ["create", "::small-1", "SMALL"]),
+    ("backup (unchanged)", ["backup", "path", "SMALL"], ["backup", "SMALL"], ["create", "::small-2", "SMALL"]),
+    ("check", ["check"], ["check"], ["check", "--archives-only"]),
+    ("forget --dry-run", ["forget"] + KEEP + ["--dry-run"], ["forget"] + KEEP + ["--dry-run"],
+     ["prune", "--dry-run"] + KEEP),
+    ("prune --dry-run", ["prune", "--dry-run"], ["prune", "--dry-run"], None),
 ]
 
 
@@ -745,14 +752,59 @@ def big_repo_peer(args, tool, runs, n):
                                                      RUSTIC_CACHE_DIR=cache, RUSTIC_LOG_LEVEL="warn")
 
 
+def big_repo_borg(args, tool, runs, n):
+    """borg's repository of the same shape, made once by borg itself under
+    --work/data/big-borg-N (borg 1.2 and 1.4 write the same format): 64-byte
+    chunks (`--chunker-params fixed,64`), so n objects are only 64·n bytes
+    of input, in 10 sources of n/10 chunks of random bytes, each with 12
+    archives of a quarter of its chunks, the window sliding as
+    benches/shape.rs slides it for labctl and restic (about three
+    references per object). A sparse repository cannot stand in for borg:
+    it checks the CRC of every object it reads. Each run gets a full copy
+    (borg rewrites its index and hints files) and an empty cache and
+    security directory, as restic and rustic get an empty cache."""
+    data = os.path.join(args.work, "data", f"big-borg-{n}")
+    gen_env = dict(os.environ, BORG_REPO=os.path.join(data, "repo"), BORG_PASSPHRASE="bench-password",
+                   BORG_BASE_DIR=os.path.join(data, "base"), BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
+    if not os.path.exists(data + ".done"):
+        shutil.rmtree(data, ignore_errors=True)
+        os.makedirs(data)
+        subprocess.run(["borg", "init", "--encryption=repokey-blake2"], env=gen_env, check=True)
+        sources, per_source = 10, 12
+        per = n // sources
+        window = max(per // 4, 1)
+        step = (per - window) // (per_source - 1)
+        win = os.path.join(data, "window.bin")
+        for s in range(sources):
+            chunks = random.Random(s).randbytes(per * 64)
+            for j in range(per_source):
+                with open(win, "wb") as f:
+                    f.write(chunks[j * step * 64:(j * step + window) * 64])
+                week = s * per_source + j
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(1_700_000_000 + week * 7 * 86400))
+                subprocess.run(["borg", "create", "--chunker-params", "fixed,64", "--compression", "none",
+                                "--timestamp", stamp, f"::s{s}-{j}", "window.bin"], env=gen_env, cwd=data,
+                               check=True)
+        os.remove(win)
+        shutil.rmtree(gen_env["BORG_BASE_DIR"])
+        open(data + ".done", "w").close()
+    repo = os.path.join(runs, f"repo-{tool}-{n}")
+    subprocess.run(["cp", "-a", os.path.join(data, "repo"), repo], check=True)
+    binary = Borg14.bin if tool == "borg14" else Borg.bin
+    return [binary], dict(os.environ, BORG_REPO=repo, BORG_PASSPHRASE="bench-password",
+                          BORG_BASE_DIR=os.path.join(runs, f"base-{tool}-{n}"),
+                          BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
+
+
 def big_repo(args, binary, runs):
     """Metadata commands on synthetic repositories of growing size: labctl's
-    (benches/bigrepo.rs) and, for restic and rustic, the same shape in
-    restic's format (benches/resticrepo.rs)."""
+    (benches/bigrepo.rs), for restic and rustic the same shape in restic's
+    format (benches/resticrepo.rs), and for borg 1.2 and 1.4 the same shape
+    made by borg itself with tiny chunks (big_repo_borg)."""
     tools = args.tools.split(",")
-    unknown = [t for t in tools if t not in ("labctl", "restic", "rustic")]
+    unknown = [t for t in tools if t not in ("labctl", "restic", "rustic", "borg", "borg14")]
     if unknown:
-        sys.exit(f"big-repo: no generator for {', '.join(unknown)} (labctl, restic and rustic only)")
+        sys.exit(f"big-repo: no generator for {', '.join(unknown)}")
     if "rustic" in tools and not os.path.exists(os.path.join(PEERS, "bin/rustic")):
         sys.exit("rustic is not installed: run benches/setup.sh")
     small = os.path.join(args.work, "data", "big-small-tree")
@@ -772,23 +824,29 @@ def big_repo(args, binary, runs):
         for tool in tools:
             if tool == "labctl":
                 base, env = big_repo_labctl(args, binary, runs, n)
+            elif tool.startswith("borg"):
+                base, env = big_repo_borg(args, tool, runs, n)
             else:
                 base, env = big_repo_peer(args, tool, runs, n)
             res[tool][n] = {}
-            for name, ours, theirs in BIG_STEPS:
-                cmd = ours if tool == "labctl" else theirs
+            for name, ours, theirs, borgs in BIG_STEPS:
+                cmd = ours if tool == "labctl" else borgs if tool.startswith("borg") else theirs
                 if cmd is None:
                     continue
                 s, rss = run(base + [small if a == "SMALL" else a for a in cmd], env=env)
                 res[tool][n][name] = {"s": s, "rss": rss}
                 print(f"{tool}, {n} blobs: {name} {s:.2f}s, {rss:.0f} MiB RSS", file=sys.stderr)
-            if tool != "labctl":
+            if tool.startswith("borg"):
+                # A full copy, and a chunks cache as large as the index.
+                shutil.rmtree(env["BORG_REPO"])
+                shutil.rmtree(env["BORG_BASE_DIR"], ignore_errors=True)
+            elif tool != "labctl":
                 # The cache holds the index and tree packs: gigabytes at 10M.
                 shutil.rmtree(env.get("RESTIC_CACHE_DIR") or env["RUSTIC_CACHE_DIR"], ignore_errors=True)
     head = ["command", "tool"] + [c for n in sizes for c in (f"{n / 1e6:g}M blobs s", "RSS MiB")] + \
         ["growth b (t ~ N^b)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, _, _ in BIG_STEPS:
+    for name, *_ in BIG_STEPS:
         for tool in tools:
             if name not in res[tool][sizes[0]]:
                 continue
