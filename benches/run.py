@@ -287,15 +287,20 @@ class Rustic:
         return run([self.bin, "ls", "latest"], env=self.env)
 
 
+def borg_env(repo, base):
+    """The environment every borg command of the benchmarks runs with: the
+    repository, its passphrase, and base as borg's cache and config home."""
+    return dict(os.environ, BORG_REPO=repo, BORG_PASSPHRASE="bench-password", BORG_BASE_DIR=base,
+                BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
+
+
 class Borg:
     name = "borg"
     bin = "borg"
 
     def __init__(self, work, _):
         self.repo = os.path.join(work, f"repo-{self.name}")
-        self.env = dict(os.environ, BORG_REPO=self.repo, BORG_PASSPHRASE="bench-password",
-                        BORG_BASE_DIR=os.path.join(work, f"base-{self.name}"),
-                        BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
+        self.env = borg_env(self.repo, os.path.join(work, f"base-{self.name}"))
         self.n = 0
 
     def init(self):
@@ -764,8 +769,7 @@ def big_repo_borg(args, tool, runs, n):
     (borg rewrites its index and hints files) and an empty cache and
     security directory, as restic and rustic get an empty cache."""
     data = os.path.join(args.work, "data", f"big-borg-{n}")
-    gen_env = dict(os.environ, BORG_REPO=os.path.join(data, "repo"), BORG_PASSPHRASE="bench-password",
-                   BORG_BASE_DIR=os.path.join(data, "base"), BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
+    gen_env = borg_env(os.path.join(data, "repo"), os.path.join(data, "base"))
     if not os.path.exists(data + ".done"):
         shutil.rmtree(data, ignore_errors=True)
         os.makedirs(data)
@@ -791,9 +795,7 @@ def big_repo_borg(args, tool, runs, n):
     repo = os.path.join(runs, f"repo-{tool}-{n}")
     subprocess.run(["cp", "-a", os.path.join(data, "repo"), repo], check=True)
     binary = Borg14.bin if tool == "borg14" else Borg.bin
-    return [binary], dict(os.environ, BORG_REPO=repo, BORG_PASSPHRASE="bench-password",
-                          BORG_BASE_DIR=os.path.join(runs, f"base-{tool}-{n}"),
-                          BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
+    return [binary], borg_env(repo, os.path.join(runs, f"base-{tool}-{n}"))
 
 
 def big_repo(args, binary, runs):
